@@ -502,6 +502,16 @@ def load_corpus(data=None, subset="impro", verbose=True, all_labels=False):
     raise DataError(f"--data {data}: neither an IEMOCAP folder nor a .csv manifest")
 
 
+def emotion_utterances(utts, data, verbose=True):
+    """The emotion task's utterances: for IEMOCAP the improvised dialogs and four
+    classes (the paper's setting); for a manifest every row."""
+    if data is None or Path(data).is_dir():
+        utts = [u for u in utts if u.label in EMOTIONS and "impro" in u.id.rsplit("_", 1)[0]]
+    if verbose:
+        print_counts(utts, "emotion data" + (" (IEMOCAP improvised, 4 classes)" if data is None or Path(data).is_dir() else ""))
+    return utts
+
+
 def _feature_key(utts):
     """Cache key: every file's identity and the feature parameters."""
     h = hashlib.sha1(json.dumps([SAMPLE_RATE, WIN_SECONDS, HOP_SECONDS, N_FFT, N_MELS, LOG_FLOOR, DELTA_N]).encode())
@@ -812,6 +822,19 @@ def length_mask(lengths, T):
     return torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]
 
 
+def subsample_frames(x, lengths, factor):
+    """Average (B, C, T) frames in groups of `factor`: (B, C, ceil(T / factor)) and new lengths.
+
+    Only an utterance's own frames are averaged (padding never leaks into its last
+    group), so batching does not change any utterance's result."""
+    if factor <= 1:
+        return x, lengths
+    mask = length_mask(lengths, x.shape[-1])[:, None].to(x.dtype)                 # (B, 1, T)
+    num = F.avg_pool1d(x * mask, factor, ceil_mode=True)
+    den = F.avg_pool1d(mask, factor, ceil_mode=True).clamp_min(1e-6)
+    return num / den, (lengths + factor - 1) // factor
+
+
 class SelfAttention(nn.Module):
     """Multi-head scaled dot-product self-attention, softmax(Q K^T / sqrt(d_k)) V, with a residual.
 
@@ -910,7 +933,7 @@ class TeacherConfig(RunConfig):
     dropout: float = _f(0.1, "dropout in the TCN blocks")
     weight_norm: bool = _f(True, "weight normalisation on the TCN convolutions")
     heads: int = _f(4, "self-attention heads of the encoder")
-    subsample: int = _f(2, "average-pool the 100 Hz frames by this factor before the encoder (speed)")
+    subsample: int = _f(2, "average-pool the 100 Hz frames by this factor before the encoder (speed)", demo=4)
     decoder: int = _f(256, "LSTM decoder units (the paper's 256)")
     embed: int = _f(64, "phone embedding size of the decoder")
     att_dim: int = _f(128, "additive-attention size of the decoder")
@@ -925,6 +948,7 @@ class StudentConfig(RunConfig):
     encoder: str = _f("tcn", "encoder: a TCN shallower than the teacher's, or a one-layer BLSTM", choices=("tcn", "blstm"))
     attention: str = _f("self", "self-attention + masked mean pooling, or soft (additive) attention pooling",
                         choices=("self", "soft"))
+    subsample: int = _f(1, "average-pool the 100 Hz frames by this factor before the encoder (speed)", demo=4)
     blocks: int = _f(3, "TCN blocks of the student (dilations 1, 2, 4, ...)")
     channels: int = _f(128, "TCN channels of the student", demo=48)
     kernel_size: int = _f(3, "TCN kernel size")
@@ -968,9 +992,7 @@ class Teacher(nn.Module):
 
     def encode(self, x, lengths):
         """x (B, 120, T) -> dict(h (B, T', C), mask (B, T'), acts [(B, C, T')...], weights (B, nh, T', T'))."""
-        if self.subsample > 1:
-            x = F.avg_pool1d(x, self.subsample, ceil_mode=True)            # (B, 120, T')
-            lengths = (lengths + self.subsample - 1) // self.subsample
+        x, lengths = subsample_frames(x, lengths, self.subsample)           # (B, 120, T')
         mask = length_mask(lengths, x.shape[-1])
         h, acts = self.tcn(x)                                              # (B, C, T')
         h, weights = self.attn(h.transpose(1, 2), mask)                    # (B, T', C)
@@ -1005,7 +1027,7 @@ class Teacher(nn.Module):
         state, ctx, keys = self._init(enc)
         token = torch.full((x.shape[0],), PHONE_VOCAB.index(SOS), dtype=torch.long, device=x.device)
         out, done = [], torch.zeros_like(token, dtype=torch.bool)
-        for _ in range(self.max_phones):
+        for _ in range(min(self.max_phones, enc["h"].shape[1])):  # no more tokens than encoder frames
             logits, state, ctx = self._step(token, state, ctx, enc["h"], keys, enc["mask"])
             token = logits.argmax(-1)
             out.append(token)
@@ -1026,7 +1048,7 @@ class Student(nn.Module):
 
     def __init__(self, cfg: StudentConfig, n_classes):
         super().__init__()
-        self.encoder_kind, self.attention_kind = cfg.encoder, cfg.attention
+        self.encoder_kind, self.attention_kind, self.subsample = cfg.encoder, cfg.attention, cfg.subsample
         if cfg.encoder == "tcn":
             self.encoder = TCN(FEAT_CHANNELS, cfg.channels, cfg.kernel_size, tuple(2 ** i for i in range(cfg.blocks)),
                                cfg.dropout, cfg.weight_norm)
@@ -1039,6 +1061,7 @@ class Student(nn.Module):
         self.classifier = nn.Linear(dim, n_classes)
 
     def forward(self, x, lengths):                      # x (B, 120, T)
+        x, lengths = subsample_frames(x, lengths, self.subsample)
         mask = length_mask(lengths, x.shape[-1])
         if self.encoder_kind == "tcn":
             h, acts = self.encoder(x)                   # (B, C, T)
@@ -1176,11 +1199,9 @@ def prepare_data(cfg, role):
     subset (IEMOCAP: improvised, four classes). Returns a dict with train, dev and
     test lists of (Utterance, (120, T) array), the class list and the global
     training statistics (stored in checkpoints for predict)."""
-    is_iemocap = cfg.data is None or Path(cfg.data).is_dir()
     utts = load_corpus(cfg.data, subset="all", verbose=False, all_labels=True)
     if role == "student":
-        utts = [u for u in utts if not is_iemocap or (u.label in EMOTIONS and "impro" in u.id.rsplit("_", 1)[0])]
-        print_counts(utts, "emotion data" + (" (IEMOCAP improvised, 4 classes)" if is_iemocap else ""))
+        utts = emotion_utterances(utts, cfg.data)
     else:
         utts = [u for u in utts if u.text.strip()]
         if not utts:
@@ -1648,6 +1669,16 @@ def config_from_args(cls, args):
     return cls(**kw)
 
 
+def prepare(data=None, runs="runs"):
+    """Load the corpus, print its counts, fill the feature cache. Returns 3 when nothing has a transcript."""
+    utts = load_corpus(data, subset="all", verbose=False, all_labels=True)
+    emotion_utterances(utts, data)
+    kept, _ = compute_features(utts, Path(runs) / "cache")
+    n_text = sum(bool(u.text.strip()) for u in kept)
+    print(f"{len(kept)} utterances with features (cache: {Path(runs) / 'cache'}); {n_text} with a transcript for the teacher")
+    return 0 if n_text else 3
+
+
 def _folds(cfg):
     """--fold 0 (the default) means every fold in turn."""
     return range(1, 6) if cfg.fold == 0 else [cfg.fold]
@@ -1660,6 +1691,10 @@ def main(argv=None):
     p = sub.add_parser("demo-data", help="write the synthetic IEMOCAP-layout demo corpus")
     p.add_argument("--out", default=str(DEMO_DIR), help=f"output folder (default: {DEMO_DIR})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p = sub.add_parser("prepare", help="load the corpus, print its counts, compute the feature cache "
+                       "(exit status 3: no transcripts, so no teacher)")
+    p.add_argument("--data", default=None, help="IEMOCAP folder or CSV manifest (default: the demo corpus)")
+    p.add_argument("--runs", default="runs", help="output root; the cache is in RUNS/cache (default: runs)")
     p = sub.add_parser("teacher", help="train the ASR teacher(s); every fold unless --fold is given")
     add_config_args(p, TeacherConfig)
     p = sub.add_parser("student", help="train an emotion student; every fold unless --fold is given")
@@ -1675,6 +1710,8 @@ def main(argv=None):
     try:
         if args.command == "demo-data":
             write_demo_corpus(Path(args.out), args.seed)
+        elif args.command == "prepare":
+            return prepare(args.data, args.runs)
         elif args.command == "teacher":
             cfg = config_from_args(TeacherConfig, args)
             for k in _folds(cfg):

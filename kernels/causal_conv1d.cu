@@ -45,7 +45,7 @@ constexpr int64_t kWMaxChunksPerBlock = 64;
 
 constexpr int kReduceThreads = 256;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // out[b,p,t] = act(bias[p] + sum_{q,k} W(p,q,k) * in[b,q,t -/+ lag(k)])
 //   forward (kCausal):  p = o, q = c, W = w[o,c,k], reads the past.
@@ -344,8 +344,9 @@ std::vector<at::Tensor> satn_causal_conv1d_backward_cuda(const at::Tensor& grad_
   return {grad_x, gw_acc.to(w.scalar_type()), grad_b};
 }
 
-#define SATN_STRINGIFY_(x) #x
-#define SATN_STRINGIFY(x) SATN_STRINGIFY_(x)
+// Variadic because the list contains commas.
+#define SATN_STRINGIFY_(...) #__VA_ARGS__
+#define SATN_STRINGIFY(...) SATN_STRINGIFY_(__VA_ARGS__)
 
 // nvcc lists the targeted virtual architectures (e.g. 800,900) in this macro.
 std::string satn_cuda_arch_list() {

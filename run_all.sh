@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Reproduce the paper's Table 2: five ASR teachers (one per fold), then the eight
+# student configurations {BLSTM, TCN} x {soft, self-attention} x {without, with
+# attention transfer} on all five folds, then `python satn.py report`.
+#
+#   bash run_all.sh                      # the built-in demo corpus, demo-sized settings
+#   bash run_all.sh --data /path/to/IEMOCAP_full_release
+#   bash run_all.sh --data corpus.csv --jobs 4 --epochs 50
+#   bash run_all.sh --dry-run            # print every training command, in dependency order
+#
+# Options: --data PATH, --runs DIR, --jobs N (trainings at once; GPUs are assigned
+# round-robin through CUDA_VISIBLE_DEVICES when several are visible), --at-weight W
+# (W_AT of the transfer rows, default 1.0), --dry-run. Any other argument is passed
+# to every training (so it must be an option of both `teacher` and `student`, e.g.
+# --epochs, --seed, --device, --batch-size, --norm). Finished runs are skipped and
+# unfinished ones resumed, so calling it again after an interruption continues.
+set -uo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python}
+DATA=() RUNS=runs JOBS=1 DRY=0 AT_WEIGHT=1.0 EXTRA=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --data) DATA=(--data "$2"); shift 2 ;;
+        --runs) RUNS=$2; shift 2 ;;
+        --jobs) JOBS=$2; shift 2 ;;
+        --at-weight) AT_WEIGHT=$2; shift 2 ;;
+        --dry-run) DRY=1; shift ;;
+        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) EXTRA+=("$1"); shift ;;
+    esac
+done
+case "$JOBS" in ''|*[!0-9]*|0) echo "run_all.sh: --jobs needs a positive integer, got '$JOBS'" >&2; exit 2 ;; esac
+COMMON=("${DATA[@]}" --runs "$RUNS" --resume "${EXTRA[@]}")
+NGPU=0
+if [ "$DRY" = 0 ]; then
+    NGPU=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+    mkdir -p "$RUNS/logs"
+fi
+TRANSFER=1
+if [ "$DRY" = 0 ]; then
+    # Write the demo corpus and the feature cache once, before parallel jobs could race for them.
+    $PY satn.py prepare "${DATA[@]}" --runs "$RUNS"
+    case $? in
+        0) ;;
+        3) TRANSFER=0; echo "run_all.sh: no transcripts: no teachers, and the rows with attention transfer are skipped" ;;
+        *) exit 1 ;;
+    esac
+fi
+START=$(date +%s) FAILED=0 STARTED=0
+
+run() {  # run <log name> <command...>: at most $JOBS at once
+    local name=$1; shift
+    if [ "$DRY" = 1 ]; then printf '%q ' "$@"; echo; return; fi
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || FAILED=$((FAILED + 1)); done
+    local env=()
+    [ "$NGPU" -gt 1 ] && env=(env CUDA_VISIBLE_DEVICES=$((STARTED % NGPU)))
+    STARTED=$((STARTED + 1))
+    if [ "$JOBS" = 1 ]; then
+        "${env[@]}" "$@" 2>&1 | tee "$RUNS/logs/$name.log"
+        [ "${PIPESTATUS[0]}" = 0 ] || { FAILED=$((FAILED + 1)); echo "run_all.sh: $name failed (log: $RUNS/logs/$name.log)"; }
+    else
+        echo "run_all.sh: started $name (log: $RUNS/logs/$name.log)"
+        ( "${env[@]}" "$@" > "$RUNS/logs/$name.log" 2>&1 || { echo "run_all.sh: $name failed (log: $RUNS/logs/$name.log)"; exit 1; } ) &
+    fi
+}
+drain() { while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || FAILED=$((FAILED + 1)); done; }
+
+if [ "$TRANSFER" = 1 ]; then
+    for k in 1 2 3 4 5; do run "teacher-fold$k" $PY satn.py teacher --fold $k "${COMMON[@]}"; done
+fi
+drain
+for enc in blstm tcn; do
+    for at in 0 1; do
+        [ "$at" = 1 ] && [ "$TRANSFER" = 0 ] && continue
+        for att in soft self; do
+            w=0; [ "$at" = 1 ] && w=$AT_WEIGHT
+            for k in 1 2 3 4 5; do
+                run "student-$enc-$att$([ "$at" = 1 ] && echo -at)-fold$k" \
+                    $PY satn.py student --encoder $enc --attention $att --at-weight $w --fold $k "${COMMON[@]}"
+            done
+        done
+    done
+done
+drain
+if [ "$DRY" = 1 ]; then printf '%q ' $PY satn.py report --runs "$RUNS"; echo; exit 0; fi
+$PY satn.py report --runs "$RUNS"
+echo "run_all.sh: finished in $(( ($(date +%s) - START) / 60 )) min $(( ($(date +%s) - START) % 60 )) s, $FAILED failed run(s)"
+[ "$FAILED" = 0 ]
