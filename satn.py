@@ -239,8 +239,10 @@ def read_cmudict(path=None, stress=False):
             tokens = line.split()
             if len(tokens) < 2:
                 continue
-            if "#" in tokens:                              # trailing comment
+            if "#" in tokens:                              # a comment (words like #HASH-MARK are not)
                 tokens = tokens[:tokens.index("#")]
+                if len(tokens) < 2:
+                    continue
             word = re.sub(r"\(\d+\)$", "", tokens[0]).lower()
             phones = tokens[1:] if stress else [p.rstrip("012") for p in tokens[1:]]
             if phones:
@@ -451,7 +453,7 @@ def load_manifest(csv_path, verbose=True):
     Paths are resolved against the CSV's folder; the class set is whatever the
     labels are. Every problem is reported with its row before anything trains."""
     csv_path = Path(csv_path)
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
         missing = [c for c in MANIFEST_COLUMNS if c not in header]
@@ -460,9 +462,10 @@ def load_manifest(csv_path, verbose=True):
             raise DataError(f"{csv_path}: header must be path,label,speaker,session[,text]"
                             + (f"; missing {','.join(missing)}" if missing else "")
                             + (f"; unknown {','.join(unknown)}" if unknown else ""))
-        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
+        rows = [({k.strip(): (v or "").strip() for k, v in r.items() if k is not None}, reader.line_num)
+                for r in reader]
     utts, seen, absent = [], {}, []
-    for line, r in enumerate(rows, start=2):
+    for r, line in rows:
         empty = [c for c in MANIFEST_COLUMNS if not r.get(c)]
         if empty:
             raise DataError(f"{csv_path}:{line}: empty {','.join(empty)}")
@@ -589,6 +592,317 @@ def normalise(utts, feats, mode="speaker", train=None):
 
 # -----------------------------------------------------------------------------
 # demo corpus: a synthetic stand-in for IEMOCAP, in its exact layout
+
+# ---------------------------------------------------------------------------
+# Synthetic emotional speech: a source-filter (formant) synthesiser.
+# Voicing (Rosenberg glottal pulses) and aspiration go through a cascade of
+# resonators at interpolated formant targets; frication goes through a shaped
+# noise spectrum. Both are time-varying filters applied by overlap-add in the
+# frequency domain (one batched FFT per utterance), so no per-sample Python loop.
+# ---------------------------------------------------------------------------
+
+SYNTH_SR = 16000      # Hz
+SYNTH_HOP = 160       # samples (10 ms): step at which spectral envelopes change
+SYNTH_NFFT = 960      # samples: window (320) + 40 ms for formant ringing before wrap-around
+SYNTH_F4 = 3500.0     # Hz, fixed fourth formant (scaled per speaker)
+
+# Consonant loci (F1, F2, F3) in Hz by place; the vowels' formants move towards them.
+_LAB, _DEN, _ALV, _PAL, _VEL = ((300, 900, 2300), (300, 1500, 2600), (300, 1750, 2650),
+                                (300, 1950, 2500), (300, 2100, 2450))
+# ARPAbet phone -> (kind, formants in Hz (adult male), neutral duration in ms, noise shape).
+# Kinds: V vowel, D diphthong ((start), (end)), N nasal, L liquid/glide, F voiceless
+# fricative, Z voiced fricative, H aspiration, P voiceless stop, B voiced stop,
+# C voiceless affricate, J voiced affricate. Vowels: Peterson & Barney (1952).
+SYNTH_PHONES = {
+    'IY': ('V', (270, 2290, 3010), 135, None), 'IH': ('V', (390, 1990, 2550), 85, None),
+    'EH': ('V', (530, 1840, 2480), 95, None), 'AE': ('V', (660, 1720, 2410), 145, None),
+    'AH': ('V', (520, 1190, 2390), 80, None), 'AA': ('V', (730, 1090, 2440), 145, None),
+    'AO': ('V', (570, 840, 2410), 145, None), 'UH': ('V', (440, 1020, 2240), 90, None),
+    'UW': ('V', (300, 870, 2240), 135, None), 'ER': ('V', (490, 1350, 1690), 135, None),
+    'EY': ('D', ((530, 1840, 2480), (290, 2250, 2950)), 165, None),
+    'AY': ('D', ((730, 1090, 2440), (300, 2200, 2900)), 185, None),
+    'OY': ('D', ((570, 840, 2410), (300, 2200, 2900)), 195, None),
+    'AW': ('D', ((730, 1090, 2440), (320, 900, 2250)), 185, None),
+    'OW': ('D', ((570, 840, 2410), (320, 900, 2250)), 165, None),
+    'M': ('N', (270, 1100, 2300), 70, None), 'N': ('N', (270, 1700, 2600), 65, None),
+    'NG': ('N', (270, 2300, 2700), 80, None),
+    'L': ('L', (360, 1300, 2700), 65, None), 'R': ('L', (310, 1060, 1380), 65, None),
+    'W': ('L', (300, 610, 2200), 60, None), 'Y': ('L', (260, 2070, 3020), 55, None),
+    'F': ('F', _LAB, 100, 'F'), 'TH': ('F', _DEN, 95, 'TH'), 'S': ('F', _ALV, 110, 'S'),
+    'SH': ('F', _PAL, 115, 'SH'), 'HH': ('H', None, 65, None),
+    'V': ('Z', _LAB, 65, 'F'), 'DH': ('Z', _DEN, 50, 'TH'), 'Z': ('Z', _ALV, 85, 'S'),
+    'ZH': ('Z', _PAL, 85, 'SH'),
+    'P': ('P', _LAB, 95, 'LAB'), 'T': ('P', _ALV, 90, 'ALV'), 'K': ('P', _VEL, 100, 'VEL'),
+    'B': ('B', _LAB, 70, 'LAB'), 'D': ('B', _ALV, 65, 'ALV'), 'G': ('B', _VEL, 75, 'VEL'),
+    'CH': ('C', _PAL, 140, 'SH'), 'JH': ('J', _PAL, 115, 'SH'),
+}
+# Noise spectra: (centre Hz, Gaussian width Hz, flat floor re peak, level dB re S).
+# S is high, SH 2-6 kHz, F weak and flat, TH weak with a broad peak near 5 kHz; bursts:
+# labial low and diffuse, alveolar high near 4 kHz, velar compact near 2 kHz.
+FRIC_SHAPES = {'S': (5800, 1300, 0.02, 0.0), 'SH': (3300, 1100, 0.04, 1.0),
+               'F': (7000, 3000, 0.40, -13.0), 'TH': (4800, 1300, 0.20, -11.0),
+               'LAB': (800, 900, 0.15, 0.0), 'ALV': (4200, 700, 0.06, 1.0),
+               'VEL': (2000, 280, 0.03, 4.0)}
+_FRIC_DB = -17.0      # dB: level of S noise re vowel voicing (noise gain calibration)
+_ASP_DB = -10.0       # dB: HH / stop aspiration re vowel voicing
+_BW_ORAL = (60.0, 90.0, 130.0)    # Hz, F1-F3 bandwidths of oral sounds
+_BW_NASAL = (90.0, 380.0, 480.0)  # Hz, wide upper bandwidths leave the low nasal murmur
+
+
+# Per-emotion prosody means. f0 / range: F0 mean and excursion factors; rate: speaking
+# rate factor (>1 faster); energy_db: level re neutral; tilt: change of the source
+# low-pass pole (+ darker); breath: aspiration noise re voicing; jitter: cycle-to-cycle
+# F0 s.d. (fraction); oq: glottal open quotient (low = tense); inflect: utterance-final
+# F0 movement (log units); accent_s: pitch-accent width in s (narrow = abrupt); pause:
+# probability of a pause between words. Means follow Murray & Arnott (1993).
+EMOTION_PROSODY = {
+    'neutral': dict(f0=1.00, range=1.00, rate=1.00, energy_db=0.0, tilt=0.00, breath=0.05,
+                    jitter=0.010, oq=0.60, inflect=-0.08, accent_s=0.08, pause=0.08),
+    'happy': dict(f0=1.15, range=1.40, rate=1.06, energy_db=2.5, tilt=-0.08, breath=0.05,
+                  jitter=0.010, oq=0.56, inflect=0.10, accent_s=0.10, pause=0.06),
+    'angry': dict(f0=1.12, range=1.45, rate=1.04, energy_db=5.0, tilt=-0.20, breath=0.07,
+                  jitter=0.016, oq=0.48, inflect=-0.12, accent_s=0.05, pause=0.06),
+    'sad': dict(f0=0.95, range=0.78, rate=0.87, energy_db=-3.0, tilt=0.15, breath=0.11,
+                jitter=0.014, oq=0.68, inflect=-0.14, accent_s=0.09, pause=0.16),
+    'other': dict(f0=1.03, range=1.10, rate=1.00, energy_db=1.0, tilt=0.00, breath=0.06,
+                  jitter=0.012, oq=0.58, inflect=-0.05, accent_s=0.08, pause=0.08),
+}
+# Per-utterance spread around the class means: (kind, s.d.); 'mul' = log-normal factor.
+# Wide enough that classes overlap and no single cue separates them.
+_PROSODY_SPREAD = dict(f0=('mul', 0.09), range=('mul', 0.30), rate=('mul', 0.10),
+                       energy_db=('add', 3.5), tilt=('add', 0.08), breath=('mul', 0.35),
+                       jitter=('mul', 0.30), oq=('add', 0.05), inflect=('add', 0.06),
+                       accent_s=('mul', 0.2), pause=('mul', 0.3))
+
+
+def make_voice(gender, rng):
+    """Draw a speaker: dict of base F0 (Hz), formant scale, rate factor, F0 range factor,
+    source tilt (one-pole low-pass pole, 0..1), breathiness, open-quotient offset, gain (dB),
+    expressiveness (scales how far its emotions move from neutral)."""
+    female = str(gender).lower().startswith('f')
+    return dict(
+        f0=float(rng.uniform(190, 230) if female else rng.uniform(100, 130)),
+        fscale=float(np.clip(rng.normal(1.17 if female else 1.0, 0.04), 0.9, 1.25)),
+        rate=float(np.exp(rng.normal(0, 0.08))), f0_range=float(np.exp(rng.normal(0, 0.2))),
+        tilt=float(rng.uniform(0.25, 0.5)), breath=float(rng.uniform(0.0, 0.06)),
+        oq=float(rng.normal(0, 0.04)), gain_db=float(rng.normal(0, 2.0)),
+        expressive=float(np.exp(rng.normal(0, 0.3))))
+
+
+def _draw_prosody(emotion, voice, rng):
+    """Utterance prosody: class means (unknown labels: 'other', wider spread), moved away
+    from neutral by the speaker's expressiveness, plus per-utterance spread."""
+    means, base = EMOTION_PROSODY.get(emotion, EMOTION_PROSODY['other']), EMOTION_PROSODY['neutral']
+    widen = 1.5 if means is EMOTION_PROSODY['other'] else 1.0
+    ex = voice.get('expressive', 1.0)
+    out = {}
+    for key, (how, sd) in _PROSODY_SPREAD.items():
+        z = rng.normal(0, sd * widen)
+        if how == 'mul':
+            out[key] = base[key] * (means[key] / base[key]) ** ex * np.exp(z)
+        else:
+            out[key] = base[key] + (means[key] - base[key]) * ex + z
+    return out
+
+
+def _db(x):
+    """dB -> linear amplitude; None means silent."""
+    return 0.0 if x is None else 10.0 ** (x / 20.0)
+
+
+def _phone_segments(kind, shape, n):
+    """Split one phone of n samples into sub-segments (n_i, voicing dB, aspiration dB,
+    frication dB, noise shape), e.g. stop = closure + burst (+ aspiration)."""
+    fr = None if shape is None else _FRIC_DB + FRIC_SHAPES[shape][3]
+    a, b = int(0.55 * n), int(0.12 * n)
+    if kind in 'VD':
+        return [(n, 0.0, None, None, None)]
+    if kind in 'NL':
+        return [(n, -6.0 if kind == 'N' else -3.0, None, None, None)]
+    if kind == 'F':
+        return [(n, None, None, fr, shape)]
+    if kind == 'Z':
+        return [(n, -12.0, None, fr - 8.0, shape)]
+    if kind == 'H':
+        return [(n, None, _ASP_DB, None, None)]
+    if kind == 'P':   # closure, burst, 30-60 ms aspiration
+        return [(a, None, None, None, None), (b, None, None, fr + 4, shape),
+                (n - a - b, None, _ASP_DB, None, None)]
+    if kind == 'B':   # closure with a weak voice bar, then a weaker burst
+        a = int(0.8 * n)
+        return [(a, -26.0, None, None, None), (n - a, -12.0, None, fr - 2, shape)]
+    a = int(0.4 * n)  # affricates: closure then SH / ZH noise
+    if kind == 'C':
+        return [(a, None, None, None, None), (n - a, None, None, fr, shape)]
+    return [(a, -26.0, None, None, None), (n - a, -12.0, None, fr - 6, shape)]
+
+
+def _ramp_track(bounds, values, total, ramp):
+    """Piecewise-constant per-segment values with linear ramps (<= ramp samples) between
+    segments, evaluated at every sample: (total,) float."""
+    b0, b1 = bounds[:-1], bounds[1:]
+    r = np.minimum(ramp, 0.3 * (b1 - b0))
+    xp = np.stack([b0 + r, b1 - r], 1).ravel()
+    return np.interp(np.arange(total), xp, np.repeat(values, 2))
+
+
+def _ola_filter(xs, envs):
+    """Time-varying filtering by overlap-add, summed over sources: xs (S, T) samples,
+    envs (S, n_frames, NFFT//2+1) frequency responses for frames centred at m * HOP.
+    Returns (T,)."""
+    hop, nfft = SYNTH_HOP, SYNTH_NFFT
+    nf, n = envs.shape[1], xs.shape[1]
+    win = np.hanning(2 * hop + 1)[:-1].astype(np.float32)   # periodic Hann: sums to 1 at hop
+    xp = np.zeros((len(xs), (nf + 1) * hop), np.float32)
+    xp[:, hop:hop + n] = xs
+    frames = np.lib.stride_tricks.sliding_window_view(xp, 2 * hop, 1)[:, ::hop][:, :nf] * win
+    spec = (np.fft.rfft(frames, nfft) * envs).sum(0)
+    y = np.fft.irfft(spec, nfft).reshape(nf, nfft // hop, hop)
+    out = np.zeros((nf + nfft // hop, hop))
+    for j in range(nfft // hop):          # 6 shifted adds instead of a per-frame loop
+        out[j:j + nf] += y[:, j]
+    return out.ravel()[hop:hop + n]
+
+
+def synth_utterance(phones, voice, emotion, rng, return_alignment=False):
+    """Render ARPAbet phones (no stress digits, '|' between words) with a voice from
+    make_voice and an emotion label (unknown labels: 'other'). Returns float32 (T,) at
+    SYNTH_SR with 50-150 ms lead/trail and a noise floor 35-45 dB below the neutral vowel
+    level (fixed, so the SNR follows the emotion's energy); with return_alignment also a
+    list of (phone, start_sample, end_sample) into that array. Unknown tokens are skipped."""
+    from scipy.signal import lfilter  # imported here: `import satn` stays light
+    sr, hop = SYNTH_SR, SYNTH_HOP
+    p = _draw_prosody(emotion, voice, rng)
+    words, cur = [], []
+    for tok in list(phones) + ['|']:
+        if tok == '|':
+            words, cur = (words + [cur] if cur else words), []
+        elif tok in SYNTH_PHONES:
+            cur.append(tok)
+    rate = voice['rate'] * p['rate']
+    segs, align, fpts, accents = [], [], [], []
+    t = int(rng.uniform(0.05, 0.15) * sr)          # lead-in silence
+    segs.append((t, None, None, None, None))
+    for wi, word in enumerate(words):
+        if wi and rng.random() < min(p['pause'], 0.6):
+            n = int(rng.uniform(0.08, 0.3) / rate * sr)
+            segs.append((n, None, None, None, None))
+            t += n
+        accented = rng.random() < 0.5
+        acc_done = False
+        for ph in word:
+            kind, fm, ms, shape = SYNTH_PHONES[ph]
+            d = ms / rate * np.exp(rng.normal(0, 0.15)) * (1.25 if wi == len(words) - 1 else 1)
+            vowel = kind in 'VD'
+            if vowel and accented and not acc_done:
+                d *= 1.15
+            n = max(int(d * sr / 1000), 160)
+            for s in _phone_segments(kind, shape, n):
+                if vowel and accented and not acc_done:
+                    s = (s[0], s[1] + rng.uniform(1.5, 4.0) * min(p['range'], 2.0), *s[2:])
+                segs.append(s)
+            if vowel and accented and not acc_done:
+                accents.append((t + n / 2, rng.uniform(0.12, 0.25)))
+                acc_done = True
+            if fm is not None:   # formant targets (F1-F3 Hz + bandwidths) at fixed fractions
+                bw = _BW_NASAL if kind == 'N' else _BW_ORAL
+                pts = {'D': ((0.15, fm[0]), (0.85, fm[1])),
+                       'P': ((0.2, fm), (0.45, fm)), 'C': ((0.2, fm), (0.45, fm))}
+                for frac, f in pts.get(kind, ((0.25, fm), (0.75, fm))):
+                    fpts.append((t + frac * n, *f, *bw))
+            align.append((ph, t, t + n))
+            t += n
+    n = int(rng.uniform(0.05, 0.15) * sr)          # trailing silence
+    segs.append((n, None, None, None, None))
+    total = t + n
+    nf = total // hop + 2
+    ftime = np.arange(nf) * hop                     # frame centres (samples)
+
+    # sample-rate amplitude tracks (linear), with ~4 ms ramps between segments
+    lens = np.array([s[0] for s in segs])
+    bounds = np.concatenate([[0], np.cumsum(lens)]).astype(float)
+    av, asp, fric = (_ramp_track(bounds, np.array([_db(s[k]) for s in segs]), total, 64)
+                     for k in (1, 2, 3))
+    av *= np.linspace(1.0, 0.7, total)              # energy declination (-3 dB)
+
+    # F0 contour (log domain, per frame): declination, accents, final inflection, drift
+    tt = ftime / sr
+    dur = total / sr
+    lf = 0.10 - 0.20 * tt / dur + sum(h * np.exp(-0.5 * ((tt - c / sr) / p['accent_s']) ** 2)
+                                      for c, h in accents)
+    lf = lf + p['inflect'] / (1 + np.exp(-(tt - (dur - 0.35)) / 0.06))
+    lf = lf + 0.03 * np.sin(2 * np.pi * rng.uniform(1, 3) * tt + rng.uniform(0, 6.3))
+    f0 = voice['f0'] * p['f0'] * np.exp(voice['f0_range'] * min(p['range'], 3.0) * lf)
+    f0 = np.interp(np.arange(total), ftime, np.clip(f0, 60, 500))
+    # per-cycle jitter and shimmer: one random draw per glottal period
+    k = np.floor(np.cumsum(f0) / sr).astype(int)
+    jit = rng.normal(0, p['jitter'], k[-1] + 2)
+    phase = np.cumsum(f0 * (1 + jit[k])) / sr
+    k = np.floor(phase).astype(int)
+    shim = 1 + rng.normal(0, 2.5 * p['jitter'], k[-1] + 2)[k]
+    # Rosenberg pulse g and its phase derivative (lip radiation) from 1024-point tables,
+    # so the amplitude does not depend on F0
+    oq = float(np.clip(p['oq'] + voice['oq'], 0.35, 0.85))
+    tp, tn = 0.65 * oq, 0.35 * oq
+    grid = np.arange(1024) / 1024
+    g_tab = np.where(grid < tp, 0.5 * (1 - np.cos(np.pi * grid / tp)),
+                     np.where(grid < oq, np.cos(0.5 * np.pi * (grid - tp) / tn), 0.0))
+    dg_tab = np.diff(g_tab, append=0.0) * 1024
+    idx = ((phase - k) * 1024).astype(np.int32)
+    noise = rng.standard_normal((4, total), dtype=np.float32)   # breath, asp., fric., room
+    # breath noise pulses with the glottal opening; x6 brings it to the pulse's scale
+    breath = min(voice['breath'] + p['breath'], 0.5) * 6.0 * noise[0] * (0.3 + g_tab[idx])
+    src = (dg_tab[idx] + breath) * av * shim
+    a = float(np.clip(voice['tilt'] + p['tilt'], 0.0, 0.92))   # spectral tilt
+    src = lfilter([1, -0.6], [1, -a], src) + noise[1] * asp
+
+    # formant tracks per frame: targets interpolated, then ~30 ms smoothing (coarticulation)
+    fp = np.array(fpts) if fpts else np.array([[0, 500, 1500, 2500, *_BW_ORAL]])
+    tracks = np.stack([np.interp(ftime, fp[:, 0], fp[:, c]) for c in range(1, 7)], 1)
+    tracks = lfilter(np.ones(3) / 3, [1], np.pad(tracks, ((1, 1), (0, 0)),
+                                  mode='edge'), axis=0)[2:]
+    fs = voice['fscale']
+    F = np.concatenate([tracks[:, :3] * fs, np.full((nf, 1), SYNTH_F4 * fs)], 1)
+    B = np.concatenate([tracks[:, 3:] * (1 + 2 * p['breath']), np.full((nf, 1), 200.0)], 1)
+    # cascade of resonators as one all-pole polynomial per frame, evaluated by FFT
+    r2 = np.exp(-2 * np.pi * B / sr)
+    c = 2 * np.exp(-np.pi * B / sr) * np.cos(2 * np.pi * F / sr)
+    poly = np.zeros((nf, 9))
+    poly[:, 0] = 1.0
+    for j in range(4):                               # multiply in (1 - c z^-1 + r^2 z^-2)
+        prev = poly.copy()
+        poly[:, 1:] -= c[:, j:j + 1] * prev[:, :-1]
+        poly[:, 2:] += r2[:, j:j + 1] * prev[:, :-2]
+    h_tract = poly.sum(1, keepdims=True) / np.fft.rfft(poly, SYNTH_NFFT)   # unit DC gain
+    # frication spectra: one per noise shape, each noisy phone paints its frames (+-1)
+    names = list(FRIC_SHAPES)
+    shp = np.array([FRIC_SHAPES[k][:3] for k in names])
+    fhz = np.arange(SYNTH_NFFT // 2 + 1) * sr / SYNTH_NFFT
+    spec = (shp[:, 2:3] + (1 - shp[:, 2:3]) * np.exp(
+        -0.5 * ((fhz - shp[:, :1] * np.sqrt(fs)) / shp[:, 1:2]) ** 2)) * fhz / (fhz + 300)
+    idx = np.zeros(nf, int)
+    for s0, s1, seg in zip(bounds[:-1], bounds[1:], segs):
+        if seg[4] is not None:
+            idx[max(int(s0) // hop - 1, 0):int(s1) // hop + 2] = names.index(seg[4])
+    h_fric = spec[idx]
+    y = _ola_filter(np.stack([src, noise[2] * fric]),
+                     np.stack([h_tract, h_fric]).astype(np.complex64))
+
+    # level: vowel-region RMS set by the emotion's energy and the speaker's gain
+    vowels, active = av > 0.5, (av + asp + fric) > 0.05
+    if vowels.any():
+        ref = np.sqrt(np.mean(y[vowels] ** 2))
+    else:                                            # no vowel: consonants sit ~12 dB lower
+        ref = 4.0 * np.sqrt(np.mean(y[active] ** 2)) if active.any() else 1.0
+    y *= 0.025 * _db(p['energy_db'] + voice['gain_db']) / ref
+    bg = lfilter([1], [1, -0.7], noise[3])
+    y += bg * 0.025 * _db(-rng.uniform(35, 45)) / np.std(bg)
+    peak = np.abs(y).max()
+    if peak > 0.9:                                   # rare: keep well inside [-1, 1]
+        y *= 0.9 / peak
+    y = y.astype(np.float32)
+    return (y, align) if return_alignment else y
+
 
 # Common words, all in the CMU dictionary; sentences of 3-8 of them are synthesised.
 DEMO_WORDS = """a about after again all always and any are at away back bad be because been before
@@ -938,6 +1252,8 @@ class TeacherConfig(RunConfig):
     embed: int = _f(64, "phone embedding size of the decoder")
     att_dim: int = _f(128, "additive-attention size of the decoder")
     ctc_weight: float = _f(0.3, "weight of the joint CTC loss on the encoder (0: attention loss only)")
+    decode: str = _f("attention", "decoding for PER/WER and model selection: the attention decoder (greedy) "
+                                  "or the CTC head (best path)", choices=("attention", "ctc"))
     max_phones: int = _f(200, "longest greedy decode, in tokens")
     epochs: int = _f(60, "training epochs", demo=30)
     lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=2e-3)
@@ -1039,6 +1355,18 @@ class Teacher(nn.Module):
         return [s[:s.index(eos)] if eos in s else s for s in seqs]
 
 
+    @torch.no_grad()
+    def ctc_greedy(self, x, lengths):
+        """Best-path CTC decoding of the encoder's CTC head: repeats merged, blanks (index 0) dropped."""
+        enc = self.encode(x, lengths)
+        best = self.ctc_head(enc["h"]).argmax(-1).tolist()                 # (B, T')
+        out = []
+        for path, n in zip(best, enc["lengths"].tolist()):
+            seq = [t for i, t in enumerate(path[:n]) if t != 0 and (i == 0 or t != path[i - 1])]
+            out.append(seq)
+        return out
+
+
 class Student(nn.Module):
     """Emotion classifier: TCN or BLSTM encoder, self- or soft attention, linear classifier.
 
@@ -1097,7 +1425,9 @@ def _match_length(m, T, mask, norm):
     """Interpolate maps (B, T') in time to T frames, re-mask and re-normalise."""
     if m.shape[-1] == T:
         return m
-    m = F.interpolate(m[:, None], size=T, mode="linear", align_corners=False)[:, 0]
+    # nearest, not linear: a linear blend would mix the padding zeros of a shorter
+    # utterance into its last real frames
+    m = F.interpolate(m[:, None], size=T, mode="nearest")[:, 0]
     return attention_map(m[:, None], p=1, mask=mask, norm=norm)
 
 
@@ -1119,6 +1449,8 @@ def parse_pairs(spec, n_student, n_teacher):
         return [(i, math.ceil((i + 1) * n_teacher / n_student) - 1) for i in range(n_student)]
     try:
         pairs = [tuple(int(v) - 1 for v in p.split(":")) for p in spec.split(",")]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError
     except ValueError:
         raise DataError(f"--at-pairs {spec!r}: expected pairs like 1:2,2:4") from None
     for i, j in pairs:
@@ -1369,8 +1701,13 @@ def train_teacher(cfg: TeacherConfig):
         return loss, parts
 
     def evaluate(model, items):
-        refs, hyps = decode_items(model, items, targets, cfg.batch_size, device)
-        return {"PER": error_rate(refs, hyps)["rate"]}
+        out = {}
+        for how in (cfg.decode, "ctc" if cfg.decode == "attention" else "attention"):
+            if how == "ctc" and cfg.ctc_weight == 0:
+                continue
+            refs, hyps = decode_items(model, items, targets, cfg.batch_size, device, how)
+            out["PER" if how == cfg.decode else f"PER_{how}"] = error_rate(refs, hyps)["rate"]
+        return out
 
     model = Teacher(cfg)
     print(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
@@ -1382,7 +1719,7 @@ def train_teacher(cfg: TeacherConfig):
     nearest = NearestWord(words)
     final = {"config": dataclasses.asdict(cfg), "best_epoch": best["epoch"]}
     for part in ("dev", "test"):
-        refs, hyps = decode_items(model, data[part], targets, cfg.batch_size, device)
+        refs, hyps = decode_items(model, data[part], targets, cfg.batch_size, device, cfg.decode)
         per = error_rate(refs, hyps)
         wer = error_rate([transcript_words(u.text) for u, _ in data[part]],
                          [phones_to_words([PHONE_VOCAB[t] for t in h], nearest) for h in hyps])
@@ -1393,12 +1730,12 @@ def train_teacher(cfg: TeacherConfig):
     return final
 
 
-def decode_items(model, items, targets, batch_size, device):
-    """Greedy-decode utterances: (reference id lists, hypothesis id lists), in item order."""
+def decode_items(model, items, targets, batch_size, device, how="attention"):
+    """Decode utterances: (reference id lists, hypothesis id lists), in item order."""
     refs, hyps = [None] * len(items), [None] * len(items)
     for idx in make_batches([x.shape[1] for _, x in items], batch_size):
         x, lengths = collate([items[i][1] for i in idx], device)
-        for i, h in zip(idx, model.greedy(x, lengths)):
+        for i, h in zip(idx, model.greedy(x, lengths) if how == "attention" else model.ctc_greedy(x, lengths)):
             refs[i], hyps[i] = targets[items[i][0].id], h
     return refs, hyps
 
@@ -1484,7 +1821,7 @@ def selfattn_loss(s_weights, t_weights, mask, dist="l1", norm="l1"):
     t = t_weights.float().mean(1)[:, None]                               # (B, 1, T', T')
     T = s.shape[-1]
     if t.shape[-1] != T:
-        t = F.interpolate(t, size=(T, T), mode="bilinear", align_corners=False)
+        t = F.interpolate(t, size=(T, T), mode="nearest")
     pair = (mask[:, :, None] & mask[:, None, :]).reshape(len(s), -1)      # (B, T*T)
     s_map = attention_map(s.reshape(len(s), 1, -1), 1, pair, norm)
     t_map = attention_map(t.reshape(len(s), 1, -1), 1, pair, norm)
@@ -1601,6 +1938,89 @@ def report(runs="runs"):
     print(f"\nwritten to {runs / 'results.md'}")
 
 
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".au", ".mp3")
+PREDICT_WINDOW = 8.0   # s: long recordings are classified in windows of this length...
+PREDICT_HOP = 4.0      # s: ...every this many seconds, and the class probabilities averaged
+
+
+def load_student(path):
+    """A trained student from its checkpoint: (model in eval mode, classes, checkpoint dict)."""
+    ck = load_checkpoint(path)
+    if not isinstance(ck, dict) or "classes" not in ck or "norm" not in ck:
+        raise DataError(f"{path}: not a student checkpoint (a teacher's, or another file)")
+    fields = {f.name for f in dataclasses.fields(StudentConfig)}
+    cfg = StudentConfig(**{k: v for k, v in ck["config"].items() if k in fields})
+    model = Student(cfg, len(ck["classes"]))
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise DataError(f"{path}: the weights do not match the configuration stored with them "
+                        f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+    return model.eval(), list(ck["classes"]), ck
+
+
+def audio_files(inputs):
+    """Expand files and folders (searched recursively) into a sorted list of audio paths."""
+    out = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXTENSIONS and not f.name.startswith("._"))
+        else:
+            out.append(p)
+    return out
+
+
+@torch.no_grad()
+def predict_file(model, feats, window=PREDICT_WINDOW, hop=PREDICT_HOP):
+    """Class probabilities for one utterance's (120, T) normalised features.
+
+    Longer inputs are cut into overlapping windows (batched) and their
+    probabilities averaged, weighted by window length, so memory stays bounded."""
+    win, step = int(window / HOP_SECONDS), int(hop / HOP_SECONDS)
+    T = feats.shape[1]
+    starts = list(range(0, max(T - win, 0) + 1, step))
+    if starts[-1] + win < T:
+        starts.append(T - win)            # the tail is covered too
+    chunks = [feats[:, s:s + win] for s in starts]
+    device = next(model.parameters()).device
+    x, lengths = collate(chunks, device)
+    logits, _ = model(x, lengths)
+    w = lengths.float() / lengths.sum()
+    return (torch.softmax(logits.float(), -1) * w[:, None]).sum(0).cpu().numpy()
+
+
+def predict(checkpoint, inputs, as_json=False, norm="checkpoint", window=PREDICT_WINDOW, hop=PREDICT_HOP):
+    """Print the predicted emotion and class probabilities of each audio file. Returns 1 if any file failed."""
+    model, classes, ck = load_student(checkpoint)
+    files = audio_files(inputs)
+    if not files:
+        raise DataError(f"no audio files in {' '.join(map(str, inputs))}")
+    feats, failed = {}, 0
+    for f in files:
+        try:
+            feats[f] = features(load_audio(f)).reshape(FEAT_CHANNELS, -1)
+        except ValueError as e:
+            feats[f] = e
+    good = [x for x in feats.values() if not isinstance(x, Exception)]
+    if norm == "inputs" and good:   # the inputs are taken to be one speaker: per-speaker normalisation
+        mean, std = feature_stats(good)
+    else:                           # the training split's statistics, stored in the checkpoint
+        mean, std = ck["norm"]["mean"].numpy(), ck["norm"]["std"].numpy()
+    for f, x in feats.items():
+        if isinstance(x, Exception):
+            failed += 1
+            print(json.dumps({"file": str(f), "error": str(x)}) if as_json else f"{f}\terror: {x}", flush=True)
+            continue
+        probs = predict_file(model, ((x - mean[:, None]) / std[:, None]).astype(np.float32), window, hop)
+        best = classes[int(np.argmax(probs))]
+        if as_json:
+            print(json.dumps({"file": str(f), "prediction": best, "seconds": round(x.shape[1] * HOP_SECONDS, 2),
+                              "probabilities": {c: round(float(p), 4) for c, p in zip(classes, probs)}}), flush=True)
+        else:
+            print(f"{f}\t{best}\t" + " ".join(f"{c} {p:.3f}" for c, p in zip(classes, probs)), flush=True)
+    return 1 if failed else 0
+
+
 # -----------------------------------------------------------------------------
 # benchmarks
 
@@ -1699,6 +2119,16 @@ def main(argv=None):
     add_config_args(p, TeacherConfig)
     p = sub.add_parser("student", help="train an emotion student; every fold unless --fold is given")
     add_config_args(p, StudentConfig)
+    p = sub.add_parser("predict", help="classify audio files or folders with a trained student")
+    p.add_argument("inputs", nargs="+", metavar="FILE_OR_FOLDER", help="audio files, or folders searched recursively")
+    p.add_argument("--checkpoint", required=True, help="a student's best.pt, e.g. runs/student/tcn-self-at/fold5/best.pt")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--norm", choices=("checkpoint", "inputs"), default="checkpoint",
+                   help="normalise with the training statistics stored in the checkpoint, or with the statistics "
+                        "of all inputs together (when they are one speaker; mirrors per-speaker training) "
+                        "(default: checkpoint)")
+    p.add_argument("--window", type=float, default=PREDICT_WINDOW, help=f"window length for long files, s (default: {PREDICT_WINDOW})")
+    p.add_argument("--hop", type=float, default=PREDICT_HOP, help=f"hop between windows, s (default: {PREDICT_HOP})")
     p = sub.add_parser("report", help="collect finished runs into runs/results.md")
     p.add_argument("--runs", default="runs", help="output root of the runs (default: runs)")
     p = sub.add_parser("bench", help="throughput benchmarks")
@@ -1720,6 +2150,8 @@ def main(argv=None):
             cfg = config_from_args(StudentConfig, args)
             for k in _folds(cfg):
                 train_student(dataclasses.replace(cfg, fold=k))
+        elif args.command == "predict":
+            return predict(args.checkpoint, args.inputs, args.json, args.norm, args.window, args.hop)
         elif args.command == "report":
             report(args.runs)
         elif args.command == "bench":

@@ -88,10 +88,11 @@ void check_common(const at::Tensor& x, const at::Tensor& w, int64_t dilation) {
 }
 
 // ---------------------------------------------------------------- CPU path
-// Each function writes whole rows, so parallel chunks never share an output.
+// Each parallel chunk writes whole rows, so chunks never share an output.
 // Rows are split into a boundary part, where taps can fall outside the
 // sequence (the per-element helpers check), and an interior part where every
-// tap is inside and the loop over time vectorises.
+// tap is inside. The interior accumulates a whole row (L1-resident) one tap at
+// a time: unit-stride loops that vectorise and stream x sequentially.
 
 template <typename scalar_t>
 void forward_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
@@ -152,7 +153,8 @@ void backward_cpu(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* wp = w.data_ptr<scalar_t>();
 
-  // grad_x[b,c,s] = sum_{o,k} w[o,c,k] * g[b,o,s+lag(k)]
+  // grad_x[b,c,s] = sum_{o,k} w[o,c,k] * g[b,o,s+lag(k)]: the forward loop
+  // mirrored in time, with the boundary at the end of the sequence.
   scalar_t* gxp = grad_x.data_ptr<scalar_t>();
   at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(T);
