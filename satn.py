@@ -1058,7 +1058,7 @@ def check_split(train, dev, test, fold):
     for name, part in (("train", train), ("dev", dev), ("test", test)):
         if not part:
             raise DataError(f"fold {fold}: the {name} split is empty")
-    classes = sorted({u.label for u in train})
+    classes = sorted({u.label for u in train}, key=lambda c: (EMOTIONS.index(c) if c in EMOTIONS else len(EMOTIONS), c))
     for name, part in (("dev", dev), ("test", test)):
         unseen = sorted({u.label for u in part} - set(classes))
         if unseen:
@@ -1253,7 +1253,8 @@ class TeacherConfig(RunConfig):
     att_dim: int = _f(128, "additive-attention size of the decoder")
     ctc_weight: float = _f(0.3, "weight of the joint CTC loss on the encoder (0: attention loss only)")
     decode: str = _f("attention", "decoding for PER/WER and model selection: the attention decoder (greedy) "
-                                  "or the CTC head (best path)", choices=("attention", "ctc"))
+                                  "or the CTC head (best path); both PERs are logged", choices=("attention", "ctc"),
+                     demo="ctc")
     max_phones: int = _f(200, "longest greedy decode, in tokens")
     epochs: int = _f(60, "training epochs", demo=30)
     lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=2e-3)
@@ -1531,15 +1532,18 @@ def prepare_data(cfg, role):
     subset (IEMOCAP: improvised, four classes). Returns a dict with train, dev and
     test lists of (Utterance, (120, T) array), the class list and the global
     training statistics (stored in checkpoints for predict)."""
-    utts = load_corpus(cfg.data, subset="all", verbose=False, all_labels=True)
+    # Features of the whole corpus share one cache, whichever part a run uses.
+    kept, feats = compute_features(load_corpus(cfg.data, subset="all", verbose=False, all_labels=True),
+                                   Path(cfg.runs) / "cache")
     if role == "student":
-        utts = emotion_utterances(utts, cfg.data)
+        chosen = {u.id for u in emotion_utterances(kept, cfg.data)}
     else:
-        utts = [u for u in utts if u.text.strip()]
-        if not utts:
+        chosen = {u.id for u in kept if u.text.strip()}
+        if not chosen:
             raise DataError(f"{cfg.data}: no transcripts (the manifest has no text column): the teacher cannot be "
                             f"trained; only the configurations without attention transfer (--at-weight 0) can run")
-    kept, feats = compute_features(utts, Path(cfg.runs) / "cache")
+    feats = [f for u, f in zip(kept, feats) if u.id in chosen]
+    kept = [u for u in kept if u.id in chosen]
     train, dev, test = split_fold(kept, cfg.fold, cfg.dev_speaker)
     classes = check_split(train, dev, test, cfg.fold) if role == "student" else None
     normed = normalise(kept, feats, cfg.norm, train)
@@ -1623,7 +1627,7 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
         best = score if improved else best
         secs = time.time() - t0
         row = {"epoch": epoch, **{k: v / max(n_batches, 1) for k, v in sums.items()},
-               **{f"dev_{k}": v for k, v in metrics.items() if not isinstance(v, list)},
+               **{f"dev_{k}": v for k, v in metrics.items() if isinstance(v, float)},
                "skipped_batches": skipped, "seconds": round(secs, 2)}
         with open(log, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -1634,7 +1638,7 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
         atomic_save(state, run_dir / "last.pt")
         left = (cfg.epochs - epoch) * (time.time() - t_start) / (epoch - start + 1)
         print(f"epoch {epoch:3d}/{cfg.epochs}  " + "  ".join(f"{k} {v / max(n_batches, 1):.3f}" for k, v in sums.items())
-              + "  " + "  ".join(f"dev {k} {v:.1f}" for k, v in metrics.items() if not isinstance(v, list))
+              + "  " + "  ".join(f"dev {k} {v:.1f}" for k, v in metrics.items() if isinstance(v, float))
               + f"  {secs:.1f} s/epoch  ~{left / 60:.1f} min left" + ("  *" if improved else "")
               + (f"  ({skipped} non-finite batches skipped)" if skipped else ""), flush=True)
     return load_checkpoint(run_dir / "best.pt")
@@ -1711,7 +1715,7 @@ def train_teacher(cfg: TeacherConfig):
 
     model = Teacher(cfg)
     print(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
-          f"joint CTC weight {cfg.ctc_weight}; greedy decoding")
+          f"joint CTC weight {cfg.ctc_weight}; PER/WER and model selection from {cfg.decode} decoding")
     best = fit(cfg, model, run_dir, data, loss_fn, evaluate, "PER", False, {"vocab": list(PHONE_VOCAB)})
     model.load_state_dict(best["model"])
     model.eval()
