@@ -1930,12 +1930,14 @@ def report(runs="runs"):
         if tests:
             out += ["", "## Attention transfer: one-tailed two-proportion z-test on test WA (utterances pooled over folds)",
                     "", "| with AT vs without | folds | WA with | WA without | z | p |", "|---|---|---|---|---|---|"] + tests
+    if summary:
+        out += report_figures(runs, results)
     if teachers:
-        out += ["", "## ASR teachers (greedy decoding; WER: phone chunks mapped to the nearest training word)", "",
-                "| fold | best epoch | dev PER | dev WER | test PER | test WER |", "|---|---|---|---|---|---|"]
+        out += ["", "## ASR teachers (PER on phones; WER: each decoded phone chunk mapped to the nearest training word)", "",
+                "| fold | decoding | best epoch | dev PER | dev WER | test PER | test WER |", "|---|---|---|---|---|---|---|"]
         for t in teachers:
             r = json.loads(t.read_text())
-            out.append(f"| {t.parent.name[4:]} | {r['best_epoch']} | " + " | ".join(
+            out.append(f"| {t.parent.name[4:]} | {r['config'].get('decode', 'attention')} | {r['best_epoch']} | " + " | ".join(
                 f"{r[p][m]['rate']:.1f}" for p in ("dev", "test") for m in ("PER", "WER")) + " |")
     (runs / "results.md").write_text("\n".join(out) + "\n")
     print("\n".join(out))
@@ -2023,6 +2025,84 @@ def predict(checkpoint, inputs, as_json=False, norm="checkpoint", window=PREDICT
         else:
             print(f"{f}\t{best}\t" + " ".join(f"{c} {p:.3f}" for c, p in zip(classes, probs)), flush=True)
     return 1 if failed else 0
+
+
+def report_figures(runs, results):
+    """PNG figures beside results.md when matplotlib is installed: confusion matrices,
+    dev UA curves, and one test utterance's attention maps (teacher, student without
+    and with transfer). Returns markdown lines linking them."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ["", "(Figures: matplotlib is not installed, so this report is text only; "
+                "`pip install matplotlib` and rerun `python satn.py report` to draw them.)"]
+    fig_dir = runs / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    lines = ["", "## Figures", ""]
+    names = list(results)
+    fig, axes = plt.subplots(2, math.ceil(len(names) / 2), figsize=(3.2 * math.ceil(len(names) / 2), 6.4), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        conf = np.mean([np.asarray(r["test"]["confusion"]) / np.maximum(np.asarray(r["test"]["confusion"]).sum(1, keepdims=True), 1)
+                        for r in results[name]], axis=0)
+        classes = results[name][0]["classes"]
+        ax.imshow(conf, vmin=0, vmax=1, cmap="Blues")
+        for (i, j), v in np.ndenumerate(conf):
+            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7, color="white" if v > 0.5 else "black")
+        ax.set(title=name, xticks=range(len(classes)), yticks=range(len(classes)))
+        ax.set_xticklabels([c[:3] for c in classes], fontsize=7)
+        ax.set_yticklabels([c[:3] for c in classes], fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle("Test confusion matrices (row-normalised %, averaged over folds; rows: true class)")
+    fig.tight_layout()
+    fig.savefig(fig_dir / "confusion.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in names:
+        curves = [[json.loads(l)["dev_UA"] for l in (runs / "student" / name / f"fold{r['config']['fold']}" / "metrics.jsonl").read_text().splitlines()]
+                  for r in results[name] if (runs / "student" / name / f"fold{r['config']['fold']}" / "metrics.jsonl").is_file()]
+        n = min(map(len, curves), default=0)
+        if n:
+            ax.plot(range(1, n + 1), np.mean([c[:n] for c in curves], 0), label=name, ls="--" if name.endswith("-at") else "-")
+    ax.set(xlabel="epoch", ylabel="dev UA (%), mean over folds", title="Dev UA per epoch")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(fig_dir / "dev_ua.png", dpi=110)
+    plt.close(fig)
+    lines += ["![confusion matrices](figures/confusion.png)", "", "![dev UA per epoch](figures/dev_ua.png)"]
+    # One test utterance through the teacher and the two self-attention TCN students.
+    fold = next((f for f in range(5, 0, -1) if all((runs / d / f"fold{f}" / "best.pt").is_file()
+                 for d in ("teacher", "student/tcn-self", "student/tcn-self-at"))), None)
+    if fold is not None:
+        s_plain, classes, ck = load_student(runs / "student" / "tcn-self" / f"fold{fold}" / "best.pt")
+        s_at, _, ck_at = load_student(runs / "student" / "tcn-self-at" / f"fold{fold}" / "best.pt")
+        cfg = StudentConfig(**ck_at["config"])
+        teacher = load_teacher(cfg, torch.device("cpu"))
+        data = prepare_data(cfg, "student")
+        u, x = data["test"][0]
+        xb, lengths = collate([x], "cpu")
+        with torch.no_grad():
+            enc = teacher.encode(xb, lengths)
+            outs = [m(xb, lengths)[1] for m in (s_plain, s_at)]
+        pairs = parse_pairs(cfg.at_pairs, len(outs[1]["acts"]), len(enc["acts"]))
+        fig, axes = plt.subplots(len(pairs), 1, figsize=(7, 1.6 * len(pairs)), squeeze=False, sharex=True)
+        for ax, (i, j) in zip(axes[:, 0], pairs):
+            for label, acts, mask, style in (("teacher", enc["acts"][j], enc["mask"], "k-"),
+                                             ("student", outs[0]["acts"][i], outs[0]["mask"], "C0--"),
+                                             ("student w/ AT", outs[1]["acts"][i], outs[1]["mask"], "C3-")):
+                m = attention_map(acts, cfg.at_p, mask, cfg.at_norm)[0].numpy()
+                ax.plot(np.linspace(0, x.shape[1] * HOP_SECONDS, len(m)), m * len(m), style, label=label, lw=1)
+            ax.set_ylabel(f"s{i + 1}:t{j + 1}", fontsize=8)
+        axes[0, 0].legend(fontsize=7, ncol=3)
+        axes[0, 0].set_title(f"Attention maps F(A), {u.id} ({u.label}), fold {fold}; scaled to mean 1")
+        axes[-1, 0].set_xlabel("time (s)")
+        fig.tight_layout()
+        fig.savefig(fig_dir / "attention_maps.png", dpi=110)
+        plt.close(fig)
+        lines += ["", "![attention maps](figures/attention_maps.png)"]
+    return lines
 
 
 # -----------------------------------------------------------------------------

@@ -90,9 +90,10 @@ void check_common(const at::Tensor& x, const at::Tensor& w, int64_t dilation) {
 // ---------------------------------------------------------------- CPU path
 // Each parallel chunk writes whole rows, so chunks never share an output.
 // Rows are split into a boundary part, where taps can fall outside the
-// sequence (the per-element helpers check), and an interior part where every
-// tap is inside. The interior accumulates a whole row (L1-resident) one tap at
-// a time: unit-stride loops that vectorise and stream x sequentially.
+// sequence (the per-element functions of the header check), and an interior
+// part where every tap is inside. The interior accumulates a whole row
+// (L1-resident) one tap at a time: unit-stride loops that vectorise and
+// stream x sequentially.
 
 template <typename scalar_t>
 void forward_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
