@@ -9,7 +9,8 @@
 #   bash run_all.sh --dry-run            # print every training command, in dependency order
 #
 # Options: --data PATH, --runs DIR, --jobs N (trainings at once; GPUs are assigned
-# round-robin through CUDA_VISIBLE_DEVICES when several are visible), --at-weight W
+# round-robin through CUDA_VISIBLE_DEVICES when several are visible; default 1, or on
+# a machine without a GPU one per core, up to 4, each with one thread), --at-weight W
 # (W_AT of the transfer rows, default 1.0), --dry-run. Any other argument is passed
 # to every training (so it must be an option of both `teacher` and `student`, e.g.
 # --epochs, --seed, --device, --batch-size, --norm). Finished runs are skipped and
@@ -17,7 +18,7 @@
 set -uo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
-DATA=() RUNS=runs JOBS=1 DRY=0 AT_WEIGHT=1.0 EXTRA=()
+DATA=() RUNS=runs JOBS= DRY=0 AT_WEIGHT=1.0 EXTRA=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --data) DATA=(--data "$2"); shift 2 ;;
@@ -29,13 +30,20 @@ while [ $# -gt 0 ]; do
         *) EXTRA+=("$1"); shift ;;
     esac
 done
-case "$JOBS" in ''|*[!0-9]*|0) echo "run_all.sh: --jobs needs a positive integer, got '$JOBS'" >&2; exit 2 ;; esac
-COMMON=("${DATA[@]}" --runs "$RUNS" --resume "${EXTRA[@]}")
 NGPU=0
-if [ "$DRY" = 0 ]; then
-    NGPU=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
-    mkdir -p "$RUNS/logs"
+[ "$DRY" = 0 ] && NGPU=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+THREADS=()
+if [ -z "$JOBS" ]; then
+    JOBS=1
+    if [ "$NGPU" = 0 ] && [ "$DRY" = 0 ]; then
+        # Small CPU trainings use a second core poorly: run one per core, one thread each.
+        JOBS=$(nproc 2>/dev/null || echo 1); [ "$JOBS" -gt 4 ] && JOBS=4
+        THREADS=(--threads 1)
+    fi
 fi
+case "$JOBS" in ''|*[!0-9]*|0) echo "run_all.sh: --jobs needs a positive integer, got '$JOBS'" >&2; exit 2 ;; esac
+COMMON=("${DATA[@]}" --runs "$RUNS" --resume "${THREADS[@]}" "${EXTRA[@]}")
+[ "$DRY" = 0 ] && mkdir -p "$RUNS/logs"
 TRANSFER=1
 if [ "$DRY" = 0 ]; then
     # Write the demo corpus and the feature cache once, before parallel jobs could race for them.
@@ -60,7 +68,12 @@ run() {  # run <log name> <command...>: at most $JOBS at once
         [ "${PIPESTATUS[0]}" = 0 ] || { FAILED=$((FAILED + 1)); echo "run_all.sh: $name failed (log: $RUNS/logs/$name.log)"; }
     else
         echo "run_all.sh: started $name (log: $RUNS/logs/$name.log)"
-        ( "${env[@]}" "$@" > "$RUNS/logs/$name.log" 2>&1 || { echo "run_all.sh: $name failed (log: $RUNS/logs/$name.log)"; exit 1; } ) &
+        ( t0=$(date +%s)
+          if "${env[@]}" "$@" > "$RUNS/logs/$name.log" 2>&1; then
+              echo "run_all.sh: finished $name in $(( $(date +%s) - t0 )) s: $(grep -E '(dev|test): (WA|PER)' "$RUNS/logs/$name.log" | tail -1)"
+          else
+              echo "run_all.sh: $name failed (log: $RUNS/logs/$name.log)"; exit 1
+          fi ) &
     fi
 }
 drain() { while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || FAILED=$((FAILED + 1)); done; }
