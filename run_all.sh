@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the paper's Table 2: five ASR teachers (one per fold), then the eight
 # student configurations {BLSTM, TCN} x {soft, self-attention} x {without, with
-# attention transfer} on all five folds, then `python satn.py report`.
+# attention transfer} on all five folds, then `python satn.py report`. The students
+# without transfer may run beside the teachers; those with transfer wait for them.
 #
 #   bash run_all.sh                      # the built-in demo corpus, demo-sized settings
 #   bash run_all.sh --data /path/to/IEMOCAP_full_release
@@ -59,7 +60,7 @@ START=$(date +%s) FAILED=0 STARTED=0
 run() {  # run <log name> <command...>: at most $JOBS at once
     local name=$1; shift
     if [ "$DRY" = 1 ]; then printf '%q ' "$@"; echo; return; fi
-    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || FAILED=$((FAILED + 1)); done
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
     local env=()
     [ "$NGPU" -gt 1 ] && env=(env CUDA_VISIBLE_DEVICES=$((STARTED % NGPU)))
     STARTED=$((STARTED + 1))
@@ -68,23 +69,30 @@ run() {  # run <log name> <command...>: at most $JOBS at once
         [ "${PIPESTATUS[0]}" = 0 ] || { FAILED=$((FAILED + 1)); echo "run_all.sh: $name failed (log: $RUNS/logs/$name.log)"; }
     else
         echo "run_all.sh: started $name (log: $RUNS/logs/$name.log)"
+        rm -f "$RUNS/logs/$name.failed"
         ( t0=$(date +%s)
           if "${env[@]}" "$@" > "$RUNS/logs/$name.log" 2>&1; then
               echo "run_all.sh: finished $name in $(( $(date +%s) - t0 )) s: $(grep -E '(dev|test): (WA|PER)' "$RUNS/logs/$name.log" | tail -1)"
           else
-              echo "run_all.sh: $name failed (log: $RUNS/logs/$name.log)"; exit 1
+              echo "run_all.sh: $name failed (log: $RUNS/logs/$name.log)"; touch "$RUNS/logs/$name.failed"; exit 1
           fi ) &
     fi
 }
-drain() { while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || FAILED=$((FAILED + 1)); done; }
+drain() {  # wait for every background training; each failure left a .failed marker
+    wait
+    [ "$JOBS" = 1 ] || FAILED=$(find "$RUNS/logs" -name '*.failed' | wc -l)
+}
 
 if [ "$TRANSFER" = 1 ]; then
     for k in 1 2 3 4 5; do run "teacher-fold$k" $PY satn.py teacher --fold $k "${COMMON[@]}"; done
 fi
-drain
-for enc in blstm tcn; do
-    for at in 0 1; do
-        [ "$at" = 1 ] && [ "$TRANSFER" = 0 ] && continue
+# The rows without transfer do not need the teachers: they fill free slots meanwhile.
+for at in 0 1; do
+    if [ "$at" = 1 ]; then
+        [ "$TRANSFER" = 0 ] && break
+        drain   # every teacher has finished before a student imitates one
+    fi
+    for enc in blstm tcn; do
         for att in soft self; do
             w=0; [ "$at" = 1 ] && w=$AT_WEIGHT
             for k in 1 2 3 4 5; do

@@ -540,6 +540,8 @@ def compute_features(utts, cache_dir="runs/cache", verbose=True):
         failed = [tuple(x.split("\t", 1)) for x in z["failed"]]
     else:
         arrays, ids, failed, t0 = [], [], [], time.time()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one utterance is too small to share; extra threads only contend
         for i, u in enumerate(utts):
             try:
                 arrays.append(features(load_audio(u.path)).reshape(FEAT_CHANNELS, -1).T)  # (T, 120)
@@ -549,6 +551,7 @@ def compute_features(utts, cache_dir="runs/cache", verbose=True):
             if verbose and (i + 1 == len(utts) or (i + 1) % 50 == 0):
                 print(f"\rfeatures: {i + 1}/{len(utts)} utterances ({time.time() - t0:.1f} s)",
                       end="\n" if i + 1 == len(utts) else "", flush=True)
+        torch.set_num_threads(threads)
         lengths = np.array([len(a) for a in arrays], dtype=np.int64)
         data = np.concatenate(arrays) if arrays else np.zeros((0, FEAT_CHANNELS), np.float32)
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -1482,7 +1485,7 @@ class RunConfig:
 
 @dataclass
 class TeacherConfig(RunConfig):
-    channels: int = _f(256, "TCN channels of each of the 5 encoder blocks (dilations 1, 2, 4, 8, 16)", demo=96)
+    channels: int = _f(256, "TCN channels of each of the 5 encoder blocks (dilations 1, 2, 4, 8, 16)", demo=64)
     kernel_size: int = _f(3, "TCN kernel size")
     dropout: float = _f(0.1, "dropout in the TCN blocks")
     weight_norm: bool = _f(True, "weight normalisation on the TCN convolutions")
@@ -1496,7 +1499,7 @@ class TeacherConfig(RunConfig):
                                   "or the CTC head (best path); both PERs are logged", choices=("attention", "ctc"),
                      demo="ctc")
     max_phones: int = _f(200, "longest greedy decode, in tokens")
-    epochs: int = _f(60, "training epochs", demo=30)
+    epochs: int = _f(60, "training epochs", demo=20)
     lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=2e-3)
 
 
@@ -1521,7 +1524,7 @@ class StudentConfig(RunConfig):
                                "the student's activations evenly over the teacher's, last with last")
     at_selfattn: bool = _f(False, "also transfer the self-attention weight matrices (heads averaged)")
     name: str = _f(None, "run folder name; default from the configuration, e.g. tcn-self-at")
-    epochs: int = _f(100, "training epochs (the paper's 100)", demo=25)
+    epochs: int = _f(100, "training epochs (the paper's 100)", demo=20)
     lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=1e-3)
 
     def run_name(self):
@@ -1593,7 +1596,8 @@ class Teacher(nn.Module):
                 break
         seqs = torch.stack(out, 1).tolist()
         eos = PHONE_VOCAB.index(EOS)
-        return [s[:s.index(eos)] if eos in s else s for s in seqs]
+        # each utterance is cut at its own frame count, so batching never changes it
+        return [(s[:s.index(eos)] if eos in s else s)[:n] for s, n in zip(seqs, enc["lengths"].tolist())]
 
 
     @torch.no_grad()
@@ -1830,6 +1834,9 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"])
         start, best = ck["epoch"] + 1, ck["best"]
+        if log.is_file():  # drop lines of an epoch whose checkpoint was not written
+            keep = [l for l in log.read_text().splitlines() if json.loads(l)["epoch"] <= ck["epoch"]]
+            log.write_text("".join(l + "\n" for l in keep))
         print(f"resuming {run_dir} after epoch {ck['epoch']}")
     elif log.exists():
         log.unlink()
@@ -1860,6 +1867,9 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
             n_batches += 1
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
+        if n_batches == 0:
+            raise TrainingError(f"epoch {epoch}: the loss was not finite in any of its {skipped} batches: "
+                                f"lower --lr or check the data")
         model.eval()
         metrics = evaluate(model, data["dev"])
         score = metrics[score_key]
@@ -1890,7 +1900,10 @@ def finished(run_dir, cfg):
     if not final.is_file():
         return False
     done = json.loads(final.read_text()).get("config", {})
-    diff = [k for k, v in dataclasses.asdict(cfg).items() if k not in _RESUME_IGNORES and done.get(k) != v]
+    diff = [k for k, v in dataclasses.asdict(cfg).items() if k not in _RESUME_IGNORES - {"epochs"} and done.get(k) != v]
+    if diff == ["epochs"] and cfg.resume:
+        print(f"{run_dir}: finished with {done['epochs']} epochs; continuing to {cfg.epochs} (--resume)")
+        return False
     if diff:
         raise DataError(f"{run_dir} holds a finished run of another configuration (differs in: {', '.join(diff)}); "
                         f"use --name or delete the folder")
@@ -2187,6 +2200,7 @@ def report(runs="runs"):
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".au", ".mp3")
 PREDICT_WINDOW = 8.0   # s: long recordings are classified in windows of this length...
 PREDICT_HOP = 4.0      # s: ...every this many seconds, and the class probabilities averaged
+PREDICT_BATCH = 16     # windows per forward pass: memory does not grow with the file's length
 
 
 def load_student(path):
@@ -2227,12 +2241,14 @@ def predict_file(model, feats, window=PREDICT_WINDOW, hop=PREDICT_HOP):
     starts = list(range(0, max(T - win, 0) + 1, step))
     if starts[-1] + win < T:
         starts.append(T - win)            # the tail is covered too
-    chunks = [feats[:, s:s + win] for s in starts]
     device = next(model.parameters()).device
-    x, lengths = collate(chunks, device)
-    logits, _ = model(x, lengths)
-    w = lengths.float() / lengths.sum()
-    return (torch.softmax(logits.float(), -1) * w[:, None]).sum(0).cpu().numpy()
+    total, weight = 0.0, 0
+    for i in range(0, len(starts), PREDICT_BATCH):   # a bounded number of windows at a time
+        x, lengths = collate([feats[:, s:s + win] for s in starts[i:i + PREDICT_BATCH]], device)
+        logits, _ = model(x, lengths)
+        total = total + (torch.softmax(logits.float(), -1) * lengths[:, None]).sum(0)
+        weight += int(lengths.sum())
+    return (total / weight).cpu().numpy()
 
 
 def predict(checkpoint, inputs, as_json=False, norm="checkpoint", window=PREDICT_WINDOW, hop=PREDICT_HOP):
@@ -2613,7 +2629,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: the last completed epoch is in last.pt; rerun with --resume to continue", file=sys.stderr)
+        print("\ninterrupted: rerun the same command with --resume to continue after the last completed epoch "
+              "(saved in the run folder's last.pt)", file=sys.stderr)
         return 130
     return 0
 

@@ -6,18 +6,25 @@ goes under pytest's tmp_path; nothing is written into the repository.
 """
 
 import dataclasses
+import json
 import math
 import os
+import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import satn
 
@@ -1414,3 +1421,1380 @@ def test_import_is_cheap(tmp_path):
 
 # -----------------------------------------------------------------------------
 # demo corpus and training
+
+DEMO_SCALE = 0.25   # a quarter of the default corpus: every fold still has all classes and speakers
+# Tiny models: what is tested is the plumbing, not the accuracy.
+TEACHER_TINY = ["--channels", "16", "--decoder", "32", "--embed", "16", "--att-dim", "16", "--heads", "2",
+                "--subsample", "4", "--batch-size", "64"]
+STUDENT_TINY = ["--channels", "16", "--heads", "2", "--subsample", "4", "--lstm-hidden", "8", "--batch-size", "64"]
+EMO_LINE = re.compile(r"^\[[\d.]+ - [\d.]+\]\t(Ses\S+)\t(\S+)\t\[")
+FOUR = {"neu": "neutral", "hap": "happy", "exc": "happy", "sad": "sad", "ang": "angry"}
+
+
+def run_main(argv):
+    """satn.main with its output captured (usable in session fixtures): (rc, stdout, stderr)."""
+    import contextlib
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = satn.main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def emo_labels(root):
+    """{uid: IEMOCAP code} from the top-level EmoEvaluation files, read independently of satn."""
+    labels = {}
+    for f in sorted(Path(root).glob("Session*/dialog/EmoEvaluation/*.txt")):
+        if f.name.startswith("._"):
+            continue
+        for line in f.read_text().splitlines():
+            m = EMO_LINE.match(line)
+            if m:
+                assert m.group(1) not in labels, f"{m.group(1)} labelled twice"
+                labels[m.group(1)] = m.group(2)
+    return labels
+
+
+def metrics_lines(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory):
+    """One small demo corpus for the whole session (read only: tests never write into it)."""
+    root = tmp_path_factory.mktemp("demo") / "IEMOCAP_full_release"
+    satn.write_demo_corpus(root, seed=0, scale=DEMO_SCALE, verbose=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_cache(demo_corpus, tmp_path_factory):
+    """The corpus' feature cache, computed once; copied into each test's runs folder."""
+    runs = tmp_path_factory.mktemp("shared") / "runs"
+    utts = satn.load_corpus(demo_corpus, subset="all", verbose=False, all_labels=True)
+    satn.compute_features(utts, runs / "cache", verbose=False)
+    return runs / "cache"
+
+
+def fresh_runs(folder, cache):
+    """A runs folder holding a copy of the shared feature cache."""
+    runs = Path(folder) / "runs"
+    shutil.copytree(cache, runs / "cache")
+    return runs
+
+
+@pytest.fixture(scope="session")
+def trained(demo_corpus, demo_cache, tmp_path_factory):
+    """Fold 5 trained end to end through main(): the teacher, then tcn-self with and without transfer."""
+    work = tmp_path_factory.mktemp("e2e")
+    runs = fresh_runs(work, demo_cache)
+    common = ["--data", demo_corpus, "--runs", runs, "--fold", "5", "--epochs", "2"]
+    student_at = ["student", *common, *STUDENT_TINY, "--at-weight", "1"]
+    cwd = os.getcwd()
+    os.chdir(work)                   # nothing may land in the repository through a relative path
+    try:
+        res = {"teacher": run_main(["teacher", *common, *TEACHER_TINY]),
+               "student_at": run_main(student_at),
+               "student": run_main(["student", *common, *STUDENT_TINY, "--at-weight", "0"])}
+    finally:
+        os.chdir(cwd)
+    res.update(runs=runs, work=work, student_at_argv=student_at, corpus=demo_corpus,
+               teacher_dir=runs / "teacher" / "fold5", at_dir=runs / "student" / "tcn-self-at" / "fold5",
+               plain_dir=runs / "student" / "tcn-self" / "fold5")
+    return res
+
+
+def _split_ids(corpus):
+    """Fold 5 of the emotion task, worked out from the label files: (train, dev, test) uid lists."""
+    labels = emo_labels(corpus)
+    four = [u for u, c in labels.items() if c in FOUR and "impro" in u.rsplit("_", 1)[0]]
+    train = [u for u in four if not u.startswith("Ses05")]
+    dev = [u for u in four if u.startswith("Ses05") and u.rsplit("_", 1)[1][0] == "M"]
+    test = [u for u in four if u.startswith("Ses05") and u.rsplit("_", 1)[1][0] == "F"]
+    return train, dev, test, labels
+
+
+def test_demo_corpus_is_deterministic_for_a_seed(demo_corpus, tmp_path):
+    same = satn.write_demo_corpus(tmp_path / "same", seed=0, sessions=1, scale=DEMO_SCALE, verbose=False)
+    other = satn.write_demo_corpus(tmp_path / "other", seed=1, sessions=1, scale=DEMO_SCALE, verbose=False)
+
+    def files(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted((Path(root) / "Session1").rglob("*"))
+                if p.is_file()}
+
+    ref, a, b = files(demo_corpus), files(same), files(other)
+    wavs = sorted(k for k in ref if k.endswith(".wav"))
+    label_files = sorted(k for k in ref if "EmoEvaluation" in k and not Path(k).name.startswith("._"))
+    print(len(ref), "files in Session1;", len(wavs), "wav;", len(label_files), "label files")
+    assert len(wavs) >= 10 and label_files
+    assert a.keys() == ref.keys()
+    for k in wavs[:2] + wavs[-2:] + label_files:        # a couple of wavs and every label file
+        assert a[k] == ref[k], k
+    assert a == ref                                      # in fact every file
+    # another seed: other labels and other audio
+    top = [k for k in label_files if "/" not in k.split("EmoEvaluation/")[1]]
+    assert [b.get(k) for k in top] != [ref[k] for k in top]
+    common_wavs = [k for k in wavs if k in b]
+    print(len(common_wavs), "wav names in common with seed 1")
+    assert common_wavs and all(b[k] != ref[k] for k in common_wavs)
+
+
+def test_demo_corpus_every_fold_has_both_speakers_and_all_classes(demo_corpus):
+    utts = satn.load_iemocap(demo_corpus, "impro", verbose=False)
+    for fold in range(1, 6):
+        train, dev, test = satn.split_fold(utts, fold)
+        classes = satn.check_split(train, dev, test, fold)
+        print(fold, len(train), len(dev), len(test), classes)
+        assert classes == list(satn.EMOTIONS)
+        assert {u.speaker[-1] for u in dev} == {"M"} and {u.speaker[-1] for u in test} == {"F"}
+    for s in range(1, 6):
+        assert {u.speaker for u in utts if u.session == f"Ses0{s}"} == {f"Ses0{s}F", f"Ses0{s}M"}
+
+
+def test_demo_corpus_traps_and_the_loader(demo_corpus):
+    labels = emo_labels(demo_corpus)
+    codes = set(labels.values())
+    print(len(labels), "labelled utterances; codes", sorted(codes))
+    assert {"exc", "fru", "xxx"} <= codes                             # exc merged, fru/xxx dropped
+    assert (demo_corpus / "Session3" / "sentences" / "wav" / "Ses03M_impro05a").is_dir()
+    utts = satn.load_iemocap(demo_corpus, "all", verbose=False)
+    by_id = {u.id: u for u in utts}
+    assert len(by_id) == len(utts)
+    # exactly the four-class lines, exc as happy
+    assert set(by_id) == {u for u, c in labels.items() if c in FOUR}
+    assert all(by_id[u].label == FOUR[c] for u, c in labels.items() if c in FOUR)
+    assert any(c == "exc" for c in labels.values())
+    assert not any(labels[u] in ("fru", "xxx") for u in by_id)
+    suffixed = [u for u in by_id if u.startswith("Ses03M_impro05a_")]
+    print(len(suffixed), "utterances of Ses03M_impro05a")
+    assert suffixed and all(by_id[u].session == "Ses03" for u in suffixed)
+    # the speaker comes from the last token, not the dialog's letter
+    crossed = [u for u in by_id if u[5] != u.rsplit("_", 1)[1][0]]
+    print(len(crossed), "utterances whose speaker letter differs from the dialog's, e.g.", crossed[:2])
+    assert crossed
+    assert all(by_id[u].speaker == u[:5] + u.rsplit("_", 1)[1][0] for u in by_id)
+    # transcripts are read for every utterance (none of the demo's lines is missing)
+    assert all(by_id[u].text for u in by_id)
+    assert list(demo_corpus.rglob("._*.txt")) and list(demo_corpus.rglob("Categorical/*.txt"))
+
+
+def test_demo_corpus_resource_forks_and_subfolders_are_not_read(demo_corpus, tmp_path):
+    # A mirror of the label folders (audio linked) whose ._* and Categorical/ files carry
+    # valid utterance lines with other labels and texts: reading either would show.
+    mirror = tmp_path / "mirror"
+    for sdir in sorted(demo_corpus.glob("Session*")):
+        shutil.copytree(sdir / "dialog", mirror / sdir.name / "dialog")
+        (mirror / sdir.name / "sentences").symlink_to(sdir / "sentences", target_is_directory=True)
+    labels = emo_labels(demo_corpus)
+    flip = {"neu": "ang", "hap": "sad", "exc": "sad", "sad": "neu", "ang": "neu", "fru": "hap", "xxx": "hap"}
+    for f in mirror.glob("Session*/dialog/EmoEvaluation/._*.txt"):
+        dialog = f.name[2:-4]
+        lines = [f"[1.0000 - 2.0000]\t{u}\t{flip[c]}\t[2.0000, 2.0000, 2.0000]" for u, c in labels.items()
+                 if u.rsplit("_", 1)[0] == dialog]
+        f.write_bytes(f.read_bytes() + b"\n" + "\n".join(lines).encode() + b"\n")
+        (f.parent / "Categorical" / f"{dialog}_e1_cat.txt").write_text("\n".join(lines) + "\n")
+    for f in mirror.glob("Session*/dialog/transcriptions/._*.txt"):
+        dialog = f.name[2:-4]
+        f.write_bytes(f.read_bytes() + b"\n" + "\n".join(
+            f"{u} [001.0000-002.0000]: poisoned text." for u in labels if u.rsplit("_", 1)[0] == dialog).encode())
+    want = {(u.id, u.label, u.speaker, u.text) for u in satn.load_iemocap(demo_corpus, "all", verbose=False,
+                                                                         all_labels=True)}
+    got_list = satn.load_iemocap(mirror, "all", verbose=False, all_labels=True)
+    got = {(u.id, u.label, u.speaker, u.text) for u in got_list}
+    print(len(want), "utterances;", len(want ^ got), "differ")
+    assert len(got_list) == len(got) == len(labels)
+    assert got == want
+    assert not any("poisoned" in u.text for u in got_list)
+
+
+def test_demo_corpus_audio_is_1_to_4_seconds_at_16k(demo_corpus):
+    wavs = sorted(demo_corpus.glob("Session*/sentences/wav/*/*.wav"))
+    infos = [sf.info(str(p)) for p in wavs]
+    durations = [i.frames / i.samplerate for i in infos]
+    print(len(wavs), "files;", f"{min(durations):.2f}-{max(durations):.2f} s")
+    assert len(wavs) == len(emo_labels(demo_corpus))              # one file per labelled utterance
+    assert all(i.samplerate == 16000 and i.channels == 1 for i in infos)
+    assert all(1.0 <= d <= 4.0 for d in durations)
+    x = satn.load_audio(wavs[0])
+    assert x.dtype == np.float32 and 0.0 < np.abs(x).max() < 1.0
+
+
+def test_demo_corpus_size_scales_and_the_full_corpus_is_large_enough(demo_corpus):
+    labels = emo_labels(demo_corpus)
+    per_dialog = {}
+    for u in labels:
+        d = u.rsplit("_", 1)[0]
+        per_dialog[d] = per_dialog.get(d, 0) + 1
+    impro = {d: n for d, n in per_dialog.items() if "impro" in d}
+    script = {d: n for d, n in per_dialog.items() if "script" in d}
+    print("per improvised dialog:", sorted(set(impro.values())), "scripted:", sorted(set(script.values())))
+    dialogs = [d for s in range(1, 6) for d in satn._demo_dialogs(s)]
+    assert sorted(per_dialog) == sorted(dialogs)
+    assert all(abs(n - DEMO_SCALE * satn.DEMO_IMPRO_PER_DIALOG) <= 1 for n in impro.values())
+    assert all(abs(n - max(2, DEMO_SCALE * satn.DEMO_SCRIPT_PER_DIALOG)) <= 1 for n in script.values())
+    # the full corpus, from the constants: improvised four-class utterances expected
+    p_four = sum(v for k, v in satn.DEMO_LABELS.items() if k in FOUR) / sum(satn.DEMO_LABELS.values())
+    n_impro_dialogs = sum("impro" in d for d in dialogs)
+    expected = n_impro_dialogs * satn.DEMO_IMPRO_PER_DIALOG * p_four
+    print(f"{n_impro_dialogs} improvised dialogs; P(four classes) {p_four:.2f}; expected {expected:.0f} at scale 1")
+    assert expected >= 600
+    # the scaled corpus draws its labels with that probability (4 standard deviations)
+    n_small = sum(impro.values())
+    four_small = sum(labels[u] in FOUR for u in labels if "impro" in u.rsplit("_", 1)[0])
+    sd = math.sqrt(n_small * p_four * (1 - p_four))
+    print(f"scaled: {four_small} of {n_small} improvised utterances in the four classes (expected {n_small * p_four:.0f})")
+    assert abs(four_small - n_small * p_four) <= 4 * sd
+    # size at scale 1, from the mean file size of the scaled corpus
+    wavs = list(demo_corpus.glob("Session*/sentences/wav/*/*.wav"))
+    n_full = n_impro_dialogs * satn.DEMO_IMPRO_PER_DIALOG + (len(dialogs) - n_impro_dialogs) * satn.DEMO_SCRIPT_PER_DIALOG
+    mb = n_full * np.mean([p.stat().st_size for p in wavs]) / 1e6
+    print(f"estimated full corpus: {n_full} files, {mb:.0f} MB")
+    assert mb < 100
+
+
+def _teacher_batch(corpus, n=8):
+    lexicon = satn.read_cmudict()
+    utts = [u for u in satn.load_iemocap(corpus, "all", verbose=False, all_labels=True) if u.text][:n]
+    feats = [satn.features(satn.load_audio(u.path)) for u in utts]
+    xs = satn.normalise(utts, feats, "global", utts)
+    targets = [[satn.PHONE_VOCAB.index(p) for p in satn.text_to_phones(u.text, lexicon)] for u in utts]
+    return satn.collate(xs, "cpu"), targets
+
+
+def test_teacher_overfits_a_few_utterances(demo_corpus):
+    torch.manual_seed(0)
+    (x, lengths), targets = _teacher_batch(demo_corpus)
+    print("frames", lengths.tolist(), "phones", [len(t) for t in targets])
+    sos, eos = satn.PHONE_VOCAB.index(satn.SOS), satn.PHONE_VOCAB.index(satn.EOS)
+    L = max(map(len, targets)) + 1
+    inp = torch.zeros(len(targets), L, dtype=torch.long)
+    out = torch.full((len(targets), L), -100, dtype=torch.long)
+    for i, s in enumerate(targets):
+        inp[i, :len(s) + 1] = torch.tensor([sos] + s)
+        out[i, :len(s) + 1] = torch.tensor(s + [eos])
+    flat = torch.tensor([t for s in targets for t in s])
+    target_lengths = torch.tensor([len(s) for s in targets])
+    cfg = satn.TeacherConfig(channels=48, subsample=2, decoder=64, embed=32, att_dim=32, heads=2, dropout=0.0)
+    model = satn.Teacher(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(100):
+        model.train()
+        logits, enc = model(x, lengths, inp)
+        att = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), out.reshape(-1), ignore_index=-100)
+        logp = model.ctc_head(enc["h"]).log_softmax(-1).transpose(0, 1)
+        ctc = F.ctc_loss(logp, flat, enc["lengths"], target_lengths, blank=0, zero_infinity=True)
+        loss = 0.7 * att + 0.3 * ctc
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    ctc_hyps = model.ctc_greedy(x, lengths)
+    per = satn.error_rate(targets, ctc_hyps)["rate"]
+    att_hyps = model.greedy(x, lengths)
+    per_att = satn.error_rate(targets, att_hyps)["rate"]
+    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; CTC best-path PER {per:.1f}%; attention PER {per_att:.1f}%")
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.5 * losses[0]
+    assert per < 30.0
+    # the attention decoder: plain int lists without <sos>/<eos>
+    assert len(att_hyps) == len(targets)
+    for h in att_hyps:
+        assert isinstance(h, list) and all(type(t) is int for t in h)
+        assert sos not in h and eos not in h
+        assert all(0 <= t < len(satn.PHONE_VOCAB) for t in h) and len(h) <= cfg.max_phones
+    assert all(isinstance(h, list) and all(type(t) is int and t != 0 for t in h) for h in ctc_hyps)
+
+
+def test_teacher_greedy_output_does_not_depend_on_the_batch():
+    # A decoder that never says <eos> runs to its cap, which is one token per encoder frame
+    # of the utterance: batching a short utterance with a long one must not lengthen it.
+    torch.manual_seed(0)
+    cfg = satn.TeacherConfig(channels=16, subsample=1, decoder=16, embed=8, att_dim=8, heads=2, max_phones=500)
+    model = satn.Teacher(cfg).eval()
+    with torch.no_grad():
+        model.out.bias[satn.PHONE_VOCAB.index(satn.EOS)] = -1e4
+    short, long = torch.randn(satn.FEAT_CHANNELS, 40), torch.randn(satn.FEAT_CHANNELS, 120)
+    alone = model.greedy(short[None], torch.tensor([40]))[0]
+    x, lengths = satn.collate([short.numpy(), long.numpy()], "cpu")
+    batched = model.greedy(x, lengths)
+    print(len(alone), [len(h) for h in batched])
+    assert len(alone) == 40
+    assert len(batched[1]) == 120
+    assert batched[0] == alone
+
+
+def test_student_overfits_a_few_utterances(demo_corpus):
+    torch.manual_seed(0)
+    utts = satn.load_iemocap(demo_corpus, "impro", verbose=False)
+    chosen = [u for c in satn.EMOTIONS for u in [v for v in utts if v.label == c][:3]]
+    feats = [satn.features(satn.load_audio(u.path)) for u in chosen]
+    x, lengths = satn.collate(satn.normalise(chosen, feats, "global", chosen), "cpu")
+    y = torch.tensor([satn.EMOTIONS.index(u.label) for u in chosen])
+    cfg = satn.StudentConfig(encoder="tcn", attention="self", channels=32, heads=2, subsample=4, dropout=0.0)
+    model = satn.Student(cfg, 4)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    accs = []
+    for _ in range(150):
+        model.train()
+        logits, _ = model(x, lengths)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.eval()
+        with torch.no_grad():
+            accs.append((model(x, lengths)[0].argmax(-1) == y).float().mean().item())
+        if accs[-1] == 1.0:
+            break
+    print(f"{len(chosen)} utterances; training accuracy {accs[0]:.2f} -> {accs[-1]:.2f} after {len(accs)} steps")
+    assert len(chosen) == 12
+    assert accs[-1] == 1.0
+
+
+def test_e2e_teacher_run_folder(trained, demo_corpus):
+    rc, out, err = trained["teacher"]
+    print(out[-1500:], err)
+    assert rc == 0 and "Traceback" not in out + err
+    d = trained["teacher_dir"]
+    assert {"best.pt", "last.pt", "metrics.jsonl", "final.json", "config.json"} <= {p.name for p in d.iterdir()}
+    rows = metrics_lines(d)
+    print(rows)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["skipped_batches"] == 0 and "dev_PER" in r for r in rows)
+    final = json.loads((d / "final.json").read_text())
+    # the test split: every transcribed utterance of Ses05's female speaker, any label
+    lexicon = satn.read_cmudict()
+    test = [u for u in satn.load_iemocap(demo_corpus, "all", verbose=False, all_labels=True)
+            if u.speaker == "Ses05F" and u.text]
+    n_phones = sum(len(satn.text_to_phones(u.text, lexicon)) for u in test)
+    n_words = sum(len(satn.transcript_words(u.text)) for u in test)
+    print({p: {m: final[p][m]["rate"] for m in ("PER", "WER")} for p in ("dev", "test")}, n_phones, n_words)
+    assert final["test"]["PER"]["N"] == n_phones and final["test"]["WER"]["N"] == n_words
+    for part in ("dev", "test"):
+        for m in ("PER", "WER"):
+            r = final[part][m]
+            assert r["rate"] == pytest.approx(100 * (r["S"] + r["D"] + r["I"]) / r["N"])
+    assert final["best_epoch"] in (1, 2)
+    conf = json.loads((d / "config.json").read_text())
+    assert conf["torch"] == torch.__version__ and conf["device"] == "cpu" and "git_commit" in conf
+    assert conf["config"]["channels"] == 16 and conf["config"]["fold"] == 5
+    ck = torch.load(d / "best.pt", map_location="cpu", weights_only=True)
+    assert ck["epoch"] == final["best_epoch"]
+
+
+def test_e2e_student_with_transfer(trained, demo_corpus):
+    rc, out, err = trained["student_at"]
+    print(out[-1500:], err)
+    assert rc == 0 and "attention transfer" in out
+    d = trained["at_dir"]
+    assert {"best.pt", "last.pt", "metrics.jsonl", "final.json", "config.json"} <= {p.name for p in d.iterdir()}
+    rows = metrics_lines(d)
+    print(rows)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:               # L = L_SER + W_AT L_AT with W_AT = 1, averaged over the same batches
+        assert r["at"] > 0 and math.isfinite(r["at"])
+        assert r["loss"] == pytest.approx(r["ser"] + r["at"], rel=1e-5)
+    final = json.loads((d / "final.json").read_text())
+    _, dev, test, _ = _split_ids(demo_corpus)
+    print({p: (final[p]["WA"], final[p]["UA"], final[p]["n"]) for p in ("dev", "test")}, len(dev), len(test))
+    assert final["classes"] == list(satn.EMOTIONS)
+    for part, ids in (("dev", dev), ("test", test)):
+        conf = np.array(final[part]["confusion"])
+        assert conf.shape == (4, 4) and conf.sum() == len(ids) == final[part]["n"]
+        assert final[part]["WA"] == pytest.approx(100 * np.trace(conf) / conf.sum())
+        recall = [conf[i, i] / conf[i].sum() for i in range(4) if conf[i].sum()]
+        assert final[part]["UA"] == pytest.approx(100 * np.mean(recall))
+    conf = json.loads((d / "config.json").read_text())
+    assert {"torch", "device", "git_commit"} <= conf.keys() and conf["config"]["at_weight"] == 1.0
+    # the run without transfer logs no AT loss
+    assert trained["student"][0] == 0
+    assert all("at" not in r and "ser" in r for r in metrics_lines(trained["plain_dir"]))
+
+
+def test_e2e_finished_run_is_skipped(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    d = trained["at_dir"]
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in d.iterdir()}
+    rc, out, err = run_main(trained["student_at_argv"])
+    print(out, err)
+    assert rc == 0 and "already finished" in out
+    assert "epoch" not in out
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in d.iterdir()} == before
+
+
+def test_e2e_same_run_name_other_configuration(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    d = trained["at_dir"]
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    argv = [str(a) for a in trained["student_at_argv"]]
+    argv[argv.index("--channels") + 1] = "8"
+    assert satn.main(argv) == 2
+    line = _one_line_error(capsys)
+    assert "another configuration" in line and "channels" in line and "--name" in line
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
+def test_finished_run_asked_for_more_epochs_is_not_silently_reused(demo_corpus, demo_cache, tmp_path, monkeypatch):
+    # e.g. `run_all.sh --epochs 1` as a smoke test, then the real `run_all.sh`: the one-epoch
+    # models must not end up in the table as if they were the requested ones
+    monkeypatch.chdir(tmp_path)
+    runs = fresh_runs(tmp_path, demo_cache)
+    argv = ["student", "--data", demo_corpus, "--runs", runs, "--fold", "5", "--name", "grow", *STUDENT_TINY]
+    assert run_main(argv + ["--epochs", "1"])[0] == 0
+    rc, out, err = run_main(argv + ["--epochs", "2"])
+    d = runs / "student" / "grow" / "fold5"
+    epochs = [r["epoch"] for r in metrics_lines(d)]
+    final = json.loads((d / "final.json").read_text())
+    print(out[-800:], err, "rc", rc, "epochs logged", epochs, "final.json epochs", final["config"]["epochs"])
+    trained_on = rc == 0 and epochs[-1] == 2 and final["config"]["epochs"] == 2
+    refused = rc == 2 and "epochs" in err and "Traceback" not in err
+    assert trained_on or refused
+
+
+def test_e2e_report(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runs = trained["runs"]
+    rc, _, err = run_main(["report", "--runs", runs])
+    assert rc == 0, err
+    text = (runs / "results.md").read_text()
+    print(text)
+    at = json.loads((trained["at_dir"] / "final.json").read_text())
+    plain = json.loads((trained["plain_dir"] / "final.json").read_text())
+    teacher = json.loads((trained["teacher_dir"] / "final.json").read_text())
+    row = (f"| TCN + self-attention w/ AT | 1 | {at['dev']['WA']:.1f} ± 0.0 | {at['dev']['UA']:.1f} ± 0.0 | "
+           f"{at['test']['WA']:.1f} ± 0.0 | {at['test']['UA']:.1f} ± 0.0 |")
+    assert row in text.splitlines()
+    assert f"| TCN + self-attention | 1 | {plain['dev']['WA']:.1f} ± 0.0 |" in text
+    teacher_rows = [l for l in text.splitlines() if l.startswith("| 5 |")]
+    assert len(teacher_rows) == 1
+    assert f"| {teacher['test']['PER']['rate']:.1f} | {teacher['test']['WER']['rate']:.1f} |" in teacher_rows[0]
+    z, p = satn.z_test_one_tailed(at["test"]["correct"], at["test"]["n"], plain["test"]["correct"], plain["test"]["n"])
+    z_row = (f"| tcn-self-at vs tcn-self | 1 | {at['test']['WA']:.1f} | {plain['test']['WA']:.1f} | "
+             f"{z:.2f} | {p:.3f} |")
+    assert z_row in text.splitlines()
+
+
+def test_student_checkpoint_holds_only_plain_data(trained, demo_corpus):
+    d = trained["at_dir"]
+    ck = torch.load(d / "best.pt", map_location="cpu", weights_only=True)
+    last = torch.load(d / "last.pt", map_location="cpu", weights_only=True)
+    final = json.loads((d / "final.json").read_text())
+    print(sorted(ck), ck["epoch"], ck["classes"])
+    assert ck["classes"] == list(satn.EMOTIONS)
+    assert ck["epoch"] == final["best_epoch"] and last["epoch"] == 2
+    assert ck["norm"]["mode"] == "speaker"
+    # the stored statistics are those of the training split's raw features
+    train, _, _, _ = _split_ids(demo_corpus)
+    paths = {u.id: u.path for u in satn.load_iemocap(demo_corpus, "impro", verbose=False)}
+    flat = np.concatenate([satn.features(satn.load_audio(paths[u])).reshape(satn.FEAT_CHANNELS, -1) for u in train], 1)
+    print(len(train), "training utterances,", flat.shape[1], "frames")
+    assert ck["norm"]["mean"].shape == ck["norm"]["std"].shape == (satn.FEAT_CHANNELS,)
+    np.testing.assert_allclose(ck["norm"]["mean"].numpy(), flat.mean(1), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(ck["norm"]["std"].numpy(), flat.std(1), rtol=1e-3, atol=1e-3)
+    # the weights load into a Student built from the stored configuration
+    fields = {f.name for f in dataclasses.fields(satn.StudentConfig)}
+    model = satn.Student(satn.StudentConfig(**{k: v for k, v in ck["config"].items() if k in fields}), 4)
+    model.load_state_dict(ck["model"])
+
+
+# -- interruption and resume (real processes)
+
+SLOW_STUDENT = ["--channels", "64", "--heads", "2", "--subsample", "1", "--batch-size", "8", "--threads", "1"]
+
+
+def _start_student(corpus, runs, name, epochs, *extra):
+    cmd = [sys.executable, str(REPO / "satn.py"), "student", "--data", str(corpus), "--runs", str(runs),
+           "--fold", "5", "--epochs", str(epochs), "--name", name, *SLOW_STUDENT, *extra]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_lines(proc, log, n, timeout=240):
+    """Poll until metrics.jsonl has n complete lines (the process must still be running)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.is_file() and log.read_text().count("\n") >= n:
+            return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the run ended (rc {proc.returncode}) before {n} epochs were logged:\n{out}\n{err}")
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail(f"no {n} lines in {log} after {timeout} s")
+
+
+def test_resume_after_sigkill(demo_corpus, demo_cache, tmp_path):
+    runs = fresh_runs(tmp_path, demo_cache)
+    d = runs / "student" / "killed" / "fold5"
+    log = d / "metrics.jsonl"
+    proc = _start_student(demo_corpus, runs, "killed", 6)
+    _wait_for_lines(proc, log, 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    text = log.read_text()
+    complete = text.count("\n")
+    epochs = [json.loads(line)["epoch"] for line in text.splitlines()[:complete]]
+    ck = torch.load(d / "last.pt", map_location="cpu", weights_only=True)
+    print(f"killed with {complete} complete lines {epochs}; last.pt epoch {ck['epoch']}")
+    assert epochs == list(range(1, complete + 1)) and complete < 6
+    # fit() appends the epoch's line, then writes best.pt and last.pt: a kill in between
+    # leaves last.pt one epoch behind the log, never ahead of it
+    assert ck["epoch"] in (complete, complete - 1)
+    assert not (d / "final.json").exists()
+    rc_proc = _start_student(demo_corpus, runs, "killed", 6, "--resume")
+    out, err = rc_proc.communicate(timeout=300)
+    print(out[-2000:], err)
+    assert rc_proc.returncode == 0
+    assert f"resuming {d} after epoch {ck['epoch']}" in out
+    resumed = [int(m) for m in re.findall(r"^epoch +(\d+)/6", out, re.M)]
+    assert resumed == list(range(ck["epoch"] + 1, 7))
+    after = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
+    print("metrics.jsonl epochs after resuming:", after)
+    # the line of an epoch whose checkpoint was not written is dropped on resume
+    assert after == list(range(1, 7))
+    final = json.loads((d / "final.json").read_text())
+    assert final["config"]["epochs"] == 6 and final["test"]["n"] > 0
+    assert torch.load(d / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 6
+
+
+def test_sigint_exits_130_and_suggests_resume(demo_corpus, demo_cache, tmp_path):
+    runs = fresh_runs(tmp_path, demo_cache)
+    d = runs / "student" / "interrupted" / "fold5"
+    proc = _start_student(demo_corpus, runs, "interrupted", 100)
+    _wait_for_lines(proc, d / "metrics.jsonl", 2)   # then epoch 1's last.pt is surely written
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    print(out[-1000:], err)
+    assert proc.returncode == 130
+    assert "--resume" in err and "Traceback" not in err
+    assert torch.load(d / "last.pt", map_location="cpu", weights_only=True)["epoch"] >= 1
+
+
+# -- non-finite losses
+
+def _nan_cross_entropy(monkeypatch, nan_if):
+    """Make F.cross_entropy return NaN (keeping the graph) on training calls where nan_if(i);
+    returns the list of flags, one per training call."""
+    real, flags = F.cross_entropy, []
+
+    def wrapped(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            return out
+        flags.append(bool(nan_if(len(flags))))
+        return out * float("nan") if flags[-1] else out
+
+    monkeypatch.setattr(satn.F, "cross_entropy", wrapped)
+    return flags
+
+
+def test_non_finite_batches_are_skipped_and_counted(demo_corpus, demo_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runs = fresh_runs(tmp_path, demo_cache)
+    flags = _nan_cross_entropy(monkeypatch, lambda i: i % 3 == 1)
+    rc, out, err = run_main(["student", "--data", demo_corpus, "--runs", runs, "--fold", "5", "--epochs", "2",
+                             "--name", "nan", *STUDENT_TINY, "--batch-size", "16"])
+    print(out[-1500:], err)
+    assert rc == 0
+    train, _, _, _ = _split_ids(demo_corpus)
+    per_epoch = math.ceil(len(train) / 16)
+    rows = metrics_lines(runs / "student" / "nan" / "fold5")
+    skipped = [r["skipped_batches"] for r in rows]
+    want = [sum(flags[e * per_epoch:(e + 1) * per_epoch]) for e in range(2)]
+    print(f"{len(flags)} training batches ({per_epoch} per epoch); skipped {skipped}, NaN given {want}")
+    assert len(flags) == 2 * per_epoch
+    assert skipped == want and min(want) >= 1
+    assert all(math.isfinite(r["ser"]) for r in rows)
+    assert "non-finite batches skipped" in out
+    assert (runs / "student" / "nan" / "fold5" / "final.json").is_file()
+
+
+def test_all_non_finite_is_a_training_error(demo_corpus, demo_cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    runs = fresh_runs(tmp_path, demo_cache)
+    _nan_cross_entropy(monkeypatch, lambda i: True)
+    rc = satn.main(["student", "--data", str(demo_corpus), "--runs", str(runs), "--fold", "5", "--epochs", "2",
+                    "--name", "allnan", *STUDENT_TINY, "--batch-size", "4"])
+    assert rc == 2
+    line = _one_line_error(capsys)
+    assert "finite" in line
+    assert not (runs / "student" / "allnan" / "fold5" / "final.json").exists()
+
+
+def test_run_without_a_single_finite_batch_fails(demo_corpus, demo_cache, tmp_path, monkeypatch, capsys):
+    # fewer batches than the 20-in-a-row limit: still no parameter was ever updated
+    monkeypatch.chdir(tmp_path)
+    runs = fresh_runs(tmp_path, demo_cache)
+    flags = _nan_cross_entropy(monkeypatch, lambda i: True)
+    rc = satn.main(["student", "--data", str(demo_corpus), "--runs", str(runs), "--fold", "5", "--epochs", "2",
+                    "--name", "fewnan", *STUDENT_TINY, "--batch-size", "64"])
+    print(len(flags), "batches, all non-finite; rc", rc)
+    assert len(flags) < 20
+    assert rc == 2
+    assert "finite" in _one_line_error(capsys)
+    assert not (runs / "student" / "fewnan" / "fold5" / "final.json").exists()
+
+
+# -- run_all.sh
+
+def _run_all(args, tmp_path, env_extra=None, timeout=120):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    env.update(env_extra or {})
+    r = subprocess.run(["bash", str(REPO / "run_all.sh"), *args], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    print(r.stdout[-3000:], r.stderr[-2000:])
+    return r
+
+
+def _student_key(argv):
+    opt = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
+    return opt["--encoder"], opt["--attention"], float(opt["--at-weight"]), int(opt["--fold"])
+
+
+def test_run_all_dry_run_lists_every_training_in_order(tmp_path):
+    import shlex
+    data = str(tmp_path / "my corpus" / "list.csv")
+    repo_runs = (REPO / "runs").exists()
+    r = _run_all(["--dry-run", "--data", data, "--epochs", "1", "--at-weight", "0.5"], tmp_path)
+    assert r.returncode == 0
+    cmds = [shlex.split(line) for line in r.stdout.splitlines() if line.strip()]
+    kinds = [c[2] if len(c) > 2 and c[1] == "satn.py" else "?" for c in cmds]
+    print(kinds)
+    assert kinds == ["teacher"] * 5 + ["student"] * 40 + ["report"]
+    for c in cmds[:-1]:
+        joined = " ".join(shlex.quote(a) for a in c)
+        assert ("--data", data) in zip(c, c[1:]), joined
+        assert ("--epochs", "1") in zip(c, c[1:]), joined
+        assert "--resume" in c and ("--runs", "runs") in zip(c, c[1:])
+    teacher_folds = [int(c[c.index("--fold") + 1]) for c in cmds[:5]]
+    assert sorted(teacher_folds) == [1, 2, 3, 4, 5]
+    keys = [_student_key(c) for c in cmds[5:45]]
+    configs = {}
+    for enc, att, w, fold in keys:
+        configs.setdefault((enc, att, w), []).append(fold)
+    print(configs)
+    assert len(configs) == 8
+    assert {(e, a) for e, a, _ in configs} == {(e, a) for e in ("blstm", "tcn") for a in ("soft", "self")}
+    assert sorted(w for _, _, w in configs) == [0.0] * 4 + [0.5] * 4
+    assert all(sorted(f) == [1, 2, 3, 4, 5] for f in configs.values())
+    assert cmds[-1][1:] == ["satn.py", "report", "--runs", "runs"]
+    assert not (tmp_path / "runs").exists() and (REPO / "runs").exists() == repo_runs   # a dry run writes nothing
+
+
+def test_run_all_rejects_jobs_zero(tmp_path):
+    runs = tmp_path / "runs"
+    r = _run_all(["--jobs", "0", "--runs", str(runs)], tmp_path)
+    assert r.returncode != 0
+    assert "--jobs" in r.stderr
+    assert not runs.exists()
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# stands in for python: logs the start and end of each call; teachers take a moment;
+# prepare exits $PREPARE_RC; trainings whose arguments contain $FAIL fail
+[ "$1" = "-c" ] && { echo 0; exit 0; }
+echo "start $*" >> "$FAKE_LOG"
+rc=0
+case "$2" in
+    prepare) rc=$PREPARE_RC ;;
+    teacher|student) [ "$2" = teacher ] && sleep 0.3
+                     [ -n "${FAIL:-}" ] && [[ " $* " == *" $FAIL "* ]] && rc=1 ;;
+esac
+echo "end $*" >> "$FAKE_LOG"
+exit $rc
+"""
+
+
+def _fake_python(tmp_path, prepare_rc, fail=""):
+    fake = tmp_path / "fakepy"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    log = tmp_path / "calls.txt"
+    log.write_text("")
+    return {"PYTHON": str(fake), "FAKE_LOG": str(log), "PREPARE_RC": str(prepare_rc), "FAIL": fail}, log
+
+
+def _fake_calls(log):
+    """[(event, argv)] in order, event "start" or "end"; argv starts with satn.py."""
+    return [(line.split()[0], line.split()[1:]) for line in log.read_text().splitlines()]
+
+
+def test_run_all_without_transcripts_skips_teachers_and_transfer(tmp_path):
+    # the orchestration only: python is replaced by a recorder whose `prepare` says "no transcripts"
+    env, log = _fake_python(tmp_path, 3)
+    runs = tmp_path / "runs"
+    r = _run_all(["--data", "corpus.csv", "--runs", str(runs), "--epochs", "1"], tmp_path, env)
+    calls = [argv for event, argv in _fake_calls(log) if event == "start"]
+    kinds = [c[1] for c in calls]
+    print(kinds)
+    assert r.returncode == 0
+    assert "no transcripts" in r.stdout
+    assert "teacher" not in kinds
+    assert kinds[0] == "prepare" and kinds[-1] == "report" and kinds.count("student") == 20
+    students = [_student_key(c) for c in calls if c[1] == "student"]
+    assert len(set(students)) == 20
+    assert all(w == 0 for _, _, w, _ in students)
+    assert all(("--data", "corpus.csv") in zip(c, c[1:]) and ("--epochs", "1") in zip(c, c[1:])
+               for c in calls if c[1] == "student")
+
+
+@pytest.mark.parametrize("jobs", ["1", "2", "4"])
+def test_run_all_order_and_failed_trainings(tmp_path, jobs):
+    env, log = _fake_python(tmp_path, 0, fail="--fold 3")
+    r = _run_all(["--runs", str(tmp_path / "runs"), "--jobs", jobs], tmp_path, env)
+    events = _fake_calls(log)
+    kinds = [argv[1] for event, argv in events if event == "start"]
+    print(kinds)
+    assert kinds.count("teacher") == 5 and kinds.count("student") == 40 and kinds[-1] == "report"
+    # a student with transfer starts only once every teacher has finished
+    teacher_ends = [i for i, (event, argv) in enumerate(events) if event == "end" and argv[1] == "teacher"]
+    transfer_starts = [i for i, (event, argv) in enumerate(events)
+                       if event == "start" and argv[1] == "student" and _student_key(argv)[2] > 0]
+    assert len(teacher_ends) == 5 and len(transfer_starts) == 20
+    assert max(teacher_ends) < min(transfer_starts)
+    assert r.returncode != 0
+    assert re.search(r"\b9 failed", r.stdout)          # the teacher and the 8 students of fold 3
+
+
+def test_run_all_stops_when_prepare_fails(tmp_path):
+    env, log = _fake_python(tmp_path, 2)
+    r = _run_all(["--runs", str(tmp_path / "runs")], tmp_path, env)
+    kinds = [argv[1] for event, argv in _fake_calls(log) if event == "start"]
+    print(kinds)
+    assert r.returncode != 0
+    assert kinds == ["prepare"]
+
+
+def test_prepare_without_transcripts_exits_3(demo_corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    utts = satn.load_iemocap(demo_corpus, "impro", verbose=False)
+    rows = [f"{u.path},{u.label},{u.speaker},{u.session}" for s in sorted({u.speaker for u in utts})
+            for u in [v for v in utts if v.speaker == s][:2]]
+    with_text = [f"{u.path},{u.label},{u.speaker},{u.session},{u.text.replace(',', ' ')}" for s in
+                 sorted({u.speaker for u in utts}) for u in [v for v in utts if v.speaker == s][:2]]
+    bare = write_manifest(tmp_path, rows, header="path,label,speaker,session", name="bare.csv")
+    texts = write_manifest(tmp_path, with_text, name="texts.csv")
+    rc = satn.main(["prepare", "--data", str(bare), "--runs", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    print(out)
+    assert rc == 3
+    assert f"{len(rows)} utterances with features" in out and "0 with a transcript" in out
+    assert satn.main(["prepare", "--data", str(texts), "--runs", str(tmp_path / "runs")]) == 0
+    assert f"{len(rows)} with a transcript" in capsys.readouterr().out
+    # the teacher itself says why it cannot train
+    rc = satn.main(["teacher", "--data", str(bare), "--runs", str(tmp_path / "runs"), "--fold", "1", "--epochs", "1"])
+    assert rc == 2
+    assert "no transcripts" in _one_line_error(capsys)
+
+
+# -- predict
+
+@pytest.fixture(scope="session")
+def predict_inputs(demo_corpus, tmp_path_factory):
+    """A folder of inputs: two demo utterances (one nested two levels down), a stereo 44.1 kHz
+    file, a 10-minute file, an unreadable .wav, a text file and a macOS resource fork."""
+    root = tmp_path_factory.mktemp("predict") / "inputs"
+    wavs = sorted(demo_corpus.glob("Session5/sentences/wav/*impro*/*_F*.wav"))
+    (root / "sub" / "deeper").mkdir(parents=True)
+    shutil.copy(wavs[0], root / "top.wav")
+    shutil.copy(wavs[1], root / "sub" / "deeper" / "nested.wav")
+    from scipy.signal import resample_poly
+    x = satn.load_audio(wavs[2])
+    y = resample_poly(x, 441, 160)
+    sf.write(str(root / "stereo44k.wav"), np.stack([y, 0.5 * y], 1), 44100, subtype="PCM_16")
+    speech = np.concatenate([satn.load_audio(w) for w in wavs[:10]])
+    long = np.tile(speech, int(np.ceil(600 * SR / len(speech))))[:600 * SR]
+    sf.write(str(root / "sub" / "long.wav"), long, SR, subtype="PCM_16")
+    (root / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk" + bytes(200))
+    (root / "notes.txt").write_text("not audio\n")
+    (root / "._top.wav").write_bytes(b"\x00\x05\x16\x07Mac OS X        " + bytes(100))
+    return {"root": root, "good": ["top.wav", "sub/deeper/nested.wav", "stereo44k.wav", "sub/long.wav"],
+            "bad": ["broken.wav"], "seconds": {"top.wav": sf.info(str(wavs[0])).duration,
+                                               "sub/long.wav": 600.0, "stereo44k.wav": len(x) / SR}}
+
+
+def test_predict_text_output(trained, predict_inputs, capsys):
+    root = predict_inputs["root"]
+    ckpt = trained["at_dir"] / "best.pt"
+    rc = satn.main(["predict", "--checkpoint", str(ckpt), str(root)])
+    out, err = capsys.readouterr()
+    print(out, err)
+    assert rc == 1                                     # one file failed
+    lines = out.strip().splitlines()
+    by_file = {str(Path(line.split("\t")[0]).relative_to(root)): line for line in lines}
+    assert sorted(by_file) == sorted(predict_inputs["good"] + predict_inputs["bad"])
+    assert len(lines) == len(by_file)
+    assert "error" in by_file["broken.wav"] and "broken.wav" in by_file["broken.wav"]
+    classes = list(satn.EMOTIONS)
+    for name in predict_inputs["good"]:
+        _, best, probs = by_file[name].split("\t")
+        tokens = probs.split()
+        p = {tokens[i]: float(tokens[i + 1]) for i in range(0, len(tokens), 2)}
+        print(name, best, p)
+        assert list(p) == classes and best in classes
+        assert sum(p.values()) == pytest.approx(1.0, abs=3e-3)
+        assert p[best] == max(p.values())
+    assert "Traceback" not in out + err
+
+
+def test_predict_json_output(trained, predict_inputs, capsys):
+    root = predict_inputs["root"]
+    ckpt = trained["at_dir"] / "best.pt"
+    rc = satn.main(["predict", "--json", "--checkpoint", str(ckpt), str(root / "sub"), str(root / "top.wav"),
+                    str(root / "broken.wav"), str(root / "stereo44k.wav")])
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.strip().splitlines()]
+    for r in rows:
+        print(r)
+    assert rc == 1
+    by_file = {str(Path(r["file"]).relative_to(root)): r for r in rows}
+    assert sorted(by_file) == sorted(predict_inputs["good"] + predict_inputs["bad"])
+    assert "error" in by_file["broken.wav"] and "prediction" not in by_file["broken.wav"]
+    for name in predict_inputs["good"]:
+        r = by_file[name]
+        probs = r["probabilities"]
+        assert list(probs) == list(satn.EMOTIONS)
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-3)
+        assert r["prediction"] == max(probs, key=probs.get)
+    for name, seconds in predict_inputs["seconds"].items():
+        assert by_file[name]["seconds"] == pytest.approx(seconds, abs=0.05)
+
+
+def test_predict_file_averages_windows(trained):
+    model, _, _ = satn.load_student(trained["at_dir"] / "best.pt")
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((satn.FEAT_CHANNELS, 1500)).astype(np.float32)
+
+    def direct(x):
+        with torch.no_grad():
+            logits, _ = model(torch.from_numpy(np.ascontiguousarray(x))[None], torch.tensor([x.shape[1]]))
+        return torch.softmax(logits, -1)[0].numpy()
+
+    short = satn.predict_file(model, feats[:, :300], window=8.0, hop=4.0)
+    np.testing.assert_allclose(short, direct(feats[:, :300]), atol=1e-5)
+    seen.clear()
+    probs = satn.predict_file(model, feats, window=8.0, hop=4.0)
+    # 1500 frames, windows of 800 every 400, plus one ending at the last frame: 0, 400, 700
+    want = np.mean([direct(feats[:, s:s + 800]) for s in (0, 400, 700)], axis=0)
+    print(seen, probs, want)
+    assert all(shape[-1] <= 800 for shape in seen)
+    np.testing.assert_allclose(probs, want, atol=1e-5)
+    assert probs.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# using it for real
+
+def _tone_corpus(folder, rows):
+    """Short distinct tones for manifest rows (path, label, speaker, session): the manifest path."""
+    for i, (path, *_rest) in enumerate(rows):
+        write_wav(Path(folder) / path, seconds=0.3, freq=150 + 37 * i)
+    return write_manifest(folder, [",".join(r) for r in rows], header="path,label,speaker,session")
+
+
+def _student_cli(data, tmp_path, *extra):
+    return satn.main(["student", "--data", str(data), "--runs", str(tmp_path / "runs"), "--epochs", "1",
+                      *STUDENT_TINY, *extra])
+
+
+@pytest.mark.parametrize("header,words", [("path,label,speaker,session,emotion", ["unknown", "emotion"]),
+                                          ("path,label,speaker", ["missing", "session"]),
+                                          ("file,label,speaker,session", ["missing", "path", "unknown", "file"])])
+def test_cli_manifest_bad_header(tmp_path, monkeypatch, capsys, header, words):
+    monkeypatch.chdir(tmp_path)
+    write_wav(tmp_path / "a.wav", seconds=0.3)
+    n = header.count(",") + 1
+    csv_path = write_manifest(tmp_path, [",".join(["a.wav", "calm", "s1F", "s1", "x"][:n])], header=header)
+    assert _student_cli(csv_path, tmp_path, "--fold", "1") == 2
+    line = _one_line_error(capsys)
+    assert str(csv_path) in line and all(w in line for w in words)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_manifest_duplicate_path_names_the_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rows = [(f"{s}{g}.wav", "calm", f"{s}{g}", s) for s in ("s1", "s2") for g in "FM"]
+    csv_path = _tone_corpus(tmp_path, rows + [("s1M.wav", "calm", "s1M", "s1")])
+    assert _student_cli(csv_path, tmp_path, "--fold", "1") == 2
+    line = _one_line_error(capsys)
+    # header on line 1, rows on 2-5; the repeat of line 3 is line 6
+    assert "s1M.wav" in line and ":6" in line and "line 3" in line
+
+
+def test_cli_label_only_in_the_held_out_session(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rows = [(f"{s}{g}{i}.wav", lab, f"{s}{g}", s) for s in ("s1", "s2", "s3") for g in "FM"
+            for i, lab in enumerate(("calm", "tense"))]
+    rows.append(("s3F-extra.wav", "surprised", "s3F", "s3"))
+    csv_path = _tone_corpus(tmp_path, rows)
+    assert _student_cli(csv_path, tmp_path, "--fold", "3") == 2
+    line = _one_line_error(capsys)
+    assert "surprised" in line and "train" in line
+    assert not list((tmp_path / "runs").rglob("*.pt"))
+    # folds where the label is in training are fine as far as the split goes
+    train, dev, test = satn.split_fold(satn.load_manifest(csv_path, verbose=False), 1)
+    assert satn.check_split(train, dev, test, 1) == ["calm", "surprised", "tense"]
+
+
+def test_cli_manifest_paths_that_do_not_exist(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_wav(tmp_path / "here.wav", seconds=0.3)
+    csv_path = write_manifest(tmp_path, ["here.wav,calm,s1F,s1", "gone.wav,calm,s1M,s1", "sub/lost.wav,calm,s2F,s2"],
+                              header="path,label,speaker,session")
+    assert _student_cli(csv_path, tmp_path, "--fold", "1") == 2
+    line = _one_line_error(capsys)
+    assert "2 audio files do not exist" in line and "gone.wav" in line and "sub/lost.wav" in line
+    assert "here.wav" not in line
+
+
+@pytest.mark.parametrize("command", ["teacher", "prepare"])
+def test_cli_nonexistent_data(tmp_path, monkeypatch, capsys, command):
+    monkeypatch.chdir(tmp_path)
+    rc = satn.main([command, "--data", str(tmp_path / "nowhere"), "--runs", str(tmp_path / "runs")]
+                   + (["--epochs", "1"] if command == "teacher" else []))
+    assert rc == 2
+    assert "nowhere" in _one_line_error(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_every_audio_file_unreadable(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rows = []
+    for s in ("s1", "s2"):
+        for g in "FM":
+            (tmp_path / f"{s}{g}.wav").write_bytes(b"this is not a wav file")
+            rows.append(f"{s}{g}.wav,calm,{s}{g},{s}")
+    csv_path = write_manifest(tmp_path, rows, header="path,label,speaker,session")
+    assert _student_cli(csv_path, tmp_path, "--fold", "1") == 2
+    line = _one_line_error(capsys)
+    assert "no audio file" in line and "could be read" in line
+
+
+def test_cli_fold_that_does_not_exist(demo_corpus, demo_cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    runs = fresh_runs(tmp_path, demo_cache)
+    rc = satn.main(["student", "--data", str(demo_corpus), "--runs", str(runs), "--fold", "9", "--epochs", "1"])
+    assert rc == 2
+    line = _one_line_error(capsys)
+    assert "fold 9" in line and "5 sessions" in line
+
+
+def test_cli_resume_from_a_truncated_checkpoint(demo_corpus, demo_cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    runs = fresh_runs(tmp_path, demo_cache)
+    d = runs / "student" / "cut" / "fold5"
+    d.mkdir(parents=True)
+    satn.atomic_save({"model": {"w": torch.randn(50, 50)}, "epoch": 1}, d / "last.pt")
+    data = (d / "last.pt").read_bytes()
+    (d / "last.pt").write_bytes(data[:len(data) // 2])
+    rc = satn.main(["student", "--data", str(demo_corpus), "--runs", str(runs), "--fold", "5", "--epochs", "2",
+                    "--name", "cut", "--resume", *STUDENT_TINY])
+    assert rc == 2
+    line = _one_line_error(capsys)
+    assert "last.pt" in line
+
+
+class _Payload:
+    """Unpickling this runs a shell command."""
+
+    def __init__(self, cmd):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        return (os.system, (self.cmd,))
+
+
+def _predict_error(ckpt, inputs, capsys):
+    rc = satn.main(["predict", "--checkpoint", str(ckpt), *map(str, inputs)])
+    assert rc == 2
+    return _one_line_error(capsys)
+
+
+def test_predict_refuses_checkpoints_of_another_configuration(trained, predict_inputs, tmp_path, capsys):
+    good = predict_inputs["root"] / "top.wav"
+    ck = torch.load(trained["at_dir"] / "best.pt", map_location="cpu", weights_only=True)
+    shape = dict(ck, model=dict(ck["model"]))
+    shape["model"]["classifier.weight"] = torch.zeros(4, 99)
+    torch.save(shape, tmp_path / "shape.pt")
+    line = _predict_error(tmp_path / "shape.pt", [good], capsys)
+    assert "shape.pt" in line and "do not match" in line
+    config = dict(ck, config=dict(ck["config"], channels=32))
+    torch.save(config, tmp_path / "config.pt")
+    assert "do not match" in _predict_error(tmp_path / "config.pt", [good], capsys)
+    # a teacher's checkpoint is not a student's
+    assert "not a student checkpoint" in _predict_error(trained["teacher_dir"] / "best.pt", [good], capsys)
+
+
+def test_predict_corrupted_and_truncated_checkpoints(trained, predict_inputs, tmp_path, capsys):
+    good = predict_inputs["root"] / "top.wav"
+    data = (trained["at_dir"] / "best.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:len(data) // 3])
+    (tmp_path / "noise.pt").write_bytes(np.random.default_rng(0).bytes(5000))
+    for name in ("cut.pt", "noise.pt"):
+        line = _predict_error(tmp_path / name, [good], capsys)
+        assert name in line
+    assert "no such checkpoint" in _predict_error(tmp_path / "absent.pt", [good], capsys)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
+def test_predict_refuses_checkpoints_carrying_code(trained, predict_inputs, tmp_path, capsys, legacy):
+    # (torch.load(..., weights_only=False) on either file would run the command)
+    marker = tmp_path / "pwned"
+    ck = torch.load(trained["at_dir"] / "best.pt", map_location="cpu", weights_only=True)
+    evil = dict(ck, classes=_Payload(f"touch {marker}"))
+    path = tmp_path / "evil.pt"
+    torch.save(evil, path, _use_new_zipfile_serialization=not legacy)
+    line = _predict_error(path, [predict_inputs["root"] / "top.wav"], capsys)
+    assert "refused" in line
+    assert not marker.exists()
+    # an ordinary custom class is refused too
+    torch.save(dict(ck, extra=NotPlainData()), tmp_path / "custom.pt")
+    assert "refused" in _predict_error(tmp_path / "custom.pt", [predict_inputs["root"] / "top.wav"], capsys)
+
+
+def test_predict_folder_without_audio(trained, tmp_path, capsys):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "readme.txt").write_text("nothing\n")
+    assert "no audio files" in _predict_error(trained["at_dir"] / "best.pt", [tmp_path / "empty"], capsys)
+
+
+def _help_text(monkeypatch, capsys, command):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as e:
+        satn.main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    print(out)
+    assert out.startswith(f"usage: satn.py {command}")
+    return " ".join(out.split())
+
+
+def test_cli_teacher_help_lists_every_option_and_default(monkeypatch, capsys):
+    text = _help_text(monkeypatch, capsys, "teacher")
+    options = text[text.index("options:"):]
+    missing = []
+    for f in dataclasses.fields(satn.TeacherConfig):
+        flag = "--" + f.name.replace("_", "-")
+        m = re.search(re.escape(flag) + r"(?![\w-])", options)
+        start = options.find("(default: ", m.end()) if m else -1
+        demo = f.metadata.get("demo")
+        want = f"(default: {f.default}" + (f"; demo corpus: {demo})" if demo is not None else ")")
+        if not m or not options.startswith(want, start):
+            missing.append(f"{flag}: want {want!r}")
+    print("\n".join(missing))
+    assert not missing
+    assert "--at-weight" not in options                      # a student option
+
+
+@pytest.mark.parametrize("command,flags", [("demo-data", ["--out", "--seed"]), ("prepare", ["--data", "--runs"]),
+                                           ("predict", ["--checkpoint", "--json", "--norm", "--window", "--hop"]),
+                                           ("report", ["--runs"]), ("bench", ["--device"]),
+                                           ("build-kernels", ["--cuda"])])
+def test_cli_help_of_the_other_subcommands(monkeypatch, capsys, command, flags):
+    text = _help_text(monkeypatch, capsys, command)
+    for flag in flags:
+        assert re.search(re.escape(flag) + r"(?![\w-])", text), flag
+    defaults = {"demo-data": ["(default: data/demo)", "(default: 0)"], "prepare": ["(default: runs)"],
+                "predict": [f"(default: {satn.PREDICT_WINDOW})", f"(default: {satn.PREDICT_HOP})",
+                            "(default: checkpoint)"],
+                "report": ["(default: runs)"], "bench": ["(default: auto)"], "build-kernels": []}[command]
+    for d in defaults:
+        assert d in text, d
+
+
+# ---------------------------------------------------------------------------
+# kernels: the fused causal conv1d extension against causal_conv1d_ref
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA device: the CUDA kernels are compiled in CI but only run where a GPU is present")
+
+# A sample of K x dilation x T x batch x bias x relu: the edges explicitly
+# (T=1, T shorter than the receptive field, K=1, the longest T), the rest drawn
+# once with a fixed seed.
+_EDGE_CASES = [
+    # (B, C, O, T, K, d, bias, relu)
+    (1, 3, 5, 1, 5, 16, True, True),
+    (2, 4, 3, 7, 5, 16, False, True),
+    (1, 5, 2, 31, 1, 1, True, False),
+    (3, 2, 6, 1000, 5, 16, True, True),
+    (2, 6, 4, 129, 2, 1, False, False),
+]
+
+
+def _sampled_cases(n=20, seed=0):
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(n):
+        cases.append((rng.choice([1, 3]), rng.choice([2, 5, 8]), rng.choice([3, 4, 7]),
+                      rng.choice([1, 7, 31, 129, 1000]), rng.choice([1, 2, 3, 5]),
+                      rng.choice([1, 2, 4, 8, 16]), rng.random() < 0.5, rng.random() < 0.5))
+    return cases
+
+
+CASES = _EDGE_CASES + _sampled_cases()
+# Largest |ext - ref| allowed, relative to max(1, max |ref|).
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+def _case_id(case):
+    B, C, O, T, K, d, bias, relu = case
+    return f"B{B}-C{C}-O{O}-T{T}-K{K}-d{d}-{'bias' if bias else 'nobias'}-{'relu' if relu else 'id'}"
+
+
+def _check_against_ref(case, device, dtype, monkeypatch, noncontiguous=False):
+    """Forward and every gradient of causal_conv1d (extension forced) against
+    causal_conv1d_ref evaluated in float64 from the same inputs."""
+    monkeypatch.setenv("SATN_KERNEL", "ext")
+    B, C, O, T, K, d, use_bias, relu = case
+    act = "relu" if relu else None
+    g = torch.Generator().manual_seed(hash(case) % (2 ** 31))
+    x64 = torch.randn(B, C, T, generator=g, dtype=torch.float64)
+    w64 = torch.randn(O, C, K, generator=g, dtype=torch.float64) / (C * K) ** 0.5
+    b64 = torch.randn(O, generator=g, dtype=torch.float64) if use_bias else None
+    gy64 = torch.randn(B, O, T, generator=g, dtype=torch.float64)
+
+    def leaf(t, transposed):
+        if t is None:
+            return None
+        t = t.to(device, dtype)
+        if noncontiguous and transposed is not None:
+            # Same values, non-contiguous layout (a transposed view).
+            t = t.transpose(*transposed).contiguous().transpose(*transposed)
+            assert not t.is_contiguous() or min(t.shape[transposed[0]], t.shape[transposed[1]]) == 1
+        return t.detach().requires_grad_()
+
+    x, w = leaf(x64, (1, 2)), leaf(w64, (0, 1))
+    b = leaf(b64, None)
+    gy = gy64.to(device, dtype)
+    if noncontiguous:
+        gy = gy.transpose(1, 2).contiguous().transpose(1, 2)
+
+    y = satn.causal_conv1d(x, w, b, dilation=d, activation=act)
+    y.backward(gy)
+
+    # Ground truth: the reference in float64 on the values the extension saw. Its
+    # backward takes the ReLU mask from the extension's y: an output within
+    # rounding of 0 may land on either side of the kink, and either is right.
+    xr, wr = x.detach().double().cpu().requires_grad_(), w.detach().double().cpu().requires_grad_()
+    br = b.detach().double().cpu().requires_grad_() if b is not None else None
+    zr = satn.causal_conv1d_ref(xr, wr, br, dilation=d)
+    mask = (y.detach().double().cpu() > 0) if relu else torch.ones(())
+    zr.backward(gy.double().cpu() * mask)
+    yr = zr.detach().clamp_min(0) if relu else zr.detach()
+
+    pairs = [("y", y, yr), ("grad_x", x.grad, xr.grad), ("grad_w", w.grad, wr.grad)]
+    if b is not None:
+        pairs.append(("grad_bias", b.grad, br.grad))
+    tol = TOL[dtype]
+    for name, got, want in pairs:
+        assert got.shape == want.shape and got.dtype == dtype and got.device.type == device
+        scale = max(1.0, want.abs().max().item())
+        err = (got.double().cpu() - want).abs().max().item() / scale
+        print(f"{_case_id(case)} {dtype} {name}: max rel diff {err:.3g} (tol {tol:g})")
+        assert err <= tol, f"{name} differs from the reference by {err:.3g} > {tol:g}"
+
+
+# ------------------------------------------------------------------ CPU build
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_kernel_cpu_matches_ref(case, dtype, monkeypatch):
+    _check_against_ref(case, "cpu", dtype, monkeypatch)
+
+
+@pytest.mark.parametrize("case", CASES[:4], ids=_case_id)
+def test_kernel_cpu_noncontiguous(case, monkeypatch):
+    _check_against_ref(case, "cpu", torch.float32, monkeypatch, noncontiguous=True)
+
+
+@pytest.mark.parametrize("shape", [
+    # (B, C, O, T, K, d, bias, relu)
+    (2, 3, 4, 13, 3, 2, True, True),
+    (1, 2, 3, 5, 3, 4, True, False),    # T shorter than the receptive field
+    (3, 2, 2, 9, 1, 1, False, True),
+], ids=_case_id)
+def test_kernel_cpu_gradcheck(shape, monkeypatch):
+    monkeypatch.setenv("SATN_KERNEL", "ext")
+    B, C, O, T, K, d, use_bias, relu = shape
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, C, T, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(O, C, K, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(O, generator=g, dtype=torch.float64, requires_grad=True) if use_bias else None
+    act = "relu" if relu else None
+    fn = lambda *t: satn.causal_conv1d(t[0], t[1], t[2] if use_bias else None, dilation=d, activation=act)  # noqa: E731
+    inputs = (x, w, b) if use_bias else (x, w)
+    if relu:  # keep finite differences away from the ReLU kink
+        assert satn.causal_conv1d_ref(x, w, b, d).abs().min() > 1e-4
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_kernel_cpu_checks_inputs(monkeypatch):
+    monkeypatch.setenv("SATN_KERNEL", "ext")
+    x, w = torch.randn(2, 3, 10), torch.randn(4, 3, 3)
+    with pytest.raises(RuntimeError, match="input channels"):
+        satn.causal_conv1d(x, torch.randn(4, 5, 3))
+    with pytest.raises(RuntimeError, match="3-D"):
+        satn.causal_conv1d(x[0], w)
+    with pytest.raises(RuntimeError, match="dtype"):
+        satn.causal_conv1d(x, w.double())
+    with pytest.raises(RuntimeError, match="dilation"):
+        satn.causal_conv1d(x, w, dilation=0)
+    with pytest.raises(RuntimeError, match="bias"):
+        satn.causal_conv1d(x, w, torch.randn(5))
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        satn.causal_conv1d(x.half(), w.half())
+    with pytest.raises(ValueError, match="activation"):
+        satn.causal_conv1d(x, w, activation="tanh")
+
+
+# ------------------------------------------------------------------ dispatch
+def test_kernel_cpu_default_is_reference(monkeypatch):
+    monkeypatch.delenv("SATN_KERNEL", raising=False)
+
+    def no_build(*a, **k):
+        raise AssertionError("the extension must not be built for CPU inputs by default")
+
+    monkeypatch.setattr(satn, "_load_kernel_ext", no_build)
+    x, w = torch.randn(2, 3, 20), torch.randn(4, 3, 3)
+    torch.testing.assert_close(satn.causal_conv1d(x, w, dilation=2, activation="relu"),
+                               satn.causal_conv1d_ref(x, w, dilation=2, activation="relu"), rtol=0, atol=0)
+
+
+def test_kernel_ref_forced(monkeypatch):
+    monkeypatch.setenv("SATN_KERNEL", "ref")
+    monkeypatch.setattr(satn, "_auto_wants_ext", lambda x, w: True)
+
+    def no_build(*a, **k):
+        raise AssertionError("SATN_KERNEL=ref must not touch the extension")
+
+    monkeypatch.setattr(satn, "_load_kernel_ext", no_build)
+    x, w, b = torch.randn(1, 3, 9), torch.randn(2, 3, 2), torch.randn(2)
+    torch.testing.assert_close(satn.causal_conv1d(x, w, b, 4), satn.causal_conv1d_ref(x, w, b, 4),
+                               rtol=0, atol=0)
+
+
+@pytest.fixture
+def broken_kernel_source(tmp_path, monkeypatch):
+    """Point the loader at a kernel source that does not compile, with a fresh cache."""
+    src = tmp_path / "kernels"
+    src.mkdir()
+    (src / "causal_conv1d.cpp").write_text("int broken( {\n")
+    (src / "causal_conv1d.cu").write_text("int broken( {\n")
+    monkeypatch.setattr(satn, "KERNEL_DIR", src)
+    monkeypatch.setattr(satn, "KERNEL_CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(satn, "_KERNEL_EXT", {})
+    monkeypatch.setattr(satn, "_KERNEL_WARNED", False)
+    return src
+
+
+def test_kernel_build_failure_warns_once_and_falls_back(broken_kernel_source, monkeypatch):
+    monkeypatch.delenv("SATN_KERNEL", raising=False)
+    monkeypatch.setattr(satn, "_auto_wants_ext", lambda x, w: True)  # as a CUDA input would
+    x, w, b = torch.randn(2, 3, 16), torch.randn(4, 3, 3), torch.randn(4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y1 = satn.causal_conv1d(x, w, b, 2, "relu")
+        y2 = satn.causal_conv1d(x, w, b, 2, "relu")
+    msgs = [str(c.message) for c in caught if "extension unavailable" in str(c.message)]
+    print(msgs)
+    assert len(msgs) == 1, msgs
+    assert "error" in msgs[0] and "PyTorch path" in msgs[0]
+    want = satn.causal_conv1d_ref(x, w, b, 2, "relu")
+    torch.testing.assert_close(y1, want, rtol=0, atol=0)
+    torch.testing.assert_close(y2, want, rtol=0, atol=0)
+
+
+def test_kernel_ext_forced_with_failing_build_raises(monkeypatch):
+    monkeypatch.setenv("SATN_KERNEL", "ext")
+    monkeypatch.setattr(satn, "_KERNEL_EXT", {})
+
+    def fail(cuda, verbose=False):
+        raise RuntimeError("causal_conv1d.cpp:1:1: error: simulated failure")
+
+    monkeypatch.setattr(satn, "_build_kernel_ext", fail)
+    with pytest.raises(RuntimeError, match="SATN_KERNEL=ext.*simulated failure"):
+        satn.causal_conv1d(torch.randn(1, 2, 5), torch.randn(2, 2, 3))
+
+
+def test_kernel_mode_rejects_unknown_value(monkeypatch):
+    monkeypatch.setenv("SATN_KERNEL", "fast")
+    with pytest.raises(ValueError, match="SATN_KERNEL"):
+        satn.causal_conv1d(torch.randn(1, 2, 5), torch.randn(2, 2, 3))
+
+
+# ------------------------------------------------------------------ CUDA build
+def _can_compile_cuda():
+    return bool(torch.version.cuda) and bool(
+        os.environ.get("CUDA_HOME") or shutil.which("nvcc") or os.path.isfile("/usr/local/cuda/bin/nvcc"))
+
+
+@pytest.mark.skipif(not _can_compile_cuda(), reason="needs nvcc and a CUDA build of PyTorch")
+def test_kernel_cuda_part_compiles(capsys):
+    """The CUDA kernels compile and link, with or without a GPU (first run: about a minute)."""
+    assert satn.build_kernels(cuda=True) == 0, capsys.readouterr().out
+    ext = satn._load_kernel_ext(cuda=True)
+    assert ext.has_cuda() and ext.cuda_archs()
+
+
+CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=["f32", "f16", "bf16", "f64"])
+def test_kernel_cuda_matches_ref(case, dtype, monkeypatch):
+    _check_against_ref(case, "cuda", dtype, monkeypatch)
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", CASES[:4], ids=_case_id)
+def test_kernel_cuda_noncontiguous(case, monkeypatch):
+    _check_against_ref(case, "cuda", torch.float32, monkeypatch, noncontiguous=True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", [
+    # long T and many channels: several time tiles, channel chunks and grad_w splits
+    (4, 40, 36, 5000, 3, 16, True, True),
+    # receptive field too long for a shared-memory window: the direct kernels
+    (2, 3, 5, 300, 4, 5000, True, False),
+    (1, 1, 1, 1, 1, 1, False, True),
+], ids=_case_id)
+def test_kernel_cuda_large_and_fallback_shapes(shape, monkeypatch):
+    _check_against_ref(shape, "cuda", torch.float32, monkeypatch)
+
+
+@needs_cuda
+def test_kernel_cuda_gradcheck(monkeypatch):
+    monkeypatch.setenv("SATN_KERNEL", "ext")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 21, generator=g, dtype=torch.float64).cuda().requires_grad_()
+    w = torch.randn(4, 3, 3, generator=g, dtype=torch.float64).cuda().requires_grad_()
+    b = torch.randn(4, generator=g, dtype=torch.float64).cuda().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w, b: satn.causal_conv1d(x, w, b, 2), (x, w, b),
+                                    eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@needs_cuda
+def test_kernel_cuda_auto_uses_extension(monkeypatch):
+    monkeypatch.delenv("SATN_KERNEL", raising=False)
+    x, w = torch.randn(2, 8, 50, device="cuda"), torch.randn(8, 8, 3, device="cuda")
+    satn.causal_conv1d(x, w, None, 2, "relu")
+    assert not isinstance(satn._KERNEL_EXT.get("cuda"), str), satn._KERNEL_EXT.get("cuda")
+
+
+def test_kernel_fallback_gives_the_same_model_outputs(monkeypatch):
+    """A whole TCN student through the extension's CPU build and through the reference path."""
+    torch.manual_seed(0)
+    model = satn.Student(satn.StudentConfig(channels=12, blocks=3, subsample=2), 4).eval()
+    x, lengths = torch.randn(3, satn.FEAT_CHANNELS, 41), torch.tensor([41, 30, 7])
+    monkeypatch.setenv("SATN_KERNEL", "ext")
+    with_ext = model(x, lengths)[0]
+    monkeypatch.setenv("SATN_KERNEL", "ref")
+    with_ref = model(x, lengths)[0]
+    print("largest difference", (with_ext - with_ref).abs().max().item())
+    torch.testing.assert_close(with_ext, with_ref, rtol=1e-5, atol=1e-5)
