@@ -72,7 +72,7 @@ run() {  # run <log name> <command...>: at most $JOBS at once
         rm -f "$RUNS/logs/$name.failed"
         ( t0=$(date +%s)
           if "${env[@]}" "$@" > "$RUNS/logs/$name.log" 2>&1; then
-              echo "run_all.sh: finished $name in $(( $(date +%s) - t0 )) s: $(grep -E '(dev|test): (WA|PER)' "$RUNS/logs/$name.log" | tail -1)"
+              echo "run_all.sh: finished $name in $(( $(date +%s) - t0 )) s: $(grep -E 'test( \([a-z]+ decoding\))?: (WA|PER)' "$RUNS/logs/$name.log" | head -1)"
           else
               echo "run_all.sh: $name failed (log: $RUNS/logs/$name.log)"; touch "$RUNS/logs/$name.failed"; exit 1
           fi ) &

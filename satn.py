@@ -167,7 +167,8 @@ def frame_params(sr=SAMPLE_RATE):
 @functools.lru_cache(maxsize=8)
 def _frontend_tensors(sr):
     win, hop, n_fft = frame_params(sr)
-    window = torch.from_numpy(np.hamming(win).astype(np.float32))        # symmetric, as HTK and Kaldi
+    window = torch.zeros(n_fft)
+    window[:win] = torch.from_numpy(np.hamming(win))  # symmetric, as HTK and Kaldi; zero-padded to n_fft
     fb_t = torch.from_numpy(np.ascontiguousarray(mel_filterbank(sr, n_fft).T))  # (n_fft//2+1, n_mels)
     return window, fb_t
 
@@ -182,12 +183,14 @@ def log_mel(wave, sr=SAMPLE_RATE):
     x = torch.as_tensor(np.asarray(wave, dtype=np.float32))
     if x.ndim != 1 or x.numel() == 0:
         raise ValueError(f"log_mel expects a non-empty 1-D waveform, got shape {tuple(x.shape)}")
-    if x.numel() < win:
-        x = F.pad(x, (0, win - x.numel()))
+    T = 1 + (max(x.numel(), win) - win) // hop
+    # Frames are read n_fft long (the window is zero past `win`), so the FFT needs no
+    # padding copy of its own; the tail pad makes room for the last frame.
+    x = F.pad(x, (0, n_fft - win + max(0, win - x.numel())))
     window, fb_t = _frontend_tensors(sr)
-    frames = x.unfold(0, win, hop)                          # (T, win), a strided view: no copy
-    spec = torch.fft.rfft(frames * window, n=n_fft)         # (T, n_fft//2+1) complex
-    power = torch.view_as_real(spec).square().sum(-1)       # (T, n_fft//2+1)
+    frames = x.unfold(0, n_fft, hop)[:T]                    # (T, n_fft), a strided view: no copy
+    spec = torch.fft.rfft(frames * window)                  # (T, n_fft//2+1) complex
+    power = spec.real.square() + spec.imag.square()         # (T, n_fft//2+1)
     return torch.log(torch.clamp_min(power @ fb_t, LOG_FLOOR)).numpy()  # (T, n_mels)
 
 
@@ -1975,14 +1978,18 @@ def train_teacher(cfg: TeacherConfig):
     words = {w: lexicon[w][0] for u, _ in data["train"] for w in transcript_words(u.text) if w in lexicon}
     nearest = NearestWord(words)
     final = {"config": dataclasses.asdict(cfg), "best_epoch": best["epoch"]}
+    decodings = ["attention", "ctc"] if cfg.ctc_weight > 0 else ["attention"]
     for part in ("dev", "test"):
-        refs, hyps = decode_items(model, data[part], targets, cfg.batch_size, device, cfg.decode)
-        per = error_rate(refs, hyps)
-        wer = error_rate([transcript_words(u.text) for u, _ in data[part]],
-                         [phones_to_words([PHONE_VOCAB[t] for t in h], nearest) for h in hyps])
-        final[part] = {"PER": per, "WER": wer}
-        print(f"teacher fold {cfg.fold} {part}: PER {per['rate']:.1f}%  WER {wer['rate']:.1f}% "
-              f"(nearest of {len(words)} training words)")
+        final[part] = {}
+        for how in sorted(decodings, key=lambda h: h != cfg.decode):   # the configured one first
+            refs, hyps = decode_items(model, data[part], targets, cfg.batch_size, device, how)
+            per = error_rate(refs, hyps)
+            wer = error_rate([transcript_words(u.text) for u, _ in data[part]],
+                             [phones_to_words([PHONE_VOCAB[t] for t in h], nearest) for h in hyps])
+            suffix = "" if how == cfg.decode else f"_{how}"
+            final[part].update({f"PER{suffix}": per, f"WER{suffix}": wer})
+            print(f"teacher fold {cfg.fold} {part} ({how} decoding): PER {per['rate']:.1f}%  WER {wer['rate']:.1f}% "
+                  f"(nearest of {len(words)} training words)")
     write_json(final, run_dir / "final.json")
     return final
 
@@ -2186,12 +2193,16 @@ def report(runs="runs"):
     if summary:
         out += report_figures(runs, results)
     if teachers:
-        out += ["", "## ASR teachers (PER on phones; WER: each decoded phone chunk mapped to the nearest training word)", "",
+        out += ["", "## ASR teachers", "", "PER on phones, WER with each decoded phone chunk mapped to the nearest "
+                "training word; the model was selected by dev PER of the first decoding named.", "",
                 "| fold | decoding | best epoch | dev PER | dev WER | test PER | test WER |", "|---|---|---|---|---|---|---|"]
         for t in teachers:
             r = json.loads(t.read_text())
-            out.append(f"| {t.parent.name[4:]} | {r['config'].get('decode', 'attention')} | {r['best_epoch']} | " + " | ".join(
-                f"{r[p][m]['rate']:.1f}" for p in ("dev", "test") for m in ("PER", "WER")) + " |")
+            decode = r["config"].get("decode", "attention")
+            for how in [decode] + [h for h in ("attention", "ctc") if h != decode and f"PER_{h}" in r["test"]]:
+                sfx = "" if how == decode else f"_{how}"
+                out.append(f"| {t.parent.name[4:]} | {how} | {r['best_epoch']} | " + " | ".join(
+                    f"{r[p][m + sfx]['rate']:.1f}" for p in ("dev", "test") for m in ("PER", "WER")) + " |")
     (runs / "results.md").write_text("\n".join(out) + "\n")
     print("\n".join(out))
     print(f"\nwritten to {runs / 'results.md'}")
