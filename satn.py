@@ -2425,9 +2425,12 @@ def bench_kernel(device=None):
     """Time the extension against the PyTorch path (causal_conv1d_ref): forward and
     forward+backward for batch 32, K 3, over channels, lengths and dilations, plus one
     training step of a 5-layer TCN. Prints a table; returns the rows as dicts."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(device or "auto")
     on_gpu = device.type == "cuda"
-    ext = _load_kernel_ext(cuda=on_gpu)
+    try:
+        ext = _load_kernel_ext(cuda=on_gpu)
+    except RuntimeError as e:
+        raise DataError(f"bench kernel: the extension could not be built: {e}") from None
     B, K, layer_dilations = 32, 3, (1, 2, 4, 8, 16)
     channels = (64, 128, 256)
     # The CPU run is cut down to stay near two minutes on two cores.
