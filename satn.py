@@ -2212,6 +2212,7 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".au", ".m
 PREDICT_WINDOW = 8.0   # s: long recordings are classified in windows of this length...
 PREDICT_HOP = 4.0      # s: ...every this many seconds, and the class probabilities averaged
 PREDICT_BATCH = 16     # windows per forward pass: memory does not grow with the file's length
+PREDICT_MIN_SPEAKER_SECONDS = 30.0  # s of input needed to estimate a speaker's statistics (--norm auto)
 
 
 def load_student(path):
@@ -2262,7 +2263,7 @@ def predict_file(model, feats, window=PREDICT_WINDOW, hop=PREDICT_HOP):
     return (total / weight).cpu().numpy()
 
 
-def predict(checkpoint, inputs, as_json=False, norm="checkpoint", window=PREDICT_WINDOW, hop=PREDICT_HOP):
+def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDOW, hop=PREDICT_HOP):
     """Print the predicted emotion and class probabilities of each audio file. Returns 1 if any file failed."""
     model, classes, ck = load_student(checkpoint)
     files = audio_files(inputs)
@@ -2275,6 +2276,15 @@ def predict(checkpoint, inputs, as_json=False, norm="checkpoint", window=PREDICT
         except ValueError as e:
             feats[f] = e
     good = [x for x in feats.values() if not isinstance(x, Exception)]
+    seconds = sum(x.shape[1] for x in good) * HOP_SECONDS
+    if norm == "auto":
+        # A per-speaker-normalised model expects a speaker's own statistics: take the
+        # inputs as one speaker when they are long enough to estimate them.
+        norm = "inputs" if ck["norm"]["mode"] == "speaker" and seconds >= PREDICT_MIN_SPEAKER_SECONDS else "checkpoint"
+        print(f"normalisation: {'statistics of all inputs together (taken as one speaker)' if norm == 'inputs' else 'training statistics from the checkpoint'}"
+              + (f"; the model was trained with per-speaker statistics and the inputs hold only {seconds:.0f} s "
+                 f"(< {PREDICT_MIN_SPEAKER_SECONDS:.0f} s), so expect lower accuracy" if norm == "checkpoint" and ck["norm"]["mode"] == "speaker" else ""),
+              file=sys.stderr)
     if norm == "inputs" and good:   # the inputs are taken to be one speaker: per-speaker normalisation
         mean, std = feature_stats(good)
     else:                           # the training split's statistics, stored in the checkpoint
@@ -2604,10 +2614,11 @@ def main(argv=None):
     p.add_argument("inputs", nargs="+", metavar="FILE_OR_FOLDER", help="audio files, or folders searched recursively")
     p.add_argument("--checkpoint", required=True, help="a student's best.pt, e.g. runs/student/tcn-self-at/fold5/best.pt")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--norm", choices=("checkpoint", "inputs"), default="checkpoint",
+    p.add_argument("--norm", choices=("auto", "checkpoint", "inputs"), default="auto",
                    help="normalise with the training statistics stored in the checkpoint, or with the statistics "
-                        "of all inputs together (when they are one speaker; mirrors per-speaker training) "
-                        "(default: checkpoint)")
+                        "of all inputs together (taken as one speaker; mirrors per-speaker training); auto: "
+                        f"inputs when the model was trained with per-speaker statistics and the inputs hold at "
+                        f"least {PREDICT_MIN_SPEAKER_SECONDS:.0f} s, else checkpoint (default: auto)")
     p.add_argument("--window", type=float, default=PREDICT_WINDOW, help=f"window length for long files, s (default: {PREDICT_WINDOW})")
     p.add_argument("--hop", type=float, default=PREDICT_HOP, help=f"hop between windows, s (default: {PREDICT_HOP})")
     p = sub.add_parser("report", help="collect finished runs into runs/results.md")

@@ -1868,7 +1868,7 @@ def test_e2e_report(trained, tmp_path, monkeypatch):
            f"{at['test']['WA']:.1f} ± 0.0 | {at['test']['UA']:.1f} ± 0.0 |")
     assert row in text.splitlines()
     assert f"| TCN + self-attention | 1 | {plain['dev']['WA']:.1f} ± 0.0 |" in text
-    teacher_rows = [l for l in text.splitlines() if l.startswith("| 5 |")]
+    teacher_rows = [l for l in text.splitlines() if l.startswith(f"| 5 | {teacher['config']['decode']} |")]
     assert len(teacher_rows) == 1
     assert f"| {teacher['test']['PER']['rate']:.1f} | {teacher['test']['WER']['rate']:.1f} |" in teacher_rows[0]
     z, p = satn.z_test_one_tailed(at["test"]["correct"], at["test"]["n"], plain["test"]["correct"], plain["test"]["n"])
@@ -1908,7 +1908,10 @@ SLOW_STUDENT = ["--channels", "64", "--heads", "2", "--subsample", "1", "--batch
 def _start_student(corpus, runs, name, epochs, *extra):
     cmd = [sys.executable, str(REPO / "satn.py"), "student", "--data", str(corpus), "--runs", str(runs),
            "--fold", "5", "--epochs", str(epochs), "--name", name, *SLOW_STUDENT, *extra]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell that starts jobs in the background makes them ignore SIGINT, and Python keeps
+    # an ignored SIGINT; the child gets the default back, as in a terminal.
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_lines(proc, log, n, timeout=240):
@@ -2263,6 +2266,30 @@ def test_predict_json_output(trained, predict_inputs, capsys):
         assert by_file[name]["seconds"] == pytest.approx(seconds, abs=0.05)
 
 
+def test_predict_norm_auto(trained, predict_inputs, capsys, monkeypatch):
+    """A per-speaker-normalised model: 30 s or more of input -> the inputs' own statistics,
+    a short file -> the training statistics stored in the checkpoint, with a note."""
+    root, ckpt = predict_inputs["root"], trained["at_dir"] / "best.pt"
+    ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert ck["norm"]["mode"] == "speaker"
+    seen, real = [], satn.predict_file
+    monkeypatch.setattr(satn, "predict_file", lambda model, x, *a: (seen.append(x), real(model, x, *a))[1])
+    assert satn.main(["predict", "--checkpoint", str(ckpt), str(root / "sub" / "long.wav")]) == 0
+    err = capsys.readouterr().err
+    print(err, np.abs(seen[0].mean(1)).max(), seen[0].std(1).min())
+    assert "all inputs" in err
+    np.testing.assert_allclose(seen[0].mean(1), 0, atol=1e-3)     # the input's own statistics
+    np.testing.assert_allclose(seen[0].std(1), 1, atol=1e-3)
+    seen.clear()
+    assert satn.main(["predict", "--checkpoint", str(ckpt), str(root / "top.wav")]) == 0
+    err = capsys.readouterr().err
+    print(err)
+    assert "checkpoint" in err and "lower accuracy" in err
+    raw = satn.features(satn.load_audio(root / "top.wav")).reshape(satn.FEAT_CHANNELS, -1)
+    want = (raw - ck["norm"]["mean"].numpy()[:, None]) / ck["norm"]["std"].numpy()[:, None]
+    np.testing.assert_allclose(seen[0], want, atol=1e-4)
+
+
 def test_predict_file_averages_windows(trained):
     model, _, _ = satn.load_student(trained["at_dir"] / "best.pt")
     seen = []
@@ -2501,7 +2528,7 @@ def test_cli_help_of_the_other_subcommands(monkeypatch, capsys, command, flags):
         assert re.search(re.escape(flag) + r"(?![\w-])", text), flag
     defaults = {"demo-data": ["(default: data/demo)", "(default: 0)"], "prepare": ["(default: runs)"],
                 "predict": [f"(default: {satn.PREDICT_WINDOW})", f"(default: {satn.PREDICT_HOP})",
-                            "(default: checkpoint)"],
+                            "(default: auto)"],
                 "report": ["(default: runs)"], "bench": ["(default: auto)"], "build-kernels": []}[command]
     for d in defaults:
         assert d in text, d
