@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the paper's Table 2: five ASR teachers (one per fold), then the eight
 # student configurations {BLSTM, TCN} x {soft, self-attention} x {without, with
-# attention transfer} on all five folds, then `python satn.py report`. The students
+# attention transfer} on every fold (five for IEMOCAP), then `python satn.py report`. The students
 # without transfer may run beside the teachers; those with transfer wait for them.
 #
 #   bash run_all.sh                      # the built-in demo corpus, demo-sized settings
@@ -17,19 +17,27 @@
 # --epochs, --seed, --device, --batch-size, --norm). Finished runs are skipped and
 # unfinished ones resumed, so calling it again after an interruption continues.
 set -uo pipefail
-cd "$(dirname "$0")"
 PY=${PYTHON:-python}
+SATN="$(dirname "$0")/satn.py"   # paths given by the user stay relative to where they called from
 DATA=() RUNS=runs JOBS= DRY=0 AT_WEIGHT=1.0 EXTRA=()
 while [ $# -gt 0 ]; do
     case "$1" in
-        --data) DATA=(--data "$2"); shift 2 ;;
-        --runs) RUNS=$2; shift 2 ;;
-        --jobs) JOBS=$2; shift 2 ;;
-        --at-weight) AT_WEIGHT=$2; shift 2 ;;
-        --dry-run) DRY=1; shift ;;
-        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) EXTRA+=("$1"); shift ;;
+        --data|--runs|--jobs|--at-weight)
+            [ $# -ge 2 ] || { echo "run_all.sh: $1 needs a value" >&2; exit 2; }
+            set -- "$1=$2" "${@:3}" ;;
     esac
+    case "$1" in
+        --data=*) DATA=(--data "${1#*=}") ;;
+        --runs=*) RUNS=${1#*=} ;;
+        --jobs=*) JOBS=${1#*=} ;;
+        --at-weight=*) AT_WEIGHT=${1#*=} ;;
+        --dry-run) DRY=1 ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --fold|--fold=*|--name|--name=*|--encoder|--encoder=*|--attention|--attention=*|--resume|--no-resume)
+            echo "run_all.sh: $1 is set by run_all.sh itself for each training" >&2; exit 2 ;;
+        *) EXTRA+=("$1") ;;
+    esac
+    shift
 done
 NGPU=0
 [ "$DRY" = 0 ] && NGPU=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
@@ -44,17 +52,23 @@ if [ -z "$JOBS" ]; then
 fi
 case "$JOBS" in ''|*[!0-9]*|0) echo "run_all.sh: --jobs needs a positive integer, got '$JOBS'" >&2; exit 2 ;; esac
 COMMON=("${DATA[@]}" --runs "$RUNS" --resume "${THREADS[@]}" "${EXTRA[@]}")
-[ "$DRY" = 0 ] && mkdir -p "$RUNS/logs"
-TRANSFER=1
+TRANSFER=1 FOLDS=5
 if [ "$DRY" = 0 ]; then
+    mkdir -p "$RUNS/logs"
+    rm -f "$RUNS"/logs/*.failed
     # Write the demo corpus and the feature cache once, before parallel jobs could race for them.
-    $PY satn.py prepare "${DATA[@]}" --runs "$RUNS"
-    case $? in
+    "$PY" "$SATN" prepare "${DATA[@]}" --runs "$RUNS" | tee "$RUNS/logs/prepare.log"
+    case ${PIPESTATUS[0]} in
         0) ;;
         3) TRANSFER=0; echo "run_all.sh: no transcripts: no teachers, and the rows with attention transfer are skipped" ;;
         *) exit 1 ;;
     esac
+    FOLDS=$(sed -n 's/^folds: //p' "$RUNS/logs/prepare.log")
+elif [ ${#DATA[@]} -gt 0 ]; then
+    FOLDS=$("$PY" "$SATN" prepare "${DATA[@]}" --folds-only | sed -n 's/^folds: //p')
 fi
+[ -n "$FOLDS" ] || { echo "run_all.sh: could not count the sessions of the corpus" >&2; exit 1; }
+trap 'echo "run_all.sh: interrupted; call it again to resume" >&2; exit 130' INT
 START=$(date +%s) FAILED=0 STARTED=0
 
 run() {  # run <log name> <command...>: at most $JOBS at once
@@ -84,7 +98,7 @@ drain() {  # wait for every background training; each failure left a .failed mar
 }
 
 if [ "$TRANSFER" = 1 ]; then
-    for k in 1 2 3 4 5; do run "teacher-fold$k" $PY satn.py teacher --fold $k "${COMMON[@]}"; done
+    for k in $(seq "$FOLDS"); do run "teacher-fold$k" "$PY" "$SATN" teacher --fold "$k" "${COMMON[@]}"; done
 fi
 # The rows without transfer do not need the teachers: they fill free slots meanwhile.
 for at in 0 1; do
@@ -95,15 +109,15 @@ for at in 0 1; do
     for enc in blstm tcn; do
         for att in soft self; do
             w=0; [ "$at" = 1 ] && w=$AT_WEIGHT
-            for k in 1 2 3 4 5; do
+            for k in $(seq "$FOLDS"); do
                 run "student-$enc-$att$([ "$at" = 1 ] && echo -at)-fold$k" \
-                    $PY satn.py student --encoder $enc --attention $att --at-weight $w --fold $k "${COMMON[@]}"
+                    "$PY" "$SATN" student --encoder $enc --attention $att --at-weight "$w" --fold "$k" "${COMMON[@]}"
             done
         done
     done
 done
 drain
-if [ "$DRY" = 1 ]; then printf '%q ' $PY satn.py report --runs "$RUNS"; echo; exit 0; fi
-$PY satn.py report --runs "$RUNS"
+if [ "$DRY" = 1 ]; then printf '%q ' "$PY" "$SATN" report --runs "$RUNS"; echo; exit 0; fi
+"$PY" "$SATN" report --runs "$RUNS" || FAILED=$((FAILED + 1))
 echo "run_all.sh: finished in $(( ($(date +%s) - START) / 60 )) min $(( ($(date +%s) - START) % 60 )) s, $FAILED failed run(s)"
 [ "$FAILED" = 0 ]

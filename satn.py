@@ -537,11 +537,16 @@ def compute_features(utts, cache_dir="runs/cache", verbose=True):
     Returns (kept utterances, list of (3, 40, T) float32 arrays). Unreadable,
     empty, silent or truncated files are skipped and named in one summary line."""
     cache = Path(cache_dir) / f"features-{_feature_key(utts)}.npz"
+    z = None
     if cache.is_file():
-        z = np.load(cache)
-        data, lengths, ids = z["data"], z["lengths"], list(z["ids"])
-        failed = [tuple(x.split("\t", 1)) for x in z["failed"]]
-    else:
+        try:
+            z = np.load(cache)
+            data, lengths, ids = z["data"], z["lengths"], list(z["ids"])
+            failed = [tuple(x.split("\t", 1)) for x in z["failed"]]
+        except Exception as e:  # a damaged cache is only a cache: compute it again
+            print(f"warning: unreadable feature cache {cache} ({type(e).__name__}); recomputing")
+            z = None
+    if z is None:
         arrays, ids, failed, t0 = [], [], [], time.time()
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # one utterance is too small to share; extra threads only contend
@@ -558,7 +563,7 @@ def compute_features(utts, cache_dir="runs/cache", verbose=True):
         lengths = np.array([len(a) for a in arrays], dtype=np.int64)
         data = np.concatenate(arrays) if arrays else np.zeros((0, FEAT_CHANNELS), np.float32)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
+        tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")  # concurrent runs never share a temp file
         np.savez(tmp, data=data, lengths=lengths, ids=np.array(ids, dtype=str),
                  failed=np.array(["\t".join(f) for f in failed], dtype=str))
         os.replace(tmp, cache)
@@ -1031,14 +1036,23 @@ def ensure_demo_corpus(out=DEMO_DIR, seed=0):
 # -----------------------------------------------------------------------------
 # folds
 
-def split_fold(utts, fold, dev_speaker=None):
+def split_fold(utts, fold, dev_speaker=None, sessions=None):
     """Leave-one-session-out: (train, dev, test) lists of Utterance for fold k (1-based).
 
     Session k is held out and split by speaker: by default its male speaker is dev
     (model selection) and its female speaker test; dev_speaker ("F", "M" or a
     speaker id) chooses otherwise. For manifests whose held-out speakers are not
-    F/M pairs, the sorted speakers are halved: first half dev, second half test."""
-    sessions = sorted({u.session for u in utts})
+    F/M pairs, the sorted speakers are halved: first half dev, second half test.
+    `sessions` (default: those of `utts`) fixes which session fold k is, so that a
+    subset of the corpus (e.g. the transcribed part) keeps the same folds."""
+    sessions = sorted({u.session for u in utts}) if sessions is None else sorted(sessions)
+    where = {}
+    for u in utts:
+        where.setdefault(u.speaker, set()).add(u.session)
+    shared = sorted(s for s, ss in where.items() if len(ss) > 1)
+    if shared:
+        raise DataError(f"speaker id(s) {', '.join(shared[:3])} occur in several sessions: speaker ids must be "
+                        f"unique to a session (e.g. Ses01F rather than F)")
     if not 1 <= fold <= len(sessions):
         raise DataError(f"fold {fold} does not exist: the corpus has {len(sessions)} sessions ({', '.join(sessions)})")
     held = sessions[fold - 1]
@@ -1228,10 +1242,6 @@ KERNEL_CACHE_DIR = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cac
 # Architectures compiled for when no GPU is visible to ask (A100, H100; the PTX
 # of 9.0 lets newer GPUs JIT-compile the kernels).
 KERNEL_DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
-# With SATN_KERNEL=auto, CUDA calls whose in/out channel count exceeds this go
-# to PyTorch's path (cuDNN uses tensor cores there). None: no limit. To be set
-# from bench_kernel() on a GPU.
-KERNEL_AUTO_MAX_CHANNELS = None
 
 _KERNEL_EXT = {}        # "cpu" / "cuda" -> loaded module, or the reason it failed (str)
 _KERNEL_WARNED = False  # the auto-mode fallback warning is given once per process
@@ -1365,6 +1375,8 @@ def _load_kernel_ext(cuda: bool | None = None, verbose=False):
     if key not in _KERNEL_EXT:
         try:
             _KERNEL_EXT[key] = _build_kernel_ext(cuda, verbose=verbose)
+            if cuda and torch.cuda.is_available():
+                _kernel_self_check(_KERNEL_EXT[key])
         except Exception as exc:  # e.g. an unwritable cache folder, besides build errors
             _KERNEL_EXT[key] = str(exc) or type(exc).__name__
     ext = _KERNEL_EXT[key]
@@ -1373,12 +1385,25 @@ def _load_kernel_ext(cuda: bool | None = None, verbose=False):
     return ext
 
 
+def _kernel_self_check(ext):
+    """Before the CUDA kernels serve a model, compare them once with causal_conv1d_ref on a
+    small awkward shape (forward and every gradient); a mismatch makes the extension unavailable."""
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=g, dtype=torch.float64).cuda().requires_grad_()
+               for shape in ((2, 5, 67), (3, 5, 3), (3,)))
+    y = _CausalConv1dFn.apply(x, w, b, 4, True, ext)
+    grads = torch.autograd.grad(y.sum(), (x, w, b))
+    y_ref = causal_conv1d_ref(x, w, b, 4, "relu")
+    grads_ref = torch.autograd.grad(y_ref.sum(), (x, w, b))
+    err = max((a - r).abs().max().item() for a, r in zip((y, *grads), (y_ref, *grads_ref)))
+    if not err < 1e-9:
+        raise RuntimeError(f"the CUDA kernels disagree with causal_conv1d_ref (largest difference {err:.3g})")
+
+
 def _auto_wants_ext(x, weight):
     """Whether SATN_KERNEL=auto sends this call to the extension: CUDA inputs only (on CPU
     PyTorch's own convolution is faster than the extension's CPU build)."""
-    if not x.is_cuda:
-        return False
-    return KERNEL_AUTO_MAX_CHANNELS is None or max(weight.shape[0], weight.shape[1]) <= KERNEL_AUTO_MAX_CHANNELS
+    return x.is_cuda
 
 
 def _kernel_ext_for(x, weight):
@@ -1485,6 +1510,22 @@ class RunConfig:
     runs: str = _f("runs", "output root: runs/teacher/fold{k}, runs/student/<name>/fold{k}")
     threads: int = _f(0, "CPU threads for torch (0: torch's default)")
 
+    def __post_init__(self):
+        _require(self.fold >= 0, "--fold must be a session number 1..N, or 0 for every fold")
+        _require(self.epochs >= 1 and self.batch_size >= 1, "--epochs and --batch-size must be at least 1")
+        _require(self.lr > 0 and self.clip > 0 and self.threads >= 0, "--lr and --clip must be positive, --threads >= 0")
+
+    def _check_encoder(self):
+        """Checks shared by the teacher's and the student's configurations."""
+        _require(0 <= self.dropout < 1, "--dropout must be in [0, 1)")
+        _require(min(self.channels, self.kernel_size, self.heads, self.subsample) >= 1,
+                 "--channels, --kernel-size, --heads and --subsample must be at least 1")
+
+
+def _require(condition, message):
+    if not condition:
+        raise DataError(message)
+
 
 @dataclass
 class TeacherConfig(RunConfig):
@@ -1502,6 +1543,15 @@ class TeacherConfig(RunConfig):
                                   "or the CTC head (best path); both PERs are logged", choices=("attention", "ctc"),
                      demo="ctc")
     max_phones: int = _f(200, "longest greedy decode, in tokens")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_encoder()
+        _require(self.channels % self.heads == 0, f"--channels {self.channels} is not divisible by --heads {self.heads}")
+        _require(0 <= self.ctc_weight <= 1, "--ctc-weight must be in [0, 1]")
+        _require(self.ctc_weight > 0 or self.decode != "ctc", "--decode ctc needs a CTC head: --ctc-weight > 0")
+        _require(min(self.decoder, self.embed, self.att_dim, self.max_phones) >= 1,
+                 "--decoder, --embed, --att-dim and --max-phones must be at least 1")
     epochs: int = _f(60, "training epochs", demo=20)
     lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=2e-3)
 
@@ -1529,6 +1579,17 @@ class StudentConfig(RunConfig):
     name: str = _f(None, "run folder name; default from the configuration, e.g. tcn-self-at")
     epochs: int = _f(100, "training epochs (the paper's 100)", demo=20)
     lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=1e-3)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_encoder()
+        dim = self.channels if self.encoder == "tcn" else 2 * self.lstm_hidden
+        _require(self.blocks >= 1 and self.lstm_hidden >= 1, "--blocks and --lstm-hidden must be at least 1")
+        _require(self.attention == "soft" or dim % self.heads == 0,
+                 f"the encoder's {dim} channels are not divisible by --heads {self.heads}")
+        _require(self.at_weight >= 0 and self.at_p > 0, "--at-weight must be >= 0 and --at-p > 0")
+        _require(not (self.at_selfattn and self.attention == "soft"),
+                 "--at-selfattn transfers self-attention weights: it needs --attention self")
 
     def run_name(self):
         return self.name or f"{self.encoder}-{self.attention}" + ("-at" if self.at_weight > 0 else "")
@@ -1719,7 +1780,10 @@ def pick_device(spec="auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise DataError(f"--device {spec}: CUDA is not available here")
-    return torch.device(spec)
+    try:
+        return torch.device(spec)
+    except RuntimeError:
+        raise DataError(f"--device {spec}: not a device (use cpu, cuda, cuda:N or auto)") from None
 
 
 def atomic_save(obj, path):
@@ -1779,9 +1843,12 @@ def prepare_data(cfg, role):
     subset (IEMOCAP: improvised, four classes). Returns a dict with train, dev and
     test lists of (Utterance, (120, T) array), the class list and the global
     training statistics (stored in checkpoints for predict)."""
-    # Features of the whole corpus share one cache, whichever part a run uses.
+    # Features of the whole corpus share one cache, whichever part a run uses, and
+    # per-speaker statistics come from all of a speaker's utterances, so that teacher
+    # and student see identically normalised inputs.
     kept, feats = compute_features(load_corpus(cfg.data, subset="all", verbose=False, all_labels=True),
                                    Path(cfg.runs) / "cache")
+    sessions = {u.session for u in kept}
     if role == "student":
         chosen = {u.id for u in emotion_utterances(kept, cfg.data)}
     else:
@@ -1789,11 +1856,10 @@ def prepare_data(cfg, role):
         if not chosen:
             raise DataError(f"{cfg.data}: no transcripts (the manifest has no text column): the teacher cannot be "
                             f"trained; only the configurations without attention transfer (--at-weight 0) can run")
-    feats = [f for u, f in zip(kept, feats) if u.id in chosen]
-    kept = [u for u in kept if u.id in chosen]
-    train, dev, test = split_fold(kept, cfg.fold, cfg.dev_speaker)
+    train, dev, test = split_fold([u for u in kept if u.id in chosen], cfg.fold, cfg.dev_speaker, sessions)
     classes = check_split(train, dev, test, cfg.fold) if role == "student" else None
-    normed = normalise(kept, feats, cfg.norm, train)
+    held = {u.session for u in dev + test}
+    normed = normalise(kept, feats, cfg.norm, [u for u in kept if u.session not in held])
     by_id = {u.id: x for u, x in zip(kept, normed)}
     train_ids = {u.id for u in train}
     mean, std = feature_stats([f for u, f in zip(kept, feats) if u.id in train_ids])
@@ -1841,6 +1907,9 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
             keep = [l for l in log.read_text().splitlines() if json.loads(l)["epoch"] <= ck["epoch"]]
             log.write_text("".join(l + "\n" for l in keep))
         print(f"resuming {run_dir} after epoch {ck['epoch']}")
+    elif (run_dir / "last.pt").is_file():
+        raise DataError(f"{run_dir} holds an unfinished run (last.pt): add --resume to continue it, "
+                        f"or delete the folder to start again")
     elif log.exists():
         log.unlink()
     write_json({"config": conf, "torch": torch.__version__, "device": str(device),
@@ -1916,7 +1985,6 @@ def finished(run_dir, cfg):
 
 def _setup(cfg):
     torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
@@ -1966,7 +2034,7 @@ def train_teacher(cfg: TeacherConfig):
             if how == "ctc" and cfg.ctc_weight == 0:
                 continue
             refs, hyps = decode_items(model, items, targets, cfg.batch_size, device, how)
-            out["PER" if how == cfg.decode else f"PER_{how}"] = error_rate(refs, hyps)["rate"]
+            out["PER" if how == cfg.decode else f"PER_{how}"] = error_rate(phones_only(refs), phones_only(hyps))["rate"]
         return out
 
     model = Teacher(cfg)
@@ -1983,7 +2051,7 @@ def train_teacher(cfg: TeacherConfig):
         final[part] = {}
         for how in sorted(decodings, key=lambda h: h != cfg.decode):   # the configured one first
             refs, hyps = decode_items(model, data[part], targets, cfg.batch_size, device, how)
-            per = error_rate(refs, hyps)
+            per = error_rate(phones_only(refs), phones_only(hyps))
             wer = error_rate([transcript_words(u.text) for u, _ in data[part]],
                              [phones_to_words([PHONE_VOCAB[t] for t in h], nearest) for h in hyps])
             suffix = "" if how == cfg.decode else f"_{how}"
@@ -1992,6 +2060,12 @@ def train_teacher(cfg: TeacherConfig):
                   f"(nearest of {len(words)} training words)")
     write_json(final, run_dir / "final.json")
     return final
+
+
+def phones_only(seqs):
+    """Token-id sequences without word boundaries: PER counts phones (and <unk>), not `|`."""
+    wb = PHONE_VOCAB.index(WORD_BOUNDARY)
+    return [[t for t in s if t != wb] for s in seqs]
 
 
 def decode_items(model, items, targets, batch_size, device, how="attention"):
@@ -2011,7 +2085,14 @@ def load_teacher(cfg: StudentConfig, device):
         data = f" --data {cfg.data}" if cfg.data else ""
         raise DataError(f"attention transfer needs the teacher of fold {cfg.fold} ({path} is missing): "
                         f"train it with `python satn.py teacher --fold {cfg.fold}{data}`")
+    if not (path.parent / "final.json").is_file():
+        raise DataError(f"the teacher in {path.parent} has not finished (no final.json): finish it with "
+                        f"`python satn.py teacher --fold {cfg.fold} --resume`")
     ck = load_checkpoint(path)
+    differ = [k for k in ("data", "norm", "dev_speaker", "fold") if ck["config"].get(k) != getattr(cfg, k)]
+    if differ:
+        raise DataError(f"the teacher in {path.parent} was trained with another {', '.join(differ)} "
+                        f"({', '.join(k + '=' + str(ck['config'].get(k)) for k in differ)}); retrain it or use --runs")
     teacher = Teacher(TeacherConfig(**ck["config"]))
     teacher.load_state_dict(ck["model"])
     teacher.to(device).eval()
@@ -2052,12 +2133,7 @@ def train_student(cfg: StudentConfig):
             return ser, {"ser": ser.item()}
         with torch.no_grad():
             enc = teacher.encode(x, lengths)
-        mask = out["mask"]
-        s_maps = [attention_map(out["acts"][i], cfg.at_p, mask, cfg.at_norm) for i, _ in pairs]
-        t_maps = [attention_map(enc["acts"][j], cfg.at_p, enc["mask"], cfg.at_norm) for _, j in pairs]
-        at = at_loss(s_maps, t_maps, mask, cfg.at_dist, cfg.at_norm)
-        if cfg.at_selfattn and out["weights"] is not None:
-            at = at + selfattn_loss(out["weights"], enc["weights"], mask, cfg.at_dist, cfg.at_norm)
+        at = transfer_loss(out, enc, pairs, cfg, teacher.subsample)
         loss = ser + cfg.at_weight * at
         return loss, {"loss": loss.item(), "ser": ser.item(), "at": at.item()}
 
@@ -2076,6 +2152,22 @@ def train_student(cfg: StudentConfig):
     print(format_confusion(final["test"]["confusion"], classes, f"test confusion (best dev UA, epoch {best['epoch']})"))
     write_json(final, run_dir / "final.json")
     return final
+
+
+def transfer_loss(out, enc, pairs, cfg, teacher_subsample):
+    """L_AT of a batch: the student's outputs `out` against the teacher's encoding `enc`.
+
+    Student frame i covers the time of teacher frame i * s_sub // t_sub: the teacher's
+    activations are indexed by time, so a map never depends on its batch-mates' lengths."""
+    mask = out["mask"]
+    idx = (torch.arange(mask.shape[1], device=mask.device) * cfg.subsample // teacher_subsample).clamp_max(
+        enc["mask"].shape[1] - 1)
+    s_maps = [attention_map(out["acts"][i], cfg.at_p, mask, cfg.at_norm) for i, _ in pairs]
+    t_maps = [attention_map(enc["acts"][j][..., idx], cfg.at_p, mask, cfg.at_norm) for _, j in pairs]
+    at = at_loss(s_maps, t_maps, mask, cfg.at_dist, cfg.at_norm)
+    if cfg.at_selfattn and out["weights"] is not None:
+        at = at + selfattn_loss(out["weights"], enc["weights"][:, :, idx][..., idx], mask, cfg.at_dist, cfg.at_norm)
+    return at
 
 
 def selfattn_loss(s_weights, t_weights, mask, dist="l1", norm="l1"):
@@ -2183,6 +2275,8 @@ def report(runs="runs"):
                 a = {r["config"]["fold"]: r["test"] for r in results[name]}
                 b = {r["config"]["fold"]: r["test"] for r in results[twin]}
                 common = sorted(set(a) & set(b))
+                if not common:
+                    continue
                 ca, na = sum(a[f]["correct"] for f in common), sum(a[f]["n"] for f in common)
                 cb, nb = sum(b[f]["correct"] for f in common), sum(b[f]["n"] for f in common)
                 z, p = z_test_one_tailed(ca, na, cb, nb)
@@ -2265,6 +2359,7 @@ def predict_file(model, feats, window=PREDICT_WINDOW, hop=PREDICT_HOP):
 
 def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDOW, hop=PREDICT_HOP):
     """Print the predicted emotion and class probabilities of each audio file. Returns 1 if any file failed."""
+    _require(window > 0 and 0 < hop <= window, "predict needs --window > 0 and 0 < --hop <= --window")
     model, classes, ck = load_student(checkpoint)
     files = audio_files(inputs)
     if not files:
@@ -2350,12 +2445,13 @@ def report_figures(runs, results):
     plt.close(fig)
     lines += ["![confusion matrices](figures/confusion.png)", "", "![dev UA per epoch](figures/dev_ua.png)"]
     # One test utterance through the teacher and the two self-attention TCN students.
-    fold = next((f for f in range(5, 0, -1) if all((runs / d / f"fold{f}" / "best.pt").is_file()
+    folds = sorted((int(p.name[4:]) for p in (runs / "student" / "tcn-self-at").glob("fold*")), reverse=True)
+    fold = next((f for f in folds if all((runs / d / f"fold{f}" / "best.pt").is_file()
                  for d in ("teacher", "student/tcn-self", "student/tcn-self-at"))), None)
     if fold is not None:
         s_plain, classes, ck = load_student(runs / "student" / "tcn-self" / f"fold{fold}" / "best.pt")
         s_at, _, ck_at = load_student(runs / "student" / "tcn-self-at" / f"fold{fold}" / "best.pt")
-        cfg = StudentConfig(**ck_at["config"])
+        cfg = dataclasses.replace(StudentConfig(**ck_at["config"]), runs=str(runs), device="cpu")
         teacher = load_teacher(cfg, torch.device("cpu"))
         data = prepare_data(cfg, "student")
         u, x = data["test"][0]
@@ -2580,19 +2676,25 @@ def config_from_args(cls, args):
     return cls(**kw)
 
 
-def prepare(data=None, runs="runs"):
+def prepare(data=None, runs="runs", folds_only=False):
     """Load the corpus, print its counts, fill the feature cache. Returns 3 when nothing has a transcript."""
     utts = load_corpus(data, subset="all", verbose=False, all_labels=True)
+    if folds_only:
+        print(f"folds: {len({u.session for u in utts})}")
+        return 0
     emotion_utterances(utts, data)
     kept, _ = compute_features(utts, Path(runs) / "cache")
     n_text = sum(bool(u.text.strip()) for u in kept)
     print(f"{len(kept)} utterances with features (cache: {Path(runs) / 'cache'}); {n_text} with a transcript for the teacher")
+    print(f"folds: {len({u.session for u in kept})}")
     return 0 if n_text else 3
 
 
 def _folds(cfg):
-    """--fold 0 (the default) means every fold in turn."""
-    return range(1, 6) if cfg.fold == 0 else [cfg.fold]
+    """--fold 0 (the default) means every fold in turn: one per session of the corpus."""
+    if cfg.fold:
+        return [cfg.fold]
+    return range(1, len({u.session for u in load_corpus(cfg.data, "all", False, True)}) + 1)
 
 
 def main(argv=None):
@@ -2606,6 +2708,7 @@ def main(argv=None):
                        "(exit status 3: no transcripts, so no teacher)")
     p.add_argument("--data", default=None, help="IEMOCAP folder or CSV manifest (default: the demo corpus)")
     p.add_argument("--runs", default="runs", help="output root; the cache is in RUNS/cache (default: runs)")
+    p.add_argument("--folds-only", action="store_true", help="only print the number of folds (sessions)")
     p = sub.add_parser("teacher", help="train the ASR teacher(s); every fold unless --fold is given")
     add_config_args(p, TeacherConfig)
     p = sub.add_parser("student", help="train an emotion student; every fold unless --fold is given")
@@ -2633,7 +2736,7 @@ def main(argv=None):
         if args.command == "demo-data":
             write_demo_corpus(Path(args.out), args.seed)
         elif args.command == "prepare":
-            return prepare(args.data, args.runs)
+            return prepare(args.data, args.runs, args.folds_only)
         elif args.command == "teacher":
             cfg = config_from_args(TeacherConfig, args)
             for k in _folds(cfg):

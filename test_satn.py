@@ -1769,7 +1769,8 @@ def test_e2e_teacher_run_folder(trained, demo_corpus):
     lexicon = satn.read_cmudict()
     test = [u for u in satn.load_iemocap(demo_corpus, "all", verbose=False, all_labels=True)
             if u.speaker == "Ses05F" and u.text]
-    n_phones = sum(len(satn.text_to_phones(u.text, lexicon)) for u in test)
+    # PER counts phones (and <unk>), not the word boundaries
+    n_phones = sum(sum(p != satn.WORD_BOUNDARY for p in satn.text_to_phones(u.text, lexicon)) for u in test)
     n_words = sum(len(satn.transcript_words(u.text)) for u in test)
     print({p: {m: final[p][m]["rate"] for m in ("PER", "WER")} for p in ("dev", "test")}, n_phones, n_words)
     assert final["test"]["PER"]["N"] == n_phones and final["test"]["WER"]["N"] == n_words
@@ -2057,14 +2058,15 @@ def _student_key(argv):
     return opt["--encoder"], opt["--attention"], float(opt["--at-weight"]), int(opt["--fold"])
 
 
-def test_run_all_dry_run_lists_every_training_in_order(tmp_path):
+def test_run_all_dry_run_lists_every_training_in_order(demo_corpus, tmp_path):
     import shlex
-    data = str(tmp_path / "my corpus" / "list.csv")
+    (tmp_path / "my corpus").symlink_to(demo_corpus, target_is_directory=True)   # a path with a space
+    data = str(tmp_path / "my corpus")
     repo_runs = (REPO / "runs").exists()
     r = _run_all(["--dry-run", "--data", data, "--epochs", "1", "--at-weight", "0.5"], tmp_path)
     assert r.returncode == 0
     cmds = [shlex.split(line) for line in r.stdout.splitlines() if line.strip()]
-    kinds = [c[2] if len(c) > 2 and c[1] == "satn.py" else "?" for c in cmds]
+    kinds = [c[2] if len(c) > 2 and c[1].endswith("satn.py") else "?" for c in cmds]
     print(kinds)
     assert kinds == ["teacher"] * 5 + ["student"] * 40 + ["report"]
     for c in cmds[:-1]:
@@ -2083,7 +2085,7 @@ def test_run_all_dry_run_lists_every_training_in_order(tmp_path):
     assert {(e, a) for e, a, _ in configs} == {(e, a) for e in ("blstm", "tcn") for a in ("soft", "self")}
     assert sorted(w for _, _, w in configs) == [0.0] * 4 + [0.5] * 4
     assert all(sorted(f) == [1, 2, 3, 4, 5] for f in configs.values())
-    assert cmds[-1][1:] == ["satn.py", "report", "--runs", "runs"]
+    assert cmds[-1][2:] == ["report", "--runs", "runs"]
     assert not (tmp_path / "runs").exists() and (REPO / "runs").exists() == repo_runs   # a dry run writes nothing
 
 
@@ -2102,7 +2104,7 @@ FAKE_PYTHON = """#!/usr/bin/env bash
 echo "start $*" >> "$FAKE_LOG"
 rc=0
 case "$2" in
-    prepare) rc=$PREPARE_RC ;;
+    prepare) echo "folds: 5"; rc=$PREPARE_RC ;;
     teacher|student) [ "$2" = teacher ] && sleep 0.3
                      [ -n "${FAIL:-}" ] && [[ " $* " == *" $FAIL "* ]] && rc=1 ;;
 esac
@@ -2825,3 +2827,56 @@ def test_kernel_fallback_gives_the_same_model_outputs(monkeypatch):
     with_ref = model(x, lengths)[0]
     print("largest difference", (with_ext - with_ref).abs().max().item())
     torch.testing.assert_close(with_ext, with_ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# review fixes: folds of a subset, unfinished runs, teacher maps by time
+
+def test_split_fold_keeps_the_folds_of_the_whole_corpus():
+    """The teacher's transcribed subset may lack a session; fold k must still hold out session k."""
+    utts = [satn.Utterance(f"S{s}{g}_{i}", "x.wav", "neutral", f"S{s}{g}", f"S{s}") for s in range(1, 6)
+            for g in "FM" for i in range(2)]
+    subset = [u for u in utts if u.session != "S1"]
+    train, dev, test = satn.split_fold(subset, 2, sessions={u.session for u in utts})
+    print(sorted({u.session for u in dev + test}))
+    assert {u.session for u in dev + test} == {"S2"}
+    assert "S2" not in {u.session for u in train}
+    with pytest.raises(satn.DataError, match="several sessions"):
+        satn.split_fold([satn.Utterance("a", "x", "n", "F", "S1"), satn.Utterance("b", "x", "n", "F", "S2"),
+                         satn.Utterance("c", "x", "n", "M", "S2")], 1)
+
+
+def test_unfinished_run_is_not_overwritten_without_resume(trained, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(trained["runs"], runs)
+    d = runs / "student" / "tcn-self-at" / "fold5"
+    (d / "final.json").unlink()                      # as if interrupted after its last epoch
+    before = (d / "last.pt").read_bytes()
+    argv = [a if a != trained["runs"] else runs for a in trained["student_at_argv"]]
+    rc = satn.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    print(err)
+    assert rc == 2 and "--resume" in err and "unfinished" in err
+    assert (d / "last.pt").read_bytes() == before
+
+
+def test_transfer_loss_does_not_depend_on_batch_mates():
+    """The teacher (frames pooled by 4) is mapped onto the student's frames (pooled by 1) by time:
+    an utterance's L_AT is the same alone and beside a longer one."""
+    torch.manual_seed(0)
+    teacher = satn.Teacher(satn.TeacherConfig(channels=8, heads=2, subsample=4, decoder=8, embed=4, att_dim=4)).eval()
+    cfg = satn.StudentConfig(channels=8, heads=2, blocks=2, subsample=1, at_weight=1, at_selfattn=True)
+    student = satn.Student(cfg, 4).eval()
+    pairs = satn.parse_pairs("auto", 3, 6)
+    x = torch.randn(2, satn.FEAT_CHANNELS, 101)
+    lengths = torch.tensor([37, 101])
+    x[0, :, 37:] = 0
+
+    def loss(xb, lb):
+        with torch.no_grad():
+            return satn.transfer_loss(student(xb, lb)[1], teacher.encode(xb, lb), pairs, cfg, teacher.subsample).item()
+
+    alone = [loss(x[:1, :, :37], lengths[:1]), loss(x[1:], lengths[1:])]
+    both = loss(x, lengths)
+    print(alone, both)
+    assert both == pytest.approx(sum(alone) / 2, rel=1e-5)
