@@ -607,14 +607,12 @@ def normalise(utts, feats, mode="speaker", train=None):
 
 # -----------------------------------------------------------------------------
 # demo corpus: a synthetic stand-in for IEMOCAP, in its exact layout
-
-# ---------------------------------------------------------------------------
-# Synthetic emotional speech: a source-filter (formant) synthesiser.
-# Voicing (Rosenberg glottal pulses) and aspiration go through a cascade of
-# resonators at interpolated formant targets; frication goes through a shaped
-# noise spectrum. Both are time-varying filters applied by overlap-add in the
-# frequency domain (one batched FFT per utterance), so no per-sample Python loop.
-# ---------------------------------------------------------------------------
+#
+# Synthetic emotional speech from a source-filter (formant) synthesiser: voicing
+# (Rosenberg glottal pulses) and aspiration go through a cascade of resonators at
+# interpolated formant targets; frication goes through a shaped noise spectrum.
+# Both are time-varying filters applied by overlap-add in the frequency domain (one
+# batched FFT per utterance), so there is no per-sample Python loop.
 
 SYNTH_SR = 16000      # Hz
 SYNTH_HOP = 160       # samples (10 ms): step at which spectral envelopes change
@@ -1830,10 +1828,8 @@ def make_batches(lengths, batch_size, rng=None):
 def collate(xs, device):
     """List of (120, T_i) arrays -> padded (B, 120, T) tensor and (B,) lengths."""
     lengths = torch.tensor([x.shape[1] for x in xs])
-    batch = torch.zeros(len(xs), xs[0].shape[0], int(lengths.max()))
-    for i, x in enumerate(xs):
-        batch[i, :, :x.shape[1]] = torch.from_numpy(x)
-    return batch.to(device), lengths.to(device)
+    batch = nn.utils.rnn.pad_sequence([torch.from_numpy(x.T) for x in xs], batch_first=True)  # (B, T, 120)
+    return batch.transpose(1, 2).contiguous().to(device), lengths.to(device)                  # (B, 120, T)
 
 
 def prepare_data(cfg, role):
@@ -1871,6 +1867,11 @@ def prepare_data(cfg, role):
 _RESUME_IGNORES = {"resume", "device", "threads", "amp", "runs", "epochs"}
 
 
+def _config_diff(saved, cfg, ignore=_RESUME_IGNORES):
+    """Names of the configuration fields in which a saved run differs from cfg."""
+    return [k for k, v in dataclasses.asdict(cfg).items() if k not in ignore and saved.get(k) != v]
+
+
 def _git_commit():
     try:
         import subprocess
@@ -1895,7 +1896,7 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
     start, best, log = 1, None, run_dir / "metrics.jsonl"
     if cfg.resume and (run_dir / "last.pt").is_file():
         ck = load_checkpoint(run_dir / "last.pt")
-        diff = [k for k in conf if k not in _RESUME_IGNORES and ck["config"].get(k) != conf[k]]
+        diff = _config_diff(ck["config"], cfg)
         if diff:
             raise DataError(f"{run_dir}/last.pt was trained with another configuration (differs in: {', '.join(diff)}); "
                             f"use --name or delete the folder")
@@ -1972,7 +1973,7 @@ def finished(run_dir, cfg):
     if not final.is_file():
         return False
     done = json.loads(final.read_text()).get("config", {})
-    diff = [k for k, v in dataclasses.asdict(cfg).items() if k not in _RESUME_IGNORES - {"epochs"} and done.get(k) != v]
+    diff = _config_diff(done, cfg, _RESUME_IGNORES - {"epochs"})
     if diff == ["epochs"] and cfg.resume:
         print(f"{run_dir}: finished with {done['epochs']} epochs; continuing to {cfg.epochs} (--resume)")
         return False
@@ -2208,9 +2209,20 @@ def classify(model, items, label, batch_size, device):
     return classification_metrics(y_true, y_pred, len(label))
 
 
+def row_normalised(conf):
+    """Confusion counts -> each true class's row as fractions (rows without utterances stay 0)."""
+    conf = np.asarray(conf, dtype=np.float64)
+    return conf / np.maximum(conf.sum(1, keepdims=True), 1)
+
+
+def mean_test_confusion(results):
+    """Row-normalised test confusion matrices averaged over folds (the paper's Figure 3)."""
+    return np.mean([row_normalised(r["test"]["confusion"]) for r in results], axis=0)
+
+
 def format_confusion(conf, classes, title):
     conf = np.asarray(conf, dtype=np.float64)
-    rows = conf / np.maximum(conf.sum(1, keepdims=True), 1)
+    rows = row_normalised(conf)
     lines = [title, f"  {'true/pred':<12}" + "".join(f"{c[:8]:>9}" for c in classes)]
     for c, counts, r in zip(classes, conf, rows):
         lines.append(f"  {c[:12]:<12}" + "".join(f"{int(n):>4} {100 * p:3.0f}%" for n, p in zip(counts, r)))
@@ -2262,8 +2274,7 @@ def report(runs="runs"):
         best = max(summary, key=lambda n: summary[n]["dev UA"])
         rs = results[best]
         classes = rs[0]["classes"]
-        norm = np.mean([np.asarray(r["test"]["confusion"]) / np.maximum(np.asarray(r["test"]["confusion"]).sum(1, keepdims=True), 1)
-                        for r in rs], axis=0)
+        norm = mean_test_confusion(rs)
         out += ["", f"## Confusion matrix of the best configuration by dev UA: {best} (test, row-normalised %, "
                 f"averaged over {len(rs)} folds)", "", "| true \\ predicted | " + " | ".join(classes) + " |",
                 "|---" * (len(classes) + 1) + "|"]
@@ -2416,8 +2427,7 @@ def report_figures(runs, results):
     names = list(results)
     fig, axes = plt.subplots(2, math.ceil(len(names) / 2), figsize=(3.2 * math.ceil(len(names) / 2), 6.4), squeeze=False)
     for ax, name in zip(axes.flat, names):
-        conf = np.mean([np.asarray(r["test"]["confusion"]) / np.maximum(np.asarray(r["test"]["confusion"]).sum(1, keepdims=True), 1)
-                        for r in results[name]], axis=0)
+        conf = mean_test_confusion(results[name])
         classes = results[name][0]["classes"]
         ax.imshow(conf, vmin=0, vmax=1, cmap="Blues")
         for (i, j), v in np.ndenumerate(conf):
