@@ -585,11 +585,13 @@ def feature_stats(feats):
     return flat.mean(axis=1), flat.std(axis=1) + 1e-5
 
 
-def normalise(utts, feats, mode="speaker", train=None):
+def normalise(utts, feats, mode="speaker", train=None, keep=None):
     """Mean/variance normalisation -> list of (120, T) float32 arrays.
 
     mode="speaker": each speaker's statistics from that speaker's own utterances
-    (no labels used); mode="global": statistics of the `train` utterances only."""
+    (no labels used); mode="global": statistics of the `train` utterances only.
+    With `keep` (a set of ids), only those utterances are returned (statistics still
+    come from all of them), which saves memory on a large corpus."""
     if mode == "global":
         train_ids = {u.id for u in train}
         mean, std = feature_stats([f for u, f in zip(utts, feats) if u.id in train_ids])
@@ -600,6 +602,8 @@ def normalise(utts, feats, mode="speaker", train=None):
         raise DataError(f"unknown normalisation {mode!r}: use speaker or global")
     out = []
     for u, f in zip(utts, feats):
+        if keep is not None and u.id not in keep:
+            continue
         mean, std = stats[u.speaker if mode == "speaker" else None]
         out.append(((f.reshape(FEAT_CHANNELS, -1) - mean[:, None]) / std[:, None]).astype(np.float32))
     return out
@@ -1855,8 +1859,8 @@ def prepare_data(cfg, role):
     train, dev, test = split_fold([u for u in kept if u.id in chosen], cfg.fold, cfg.dev_speaker, sessions)
     classes = check_split(train, dev, test, cfg.fold) if role == "student" else None
     held = {u.session for u in dev + test}
-    normed = normalise(kept, feats, cfg.norm, [u for u in kept if u.session not in held])
-    by_id = {u.id: x for u, x in zip(kept, normed)}
+    normed = normalise(kept, feats, cfg.norm, [u for u in kept if u.session not in held], keep=chosen)
+    by_id = {u.id: x for u, x in zip([u for u in kept if u.id in chosen], normed)}
     train_ids = {u.id for u in train}
     mean, std = feature_stats([f for u, f in zip(kept, feats) if u.id in train_ids])
     return {"train": [(u, by_id[u.id]) for u in train], "dev": [(u, by_id[u.id]) for u in dev],

@@ -2880,3 +2880,14 @@ def test_transfer_loss_does_not_depend_on_batch_mates():
     both = loss(x, lengths)
     print(alone, both)
     assert both == pytest.approx(sum(alone) / 2, rel=1e-5)
+
+
+def test_normalise_keep_returns_the_same_arrays_for_a_subset():
+    rng = np.random.default_rng(0)
+    utts = [satn.Utterance(f"u{i}", "x.wav", "neutral", f"S1{'FM'[i % 2]}", "S1") for i in range(6)]
+    feats = [rng.standard_normal((3, satn.N_MELS, 5 + i)).astype(np.float32) for i in range(6)]
+    full = satn.normalise(utts, feats, "speaker")
+    part = satn.normalise(utts, feats, "speaker", keep={"u1", "u4"})
+    assert len(part) == 2
+    np.testing.assert_array_equal(part[0], full[1])
+    np.testing.assert_array_equal(part[1], full[4])
