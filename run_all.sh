@@ -65,7 +65,8 @@ if [ "$DRY" = 0 ]; then
     esac
     FOLDS=$(sed -n 's/^folds: //p' "$RUNS/logs/prepare.log")
 elif [ ${#DATA[@]} -gt 0 ]; then
-    FOLDS=$("$PY" "$SATN" prepare "${DATA[@]}" --folds-only | sed -n 's/^folds: //p')
+    OUT=$("$PY" "$SATN" prepare "${DATA[@]}" --folds-only); [ $? = 3 ] && TRANSFER=0
+    FOLDS=$(echo "$OUT" | sed -n 's/^folds: //p')
 fi
 [ -n "$FOLDS" ] || { echo "run_all.sh: could not count the sessions of the corpus" >&2; exit 1; }
 trap 'echo "run_all.sh: interrupted; call it again to resume" >&2; exit 130' INT

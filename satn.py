@@ -2695,7 +2695,7 @@ def prepare(data=None, runs="runs", folds_only=False):
     utts = load_corpus(data, subset="all", verbose=False, all_labels=True)
     if folds_only:
         print(f"folds: {len({u.session for u in utts})}")
-        return 0
+        return 0 if any(u.text.strip() for u in utts) else 3
     emotion_utterances(utts, data)
     kept, _ = compute_features(utts, Path(runs) / "cache")
     n_text = sum(bool(u.text.strip()) for u in kept)
@@ -2722,7 +2722,7 @@ def main(argv=None):
                        "(exit status 3: no transcripts, so no teacher)")
     p.add_argument("--data", default=None, help="IEMOCAP folder or CSV manifest (default: the demo corpus)")
     p.add_argument("--runs", default="runs", help="output root; the cache is in RUNS/cache (default: runs)")
-    p.add_argument("--folds-only", action="store_true", help="only print the number of folds (sessions)")
+    p.add_argument("--folds-only", action="store_true", help="only print the number of folds (sessions); no features (exit status 3: no transcripts)")
     p = sub.add_parser("teacher", help="train the ASR teacher(s); every fold unless --fold is given")
     add_config_args(p, TeacherConfig)
     p = sub.add_parser("student", help="train an emotion student; every fold unless --fold is given")

@@ -2891,3 +2891,20 @@ def test_normalise_keep_returns_the_same_arrays_for_a_subset():
     assert len(part) == 2
     np.testing.assert_array_equal(part[0], full[1])
     np.testing.assert_array_equal(part[1], full[4])
+
+
+def test_run_all_dry_run_of_a_manifest_without_transcripts(demo_corpus, tmp_path):
+    """Folds come from the manifest's sessions; without text there are no teachers or transfer rows."""
+    import shlex
+    utts = satn.load_iemocap(demo_corpus, "impro", verbose=False)
+    keep = [u for u in utts if u.session in ("Ses01", "Ses02", "Ses03")]
+    write_manifest(tmp_path, [f"{u.path},{u.label},{u.speaker},{u.session}" for u in keep],
+                   header="path,label,speaker,session")
+    r = _run_all(["--dry-run", "--data", str(tmp_path / "manifest.csv")], tmp_path)
+    assert r.returncode == 0
+    cmds = [shlex.split(line) for line in r.stdout.splitlines() if line.strip()]
+    kinds = [c[2] for c in cmds]
+    print(kinds)
+    assert kinds == ["student"] * 12 + ["report"]       # 4 configurations without transfer x 3 sessions
+    assert sorted({_student_key(c)[3] for c in cmds[:-1]}) == [1, 2, 3]
+    assert all(_student_key(c)[2] == 0 for c in cmds[:-1])
