@@ -1554,7 +1554,7 @@ class TeacherConfig(RunConfig):
         _require(self.ctc_weight > 0 or self.decode != "ctc", "--decode ctc needs a CTC head: --ctc-weight > 0")
         _require(min(self.decoder, self.embed, self.att_dim, self.max_phones) >= 1,
                  "--decoder, --embed, --att-dim and --max-phones must be at least 1")
-    epochs: int = _f(60, "training epochs", demo=20)
+    epochs: int = _f(60, "training epochs", demo=30)
     lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=2e-3)
 
 
