@@ -82,6 +82,21 @@ class DataError(Exception):
     """A problem with the user's data or arguments: reported in one line, no traceback."""
 
 
+def _first_line(e):
+    """An exception's message in one line (its type when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def write_atomically(path, write):
+    """write(temporary path), then rename over `path`: an interruption never leaves half a
+    file, and concurrent writers (the process id is in the name) never share one."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 # -----------------------------------------------------------------------------
 # audio
 
@@ -119,7 +134,7 @@ def load_audio(path, sr=SAMPLE_RATE):
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     except Exception as e:  # soundfile raises its own error types, or OSError
-        raise ValueError(f"{path}: unreadable audio ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+        raise ValueError(f"{path}: unreadable audio ({_first_line(e)})") from None
     if wave.shape[0] == 0:
         raise ValueError(f"{path}: empty audio file")
     wave = wave.mean(axis=1) if wave.shape[1] > 1 else wave[:, 0]
@@ -563,10 +578,11 @@ def compute_features(utts, cache_dir="runs/cache", verbose=True):
         lengths = np.array([len(a) for a in arrays], dtype=np.int64)
         data = np.concatenate(arrays) if arrays else np.zeros((0, FEAT_CHANNELS), np.float32)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")  # concurrent runs never share a temp file
-        np.savez(tmp, data=data, lengths=lengths, ids=np.array(ids, dtype=str),
-                 failed=np.array(["\t".join(f) for f in failed], dtype=str))
-        os.replace(tmp, cache)
+        def save(tmp):
+            with open(tmp, "wb") as out:  # a file object: np.savez would append .npz to a name
+                np.savez(out, data=data, lengths=lengths, ids=np.array(ids, dtype=str),
+                         failed=np.array(["\t".join(f) for f in failed], dtype=str))
+        write_atomically(cache, save)
     if failed:
         print(f"skipped {len(failed)} unreadable audio files: " + "; ".join(e for _, e in failed[:5])
               + (" ..." if len(failed) > 5 else ""))
@@ -1790,17 +1806,11 @@ def pick_device(spec="auto"):
 
 def atomic_save(obj, path):
     """torch.save to a temporary file, then rename: an interruption never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_json(obj, path):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
 
 
 def load_checkpoint(path):
@@ -1813,8 +1823,7 @@ def load_checkpoint(path):
         if "weights only" in str(e).lower() or "weights_only" in str(e):
             raise DataError(f"{path}: refused: the file holds pickled objects other than tensors and plain "
                             f"values, which weights_only=True does not load") from None
-        raise DataError(f"{path}: not a readable checkpoint (corrupted or truncated?): "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        raise DataError(f"{path}: not a readable checkpoint (corrupted or truncated?): {_first_line(e)}") from None
 
 
 def make_batches(lengths, batch_size, rng=None):
@@ -1953,7 +1962,8 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
         improved = best is None or (score > best if higher_is_better else score < best)
         best = score if improved else best
         secs = time.time() - t0
-        row = {"epoch": epoch, **{k: v / max(n_batches, 1) for k, v in sums.items()},
+        means = {k: v / n_batches for k, v in sums.items()}
+        row = {"epoch": epoch, **means,
                **{f"dev_{k}": v for k, v in metrics.items() if isinstance(v, float)},
                "skipped_batches": skipped, "seconds": round(secs, 2)}
         with open(log, "a") as f:
@@ -1964,7 +1974,7 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
             atomic_save(state, run_dir / "best.pt")
         atomic_save(state, run_dir / "last.pt")
         left = (cfg.epochs - epoch) * (time.time() - t_start) / (epoch - start + 1)
-        print(f"epoch {epoch:3d}/{cfg.epochs}  " + "  ".join(f"{k} {v / max(n_batches, 1):.3f}" for k, v in sums.items())
+        print(f"epoch {epoch:3d}/{cfg.epochs}  " + "  ".join(f"{k} {v:.3f}" for k, v in means.items())
               + "  " + "  ".join(f"dev {k} {v:.1f}" for k, v in metrics.items() if isinstance(v, float))
               + f"  {secs:.1f} s/epoch  ~{left / 60:.1f} min left" + ("  *" if improved else "")
               + (f"  ({skipped} non-finite batches skipped)" if skipped else ""), flush=True)
