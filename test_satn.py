@@ -888,6 +888,18 @@ def test_split_fold_iemocap_speakers(fold):
     assert {u.speaker for u in dev3} == {held + "F"}
 
 
+def test_split_fold_numbers_sessions_in_numeric_order():
+    utts = [utt(f"s{s}{g}_{i}", "sad", f"{s}{g}", str(s)) for s in range(1, 12) for g in "FM" for i in range(2)]
+    random.Random(0).shuffle(utts)
+    held = {}
+    for fold in range(1, 12):
+        train, dev, test = satn.split_fold(utts, fold)
+        held[fold] = {u.session for u in dev + test}
+        assert {u.speaker for u in dev} == {f"{fold}M"} and {u.speaker for u in test} == {f"{fold}F"}
+    assert held == {k: {str(k)} for k in range(1, 12)}      # fold 2 holds out session 2, not session 10
+    assert satn.session_order(["Ses10", "Ses2", "Ses1", "Ses02b", "B1", "A"]) == ["A", "B1", "Ses1", "Ses2", "Ses02b", "Ses10"]
+
+
 def test_split_fold_manifest_speakers_are_halved_deterministically():
     utts = []
     for sess, spks in {"a": ["zoe", "amy", "kim", "bob"], "b": ["tom", "eve", "ian"]}.items():
