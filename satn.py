@@ -147,6 +147,20 @@ def load_audio(path, sr=SAMPLE_RATE):
     return np.ascontiguousarray(wave, dtype=np.float32)
 
 
+def speed_perturb(wave, factor):
+    """Speed perturbation (tempo and pitch together, as played faster or slower): (N,) -> (~N / factor,).
+
+    The waveform is resampled by the rational approximation p/q of `factor` with a
+    polyphase filter and kept at the same sample rate: 1.1 is 10% shorter and higher,
+    0.9 11% longer and lower. The output has ceil(N * q / p) samples."""
+    from fractions import Fraction
+    if factor == 1:
+        return np.asarray(wave, dtype=np.float32)
+    r = Fraction(factor).limit_denominator(100)             # speed p/q: q output samples per p input samples
+    from scipy.signal import resample_poly
+    return resample_poly(np.asarray(wave, dtype=np.float32), r.denominator, r.numerator).astype(np.float32)
+
+
 # -----------------------------------------------------------------------------
 # features
 
@@ -537,21 +551,23 @@ def emotion_utterances(utts, data, verbose=True):
     return utts
 
 
-def _feature_key(utts):
-    """Cache key: every file's identity and the feature parameters."""
-    h = hashlib.sha1(json.dumps([SAMPLE_RATE, WIN_SECONDS, HOP_SECONDS, N_FFT, N_MELS, LOG_FLOOR, DELTA_N]).encode())
+def _feature_key(utts, speed=1.0):
+    """Cache key: every file's identity, the feature parameters and the speed-perturbation factor."""
+    params = [SAMPLE_RATE, WIN_SECONDS, HOP_SECONDS, N_FFT, N_MELS, LOG_FLOOR, DELTA_N] + ([speed] if speed != 1 else [])
+    h = hashlib.sha1(json.dumps(params).encode())
     for u in sorted(utts, key=lambda u: u.path):
         st = os.stat(u.path)
         h.update(f"{u.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
-def compute_features(utts, cache_dir="runs/cache", verbose=True):
+def compute_features(utts, cache_dir="runs/cache", verbose=True, speed=1.0):
     """Features of every utterance, computed once and cached on disk.
 
     Returns (kept utterances, list of (3, 40, T) float32 arrays). Unreadable,
-    empty, silent or truncated files are skipped and named in one summary line."""
-    cache = Path(cache_dir) / f"features-{_feature_key(utts)}.npz"
+    empty, silent or truncated files are skipped and named in one summary line.
+    speed != 1: features of the speed-perturbed audio (speed_perturb), cached apart."""
+    cache = Path(cache_dir) / f"features-{_feature_key(utts, speed)}.npz"
     z = None
     if cache.is_file():
         try:
@@ -567,12 +583,12 @@ def compute_features(utts, cache_dir="runs/cache", verbose=True):
         torch.set_num_threads(1)  # one utterance is too small to share; extra threads only contend
         for i, u in enumerate(utts):
             try:
-                arrays.append(features(load_audio(u.path)).reshape(FEAT_CHANNELS, -1).T)  # (T, 120)
+                arrays.append(features(speed_perturb(load_audio(u.path), speed)).reshape(FEAT_CHANNELS, -1).T)  # (T, 120)
                 ids.append(u.path)
             except ValueError as e:
                 failed.append((u.path, str(e)))
             if verbose and (i + 1 == len(utts) or (i + 1) % 50 == 0):
-                print(f"\rfeatures: {i + 1}/{len(utts)} utterances ({time.time() - t0:.1f} s)",
+                print(f"\rfeatures{f' (speed {speed})' if speed != 1 else ''}: {i + 1}/{len(utts)} utterances ({time.time() - t0:.1f} s)",
                       end="\n" if i + 1 == len(utts) else "", flush=True)
         torch.set_num_threads(threads)
         lengths = np.array([len(a) for a in arrays], dtype=np.int64)
@@ -601,21 +617,25 @@ def feature_stats(feats):
     return flat.mean(axis=1), flat.std(axis=1) + 1e-5
 
 
-def normalise(utts, feats, mode="speaker", train=None, keep=None):
+def normalisation_stats(utts, feats, mode="speaker", train=None):
+    """{speaker: (mean, std)} for mode="speaker", {None: (mean, std)} of the `train` utterances for "global"."""
+    if mode == "global":
+        train_ids = {u.id for u in train}
+        return {None: feature_stats([f for u, f in zip(utts, feats) if u.id in train_ids])}
+    if mode == "speaker":
+        return {s: feature_stats([f for u, f in zip(utts, feats) if u.speaker == s]) for s in {u.speaker for u in utts}}
+    raise DataError(f"unknown normalisation {mode!r}: use speaker or global")
+
+
+def normalise(utts, feats, mode="speaker", train=None, keep=None, stats=None):
     """Mean/variance normalisation -> list of (120, T) float32 arrays.
 
     mode="speaker": each speaker's statistics from that speaker's own utterances
     (no labels used); mode="global": statistics of the `train` utterances only.
     With `keep` (a set of ids), only those utterances are returned (statistics still
-    come from all of them), which saves memory on a large corpus."""
-    if mode == "global":
-        train_ids = {u.id for u in train}
-        mean, std = feature_stats([f for u, f in zip(utts, feats) if u.id in train_ids])
-        stats = {None: (mean, std)}
-    elif mode == "speaker":
-        stats = {s: feature_stats([f for u, f in zip(utts, feats) if u.speaker == s]) for s in {u.speaker for u in utts}}
-    else:
-        raise DataError(f"unknown normalisation {mode!r}: use speaker or global")
+    come from all of them), which saves memory on a large corpus. `stats` (from
+    normalisation_stats) applies given statistics, e.g. to speed-perturbed copies."""
+    stats = stats if stats is not None else normalisation_stats(utts, feats, mode, train)
     out = []
     for u, f in zip(utts, feats):
         if keep is not None and u.id not in keep:
@@ -1189,6 +1209,56 @@ def subsample_frames(x, lengths, factor):
     return num / den, (lengths + factor - 1) // factor
 
 
+def masked_mean_std(x, lengths):
+    """Per-channel mean and standard deviation over each utterance's own frames.
+
+    x (B, C, T), lengths (B,) -> (B, 2C): means, then standard deviations (padding ignored)."""
+    mask = length_mask(lengths, x.shape[-1])[:, None].to(x.dtype)                 # (B, 1, T)
+    n = lengths[:, None].to(x.dtype)                                              # (B, 1)
+    mean = (x * mask).sum(-1) / n                                                 # (B, C)
+    var = (((x - mean[..., None]) * mask) ** 2).sum(-1) / n                       # (B, C)
+    return torch.cat([mean, torch.sqrt(var + 1e-5)], dim=1)
+
+
+class SpecAugment(nn.Module):
+    """SpecAugment-style masking of (B, 120, T) normalised features, in training mode only.
+
+    Each utterance gets `time_masks` spans of 0..`time_width` frames inside its own
+    length, and `freq_masks` spans of 0..`freq_width` mel bands (the same bands of the
+    log-mel, delta and delta-delta channels), set to 0, the normalised mean. Masks
+    are drawn from torch's global generator, so torch.manual_seed reproduces them;
+    in eval mode the input is returned unchanged."""
+
+    def __init__(self, time_masks=0, time_width=0, freq_masks=0, freq_width=0, n_mels=N_MELS):
+        super().__init__()
+        self.time_masks, self.time_width, self.n_mels = time_masks, time_width, n_mels
+        self.freq_masks, self.freq_width = freq_masks, freq_width
+
+    @staticmethod
+    def _spans(count, width, size, total):
+        """(n, total) bool: per row, `count` random spans of 0..width positions inside [0, size_i)."""
+        n, size = len(size), size.to(torch.float32)[:, None]                      # (n, 1)
+        pos = torch.arange(total)
+        keep = torch.zeros(n, total, dtype=torch.bool)
+        for _ in range(count):
+            w = torch.floor(torch.rand(n, 1) * (width + 1)).clamp(max=size)       # (n, 1) span widths
+            start = torch.floor(torch.rand(n, 1) * (size - w + 1))                # (n, 1) span starts
+            keep |= (pos[None] >= start) & (pos[None] < start + w)
+        return keep
+
+    def forward(self, x, lengths):                                                # x (B, 120, T)
+        if not self.training or (self.time_masks * self.time_width == 0 and self.freq_masks * self.freq_width == 0):
+            return x
+        B, C, T = x.shape
+        drop = torch.zeros(B, C, T, dtype=torch.bool)
+        if self.time_masks and self.time_width:
+            drop |= self._spans(self.time_masks, self.time_width, lengths.cpu(), T)[:, None, :]
+        if self.freq_masks and self.freq_width:
+            bands = self._spans(self.freq_masks, self.freq_width, torch.full((B,), self.n_mels), self.n_mels)  # (B, n_mels)
+            drop |= bands.repeat(1, C // self.n_mels)[..., None]                  # same bands in every stream
+        return x.masked_fill(drop.to(x.device), 0.0)
+
+
 class SelfAttention(nn.Module):
     """Multi-head scaled dot-product self-attention, softmax(Q K^T / sqrt(d_k)) V, with a residual.
 
@@ -1574,11 +1644,42 @@ class TeacherConfig(RunConfig):
     lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=2e-3)
 
 
+# Training recipes of the student. "paper": the paper's plain Adam at a fixed learning rate,
+# no augmentation. "robust": what is used on small real SER corpora (chosen on Emo-DB, see
+# the README); each part has its own option, and an option given explicitly wins.
+RECIPES = {
+    "paper": dict(time_masks=0, time_mask_frames=0, freq_masks=0, freq_mask_bands=0, speed="1",
+                  weight_decay=0.0, lr_patience=0, label_smoothing=0.0, patience=0),
+    "robust": dict(time_masks=2, time_mask_frames=20, freq_masks=2, freq_mask_bands=6, speed="0.9,1.0,1.1",
+                   weight_decay=1e-2, lr_patience=5, label_smoothing=0.1, patience=15),
+}
+
+
+def _r(help, choices=None):
+    """A config field whose default comes from --recipe (RECIPES)."""
+    return field(default=None, metadata={"help": help, "recipe": True, "choices": choices})
+
+
 @dataclass
 class StudentConfig(RunConfig):
-    encoder: str = _f("tcn", "encoder: a TCN shallower than the teacher's, or a one-layer BLSTM", choices=("tcn", "blstm"))
+    encoder: str = _f("tcn", "encoder: a TCN shallower than the teacher's, a one-layer BLSTM, or stats: the "
+                             "per-utterance mean and standard deviation of the 120 features (the baseline; "
+                             "attention and frame subsampling do not apply)", choices=("tcn", "blstm", "stats"))
     attention: str = _f("self", "self-attention + masked mean pooling, or soft (additive) attention pooling",
                         choices=("self", "soft"))
+    recipe: str = _f("paper", "training recipe: paper (Adam, fixed learning rate, no augmentation) or robust "
+                              "(for small real corpora); sets each option below that is not given",
+                     choices=("paper", "robust"))
+    time_masks: int = _r("SpecAugment: time masks per training utterance (masked features set to 0, the normalised mean)")
+    time_mask_frames: int = _r("SpecAugment: longest time mask, in 10 ms frames")
+    freq_masks: int = _r("SpecAugment: frequency masks per training utterance (the same mel bands of all three streams)")
+    freq_mask_bands: int = _r("SpecAugment: widest frequency mask, in mel bands")
+    speed: str = _r("speed perturbation: comma-separated factors; each epoch every training utterance is taken "
+                    "at one of them, drawn with the seed (features cached per factor); 1: off")
+    weight_decay: float = _r("decoupled weight decay (AdamW); 0: Adam")
+    lr_patience: int = _r("halve the learning rate after this many epochs without a better dev UA; 0: fixed")
+    label_smoothing: float = _r("label smoothing of the cross-entropy")
+    patience: int = _r("early stopping: stop after this many epochs without a better dev UA; 0: never")
     subsample: int = _f(1, "average-pool the 100 Hz frames by this factor before the encoder (speed)", demo=4)
     blocks: int = _f(3, "TCN blocks of the student (dilations 1, 2, 4, ...)")
     channels: int = _f(128, "TCN channels of the student", demo=48)
@@ -1600,16 +1701,38 @@ class StudentConfig(RunConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        _require(self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}")
+        for k, v in RECIPES[self.recipe].items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        _require(min(self.time_masks, self.time_mask_frames, self.freq_masks, self.freq_mask_bands) >= 0
+                 and self.freq_mask_bands <= N_MELS, f"the SpecAugment options must be >= 0 (bands at most {N_MELS})")
+        _require(self.weight_decay >= 0 and self.lr_patience >= 0 and self.patience >= 0 and 0 <= self.label_smoothing < 1,
+                 "--weight-decay, --lr-patience and --patience must be >= 0, --label-smoothing in [0, 1)")
+        self.speed_factors()
+        _require(not (self.encoder == "stats" and self.at_weight > 0),
+                 "--encoder stats has no activations to imitate: it needs --at-weight 0")
         self._check_encoder()
         dim = self.channels if self.encoder == "tcn" else 2 * self.lstm_hidden
         _require(self.blocks >= 1 and self.lstm_hidden >= 1, "--blocks and --lstm-hidden must be at least 1")
-        _require(self.attention == "soft" or dim % self.heads == 0,
+        _require(self.attention == "soft" or self.encoder == "stats" or dim % self.heads == 0,
                  f"the encoder's {dim} channels are not divisible by --heads {self.heads}")
         _require(self.at_weight >= 0 and self.at_p > 0, "--at-weight must be >= 0 and --at-p > 0")
         _require(not (self.at_selfattn and self.attention == "soft"),
                  "--at-selfattn transfers self-attention weights: it needs --attention self")
 
+    def speed_factors(self):
+        """--speed as a tuple of floats, 1.0 first when present (the unperturbed features)."""
+        try:
+            factors = sorted({float(f) for f in str(self.speed).split(",")}, key=lambda f: (f != 1, f))
+        except ValueError:
+            raise DataError(f"--speed {self.speed!r}: expected comma-separated numbers, e.g. 0.9,1.0,1.1") from None
+        _require(all(0.5 <= f <= 2 for f in factors), f"--speed {self.speed!r}: factors must be in [0.5, 2]")
+        return tuple(factors)
+
     def run_name(self):
+        if self.encoder == "stats":
+            return self.name or "stats"
         return self.name or f"{self.encoder}-{self.attention}" + ("-at" if self.at_weight > 0 else "")
 
 
@@ -1704,18 +1827,27 @@ class Student(nn.Module):
     def __init__(self, cfg: StudentConfig, n_classes):
         super().__init__()
         self.encoder_kind, self.attention_kind, self.subsample = cfg.encoder, cfg.attention, cfg.subsample
-        if cfg.encoder == "tcn":
+        self.augment = SpecAugment(cfg.time_masks, cfg.time_mask_frames, cfg.freq_masks, cfg.freq_mask_bands)
+        if cfg.encoder == "stats":  # the baseline: utterance statistics + the same dropout and classifier
+            self.encoder, self.attn, dim = None, None, 2 * FEAT_CHANNELS
+        elif cfg.encoder == "tcn":
             self.encoder = TCN(FEAT_CHANNELS, cfg.channels, cfg.kernel_size, tuple(2 ** i for i in range(cfg.blocks)),
                                cfg.dropout, cfg.weight_norm)
             dim = cfg.channels
         else:
             self.encoder = BLSTM(FEAT_CHANNELS, cfg.lstm_hidden)
             dim = 2 * cfg.lstm_hidden
-        self.attn = SelfAttention(dim, cfg.heads) if cfg.attention == "self" else SoftAttention(dim)
+        if cfg.encoder != "stats":
+            self.attn = SelfAttention(dim, cfg.heads) if cfg.attention == "self" else SoftAttention(dim)
         self.drop = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(dim, n_classes)
 
     def forward(self, x, lengths):                      # x (B, 120, T)
+        x = self.augment(x, lengths)                    # SpecAugment masks; identity in eval mode
+        if self.encoder_kind == "stats":
+            pooled = masked_mean_std(x, lengths)        # (B, 240)
+            return self.classifier(self.drop(pooled)), {"acts": [], "weights": None,
+                                                        "mask": length_mask(lengths, x.shape[-1])}
         x, lengths = subsample_frames(x, lengths, self.subsample)
         mask = length_mask(lengths, x.shape[-1])
         if self.encoder_kind == "tcn":
@@ -1788,6 +1920,9 @@ def parse_pairs(spec, n_student, n_teacher):
 
 # -----------------------------------------------------------------------------
 # training
+
+LR_DECAY = 0.5   # factor applied to the learning rate when dev UA stalls for --lr-patience epochs
+
 
 class TrainingError(Exception):
     """Training cannot go on (e.g. the loss keeps being non-finite)."""
@@ -1872,9 +2007,26 @@ def prepare_data(cfg, role):
     by_id = {u.id: x for u, x in zip([u for u in kept if u.id in chosen], normed)}
     train_ids = {u.id for u in train}
     mean, std = feature_stats([f for u, f in zip(kept, feats) if u.id in train_ids])
-    return {"train": [(u, by_id[u.id]) for u in train], "dev": [(u, by_id[u.id]) for u in dev],
-            "test": [(u, by_id[u.id]) for u in test], "classes": classes,
-            "stats": {"mode": cfg.norm, "mean": torch.from_numpy(mean), "std": torch.from_numpy(std)}}
+    out = {"train": [(u, by_id[u.id]) for u in train], "dev": [(u, by_id[u.id]) for u in dev],
+           "test": [(u, by_id[u.id]) for u in test], "classes": classes,
+           "stats": {"mode": cfg.norm, "mean": torch.from_numpy(mean), "std": torch.from_numpy(std)}}
+    factors = cfg.speed_factors() if role == "student" else (1.0,)
+    if len(factors) > 1 or factors[0] != 1:
+        # Speed-perturbed copies of the training utterances, normalised with the statistics
+        # of the unperturbed features (a speaker's statistics do not change with the factor).
+        stats = normalisation_stats(kept, feats, cfg.norm, [u for u in kept if u.session not in held])
+        task = [u for u in kept if u.id in chosen]   # one cache per factor for every fold
+        views = {}
+        for f in factors:
+            if f == 1:
+                views[f] = by_id
+                continue
+            got, sped = compute_features(task, Path(cfg.runs) / "cache", speed=f)
+            views[f] = dict(zip([u.id for u in got if u.id in train_ids],
+                                normalise(got, sped, cfg.norm, keep=train_ids, stats=stats)))
+        # train_views[i]: the arrays of training utterance i, one per factor it could be read at
+        out["train_views"] = [[views[f][u.id] for f in factors if u.id in views[f]] for u in train]
+    return out
 
 
 _RESUME_IGNORES = {"resume", "device", "threads", "amp", "runs", "epochs"}
@@ -1904,9 +2056,16 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
     device = pick_device(cfg.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # The student's recipe options (RECIPES); the teacher's configuration has none of them.
+    wd, lr_patience, patience = (getattr(cfg, k, 0) for k in ("weight_decay", "lr_patience", "patience"))
+    opt = (torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=wd) if wd
+           else torch.optim.Adam(model.parameters(), lr=cfg.lr))
+    # ReduceLROnPlateau waits `patience` bad epochs and decays on the next: hence lr_patience - 1.
+    sched = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max" if higher_is_better else "min",
+                                                        factor=LR_DECAY, patience=lr_patience - 1)
+             if lr_patience else None)
     conf = dataclasses.asdict(cfg)
-    start, best, log = 1, None, run_dir / "metrics.jsonl"
+    start, best, stale, log = 1, None, 0, run_dir / "metrics.jsonl"
     if cfg.resume and (run_dir / "last.pt").is_file():
         ck = load_checkpoint(run_dir / "last.pt")
         diff = _config_diff(ck["config"], cfg)
@@ -1915,8 +2074,10 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
                             f"use --name or delete the folder")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(ck["scheduler"])
         torch.set_rng_state(ck["rng"])
-        start, best = ck["epoch"] + 1, ck["best"]
+        start, best, stale = ck["epoch"] + 1, ck["best"], ck.get("stale", 0)
         if log.is_file():  # drop lines of an epoch whose checkpoint was not written
             keep = [l for l in log.read_text().splitlines() if json.loads(l)["epoch"] <= ck["epoch"]]
             log.write_text("".join(l + "\n" for l in keep))
@@ -1931,14 +2092,21 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
     nonfinite_run, t_start = 0, time.time()
     for epoch in range(start, cfg.epochs + 1):
+        if patience and stale >= patience:
+            print(f"early stopping: no better dev {score_key} in the last {stale} epochs (--patience {patience})")
+            break
         t0 = time.time()
         model.train()
         sums, n_batches, skipped = {}, 0, 0
-        batches = make_batches([x.shape[1] for _, x in data["train"]], cfg.batch_size,
+        train = data["train"]
+        if data.get("train_views"):  # speed perturbation: one factor per utterance and epoch, drawn with the seed
+            pick = np.random.default_rng([cfg.seed, epoch, 1])
+            train = [(u, views[pick.integers(len(views))]) for (u, _), views in zip(train, data["train_views"])]
+        batches = make_batches([x.shape[1] for _, x in train], cfg.batch_size,
                                np.random.default_rng([cfg.seed, epoch]))
         for idx in batches:
             with autocast:
-                loss, parts = loss_fn(model, [data["train"][i] for i in idx])
+                loss, parts = loss_fn(model, [train[i] for i in idx])
             if not torch.isfinite(loss):
                 skipped, nonfinite_run = skipped + 1, nonfinite_run + 1
                 if nonfinite_run >= 20:
@@ -1961,15 +2129,21 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
         score = metrics[score_key]
         improved = best is None or (score > best if higher_is_better else score < best)
         best = score if improved else best
+        stale = 0 if improved else stale + 1
+        lr = opt.param_groups[0]["lr"]
+        if sched is not None:
+            sched.step(score)
         secs = time.time() - t0
         means = {k: v / n_batches for k, v in sums.items()}
-        row = {"epoch": epoch, **means,
+        row = {"epoch": epoch, **means, "lr": lr,
                **{f"dev_{k}": v for k, v in metrics.items() if isinstance(v, float)},
                "skipped_batches": skipped, "seconds": round(secs, 2)}
         with open(log, "a") as f:
             f.write(json.dumps(row) + "\n")
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
-                 "config": conf, "rng": torch.get_rng_state(), **extra}
+                 "stale": stale, "config": conf, "rng": torch.get_rng_state(), **extra}
+        if sched is not None:
+            state["scheduler"] = sched.state_dict()
         if improved:
             atomic_save(state, run_dir / "best.pt")
         atomic_save(state, run_dir / "last.pt")
@@ -2143,7 +2317,7 @@ def train_student(cfg: StudentConfig):
         x, lengths = collate([x for _, x in items], device)
         y = torch.tensor([label[u.label] for u, _ in items], device=device)
         logits, out = model(x, lengths)
-        ser = F.cross_entropy(logits.float(), y)
+        ser = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         if teacher is None:
             return ser, {"ser": ser.item()}
         with torch.no_grad():
@@ -2243,10 +2417,12 @@ def format_confusion(conf, classes, title):
     return "\n".join(lines)
 
 
-# Table 2's eight configurations, in the paper's order: (run name, encoder, attention, transfer).
-TABLE2 = [(f"{e}-{a}" + ("-at" if t else ""), e, a, t)
-          for e in ("blstm", "tcn") for t in (False, True) for a in ("soft", "self")]
-TABLE2_LABEL = {"blstm": "BLSTM", "tcn": "TCN", "soft": "soft attention", "self": "self-attention"}
+# Table 2's rows: the baseline (utterance statistics + linear classifier), then the paper's
+# eight configurations in its order: (run name, encoder, attention, transfer).
+TABLE2 = [("stats", "stats", None, False)] + [(f"{e}-{a}" + ("-at" if t else ""), e, a, t)
+                                              for e in ("blstm", "tcn") for t in (False, True) for a in ("soft", "self")]
+TABLE2_LABEL = {"blstm": "BLSTM", "tcn": "TCN", "soft": "soft attention", "self": "self-attention",
+                "stats": "utterance statistics + linear"}
 
 
 def z_test_one_tailed(correct_a, n_a, correct_b, n_b):
@@ -2279,7 +2455,9 @@ def report(runs="runs"):
         summary[name] = {k: v.mean() for k, v in vals.items()}
         parts = name.split("-")
         label = (f"{TABLE2_LABEL.get(parts[0], parts[0])} + {TABLE2_LABEL.get(parts[1], parts[1])}"
-                 + (" w/ AT" if parts[-1] == "at" else "")) if len(parts) >= 2 else name
+                 + (" w/ AT" if parts[-1] == "at" else "")) if len(parts) >= 2 else TABLE2_LABEL.get(name, name)
+        recipes = sorted({r["config"].get("recipe", "paper") for r in rs})
+        label += "" if recipes == ["paper"] else f" ({', '.join(recipes)} recipe)"
         out.append(f"| {label} | {len(rs)} | " + " | ".join(f"{v.mean():.1f} ± {v.std():.1f}" for v in vals.values()) + " |")
     skipped_at = [n for n, *_, t in TABLE2 if t and n not in results]
     if skipped_at and not teachers:
@@ -2679,7 +2857,8 @@ def add_config_args(parser, cls):
     for f in dataclasses.fields(cls):
         meta = f.metadata
         demo = f"; demo corpus: {meta['demo']}" if meta.get("demo") is not None else ""
-        help_ = f"{meta['help']} (default: {f.default}{demo})"
+        default = f.default if not meta.get("recipe") else ", ".join(f"{r} {v[f.name]}" for r, v in RECIPES.items())
+        help_ = f"{meta['help']} (default: {default}{demo})"
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
