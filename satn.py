@@ -230,6 +230,110 @@ def features(wave, sr=SAMPLE_RATE):
     return np.ascontiguousarray(np.stack([lm, d1, d2]).transpose(0, 2, 1))  # (3, 40, T)
 
 
+# Streaming: the same features, computed incrementally from audio that arrives in chunks.
+FEATURE_LOOKAHEAD = 2 * DELTA_N   # frames (40 ms): a delta-delta needs the deltas 2 frames ahead, they 2 more
+
+
+class DeltaStream:
+    """`deltas` of frames that arrive a few at a time: the same values, each computed once.
+
+    Frame t's delta needs frames t-n..t+n, so it comes out once frame t+n has arrived
+    (or the stream ends: `push(..., final=True)`). The stream's first and last frames
+    are replicated past its edges, as `deltas` does. State: the last 2n frames."""
+
+    def __init__(self, n=DELTA_N):
+        self.n, self.buf = n, None                       # buf (2n + pending, D)
+
+    def push(self, x, final=False):
+        """x (m, D) new frames -> (centres (k, D), deltas (k, D)) of the frames now complete."""
+        n = self.n
+        if self.buf is None:
+            if len(x) == 0:
+                return x, x
+            self.buf = np.repeat(x[:1], n, axis=0)       # the left edge, replicated
+        buf = np.concatenate([self.buf, x]) if len(x) else self.buf
+        if final:
+            buf = np.concatenate([buf, np.repeat(buf[-1:], n, axis=0)])
+        k = len(buf) - 2 * n
+        if k <= 0:
+            self.buf = buf
+            return buf[:0], buf[:0]
+        out = np.zeros((k,) + buf.shape[1:], dtype=np.float32)
+        for j in range(1, n + 1):                        # the arithmetic of `deltas`, term by term
+            out += j * (buf[n + j:n + j + k] - buf[n - j:n - j + k])
+        out = out / (2.0 * sum(j * j for j in range(1, n + 1)))
+        self.buf = buf[k:]
+        return buf[n:n + k], out
+
+
+class FeatureStream:
+    """`features` of audio pushed in chunks of any size (1 sample to hours): (k, 120) frames
+    in the layout of `features(wave).reshape(120, -1).T`, each computed once.
+
+    A frame is complete when its 25 ms window has arrived and, for its deltas and
+    delta-deltas, the FEATURE_LOOKAHEAD (4) frames after it; `finish()` returns the last
+    ones, with the edges replicated as `features` does over the whole recording. State:
+    under one window of samples and 2 x 2 DELTA_N frames, whatever the recording's length."""
+
+    def __init__(self, sr=SAMPLE_RATE):
+        self.sr = sr
+        self.win, self.hop, _ = frame_params(sr)
+        self.pending = np.zeros(0, np.float32)          # samples after the last complete frame's start
+        self.frames, self.samples = 0, 0                # log-mel frames and samples so far
+        self.d1, self.d2 = DeltaStream(), DeltaStream()
+
+    def _out(self, lm, final=False):
+        c1, dd1 = self.d1.push(lm, final)                                  # log-mel, deltas
+        c2, dd2 = self.d2.push(np.concatenate([c1, dd1], axis=1), final)   # (k, 80): deltas of both, only d1's kept
+        return np.concatenate([c2, dd2[:, N_MELS:]], axis=1)               # (k, 120): log-mel, delta, delta-delta
+
+    def push(self, samples):
+        buf = np.concatenate([self.pending, np.asarray(samples, dtype=np.float32).reshape(-1)])
+        self.samples += len(buf) - len(self.pending)
+        m = 1 + (len(buf) - self.win) // self.hop if len(buf) >= self.win else 0   # complete frames
+        if m == 0:
+            self.pending = buf
+            return np.zeros((0, FEAT_CHANNELS), np.float32)
+        lm = log_mel(buf[:self.win + (m - 1) * self.hop], self.sr)             # (m, 40)
+        self.pending, self.frames = buf[m * self.hop:], self.frames + m
+        return self._out(lm)
+
+    def finish(self):
+        """The remaining frames at the end of the recording (a recording shorter than one
+        window gives one zero-padded frame, as `log_mel`). Raises ValueError on no audio."""
+        if self.samples == 0:
+            raise ValueError("no audio")
+        lm = np.zeros((0, N_MELS), np.float32)
+        if self.frames == 0:
+            lm, self.frames = log_mel(self.pending, self.sr), 1
+        return self._out(lm, final=True)
+
+
+STREAM_NORM_PRIOR = 10.0   # s: weight of the training statistics in running normalisation, as frames of audio
+
+
+def running_normalise(x, mean, std, prior=STREAM_NORM_PRIOR, state=None):
+    """Per-speaker normalisation for a stream: frame t is normalised with the mean and
+    variance of frames 0..t, started from the training statistics (mean, std) counted
+    as `prior` seconds of frames. x (T, 120) -> ((T, 120) float32, state); pass the
+    state back with the next frames to continue (a stream in chunks gives the same
+    result as the whole at once). State: two (120,) sums and a count."""
+    x = np.asarray(x, dtype=np.float64)
+    if state is None:
+        n0 = prior / HOP_SECONDS
+        mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+        state = (n0 * mean, n0 * (std ** 2 + mean ** 2), n0)
+    s1, s2, n = state
+    c1 = s1 + np.cumsum(x, axis=0)                                 # (T, 120) running sums
+    c2 = s2 + np.cumsum(x * x, axis=0)
+    count = n + np.arange(1, len(x) + 1)[:, None]
+    mu = c1 / count
+    sd = np.sqrt(np.maximum(c2 / count - mu ** 2, 0.0)) + 1e-5     # the epsilon of feature_stats
+    if len(x):
+        state = (c1[-1], c2[-1], n + len(x))
+    return ((x - mu) / sd).astype(np.float32), state
+
+
 # -----------------------------------------------------------------------------
 # text
 
