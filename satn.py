@@ -1297,7 +1297,15 @@ class SelfAttention(nn.Module):
     """Multi-head scaled dot-product self-attention, softmax(Q K^T / sqrt(d_k)) V, with a residual.
 
     Padded frames neither give attention (masked keys) nor receive it (their rows
-    are zero). Returns the output (B, T, dim) and the weights (B, heads, T, T)."""
+    are zero). attn_mask, optional, (T, T) or broadcastable to (B, nh, T, T), bool:
+    True where query t may attend to key s (e.g. a causal band); it is combined with
+    the padding mask. Returns the output (B, T, dim) and, with need_weights, the
+    weights (B, heads, T, T), else None.
+
+    Without weights, torch's scaled_dot_product_attention runs the fused kernel
+    (flash / memory-efficient on GPU, the fused CPU kernel), whose memory grows
+    with T, not T^2; the explicit path materialises the weights and is used only
+    when they are asked for (attention transfer of the weight matrices)."""
 
     def __init__(self, dim, heads=4):
         super().__init__()
@@ -1306,13 +1314,23 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)   # W_q, W_k, W_v in one matrix
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, mask):              # x (B, T, dim), mask (B, T)
+    def forward(self, x, mask, need_weights=False, attn_mask=None):   # x (B, T, dim), mask (B, T)
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(D // self.heads)                        # (B, nh, T, T)
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-        weights = torch.softmax(scores, dim=-1) * mask[:, None, :, None]                     # padded rows -> 0
-        out = (weights @ v).transpose(1, 2).reshape(B, T, D)                                 # (B, T, dim)
+        allowed = mask[:, None, None, :]                                                     # (B, 1, 1, T) keys
+        if attn_mask is not None:
+            # a padded query may attend anywhere (its row is zeroed below): no row is ever
+            # fully masked, which would make the softmax NaN
+            allowed = (allowed & attn_mask) | ~mask[:, None, :, None]                         # (B, 1, T, T)
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(D // self.heads)                    # (B, nh, T, T)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            weights = torch.softmax(scores, dim=-1) * mask[:, None, :, None]                 # padded rows -> 0
+            out = weights @ v                                                                # (B, nh, T, hs)
+        else:
+            weights = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)                 # (B, nh, T, hs)
+        out = out.transpose(1, 2).reshape(B, T, D)                                           # (B, T, dim)
         return (x + self.proj(out)) * mask[..., None], weights
 
 
@@ -1736,12 +1754,13 @@ class Teacher(nn.Module):
         self.att_v = nn.Linear(cfg.att_dim, 1, bias=False)
         self.out = nn.Linear(cfg.decoder + C, n_tokens)
 
-    def encode(self, x, lengths):
-        """x (B, 120, T) -> dict(h (B, T', C), mask (B, T'), acts [(B, C, T')...], weights (B, nh, T', T'))."""
+    def encode(self, x, lengths, need_weights=False):
+        """x (B, 120, T) -> dict(h (B, T', C), mask (B, T'), acts [(B, C, T')...],
+        weights (B, nh, T', T') with need_weights, else None)."""
         x, lengths = subsample_frames(x, lengths, self.subsample)           # (B, 120, T')
         mask = length_mask(lengths, x.shape[-1])
         h, acts = self.tcn(x)                                              # (B, C, T')
-        h, weights = self.attn(h.transpose(1, 2), mask)                    # (B, T', C)
+        h, weights = self.attn(h.transpose(1, 2), mask, need_weights)      # (B, T', C)
         return {"h": h, "mask": mask, "lengths": lengths, "acts": acts + [h.transpose(1, 2)], "weights": weights}
 
     def _step(self, token, state, ctx, enc, keys, mask):
@@ -1803,7 +1822,7 @@ class Student(nn.Module):
 
     forward returns logits (B, n_classes) and a dict with the activations the
     attention transfer reads ("acts", each (B, C, T)) and the self-attention
-    weights ("weights", (B, nh, T, T), or None)."""
+    weights ("weights", (B, nh, T, T) when need_weights, else None)."""
 
     def __init__(self, cfg: StudentConfig, n_classes):
         super().__init__()
@@ -1819,7 +1838,7 @@ class Student(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(dim, n_classes)
 
-    def forward(self, x, lengths):                      # x (B, 120, T)
+    def forward(self, x, lengths, need_weights=False):  # x (B, 120, T)
         x, lengths = subsample_frames(x, lengths, self.subsample)
         mask = length_mask(lengths, x.shape[-1])
         if self.encoder_kind == "tcn":
@@ -1829,7 +1848,7 @@ class Student(nn.Module):
             acts = [h]
         weights = None
         if self.attention_kind == "self":
-            a, weights = self.attn(h.transpose(1, 2), mask)                     # (B, T, C)
+            a, weights = self.attn(h.transpose(1, 2), mask, need_weights)       # (B, T, C)
             acts = acts + [a.transpose(1, 2)]
             pooled = a.sum(1) / lengths[:, None].to(a.dtype)                    # masked mean (B, C)
         else:
@@ -2246,12 +2265,12 @@ def train_student(cfg: StudentConfig):
     def loss_fn(model, items):
         x, lengths = collate([x for _, x in items], device)
         y = torch.tensor([label[u.label] for u, _ in items], device=device)
-        logits, out = model(x, lengths)
+        logits, out = model(x, lengths, need_weights=cfg.at_selfattn)   # weights only for their transfer
         ser = F.cross_entropy(logits.float(), y)
         if teacher is None:
             return ser, {"ser": ser.item()}
         with torch.no_grad():
-            enc = teacher.encode(x, lengths)
+            enc = teacher.encode(x, lengths, need_weights=cfg.at_selfattn)
         at = transfer_loss(out, enc, pairs, cfg, teacher.subsample)
         loss = ser + cfg.at_weight * at
         return loss, {"loss": loss.item(), "ser": ser.item(), "at": at.item()}
@@ -2284,7 +2303,7 @@ def transfer_loss(out, enc, pairs, cfg, teacher_subsample):
     s_maps = [attention_map(out["acts"][i], cfg.at_p, mask, cfg.at_norm) for i, _ in pairs]
     t_maps = [attention_map(enc["acts"][j][..., idx], cfg.at_p, mask, cfg.at_norm) for _, j in pairs]
     at = at_loss(s_maps, t_maps, mask, cfg.at_dist, cfg.at_norm)
-    if cfg.at_selfattn and out["weights"] is not None:
+    if cfg.at_selfattn:   # both models were run with need_weights=True
         at = at + selfattn_loss(out["weights"], enc["weights"][:, :, idx][..., idx], mask, cfg.at_dist, cfg.at_norm)
     return at
 
