@@ -315,10 +315,13 @@ STREAM_NORM_PRIOR = 10.0   # s: weight of the training statistics in running nor
 def running_normalise(x, mean, std, prior=STREAM_NORM_PRIOR, state=None):
     """Per-speaker normalisation for a stream: frame t is normalised with the mean and
     variance of frames 0..t, started from the training statistics (mean, std) counted
-    as `prior` seconds of frames. x (T, 120) -> ((T, 120) float32, state); pass the
+    as `prior` seconds of frames (None: the training statistics, fixed, for a model
+    trained with global normalisation). x (T, 120) -> ((T, 120) float32, state); pass the
     state back with the next frames to continue (a stream in chunks gives the same
     result as the whole at once). State: two (120,) sums and a count."""
     x = np.asarray(x, dtype=np.float64)
+    if prior is None:   # a model trained with global statistics: those, fixed
+        return ((x - np.asarray(mean)) / np.asarray(std)).astype(np.float32), state
     if state is None:
         n0 = prior / HOP_SECONDS
         mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
@@ -1293,6 +1296,26 @@ def subsample_frames(x, lengths, factor):
     return num / den, (lengths + factor - 1) // factor
 
 
+def causal_band(T, window, device=None):
+    """(T, T) bool attention mask: query t may attend to keys t-window+1 .. t only."""
+    i = torch.arange(T, device=device)
+    lag = i[:, None] - i[None, :]                                   # (T, T): query time - key time
+    return (lag >= 0) & (lag < window)
+
+
+def running_mean(x, mask, window):
+    """Causal summary: at each frame, the mean of the last `window` real frames up to it.
+
+    x (B, T, C), mask (B, T) -> (B, T, C). At an utterance's last frame it is the masked
+    mean pooling of the whole utterance when the utterance is at most `window` long."""
+    m = mask[:, None].to(x.dtype)                                                   # (B, 1, T)
+    ones = x.new_ones(1, 1, window)
+    num = F.conv1d(F.pad(x.transpose(1, 2) * m, (window - 1, 0)).reshape(-1, 1, x.shape[1] + window - 1),
+                   ones).view(x.shape[0], x.shape[2], -1)                           # (B, C, T) window sums
+    den = F.conv1d(F.pad(m, (window - 1, 0)), ones)                                # (B, 1, T) real frames in it
+    return (num / den.clamp_min(1)).transpose(1, 2)                                 # (B, T, C)
+
+
 class SelfAttention(nn.Module):
     """Multi-head scaled dot-product self-attention, softmax(Q K^T / sqrt(d_k)) V, with a residual.
 
@@ -1716,6 +1739,13 @@ class StudentConfig(RunConfig):
     at_pairs: str = _f("auto", "student:teacher activation pairs, 1-based, e.g. '1:2,2:3,3:5,4:6'; auto spaces "
                                "the student's activations evenly over the teacher's, last with last")
     at_selfattn: bool = _f(False, "also transfer the self-attention weight matrices (heads averaged)")
+    causal: bool = _f(False, "streaming student: the TCN, self-attention over the past --attn-window only, and "
+                             "a running mean over the last --summary-window as pooling, classified at every frame")
+    attn_window: float = _f(3.0, "--causal: seconds of the past each frame attends to")
+    summary_window: float = _f(3.0, "--causal: seconds averaged by the running mean fed to the classifier")
+    frame_loss: float = _f(0.5, "--causal: weight of the loss at every frame after --warmup (0: the utterance's "
+                                "last frame only)")
+    warmup: float = _f(1.0, "--causal: seconds from an utterance's start before --frame-loss counts")
     name: str = _f(None, "run folder name; default from the configuration, e.g. tcn-self-at")
     epochs: int = _f(100, "training epochs (the paper's 100)", demo=20)
     lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=1e-3)
@@ -1730,9 +1760,14 @@ class StudentConfig(RunConfig):
         _require(self.at_weight >= 0 and self.at_p > 0, "--at-weight must be >= 0 and --at-p > 0")
         _require(not (self.at_selfattn and self.attention == "soft"),
                  "--at-selfattn transfers self-attention weights: it needs --attention self")
+        _require(not self.causal or (self.encoder == "tcn" and self.attention == "self"),
+                 "--causal needs --encoder tcn --attention self (the BLSTM and soft attention look ahead)")
+        _require(min(self.attn_window, self.summary_window) > 0 and self.frame_loss >= 0 and self.warmup >= 0,
+                 "--attn-window and --summary-window must be positive, --frame-loss and --warmup >= 0")
 
     def run_name(self):
-        return self.name or f"{self.encoder}-{self.attention}" + ("-at" if self.at_weight > 0 else "")
+        return self.name or (f"{self.encoder}-{self.attention}" + ("-causal" if self.causal else "")
+                             + ("-at" if self.at_weight > 0 else ""))
 
 
 class Teacher(nn.Module):
@@ -1822,7 +1857,13 @@ class Student(nn.Module):
 
     forward returns logits (B, n_classes) and a dict with the activations the
     attention transfer reads ("acts", each (B, C, T)) and the self-attention
-    weights ("weights", (B, nh, T, T) when need_weights, else None)."""
+    weights ("weights", (B, nh, T, T) when need_weights, else None).
+
+    Causal (cfg.causal, for streaming): the TCN as always; self-attention over the
+    last `attn_window` frames only (a banded causal mask); instead of pooling, the
+    running mean of the attention output over the last `summary_window` frames is
+    classified at every frame ("frame_logits", (B, T, n_classes)); the logits are
+    those of each utterance's last frame. No output depends on a later input."""
 
     def __init__(self, cfg: StudentConfig, n_classes):
         super().__init__()
@@ -1837,6 +1878,10 @@ class Student(nn.Module):
         self.attn = SelfAttention(dim, cfg.heads) if cfg.attention == "self" else SoftAttention(dim)
         self.drop = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(dim, n_classes)
+        self.causal = cfg.causal
+        frame_seconds = HOP_SECONDS * cfg.subsample                  # one encoder frame
+        self.attn_window = max(1, round(cfg.attn_window / frame_seconds))        # frames
+        self.summary_window = max(1, round(cfg.summary_window / frame_seconds))  # frames
 
     def forward(self, x, lengths, need_weights=False):  # x (B, 120, T)
         x, lengths = subsample_frames(x, lengths, self.subsample)
@@ -1847,6 +1892,13 @@ class Student(nn.Module):
             h = self.encoder(x, lengths)
             acts = [h]
         weights = None
+        if self.causal:
+            band = causal_band(h.shape[-1], self.attn_window, h.device)
+            a, weights = self.attn(h.transpose(1, 2), mask, need_weights, attn_mask=band)  # (B, T, C)
+            frame_logits = self.classifier(self.drop(running_mean(a, mask, self.summary_window)))  # (B, T, n)
+            logits = frame_logits[torch.arange(len(lengths), device=lengths.device), lengths - 1]  # last frames
+            return logits, {"acts": acts + [a.transpose(1, 2)], "weights": weights, "mask": mask,
+                            "frame_logits": frame_logits}
         if self.attention_kind == "self":
             a, weights = self.attn(h.transpose(1, 2), mask, need_weights)       # (B, T, C)
             acts = acts + [a.transpose(1, 2)]
@@ -1854,6 +1906,128 @@ class Student(nn.Module):
         else:
             pooled, _ = self.attn(h.transpose(1, 2), mask)
         return self.classifier(self.drop(pooled)), {"acts": acts, "weights": weights, "mask": mask}
+
+
+def group_times(n_groups, n_frames, n_samples, subsample, sr=SAMPLE_RATE):
+    """Times (s) of a causal student's outputs: (ends (n,), ready (n,)). Output g
+    describes the audio up to the end of its subsample group's last frame; it can be
+    computed once that frame's FEATURE_LOOKAHEAD frames have arrived too (or the
+    recording has ended). A stream adds up to one chunk to `ready`."""
+    win, hop, _ = frame_params(sr)
+    last = np.minimum(np.arange(n_groups) * subsample + subsample - 1, n_frames - 1)   # last frame of each group
+    ahead = last + FEATURE_LOOKAHEAD
+    ready = np.where(ahead < n_frames, ahead * hop + win, n_samples)
+    return (last * hop + win) / sr, ready / sr
+
+
+@torch.no_grad()
+def causal_track(model, wave, mean, std, prior=STREAM_NORM_PRIOR):
+    """A causal student over a whole recording at once, with running normalisation:
+    (ends (T',), ready (T',), probabilities (T', n_classes)), T' = ceil(T / subsample).
+    StudentStream gives the same outputs chunk by chunk. The attention mask is
+    (T', T'): for recordings of minutes; longer ones go through StudentStream."""
+    feats = features(wave).reshape(FEAT_CHANNELS, -1).T                        # (T, 120)
+    x, _ = running_normalise(feats, mean, std, prior)
+    device = next(model.parameters()).device
+    _, out = model(torch.from_numpy(np.ascontiguousarray(x.T))[None].to(device),
+                   torch.tensor([len(x)], device=device))
+    probs = torch.softmax(out["frame_logits"][0].float(), -1).cpu().numpy()    # (T', n)
+    return (*group_times(len(probs), len(x), len(wave), model.subsample), probs)
+
+
+class StudentStream:
+    """A causal student on audio as it arrives: push(samples) -> (ends, probabilities)
+    of the outputs the audio so far completes; finish() -> the rest.
+
+    Every frame is computed once, and the state has a constant size whatever the
+    recording's length: the front end's (under one window of samples, 8 feature
+    frames), the running normalisation's sums, the frames of an unfinished subsample
+    group (a group is complete when its last frame arrives), each TCN convolution's
+    last (K-1)*d inputs, the self-attention's last attn_window-1 keys and values, and
+    the last summary_window-1 attention outputs. The outputs equal causal_track's
+    over the whole recording. One stream, on the CPU, in eval mode."""
+
+    @torch.no_grad()
+    def __init__(self, model, mean, std, prior=STREAM_NORM_PRIOR):
+        if not getattr(model, "causal", False):
+            raise DataError("streaming needs a causal student (trained with `student --causal`)")
+        model = model.cpu().eval()
+        self.mean, self.std, self.prior, self.norm = mean, std, prior, None
+        self.sub, self.front = model.subsample, FeatureStream()
+        self.group = np.zeros((0, FEAT_CHANNELS), np.float32)     # normalised frames of an unfinished group
+        self.groups = 0                                           # outputs so far
+        self.convs, self.state = [], []                           # per TemporalBlock: the weights, each conv's state
+        for blk in model.encoder.blocks:                          # weight norm resolved once, not per chunk
+            c1, c2 = blk.conv1, blk.conv2
+            pad = (c1.weight.shape[-1] - 1) * c1.dilation
+            res = None if blk.residual is None else (blk.residual.weight.detach().clone(), blk.residual.bias.detach().clone())
+            self.convs.append(((c1.weight.detach().clone(), c1.bias.detach().clone()),
+                               (c2.weight.detach().clone(), c2.bias.detach().clone()), res, c1.dilation))
+            self.state.append([torch.zeros(1, c1.weight.shape[1], pad), torch.zeros(1, c2.weight.shape[1], pad)])
+        att = model.attn
+        self.heads, self.window, self.summary_window = att.heads, model.attn_window, model.summary_window
+        self.qkv = (att.qkv.weight.detach().clone(), att.qkv.bias.detach().clone())
+        self.proj = (att.proj.weight.detach().clone(), att.proj.bias.detach().clone())
+        self.cls = (model.classifier.weight.detach().clone(), model.classifier.bias.detach().clone())
+        C = self.cls[0].shape[1]
+        self.keys = torch.zeros(self.heads, 0, C // self.heads)  # (nh, <= window-1, hs)
+        self.values = self.keys.clone()
+        self.recent = torch.zeros(0, C)                           # (<= summary_window-1, C) attention outputs
+
+    def state_size(self):
+        """Numbers held as state (constant once the windows have filled)."""
+        return (self.front.pending.size + sum(d.buf.size for d in (self.front.d1, self.front.d2) if d.buf is not None)
+                + self.group.size + sum(s.numel() for st in self.state for s in st)
+                + self.keys.numel() + self.values.numel() + self.recent.numel())
+
+    def push(self, samples):
+        return self._run(self.front.push(samples))
+
+    def finish(self):
+        return self._run(self.front.finish(), final=True)
+
+    @torch.no_grad()
+    def _run(self, feats, final=False):
+        x, self.norm = running_normalise(feats, self.mean, self.std, self.prior, self.norm)
+        x = np.concatenate([self.group, x])
+        n = -(-len(x) // self.sub) if final else len(x) // self.sub          # complete groups
+        full = min(n, len(x) // self.sub)
+        g = x[:full * self.sub].reshape(full, self.sub, FEAT_CHANNELS).mean(1)  # (n, 120) subsample_frames' means
+        if n > full:                                                          # the last, partial group
+            g = np.concatenate([g, x[full * self.sub:].mean(0, keepdims=True)])
+        self.group = x[n * self.sub:]
+        if n == 0:
+            return np.zeros(0), np.zeros((0, self.cls[0].shape[0]), np.float32)
+        h = torch.from_numpy(np.ascontiguousarray(g.T))[None]                 # (1, 120, n)
+        for ((w1, b1), (w2, b2), res, d), st in zip(self.convs, self.state):
+            inp = h
+            for i, (w, b) in enumerate(((w1, b1), (w2, b2))):
+                z = torch.cat([st[i], h], -1)                                 # (1, C, pad + n)
+                st[i] = z[..., z.shape[-1] - st[i].shape[-1]:]
+                h = F.relu(F.conv1d(z, w, b, dilation=d))                     # (1, C, n): no padding needed
+            h = F.relu(h + (inp if res is None else F.conv1d(inp, *res)))
+        a_in = h[0].T                                                         # (n, C)
+        C = a_in.shape[1]
+        q, k, v = F.linear(a_in, *self.qkv).view(n, 3, self.heads, C // self.heads).permute(1, 2, 0, 3)  # 3 x (nh, n, hs)
+        keys, values = torch.cat([self.keys, k], 1), torch.cat([self.values, v], 1)   # (nh, m + n, hs)
+        m = keys.shape[1] - n
+        lag = (torch.arange(n)[:, None] + m) - torch.arange(m + n)[None, :]  # (n, m + n) query - key time
+        o = F.scaled_dot_product_attention(q[None], keys[None], values[None],
+                                           attn_mask=(lag >= 0) & (lag < self.window))[0]  # (nh, n, hs)
+        a = a_in + F.linear(o.transpose(0, 1).reshape(n, C), *self.proj)    # (n, C), the residual
+        drop = max(0, keys.shape[1] - (self.window - 1))                      # keys no later query sees
+        self.keys, self.values = keys[:, drop:], values[:, drop:]
+        recent = torch.cat([self.recent, a])                                  # (m' + n, C)
+        summary = running_mean(recent[None], torch.ones(1, len(recent), dtype=torch.bool), self.summary_window)[0, -n:]
+        self.recent = recent[max(0, len(recent) - (self.summary_window - 1)):]
+        probs = torch.softmax(F.linear(summary, *self.cls), -1).numpy()     # (n, n_classes)
+        idx = np.arange(self.groups, self.groups + n)
+        self.groups += n
+        win, hop, _ = frame_params(self.front.sr)
+        last = idx * self.sub + self.sub - 1
+        if final:
+            last = np.minimum(last, self.front.frames - 1)
+        return (last * hop + win) / self.front.sr, probs
 
 
 # -----------------------------------------------------------------------------
@@ -1891,6 +2065,16 @@ def at_loss(student_maps, teacher_maps, mask=None, dist="l1", norm="l1"):
         diff = s - t
         loss = loss + (diff.abs().sum(1) if dist == "l1" else diff.norm(dim=1)).mean()
     return loss
+
+
+def frame_loss(frame_logits, mask, y, warmup):
+    """Cross-entropy of a causal student's every frame against its utterance's label,
+    averaged over the real frames after the first `warmup` ones (an utterance shorter
+    than that adds nothing). frame_logits (B, T, n), mask (B, T), y (B,)."""
+    keep = mask.clone()
+    keep[:, :warmup] = False
+    ce = F.cross_entropy(frame_logits.float().transpose(1, 2), y[:, None].expand_as(mask), reduction="none")  # (B, T)
+    return (ce * keep).sum() / keep.sum().clamp_min(1)
 
 
 def parse_pairs(spec, n_student, n_teacher):
@@ -2267,6 +2451,9 @@ def train_student(cfg: StudentConfig):
         y = torch.tensor([label[u.label] for u, _ in items], device=device)
         logits, out = model(x, lengths, need_weights=cfg.at_selfattn)   # weights only for their transfer
         ser = F.cross_entropy(logits.float(), y)
+        if cfg.causal and cfg.frame_loss > 0:   # a causal student is also taught at every frame after a warm-up
+            warmup = round(cfg.warmup / (HOP_SECONDS * cfg.subsample))
+            ser = ser + cfg.frame_loss * frame_loss(out["frame_logits"], out["mask"], y, warmup)
         if teacher is None:
             return ser, {"ser": ser.item()}
         with torch.no_grad():
@@ -2288,6 +2475,14 @@ def train_student(cfg: StudentConfig):
         final[part] = classify(model, data[part], label, cfg.batch_size, device)
         print(f"{cfg.run_name()} fold {cfg.fold} {part}: WA {final[part]['WA']:.1f}  UA {final[part]['UA']:.1f}")
     print(format_confusion(final["test"]["confusion"], classes, f"test confusion (best dev UA, epoch {best['epoch']})"))
+    if cfg.causal:   # the emotion track over the test speaker's utterances joined into conversations
+        prior = STREAM_NORM_PRIOR if cfg.norm == "speaker" else None
+        final["track"] = track_evaluation(model.cpu(), [u for u, _ in data["test"]], classes,
+                                          data["stats"]["mean"].numpy(), data["stats"]["std"].numpy(), prior, seed=cfg.seed)
+        t = final["track"]
+        print(f"{cfg.run_name()} fold {cfg.fold} track ({t['seconds']:.0f} s in {t['conversations']} conversations): "
+              f"frame UA {t['all']['UA']:.1f}, {t['settle']:.1f} s after boundaries excluded {t['settled']['UA']:.1f}; "
+              f"mean delay to switch {t['delay_mean'] or math.nan:.2f} s ({t['switched']}/{t['changes']} switched)")
     write_json(final, run_dir / "final.json")
     return final
 
@@ -2344,6 +2539,65 @@ def classify(model, items, label, batch_size, device):
         y_pred += logits.argmax(-1).tolist()
         y_true += [label[items[i][0].label] for i in idx]
     return classification_metrics(y_true, y_pred, len(label))
+
+
+TRACK_CONVERSATION = 60.0  # s: test utterances are joined, in a seeded random order, into conversations this long
+TRACK_SETTLE = 1.0         # s: after each boundary, excluded from the "settled" frame accuracy
+
+
+def track_evaluation(model, utts, classes, mean, std, prior=STREAM_NORM_PRIOR, seconds=TRACK_CONVERSATION,
+                     settle=TRACK_SETTLE, seed=0):
+    """The emotion track of a causal student over long recordings with known boundaries.
+
+    The utterances (a held-out speaker's) are shuffled and joined end to end into
+    conversations of about `seconds`, each run as one recording (causal_track: the
+    stream's outputs, running normalisation restarted per conversation). Every output
+    is labelled by the utterance under the middle of its frames. Returns frame-level
+    WA/UA over all outputs ("all") and over those at least `settle` s after their
+    utterance's start ("settled"), and, at each boundary where the class changes, the
+    delay from the boundary until the track (the latest ready output) first shows the
+    new class within that utterance: its mean and median over the boundaries where it
+    does ("switched" of "changes")."""
+    label = {c: i for i, c in enumerate(classes)}
+    order = np.random.default_rng(seed).permutation(len(utts))
+    convs, cur, dur = [], [], 0.0
+    for i in order:
+        wave = load_audio(utts[i].path)
+        cur.append((wave, label[utts[i].label]))
+        dur += len(wave) / SAMPLE_RATE
+        if dur >= seconds:
+            convs.append(cur)
+            cur, dur = [], 0.0
+    if cur:
+        convs.append(cur)
+    _, hop, _ = frame_params()
+    y, pred, settled, delays, changes, total = [], [], [], [], 0, 0.0
+    for conv in convs:
+        wave = np.concatenate([w for w, _ in conv])
+        starts = np.cumsum([0] + [len(w) for w, _ in conv]) / SAMPLE_RATE         # (n + 1,) boundaries, s
+        labels = np.array([c for _, c in conv])
+        ends, ready, probs = causal_track(model, wave, mean, std, prior)
+        p = probs.argmax(1)
+        mid = (np.arange(len(p)) * model.subsample * hop / SAMPLE_RATE + ends) / 2   # middle of each output's frames
+        seg = np.clip(np.searchsorted(starts, mid, side="right") - 1, 0, len(conv) - 1)
+        y.append(labels[seg])
+        pred.append(p)
+        settled.append(mid - starts[seg] >= settle)
+        for k in range(1, len(conv)):
+            if labels[k] == labels[k - 1]:
+                continue
+            changes += 1
+            hit = np.nonzero((ready >= starts[k]) & (ready < starts[k + 1]) & (p == labels[k]))[0]
+            if len(hit):
+                delays.append(ready[hit[0]] - starts[k])
+        total += len(wave) / SAMPLE_RATE
+    y, pred, settled = np.concatenate(y), np.concatenate(pred), np.concatenate(settled)
+    strip = lambda m: {k: v for k, v in m.items() if k in ("WA", "UA", "n")}  # noqa: E731
+    return {"all": strip(classification_metrics(y, pred, len(classes))),
+            "settled": strip(classification_metrics(y[settled], pred[settled], len(classes))),
+            "settle": settle, "delay_mean": float(np.mean(delays)) if delays else None,
+            "delay_median": float(np.median(delays)) if delays else None,
+            "switched": len(delays), "changes": changes, "conversations": len(convs), "seconds": total}
 
 
 def row_normalised(conf):
