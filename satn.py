@@ -1739,13 +1739,13 @@ class StudentConfig(RunConfig):
     at_pairs: str = _f("auto", "student:teacher activation pairs, 1-based, e.g. '1:2,2:3,3:5,4:6'; auto spaces "
                                "the student's activations evenly over the teacher's, last with last")
     at_selfattn: bool = _f(False, "also transfer the self-attention weight matrices (heads averaged)")
-    causal: bool = _f(False, "streaming student: the TCN, self-attention over the past --attn-window only, and "
-                             "a running mean over the last --summary-window as pooling, classified at every frame")
-    attn_window: float = _f(3.0, "--causal: seconds of the past each frame attends to")
-    summary_window: float = _f(3.0, "--causal: seconds averaged by the running mean fed to the classifier")
-    frame_loss: float = _f(0.5, "--causal: weight of the loss at every frame after --warmup (0: the utterance's "
-                                "last frame only)")
-    warmup: float = _f(1.0, "--causal: seconds from an utterance's start before --frame-loss counts")
+    causal: bool = _f(False, "streaming student: the TCN, self-attention over a window of the past only, and a "
+                             "running mean of its output instead of pooling, classified at every frame")
+    attn_window: float = _f(3.0, "causal student: seconds of the past each frame attends to")
+    summary_window: float = _f(3.0, "causal student: seconds averaged by the running mean that is classified")
+    frame_loss: float = _f(0.5, "causal student: weight of the loss at every frame after the warm-up (0: the "
+                                "utterance's last frame only)")
+    warmup: float = _f(1.0, "causal student: seconds from an utterance's start before the frame loss counts")
     name: str = _f(None, "run folder name; default from the configuration, e.g. tcn-self-at")
     epochs: int = _f(100, "training epochs (the paper's 100)", demo=20)
     lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=1e-3)
