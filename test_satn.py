@@ -1049,10 +1049,10 @@ def test_self_attention_masks_padding():
     L, extra = 5, 4
     x = torch.randn(1, L, 8)
     with torch.no_grad():
-        y, w = att(x, torch.ones(1, L, dtype=torch.bool))
+        y, w = att(x, torch.ones(1, L, dtype=torch.bool), need_weights=True)
         xp = _padded(x, extra, 1)
         mask = satn.length_mask(torch.tensor([L]), L + extra)
-        yp, wp = att(xp, mask)
+        yp, wp = att(xp, mask, need_weights=True)
     print(w.shape, wp.shape, (yp[:, :L] - y).abs().max().item())
     assert w.shape == (1, 2, L, L) and wp.shape == (1, 2, L + extra, L + extra)
     torch.testing.assert_close(yp[:, :L], y, atol=1e-5, rtol=1e-5)
@@ -1070,10 +1070,38 @@ def test_self_attention_batch_of_two_lengths():
         ya, _ = att(a, torch.ones(1, 3, dtype=torch.bool))
         yb, _ = att(b, torch.ones(1, 7, dtype=torch.bool))
         batch = torch.cat([_padded(a, 4, 1), b])
-        y, w = att(batch, satn.length_mask(torch.tensor([3, 7]), 7))
+        y, w = att(batch, satn.length_mask(torch.tensor([3, 7]), 7), need_weights=True)
     torch.testing.assert_close(y[0, :3], ya[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y[1], yb[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(w[0, :, :3].sum(-1), torch.ones(4, 3))
+
+
+@pytest.mark.parametrize("banded", [False, True])
+def test_self_attention_fused_and_explicit_paths_agree(banded):
+    """scaled_dot_product_attention (no weights) and the explicit path (weights) give the same
+    output and gradients on a padded batch, with and without an extra (banded causal) mask;
+    padded rows are zero on both."""
+    torch.manual_seed(2)
+    att = satn.SelfAttention(16, heads=4).eval()
+    x = torch.randn(3, 11, 16)
+    mask = satn.length_mask(torch.tensor([11, 6, 1]), 11)
+    t = torch.arange(11)
+    band = ((t[:, None] >= t[None, :]) & (t[:, None] - t[None, :] < 3)) if banded else None  # (T, T)
+    outs, grads = [], []
+    for need in (False, True):
+        xi = x.clone().requires_grad_()
+        y, w = att(xi, mask, need_weights=need, attn_mask=band)
+        (y * torch.linspace(-1, 1, 16)).sum().backward()
+        outs.append(y.detach())
+        grads.append(xi.grad)
+        assert (w is None) != need
+        assert torch.all(y[~mask] == 0) and torch.all(xi.grad[~mask] == 0)
+    print((outs[0] - outs[1]).abs().max().item(), (grads[0] - grads[1]).abs().max().item())
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
+    assert torch.all(w[..., 6:, :][1] == 0) and torch.all(w[1, ..., 6:] == 0)
+    if banded:
+        assert torch.all(w[0][:, ~band] == 0)
 
 
 def test_soft_attention_masks_padding():
@@ -1123,7 +1151,7 @@ def test_student_logits_independent_of_batch_padding(encoder, attention, subsamp
     with torch.no_grad():
         alone, out = model(short, torch.tensor([10]))
         batch = torch.cat([_padded(short, 7, 2), long])
-        both, out_b = model(batch, torch.tensor([10, 17]))
+        both, out_b = model(batch, torch.tensor([10, 17]), need_weights=True)
         long_alone, _ = model(long, torch.tensor([17]))
     print(encoder, attention, subsample, alone, both)
     assert alone.shape == (1, 3) and both.shape == (2, 3)
@@ -2878,7 +2906,8 @@ def test_transfer_loss_does_not_depend_on_batch_mates():
 
     def loss(xb, lb):
         with torch.no_grad():
-            return satn.transfer_loss(student(xb, lb)[1], teacher.encode(xb, lb), pairs, cfg, teacher.subsample).item()
+            return satn.transfer_loss(student(xb, lb, need_weights=True)[1], teacher.encode(xb, lb, need_weights=True),
+                                      pairs, cfg, teacher.subsample).item()
 
     alone = [loss(x[:1, :, :37], lengths[:1]), loss(x[1:], lengths[1:])]
     both = loss(x, lengths)
