@@ -3167,6 +3167,7 @@ def report(runs="runs", per_seed=False):
                 out += ["", "The paper's z-test:", "", *ztab] if ztab else []
         elif per_seed:
             out += ["", f"(--per-seed: every run has seed {seeds[0]}; the tables above are that seed's.)"]
+    out += _crosscorpus(runs)
     if results:
         out += report_figures(runs, results)
     if teachers:
@@ -3265,7 +3266,7 @@ def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDO
               file=sys.stderr)
     if norm == "inputs" and good:   # the inputs are taken to be one speaker: per-speaker normalisation
         mean, std = feature_stats(good)
-    else:                           # the training split's statistics, stored in the checkpoint
+    else:                           # the training sessions' statistics, stored in the checkpoint
         mean, std = ck["norm"]["mean"].numpy(), ck["norm"]["std"].numpy()
     for f, x in feats.items():
         if isinstance(x, Exception):
@@ -3280,6 +3281,138 @@ def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDO
         else:
             print(f"{f}\t{best}\t" + " ".join(f"{c} {p:.3f}" for c, p in zip(classes, probs)), flush=True)
     return 1 if failed else 0
+
+
+def parse_label_map(spec, classes):
+    """--label-map 'ang=angry,hap=happy,fea=' -> {corpus label: model class, or None to leave it out}."""
+    mapping = {}
+    for item in (x.strip() for x in (spec or "").split(",")):
+        if not item:
+            continue
+        src, eq, dst = (x.strip() for x in item.partition("="))
+        if not eq or not src or "=" in dst:
+            raise DataError(f"--label-map: {item!r} is not LABEL=CLASS (or LABEL= to leave LABEL out)")
+        if src in mapping:
+            raise DataError(f"--label-map: {src} is mapped twice")
+        if dst and dst not in classes:
+            raise DataError(f"--label-map {item}: {dst} is not a class of the model ({', '.join(classes)})")
+        mapping[src] = dst or None
+    return mapping
+
+
+def corpus_tag(data):
+    """A short name of a corpus for file names: the CSV's stem or the folder's name."""
+    if data is None:
+        return "demo"
+    p = Path(data).resolve()
+    name = p.stem if p.suffix.lower() == ".csv" else p.name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "corpus"
+
+
+def evaluate_corpus(checkpoints, data, label_map=None, norm="auto", tag=None, out=None, runs="runs", device="auto"):
+    """Score trained students on another corpus (cross-corpus testing): every emotion
+    utterance of `data` (IEMOCAP: the improvised four classes; a manifest: every row),
+    labels renamed through `label_map`. Inputs are normalised as the model was trained:
+    per speaker with each speaker's own audio in that corpus, or with the training
+    statistics stored in the checkpoint (norm "speaker"/"checkpoint" overrides).
+    Writes crosscorpus-<tag>.json beside each checkpoint (or `out`), which `report`
+    collects. Returns the list of results."""
+    if out is not None and len(checkpoints) > 1:
+        raise DataError("--out names one file: give one --checkpoint with it")
+    students = [(Path(c), *load_student(c)) for c in checkpoints]
+    classes = students[0][2]
+    for path, _, other, _ in students[1:]:
+        if other != classes:
+            raise DataError(f"{path}: its classes ({', '.join(other)}) differ from those of {students[0][0]} "
+                            f"({', '.join(classes)}): evaluate them separately")
+    mapping = parse_label_map(label_map, classes)
+    tag = tag or corpus_tag(data)
+    _require(re.fullmatch(r"[A-Za-z0-9._-]+", tag) is not None, f"--name {tag!r}: use letters, digits, '.', '_' and '-'")
+    utts = load_corpus(data, subset="all", verbose=False, all_labels=True)
+    kept, feats = compute_features(utts, Path(runs) / "cache")
+    task = emotion_utterances(kept, data, verbose=False)
+    counts = {}
+    for u in task:
+        counts[u.label] = counts.get(u.label, 0) + 1
+    unmapped = sorted(l for l in counts if l not in mapping and l not in classes)
+    if unmapped:
+        raise DataError(f"{data}: label(s) {', '.join(f'{l} ({counts[l]} utterances)' for l in unmapped)} are not "
+                        f"classes of the model ({', '.join(classes)}): map them with --label-map "
+                        f"{unmapped[0]}=CLASS, or leave them out with --label-map {unmapped[0]}=")
+    for l in sorted(set(mapping) - set(counts)):
+        warn_once(f"--label-map {l}=...: no utterance of {data} has the label {l}")
+    dropped = {l: counts[l] for l in sorted(counts) if l in mapping and mapping[l] is None}
+    chosen = [dataclasses.replace(u, label=mapping.get(u.label, u.label)) for u in task if mapping.get(u.label, u.label)]
+    if not chosen:
+        raise DataError(f"{data}: no utterance left to score after --label-map")
+    ids = {u.id for u in chosen}
+    print(f"evaluate on {tag}: {len(chosen)} utterances of {len({u.speaker for u in chosen})} speakers"
+          + (f"; left out: {', '.join(f'{l} ({n})' for l, n in dropped.items())}" if dropped else "")
+          + (f"; labels mapped: {', '.join(f'{a}={b}' for a, b in mapping.items() if b)}" if any(mapping.values()) else ""))
+    dev = pick_device(device)
+    per_speaker, results = None, []
+    for path, model, _, ck in students:
+        how = norm if norm != "auto" else ("speaker" if ck["norm"]["mode"] == "speaker" else "checkpoint")
+        if how == "speaker":   # each speaker's statistics from all of that speaker's audio in the corpus
+            if per_speaker is None:
+                per_speaker = dict(zip([u.id for u in kept if u.id in ids], normalise(kept, feats, "speaker", keep=ids)))
+            inputs = per_speaker
+        else:                  # the training statistics stored in the checkpoint
+            mean, std = ck["norm"]["mean"].numpy(), ck["norm"]["std"].numpy()
+            inputs = {u.id: ((f.reshape(FEAT_CHANNELS, -1) - mean[:, None]) / std[:, None]).astype(np.float32)
+                      for u, f in zip(kept, feats) if u.id in ids}
+        items = [(u, inputs[u.id]) for u in chosen]
+        model.to(dev)
+        metrics = classify(model, items, {c: i for i, c in enumerate(classes)}, ck["config"].get("batch_size", 32), dev)
+        cfg = ck["config"]
+        run = StudentConfig(**{k: v for k, v in cfg.items() if k in {f.name for f in dataclasses.fields(StudentConfig)}}).run_name()
+        result = {"corpus": tag, "data": str(data) if data is not None else None, "checkpoint": str(path),
+                  "run": run, "config": cfg, "classes": classes, "label_map": mapping, "dropped": dropped,
+                  "norm": "per speaker, the corpus' own audio" if how == "speaker" else "training statistics from the checkpoint",
+                  "test": metrics}
+        dest = Path(out) if out is not None else path.parent / f"crosscorpus-{tag}.json"
+        if dest.is_file():
+            old = json.loads(dest.read_text())
+            if (old.get("data"), old.get("label_map")) != (result["data"], mapping):
+                print(f"warning: {dest} held a result on other data or another label map ({old.get('data')}); "
+                      f"replaced (use --name to keep both)", file=sys.stderr)
+        write_json(result, dest)
+        print(f"{run} fold {cfg['fold']}" + (f" seed {cfg['seed']}" if cfg.get("seed") else "")
+              + f" on {tag}: WA {metrics['WA']:.1f}  UA {metrics['UA']:.1f}  ({metrics['n']} utterances) -> {dest}")
+        results.append(result)
+    return results
+
+
+def _crosscorpus(runs):
+    """The cross-corpus table of results.md from the crosscorpus-*.json files beside the run folders' checkpoints."""
+    found = {}
+    for f in sorted(runs.glob("student/*/fold*/crosscorpus-*.json")):
+        r = json.loads(f.read_text())
+        final = f.parent / "final.json"
+        r["home"] = json.loads(final.read_text())["test"] if final.is_file() else None
+        found.setdefault((r["corpus"], r["run"]), []).append(r)
+    if not found:
+        return []
+    out = ["", "## Cross-corpus tests", "", "Students trained here, scored with `python satn.py evaluate` on every "
+           "emotion utterance of another corpus; mean ± sample SD over the runs (folds × seeds) evaluated, beside "
+           "the same runs' test results on their own corpus.", "",
+           "| test corpus | method | runs | WA | UA | own-corpus test WA | own-corpus test UA |", "|---|---|---|---|---|---|---|"]
+    notes = []
+    for (corpus, run), rs in sorted(found.items()):
+        home = [r["home"] for r in rs if r["home"]]
+        out.append(f"| {corpus} | {_row_label(run, rs)} | {_runs_cell(rs)} | {mean_sd([r['test']['WA'] for r in rs])} | "
+                   f"{mean_sd([r['test']['UA'] for r in rs])} | "
+                   + (f"{mean_sd([h['WA'] for h in home])} | {mean_sd([h['UA'] for h in home])} |" if home else "– | – |"))
+        r = rs[0]
+        if len({(x["data"], json.dumps(x["label_map"]), x["norm"]) for x in rs}) > 1:
+            notes.append(f"- {corpus}, {run}: the runs were evaluated on different data, label maps or "
+                         f"normalisations; rerun evaluate on all of them")
+        maps = ", ".join(f"{a}={b}" for a, b in r["label_map"].items() if b)
+        notes.append(f"- {corpus}, {run}: {r['test']['n']} utterances ({r['data'] or 'the demo corpus'}); "
+                     f"normalisation: {r['norm']}" + (f"; labels mapped {maps}" if maps else "")
+                     + (f"; left out: {', '.join(f'{l} ({n})' for l, n in r['dropped'].items())}" if r["dropped"] else "")
+                     + (f"; no {', '.join(r['test']['absent'])} utterance (UA over the classes present)" if r["test"].get("absent") else ""))
+    return out + [""] + notes
 
 
 def report_figures(runs, results):
@@ -3611,6 +3744,24 @@ def main(argv=None):
                         f"least {PREDICT_MIN_SPEAKER_SECONDS:.0f} s, else checkpoint (default: auto)")
     p.add_argument("--window", type=float, default=PREDICT_WINDOW, help=f"window length for long files, s (default: {PREDICT_WINDOW})")
     p.add_argument("--hop", type=float, default=PREDICT_HOP, help=f"hop between windows, s (default: {PREDICT_HOP})")
+    p = sub.add_parser("evaluate", help="score trained students on another corpus (cross-corpus test); "
+                       "report collects the results")
+    p.add_argument("--checkpoint", required=True, nargs="+", help="one or more students' best.pt, e.g. "
+                   "runs/student/tcn-self-at/fold*/best.pt")
+    p.add_argument("--data", required=True, help="the corpus to test on: an IEMOCAP folder (its improvised four "
+                   "classes) or a CSV manifest (every row)")
+    p.add_argument("--label-map", default=None, metavar="LABEL=CLASS,...", help="rename the corpus' labels to "
+                   "the model's classes, e.g. anger=angry,happiness=happy; LABEL= leaves LABEL out; a label "
+                   "neither mapped nor a class of the model is an error (default: none)")
+    p.add_argument("--norm", choices=("auto", "speaker", "checkpoint"), default="auto", help="per-speaker "
+                   "statistics of the corpus' own audio, or the training statistics stored in the checkpoint; "
+                   "auto: as the model was trained (default: auto)")
+    p.add_argument("--name", default=None, help="the corpus' name in file names and results.md (default: the "
+                   "CSV's stem or the folder's name)")
+    p.add_argument("--out", default=None, help="result file (default: crosscorpus-NAME.json beside each checkpoint, "
+                   "where report finds it)")
+    p.add_argument("--runs", default="runs", help="the feature cache goes to RUNS/cache (default: runs)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p = sub.add_parser("report", help="collect finished runs into runs/results.md")
     p.add_argument("--runs", default="runs", help="output root of the runs (default: runs)")
     p.add_argument("--per-seed", action="store_true", help="also Table 2 and the tests of each seed on its own")
@@ -3635,6 +3786,8 @@ def main(argv=None):
                 train_student(dataclasses.replace(cfg, fold=k))
         elif args.command == "predict":
             return predict(args.checkpoint, args.inputs, args.json, args.norm, args.window, args.hop)
+        elif args.command == "evaluate":
+            evaluate_corpus(args.checkpoint, args.data, args.label_map, args.norm, args.name, args.out, args.runs, args.device)
         elif args.command == "report":
             report(args.runs, args.per_seed)
         elif args.command == "bench":

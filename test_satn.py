@@ -2332,6 +2332,25 @@ def test_run_all_dry_run_lists_every_training_in_order(demo_corpus, tmp_path):
     assert not (tmp_path / "runs").exists() and (REPO / "runs").exists() == repo_runs   # a dry run writes nothing
 
 
+def test_run_all_seeds_dry_run(tmp_path):
+    import shlex
+    r = _run_all(["--dry-run", "--seeds", "2", "--epochs", "1"], tmp_path)
+    assert r.returncode == 0
+    cmds = [shlex.split(line) for line in r.stdout.splitlines() if line.strip()]
+    train = [c for c in cmds if c[2] in ("teacher", "student")]
+    seeds = [int(c[c.index("--seed") + 1]) for c in train]
+    print(len(train), seeds[:12])
+    assert len(train) == 2 * (5 + 45) and seeds == [0, 1] * 50     # each training with seed 0, then seed 1
+    assert [c[2] for c in cmds].count("teacher") == 10 and cmds[-1][2] == "report"
+    without = [tuple(a for i, a in enumerate(c) if a != "--seed" and c[i - 1] != "--seed") for c in train]
+    assert all(without[i] == without[i + 1] for i in range(0, len(without), 2))
+    # without --seeds, nothing adds a seed; --seeds and --seed together, or a bad count, are refused
+    assert "--seed" not in _run_all(["--dry-run"], tmp_path).stdout
+    for bad in (["--seeds", "2", "--seed", "3"], ["--seeds", "0"], ["--seeds", "two"]):
+        r = _run_all(["--dry-run", *bad], tmp_path)
+        assert r.returncode == 2 and "--seed" in r.stderr
+
+
 def test_run_all_rejects_jobs_zero(tmp_path):
     runs = tmp_path / "runs"
     r = _run_all(["--jobs", "0", "--runs", str(runs)], tmp_path)
@@ -2746,6 +2765,111 @@ def _help_text(monkeypatch, capsys, command):
     return " ".join(out.split())
 
 
+# -- normalisation statistics in checkpoints, and evaluate (cross-corpus)
+
+@pytest.fixture(scope="session")
+def global_student(demo_corpus, demo_cache, tmp_path_factory):
+    """A one-epoch tcn-self student of fold 5 trained with --norm global."""
+    work = tmp_path_factory.mktemp("global")
+    runs = fresh_runs(work, demo_cache)
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        rc, out, err = run_main(["student", "--data", demo_corpus, "--runs", runs, "--fold", "5", "--epochs", "1",
+                                 "--norm", "global", "--threads", "1", *STUDENT_TINY])
+    finally:
+        os.chdir(cwd)
+    assert rc == 0, out[-2000:] + err
+    return {"runs": runs, "work": work, "dir": runs / "student" / "tcn-self" / "fold5"}
+
+
+def test_predict_on_a_global_checkpoint_reproduces_the_training_input(global_student, demo_corpus, monkeypatch):
+    ck = torch.load(global_student["dir"] / "best.pt", map_location="cpu", weights_only=True)
+    assert ck["norm"]["mode"] == "global" and ck["norm"]["source"] == "every utterance of the training sessions"
+    cfg = satn.StudentConfig(**ck["config"])
+    data = satn.prepare_data(cfg, "student")                   # what training fed the model
+    u, trained_on = data["train"][3]
+    seen = []
+    monkeypatch.setattr(satn, "predict_file", lambda model, feats, *a: seen.append(feats) or np.full(4, 0.25))
+    assert satn.predict(global_student["dir"] / "best.pt", [u.path], norm="auto") == 0
+    print(u.id, trained_on.shape, np.abs(seen[0] - trained_on).max())
+    assert seen[0].dtype == trained_on.dtype == np.float32
+    assert np.array_equal(seen[0], trained_on)                 # bit for bit
+    # and the statistics are those of every utterance of sessions 1-4, whatever its label or dialog
+    labels = emo_labels(demo_corpus)
+    paths = {v.id: v.path for v in satn.load_iemocap(demo_corpus, "all", verbose=False, all_labels=True)}
+    frames = [satn.features(satn.load_audio(paths[i])).reshape(satn.FEAT_CHANNELS, -1)
+              for i in labels if not i.startswith("Ses05")]
+    flat = np.concatenate(frames, 1).astype(np.float64)
+    np.testing.assert_allclose(ck["norm"]["mean"].numpy(), flat.mean(1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ck["norm"]["std"].numpy(), flat.std(1) + satn.STD_FLOOR, rtol=1e-5, atol=1e-5)
+
+
+def _renamed_manifest(demo_corpus, folder):
+    """A manifest of session 1's improvised utterances with the classes renamed, plus two 'bored' rows."""
+    rename = {"neutral": "calm", "happy": "joy", "sad": "sadness", "angry": "anger"}
+    utts = [u for u in satn.load_iemocap(demo_corpus, "impro", verbose=False) if u.session == "Ses01"]
+    rows = [f"{u.path},{rename[u.label]},{u.speaker},{u.session}" for u in utts]
+    rows += [f"{u.path},bored,{u.speaker},{u.session}" for u in
+             satn.load_iemocap(demo_corpus, "script", verbose=False)[:2]]
+    return write_manifest(folder, rows, header="path,label,speaker,session"), utts
+
+
+def test_evaluate_through_a_label_map_and_report(global_student, demo_corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    manifest, utts = _renamed_manifest(demo_corpus, tmp_path / "other")
+    best = global_student["dir"] / "best.pt"
+    runs = global_student["runs"]
+    rc = satn.main(["evaluate", "--checkpoint", str(best), "--data", str(manifest), "--runs", str(tmp_path / "runs"),
+                    "--label-map", "calm=neutral, joy=happy,sadness=sad,anger=angry,bored="])
+    out = capsys.readouterr().out
+    print(out)
+    assert rc == 0 and "left out: bored (2)" in out
+    result = json.loads((global_student["dir"] / f"crosscorpus-{manifest.stem}.json").read_text())
+    test = result["test"]
+    assert test["n"] == len(utts) and sorted(test["ids"]) == sorted(u.path for u in utts)
+    assert result["norm"] == "training statistics from the checkpoint"
+    # every prediction, worked out one utterance at a time with the stored statistics
+    model, classes, ck = satn.load_student(best)
+    mean, std = ck["norm"]["mean"].numpy(), ck["norm"]["std"].numpy()
+    by_path = {u.path: u for u in utts}
+    for uid, true, pred in zip(test["ids"], test["true"], test["pred"]):
+        x = satn.features(satn.load_audio(by_path[uid].path)).reshape(satn.FEAT_CHANNELS, -1)
+        x = torch.from_numpy(((x - mean[:, None]) / std[:, None]).astype(np.float32))[None]
+        with torch.no_grad():
+            logits, _ = model(x, torch.tensor([x.shape[-1]]))
+        assert true == by_path[uid].label and pred == classes[int(logits.argmax())]
+    right = sum(t == p for t, p in zip(test["true"], test["pred"]))
+    assert test["WA"] == pytest.approx(100 * right / len(utts))
+    # report puts it into its own table, beside the run's own test result
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert satn.main(["report", "--runs", str(runs)]) == 0
+    text = (runs / "results.md").read_text()
+    final = json.loads((global_student["dir"] / "final.json").read_text())
+    row = (f"| {manifest.stem} | TCN + self-attention | 1 | {test['WA']:.1f} | {test['UA']:.1f} | "
+           f"{final['test']['WA']:.1f} | {final['test']['UA']:.1f} |")
+    print(text)
+    assert "## Cross-corpus tests" in text and row in text.splitlines()
+    assert "labels mapped calm=neutral, joy=happy, sadness=sad, anger=angry; left out: bored (2)" in text
+    assert "Normalisation: globally, with the mean and standard deviation of every utterance of the training sessions" in text
+
+
+@pytest.mark.parametrize("label_map,words", [(None, ["anger (", "bored (2 utterances)", "calm", "--label-map anger="]),
+                                             ("calm=neutral,joy=happy,sadness=sad,anger=angry", ["bored (2 utterances)"]),
+                                             ("calm=relaxed", ["relaxed is not a class of the model"]),
+                                             ("calm", ["'calm' is not LABEL=CLASS"]),
+                                             ("calm=neutral,calm=sad", ["calm is mapped twice"])])
+def test_evaluate_labels_it_cannot_map(global_student, demo_corpus, tmp_path, monkeypatch, capsys, label_map, words):
+    monkeypatch.chdir(tmp_path)
+    manifest, _ = _renamed_manifest(demo_corpus, tmp_path / "other")
+    argv = ["evaluate", "--checkpoint", str(global_student["dir"] / "best.pt"), "--data", str(manifest),
+            "--runs", str(tmp_path / "runs")] + (["--label-map", label_map] if label_map else [])
+    assert satn.main(argv) == 2
+    line = _one_line_error(capsys)
+    for w in words:
+        assert w in line, w
+
+
 def test_cli_teacher_help_lists_every_option_and_default(monkeypatch, capsys):
     text = _help_text(monkeypatch, capsys, "teacher")
     options = text[text.index("options:"):]
@@ -2766,6 +2890,7 @@ def test_cli_teacher_help_lists_every_option_and_default(monkeypatch, capsys):
 @pytest.mark.parametrize("command,flags", [("demo-data", ["--out", "--seed"]), ("prepare", ["--data", "--runs"]),
                                            ("predict", ["--checkpoint", "--json", "--norm", "--window", "--hop"]),
                                            ("report", ["--runs", "--per-seed"]), ("bench", ["--device"]),
+                                           ("evaluate", ["--checkpoint", "--data", "--label-map", "--norm", "--name", "--out"]),
                                            ("build-kernels", ["--cuda"])])
 def test_cli_help_of_the_other_subcommands(monkeypatch, capsys, command, flags):
     text = _help_text(monkeypatch, capsys, command)
@@ -2774,7 +2899,8 @@ def test_cli_help_of_the_other_subcommands(monkeypatch, capsys, command, flags):
     defaults = {"demo-data": ["(default: data/demo)", "(default: 0)"], "prepare": ["(default: runs)"],
                 "predict": [f"(default: {satn.PREDICT_WINDOW})", f"(default: {satn.PREDICT_HOP})",
                             "(default: auto)"],
-                "report": ["(default: runs)"], "bench": ["(default: auto)"], "build-kernels": []}[command]
+                "report": ["(default: runs)"], "bench": ["(default: auto)"], "build-kernels": [],
+                "evaluate": ["(default: auto)", "(default: runs)"]}[command]
     for d in defaults:
         assert d in text, d
 
