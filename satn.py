@@ -660,6 +660,30 @@ def compute_features(utts, cache_dir="runs/cache", verbose=True):
     return kept, feats
 
 
+def check_duplicate_audio(utts, feats):
+    """The same recording under two names (a copy, a link, another spelling of its path) is
+    one utterance: under two speakers it could be trained on and tested. Refused when the
+    speakers differ, a warning otherwise. Cheap: features are grouped by length and a hash
+    of a few frames, and only those that collide are compared in full."""
+    groups = {}
+    for u, f in zip(utts, feats):
+        T = f.shape[-1]
+        key = (T, hashlib.sha1(np.ascontiguousarray(f[..., ::max(1, T // 8)]).tobytes()).hexdigest())
+        groups.setdefault(key, []).append((u, f))
+    for members in (m for m in groups.values() if len(m) > 1):
+        for i in range(1, len(members)):
+            for j in range(i):
+                (a, fa), (b, fb) = members[j], members[i]
+                if not np.array_equal(fa, fb):
+                    continue
+                what = (f"{a.path} ({a.id}, speaker {a.speaker}) and {b.path} ({b.id}, speaker {b.speaker}) hold the "
+                        f"same audio")
+                if a.speaker != b.speaker:
+                    raise DataError(f"{what}: one recording under two speakers could be trained on and tested; "
+                                    f"remove one of them")
+                print(f"warning: {what}; it counts twice")
+
+
 def feature_stats(feats):
     """Mean and standard deviation per feature channel over all frames: two (120,) arrays."""
     flat = np.concatenate([f.reshape(FEAT_CHANNELS, -1) for f in feats], axis=1)  # (120, sum T)
@@ -1998,6 +2022,7 @@ def prepare_data(cfg, role):
     sweep_stale_temps(Path(cfg.runs) / "cache")
     kept, feats = compute_features(load_corpus(cfg.data, subset="all", verbose=False, all_labels=True),
                                    Path(cfg.runs) / "cache")
+    check_duplicate_audio(kept, feats)
     sessions = {u.session for u in kept}
     if role == "student":
         chosen = {u.id for u in emotion_utterances(kept, cfg.data)}
@@ -2645,6 +2670,8 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".au", ".m
 PREDICT_WINDOW = 8.0   # s: long recordings are classified in windows of this length...
 PREDICT_HOP = 4.0      # s: ...every this many seconds, and the class probabilities averaged
 PREDICT_BATCH = 16     # windows per forward pass: memory does not grow with the file's length
+PREDICT_MIN_WINDOW = 0.1   # s: shortest --window (10 frames)
+PREDICT_MAX_WINDOW = 60.0  # s: longest --window (self-attention memory grows with its square)
 PREDICT_MIN_SPEAKER_SECONDS = 30.0  # s of input needed to estimate a speaker's statistics (--norm auto)
 
 
@@ -2698,7 +2725,9 @@ def predict_file(model, feats, window=PREDICT_WINDOW, hop=PREDICT_HOP):
 
 def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDOW, hop=PREDICT_HOP):
     """Print the predicted emotion and class probabilities of each audio file. Returns 1 if any file failed."""
-    _require(window > 0 and 0 < hop <= window, "predict needs --window > 0 and 0 < --hop <= --window")
+    _require(PREDICT_MIN_WINDOW <= window <= PREDICT_MAX_WINDOW and HOP_SECONDS <= hop <= window,
+             f"predict needs --window in [{PREDICT_MIN_WINDOW}, {PREDICT_MAX_WINDOW}] s and --hop in "
+             f"[{HOP_SECONDS}, --window] s, got --window {window} --hop {hop}")
     model, classes, ck = load_student(checkpoint)
     files = audio_files(inputs)
     if not files:
@@ -2729,6 +2758,11 @@ def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDO
             print(json.dumps({"file": str(f), "error": str(x)}) if as_json else f"{f}\terror: {x}", flush=True)
             continue
         probs = predict_file(model, ((x - mean[:, None]) / std[:, None]).astype(np.float32), window, hop)
+        if not np.isfinite(probs).all():   # never print NaN (nor invalid JSON): the file fails
+            failed += 1
+            msg = f"{f}: the model's probabilities are not finite (NaN or inf)"
+            print(json.dumps({"file": str(f), "error": msg}) if as_json else f"{f}\terror: {msg}", flush=True)
+            continue
         best = classes[int(np.argmax(probs))]
         if as_json:
             print(json.dumps({"file": str(f), "prediction": best, "seconds": round(x.shape[1] * HOP_SECONDS, 2),
