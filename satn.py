@@ -1250,9 +1250,12 @@ class BLSTM(nn.Module):
 # The fused extension in kernels/ is compiled on first use (never at import) by
 # torch.utils.cpp_extension with ninja into ~/.cache/satn/kernels/. SATN_KERNEL=ref
 # forces causal_conv1d_ref, SATN_KERNEL=ext makes an unavailable extension an error;
-# by default CUDA inputs use the extension and fall back, with one warning, when it
-# cannot be built. CPU inputs use PyTorch's path: the extension's CPU build exists to
-# test the shared arithmetic and is slower than PyTorch's convolution.
+# by default (auto) a CUDA input's signature (device, dtype, channels, kernel size,
+# dilation, length bucket, which gradients) is timed once on both paths and the faster
+# is kept (in memory and in KERNEL_CACHE_DIR/dispatch.json), so the extension is used
+# only where it helps; when it cannot be built, one warning says so and the PyTorch path
+# is used. CPU inputs use PyTorch's path: the extension's CPU build exists to test the
+# shared arithmetic and is slower than PyTorch's convolution.
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 KERNEL_CACHE_DIR = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -1261,8 +1264,14 @@ KERNEL_CACHE_DIR = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cac
 # of 9.0 lets newer GPUs JIT-compile the kernels).
 KERNEL_DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
+KERNEL_TUNE_WARMUP = 2      # untimed calls of each path before a new signature is timed
+KERNEL_TUNE_REPEATS = 5     # timed calls of each path (CUDA events; the median is compared)
+KERNEL_TUNE_MARGIN = 0.95   # the extension is chosen only if its median <= this x the PyTorch path's
+KERNEL_VERBOSE = False      # print each dispatch choice once (python satn.py -v ...)
+
 _KERNEL_EXT = {}        # "cpu" / "cuda" -> loaded module, or the reason it failed (str)
 _KERNEL_WARNED = False  # the auto-mode fallback warning is given once per process
+_KERNEL_CHOICES = {}    # dispatch signature -> "ext" or "ref", for this process
 
 
 def _kernel_mode():
@@ -1419,9 +1428,155 @@ def _kernel_self_check(ext):
 
 
 def _auto_wants_ext(x, weight):
-    """Whether SATN_KERNEL=auto sends this call to the extension: CUDA inputs only (on CPU
-    PyTorch's own convolution is faster than the extension's CPU build)."""
+    """Whether SATN_KERNEL=auto considers the extension for this call: CUDA inputs only (on
+    CPU PyTorch's own convolution is faster than the extension's CPU build)."""
     return x.is_cuda
+
+
+def _conv_uses_tf32():
+    """Whether PyTorch runs float32 convolutions on TF32 tensor cores now; the extension does
+    the same, so that both paths round alike (torch.backends.cudnn.conv.fp32_precision, else
+    torch.backends.cudnn.allow_tf32)."""
+    prec = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    if prec in ("tf32", "ieee"):
+        return prec == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def _t_bucket(T):
+    """Sequence lengths timed together: the next power of two >= T."""
+    return 1 << max(0, int(T) - 1).bit_length()
+
+
+def kernel_signature(x, weight, dilation, grads):
+    """What the dispatch times once: device, dtype (with TF32 for float32), C_in, C_out, K,
+    dilation, T bucket and which gradients the call needs ('none', 'w' or 'x+w')."""
+    dev = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
+    dtype = str(x.dtype).replace("torch.", "")
+    if x.dtype == torch.float32 and _conv_uses_tf32():
+        dtype += "/tf32"
+    return (dev, dtype, x.shape[1], weight.shape[0], weight.shape[2], int(dilation), _t_bucket(x.shape[2]), grads)
+
+
+def choose_kernel_path(ext_ms, ref_ms, margin=KERNEL_TUNE_MARGIN):
+    """The dispatch's decision from one timing of each path (median ms; ext_ms None when the
+    extension failed): the extension only when it is clearly faster, so auto never slows a
+    model down by more than timing noise."""
+    if ext_ms is None or not math.isfinite(ext_ms) or not math.isfinite(ref_ms):
+        return "ref"
+    return "ext" if ext_ms <= margin * ref_ms else "ref"
+
+
+def _cuda_median_ms(fn, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _time_kernel_paths(x, weight, bias, dilation, relu, ext, grads):
+    """Median ms of (extension, PyTorch path) on these very inputs, forward plus the backward
+    the call needs; the extension's time is None if it raised (e.g. out of memory)."""
+    gen = torch.Generator(device=x.device).manual_seed(0)  # the user's random stream is left alone
+    gy = torch.randn(x.shape[0], weight.shape[0], x.shape[2], generator=gen, device=x.device, dtype=x.dtype)
+    act = "relu" if relu else None
+    tf32 = _conv_uses_tf32()
+
+    def run(path):
+        xi = x.detach().requires_grad_(grads == "x+w")
+        wi, bi = (t.detach().requires_grad_(grads != "none") if t is not None else None for t in (weight, bias))
+        with torch.set_grad_enabled(grads != "none"):
+            y = (_CausalConv1dFn.apply(xi, wi, bi, dilation, relu, ext, tf32) if path == "ext"
+                 else causal_conv1d_ref(xi, wi, bi, dilation, act))
+            if grads != "none":
+                y.backward(gy)
+
+    ref_ms = _cuda_median_ms(lambda: run("ref"), KERNEL_TUNE_WARMUP, KERNEL_TUNE_REPEATS)
+    try:
+        ext_ms = _cuda_median_ms(lambda: run("ext"), KERNEL_TUNE_WARMUP, KERNEL_TUNE_REPEATS)
+    except RuntimeError:
+        ext_ms = None
+    return ext_ms, ref_ms
+
+
+def _kernel_choice_store():
+    """Where remembered choices live: a JSON file in the kernel cache, one section per
+    device name and build (torch, Python and the kernel sources' hash)."""
+    h = hashlib.sha1()
+    for src in sorted(p for p in KERNEL_DIR.iterdir() if p.is_file()):
+        h.update(src.read_bytes())
+    return KERNEL_CACHE_DIR / "dispatch.json", f"{_kernel_build_name(True)}-{h.hexdigest()[:12]}"
+
+
+def _stored_kernel_choice(device, sig):
+    try:
+        path, build = _kernel_choice_store()
+        entry = json.loads(path.read_text()).get(f"{device} | {build}", {}).get(repr(sig[1:]))
+        return entry if entry and entry.get("path") in ("ext", "ref") else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _store_kernel_choice(device, sig, entry):
+    """Best effort: an unwritable cache only means timing again in the next process."""
+    try:
+        path, build = _kernel_choice_store()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            table = {}
+        table.setdefault(f"{device} | {build}", {})[repr(sig[1:])] = entry
+        write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(table, indent=1, sort_keys=True)))
+    except OSError:
+        pass
+
+
+def _announce_kernel_choice(sig, entry, how):
+    if KERNEL_VERBOSE:
+        dev, dtype, C, O, K, d, tb, grads = sig
+        times = ""
+        if entry.get("ref_ms") is not None:
+            ext = f"{entry['ext_ms']:.3f} ms" if entry.get("ext_ms") is not None else "failed"
+            times = f": ext {ext}, ref {entry['ref_ms']:.3f} ms"
+        print(f"satn kernels: {dev} {dtype} C_in {C} C_out {O} K {K} dilation {d} T<={tb} grads {grads}"
+              f"{times} -> {'extension' if entry['path'] == 'ext' else 'PyTorch path'} ({how})", flush=True)
+
+
+def _auto_path(x, weight, bias, dilation, relu, ext):
+    """'ext' or 'ref' for SATN_KERNEL=auto: the first call of a signature times both paths
+    (or finds the choice stored by an earlier run on this device and build); later calls
+    reuse it. With torch.use_deterministic_algorithms(True) nothing is timed (a timing
+    could pick differently from run to run) and the PyTorch path is taken."""
+    needs = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)
+                                         or x.requires_grad)
+    grads = "none" if not needs else ("x+w" if x.requires_grad else "w")
+    sig = kernel_signature(x, weight, dilation, grads)
+    if torch.are_deterministic_algorithms_enabled():
+        if ("deterministic",) + sig not in _KERNEL_CHOICES:
+            _KERNEL_CHOICES[("deterministic",) + sig] = "ref"
+            _announce_kernel_choice(sig, {"path": "ref"}, "deterministic algorithms requested: nothing timed")
+        return "ref"
+    if sig not in _KERNEL_CHOICES:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return "ref"  # no timing inside a CUDA graph capture; decided on the next eager call
+        entry = _stored_kernel_choice(sig[0], sig)
+        how = "stored by an earlier run"
+        if entry is None:
+            ext_ms, ref_ms = _time_kernel_paths(x, weight, bias, dilation, relu, ext, grads)
+            entry = {"path": choose_kernel_path(ext_ms, ref_ms), "ext_ms": ext_ms, "ref_ms": ref_ms}
+            how = "timed now"
+            _store_kernel_choice(sig[0], sig, entry)
+        _KERNEL_CHOICES[sig] = entry["path"]
+        _announce_kernel_choice(sig, entry, how)
+    return _KERNEL_CHOICES[sig]
 
 
 def _kernel_ext_for(x, weight):
@@ -1446,10 +1601,10 @@ def _kernel_ext_for(x, weight):
 
 class _CausalConv1dFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, dilation, relu, ext):
+    def forward(ctx, x, weight, bias, dilation, relu, ext, tf32=False):
         y = ext.forward(x, weight, bias, dilation, relu)
         ctx.save_for_backward(x, weight, y)
-        ctx.dilation, ctx.relu, ctx.has_bias, ctx.ext = dilation, relu, bias is not None, ext
+        ctx.dilation, ctx.relu, ctx.has_bias, ctx.ext, ctx.tf32 = dilation, relu, bias is not None, ext, tf32
         return y
 
     @staticmethod
@@ -1460,7 +1615,7 @@ class _CausalConv1dFn(torch.autograd.Function):
                                                   ctx.dilation, ctx.relu, ctx.has_bias)
         need = ctx.needs_input_grad
         return (grad_x if need[0] else None, grad_w if need[1] else None,
-                grad_b if need[2] else None, None, None, None)
+                grad_b if need[2] else None, None, None, None, None)
 
 
 def causal_conv1d(x, weight, bias=None, dilation=1, activation=None):
@@ -1477,7 +1632,10 @@ def causal_conv1d(x, weight, bias=None, dilation=1, activation=None):
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
-    return _CausalConv1dFn.apply(x, weight, bias, dilation, activation == "relu", ext)
+    relu = activation == "relu"
+    if _kernel_mode() == "auto" and _auto_path(x, weight, bias, dilation, relu, ext) == "ref":
+        return causal_conv1d_ref(x, weight, bias, dilation=dilation, activation=activation)
+    return _CausalConv1dFn.apply(x, weight, bias, dilation, relu, ext, x.is_cuda and _conv_uses_tf32())
 
 
 def build_kernels(cuda: bool) -> int:
@@ -2724,6 +2882,8 @@ def _folds(cfg):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="satn.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="say once per shape which causal-convolution path the dispatch chose, and why")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo-data", help="write the synthetic IEMOCAP-layout demo corpus")
     p.add_argument("--out", default=str(DEMO_DIR), help=f"output folder (default: {DEMO_DIR})")
@@ -2756,6 +2916,8 @@ def main(argv=None):
     p = sub.add_parser("build-kernels", help="compile the fused causal-conv extension and say what was built")
     p.add_argument("--cuda", action="store_true", help="also compile the CUDA part, even without a GPU")
     args = parser.parse_args(argv)
+    global KERNEL_VERBOSE
+    KERNEL_VERBOSE = KERNEL_VERBOSE or args.verbose
     try:
         if args.command == "demo-data":
             write_demo_corpus(Path(args.out), args.seed)

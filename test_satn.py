@@ -2755,6 +2755,139 @@ def test_kernel_mode_rejects_unknown_value(monkeypatch):
         satn.causal_conv1d(torch.randn(1, 2, 5), torch.randn(2, 2, 3))
 
 
+def test_choose_kernel_path_from_injected_timings():
+    assert satn.choose_kernel_path(1.0, 2.0) == "ext"
+    assert satn.choose_kernel_path(2.0, 1.0) == "ref"
+    assert satn.choose_kernel_path(0.99, 1.0) == "ref"      # within timing noise: the PyTorch path
+    assert satn.choose_kernel_path(0.95, 1.0) == "ext"
+    assert satn.choose_kernel_path(None, 1.0) == "ref"      # the extension failed while being timed
+    assert satn.choose_kernel_path(float("nan"), 1.0) == "ref"
+    assert satn.choose_kernel_path(0.5, 1.0, margin=0.4) == "ref"
+
+
+class _RecordingExt:
+    """Stands in for the extension on CPU: runs the reference and counts calls."""
+
+    def __init__(self):
+        self.forward_calls = 0
+
+    def forward(self, x, w, b, d, relu):
+        self.forward_calls += 1
+        return satn.causal_conv1d_ref(x, w, b, d, "relu" if relu else None)
+
+    def backward(self, gy, x, w, y, d, relu, has_bias):
+        with torch.enable_grad():
+            xi, wi = x.detach().requires_grad_(), w.detach().requires_grad_()
+            bi = torch.zeros(w.shape[0], dtype=w.dtype, requires_grad=True) if has_bias else None
+            out = satn.causal_conv1d_ref(xi, wi, bi, d, "relu" if relu else None)
+            grads = torch.autograd.grad(out, (xi, wi) + ((bi,) if has_bias else ()), gy)
+        return grads[0], grads[1], grads[2] if has_bias else None
+
+
+@pytest.fixture
+def auto_dispatch(tmp_path, monkeypatch):
+    """auto mode on CPU tensors as if they were CUDA ones, a fake extension, injected timings."""
+    monkeypatch.delenv("SATN_KERNEL", raising=False)
+    monkeypatch.setattr(satn, "_auto_wants_ext", lambda x, w: True)
+    monkeypatch.setattr(satn, "KERNEL_CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(satn, "_KERNEL_CHOICES", {})
+    ext = _RecordingExt()
+    monkeypatch.setattr(satn, "_KERNEL_EXT", {})
+    monkeypatch.setattr(satn, "_load_kernel_ext", lambda cuda=None, verbose=False: ext)
+    state = {"timings": {}, "timed": []}
+
+    def fake_time(x, w, b, d, relu, ext_, grads):
+        state["timed"].append((x.shape[1], w.shape[0], d, x.shape[2], grads))
+        return state["timings"].get(d, (1.0, 2.0))
+
+    monkeypatch.setattr(satn, "_time_kernel_paths", fake_time)
+    state["ext"] = ext
+    return state
+
+
+def test_auto_dispatch_times_each_signature_once_and_follows_the_timing(auto_dispatch):
+    auto_dispatch["timings"] = {1: (1.0, 2.0), 2: (3.0, 2.0)}   # d=1: extension faster; d=2: slower
+    ext = auto_dispatch["ext"]
+    w = torch.randn(4, 3, 3)
+    satn.causal_conv1d(torch.randn(2, 3, 100), w, None, 1, "relu")
+    satn.causal_conv1d(torch.randn(2, 3, 120), w, None, 1, "relu")   # same T bucket (<= 128)
+    assert ext.forward_calls == 2 and len(auto_dispatch["timed"]) == 1
+    y = satn.causal_conv1d(torch.randn(2, 3, 100), w, None, 2, "relu")
+    assert ext.forward_calls == 2                                       # d=2 went to the PyTorch path
+    assert y.shape == (2, 4, 100) and len(auto_dispatch["timed"]) == 2
+    satn.causal_conv1d(torch.randn(2, 3, 300), w, None, 1, "relu")   # new T bucket: timed again
+    wg = w.clone().requires_grad_()
+    satn.causal_conv1d(torch.randn(2, 3, 100), wg, None, 1, "relu")  # needs grad_w: a new signature
+    print(auto_dispatch["timed"])
+    assert [t[-2:] for t in auto_dispatch["timed"]] == [(100, "none"), (100, "none"), (300, "none"), (100, "w")]
+
+
+def test_auto_dispatch_choice_is_stored_and_reused_by_a_new_process(auto_dispatch, monkeypatch):
+    w = torch.randn(4, 3, 2)
+    satn.causal_conv1d(torch.randn(1, 3, 50), w, None, 1)
+    store = satn.KERNEL_CACHE_DIR / "dispatch.json"
+    table = json.loads(store.read_text())
+    print(table)
+    (section,) = table.values()
+    assert [e["path"] for e in section.values()] == ["ext"]
+    monkeypatch.setattr(satn, "_KERNEL_CHOICES", {})                    # as in a fresh process
+    satn.causal_conv1d(torch.randn(1, 3, 60), w, None, 1)
+    assert len(auto_dispatch["timed"]) == 1 and auto_dispatch["ext"].forward_calls == 2
+
+
+def test_auto_dispatch_prints_each_choice_once_when_verbose(auto_dispatch, monkeypatch, capsys):
+    monkeypatch.setattr(satn, "KERNEL_VERBOSE", True)
+    w = torch.randn(4, 3, 3)
+    for _ in range(3):
+        satn.causal_conv1d(torch.randn(2, 3, 40), w, None, 4, "relu")
+    out = capsys.readouterr().out
+    print(out)
+    assert out.count("satn kernels:") == 1
+    assert "dilation 4" in out and "ext 1.000 ms, ref 2.000 ms -> extension (timed now)" in out
+
+
+def test_auto_dispatch_deterministic_mode_takes_the_pytorch_path_untimed(auto_dispatch):
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        x, w = torch.randn(2, 3, 40), torch.randn(4, 3, 3)
+        y = satn.causal_conv1d(x, w, None, 2, "relu")
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert auto_dispatch["timed"] == [] and auto_dispatch["ext"].forward_calls == 0
+    torch.testing.assert_close(y, satn.causal_conv1d_ref(x, w, None, 2, "relu"), rtol=0, atol=0)
+
+
+def test_auto_dispatch_forced_paths_skip_timing(auto_dispatch, monkeypatch):
+    x, w = torch.randn(2, 3, 40), torch.randn(4, 3, 3)
+    monkeypatch.setenv("SATN_KERNEL", "ext")
+    satn.causal_conv1d(x, w, None, 2)
+    monkeypatch.setenv("SATN_KERNEL", "ref")
+    satn.causal_conv1d(x, w, None, 2)
+    assert auto_dispatch["timed"] == [] and auto_dispatch["ext"].forward_calls == 1
+
+
+def test_kernel_cpu_relu_backward_passes_gradient_where_y_is_nan(monkeypatch):
+    """ReLU backward takes its mask from y as torch's threshold_backward does: the gradient is
+    dropped where y <= 0 and passed where y is NaN."""
+    ext = satn._load_kernel_ext(cuda=False)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 17, generator=g, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, generator=g, dtype=torch.float64)
+    y = satn.causal_conv1d_ref(x, w, None, 2, "relu")
+    y[0, 1, 5] = float("nan")
+    y[1, 2, 0] = float("nan")
+    y[1, 3, 16] = 0.0
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    gx, gw, _ = ext.backward(gy, x, w, y, 2, True, False)
+    gz = torch.ops.aten.threshold_backward(gy, y, 0)
+    assert gz[0, 1, 5] == gy[0, 1, 5] and gz[1, 3, 16] == 0       # what torch does
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    gx_ref, gw_ref = torch.autograd.grad(satn.causal_conv1d_ref(xr, wr, None, 2), (xr, wr), gz)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-10, atol=1e-10)
+
+
 # ------------------------------------------------------------------ CUDA build
 def _can_compile_cuda():
     return bool(torch.version.cuda) and bool(
@@ -2809,11 +2942,16 @@ def test_kernel_cuda_gradcheck(monkeypatch):
 
 
 @needs_cuda
-def test_kernel_cuda_auto_uses_extension(monkeypatch):
+def test_kernel_cuda_auto_times_and_remembers(tmp_path, monkeypatch):
     monkeypatch.delenv("SATN_KERNEL", raising=False)
+    monkeypatch.setattr(satn, "KERNEL_CACHE_DIR", tmp_path)
+    monkeypatch.setattr(satn, "_KERNEL_CHOICES", {})
     x, w = torch.randn(2, 8, 50, device="cuda"), torch.randn(8, 8, 3, device="cuda")
-    satn.causal_conv1d(x, w, None, 2, "relu")
+    y = satn.causal_conv1d(x, w, None, 2, "relu")
     assert not isinstance(satn._KERNEL_EXT.get("cuda"), str), satn._KERNEL_EXT.get("cuda")
+    (choice,) = satn._KERNEL_CHOICES.values()
+    assert choice in ("ext", "ref") and (tmp_path / "dispatch.json").is_file()
+    torch.testing.assert_close(y, satn.causal_conv1d_ref(x, w, None, 2, "relu"), rtol=1e-2, atol=1e-2)
 
 
 def test_kernel_fallback_gives_the_same_model_outputs(monkeypatch):
