@@ -189,6 +189,20 @@ def load_audio(path, sr=SAMPLE_RATE):
     return np.ascontiguousarray(wave, dtype=np.float32)
 
 
+def speed_perturb(wave, factor):
+    """Speed perturbation (tempo and pitch together, as played faster or slower): (N,) -> (~N / factor,).
+
+    The waveform is resampled by the rational approximation p/q of `factor` with a
+    polyphase filter and kept at the same sample rate: 1.1 is 10% shorter and higher,
+    0.9 11% longer and lower. The output has ceil(N * q / p) samples."""
+    from fractions import Fraction
+    if factor == 1:
+        return np.asarray(wave, dtype=np.float32)
+    r = Fraction(factor).limit_denominator(100)             # speed p/q: q output samples per p input samples
+    from scipy.signal import resample_poly
+    return resample_poly(np.asarray(wave, dtype=np.float32), r.denominator, r.numerator).astype(np.float32)
+
+
 # -----------------------------------------------------------------------------
 # features
 
@@ -270,6 +284,113 @@ def features(wave, sr=SAMPLE_RATE):
     d1 = deltas(lm)
     d2 = deltas(d1)
     return np.ascontiguousarray(np.stack([lm, d1, d2]).transpose(0, 2, 1))  # (3, 40, T)
+
+
+# Streaming: the same features, computed incrementally from audio that arrives in chunks.
+FEATURE_LOOKAHEAD = 2 * DELTA_N   # frames (40 ms): a delta-delta needs the deltas 2 frames ahead, they 2 more
+
+
+class DeltaStream:
+    """`deltas` of frames that arrive a few at a time: the same values, each computed once.
+
+    Frame t's delta needs frames t-n..t+n, so it comes out once frame t+n has arrived
+    (or the stream ends: `push(..., final=True)`). The stream's first and last frames
+    are replicated past its edges, as `deltas` does. State: the last 2n frames."""
+
+    def __init__(self, n=DELTA_N):
+        self.n, self.buf = n, None                       # buf (2n + pending, D)
+
+    def push(self, x, final=False):
+        """x (m, D) new frames -> (centres (k, D), deltas (k, D)) of the frames now complete."""
+        n = self.n
+        if self.buf is None:
+            if len(x) == 0:
+                return x, x
+            self.buf = np.repeat(x[:1], n, axis=0)       # the left edge, replicated
+        buf = np.concatenate([self.buf, x]) if len(x) else self.buf
+        if final:
+            buf = np.concatenate([buf, np.repeat(buf[-1:], n, axis=0)])
+        k = len(buf) - 2 * n
+        if k <= 0:
+            self.buf = buf
+            return buf[:0], buf[:0]
+        out = np.zeros((k,) + buf.shape[1:], dtype=np.float32)
+        for j in range(1, n + 1):                        # the arithmetic of `deltas`, term by term
+            out += j * (buf[n + j:n + j + k] - buf[n - j:n - j + k])
+        out = out / (2.0 * sum(j * j for j in range(1, n + 1)))
+        self.buf = buf[k:]
+        return buf[n:n + k], out
+
+
+class FeatureStream:
+    """`features` of audio pushed in chunks of any size (1 sample to hours): (k, 120) frames
+    in the layout of `features(wave).reshape(120, -1).T`, each computed once.
+
+    A frame is complete when its 25 ms window has arrived and, for its deltas and
+    delta-deltas, the FEATURE_LOOKAHEAD (4) frames after it; `finish()` returns the last
+    ones, with the edges replicated as `features` does over the whole recording. State:
+    under one window of samples and 2 x 2 DELTA_N frames, whatever the recording's length."""
+
+    def __init__(self, sr=SAMPLE_RATE):
+        self.sr = sr
+        self.win, self.hop, _ = frame_params(sr)
+        self.pending = np.zeros(0, np.float32)          # samples after the last complete frame's start
+        self.frames, self.samples = 0, 0                # log-mel frames and samples so far
+        self.d1, self.d2 = DeltaStream(), DeltaStream()
+
+    def _out(self, lm, final=False):
+        c1, dd1 = self.d1.push(lm, final)                                  # log-mel, deltas
+        c2, dd2 = self.d2.push(np.concatenate([c1, dd1], axis=1), final)   # (k, 80): deltas of both, only d1's kept
+        return np.concatenate([c2, dd2[:, N_MELS:]], axis=1)               # (k, 120): log-mel, delta, delta-delta
+
+    def push(self, samples):
+        buf = np.concatenate([self.pending, np.asarray(samples, dtype=np.float32).reshape(-1)])
+        self.samples += len(buf) - len(self.pending)
+        m = 1 + (len(buf) - self.win) // self.hop if len(buf) >= self.win else 0   # complete frames
+        if m == 0:
+            self.pending = buf
+            return np.zeros((0, FEAT_CHANNELS), np.float32)
+        lm = log_mel(buf[:self.win + (m - 1) * self.hop], self.sr)             # (m, 40)
+        self.pending, self.frames = buf[m * self.hop:], self.frames + m
+        return self._out(lm)
+
+    def finish(self):
+        """The remaining frames at the end of the recording (a recording shorter than one
+        window gives one zero-padded frame, as `log_mel`). Raises ValueError on no audio."""
+        if self.samples == 0:
+            raise ValueError("no audio")
+        lm = np.zeros((0, N_MELS), np.float32)
+        if self.frames == 0:
+            lm, self.frames = log_mel(self.pending, self.sr), 1
+        return self._out(lm, final=True)
+
+
+STREAM_NORM_PRIOR = 10.0   # s: weight of the training statistics in running normalisation, as frames of audio
+
+
+def running_normalise(x, mean, std, prior=STREAM_NORM_PRIOR, state=None):
+    """Per-speaker normalisation for a stream: frame t is normalised with the mean and
+    variance of frames 0..t, started from the training statistics (mean, std) counted
+    as `prior` seconds of frames (None: the training statistics, fixed, for a model
+    trained with global normalisation). x (T, 120) -> ((T, 120) float32, state); pass the
+    state back with the next frames to continue (a stream in chunks gives the same
+    result as the whole at once). State: two (120,) sums and a count."""
+    x = np.asarray(x, dtype=np.float64)
+    if prior is None:   # a model trained with global statistics: those, fixed
+        return ((x - np.asarray(mean)) / np.asarray(std)).astype(np.float32), state
+    if state is None:
+        n0 = prior / HOP_SECONDS
+        mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+        state = (n0 * mean, n0 * (std ** 2 + mean ** 2), n0)
+    s1, s2, n = state
+    c1 = s1 + np.cumsum(x, axis=0)                                 # (T, 120) running sums
+    c2 = s2 + np.cumsum(x * x, axis=0)
+    count = n + np.arange(1, len(x) + 1)[:, None]
+    mu = c1 / count
+    sd = np.sqrt(np.maximum(c2 / count - mu ** 2, 0.0)) + 1e-5     # the epsilon of feature_stats
+    if len(x):
+        state = (c1[-1], c2[-1], n + len(x))
+    return ((x - mu) / sd).astype(np.float32), state
 
 
 # -----------------------------------------------------------------------------
@@ -447,10 +568,16 @@ def _text_files(folder):
     return sorted(p for p in Path(folder).glob("*.txt") if not p.name.startswith("._"))
 
 
+def session_order(sessions):
+    """Session names in natural order: numbers inside a name compare as numbers, so
+    sessions 1..11 give 1, 2, ..., 10, 11 (fold k holds out the k-th), not 1, 10, 11, 2."""
+    return sorted(sessions, key=lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)])
+
+
 def print_counts(utts, title):
     """A table of utterance counts per session and class."""
     classes = sorted({u.label for u in utts}, key=lambda c: (EMOTIONS + (c,)).index(c))
-    sessions = sorted({u.session for u in utts})
+    sessions = session_order({u.session for u in utts})
     print(f"{title}: {len(utts)} utterances, {len({u.speaker for u in utts})} speakers")
     print(f"  {'session':<10}" + "".join(f"{c:>9}" for c in classes) + f"{'total':>9}")
     for s in sessions + ["total"]:
@@ -602,21 +729,23 @@ def emotion_utterances(utts, data, verbose=True):
     return utts
 
 
-def _feature_key(utts):
-    """Cache key: every file's identity and the feature parameters."""
-    h = hashlib.sha1(json.dumps([SAMPLE_RATE, WIN_SECONDS, HOP_SECONDS, N_FFT, N_MELS, LOG_FLOOR, DELTA_N]).encode())
+def _feature_key(utts, speed=1.0):
+    """Cache key: every file's identity, the feature parameters and the speed-perturbation factor."""
+    params = [SAMPLE_RATE, WIN_SECONDS, HOP_SECONDS, N_FFT, N_MELS, LOG_FLOOR, DELTA_N] + ([speed] if speed != 1 else [])
+    h = hashlib.sha1(json.dumps(params).encode())
     for u in sorted(utts, key=lambda u: u.path):
         st = os.stat(u.path)
         h.update(f"{u.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
-def compute_features(utts, cache_dir="runs/cache", verbose=True):
+def compute_features(utts, cache_dir="runs/cache", verbose=True, speed=1.0):
     """Features of every utterance, computed once and cached on disk.
 
     Returns (kept utterances, list of (3, 40, T) float32 arrays). Unreadable,
-    empty, silent or truncated files are skipped and named in one summary line."""
-    cache = Path(cache_dir) / f"features-{_feature_key(utts)}.npz"
+    empty, silent or truncated files are skipped and named in one summary line.
+    speed != 1: features of the speed-perturbed audio (speed_perturb), cached apart."""
+    cache = Path(cache_dir) / f"features-{_feature_key(utts, speed)}.npz"
     z = None
     if cache.is_file():
         try:
@@ -632,12 +761,12 @@ def compute_features(utts, cache_dir="runs/cache", verbose=True):
         torch.set_num_threads(1)  # one utterance is too small to share; extra threads only contend
         for i, u in enumerate(utts):
             try:
-                arrays.append(features(load_audio(u.path)).reshape(FEAT_CHANNELS, -1).T)  # (T, 120)
+                arrays.append(features(speed_perturb(load_audio(u.path), speed)).reshape(FEAT_CHANNELS, -1).T)  # (T, 120)
                 ids.append(u.path)
             except ValueError as e:
                 failed.append((u.path, str(e)))
             if verbose and (i + 1 == len(utts) or (i + 1) % 50 == 0):
-                print(f"\rfeatures: {i + 1}/{len(utts)} utterances ({time.time() - t0:.1f} s)",
+                print(f"\rfeatures{f' (speed {speed})' if speed != 1 else ''}: {i + 1}/{len(utts)} utterances ({time.time() - t0:.1f} s)",
                       end="\n" if i + 1 == len(utts) else "", flush=True)
         torch.set_num_threads(threads)
         lengths = np.array([len(a) for a in arrays], dtype=np.int64)
@@ -684,27 +813,50 @@ def check_duplicate_audio(utts, feats):
                 print(f"warning: {what}; it counts twice")
 
 
+STD_FLOOR = 1e-5  # added to every standard deviation before dividing by it
+
+
 def feature_stats(feats):
-    """Mean and standard deviation per feature channel over all frames: two (120,) arrays."""
-    flat = np.concatenate([f.reshape(FEAT_CHANNELS, -1) for f in feats], axis=1)  # (120, sum T)
-    return flat.mean(axis=1), flat.std(axis=1) + 1e-5
+    """Mean and standard deviation per feature channel over all frames: two (120,) float32 arrays.
+
+    Accumulated utterance by utterance in float64 (merging each utterance's mean and
+    sum of squared deviations, Chan et al.), so memory stays one utterance's worth."""
+    n, mean, m2 = 0, np.zeros(FEAT_CHANNELS), np.zeros(FEAT_CHANNELS)
+    for f in feats:
+        x = f.reshape(FEAT_CHANNELS, -1).astype(np.float64)   # (120, T)
+        k = x.shape[1]
+        if k == 0:
+            continue
+        mu = x.mean(axis=1)
+        delta = mu - mean
+        mean = mean + delta * k / (n + k)
+        m2 = m2 + ((x - mu[:, None]) ** 2).sum(axis=1) + delta ** 2 * n * k / (n + k)
+        n += k
+    if n == 0:
+        raise DataError("no frames to compute normalisation statistics from")
+    return mean.astype(np.float32), (np.sqrt(m2 / n) + STD_FLOOR).astype(np.float32)
 
 
-def normalise(utts, feats, mode="speaker", train=None, keep=None):
-    """Mean/variance normalisation -> list of (120, T) float32 arrays.
-
-    mode="speaker": each speaker's statistics from that speaker's own utterances
-    (no labels used); mode="global": statistics of the `train` utterances only.
-    With `keep` (a set of ids), only those utterances are returned (statistics still
-    come from all of them), which saves memory on a large corpus."""
+def normalisation_stats(utts, feats, mode="speaker", train=None):
+    """{speaker: (mean, std)} for mode="speaker", {None: (mean, std)} of the `train` utterances for "global"."""
     if mode == "global":
         train_ids = {u.id for u in train}
-        mean, std = feature_stats([f for u, f in zip(utts, feats) if u.id in train_ids])
-        stats = {None: (mean, std)}
-    elif mode == "speaker":
-        stats = {s: feature_stats([f for u, f in zip(utts, feats) if u.speaker == s]) for s in {u.speaker for u in utts}}
-    else:
-        raise DataError(f"unknown normalisation {mode!r}: use speaker or global")
+        return {None: feature_stats([f for u, f in zip(utts, feats) if u.id in train_ids])}
+    if mode == "speaker":
+        return {s: feature_stats([f for u, f in zip(utts, feats) if u.speaker == s]) for s in {u.speaker for u in utts}}
+    raise DataError(f"unknown normalisation {mode!r}: use speaker or global")
+
+
+def normalise(utts, feats, mode="speaker", train=None, keep=None, stats=None):
+    """Mean/variance normalisation -> list of (120, T) float32 arrays.
+
+    mode="speaker": each speaker's statistics from all of that speaker's utterances
+    (audio only, no labels; for a test speaker that includes the test utterances);
+    mode="global": statistics of the `train` utterances only.
+    With `keep` (a set of ids), only those utterances are returned (statistics still
+    come from all of them), which saves memory on a large corpus. `stats` (from
+    normalisation_stats) applies given statistics, e.g. to speed-perturbed copies."""
+    stats = stats if stats is not None else normalisation_stats(utts, feats, mode, train)
     out = []
     for u, f in zip(utts, feats):
         if keep is not None and u.id not in keep:
@@ -1188,7 +1340,7 @@ def split_fold(utts, fold, dev_speaker=None, sessions=None):
     F/M pairs, the sorted speakers are halved: first half dev, second half test.
     `sessions` (default: those of `utts`) fixes which session fold k is, so that a
     subset of the corpus (e.g. the transcribed part) keeps the same folds."""
-    sessions = sorted({u.session for u in utts}) if sessions is None else sorted(sessions)
+    sessions = session_order({u.session for u in utts} if sessions is None else sessions)
     where = {}
     for u in utts:
         where.setdefault(u.speaker, set()).add(u.session)
@@ -1314,11 +1466,89 @@ def subsample_frames(x, lengths, factor):
     return num / den, (lengths + factor - 1) // factor
 
 
+def masked_mean_std(x, lengths):
+    """Per-channel mean and standard deviation over each utterance's own frames.
+
+    x (B, C, T), lengths (B,) -> (B, 2C): means, then standard deviations (padding ignored)."""
+    mask = length_mask(lengths, x.shape[-1])[:, None].to(x.dtype)                 # (B, 1, T)
+    n = lengths[:, None].to(x.dtype)                                              # (B, 1)
+    mean = (x * mask).sum(-1) / n                                                 # (B, C)
+    var = (((x - mean[..., None]) * mask) ** 2).sum(-1) / n                       # (B, C)
+    return torch.cat([mean, torch.sqrt(var + 1e-5)], dim=1)
+
+
+class SpecAugment(nn.Module):
+    """SpecAugment-style masking of (B, 120, T) normalised features, in training mode only.
+
+    Each utterance gets `time_masks` spans of 0..`time_width` frames inside its own
+    length, and `freq_masks` spans of 0..`freq_width` mel bands (the same bands of the
+    log-mel, delta and delta-delta channels), set to 0, the normalised mean. Masks
+    are drawn from torch's global generator, so torch.manual_seed reproduces them;
+    in eval mode the input is returned unchanged."""
+
+    def __init__(self, time_masks=0, time_width=0, freq_masks=0, freq_width=0, n_mels=N_MELS):
+        super().__init__()
+        self.time_masks, self.time_width, self.n_mels = time_masks, time_width, n_mels
+        self.freq_masks, self.freq_width = freq_masks, freq_width
+
+    @staticmethod
+    def _spans(count, width, size, total):
+        """(n, total) bool: per row, `count` random spans of 0..width positions inside [0, size_i)."""
+        n, size = len(size), size.to(torch.float32)[:, None]                      # (n, 1)
+        pos = torch.arange(total)
+        keep = torch.zeros(n, total, dtype=torch.bool)
+        for _ in range(count):
+            w = torch.floor(torch.rand(n, 1) * (width + 1)).clamp(max=size)       # (n, 1) span widths
+            start = torch.floor(torch.rand(n, 1) * (size - w + 1))                # (n, 1) span starts
+            keep |= (pos[None] >= start) & (pos[None] < start + w)
+        return keep
+
+    def forward(self, x, lengths):                                                # x (B, 120, T)
+        if not self.training or (self.time_masks * self.time_width == 0 and self.freq_masks * self.freq_width == 0):
+            return x
+        B, C, T = x.shape
+        drop = torch.zeros(B, C, T, dtype=torch.bool)
+        if self.time_masks and self.time_width:
+            drop |= self._spans(self.time_masks, self.time_width, lengths.cpu(), T)[:, None, :]
+        if self.freq_masks and self.freq_width:
+            bands = self._spans(self.freq_masks, self.freq_width, torch.full((B,), self.n_mels), self.n_mels)  # (B, n_mels)
+            drop |= bands.repeat(1, C // self.n_mels)[..., None]                  # same bands in every stream
+        return x.masked_fill(drop.to(x.device), 0.0)
+
+
+def causal_band(T, window, device=None):
+    """(T, T) bool attention mask: query t may attend to keys t-window+1 .. t only."""
+    i = torch.arange(T, device=device)
+    lag = i[:, None] - i[None, :]                                   # (T, T): query time - key time
+    return (lag >= 0) & (lag < window)
+
+
+def running_mean(x, mask, window):
+    """Causal summary: at each frame, the mean of the last `window` real frames up to it.
+
+    x (B, T, C), mask (B, T) -> (B, T, C). At an utterance's last frame it is the masked
+    mean pooling of the whole utterance when the utterance is at most `window` long."""
+    m = mask[:, None].to(x.dtype)                                                   # (B, 1, T)
+    ones = x.new_ones(1, 1, window)
+    num = F.conv1d(F.pad(x.transpose(1, 2) * m, (window - 1, 0)).reshape(-1, 1, x.shape[1] + window - 1),
+                   ones).view(x.shape[0], x.shape[2], -1)                           # (B, C, T) window sums
+    den = F.conv1d(F.pad(m, (window - 1, 0)), ones)                                # (B, 1, T) real frames in it
+    return (num / den.clamp_min(1)).transpose(1, 2)                                 # (B, T, C)
+
+
 class SelfAttention(nn.Module):
     """Multi-head scaled dot-product self-attention, softmax(Q K^T / sqrt(d_k)) V, with a residual.
 
     Padded frames neither give attention (masked keys) nor receive it (their rows
-    are zero). Returns the output (B, T, dim) and the weights (B, heads, T, T)."""
+    are zero). attn_mask, optional, (T, T) or broadcastable to (B, nh, T, T), bool:
+    True where query t may attend to key s (e.g. a causal band); it is combined with
+    the padding mask. Returns the output (B, T, dim) and, with need_weights, the
+    weights (B, heads, T, T), else None.
+
+    Without weights, torch's scaled_dot_product_attention runs the fused kernel
+    (flash / memory-efficient on GPU, the fused CPU kernel), whose memory grows
+    with T, not T^2; the explicit path materialises the weights and is used only
+    when they are asked for (attention transfer of the weight matrices)."""
 
     def __init__(self, dim, heads=4):
         super().__init__()
@@ -1327,13 +1557,23 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)   # W_q, W_k, W_v in one matrix
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, mask):              # x (B, T, dim), mask (B, T)
+    def forward(self, x, mask, need_weights=False, attn_mask=None):   # x (B, T, dim), mask (B, T)
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(D // self.heads)                        # (B, nh, T, T)
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-        weights = torch.softmax(scores, dim=-1) * mask[:, None, :, None]                     # padded rows -> 0
-        out = (weights @ v).transpose(1, 2).reshape(B, T, D)                                 # (B, T, dim)
+        allowed = mask[:, None, None, :]                                                     # (B, 1, 1, T) keys
+        if attn_mask is not None:
+            # a padded query may attend anywhere (its row is zeroed below): no row is ever
+            # fully masked, which would make the softmax NaN
+            allowed = (allowed & attn_mask) | ~mask[:, None, :, None]                         # (B, 1, T, T)
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(D // self.heads)                    # (B, nh, T, T)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            weights = torch.softmax(scores, dim=-1) * mask[:, None, :, None]                 # padded rows -> 0
+            out = weights @ v                                                                # (B, nh, T, hs)
+        else:
+            weights = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)                 # (B, nh, T, hs)
+        out = out.transpose(1, 2).reshape(B, T, D)                                           # (B, T, dim)
         return (x + self.proj(out)) * mask[..., None], weights
 
 
@@ -1375,9 +1615,12 @@ class BLSTM(nn.Module):
 # The fused extension in kernels/ is compiled on first use (never at import) by
 # torch.utils.cpp_extension with ninja into ~/.cache/satn/kernels/. SATN_KERNEL=ref
 # forces causal_conv1d_ref, SATN_KERNEL=ext makes an unavailable extension an error;
-# by default CUDA inputs use the extension and fall back, with one warning, when it
-# cannot be built. CPU inputs use PyTorch's path: the extension's CPU build exists to
-# test the shared arithmetic and is slower than PyTorch's convolution.
+# by default (auto) a CUDA input's signature (device, dtype, channels, kernel size,
+# dilation, length bucket, which gradients) is timed once on both paths and the faster
+# is kept (in memory and in KERNEL_CACHE_DIR/dispatch.json), so the extension is used
+# only where it helps; when it cannot be built, one warning says so and the PyTorch path
+# is used. CPU inputs use PyTorch's path: the extension's CPU build exists to test the
+# shared arithmetic and is slower than PyTorch's convolution.
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 KERNEL_CACHE_DIR = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -1386,8 +1629,14 @@ KERNEL_CACHE_DIR = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cac
 # of 9.0 lets newer GPUs JIT-compile the kernels).
 KERNEL_DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
+KERNEL_TUNE_WARMUP = 2      # untimed calls of each path before a new signature is timed
+KERNEL_TUNE_REPEATS = 5     # timed calls of each path (CUDA events; the median is compared)
+KERNEL_TUNE_MARGIN = 0.95   # the extension is chosen only if its median <= this x the PyTorch path's
+KERNEL_VERBOSE = False      # print each dispatch choice once (python satn.py -v ...)
+
 _KERNEL_EXT = {}        # "cpu" / "cuda" -> loaded module, or the reason it failed (str)
 _KERNEL_WARNED = False  # the auto-mode fallback warning is given once per process
+_KERNEL_CHOICES = {}    # dispatch signature -> "ext" or "ref", for this process
 
 
 def _kernel_mode():
@@ -1544,9 +1793,155 @@ def _kernel_self_check(ext):
 
 
 def _auto_wants_ext(x, weight):
-    """Whether SATN_KERNEL=auto sends this call to the extension: CUDA inputs only (on CPU
-    PyTorch's own convolution is faster than the extension's CPU build)."""
+    """Whether SATN_KERNEL=auto considers the extension for this call: CUDA inputs only (on
+    CPU PyTorch's own convolution is faster than the extension's CPU build)."""
     return x.is_cuda
+
+
+def _conv_uses_tf32():
+    """Whether PyTorch runs float32 convolutions on TF32 tensor cores now; the extension does
+    the same, so that both paths round alike (torch.backends.cudnn.conv.fp32_precision, else
+    torch.backends.cudnn.allow_tf32)."""
+    prec = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    if prec in ("tf32", "ieee"):
+        return prec == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def _t_bucket(T):
+    """Sequence lengths timed together: the next power of two >= T."""
+    return 1 << max(0, int(T) - 1).bit_length()
+
+
+def kernel_signature(x, weight, dilation, grads):
+    """What the dispatch times once: device, dtype (with TF32 for float32), C_in, C_out, K,
+    dilation, T bucket and which gradients the call needs ('none', 'w' or 'x+w')."""
+    dev = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
+    dtype = str(x.dtype).replace("torch.", "")
+    if x.dtype == torch.float32 and _conv_uses_tf32():
+        dtype += "/tf32"
+    return (dev, dtype, x.shape[1], weight.shape[0], weight.shape[2], int(dilation), _t_bucket(x.shape[2]), grads)
+
+
+def choose_kernel_path(ext_ms, ref_ms, margin=KERNEL_TUNE_MARGIN):
+    """The dispatch's decision from one timing of each path (median ms; ext_ms None when the
+    extension failed): the extension only when it is clearly faster, so auto never slows a
+    model down by more than timing noise."""
+    if ext_ms is None or not math.isfinite(ext_ms) or not math.isfinite(ref_ms):
+        return "ref"
+    return "ext" if ext_ms <= margin * ref_ms else "ref"
+
+
+def _cuda_median_ms(fn, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _time_kernel_paths(x, weight, bias, dilation, relu, ext, grads):
+    """Median ms of (extension, PyTorch path) on these very inputs, forward plus the backward
+    the call needs; the extension's time is None if it raised (e.g. out of memory)."""
+    gen = torch.Generator(device=x.device).manual_seed(0)  # the user's random stream is left alone
+    gy = torch.randn(x.shape[0], weight.shape[0], x.shape[2], generator=gen, device=x.device, dtype=x.dtype)
+    act = "relu" if relu else None
+    tf32 = _conv_uses_tf32()
+
+    def run(path):
+        xi = x.detach().requires_grad_(grads == "x+w")
+        wi, bi = (t.detach().requires_grad_(grads != "none") if t is not None else None for t in (weight, bias))
+        with torch.set_grad_enabled(grads != "none"):
+            y = (_CausalConv1dFn.apply(xi, wi, bi, dilation, relu, ext, tf32) if path == "ext"
+                 else causal_conv1d_ref(xi, wi, bi, dilation, act))
+            if grads != "none":
+                y.backward(gy)
+
+    ref_ms = _cuda_median_ms(lambda: run("ref"), KERNEL_TUNE_WARMUP, KERNEL_TUNE_REPEATS)
+    try:
+        ext_ms = _cuda_median_ms(lambda: run("ext"), KERNEL_TUNE_WARMUP, KERNEL_TUNE_REPEATS)
+    except RuntimeError:
+        ext_ms = None
+    return ext_ms, ref_ms
+
+
+def _kernel_choice_store():
+    """Where remembered choices live: a JSON file in the kernel cache, one section per
+    device name and build (torch, Python and the kernel sources' hash)."""
+    h = hashlib.sha1()
+    for src in sorted(p for p in KERNEL_DIR.iterdir() if p.is_file()):
+        h.update(src.read_bytes())
+    return KERNEL_CACHE_DIR / "dispatch.json", f"{_kernel_build_name(True)}-{h.hexdigest()[:12]}"
+
+
+def _stored_kernel_choice(device, sig):
+    try:
+        path, build = _kernel_choice_store()
+        entry = json.loads(path.read_text()).get(f"{device} | {build}", {}).get(repr(sig[1:]))
+        return entry if entry and entry.get("path") in ("ext", "ref") else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _store_kernel_choice(device, sig, entry):
+    """Best effort: an unwritable cache only means timing again in the next process."""
+    try:
+        path, build = _kernel_choice_store()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            table = {}
+        table.setdefault(f"{device} | {build}", {})[repr(sig[1:])] = entry
+        write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(table, indent=1, sort_keys=True)))
+    except OSError:
+        pass
+
+
+def _announce_kernel_choice(sig, entry, how):
+    if KERNEL_VERBOSE:
+        dev, dtype, C, O, K, d, tb, grads = sig
+        times = ""
+        if entry.get("ref_ms") is not None:
+            ext = f"{entry['ext_ms']:.3f} ms" if entry.get("ext_ms") is not None else "failed"
+            times = f": ext {ext}, ref {entry['ref_ms']:.3f} ms"
+        print(f"satn kernels: {dev} {dtype} C_in {C} C_out {O} K {K} dilation {d} T<={tb} grads {grads}"
+              f"{times} -> {'extension' if entry['path'] == 'ext' else 'PyTorch path'} ({how})", flush=True)
+
+
+def _auto_path(x, weight, bias, dilation, relu, ext):
+    """'ext' or 'ref' for SATN_KERNEL=auto: the first call of a signature times both paths
+    (or finds the choice stored by an earlier run on this device and build); later calls
+    reuse it. With torch.use_deterministic_algorithms(True) nothing is timed (a timing
+    could pick differently from run to run) and the PyTorch path is taken."""
+    needs = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)
+                                         or x.requires_grad)
+    grads = "none" if not needs else ("x+w" if x.requires_grad else "w")
+    sig = kernel_signature(x, weight, dilation, grads)
+    if torch.are_deterministic_algorithms_enabled():
+        if ("deterministic",) + sig not in _KERNEL_CHOICES:
+            _KERNEL_CHOICES[("deterministic",) + sig] = "ref"
+            _announce_kernel_choice(sig, {"path": "ref"}, "deterministic algorithms requested: nothing timed")
+        return "ref"
+    if sig not in _KERNEL_CHOICES:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return "ref"  # no timing inside a CUDA graph capture; decided on the next eager call
+        entry = _stored_kernel_choice(sig[0], sig)
+        how = "stored by an earlier run"
+        if entry is None:
+            ext_ms, ref_ms = _time_kernel_paths(x, weight, bias, dilation, relu, ext, grads)
+            entry = {"path": choose_kernel_path(ext_ms, ref_ms), "ext_ms": ext_ms, "ref_ms": ref_ms}
+            how = "timed now"
+            _store_kernel_choice(sig[0], sig, entry)
+        _KERNEL_CHOICES[sig] = entry["path"]
+        _announce_kernel_choice(sig, entry, how)
+    return _KERNEL_CHOICES[sig]
 
 
 def _kernel_ext_for(x, weight):
@@ -1571,10 +1966,10 @@ def _kernel_ext_for(x, weight):
 
 class _CausalConv1dFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, dilation, relu, ext):
+    def forward(ctx, x, weight, bias, dilation, relu, ext, tf32=False):
         y = ext.forward(x, weight, bias, dilation, relu)
         ctx.save_for_backward(x, weight, y)
-        ctx.dilation, ctx.relu, ctx.has_bias, ctx.ext = dilation, relu, bias is not None, ext
+        ctx.dilation, ctx.relu, ctx.has_bias, ctx.ext, ctx.tf32 = dilation, relu, bias is not None, ext, tf32
         return y
 
     @staticmethod
@@ -1585,7 +1980,7 @@ class _CausalConv1dFn(torch.autograd.Function):
                                                   ctx.dilation, ctx.relu, ctx.has_bias)
         need = ctx.needs_input_grad
         return (grad_x if need[0] else None, grad_w if need[1] else None,
-                grad_b if need[2] else None, None, None, None)
+                grad_b if need[2] else None, None, None, None, None)
 
 
 def causal_conv1d(x, weight, bias=None, dilation=1, activation=None):
@@ -1602,7 +1997,10 @@ def causal_conv1d(x, weight, bias=None, dilation=1, activation=None):
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
-    return _CausalConv1dFn.apply(x, weight, bias, dilation, activation == "relu", ext)
+    relu = activation == "relu"
+    if _kernel_mode() == "auto" and _auto_path(x, weight, bias, dilation, relu, ext) == "ref":
+        return causal_conv1d_ref(x, weight, bias, dilation=dilation, activation=activation)
+    return _CausalConv1dFn.apply(x, weight, bias, dilation, relu, ext, x.is_cuda and _conv_uses_tf32())
 
 
 def build_kernels(cuda: bool) -> int:
@@ -1718,11 +2116,42 @@ class TeacherConfig(RunConfig):
     lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=2e-3)
 
 
+# Training recipes of the student. "paper": the paper's plain Adam at a fixed learning rate,
+# no augmentation. "robust": what is used on small real SER corpora (chosen on Emo-DB, see
+# the README); each part has its own option, and an option given explicitly wins.
+RECIPES = {
+    "paper": dict(time_masks=0, time_mask_frames=0, freq_masks=0, freq_mask_bands=0, speed="1",
+                  weight_decay=0.0, lr_patience=0, label_smoothing=0.0, patience=0),
+    "robust": dict(time_masks=2, time_mask_frames=20, freq_masks=2, freq_mask_bands=6, speed="0.9,1.0,1.1",
+                   weight_decay=1e-2, lr_patience=5, label_smoothing=0.1, patience=15),
+}
+
+
+def _r(help, choices=None):
+    """A config field whose default comes from --recipe (RECIPES)."""
+    return field(default=None, metadata={"help": help, "recipe": True, "choices": choices})
+
+
 @dataclass
 class StudentConfig(RunConfig):
-    encoder: str = _f("tcn", "encoder: a TCN shallower than the teacher's, or a one-layer BLSTM", choices=("tcn", "blstm"))
+    encoder: str = _f("tcn", "encoder: a TCN shallower than the teacher's, a one-layer BLSTM, or stats: the "
+                             "per-utterance mean and standard deviation of the 120 features (the baseline; "
+                             "attention and frame subsampling do not apply)", choices=("tcn", "blstm", "stats"))
     attention: str = _f("self", "self-attention + masked mean pooling, or soft (additive) attention pooling",
                         choices=("self", "soft"))
+    recipe: str = _f("paper", "training recipe: paper (Adam, fixed learning rate, no augmentation) or robust "
+                              "(for small real corpora); sets each option below that is not given",
+                     choices=("paper", "robust"))
+    time_masks: int = _r("SpecAugment: time masks per training utterance (masked features set to 0, the normalised mean)")
+    time_mask_frames: int = _r("SpecAugment: longest time mask, in 10 ms frames")
+    freq_masks: int = _r("SpecAugment: frequency masks per training utterance (the same mel bands of all three streams)")
+    freq_mask_bands: int = _r("SpecAugment: widest frequency mask, in mel bands")
+    speed: str = _r("speed perturbation: comma-separated factors; each epoch every training utterance is taken "
+                    "at one of them, drawn with the seed (features cached per factor); 1: off")
+    weight_decay: float = _r("decoupled weight decay (AdamW); 0: Adam")
+    lr_patience: int = _r("halve the learning rate after this many epochs without a better dev UA; 0: fixed")
+    label_smoothing: float = _r("label smoothing of the cross-entropy")
+    patience: int = _r("early stopping: stop after this many epochs without a better dev UA; 0: never")
     subsample: int = _f(1, "average-pool the 100 Hz frames by this factor before the encoder (speed)", demo=4)
     blocks: int = _f(3, "TCN blocks of the student (dilations 1, 2, 4, ...)")
     channels: int = _f(128, "TCN channels of the student", demo=48)
@@ -1738,17 +2167,35 @@ class StudentConfig(RunConfig):
     at_pairs: str = _f("auto", "student:teacher activation pairs, 1-based, e.g. '1:2,2:3,3:5,4:6'; auto spaces "
                                "the student's activations evenly over the teacher's, last with last")
     at_selfattn: bool = _f(False, "also transfer the self-attention weight matrices (heads averaged)")
+    causal: bool = _f(False, "streaming student: the TCN, self-attention over a window of the past only, and a "
+                             "running mean of its output instead of pooling, classified at every frame")
+    attn_window: float = _f(3.0, "causal student: seconds of the past each frame attends to")
+    summary_window: float = _f(3.0, "causal student: seconds averaged by the running mean that is classified")
+    frame_loss: float = _f(0.5, "causal student: weight of the loss at every frame after the warm-up (0: the "
+                                "utterance's last frame only)")
+    warmup: float = _f(1.0, "causal student: seconds from an utterance's start before the frame loss counts")
     name: str = _f(None, "run folder name; default from the configuration, e.g. tcn-self-at")
     epochs: int = _f(100, "training epochs (the paper's 100)", demo=20)
     lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=1e-3)
 
     def __post_init__(self):
         super().__post_init__()
+        _require(self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}")
+        for k, v in RECIPES[self.recipe].items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        _require(min(self.time_masks, self.time_mask_frames, self.freq_masks, self.freq_mask_bands) >= 0
+                 and self.freq_mask_bands <= N_MELS, f"the SpecAugment options must be >= 0 (bands at most {N_MELS})")
+        _require(self.weight_decay >= 0 and self.lr_patience >= 0 and self.patience >= 0 and 0 <= self.label_smoothing < 1,
+                 "--weight-decay, --lr-patience and --patience must be >= 0, --label-smoothing in [0, 1)")
+        self.speed_factors()
+        _require(not (self.encoder == "stats" and self.at_weight > 0),
+                 "--encoder stats has no activations to imitate: it needs --at-weight 0")
         self._check_encoder()
         dim = self.channels if self.encoder == "tcn" else 2 * self.lstm_hidden
         _in_range(self, "blocks", 1, MAX_SIZE["blocks"])
         _in_range(self, "lstm_hidden", 1, MAX_SIZE["lstm_hidden"])
-        _require(self.attention == "soft" or dim % self.heads == 0,
+        _require(self.attention == "soft" or self.encoder == "stats" or dim % self.heads == 0,
                  f"the encoder's {dim} channels are not divisible by --heads {self.heads}")
         _require(0 <= self.at_weight < math.inf and 0 < self.at_p <= 16,
                  "--at-weight must be finite and >= 0, --at-p in (0, 16]")
@@ -1758,9 +2205,25 @@ class StudentConfig(RunConfig):
                  f"runs are kept under --runs")
         _require(not (self.at_selfattn and self.attention == "soft"),
                  "--at-selfattn transfers self-attention weights: it needs --attention self")
+        _require(not self.causal or (self.encoder == "tcn" and self.attention == "self"),
+                 "--causal needs --encoder tcn --attention self (the BLSTM and soft attention look ahead)")
+        _require(min(self.attn_window, self.summary_window) > 0 and self.frame_loss >= 0 and self.warmup >= 0,
+                 "--attn-window and --summary-window must be positive, --frame-loss and --warmup >= 0")
+
+    def speed_factors(self):
+        """--speed as a tuple of floats, 1.0 first when present (the unperturbed features)."""
+        try:
+            factors = sorted({float(f) for f in str(self.speed).split(",")}, key=lambda f: (f != 1, f))
+        except ValueError:
+            raise DataError(f"--speed {self.speed!r}: expected comma-separated numbers, e.g. 0.9,1.0,1.1") from None
+        _require(all(0.5 <= f <= 2 for f in factors), f"--speed {self.speed!r}: factors must be in [0.5, 2]")
+        return tuple(factors)
 
     def run_name(self):
-        return self.name or f"{self.encoder}-{self.attention}" + ("-at" if self.at_weight > 0 else "")
+        if self.encoder == "stats":
+            return self.name or "stats"
+        return self.name or (f"{self.encoder}-{self.attention}" + ("-causal" if self.causal else "")
+                             + ("-at" if self.at_weight > 0 else ""))
 
 
 class Teacher(nn.Module):
@@ -1782,12 +2245,13 @@ class Teacher(nn.Module):
         self.att_v = nn.Linear(cfg.att_dim, 1, bias=False)
         self.out = nn.Linear(cfg.decoder + C, n_tokens)
 
-    def encode(self, x, lengths):
-        """x (B, 120, T) -> dict(h (B, T', C), mask (B, T'), acts [(B, C, T')...], weights (B, nh, T', T'))."""
+    def encode(self, x, lengths, need_weights=False):
+        """x (B, 120, T) -> dict(h (B, T', C), mask (B, T'), acts [(B, C, T')...],
+        weights (B, nh, T', T') with need_weights, else None)."""
         x, lengths = subsample_frames(x, lengths, self.subsample)           # (B, 120, T')
         mask = length_mask(lengths, x.shape[-1])
         h, acts = self.tcn(x)                                              # (B, C, T')
-        h, weights = self.attn(h.transpose(1, 2), mask)                    # (B, T', C)
+        h, weights = self.attn(h.transpose(1, 2), mask, need_weights)      # (B, T', C)
         return {"h": h, "mask": mask, "lengths": lengths, "acts": acts + [h.transpose(1, 2)], "weights": weights}
 
     def _step(self, token, state, ctx, enc, keys, mask):
@@ -1849,23 +2313,42 @@ class Student(nn.Module):
 
     forward returns logits (B, n_classes) and a dict with the activations the
     attention transfer reads ("acts", each (B, C, T)) and the self-attention
-    weights ("weights", (B, nh, T, T), or None)."""
+    weights ("weights", (B, nh, T, T) when need_weights, else None).
+
+    Causal (cfg.causal, for streaming): the TCN as always; self-attention over the
+    last `attn_window` frames only (a banded causal mask); instead of pooling, the
+    running mean of the attention output over the last `summary_window` frames is
+    classified at every frame ("frame_logits", (B, T, n_classes)); the logits are
+    those of each utterance's last frame. No output depends on a later input."""
 
     def __init__(self, cfg: StudentConfig, n_classes):
         super().__init__()
         self.encoder_kind, self.attention_kind, self.subsample = cfg.encoder, cfg.attention, cfg.subsample
-        if cfg.encoder == "tcn":
+        self.augment = SpecAugment(cfg.time_masks, cfg.time_mask_frames, cfg.freq_masks, cfg.freq_mask_bands)
+        if cfg.encoder == "stats":  # the baseline: utterance statistics + the same dropout and classifier
+            self.encoder, self.attn, dim = None, None, 2 * FEAT_CHANNELS
+        elif cfg.encoder == "tcn":
             self.encoder = TCN(FEAT_CHANNELS, cfg.channels, cfg.kernel_size, tuple(2 ** i for i in range(cfg.blocks)),
                                cfg.dropout, cfg.weight_norm)
             dim = cfg.channels
         else:
             self.encoder = BLSTM(FEAT_CHANNELS, cfg.lstm_hidden)
             dim = 2 * cfg.lstm_hidden
-        self.attn = SelfAttention(dim, cfg.heads) if cfg.attention == "self" else SoftAttention(dim)
+        if cfg.encoder != "stats":
+            self.attn = SelfAttention(dim, cfg.heads) if cfg.attention == "self" else SoftAttention(dim)
         self.drop = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(dim, n_classes)
+        self.causal = cfg.causal
+        frame_seconds = HOP_SECONDS * cfg.subsample                  # one encoder frame
+        self.attn_window = max(1, round(cfg.attn_window / frame_seconds))        # frames
+        self.summary_window = max(1, round(cfg.summary_window / frame_seconds))  # frames
 
-    def forward(self, x, lengths):                      # x (B, 120, T)
+    def forward(self, x, lengths, need_weights=False):  # x (B, 120, T)
+        x = self.augment(x, lengths)                    # SpecAugment masks; identity in eval mode
+        if self.encoder_kind == "stats":
+            pooled = masked_mean_std(x, lengths)        # (B, 240)
+            return self.classifier(self.drop(pooled)), {"acts": [], "weights": None,
+                                                        "mask": length_mask(lengths, x.shape[-1])}
         x, lengths = subsample_frames(x, lengths, self.subsample)
         mask = length_mask(lengths, x.shape[-1])
         if self.encoder_kind == "tcn":
@@ -1874,13 +2357,142 @@ class Student(nn.Module):
             h = self.encoder(x, lengths)
             acts = [h]
         weights = None
+        if self.causal:
+            band = causal_band(h.shape[-1], self.attn_window, h.device)
+            a, weights = self.attn(h.transpose(1, 2), mask, need_weights, attn_mask=band)  # (B, T, C)
+            frame_logits = self.classifier(self.drop(running_mean(a, mask, self.summary_window)))  # (B, T, n)
+            logits = frame_logits[torch.arange(len(lengths), device=lengths.device), lengths - 1]  # last frames
+            return logits, {"acts": acts + [a.transpose(1, 2)], "weights": weights, "mask": mask,
+                            "frame_logits": frame_logits}
         if self.attention_kind == "self":
-            a, weights = self.attn(h.transpose(1, 2), mask)                     # (B, T, C)
+            a, weights = self.attn(h.transpose(1, 2), mask, need_weights)       # (B, T, C)
             acts = acts + [a.transpose(1, 2)]
             pooled = a.sum(1) / lengths[:, None].to(a.dtype)                    # masked mean (B, C)
         else:
             pooled, _ = self.attn(h.transpose(1, 2), mask)
         return self.classifier(self.drop(pooled)), {"acts": acts, "weights": weights, "mask": mask}
+
+
+def group_times(n_groups, n_frames, n_samples, subsample, sr=SAMPLE_RATE):
+    """Times (s) of a causal student's outputs: (ends (n,), ready (n,)). Output g
+    describes the audio up to the end of its subsample group's last frame; it can be
+    computed once that frame's FEATURE_LOOKAHEAD frames have arrived too (or the
+    recording has ended). A stream adds up to one chunk to `ready`."""
+    win, hop, _ = frame_params(sr)
+    last = np.minimum(np.arange(n_groups) * subsample + subsample - 1, n_frames - 1)   # last frame of each group
+    ahead = last + FEATURE_LOOKAHEAD
+    ready = np.where(ahead < n_frames, ahead * hop + win, n_samples)
+    return (last * hop + win) / sr, ready / sr
+
+
+@torch.no_grad()
+def causal_track(model, wave, mean, std, prior=STREAM_NORM_PRIOR):
+    """A causal student over a whole recording at once, with running normalisation:
+    (ends (T',), ready (T',), probabilities (T', n_classes)), T' = ceil(T / subsample).
+    StudentStream gives the same outputs chunk by chunk. The attention mask is
+    (T', T'): for recordings of minutes; longer ones go through StudentStream."""
+    feats = features(wave).reshape(FEAT_CHANNELS, -1).T                        # (T, 120)
+    x, _ = running_normalise(feats, mean, std, prior)
+    device = next(model.parameters()).device
+    _, out = model(torch.from_numpy(np.ascontiguousarray(x.T))[None].to(device),
+                   torch.tensor([len(x)], device=device))
+    probs = torch.softmax(out["frame_logits"][0].float(), -1).cpu().numpy()    # (T', n)
+    return (*group_times(len(probs), len(x), len(wave), model.subsample), probs)
+
+
+class StudentStream:
+    """A causal student on audio as it arrives: push(samples) -> (ends, probabilities)
+    of the outputs the audio so far completes; finish() -> the rest.
+
+    Every frame is computed once, and the state has a constant size whatever the
+    recording's length: the front end's (under one window of samples, 8 feature
+    frames), the running normalisation's sums, the frames of an unfinished subsample
+    group (a group is complete when its last frame arrives), each TCN convolution's
+    last (K-1)*d inputs, the self-attention's last attn_window-1 keys and values, and
+    the last summary_window-1 attention outputs. The outputs equal causal_track's
+    over the whole recording. One stream, on the CPU, in eval mode."""
+
+    @torch.no_grad()
+    def __init__(self, model, mean, std, prior=STREAM_NORM_PRIOR):
+        if not getattr(model, "causal", False):
+            raise DataError("streaming needs a causal student (trained with `student --causal`)")
+        model = model.cpu().eval()
+        self.mean, self.std, self.prior, self.norm = mean, std, prior, None
+        self.sub, self.front = model.subsample, FeatureStream()
+        self.group = np.zeros((0, FEAT_CHANNELS), np.float32)     # normalised frames of an unfinished group
+        self.groups = 0                                           # outputs so far
+        self.convs, self.state = [], []                           # per TemporalBlock: the weights, each conv's state
+        for blk in model.encoder.blocks:                          # weight norm resolved once, not per chunk
+            c1, c2 = blk.conv1, blk.conv2
+            pad = (c1.weight.shape[-1] - 1) * c1.dilation
+            res = None if blk.residual is None else (blk.residual.weight.detach().clone(), blk.residual.bias.detach().clone())
+            self.convs.append(((c1.weight.detach().clone(), c1.bias.detach().clone()),
+                               (c2.weight.detach().clone(), c2.bias.detach().clone()), res, c1.dilation))
+            self.state.append([torch.zeros(1, c1.weight.shape[1], pad), torch.zeros(1, c2.weight.shape[1], pad)])
+        att = model.attn
+        self.heads, self.window, self.summary_window = att.heads, model.attn_window, model.summary_window
+        self.qkv = (att.qkv.weight.detach().clone(), att.qkv.bias.detach().clone())
+        self.proj = (att.proj.weight.detach().clone(), att.proj.bias.detach().clone())
+        self.cls = (model.classifier.weight.detach().clone(), model.classifier.bias.detach().clone())
+        C = self.cls[0].shape[1]
+        self.keys = torch.zeros(self.heads, 0, C // self.heads)  # (nh, <= window-1, hs)
+        self.values = self.keys.clone()
+        self.recent = torch.zeros(0, C)                           # (<= summary_window-1, C) attention outputs
+
+    def state_size(self):
+        """Numbers held as state (constant once the windows have filled)."""
+        return (self.front.pending.size + sum(d.buf.size for d in (self.front.d1, self.front.d2) if d.buf is not None)
+                + self.group.size + sum(s.numel() for st in self.state for s in st)
+                + self.keys.numel() + self.values.numel() + self.recent.numel())
+
+    def push(self, samples):
+        return self._run(self.front.push(samples))
+
+    def finish(self):
+        return self._run(self.front.finish(), final=True)
+
+    @torch.no_grad()
+    def _run(self, feats, final=False):
+        x, self.norm = running_normalise(feats, self.mean, self.std, self.prior, self.norm)
+        x = np.concatenate([self.group, x])
+        n = -(-len(x) // self.sub) if final else len(x) // self.sub          # complete groups
+        full = min(n, len(x) // self.sub)
+        g = x[:full * self.sub].reshape(full, self.sub, FEAT_CHANNELS).mean(1)  # (n, 120) subsample_frames' means
+        if n > full:                                                          # the last, partial group
+            g = np.concatenate([g, x[full * self.sub:].mean(0, keepdims=True)])
+        self.group = x[n * self.sub:]
+        if n == 0:
+            return np.zeros(0), np.zeros((0, self.cls[0].shape[0]), np.float32)
+        h = torch.from_numpy(np.ascontiguousarray(g.T))[None]                 # (1, 120, n)
+        for ((w1, b1), (w2, b2), res, d), st in zip(self.convs, self.state):
+            inp = h
+            for i, (w, b) in enumerate(((w1, b1), (w2, b2))):
+                z = torch.cat([st[i], h], -1)                                 # (1, C, pad + n)
+                st[i] = z[..., z.shape[-1] - st[i].shape[-1]:]
+                h = F.relu(F.conv1d(z, w, b, dilation=d))                     # (1, C, n): no padding needed
+            h = F.relu(h + (inp if res is None else F.conv1d(inp, *res)))
+        a_in = h[0].T                                                         # (n, C)
+        C = a_in.shape[1]
+        q, k, v = F.linear(a_in, *self.qkv).view(n, 3, self.heads, C // self.heads).permute(1, 2, 0, 3)  # 3 x (nh, n, hs)
+        keys, values = torch.cat([self.keys, k], 1), torch.cat([self.values, v], 1)   # (nh, m + n, hs)
+        m = keys.shape[1] - n
+        lag = (torch.arange(n)[:, None] + m) - torch.arange(m + n)[None, :]  # (n, m + n) query - key time
+        o = F.scaled_dot_product_attention(q[None], keys[None], values[None],
+                                           attn_mask=(lag >= 0) & (lag < self.window))[0]  # (nh, n, hs)
+        a = a_in + F.linear(o.transpose(0, 1).reshape(n, C), *self.proj)    # (n, C), the residual
+        drop = max(0, keys.shape[1] - (self.window - 1))                      # keys no later query sees
+        self.keys, self.values = keys[:, drop:], values[:, drop:]
+        recent = torch.cat([self.recent, a])                                  # (m' + n, C)
+        summary = running_mean(recent[None], torch.ones(1, len(recent), dtype=torch.bool), self.summary_window)[0, -n:]
+        self.recent = recent[max(0, len(recent) - (self.summary_window - 1)):]
+        probs = torch.softmax(F.linear(summary, *self.cls), -1).numpy()     # (n, n_classes)
+        idx = np.arange(self.groups, self.groups + n)
+        self.groups += n
+        win, hop, _ = frame_params(self.front.sr)
+        last = idx * self.sub + self.sub - 1
+        if final:
+            last = np.minimum(last, self.front.frames - 1)
+        return (last * hop + win) / self.front.sr, probs
 
 
 # -----------------------------------------------------------------------------
@@ -1920,6 +2532,16 @@ def at_loss(student_maps, teacher_maps, mask=None, dist="l1", norm="l1"):
     return loss
 
 
+def frame_loss(frame_logits, mask, y, warmup):
+    """Cross-entropy of a causal student's every frame against its utterance's label,
+    averaged over the real frames after the first `warmup` ones (an utterance shorter
+    than that adds nothing). frame_logits (B, T, n), mask (B, T), y (B,)."""
+    keep = mask.clone()
+    keep[:, :warmup] = False
+    ce = F.cross_entropy(frame_logits.float().transpose(1, 2), y[:, None].expand_as(mask), reduction="none")  # (B, T)
+    return (ce * keep).sum() / keep.sum().clamp_min(1)
+
+
 def parse_pairs(spec, n_student, n_teacher):
     """Which teacher activation each student activation imitates: list of (i, j), 0-based."""
     if spec == "auto":
@@ -1942,6 +2564,9 @@ def parse_pairs(spec, n_student, n_teacher):
 
 # -----------------------------------------------------------------------------
 # training
+
+LR_DECAY = 0.5   # factor applied to the learning rate when dev UA stalls for --lr-patience epochs
+
 
 class TrainingError(Exception):
     """Training cannot go on (e.g. the loss keeps being non-finite)."""
@@ -2015,7 +2640,7 @@ def prepare_data(cfg, role):
     role "teacher": every utterance with a transcript; "student": the emotion
     subset (IEMOCAP: improvised, four classes). Returns a dict with train, dev and
     test lists of (Utterance, (120, T) array), the class list and the global
-    training statistics (stored in checkpoints for predict)."""
+    normalisation statistics of the training sessions (stored in checkpoints for predict)."""
     # Features of the whole corpus share one cache, whichever part a run uses, and
     # per-speaker statistics come from all of a speaker's utterances, so that teacher
     # and student see identically normalised inputs.
@@ -2036,11 +2661,32 @@ def prepare_data(cfg, role):
     held = {u.session for u in dev + test}
     normed = normalise(kept, feats, cfg.norm, [u for u in kept if u.session not in held], keep=chosen)
     by_id = {u.id: x for u, x in zip([u for u in kept if u.id in chosen], normed)}
+    # The statistics stored for predict are exactly those --norm global normalised with:
+    # every utterance of the training sessions (all labels, with or without transcript).
+    # For --norm speaker they are predict's fallback for inputs too short for their own.
     train_ids = {u.id for u in train}
-    mean, std = feature_stats([f for u, f in zip(kept, feats) if u.id in train_ids])
-    return {"train": [(u, by_id[u.id]) for u in train], "dev": [(u, by_id[u.id]) for u in dev],
-            "test": [(u, by_id[u.id]) for u in test], "classes": classes, "held_out": min(held),
-            "stats": {"mode": cfg.norm, "mean": torch.from_numpy(mean), "std": torch.from_numpy(std)}}
+    mean, std = feature_stats([f for u, f in zip(kept, feats) if u.session not in held])
+    out = {"train": [(u, by_id[u.id]) for u in train], "dev": [(u, by_id[u.id]) for u in dev],
+           "test": [(u, by_id[u.id]) for u in test], "classes": classes, "held_out": min(held),
+           "stats": {"mode": cfg.norm, "mean": torch.from_numpy(mean), "std": torch.from_numpy(std),
+                     "source": "every utterance of the training sessions"}}
+    factors = cfg.speed_factors() if role == "student" else (1.0,)
+    if len(factors) > 1 or factors[0] != 1:
+        # Speed-perturbed copies of the training utterances, normalised with the statistics
+        # of the unperturbed features (a speaker's statistics do not change with the factor).
+        stats = normalisation_stats(kept, feats, cfg.norm, [u for u in kept if u.session not in held])
+        task = [u for u in kept if u.id in chosen]   # one cache per factor for every fold
+        views = {}
+        for f in factors:
+            if f == 1:
+                views[f] = by_id
+                continue
+            got, sped = compute_features(task, Path(cfg.runs) / "cache", speed=f)
+            views[f] = dict(zip([u.id for u in got if u.id in train_ids],
+                                normalise(got, sped, cfg.norm, keep=train_ids, stats=stats)))
+        # train_views[i]: the arrays of training utterance i, one per factor it could be read at
+        out["train_views"] = [[views[f][u.id] for f in factors if u.id in views[f]] for u in train]
+    return out
 
 
 _RESUME_IGNORES = {"resume", "device", "threads", "amp", "runs", "epochs"}
@@ -2148,11 +2794,11 @@ def _locked_run(run_dir_of):
 
 
 def teacher_run_dir(cfg):
-    return Path(cfg.runs) / "teacher" / f"fold{cfg.fold}"
+    return Path(cfg.runs) / "teacher" / fold_folder(cfg.fold, cfg.seed)
 
 
 def student_run_dir(cfg):
-    return Path(cfg.runs) / "student" / cfg.run_name() / f"fold{cfg.fold}"
+    return Path(cfg.runs) / "student" / cfg.run_name() / fold_folder(cfg.fold, cfg.seed)
 
 
 def _check_finite(model, epoch):
@@ -2183,11 +2829,18 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
     run_dir.mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(run_dir)
     model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # The student's recipe options (RECIPES); the teacher's configuration has none of them.
+    wd, lr_patience, patience = (getattr(cfg, k, 0) for k in ("weight_decay", "lr_patience", "patience"))
+    opt = (torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=wd) if wd
+           else torch.optim.Adam(model.parameters(), lr=cfg.lr))
+    # ReduceLROnPlateau waits `patience` bad epochs and decays on the next: hence lr_patience - 1.
+    sched = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max" if higher_is_better else "min",
+                                                        factor=LR_DECAY, patience=lr_patience - 1)
+             if lr_patience else None)
     conf = stored_config(cfg, run_dir)
     held_out = data.get("held_out")
     extra = {**extra, "held_out": held_out}
-    start, best, log = 1, None, run_dir / "metrics.jsonl"
+    start, best, stale, log = 1, None, 0, run_dir / "metrics.jsonl"
     if cfg.resume and (run_dir / "last.pt").is_file():
         ck = load_checkpoint(run_dir / "last.pt")
         diff = _config_diff(ck["config"], cfg, run_dir=run_dir)
@@ -2202,8 +2855,10 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
                             f"give --epochs {ck['epoch']} or more to continue, or use --name for a shorter run")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(ck["scheduler"])
         torch.set_rng_state(ck["rng"])
-        start, best = ck["epoch"] + 1, ck["best"]
+        start, best, stale = ck["epoch"] + 1, ck["best"], ck.get("stale", 0)
         if log.is_file():  # drop lines of an epoch whose checkpoint was not written (or half written)
             keep = [r for r in read_json_lines(log) if r["epoch"] <= ck["epoch"]]
             log.write_text("".join(json.dumps(r) + "\n" for r in keep))
@@ -2218,14 +2873,21 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
     nonfinite_run, t_start = 0, time.time()
     for epoch in range(start, cfg.epochs + 1):
+        if patience and stale >= patience:
+            print(f"early stopping: no better dev {score_key} in the last {stale} epochs (--patience {patience})")
+            break
         t0 = time.time()
         model.train()
         sums, n_batches, skipped = {}, 0, 0
-        batches = make_batches([x.shape[1] for _, x in data["train"]], cfg.batch_size,
+        train = data["train"]
+        if data.get("train_views"):  # speed perturbation: one factor per utterance and epoch, drawn with the seed
+            pick = np.random.default_rng([cfg.seed, epoch, 1])
+            train = [(u, views[pick.integers(len(views))]) for (u, _), views in zip(train, data["train_views"])]
+        batches = make_batches([x.shape[1] for _, x in train], cfg.batch_size,
                                np.random.default_rng([cfg.seed, epoch]))
         for idx in batches:
             with autocast:
-                loss, parts = loss_fn(model, [data["train"][i] for i in idx])
+                loss, parts = loss_fn(model, [train[i] for i in idx])
             if not torch.isfinite(loss):
                 skipped, nonfinite_run = skipped + 1, nonfinite_run + 1
                 if nonfinite_run >= 20:
@@ -2249,15 +2911,21 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
         score = metrics[score_key]
         improved = best is None or (score > best if higher_is_better else score < best)
         best = score if improved else best
+        stale = 0 if improved else stale + 1
+        lr = opt.param_groups[0]["lr"]
+        if sched is not None:
+            sched.step(score)
         secs = time.time() - t0
         means = {k: v / n_batches for k, v in sums.items()}
-        row = {"epoch": epoch, **means,
+        row = {"epoch": epoch, **means, "lr": lr,
                **{f"dev_{k}": v for k, v in metrics.items() if isinstance(v, float)},
                "skipped_batches": skipped, "seconds": round(secs, 2)}
         with open(log, "a") as f:
             f.write(json.dumps(row) + "\n")
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
-                 "config": conf, "rng": torch.get_rng_state(), **extra}
+                 "stale": stale, "config": conf, "rng": torch.get_rng_state(), **extra}
+        if sched is not None:
+            state["scheduler"] = sched.state_dict()
         if improved:
             atomic_save(state, run_dir / "best.pt")
         atomic_save(state, run_dir / "last.pt")
@@ -2294,6 +2962,12 @@ def finished(run_dir, cfg):
                         f"use --name or delete the folder")
     print(f"{run_dir}: already finished (final.json); skipped")
     return True
+
+
+def fold_folder(fold, seed=0):
+    """A run's folder inside runs/teacher or runs/student/<name>: fold{k} for seed 0,
+    fold{k}-seed{s} for the other seeds (run_all.sh --seeds N trains seeds 0..N-1)."""
+    return f"fold{fold}" + (f"-seed{seed}" if seed else "")
 
 
 def _setup(cfg):
@@ -2399,22 +3073,25 @@ def decode_items(model, items, targets, batch_size, device, how="attention"):
 
 def load_teacher(cfg: StudentConfig, device):
     """The frozen teacher of cfg.fold, in eval mode; stops at once when it was not trained.
-    Its `held_out` attribute names the session it held out (None for older runs)."""
+    Its `held_out` attribute names the session it held out (None for older runs).
+
+    A student of seed s imitates the teacher of the same fold trained with seed s."""
     path = teacher_run_dir(cfg) / "best.pt"
+    seed = f" --seed {cfg.seed}" if cfg.seed else ""
     if not path.is_file():
         if cfg.data is not None and not any(u.text.strip() for u in load_corpus(cfg.data, "all", False, True)):
             raise DataError(f"--at-weight {cfg.at_weight}: attention transfer needs a teacher, and {cfg.data} has no "
                             f"transcripts to train one: use --at-weight 0")
         data = f" --data {cfg.data}" if cfg.data else ""
-        raise DataError(f"attention transfer needs the teacher of fold {cfg.fold} ({path} is missing): "
-                        f"train it with `python satn.py teacher --fold {cfg.fold}{data}`")
+        raise DataError(f"attention transfer needs the teacher of fold {cfg.fold}{' and seed ' + str(cfg.seed) if cfg.seed else ''} "
+                        f"({path} is missing): train it with `python satn.py teacher --fold {cfg.fold}{seed}{data}`")
     if not (path.parent / "final.json").is_file():
         raise DataError(f"the teacher in {path.parent} has not finished (no final.json): finish it with "
-                        f"`python satn.py teacher --fold {cfg.fold} --resume`")
+                        f"`python satn.py teacher --fold {cfg.fold}{seed} --resume`")
     ck = load_checkpoint(path)
     if not isinstance(ck, dict) or "vocab" not in ck or "classes" in ck or "config" not in ck:
         raise DataError(f"{path}: not a teacher checkpoint (a student's, or another file)")
-    differ = [k for k in ("norm", "dev_speaker", "fold") if ck["config"].get(k) != getattr(cfg, k)]
+    differ = [k for k in ("norm", "dev_speaker", "fold", "seed") if ck["config"].get(k) != getattr(cfg, k)]
     if not _same_data(ck["config"].get("data"), path.parent, cfg.data):
         differ.insert(0, "data")
     if differ:
@@ -2464,12 +3141,15 @@ def train_student(cfg: StudentConfig):
     def loss_fn(model, items):
         x, lengths = collate([x for _, x in items], device)
         y = torch.tensor([label[u.label] for u, _ in items], device=device)
-        logits, out = model(x, lengths)
-        ser = F.cross_entropy(logits.float(), y)
+        logits, out = model(x, lengths, need_weights=cfg.at_selfattn)   # weights only for their transfer
+        ser = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        if cfg.causal and cfg.frame_loss > 0:   # a causal student is also taught at every frame after a warm-up
+            warmup = round(cfg.warmup / (HOP_SECONDS * cfg.subsample))
+            ser = ser + cfg.frame_loss * frame_loss(out["frame_logits"], out["mask"], y, warmup)
         if teacher is None:
             return ser, {"ser": ser.item()}
         with torch.no_grad():
-            enc = teacher.encode(x, lengths)
+            enc = teacher.encode(x, lengths, need_weights=cfg.at_selfattn)
         at = transfer_loss(out, enc, pairs, cfg, teacher.subsample)
         loss = ser + cfg.at_weight * at
         return loss, {"loss": loss.item(), "ser": ser.item(), "at": at.item()}
@@ -2488,6 +3168,14 @@ def train_student(cfg: StudentConfig):
         final[part] = classify(model, data[part], label, cfg.batch_size, device)
         print(f"{cfg.run_name()} fold {cfg.fold} {part}: WA {final[part]['WA']:.1f}  UA {final[part]['UA']:.1f}")
     print(format_confusion(final["test"]["confusion"], classes, f"test confusion (best dev UA, epoch {best['epoch']})"))
+    if cfg.causal:   # the emotion track over the test speaker's utterances joined into conversations
+        prior = STREAM_NORM_PRIOR if cfg.norm == "speaker" else None
+        final["track"] = track_evaluation(model.cpu(), [u for u, _ in data["test"]], classes,
+                                          data["stats"]["mean"].numpy(), data["stats"]["std"].numpy(), prior, seed=cfg.seed)
+        t = final["track"]
+        print(f"{cfg.run_name()} fold {cfg.fold} track ({t['seconds']:.0f} s in {t['conversations']} conversations): "
+              f"frame UA {t['all']['UA']:.1f}, {t['settle']:.1f} s after boundaries excluded {t['settled']['UA']:.1f}; "
+              f"mean delay to switch {t['delay_mean'] or math.nan:.2f} s ({t['switched']}/{t['changes']} switched)")
     write_json(final, run_dir / "final.json")
     return final
 
@@ -2503,7 +3191,7 @@ def transfer_loss(out, enc, pairs, cfg, teacher_subsample):
     s_maps = [attention_map(out["acts"][i], cfg.at_p, mask, cfg.at_norm) for i, _ in pairs]
     t_maps = [attention_map(enc["acts"][j][..., idx], cfg.at_p, mask, cfg.at_norm) for _, j in pairs]
     at = at_loss(s_maps, t_maps, mask, cfg.at_dist, cfg.at_norm)
-    if cfg.at_selfattn and out["weights"] is not None:
+    if cfg.at_selfattn:   # both models were run with need_weights=True
         at = at + selfattn_loss(out["weights"], enc["weights"][:, :, idx][..., idx], mask, cfg.at_dist, cfg.at_norm)
     return at
 
@@ -2525,19 +3213,40 @@ def selfattn_loss(s_weights, t_weights, mask, dist="l1", norm="l1"):
 # -----------------------------------------------------------------------------
 # evaluation
 
-def classification_metrics(y_true, y_pred, n_classes):
-    """WA (accuracy over utterances), UA (mean per-class recall over classes present), confusion counts."""
+_WARNED = set()
+
+
+def warn_once(message):
+    """Print `warning: message` to stderr the first time it comes up in this process."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def classification_metrics(y_true, y_pred, n_classes, classes=None):
+    """WA (accuracy over utterances), UA (mean per-class recall over the classes present), confusion counts.
+
+    A class without utterances has no recall: UA averages the others, the class is
+    listed under "absent", and a warning names it (once)."""
     conf = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(conf, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    np.add.at(conf, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
     support = conf.sum(1)
     recall = np.diag(conf)[support > 0] / support[support > 0]
+    names = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
+    absent = [names[i] for i in range(n_classes) if support[i] == 0]
+    if absent and support.sum():
+        warn_once(f"no utterance of class {', '.join(absent)} among {int(support.sum())} scored: UA is the mean "
+                  f"recall over the {int((support > 0).sum())} classes present")
     return {"WA": 100.0 * np.trace(conf) / max(conf.sum(), 1), "UA": 100.0 * float(recall.mean()) if len(recall) else 0.0,
-            "confusion": conf.tolist(), "n": int(conf.sum()), "correct": int(np.trace(conf))}
+            "confusion": conf.tolist(), "n": int(conf.sum()), "correct": int(np.trace(conf)), "absent": absent}
 
 
 @torch.no_grad()
 def classify(model, items, label, batch_size, device):
-    y_true, y_pred = [], []
+    """Metrics of a model on (Utterance, features) items, with every utterance's id, true
+    and predicted class (for the paired tests of `report`)."""
+    classes = list(label)
+    ids, y_true, y_pred = [], [], []
     for idx in make_batches([x.shape[1] for _, x in items], batch_size):
         x, lengths = collate([items[i][1] for i in idx], device)
         logits, _ = model(x, lengths)
@@ -2546,7 +3255,68 @@ def classify(model, items, label, batch_size, device):
                                 "lower --lr or check the data")
         y_pred += logits.argmax(-1).tolist()
         y_true += [label[items[i][0].label] for i in idx]
-    return classification_metrics(y_true, y_pred, len(label))
+        ids += [items[i][0].id for i in idx]
+    return {**classification_metrics(y_true, y_pred, len(label), classes),
+            "ids": ids, "true": [classes[i] for i in y_true], "pred": [classes[i] for i in y_pred]}
+
+
+TRACK_CONVERSATION = 60.0  # s: test utterances are joined, in a seeded random order, into conversations this long
+TRACK_SETTLE = 1.0         # s: after each boundary, excluded from the "settled" frame accuracy
+
+
+def track_evaluation(model, utts, classes, mean, std, prior=STREAM_NORM_PRIOR, seconds=TRACK_CONVERSATION,
+                     settle=TRACK_SETTLE, seed=0):
+    """The emotion track of a causal student over long recordings with known boundaries.
+
+    The utterances (a held-out speaker's) are shuffled and joined end to end into
+    conversations of about `seconds`, each run as one recording (causal_track: the
+    stream's outputs, running normalisation restarted per conversation). Every output
+    is labelled by the utterance under the middle of its frames. Returns frame-level
+    WA/UA over all outputs ("all") and over those at least `settle` s after their
+    utterance's start ("settled"), and, at each boundary where the class changes, the
+    delay from the boundary until the track (the latest ready output) first shows the
+    new class within that utterance: its mean and median over the boundaries where it
+    does ("switched" of "changes")."""
+    label = {c: i for i, c in enumerate(classes)}
+    order = np.random.default_rng(seed).permutation(len(utts))
+    convs, cur, dur = [], [], 0.0
+    for i in order:
+        wave = load_audio(utts[i].path)
+        cur.append((wave, label[utts[i].label]))
+        dur += len(wave) / SAMPLE_RATE
+        if dur >= seconds:
+            convs.append(cur)
+            cur, dur = [], 0.0
+    if cur:
+        convs.append(cur)
+    _, hop, _ = frame_params()
+    y, pred, settled, delays, changes, total = [], [], [], [], 0, 0.0
+    for conv in convs:
+        wave = np.concatenate([w for w, _ in conv])
+        starts = np.cumsum([0] + [len(w) for w, _ in conv]) / SAMPLE_RATE         # (n + 1,) boundaries, s
+        labels = np.array([c for _, c in conv])
+        ends, ready, probs = causal_track(model, wave, mean, std, prior)
+        p = probs.argmax(1)
+        mid = (np.arange(len(p)) * model.subsample * hop / SAMPLE_RATE + ends) / 2   # middle of each output's frames
+        seg = np.clip(np.searchsorted(starts, mid, side="right") - 1, 0, len(conv) - 1)
+        y.append(labels[seg])
+        pred.append(p)
+        settled.append(mid - starts[seg] >= settle)
+        for k in range(1, len(conv)):
+            if labels[k] == labels[k - 1]:
+                continue
+            changes += 1
+            hit = np.nonzero((ready >= starts[k]) & (ready < starts[k + 1]) & (p == labels[k]))[0]
+            if len(hit):
+                delays.append(ready[hit[0]] - starts[k])
+        total += len(wave) / SAMPLE_RATE
+    y, pred, settled = np.concatenate(y), np.concatenate(pred), np.concatenate(settled)
+    strip = lambda m: {k: v for k, v in m.items() if k in ("WA", "UA", "n")}  # noqa: E731
+    return {"all": strip(classification_metrics(y, pred, len(classes))),
+            "settled": strip(classification_metrics(y[settled], pred[settled], len(classes))),
+            "settle": settle, "delay_mean": float(np.mean(delays)) if delays else None,
+            "delay_median": float(np.median(delays)) if delays else None,
+            "switched": len(delays), "changes": changes, "conversations": len(convs), "seconds": total}
 
 
 def row_normalised(conf):
@@ -2556,8 +3326,15 @@ def row_normalised(conf):
 
 
 def mean_test_confusion(results):
-    """Row-normalised test confusion matrices averaged over folds (the paper's Figure 3)."""
-    return np.mean([row_normalised(r["test"]["confusion"]) for r in results], axis=0)
+    """Row-normalised test confusion matrices averaged over runs (the paper's Figure 3).
+
+    Each class's row is averaged only over the runs whose test split has that class
+    (a run without it says nothing about its recall); a class no run has stays NaN."""
+    confs = np.array([r["test"]["confusion"] for r in results], dtype=np.float64)  # (runs, C, C)
+    present = confs.sum(2, keepdims=True) > 0                                      # (runs, C, 1)
+    rows = np.where(present, confs / np.maximum(confs.sum(2, keepdims=True), 1), 0.0).sum(0)
+    with np.errstate(invalid="ignore"):
+        return rows / present.sum(0)                                                # (C, C)
 
 
 def format_confusion(conf, classes, title):
@@ -2569,10 +3346,12 @@ def format_confusion(conf, classes, title):
     return "\n".join(lines)
 
 
-# Table 2's eight configurations, in the paper's order: (run name, encoder, attention, transfer).
-TABLE2 = [(f"{e}-{a}" + ("-at" if t else ""), e, a, t)
-          for e in ("blstm", "tcn") for t in (False, True) for a in ("soft", "self")]
-TABLE2_LABEL = {"blstm": "BLSTM", "tcn": "TCN", "soft": "soft attention", "self": "self-attention"}
+# Table 2's rows: the baseline (utterance statistics + linear classifier), then the paper's
+# eight configurations in its order: (run name, encoder, attention, transfer).
+TABLE2 = [("stats", "stats", None, False)] + [(f"{e}-{a}" + ("-at" if t else ""), e, a, t)
+                                              for e in ("blstm", "tcn") for t in (False, True) for a in ("soft", "self")]
+TABLE2_LABEL = {"blstm": "BLSTM", "tcn": "TCN", "soft": "soft attention", "self": "self-attention",
+                "stats": "utterance statistics + linear"}
 
 
 def z_test_one_tailed(correct_a, n_a, correct_b, n_b):
@@ -2584,8 +3363,213 @@ def z_test_one_tailed(correct_a, n_a, correct_b, n_b):
     return z, 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def report(runs="runs"):
-    """Collect finished runs into runs/results.md: Table 2, Figure 3, teachers, z-tests."""
+BOOTSTRAP_SAMPLES = 2000  # resamples of the test utterances behind each confidence interval
+BOOTSTRAP_SEED = 0        # fixed, so the same runs always give the same intervals
+CONFIDENCE = 0.95         # level of the bootstrap intervals
+ALPHA = 0.05              # significance level the verdicts of results.md use
+
+
+def mean_sd(values):
+    """'mean ± SD' with the sample standard deviation (n - 1 denominator); the mean alone for one value."""
+    v = np.asarray(values, dtype=np.float64)
+    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v.mean():.1f}"
+
+
+def mcnemar_exact(b, c):
+    """McNemar's exact test, two-sided: b pairs where only system A is right, c where only B is.
+
+    Under H0 (equal accuracy) each discordant pair is a fair coin, so min(b, c) is a tail of
+    Binomial(b + c, 1/2): p = 2 x that tail, at most 1 (1 without discordant pairs).
+    Computed with exact integers."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def wa_ua(y, hit, n_classes):
+    """WA and UA (%) from class indices y and 0/1 correctness hit, both (..., n): two (...) arrays.
+    UA is the mean recall over the classes present in each row."""
+    onehot = y[..., None] == np.arange(n_classes)                  # (..., n, C)
+    count = onehot.sum(-2)                                         # (..., C)
+    right = (onehot & hit[..., None].astype(bool)).sum(-2)         # (..., C)
+    present = count > 0
+    recall = np.where(present, right / np.maximum(count, 1), 0.0)
+    return 100.0 * hit.mean(-1), 100.0 * recall.sum(-1) / np.maximum(present.sum(-1), 1)
+
+
+def paired_bootstrap(strata, n_classes, n_boot=BOOTSTRAP_SAMPLES, seed=BOOTSTRAP_SEED, level=CONFIDENCE):
+    """Paired bootstrap of the WA and UA differences between systems A and B.
+
+    strata: one (y, hits_a, hits_b) per fold: y (n,) class indices of the fold's test
+    utterances, hits_a and hits_b (S, n) 0/1 correctness of the S runs (seeds) of each
+    system on the same utterances. The statistic is Table 2's: the mean over all runs of
+    A's WA (UA) minus B's. Each resample draws every fold's utterances with replacement,
+    one draw shared by both systems and all seeds, so the pairing and the seeds' common
+    utterances are kept. Returns {"WA": (difference, low, high), "UA": ...} with a
+    percentile interval at `level`; the same seed gives the same interval."""
+    rng = np.random.default_rng(seed)
+    boot = {"WA": np.zeros(n_boot), "UA": np.zeros(n_boot)}
+    observed = {"WA": 0.0, "UA": 0.0}
+    runs = 0
+    for y, hits_a, hits_b in strata:
+        y = np.asarray(y, dtype=np.int64)
+        hits_a, hits_b = np.atleast_2d(np.asarray(hits_a, bool)), np.atleast_2d(np.asarray(hits_b, bool))
+        idx = rng.integers(0, len(y), size=(n_boot, len(y)))       # (B, n): one draw for every run
+        for ha, hb in zip(hits_a, hits_b):
+            for key, a, b in zip(("WA", "UA"), wa_ua(y, ha, n_classes), wa_ua(y, hb, n_classes)):
+                observed[key] += a - b
+            for key, a, b in zip(("WA", "UA"), wa_ua(y[idx], ha[idx], n_classes), wa_ua(y[idx], hb[idx], n_classes)):
+                boot[key] += a - b
+            runs += 1
+    if runs == 0:
+        raise ValueError("paired_bootstrap needs at least one run")
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    return {k: (observed[k] / runs, *np.percentile(boot[k] / runs, q)) for k in boot}
+
+
+def _run_key(r):
+    """(fold, seed) of a finished run."""
+    return r["config"]["fold"], r["config"].get("seed", 0)
+
+
+def paired_comparison(runs_a, runs_b, n_boot=BOOTSTRAP_SAMPLES, seed=BOOTSTRAP_SEED):
+    """Test results of configuration A against B, runs paired by (fold, seed): the paper's
+    z-test on pooled WA, and with stored predictions McNemar's exact test and the bootstrap.
+
+    Within a pair both models classify the same test utterances: each utterance of each
+    pair of runs is one pair of outcomes. Discordant pairs are summed over folds and seeds
+    (the strata) and tested exactly. Returns None when no (fold, seed) has both."""
+    a, b = {_run_key(r): r for r in runs_a}, {_run_key(r): r for r in runs_b}
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    ca, na = sum(a[k]["test"]["correct"] for k in common), sum(a[k]["test"]["n"] for k in common)
+    cb, nb = sum(b[k]["test"]["correct"] for k in common), sum(b[k]["test"]["n"] for k in common)
+    out = {"runs": len(common), "folds": len({f for f, _ in common}), "seeds": len({s for _, s in common}),
+           "wa_pooled": (100 * ca / na, 100 * cb / nb), "z": z_test_one_tailed(ca, na, cb, nb), "unpaired": []}
+    strata, only_a, only_b = {}, 0, 0
+    for k in common:
+        ta, tb = a[k]["test"], b[k]["test"]
+        classes = a[k]["classes"]
+        if "ids" not in ta or "ids" not in tb:
+            out["unpaired"].append((k, "no per-utterance predictions (a run of an older satn.py)"))
+            continue
+        if sorted(ta["ids"]) != sorted(tb["ids"]) or classes != b[k]["classes"]:
+            out["unpaired"].append((k, "the two runs were tested on different utterances or classes"))
+            continue
+        ids = sorted(ta["ids"])
+        true = dict(zip(ta["ids"], ta["true"]))
+        pa, pb = dict(zip(ta["ids"], ta["pred"])), dict(zip(tb["ids"], tb["pred"]))
+        ha = np.array([pa[i] == true[i] for i in ids])
+        hb = np.array([pb[i] == true[i] for i in ids])
+        only_a, only_b = only_a + int((ha & ~hb).sum()), only_b + int((~ha & hb).sum())
+        stratum = k[0] if strata.get(k[0], (ids,))[0] == ids else k   # a fold's seeds share its utterances
+        y = np.array([classes.index(true[i]) for i in ids])
+        strata.setdefault(stratum, (ids, y, [], [], len(classes)))
+        strata[stratum][2].append(ha)
+        strata[stratum][3].append(hb)
+    if strata:
+        n_classes = max(s[4] for s in strata.values())
+        out.update(paired=sum(len(s[2]) for s in strata.values()), only_a=only_a, only_b=only_b,
+                   mcnemar=mcnemar_exact(only_a, only_b),
+                   boot=paired_bootstrap([(y, ha, hb) for _, y, ha, hb, _ in strata.values()], n_classes, n_boot, seed))
+    return out
+
+
+def _row_label(name, rs):
+    """Table 2's name of a configuration, e.g. "TCN + self-attention w/ AT", with its recipe unless the paper's."""
+    parts = name.split("-")
+    label = (f"{TABLE2_LABEL.get(parts[0], parts[0])} + {TABLE2_LABEL.get(parts[1], parts[1])}"
+             + (" w/ AT" if parts[-1] == "at" else "")) if len(parts) >= 2 else TABLE2_LABEL.get(name, name)
+    recipes = sorted({r["config"].get("recipe", "paper") for r in rs})
+    return label + ("" if recipes == ["paper"] else f" ({', '.join(recipes)} recipe)")
+
+
+def _runs_cell(rs):
+    """How many runs a mean is over: '5', or '10 (5 folds × 2 seeds)'."""
+    folds, seeds = {r["config"]["fold"] for r in rs}, {r["config"].get("seed", 0) for r in rs}
+    if len(seeds) == 1:
+        return str(len(rs))
+    grid = "×" if len(rs) == len(folds) * len(seeds) else "and"
+    return f"{len(rs)} ({len(folds)} folds {grid} {len(seeds)} seeds)"
+
+
+def _signed(x):
+    return f"{x:+.1f}".replace("-", "−")
+
+
+def _table2(results, names):
+    """Table 2's lines (mean ± sample SD over the runs of each row) and each row's dev UA mean."""
+    lines = ["| method | runs | Dev WA | Dev UA | Test WA | Test UA |", "|---|---|---|---|---|---|"]
+    dev_ua = {}
+    for name in names:
+        rs = results[name]
+        dev_ua[name] = float(np.mean([r["dev"]["UA"] for r in rs]))
+        lines.append(f"| {_row_label(name, rs)} | {_runs_cell(rs)} | "
+                     + " | ".join(mean_sd([r[p][m] for r in rs]) for p in ("dev", "test") for m in ("WA", "UA")) + " |")
+    return lines, dev_ua
+
+
+def _transfer_pairs(results, names):
+    """(with, without) name pairs of the configuration list: X-at against X."""
+    return [(n, n[:-3]) for n in names if n.endswith("-at") and n[:-3] in results]
+
+
+def _significance(results, names, n_boot=BOOTSTRAP_SAMPLES, seed=BOOTSTRAP_SEED):
+    """The paired tests and the paper's z-test of every transfer pair: (paired table, z table, verdicts, notes)."""
+    paired = ["| with AT vs without | paired runs | Test WA difference (95% CI) | Test UA difference (95% CI) "
+              "| only with AT right | only without AT right | McNemar exact p |", "|---|---|---|---|---|---|---|"]
+    ztab = ["| with AT vs without | runs | WA with | WA without | z | p (one-tailed) |", "|---|---|---|---|---|---|"]
+    verdicts, notes = [], []
+    for name, twin in _transfer_pairs(results, names):
+        c = paired_comparison(results[name], results[twin], n_boot, seed)
+        if c is None:
+            notes.append(f"{name} vs {twin}: no fold and seed trained in both")
+            continue
+        z, p = c["z"]
+        ztab.append(f"| {name} vs {twin} | {c['runs']} | {c['wa_pooled'][0]:.1f} | {c['wa_pooled'][1]:.1f} | {z:.2f} | {p:.3f} |")
+        for (fold, s), why in c["unpaired"]:
+            notes.append(f"{name} vs {twin}, fold {fold} seed {s}: left out of the paired tests: {why}")
+        if "boot" not in c:
+            continue
+        (dw, lw, hw), (du, lu, hu) = c["boot"]["WA"], c["boot"]["UA"]
+        paired.append(f"| {name} vs {twin} | {c['paired']} | {_signed(dw)} ({_signed(lw)}, {_signed(hw)}) | "
+                      f"{_signed(du)} ({_signed(lu)}, {_signed(hu)}) | {c['only_a']} | {c['only_b']} | {c['mcnemar']:.3f} |")
+        def ci(d, lo, hi, what):
+            if lo > 0 or hi < 0:
+                return f"the {what} CI excludes 0: transfer {'raises' if d > 0 else 'lowers'} {what}"
+            return f"the {what} CI includes 0: no evidence of a {what} difference"
+        mc = (f"McNemar p = {c['mcnemar']:.3f} < {ALPHA}: transfer {'raises' if c['only_a'] > c['only_b'] else 'lowers'} WA"
+              if c["mcnemar"] < ALPHA else f"McNemar p = {c['mcnemar']:.3f}: no evidence that transfer changes WA")
+        verdicts.append(f"- {name} vs {twin}: {mc}; {ci(dw, lw, hw, 'WA')}; {ci(du, lu, hu, 'UA')}.")
+    return (paired if len(paired) > 2 else []), (ztab if len(ztab) > 2 else []), verdicts, notes
+
+
+def _norm_statement(results):
+    """What the inputs were normalised with, for every mode the runs used."""
+    modes = {}
+    for name, rs in results.items():
+        for r in rs:
+            modes.setdefault(r["config"].get("norm", "speaker"), set()).add(name)
+    text = {"speaker": "per speaker: each speaker's features are normalised with the mean and standard deviation "
+                       "of all of that speaker's audio in the corpus. For the test speaker this includes the test "
+                       "utterances themselves (their audio, never their labels): the results assume a deployment "
+                       "that has some unlabelled audio of each speaker.",
+            "global": "globally, with the mean and standard deviation of every utterance of the training sessions "
+                      "(no audio of the held-out session is used)."}
+    out = []
+    for mode, names in sorted(modes.items()):
+        which = "" if len(modes) == 1 else f" ({', '.join(sorted(names))})"
+        out.append(f"Normalisation{which}: {text.get(mode, mode)}")
+    return out
+
+
+def report(runs="runs", per_seed=False):
+    """Collect finished runs into runs/results.md: Table 2 (mean ± sample SD over folds x
+    seeds), Figure 3, paired significance tests next to the paper's z-test, teachers;
+    with per_seed, Table 2 and the tests of each seed as well."""
     runs = Path(runs)
     results, damaged = {}, []
     for final in sorted(runs.glob("student/*/fold*/final.json")):
@@ -2595,6 +3579,8 @@ def report(runs="runs"):
             damaged.append(final)
             print(f"warning: {e}; left out of the report")
     teachers = []
+    for rs in results.values():
+        rs.sort(key=_run_key)
     for final in sorted(runs.glob("teacher/fold*/final.json")):
         try:
             read_json(final)
@@ -2605,48 +3591,78 @@ def report(runs="runs"):
     if not results and not teachers:
         raise DataError(f"{runs}: no finished runs to report")
     known = [n for n, *_ in TABLE2 if n in results] + sorted(set(results) - {n for n, *_ in TABLE2})
-    out = ["# Results", "", f"Collected from `{runs}/` by `python satn.py report`. Mean and standard deviation "
-           "over folds (leave-one-session-out); WA = accuracy over utterances, UA = mean per-class recall; "
-           "the test columns use the checkpoint with the best dev UA.", "",
-           "| method | folds | Dev WA | Dev UA | Test WA | Test UA |", "|---|---|---|---|---|---|"]
-    summary = {}
-    for name in known:
-        rs = results[name]
-        vals = {f"{p} {m}": np.array([r[p][m] for r in rs]) for p in ("dev", "test") for m in ("WA", "UA")}
-        summary[name] = {k: v.mean() for k, v in vals.items()}
-        parts = name.split("-")
-        label = (f"{TABLE2_LABEL.get(parts[0], parts[0])} + {TABLE2_LABEL.get(parts[1], parts[1])}"
-                 + (" w/ AT" if parts[-1] == "at" else "")) if len(parts) >= 2 else name
-        out.append(f"| {label} | {len(rs)} | " + " | ".join(f"{v.mean():.1f} ± {v.std():.1f}" for v in vals.values()) + " |")
+    seeds = sorted({r["config"].get("seed", 0) for rs in results.values() for r in rs})
+    out = ["# Results", "", f"Collected from `{runs}/` by `python satn.py report`. Each row is the mean ± sample "
+           "standard deviation (n − 1 denominator) over its runs: the folds (leave-one-session-out)"
+           + (f" × the seeds ({', '.join(map(str, seeds))})" if len(seeds) > 1 else "")
+           + "; the spread mixes speaker and training-seed variation. WA = accuracy over utterances, UA = mean "
+           "per-class recall over the classes present; the test columns use the checkpoint with the best dev UA.", ""]
+    out += _norm_statement(results)
+    lines, dev_ua = _table2(results, known)
+    out += ["", *lines]
     skipped_at = [n for n, *_, t in TABLE2 if t and n not in results]
     if skipped_at and not teachers:
         out += ["", "Rows with attention transfer are missing: no teacher was trained (a corpus without transcripts)."]
-    if summary:
-        best = max(summary, key=lambda n: summary[n]["dev UA"])
+    absent = [f"{n} fold {r['config']['fold']}" + (f" seed {r['config']['seed']}" if r["config"].get("seed") else "")
+              + f": no {', '.join(r['test']['absent'])}" for n in known for r in results[n] if r["test"].get("absent")]
+    if absent:
+        out += ["", "Test splits without some class (their UA is over the classes present): " + "; ".join(absent) + "."]
+    if results:
+        best = max(dev_ua, key=dev_ua.get)
         rs = results[best]
         classes = rs[0]["classes"]
         norm = mean_test_confusion(rs)
         out += ["", f"## Confusion matrix of the best configuration by dev UA: {best} (test, row-normalised %, "
-                f"averaged over {len(rs)} folds)", "", "| true \\ predicted | " + " | ".join(classes) + " |",
-                "|---" * (len(classes) + 1) + "|"]
-        out += [f"| {c} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |" for c, row in zip(classes, norm)]
-        tests = []
-        for name, *_ in TABLE2:
-            twin = name[:-3] if name.endswith("-at") else None
-            if twin and name in results and twin in results:
-                a = {r["config"]["fold"]: r["test"] for r in results[name]}
-                b = {r["config"]["fold"]: r["test"] for r in results[twin]}
-                common = sorted(set(a) & set(b))
-                if not common:
-                    continue
-                ca, na = sum(a[f]["correct"] for f in common), sum(a[f]["n"] for f in common)
-                cb, nb = sum(b[f]["correct"] for f in common), sum(b[f]["n"] for f in common)
-                z, p = z_test_one_tailed(ca, na, cb, nb)
-                tests.append(f"| {name} vs {twin} | {len(common)} | {100 * ca / na:.1f} | {100 * cb / nb:.1f} | {z:.2f} | {p:.3f} |")
-        if tests:
-            out += ["", "## Attention transfer: one-tailed two-proportion z-test on test WA (utterances pooled over folds)",
-                    "", "| with AT vs without | folds | WA with | WA without | z | p |", "|---|---|---|---|---|---|"] + tests
-    if summary:
+                f"each row averaged over the {len(rs)} runs whose test split has that class)", "",
+                "| true \\ predicted | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+        out += [f"| {c} | " + " | ".join("–" if np.isnan(v) else f"{100 * v:.1f}" for v in row) + " |"
+                for c, row in zip(classes, norm)]
+        paired, ztab, verdicts, notes = _significance(results, known)
+        if paired or ztab:
+            out += ["", "## Does attention transfer help? Paired tests on the test utterances", "",
+                    "Pairs: the models with and without transfer trained on the same fold with the same seed classify "
+                    "the same test utterances; each utterance of each such pair of runs is one pair of outcomes. "
+                    "**McNemar's exact test** (two-sided) counts the pairs only one model gets right; the counts are "
+                    "summed over folds and seeds (the strata, within which the pairs are formed) and min(b, c) is "
+                    "compared with Binomial(b + c, 1/2), the exact conditional test of a common effect. With several "
+                    "seeds an utterance gives one pair per seed and those pairs are not independent, so the p-value "
+                    f"is then somewhat optimistic. **Paired bootstrap**: {BOOTSTRAP_SAMPLES} resamples (seed "
+                    f"{BOOTSTRAP_SEED}) of each fold's test utterances, drawn with all their seeds' and both models' "
+                    f"outcomes together; the difference is Table 2's (mean over runs of with − without, in points) "
+                    f"and the interval is the {100 * CONFIDENCE:.0f}% percentile interval.", ""]
+            out += paired or ["(No pair of runs has per-utterance predictions; rerun the trainings for the paired tests.)"]
+            out += ["", "### Which test supports which claim", "",
+                    f"- *Transfer changes test accuracy (WA)*: McNemar's exact test; p < {ALPHA} supports it, in the "
+                    "direction of the larger discordant count.",
+                    f"- *How large the change is, in WA and in UA*: the bootstrap {100 * CONFIDENCE:.0f}% interval; an "
+                    "interval that excludes 0 supports a difference of its sign. UA is not a per-utterance "
+                    "proportion, so for UA the interval is the only test.",
+                    "- *The paper's claim, tested as the paper tested it*: the one-tailed two-proportion z-test below, "
+                    "reproduced for comparison with the paper only. It treats the two models' pooled WA as "
+                    "independent samples although they classify the same utterances, so no claim here rests on it.",
+                    "- None of these resamples trainings: they judge the models trained here. Whether transfer helps "
+                    "for other seeds is read from the spread over seeds (the SDs above and `report --per-seed`).", ""]
+            out += verdicts
+            if ztab:
+                out += ["", "## The paper's test: one-tailed two-proportion z-test on test WA (utterances pooled over "
+                        "the paired runs)", "", *ztab]
+            if notes:
+                out += ["", *notes]
+        if per_seed and len(seeds) > 1:
+            out += ["", "## Per seed", "", "Each seed's Table 2 (mean ± sample SD over folds) and tests; the paired "
+                    "tests of one seed have independent pairs."]
+            for s in seeds:
+                sub = {n: [r for r in rs if r["config"].get("seed", 0) == s] for n, rs in results.items()}
+                sub = {n: rs for n, rs in sub.items() if rs}
+                names = [n for n in known if n in sub]
+                lines, _ = _table2(sub, names)
+                paired, ztab, verdicts, _ = _significance(sub, names)
+                out += ["", f"### Seed {s}", "", *lines]
+                out += ["", *paired, "", *verdicts] if paired else []
+                out += ["", "The paper's z-test:", "", *ztab] if ztab else []
+        elif per_seed:
+            out += ["", f"(--per-seed: every run has seed {seeds[0]}; the tables above are that seed's.)"]
+    if results:
         out += report_figures(runs, results)
     if teachers:
         out += ["", "## ASR teachers", "", "PER on phones, WER with each decoded phone chunk mapped to the nearest "
@@ -2793,31 +3809,35 @@ def report_figures(runs, results):
         classes = results[name][0]["classes"]
         ax.imshow(conf, vmin=0, vmax=1, cmap="Blues")
         for (i, j), v in np.ndenumerate(conf):
-            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7, color="white" if v > 0.5 else "black")
+            if np.isfinite(v):   # a class absent from every test split has no row
+                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7, color="white" if v > 0.5 else "black")
         ax.set(title=name, xticks=range(len(classes)), yticks=range(len(classes)))
         ax.set_xticklabels([c[:3] for c in classes], fontsize=7)
         ax.set_yticklabels([c[:3] for c in classes], fontsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.suptitle("Test confusion matrices (row-normalised %, averaged over folds; rows: true class)")
+    fig.suptitle("Test confusion matrices (row-normalised %, averaged over the runs with that class; rows: true class)")
     fig.tight_layout()
     fig.savefig(fig_dir / "confusion.png", dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in names:
-        curves = [[l["dev_UA"] for l in read_json_lines(runs / "student" / name / f"fold{r['config']['fold']}" / "metrics.jsonl")]
-                  for r in results[name] if (runs / "student" / name / f"fold{r['config']['fold']}" / "metrics.jsonl").is_file()]
+        logs = [runs / "student" / name / fold_folder(r["config"]["fold"], r["config"].get("seed", 0)) / "metrics.jsonl"
+                for r in results[name]]
+        curves = [[l["dev_UA"] for l in read_json_lines(log)] for log in logs if log.is_file()]
         n = min(map(len, curves), default=0)
         if n:
             ax.plot(range(1, n + 1), np.mean([c[:n] for c in curves], 0), label=name, ls="--" if name.endswith("-at") else "-")
-    ax.set(xlabel="epoch", ylabel="dev UA (%), mean over folds", title="Dev UA per epoch")
-    ax.legend(fontsize=7)
+    ax.set(xlabel="epoch", ylabel="dev UA (%), mean over runs", title="Dev UA per epoch (mean over folds and seeds)")
+    if ax.lines:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(fig_dir / "dev_ua.png", dpi=110)
     plt.close(fig)
     lines += ["![confusion matrices](figures/confusion.png)", "", "![dev UA per epoch](figures/dev_ua.png)"]
     # One test utterance through the teacher and the two self-attention TCN students.
-    folds = sorted((int(p.name[4:]) for p in (runs / "student" / "tcn-self-at").glob("fold*")), reverse=True)
+    folds = sorted((int(p.name[4:]) for p in (runs / "student" / "tcn-self-at").glob("fold*")
+                    if re.fullmatch(r"fold\d+", p.name)), reverse=True)   # seed 0's runs
     fold = next((f for f in folds if all((runs / d / f"fold{f}" / "best.pt").is_file()
                  for d in ("teacher", "student/tcn-self", "student/tcn-self-at"))), None)
     if fold is not None:
@@ -3029,7 +4049,8 @@ def add_config_args(parser, cls):
     for f in dataclasses.fields(cls):
         meta = f.metadata
         demo = f"; demo corpus: {meta['demo']}" if meta.get("demo") is not None else ""
-        help_ = f"{meta['help']} (default: {f.default}{demo})"
+        default = f.default if not meta.get("recipe") else ", ".join(f"{r} {v[f.name]}" for r, v in RECIPES.items())
+        help_ = f"{meta['help']} (default: {default}{demo})"
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
@@ -3075,6 +4096,8 @@ def _folds(cfg):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="satn.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="say once per shape which causal-convolution path the dispatch chose, and why")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo-data", help="write the synthetic IEMOCAP-layout demo corpus")
     p.add_argument("--out", default=str(DEMO_DIR), help=f"output folder (default: {DEMO_DIR})")
@@ -3101,12 +4124,15 @@ def main(argv=None):
     p.add_argument("--hop", type=float, default=PREDICT_HOP, help=f"hop between windows, s (default: {PREDICT_HOP})")
     p = sub.add_parser("report", help="collect finished runs into runs/results.md")
     p.add_argument("--runs", default="runs", help="output root of the runs (default: runs)")
+    p.add_argument("--per-seed", action="store_true", help="also Table 2 and the tests of each seed on its own")
     p = sub.add_parser("bench", help="throughput benchmarks")
     p.add_argument("what", choices=("features", "kernel"))
     p.add_argument("--device", default="auto", help="kernel benchmark device (default: auto)")
     p = sub.add_parser("build-kernels", help="compile the fused causal-conv extension and say what was built")
     p.add_argument("--cuda", action="store_true", help="also compile the CUDA part, even without a GPU")
     args = parser.parse_args(argv)
+    global KERNEL_VERBOSE
+    KERNEL_VERBOSE = KERNEL_VERBOSE or args.verbose
     try:
         try:
             _kernel_mode()
@@ -3129,7 +4155,7 @@ def main(argv=None):
         elif args.command == "predict":
             return predict(args.checkpoint, args.inputs, args.json, args.norm, args.window, args.hop)
         elif args.command == "report":
-            report(args.runs)
+            report(args.runs, args.per_seed)
         elif args.command == "bench":
             bench_features() if args.what == "features" else bench_kernel(args.device)
         elif args.command == "build-kernels":

@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -887,6 +888,18 @@ def test_split_fold_iemocap_speakers(fold):
     assert {u.speaker for u in dev3} == {held + "F"}
 
 
+def test_split_fold_numbers_sessions_in_numeric_order():
+    utts = [utt(f"s{s}{g}_{i}", "sad", f"{s}{g}", str(s)) for s in range(1, 12) for g in "FM" for i in range(2)]
+    random.Random(0).shuffle(utts)
+    held = {}
+    for fold in range(1, 12):
+        train, dev, test = satn.split_fold(utts, fold)
+        held[fold] = {u.session for u in dev + test}
+        assert {u.speaker for u in dev} == {f"{fold}M"} and {u.speaker for u in test} == {f"{fold}F"}
+    assert held == {k: {str(k)} for k in range(1, 12)}      # fold 2 holds out session 2, not session 10
+    assert satn.session_order(["Ses10", "Ses2", "Ses1", "Ses02b", "B1", "A"]) == ["A", "B1", "Ses1", "Ses2", "Ses02b", "Ses10"]
+
+
 def test_split_fold_manifest_speakers_are_halved_deterministically():
     utts = []
     for sess, spks in {"a": ["zoe", "amy", "kim", "bob"], "b": ["tom", "eve", "ian"]}.items():
@@ -1049,10 +1062,10 @@ def test_self_attention_masks_padding():
     L, extra = 5, 4
     x = torch.randn(1, L, 8)
     with torch.no_grad():
-        y, w = att(x, torch.ones(1, L, dtype=torch.bool))
+        y, w = att(x, torch.ones(1, L, dtype=torch.bool), need_weights=True)
         xp = _padded(x, extra, 1)
         mask = satn.length_mask(torch.tensor([L]), L + extra)
-        yp, wp = att(xp, mask)
+        yp, wp = att(xp, mask, need_weights=True)
     print(w.shape, wp.shape, (yp[:, :L] - y).abs().max().item())
     assert w.shape == (1, 2, L, L) and wp.shape == (1, 2, L + extra, L + extra)
     torch.testing.assert_close(yp[:, :L], y, atol=1e-5, rtol=1e-5)
@@ -1070,10 +1083,38 @@ def test_self_attention_batch_of_two_lengths():
         ya, _ = att(a, torch.ones(1, 3, dtype=torch.bool))
         yb, _ = att(b, torch.ones(1, 7, dtype=torch.bool))
         batch = torch.cat([_padded(a, 4, 1), b])
-        y, w = att(batch, satn.length_mask(torch.tensor([3, 7]), 7))
+        y, w = att(batch, satn.length_mask(torch.tensor([3, 7]), 7), need_weights=True)
     torch.testing.assert_close(y[0, :3], ya[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y[1], yb[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(w[0, :, :3].sum(-1), torch.ones(4, 3))
+
+
+@pytest.mark.parametrize("banded", [False, True])
+def test_self_attention_fused_and_explicit_paths_agree(banded):
+    """scaled_dot_product_attention (no weights) and the explicit path (weights) give the same
+    output and gradients on a padded batch, with and without an extra (banded causal) mask;
+    padded rows are zero on both."""
+    torch.manual_seed(2)
+    att = satn.SelfAttention(16, heads=4).eval()
+    x = torch.randn(3, 11, 16)
+    mask = satn.length_mask(torch.tensor([11, 6, 1]), 11)
+    t = torch.arange(11)
+    band = ((t[:, None] >= t[None, :]) & (t[:, None] - t[None, :] < 3)) if banded else None  # (T, T)
+    outs, grads = [], []
+    for need in (False, True):
+        xi = x.clone().requires_grad_()
+        y, w = att(xi, mask, need_weights=need, attn_mask=band)
+        (y * torch.linspace(-1, 1, 16)).sum().backward()
+        outs.append(y.detach())
+        grads.append(xi.grad)
+        assert (w is None) != need
+        assert torch.all(y[~mask] == 0) and torch.all(xi.grad[~mask] == 0)
+    print((outs[0] - outs[1]).abs().max().item(), (grads[0] - grads[1]).abs().max().item())
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
+    assert torch.all(w[..., 6:, :][1] == 0) and torch.all(w[1, ..., 6:] == 0)
+    if banded:
+        assert torch.all(w[0][:, ~band] == 0)
 
 
 def test_soft_attention_masks_padding():
@@ -1123,7 +1164,7 @@ def test_student_logits_independent_of_batch_padding(encoder, attention, subsamp
     with torch.no_grad():
         alone, out = model(short, torch.tensor([10]))
         batch = torch.cat([_padded(short, 7, 2), long])
-        both, out_b = model(batch, torch.tensor([10, 17]))
+        both, out_b = model(batch, torch.tensor([10, 17]), need_weights=True)
         long_alone, _ = model(long, torch.tensor([17]))
     print(encoder, attention, subsample, alone, both)
     assert alone.shape == (1, 3) and both.shape == (2, 3)
@@ -1324,6 +1365,182 @@ def test_z_test_one_tailed_by_hand():
     assert z0 == pytest.approx(0.0, abs=1e-12) and p0 == pytest.approx(0.5)
 
 
+def test_classification_metrics_warns_once_naming_an_absent_class(monkeypatch, capsys):
+    monkeypatch.setattr(satn, "_WARNED", set())
+    classes = ["neutral", "happy", "sad", "angry"]
+    r = satn.classification_metrics([0, 0, 1, 1], [0, 1, 1, 1], 4, classes)
+    assert r["absent"] == ["sad", "angry"]
+    assert r["UA"] == pytest.approx(100 * (1 / 2 + 1) / 2)       # over the two classes present
+    satn.classification_metrics([0, 0, 1, 1], [0, 1, 1, 1], 4, classes)
+    err = capsys.readouterr().err
+    print(err)
+    assert err.count("warning:") == 1 and "sad, angry" in err and "2 classes present" in err
+    assert satn.classification_metrics([0, 1, 2, 3], [0, 1, 2, 3], 4, classes)["absent"] == []
+    assert capsys.readouterr().err == ""
+
+
+def _fake_run(fold, seed, true, pred, ids=None, classes=("neutral", "happy", "sad", "angry"), dev=(50.0, 50.0)):
+    """A final.json-like dict of one run with the given test predictions."""
+    ids = ids or [f"f{fold}_u{i:02d}" for i in range(len(true))]
+    conf = np.zeros((len(classes), len(classes)), dtype=int)
+    for t, p in zip(true, pred):
+        conf[classes.index(t), classes.index(p)] += 1
+    m = satn.classification_metrics([classes.index(t) for t in true], [classes.index(p) for p in pred], len(classes))
+    return {"config": {"fold": fold, "seed": seed, "norm": "speaker"}, "classes": list(classes),
+            "dev": {"WA": dev[0], "UA": dev[1]}, "test": {**m, "ids": ids, "true": list(true), "pred": list(pred)}}
+
+
+def _runs_from_table(both, only_a, only_b, neither, fold=1, seed=0):
+    """Two runs (A, B) on the same utterances with the given 2 x 2 table of right/wrong."""
+    true, pa, pb = [], [], []
+    for n, ra, rb in ((both, True, True), (only_a, True, False), (only_b, False, True), (neither, False, False)):
+        for _ in range(n):
+            true.append("sad")
+            pa.append("sad" if ra else "angry")
+            pb.append("sad" if rb else "happy")
+    return _fake_run(fold, seed, true, pa), _fake_run(fold, seed, true, pb)
+
+
+def test_mcnemar_exact_hand_worked():
+    assert satn.mcnemar_exact(0, 0) == 1.0                         # no disagreement: nothing to test
+    assert satn.mcnemar_exact(4, 4) == 1.0
+    assert satn.mcnemar_exact(10, 0) == pytest.approx(2 / 1024)    # all 10 discordant, all one way
+    assert satn.mcnemar_exact(0, 10) == pytest.approx(2 / 1024)
+    assert satn.mcnemar_exact(7, 3) == pytest.approx(2 * (1 + 10 + 45 + 120) / 1024)
+    assert satn.mcnemar_exact(1, 5) == pytest.approx(2 * (1 + 6) / 64)
+    assert satn.mcnemar_exact(1, 0) == 1.0                         # 2 x 1/2, capped
+    # large counts stay exact: 600 vs 400 discordant pairs is far beyond chance
+    assert 0 < satn.mcnemar_exact(600, 400) < 1e-9
+
+
+@pytest.mark.parametrize("table,b,c,p", [((3, 4, 1, 2), 4, 1, 12 / 32),      # P(X <= 1), X ~ Bin(5, 1/2), twice
+                                         ((5, 0, 0, 3), 0, 0, 1.0),           # no disagreement
+                                         ((0, 6, 0, 0), 6, 0, 2 / 64)])       # every utterance disagrees
+def test_paired_comparison_on_hand_worked_tables(table, b, c, p):
+    run_a, run_b = _runs_from_table(*table)
+    r = satn.paired_comparison([run_a], [run_b], n_boot=200)
+    print(r)
+    assert (r["only_a"], r["only_b"], r["paired"]) == (b, c, 1)
+    assert r["mcnemar"] == pytest.approx(p)
+    n = sum(table)
+    assert r["wa_pooled"] == pytest.approx((100 * (table[0] + table[1]) / n, 100 * (table[0] + table[2]) / n))
+    assert r["z"] == pytest.approx(satn.z_test_one_tailed(table[0] + table[1], n, table[0] + table[2], n))
+    assert r["boot"]["WA"][0] == pytest.approx(100 * (b - c) / n)
+    if b == c == 0:
+        assert r["boot"]["WA"] == r["boot"]["UA"] == (0.0, 0.0, 0.0)   # identical outcomes in every resample
+
+
+def test_paired_comparison_sums_discordant_pairs_over_folds_and_seeds():
+    runs_a, runs_b = [], []
+    for fold, seed, table in ((1, 0, (1, 2, 0, 1)), (2, 0, (0, 1, 1, 0)), (1, 1, (0, 3, 0, 1))):
+        a, b = _runs_from_table(*table, fold=fold, seed=seed)
+        runs_a.append(a)
+        runs_b.append(b)
+    runs_a.append(_runs_from_table(4, 0, 0, 0, fold=3)[0])          # fold 3 has no run without transfer
+    r = satn.paired_comparison(runs_a, runs_b, n_boot=200)
+    assert (r["runs"], r["folds"], r["seeds"], r["paired"]) == (3, 2, 2, 3)
+    assert (r["only_a"], r["only_b"]) == (6, 1)
+    assert r["mcnemar"] == pytest.approx(2 * (1 + 7) / 128)
+    # the difference is the mean over runs of each run's WA difference
+    assert r["boot"]["WA"][0] == pytest.approx(np.mean([100 * 2 / 4, 0.0, 100 * 3 / 4]))
+    # a run without stored predictions is left out of the paired tests, and said so
+    old = {**runs_b[1], "test": {k: v for k, v in runs_b[1]["test"].items() if k not in ("ids", "true", "pred")}}
+    r = satn.paired_comparison(runs_a, [runs_b[0], old, runs_b[2]], n_boot=200)
+    assert (r["paired"], r["only_a"], r["only_b"]) == (2, 5, 0) and r["unpaired"][0][0] == (2, 0)
+
+
+def test_paired_bootstrap_is_reproducible_with_a_seed():
+    rng = np.random.default_rng(7)
+    strata = []
+    for n in (40, 55):
+        y = rng.integers(0, 4, n)
+        strata.append((y, rng.random((2, n)) < 0.6, rng.random((2, n)) < 0.5))
+    one = satn.paired_bootstrap(strata, 4, n_boot=500, seed=3)
+    two = satn.paired_bootstrap(strata, 4, n_boot=500, seed=3)
+    other = satn.paired_bootstrap(strata, 4, n_boot=500, seed=4)
+    print(one, other)
+    assert one == two
+    assert one["WA"][1:] != other["WA"][1:]
+    # the point estimate is the mean over the four runs of WA(A) - WA(B), by hand
+    wa = [100 * (ha.mean() - hb.mean()) for y, A, B in strata for ha, hb in zip(A, B)]
+    assert one["WA"][0] == pytest.approx(np.mean(wa))
+    ua = []
+    for y, A, B in strata:
+        for ha, hb in zip(A, B):
+            rec = lambda h: np.mean([h[y == k].mean() for k in range(4) if (y == k).any()])
+            ua.append(100 * (rec(ha) - rec(hb)))
+    assert one["UA"][0] == pytest.approx(np.mean(ua))
+    for key in ("WA", "UA"):
+        d, lo, hi = one[key]
+        assert lo < d < hi and hi - lo > 1
+    # A always right, B always wrong: every resample differs by exactly 100 points
+    y = np.arange(12) % 4
+    sure = satn.paired_bootstrap([(y, np.ones((1, 12), bool), np.zeros((1, 12), bool))], 4, n_boot=100)
+    assert sure["WA"] == pytest.approx((100.0, 100.0, 100.0)) and sure["UA"] == pytest.approx((100.0, 100.0, 100.0))
+
+
+def test_mean_test_confusion_averages_a_class_only_over_the_runs_that_have_it():
+    # run 1 has no sad test utterance; run 2 has two; angry occurs in no run
+    r1 = {"test": {"confusion": [[2, 2, 0, 0], [0, 4, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]}}
+    r2 = {"test": {"confusion": [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0]]}}
+    m = satn.mean_test_confusion([r1, r2])
+    print(m)
+    np.testing.assert_allclose(m[0], [0.75, 0.25, 0, 0])        # (1/2 + 1) / 2, (1/2 + 0) / 2
+    np.testing.assert_allclose(m[1], [0.25, 0.75, 0, 0])
+    np.testing.assert_allclose(m[2], [0, 0.5, 0.5, 0])          # run 2 only: not halved by run 1's empty row
+    assert np.isnan(m[3]).all()
+    np.testing.assert_allclose(m[:3].sum(1), 1.0)
+
+
+def test_mean_sd_is_the_sample_standard_deviation():
+    assert satn.mean_sd([60.0, 70.0]) == "65.0 ± 7.1"           # sqrt(((-5)^2 + 5^2) / (2 - 1)) = 7.07
+    assert satn.mean_sd([1.0, 2.0, 3.0, 4.0]) == "2.5 ± 1.3"    # sqrt(5 / 3) = 1.29 (the population SD is 1.12)
+    assert satn.mean_sd([42.0]) == "42.0"
+
+
+def test_report_over_folds_and_seeds(tmp_path, monkeypatch, capsys):
+    """report on hand-made runs: two folds x two seeds of a configuration with and without transfer."""
+    rng = np.random.default_rng(0)
+    runs = tmp_path / "runs"
+    classes = list(satn.EMOTIONS)
+    made = {}
+    for name, acc in (("tcn-self", 0.4), ("tcn-self-at", 0.6)):
+        for fold in (1, 2):
+            true = [classes[i % 4] for i in range(20 + fold)]
+            for seed in (0, 1):
+                pred = [t if rng.random() < acc else classes[(classes.index(t) + 1) % 4] for t in true]
+                run = _fake_run(fold, seed, true, pred, dev=(40.0 + seed + fold, 30.0 + 3 * seed + fold))
+                run["config"].update(encoder="tcn", attention="self")
+                d = runs / "student" / name / satn.fold_folder(fold, seed)
+                d.mkdir(parents=True)
+                (d / "final.json").write_text(json.dumps(run))
+                made.setdefault(name, []).append(run)
+    assert sorted(p.name for p in (runs / "student" / "tcn-self").iterdir()) == ["fold1", "fold1-seed1", "fold2", "fold2-seed1"]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # text only: figures are tested elsewhere
+    assert satn.main(["report", "--runs", str(runs), "--per-seed"]) == 0
+    text = (runs / "results.md").read_text()
+    print(text)
+    lines = text.splitlines()
+    for name, label in (("tcn-self", "TCN + self-attention"), ("tcn-self-at", "TCN + self-attention w/ AT")):
+        rs = made[name]
+        cells = [satn.mean_sd([r[p][m] for r in rs]) for p in ("dev", "test") for m in ("WA", "UA")]
+        assert f"| {label} | 4 (2 folds × 2 seeds) | " + " | ".join(cells) + " |" in lines
+        sd = statistics.stdev([r["dev"]["UA"] for r in rs])       # the sample SD
+        assert f"{np.mean([r['dev']['UA'] for r in rs]):.1f} ± {sd:.1f}" in cells[1]
+    assert "sample standard deviation" in text and "× the seeds (0, 1)" in text
+    c = satn.paired_comparison(made["tcn-self-at"], made["tcn-self"])
+    row = [l for l in lines if l.startswith("| tcn-self-at vs tcn-self | 4 | ") and "(" in l]
+    assert len(row) == 1 and f"| {c['only_a']} | {c['only_b']} | {c['mcnemar']:.3f} |" in row[0]
+    assert "### Which test supports which claim" in text and "## The paper's test" in text
+    # --per-seed: each seed's rows are over its two folds
+    for seed in (0, 1):
+        i = lines.index(f"### Seed {seed}")
+        rs = [r for r in made["tcn-self"] if r["config"]["seed"] == seed]
+        want = "| TCN + self-attention | 2 | " + " | ".join(satn.mean_sd([r[p][m] for r in rs])
+                                                          for p in ("dev", "test") for m in ("WA", "UA")) + " |"
+        assert want in lines[i:i + 6]
+
+
 # -----------------------------------------------------------------------------
 # CLI
 
@@ -1372,7 +1589,10 @@ def test_cli_student_help_lists_every_option_and_default(monkeypatch, capsys):
             missing.append(f"{flag}: no default shown")
             continue
         demo = f.metadata.get("demo")
-        want = f"(default: {f.default}" + (f"; demo corpus: {demo})" if demo is not None else ")")
+        default = f.default
+        if f.metadata.get("recipe"):   # set by --recipe: both recipes' values are shown
+            default = f"paper {satn.RECIPES['paper'][f.name]}, robust {satn.RECIPES['robust'][f.name]}"
+        want = f"(default: {default}" + (f"; demo corpus: {demo})" if demo is not None else ")")
         if not options.startswith(want, start):
             missing.append(f"{flag}: {options[start:start + 60]!r} does not start with {want!r}")
     print("\n".join(missing))
@@ -1808,6 +2028,14 @@ def test_e2e_student_with_transfer(trained, demo_corpus):
         assert final[part]["WA"] == pytest.approx(100 * np.trace(conf) / conf.sum())
         recall = [conf[i, i] / conf[i].sum() for i in range(4) if conf[i].sum()]
         assert final[part]["UA"] == pytest.approx(100 * np.mean(recall))
+        # every utterance's true and predicted class is stored, and they make up the confusion matrix
+        assert sorted(final[part]["ids"]) == sorted(ids)
+        labels = _split_ids(demo_corpus)[3]
+        assert final[part]["true"] == [FOUR[labels[i]] for i in final[part]["ids"]]
+        again = np.zeros((4, 4), dtype=int)
+        for t, p in zip(final[part]["true"], final[part]["pred"]):
+            again[satn.EMOTIONS.index(t), satn.EMOTIONS.index(p)] += 1
+        assert (again == conf).all()
     conf = json.loads((d / "config.json").read_text())
     assert {"torch", "device", "git_commit"} <= conf.keys() and conf["config"]["at_weight"] == 1.0
     # the run without transfer logs no AT loss
@@ -1865,10 +2093,11 @@ def test_e2e_report(trained, tmp_path, monkeypatch):
     at = json.loads((trained["at_dir"] / "final.json").read_text())
     plain = json.loads((trained["plain_dir"] / "final.json").read_text())
     teacher = json.loads((trained["teacher_dir"] / "final.json").read_text())
-    row = (f"| TCN + self-attention w/ AT | 1 | {at['dev']['WA']:.1f} ± 0.0 | {at['dev']['UA']:.1f} ± 0.0 | "
-           f"{at['test']['WA']:.1f} ± 0.0 | {at['test']['UA']:.1f} ± 0.0 |")
+    # one run: the mean alone (a sample SD needs two)
+    row = (f"| TCN + self-attention w/ AT | 1 | {at['dev']['WA']:.1f} | {at['dev']['UA']:.1f} | "
+           f"{at['test']['WA']:.1f} | {at['test']['UA']:.1f} |")
     assert row in text.splitlines()
-    assert f"| TCN + self-attention | 1 | {plain['dev']['WA']:.1f} ± 0.0 |" in text
+    assert f"| TCN + self-attention | 1 | {plain['dev']['WA']:.1f} |" in text
     teacher_rows = [l for l in text.splitlines() if l.startswith(f"| 5 | {teacher['config']['decode']} |")]
     assert len(teacher_rows) == 1
     assert f"| {teacher['test']['PER']['rate']:.1f} | {teacher['test']['WER']['rate']:.1f} |" in teacher_rows[0]
@@ -1876,6 +2105,19 @@ def test_e2e_report(trained, tmp_path, monkeypatch):
     z_row = (f"| tcn-self-at vs tcn-self | 1 | {at['test']['WA']:.1f} | {plain['test']['WA']:.1f} | "
              f"{z:.2f} | {p:.3f} |")
     assert z_row in text.splitlines()
+    assert "## The paper's test: one-tailed two-proportion z-test" in text
+    # the paired tests, from the per-utterance predictions of the two runs
+    truth = dict(zip(at["test"]["ids"], at["test"]["true"]))
+    right_at = {i for i, p in zip(at["test"]["ids"], at["test"]["pred"]) if p == truth[i]}
+    right_plain = {i for i, p in zip(plain["test"]["ids"], plain["test"]["pred"]) if p == truth[i]}
+    b, c = len(right_at - right_plain), len(right_plain - right_at)
+    paired = [l for l in text.splitlines() if l.startswith("| tcn-self-at vs tcn-self | 1 | ") and "(" in l]
+    print(paired, b, c)
+    assert len(paired) == 1
+    cells = [x.strip() for x in paired[0].strip("|").split("|")]
+    assert cells[4:] == [str(b), str(c), f"{satn.mcnemar_exact(b, c):.3f}"]
+    assert cells[2].startswith(satn._signed(at["test"]["WA"] - plain["test"]["WA"]))
+    assert "Normalisation: per speaker" in text and "test utterances themselves" in text
 
 
 def test_student_checkpoint_holds_only_plain_data(trained, demo_corpus):
@@ -1887,9 +2129,9 @@ def test_student_checkpoint_holds_only_plain_data(trained, demo_corpus):
     assert ck["classes"] == list(satn.EMOTIONS)
     assert ck["epoch"] == final["best_epoch"] and last["epoch"] == 2
     assert ck["norm"]["mode"] == "speaker"
-    # the stored statistics are those of the training split's raw features
-    train, _, _, _ = _split_ids(demo_corpus)
-    paths = {u.id: u.path for u in satn.load_iemocap(demo_corpus, "impro", verbose=False)}
+    # the stored statistics are those of every utterance of the training sessions (any label, any dialog)
+    train = [u for u in emo_labels(demo_corpus) if not u.startswith("Ses05")]
+    paths = {u.id: u.path for u in satn.load_iemocap(demo_corpus, "all", verbose=False, all_labels=True)}
     flat = np.concatenate([satn.features(satn.load_audio(paths[u])).reshape(satn.FEAT_CHANNELS, -1) for u in train], 1)
     print(len(train), "training utterances,", flat.shape[1], "frames")
     assert ck["norm"]["mean"].shape == ck["norm"]["std"].shape == (satn.FEAT_CHANNELS,)
@@ -2055,7 +2297,7 @@ def _run_all(args, tmp_path, env_extra=None, timeout=120):
 
 def _student_key(argv):
     opt = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
-    return opt["--encoder"], opt["--attention"], float(opt["--at-weight"]), int(opt["--fold"])
+    return opt["--encoder"], opt.get("--attention", "-"), float(opt["--at-weight"]), int(opt["--fold"])
 
 
 def test_run_all_dry_run_lists_every_training_in_order(demo_corpus, tmp_path):
@@ -2068,7 +2310,7 @@ def test_run_all_dry_run_lists_every_training_in_order(demo_corpus, tmp_path):
     cmds = [shlex.split(line) for line in r.stdout.splitlines() if line.strip()]
     kinds = [c[2] if len(c) > 2 and c[1].endswith("satn.py") else "?" for c in cmds]
     print(kinds)
-    assert kinds == ["teacher"] * 5 + ["student"] * 40 + ["report"]
+    assert kinds == ["teacher"] * 5 + ["student"] * 45 + ["report"]
     for c in cmds[:-1]:
         joined = " ".join(shlex.quote(a) for a in c)
         assert ("--data", data) in zip(c, c[1:]), joined
@@ -2076,9 +2318,10 @@ def test_run_all_dry_run_lists_every_training_in_order(demo_corpus, tmp_path):
         assert "--resume" in c and ("--runs", "runs") in zip(c, c[1:])
     teacher_folds = [int(c[c.index("--fold") + 1]) for c in cmds[:5]]
     assert sorted(teacher_folds) == [1, 2, 3, 4, 5]
-    keys = [_student_key(c) for c in cmds[5:45]]
+    keys = [_student_key(c) for c in cmds[5:50]]
+    assert keys[:5] == [("stats", "-", 0.0, k) for k in range(1, 6)]          # the baseline row first
     configs = {}
-    for enc, att, w, fold in keys:
+    for enc, att, w, fold in keys[5:]:
         configs.setdefault((enc, att, w), []).append(fold)
     print(configs)
     assert len(configs) == 8
@@ -2138,9 +2381,9 @@ def test_run_all_without_transcripts_skips_teachers_and_transfer(tmp_path):
     assert r.returncode == 0
     assert "no transcripts" in r.stdout
     assert "teacher" not in kinds
-    assert kinds[0] == "prepare" and kinds[-1] == "report" and kinds.count("student") == 20
+    assert kinds[0] == "prepare" and kinds[-1] == "report" and kinds.count("student") == 25
     students = [_student_key(c) for c in calls if c[1] == "student"]
-    assert len(set(students)) == 20
+    assert len(set(students)) == 25
     assert all(w == 0 for _, _, w, _ in students)
     assert all(("--data", "corpus.csv") in zip(c, c[1:]) and ("--epochs", "1") in zip(c, c[1:])
                for c in calls if c[1] == "student")
@@ -2153,7 +2396,7 @@ def test_run_all_order_and_failed_trainings(tmp_path, jobs):
     events = _fake_calls(log)
     kinds = [argv[1] for event, argv in events if event == "start"]
     print(kinds)
-    assert kinds.count("teacher") == 5 and kinds.count("student") == 40 and kinds[-1] == "report"
+    assert kinds.count("teacher") == 5 and kinds.count("student") == 45 and kinds[-1] == "report"
     # a student with transfer starts only once every teacher has finished
     teacher_ends = [i for i, (event, argv) in enumerate(events) if event == "end" and argv[1] == "teacher"]
     transfer_starts = [i for i, (event, argv) in enumerate(events)
@@ -2161,7 +2404,7 @@ def test_run_all_order_and_failed_trainings(tmp_path, jobs):
     assert len(teacher_ends) == 5 and len(transfer_starts) == 20
     assert max(teacher_ends) < min(transfer_starts)
     assert r.returncode != 0
-    assert re.search(r"\b9 failed", r.stdout)          # the teacher and the 8 students of fold 3
+    assert re.search(r"\b10 failed", r.stdout)         # the teacher and the 9 students of fold 3
 
 
 def test_run_all_stops_when_prepare_fails(tmp_path):
@@ -2522,7 +2765,7 @@ def test_cli_teacher_help_lists_every_option_and_default(monkeypatch, capsys):
 
 @pytest.mark.parametrize("command,flags", [("demo-data", ["--out", "--seed"]), ("prepare", ["--data", "--runs"]),
                                            ("predict", ["--checkpoint", "--json", "--norm", "--window", "--hop"]),
-                                           ("report", ["--runs"]), ("bench", ["--device"]),
+                                           ("report", ["--runs", "--per-seed"]), ("bench", ["--device"]),
                                            ("build-kernels", ["--cuda"])])
 def test_cli_help_of_the_other_subcommands(monkeypatch, capsys, command, flags):
     text = _help_text(monkeypatch, capsys, command)
@@ -2755,6 +2998,139 @@ def test_kernel_mode_rejects_unknown_value(monkeypatch):
         satn.causal_conv1d(torch.randn(1, 2, 5), torch.randn(2, 2, 3))
 
 
+def test_choose_kernel_path_from_injected_timings():
+    assert satn.choose_kernel_path(1.0, 2.0) == "ext"
+    assert satn.choose_kernel_path(2.0, 1.0) == "ref"
+    assert satn.choose_kernel_path(0.99, 1.0) == "ref"      # within timing noise: the PyTorch path
+    assert satn.choose_kernel_path(0.95, 1.0) == "ext"
+    assert satn.choose_kernel_path(None, 1.0) == "ref"      # the extension failed while being timed
+    assert satn.choose_kernel_path(float("nan"), 1.0) == "ref"
+    assert satn.choose_kernel_path(0.5, 1.0, margin=0.4) == "ref"
+
+
+class _RecordingExt:
+    """Stands in for the extension on CPU: runs the reference and counts calls."""
+
+    def __init__(self):
+        self.forward_calls = 0
+
+    def forward(self, x, w, b, d, relu):
+        self.forward_calls += 1
+        return satn.causal_conv1d_ref(x, w, b, d, "relu" if relu else None)
+
+    def backward(self, gy, x, w, y, d, relu, has_bias):
+        with torch.enable_grad():
+            xi, wi = x.detach().requires_grad_(), w.detach().requires_grad_()
+            bi = torch.zeros(w.shape[0], dtype=w.dtype, requires_grad=True) if has_bias else None
+            out = satn.causal_conv1d_ref(xi, wi, bi, d, "relu" if relu else None)
+            grads = torch.autograd.grad(out, (xi, wi) + ((bi,) if has_bias else ()), gy)
+        return grads[0], grads[1], grads[2] if has_bias else None
+
+
+@pytest.fixture
+def auto_dispatch(tmp_path, monkeypatch):
+    """auto mode on CPU tensors as if they were CUDA ones, a fake extension, injected timings."""
+    monkeypatch.delenv("SATN_KERNEL", raising=False)
+    monkeypatch.setattr(satn, "_auto_wants_ext", lambda x, w: True)
+    monkeypatch.setattr(satn, "KERNEL_CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(satn, "_KERNEL_CHOICES", {})
+    ext = _RecordingExt()
+    monkeypatch.setattr(satn, "_KERNEL_EXT", {})
+    monkeypatch.setattr(satn, "_load_kernel_ext", lambda cuda=None, verbose=False: ext)
+    state = {"timings": {}, "timed": []}
+
+    def fake_time(x, w, b, d, relu, ext_, grads):
+        state["timed"].append((x.shape[1], w.shape[0], d, x.shape[2], grads))
+        return state["timings"].get(d, (1.0, 2.0))
+
+    monkeypatch.setattr(satn, "_time_kernel_paths", fake_time)
+    state["ext"] = ext
+    return state
+
+
+def test_auto_dispatch_times_each_signature_once_and_follows_the_timing(auto_dispatch):
+    auto_dispatch["timings"] = {1: (1.0, 2.0), 2: (3.0, 2.0)}   # d=1: extension faster; d=2: slower
+    ext = auto_dispatch["ext"]
+    w = torch.randn(4, 3, 3)
+    satn.causal_conv1d(torch.randn(2, 3, 100), w, None, 1, "relu")
+    satn.causal_conv1d(torch.randn(2, 3, 120), w, None, 1, "relu")   # same T bucket (<= 128)
+    assert ext.forward_calls == 2 and len(auto_dispatch["timed"]) == 1
+    y = satn.causal_conv1d(torch.randn(2, 3, 100), w, None, 2, "relu")
+    assert ext.forward_calls == 2                                       # d=2 went to the PyTorch path
+    assert y.shape == (2, 4, 100) and len(auto_dispatch["timed"]) == 2
+    satn.causal_conv1d(torch.randn(2, 3, 300), w, None, 1, "relu")   # new T bucket: timed again
+    wg = w.clone().requires_grad_()
+    satn.causal_conv1d(torch.randn(2, 3, 100), wg, None, 1, "relu")  # needs grad_w: a new signature
+    print(auto_dispatch["timed"])
+    assert [t[-2:] for t in auto_dispatch["timed"]] == [(100, "none"), (100, "none"), (300, "none"), (100, "w")]
+
+
+def test_auto_dispatch_choice_is_stored_and_reused_by_a_new_process(auto_dispatch, monkeypatch):
+    w = torch.randn(4, 3, 2)
+    satn.causal_conv1d(torch.randn(1, 3, 50), w, None, 1)
+    store = satn.KERNEL_CACHE_DIR / "dispatch.json"
+    table = json.loads(store.read_text())
+    print(table)
+    (section,) = table.values()
+    assert [e["path"] for e in section.values()] == ["ext"]
+    monkeypatch.setattr(satn, "_KERNEL_CHOICES", {})                    # as in a fresh process
+    satn.causal_conv1d(torch.randn(1, 3, 60), w, None, 1)
+    assert len(auto_dispatch["timed"]) == 1 and auto_dispatch["ext"].forward_calls == 2
+
+
+def test_auto_dispatch_prints_each_choice_once_when_verbose(auto_dispatch, monkeypatch, capsys):
+    monkeypatch.setattr(satn, "KERNEL_VERBOSE", True)
+    w = torch.randn(4, 3, 3)
+    for _ in range(3):
+        satn.causal_conv1d(torch.randn(2, 3, 40), w, None, 4, "relu")
+    out = capsys.readouterr().out
+    print(out)
+    assert out.count("satn kernels:") == 1
+    assert "dilation 4" in out and "ext 1.000 ms, ref 2.000 ms -> extension (timed now)" in out
+
+
+def test_auto_dispatch_deterministic_mode_takes_the_pytorch_path_untimed(auto_dispatch):
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        x, w = torch.randn(2, 3, 40), torch.randn(4, 3, 3)
+        y = satn.causal_conv1d(x, w, None, 2, "relu")
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert auto_dispatch["timed"] == [] and auto_dispatch["ext"].forward_calls == 0
+    torch.testing.assert_close(y, satn.causal_conv1d_ref(x, w, None, 2, "relu"), rtol=0, atol=0)
+
+
+def test_auto_dispatch_forced_paths_skip_timing(auto_dispatch, monkeypatch):
+    x, w = torch.randn(2, 3, 40), torch.randn(4, 3, 3)
+    monkeypatch.setenv("SATN_KERNEL", "ext")
+    satn.causal_conv1d(x, w, None, 2)
+    monkeypatch.setenv("SATN_KERNEL", "ref")
+    satn.causal_conv1d(x, w, None, 2)
+    assert auto_dispatch["timed"] == [] and auto_dispatch["ext"].forward_calls == 1
+
+
+def test_kernel_cpu_relu_backward_passes_gradient_where_y_is_nan(monkeypatch):
+    """ReLU backward takes its mask from y as torch's threshold_backward does: the gradient is
+    dropped where y <= 0 and passed where y is NaN."""
+    ext = satn._load_kernel_ext(cuda=False)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 17, generator=g, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, generator=g, dtype=torch.float64)
+    y = satn.causal_conv1d_ref(x, w, None, 2, "relu")
+    y[0, 1, 5] = float("nan")
+    y[1, 2, 0] = float("nan")
+    y[1, 3, 16] = 0.0
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    gx, gw, _ = ext.backward(gy, x, w, y, 2, True, False)
+    gz = torch.ops.aten.threshold_backward(gy, y, 0)
+    assert gz[0, 1, 5] == gy[0, 1, 5] and gz[1, 3, 16] == 0       # what torch does
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    gx_ref, gw_ref = torch.autograd.grad(satn.causal_conv1d_ref(xr, wr, None, 2), (xr, wr), gz)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-10, atol=1e-10)
+
+
 # ------------------------------------------------------------------ CUDA build
 def _can_compile_cuda():
     return bool(torch.version.cuda) and bool(
@@ -2809,11 +3185,16 @@ def test_kernel_cuda_gradcheck(monkeypatch):
 
 
 @needs_cuda
-def test_kernel_cuda_auto_uses_extension(monkeypatch):
+def test_kernel_cuda_auto_times_and_remembers(tmp_path, monkeypatch):
     monkeypatch.delenv("SATN_KERNEL", raising=False)
+    monkeypatch.setattr(satn, "KERNEL_CACHE_DIR", tmp_path)
+    monkeypatch.setattr(satn, "_KERNEL_CHOICES", {})
     x, w = torch.randn(2, 8, 50, device="cuda"), torch.randn(8, 8, 3, device="cuda")
-    satn.causal_conv1d(x, w, None, 2, "relu")
+    y = satn.causal_conv1d(x, w, None, 2, "relu")
     assert not isinstance(satn._KERNEL_EXT.get("cuda"), str), satn._KERNEL_EXT.get("cuda")
+    (choice,) = satn._KERNEL_CHOICES.values()
+    assert choice in ("ext", "ref") and (tmp_path / "dispatch.json").is_file()
+    torch.testing.assert_close(y, satn.causal_conv1d_ref(x, w, None, 2, "relu"), rtol=1e-2, atol=1e-2)
 
 
 def test_kernel_fallback_gives_the_same_model_outputs(monkeypatch):
@@ -2874,7 +3255,8 @@ def test_transfer_loss_does_not_depend_on_batch_mates():
 
     def loss(xb, lb):
         with torch.no_grad():
-            return satn.transfer_loss(student(xb, lb)[1], teacher.encode(xb, lb), pairs, cfg, teacher.subsample).item()
+            return satn.transfer_loss(student(xb, lb, need_weights=True)[1], teacher.encode(xb, lb, need_weights=True),
+                                      pairs, cfg, teacher.subsample).item()
 
     alone = [loss(x[:1, :, :37], lengths[:1]), loss(x[1:], lengths[1:])]
     both = loss(x, lengths)
@@ -2905,7 +3287,7 @@ def test_run_all_dry_run_of_a_manifest_without_transcripts(demo_corpus, tmp_path
     cmds = [shlex.split(line) for line in r.stdout.splitlines() if line.strip()]
     kinds = [c[2] for c in cmds]
     print(kinds)
-    assert kinds == ["student"] * 12 + ["report"]       # 4 configurations without transfer x 3 sessions
+    assert kinds == ["student"] * 15 + ["report"]       # baseline + 4 configurations without transfer x 3 sessions
     assert sorted({_student_key(c)[3] for c in cmds[:-1]}) == [1, 2, 3]
     assert all(_student_key(c)[2] == 0 for c in cmds[:-1])
 
@@ -3318,3 +3700,159 @@ def test_messages_about_resume_at_pairs_and_no_transcripts(tmp_path, monkeypatch
                       "--runs", str(tmp_path / "runs")]) == 2
     line = _one_line_error(capsys)
     assert "no transcripts" in line and "--at-weight 0" in line and "satn.py teacher" not in line
+
+
+# -----------------------------------------------------------------------------
+# baseline and training recipes
+
+def test_masked_mean_std_by_hand_and_padding_ignored():
+    x = torch.tensor([[[1.0, 3.0, 100.0, -7.0]], [[2.0, 2.0, 2.0, 6.0]]])      # (2, 1, 4)
+    got = satn.masked_mean_std(x, torch.tensor([2, 4]))
+    # utterance 1: frames 1, 3 -> mean 2, std 1; utterance 2: 2, 2, 2, 6 -> mean 3, var 3
+    want = torch.tensor([[2.0, math.sqrt(1.0 + 1e-5)], [3.0, math.sqrt(3.0 + 1e-5)]])
+    print(got)
+    torch.testing.assert_close(got, want)
+
+
+def test_stats_baseline_ignores_padding_and_has_no_activations():
+    torch.manual_seed(0)
+    cfg = satn.StudentConfig(encoder="stats", dropout=0.3)
+    model = satn.Student(cfg, n_classes=3).eval()
+    assert cfg.run_name() == "stats" and model.classifier.in_features == 2 * satn.FEAT_CHANNELS
+    short, long = torch.randn(1, 120, 10), torch.randn(1, 120, 17)
+    with torch.no_grad():
+        alone, _ = model(short, torch.tensor([10]))
+        both, out = model(torch.cat([_padded(short, 7, 2), long]), torch.tensor([10, 17]))
+        long_alone, _ = model(long, torch.tensor([17]))
+    print(alone, both)
+    torch.testing.assert_close(both[0], alone[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(both[1], long_alone[0], atol=1e-5, rtol=1e-4)
+    assert out["acts"] == [] and out["weights"] is None
+    with pytest.raises(satn.DataError, match="--encoder stats"):
+        satn.StudentConfig(encoder="stats", at_weight=1.0)
+
+
+def test_recipe_robust_sets_its_flags_and_explicit_options_win(monkeypatch):
+    paper, robust = satn.StudentConfig(), satn.StudentConfig(recipe="robust")
+    for k, v in satn.RECIPES["paper"].items():
+        assert getattr(paper, k) == v, k
+    for k, v in satn.RECIPES["robust"].items():
+        assert getattr(robust, k) == v, k
+    # robust turns every one of them on
+    assert robust.time_masks > 0 and robust.time_mask_frames > 0 and robust.freq_masks > 0 and robust.freq_mask_bands > 0
+    assert len(robust.speed_factors()) > 1 and robust.weight_decay > 0 and robust.lr_patience > 0
+    assert robust.label_smoothing > 0 and robust.patience > 0
+    assert satn.StudentConfig(recipe="robust", speed="1", label_smoothing=0.0).speed_factors() == (1.0,)
+    # the command line: robust sets what is not given, a given option wins
+    seen = {}
+    monkeypatch.setattr(satn, "train_student", lambda cfg: seen.setdefault(cfg.fold, cfg))
+    monkeypatch.setattr(satn, "_folds", lambda cfg: [1])
+    assert satn.main(["student", "--recipe", "robust", "--patience", "3", "--speed", "1.1,1"]) == 0
+    cfg = seen[1]
+    assert cfg.patience == 3 and cfg.speed_factors() == (1.0, 1.1) and cfg.time_masks == satn.RECIPES["robust"]["time_masks"]
+    with pytest.raises(satn.DataError, match="--speed"):
+        satn.StudentConfig(speed="fast")
+
+
+def test_spec_augment_is_a_no_op_in_eval_and_reproducible_with_the_seed():
+    aug = satn.SpecAugment(time_masks=2, time_width=5, freq_masks=2, freq_width=4)
+    x, lengths = torch.randn(6, 120, 30) + 5.0, torch.tensor([30, 25, 12, 30, 8, 3])
+    assert aug.eval()(x, lengths) is x
+    aug.train()
+    torch.manual_seed(1)
+    a = aug(x, lengths)
+    torch.manual_seed(1)
+    b = aug(x, lengths)
+    torch.manual_seed(2)
+    c = aug(x, lengths)
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(a, c)
+    dropped = a == 0                                                              # (B, 120, T)
+    bands = dropped.all(-1)[:, :satn.N_MELS]                                      # whole mel bands
+    for k in range(3):                                                            # the same bands in every stream
+        assert torch.equal(dropped.all(-1)[:, k * satn.N_MELS:(k + 1) * satn.N_MELS], bands)
+    assert (bands.sum(1) <= 2 * 4).all()
+    frames = dropped.all(1)                                                       # whole frames, (B, T)
+    assert (frames.sum(1) <= 2 * 5).all() and frames.any()
+    for i, n in enumerate(lengths.tolist()):
+        assert not frames[i, n:].any()                                            # never inside the padding
+    assert torch.equal(a[~dropped], x[~dropped])
+    assert satn.SpecAugment().train()(x, lengths) is x                          # nothing to mask: off
+
+
+@pytest.mark.parametrize("factor,samples", [(1.1, 14546), (0.9, 17778), (1.0, 16000)])
+def test_speed_perturbation_changes_the_frame_count(factor, samples):
+    t = np.arange(16000) / SR
+    wave = (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
+    sped = satn.speed_perturb(wave, factor)
+    frames = satn.features(sped).shape[-1]
+    print(factor, len(sped), frames)
+    assert len(sped) == samples                                                   # ceil(16000 / factor)
+    assert frames == 1 + (samples - 400) // 160                                   # 89, 109, 98 frames
+    spec = np.abs(np.fft.rfft(sped))
+    assert np.argmax(spec) / len(sped) * SR == pytest.approx(200 * factor, abs=2)   # pitch moves with speed
+
+
+def test_speed_perturbed_features_are_cached_apart(tmp_path, capsys):
+    rows = [("a.wav", "x", "1F", "s1"), ("b.wav", "y", "1M", "s1")]
+    utts = satn.load_manifest(_tone_corpus(tmp_path, rows), verbose=False)
+    _, plain = satn.compute_features(utts, tmp_path / "cache", verbose=False)
+    _, fast = satn.compute_features(utts, tmp_path / "cache", verbose=False, speed=1.1)
+    assert len(list((tmp_path / "cache").glob("features-*.npz"))) == 2
+    for p, f in zip(plain, fast):
+        n = int(round(0.3 * SR))
+        assert p.shape[-1] == 1 + (n - 400) // 160
+        assert f.shape[-1] == 1 + (math.ceil(n / 1.1) - 400) // 160
+
+
+def test_robust_recipe_training_is_reproducible_and_evaluation_unaugmented(tmp_path, monkeypatch):
+    """Two runs with the seed give the same epochs; a third seed differs; speed copies only in training."""
+    monkeypatch.chdir(tmp_path)
+    rows = [(f"{s}{g}{i}.wav", lab, f"{s}{g}", f"s{s}") for s in "12" for g in "FM" for i, lab in enumerate("xyxy")]
+    data = _tone_corpus(tmp_path / "c", rows)
+    cfg = satn.StudentConfig(data=str(data), fold=1, runs=str(tmp_path / "runs"), recipe="robust", channels=8,
+                             heads=2, subsample=4, epochs=3, lr=3e-2, batch_size=4, lr_patience=1, patience=2)
+    d = satn.prepare_data(cfg, "student")
+    assert len(d["train_views"]) == len(d["train"]) == 8
+    assert all(len(v) == 3 for v in d["train_views"])
+    lens = sorted({v.shape[1] for views in d["train_views"] for v in views})
+    assert len(lens) == 3                                          # 0.9, 1.0 and 1.1 give three frame counts
+    paper = satn.prepare_data(dataclasses.replace(cfg, recipe="paper", speed="1"), "student")
+    assert "train_views" not in paper
+    for part in ("dev", "test"):                                   # evaluation sees the plain features
+        for (u, x), (v, y) in zip(d[part], paper[part]):
+            assert u.id == v.id and np.array_equal(x, y)
+    logs = []
+    for seed, name in ((0, "a"), (0, "b"), (1, "c")):
+        satn.train_student(dataclasses.replace(cfg, seed=seed, name=name))
+        logs.append([{k: v for k, v in json.loads(l).items() if k != "seconds"}
+                     for l in (tmp_path / "runs" / "student" / name / "fold1" / "metrics.jsonl").read_text().splitlines()])
+    print(logs)
+    assert logs[0] == logs[1] and logs[0] != logs[2]
+    assert all(r["lr"] <= cfg.lr for r in logs[0])
+
+
+def test_report_puts_the_baseline_row_first(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rows = [(f"{s}{g}{i}.wav", lab, f"{s}{g}", f"s{s}") for s in "12" for g in "FM" for i, lab in enumerate("xyxy")]
+    data = _tone_corpus(tmp_path / "c", rows)
+    runs = tmp_path / "runs"
+    for extra in (["--encoder", "tcn"], ["--encoder", "stats"], ["--encoder", "blstm", "--recipe", "robust"]):
+        assert _student_cli(data, tmp_path, "--fold", "1", *extra) == 0
+    assert satn.main(["report", "--runs", str(runs)]) == 0
+    table = [l for l in (runs / "results.md").read_text().splitlines() if l.startswith("| ") and not l.startswith("| method")]
+    print("\n".join(table))
+    stats = json.loads((runs / "student" / "stats" / "fold1" / "final.json").read_text())
+    assert table[0].startswith(f"| utterance statistics + linear | 1 | {stats['dev']['WA']:.1f} |")   # one run: no SD
+    assert table[1].startswith("| BLSTM + self-attention (robust recipe) | 1 |")
+    assert table[2].startswith("| TCN + self-attention | 1 |")
+
+
+def test_run_all_recipe_goes_to_the_students_only(tmp_path):
+    env, log = _fake_python(tmp_path, 0)
+    r = _run_all(["--runs", str(tmp_path / "runs"), "--jobs", "2", "--recipe", "robust"], tmp_path, env)
+    calls = [argv for event, argv in _fake_calls(log) if event == "start"]
+    assert r.returncode == 0
+    students = [c for c in calls if c[1] == "student"]
+    assert len(students) == 45 and all(("--recipe", "robust") in zip(c, c[1:]) for c in students)
+    assert not any("--recipe" in c for c in calls if c[1] != "student")
