@@ -2774,9 +2774,11 @@ def run_lock(run_dir):
                         f"another --name or --runs") from None
     try:
         f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        if f.read() != f"{os.getpid()}\n":   # rewritten only for a new holder: a skipped run stays untouched
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
         yield
     finally:
         f.close()   # releases the lock
