@@ -3415,7 +3415,7 @@ def test_non_finite_parameters_stop_training(demo_corpus, demo_cache, tmp_path, 
                     *STUDENT_TINY, "--threads", "1"])
     assert rc == 2
     line = _one_line_error(capsys)
-    assert "not finite" in line and "--lr" in line
+    assert "no longer finite" in line and "--lr" in line
     d = runs / "student" / "tcn-self" / "fold5"
     assert not (d / "best.pt").exists() and not (d / "final.json").exists()
     assert satn.main(["student", "--data", str(demo_corpus), "--lr", "inf", "--epochs", "1"]) == 2
