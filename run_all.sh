@@ -69,7 +69,14 @@ fi
 COMMON=("${DATA[@]}" --runs "$RUNS" --resume "${THREADS[@]}" "${EXTRA[@]}")
 TRANSFER=1 FOLDS=5
 if [ "$DRY" = 0 ]; then
-    mkdir -p "$RUNS/logs"
+    mkdir -p "$RUNS/logs" || exit 1
+    # One run_all.sh per runs folder: a second one would train into the same run folders.
+    exec 9>>"$RUNS/.run_all.lock"
+    if ! flock -n 9; then
+        echo "run_all.sh: $RUNS is in use by another run_all.sh (pid $(cat "$RUNS/.run_all.lock")): wait for it to end, or give another --runs" >&2
+        exit 1
+    fi
+    echo $$ > "$RUNS/.run_all.lock"
     rm -f "$RUNS"/logs/*.failed
     # Write the demo corpus and the feature cache once, before parallel jobs could race for them.
     "$PY" "$SATN" prepare "${DATA[@]}" --runs "$RUNS" | tee "$RUNS/logs/prepare.log"
