@@ -3880,7 +3880,10 @@ def evaluate_corpus(checkpoints, data, label_map=None, norm="auto", tag=None, ou
                   "test": metrics}
         dest = Path(out) if out is not None else path.parent / f"crosscorpus-{tag}.json"
         if dest.is_file():
-            old = json.loads(dest.read_text())
+            try:
+                old = read_json(dest)
+            except DataError:
+                old = {}
             if (old.get("data"), old.get("label_map")) != (result["data"], mapping):
                 print(f"warning: {dest} held a result on other data or another label map ({old.get('data')}); "
                       f"replaced (use --name to keep both)", file=sys.stderr)
@@ -3895,9 +3898,13 @@ def _crosscorpus(runs):
     """The cross-corpus table of results.md from the crosscorpus-*.json files beside the run folders' checkpoints."""
     found = {}
     for f in sorted(runs.glob("student/*/fold*/crosscorpus-*.json")):
-        r = json.loads(f.read_text())
-        final = f.parent / "final.json"
-        r["home"] = json.loads(final.read_text())["test"] if final.is_file() else None
+        try:
+            r = read_json(f)
+            final = f.parent / "final.json"
+            r["home"] = read_json(final)["test"] if final.is_file() else None
+        except DataError as e:
+            print(f"warning: {e}; left out of the report")
+            continue
         found.setdefault((r["corpus"], r["run"]), []).append(r)
     if not found:
         return []

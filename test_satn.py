@@ -2786,7 +2786,7 @@ def global_student(demo_corpus, demo_cache, tmp_path_factory):
 def test_predict_on_a_global_checkpoint_reproduces_the_training_input(global_student, demo_corpus, monkeypatch):
     ck = torch.load(global_student["dir"] / "best.pt", map_location="cpu", weights_only=True)
     assert ck["norm"]["mode"] == "global" and ck["norm"]["source"] == "every utterance of the training sessions"
-    cfg = satn.StudentConfig(**ck["config"])
+    cfg = dataclasses.replace(satn.StudentConfig(**ck["config"]), data=str(demo_corpus), runs=str(global_student["runs"]))
     data = satn.prepare_data(cfg, "student")                   # what training fed the model
     u, trained_on = data["train"][3]
     seen = []
