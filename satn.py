@@ -13,11 +13,12 @@ Run everything (on the built-in synthetic corpus unless --data is given):
     python satn.py demo-data                  # write the synthetic IEMOCAP-layout corpus
     python satn.py teacher [--fold k]         # ASR teachers (all five folds by default)
     python satn.py student --fold 5 [--encoder tcn|blstm] [--attention self|soft] [--at-weight W]
-    python satn.py report                     # runs/results.md: Table 2, Figure 3, z-tests
+    python satn.py report [--per-seed]        # runs/results.md: Table 2, Figure 3, paired tests, the paper's z-test
+    python satn.py evaluate --checkpoint runs/student/tcn-self-at/fold*/best.pt --data OTHER [--label-map a=b,...]
     python satn.py predict --checkpoint runs/student/tcn-self-at/fold5/best.pt FILE_OR_DIR...
     python satn.py bench features|kernel      # throughput benchmarks
     python satn.py build-kernels [--cuda]     # compile the fused causal-conv extension now
-    bash run_all.sh [--data PATH]             # the whole of Table 2
+    bash run_all.sh [--data PATH] [--seeds N] # the whole of Table 2
 
 `--data` takes an IEMOCAP_full_release folder or a CSV manifest with columns
 path,label,speaker,session[,text]. Every subcommand has --help.
