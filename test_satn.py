@@ -2808,7 +2808,18 @@ def _sampled_cases(n=20, seed=0):
     return cases
 
 
-CASES = _EDGE_CASES + _sampled_cases()
+# Shapes that stress the GPU kernels' tiling (64 time steps x 128 output channels per block,
+# 16/32-channel stages, grad_w tiles of 64 x 64): every tap path and boundary, small enough
+# for the CPU build's emulated fragments to run in seconds.
+_TILE_CASES = [
+    (2, 19, 130, 150, 4, 40, True, True),   # O > 128: two channel tiles; halo 120 > tile; C, O not x16
+    (1, 70, 17, 77, 3, 100, True, False),   # d > tile: a window per tap; C > 64: two grad_w tiles
+    (2, 5, 6, 90, 7, 3, True, True),        # K > 5: taps in groups of 4
+    (1, 3, 4, 20, 2, 5000, False, True),    # one very large dilation: every tap but the last in padding
+    (1, 33, 9, 65, 5, 1, True, True),       # T one past the tile, C one past two 16-channel stages
+]
+
+CASES = _EDGE_CASES + _TILE_CASES + _sampled_cases()
 # Largest |ext - ref| allowed, relative to max(1, max |ref|).
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
@@ -2863,6 +2874,8 @@ def _check_against_ref(case, device, dtype, monkeypatch, noncontiguous=False):
     if b is not None:
         pairs.append(("grad_bias", b.grad, br.grad))
     tol = TOL[dtype]
+    if device == "cuda" and dtype == torch.float32 and satn._conv_uses_tf32():
+        tol = satn.KERNEL_CHECK_TOL["float32/tf32"]  # TF32 tensor cores, as PyTorch's own conv
     for name, got, want in pairs:
         assert got.shape == want.shape and got.dtype == dtype and got.device.type == device
         scale = max(1.0, want.abs().max().item())
@@ -2878,6 +2891,62 @@ def test_kernel_cpu_matches_ref(case, dtype, monkeypatch):
     _check_against_ref(case, "cpu", dtype, monkeypatch)
 
 
+@pytest.mark.parametrize("case", _EDGE_CASES[:2] + _TILE_CASES[:3], ids=_case_id)
+def test_kernel_cpu_bfloat16_matches_ref(case, monkeypatch):
+    """The 16x16x16 fragment shape and 32-channel stages of the bf16/fp16 kernels."""
+    _check_against_ref(case, "cpu", torch.bfloat16, monkeypatch)
+
+
+def test_kernel_cpu_tf32_rounds_operands_as_the_device_does():
+    """tf32=True rounds every operand to TF32 (10-bit mantissa, to nearest, ties away) before
+    the product: the same as the exact path on pre-rounded inputs, bit for bit, and within TF32
+    tolerance of the float64 reference."""
+    ext = satn._load_kernel_ext(cuda=False)
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(2, 40, 70, generator=g), torch.randn(20, 40, 3, generator=g) / 11
+    b, gy = torch.randn(20, generator=g), torch.randn(2, 20, 70, generator=g)
+
+    def tf32(t):  # cvt.rna.tf32.f32
+        u = t.view(torch.int32)
+        return ((u + 0x1000) & -0x2000).view(torch.float32)
+
+    def run(flag, *ts):
+        y = ext.forward(ts[0], ts[1], b, 3, False, flag)
+        return (y,) + tuple(ext.backward(ts[2], ts[0], ts[1], None, 3, False, True, True, flag))
+
+    got = run(True, x, w, gy)
+    same = run(False, tf32(x), tf32(w), tf32(gy))
+    exact = run(False, x, w, gy)
+    xr, wr, br = (t.double().requires_grad_() for t in (x, w, b))
+    z = satn.causal_conv1d_ref(xr, wr, br, 3)
+    want = (z.detach(),) + torch.autograd.grad(z, (xr, wr, br), gy.double())
+    for name, a, r, e, ref in zip(("y", "grad_x", "grad_w", "grad_bias"), got, same, exact, want):
+        scale = max(1.0, ref.abs().max().item())
+        err_tf32, err_exact = ((t.double() - ref).abs().max().item() / scale for t in (a, e))
+        print(f"{name}: tf32 {err_tf32:.2e}, exact {err_exact:.2e}")
+        assert err_tf32 <= satn.KERNEL_CHECK_TOL["float32/tf32"] and err_exact <= 2e-5
+        if name == "grad_bias":  # a sum of grad_y alone: no product, nothing rounded
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(a, r, rtol=0, atol=0)
+            assert err_tf32 > 4 * err_exact
+
+
+def test_kernel_cpu_skips_grad_x_when_x_needs_none(monkeypatch):
+    ext = satn._load_kernel_ext(cuda=False)
+    g = torch.Generator().manual_seed(6)
+    x, w, gy = torch.randn(2, 7, 40, generator=g), torch.randn(5, 7, 3, generator=g), torch.randn(2, 5, 40, generator=g)
+    y = ext.forward(x, w, None, 2, True)
+    gx, gw, gb = ext.backward(gy, x, w, y, 2, True, False, False)
+    assert gx is None and gb is None
+    gx_full, gw_full, _ = ext.backward(gy, x, w, y, 2, True, False, True)
+    torch.testing.assert_close(gw, gw_full, rtol=0, atol=0)
+    monkeypatch.setenv("SATN_KERNEL", "ext")
+    xl, wl = x.clone(), w.clone().requires_grad_()
+    satn.causal_conv1d(xl, wl, None, 2, "relu").backward(gy)
+    torch.testing.assert_close(wl.grad, gw_full, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("case", CASES[:4], ids=_case_id)
 def test_kernel_cpu_noncontiguous(case, monkeypatch):
     _check_against_ref(case, "cpu", torch.float32, monkeypatch, noncontiguous=True)
@@ -2888,6 +2957,7 @@ def test_kernel_cpu_noncontiguous(case, monkeypatch):
     (2, 3, 4, 13, 3, 2, True, True),
     (1, 2, 3, 5, 3, 4, True, False),    # T shorter than the receptive field
     (3, 2, 2, 9, 1, 1, False, True),
+    (1, 3, 2, 11, 2, 70, True, False),  # dilation longer than the tile
 ], ids=_case_id)
 def test_kernel_cpu_gradcheck(shape, monkeypatch):
     monkeypatch.setenv("SATN_KERNEL", "ext")
@@ -2917,7 +2987,7 @@ def test_kernel_cpu_checks_inputs(monkeypatch):
         satn.causal_conv1d(x, w, dilation=0)
     with pytest.raises(RuntimeError, match="bias"):
         satn.causal_conv1d(x, w, torch.randn(5))
-    with pytest.raises(RuntimeError, match="float32 or float64"):
+    with pytest.raises(RuntimeError, match="bfloat16, float32 or float64"):
         satn.causal_conv1d(x.half(), w.half())
     with pytest.raises(ValueError, match="activation"):
         satn.causal_conv1d(x, w, activation="tanh")
@@ -3165,12 +3235,26 @@ def test_kernel_cuda_noncontiguous(case, monkeypatch):
 @pytest.mark.parametrize("shape", [
     # long T and many channels: several time tiles, channel chunks and grad_w splits
     (4, 40, 36, 5000, 3, 16, True, True),
-    # receptive field too long for a shared-memory window: the direct kernels
+    # dilation far longer than the tile: one shared-memory window per tap
     (2, 3, 5, 300, 4, 5000, True, False),
     (1, 1, 1, 1, 1, 1, False, True),
 ], ids=_case_id)
 def test_kernel_cuda_large_and_fallback_shapes(shape, monkeypatch):
     _check_against_ref(shape, "cuda", torch.float32, monkeypatch)
+
+
+@needs_cuda
+def test_kernel_cuda_backward_is_deterministic(monkeypatch):
+    """grad_w and grad_bias are split reductions added in a fixed order (no atomics)."""
+    ext = satn._load_kernel_ext(cuda=True)
+    g = torch.Generator().manual_seed(7)
+    x, w, gy = (torch.randn(*s, generator=g).cuda() for s in ((8, 64, 3000), (64, 64, 3), (8, 64, 3000)))
+    y = ext.forward(x, w, None, 4, True, True)
+    first = ext.backward(gy, x, w, y, 4, True, False, True, True)
+    for _ in range(3):
+        again = ext.backward(gy, x, w, y, 4, True, False, True, True)
+        for a, b in zip(first[:2], again[:2]):
+            assert torch.equal(a, b)
 
 
 @needs_cuda
