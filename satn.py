@@ -76,6 +76,7 @@ CMU_PHONES = ("AA AE AH AO AW AY B CH D DH EH ER EY F G HH IH IY JH K L M N NG O
 WORD_BOUNDARY = "|"
 PAD, SOS, EOS, UNK = "<pad>", "<sos>", "<eos>", "<unk>"
 PHONE_VOCAB = (PAD, SOS, EOS, UNK, WORD_BOUNDARY, *CMU_PHONES)  # index 0 is padding (and the CTC blank)
+NEVER_EMITTED = 2          # <pad> and <sos> (indices 0, 1) are never decoder outputs
 
 
 class DataError(Exception):
@@ -340,8 +341,9 @@ class NearestWord:
     The distance to every word is computed at once (numpy over the vocabulary), and
     results are memoised, so WER over a test set costs seconds, not minutes."""
 
-    def __init__(self, words_to_phones):
-        self.words = sorted(words_to_phones)
+    def __init__(self, words_to_phones, counts=None):
+        counts = counts or {}                   # ties (homophones) go to the most frequent word
+        self.words = sorted(words_to_phones, key=lambda w: (-counts.get(w, 0), w))
         prons = [words_to_phones[w] for w in self.words]
         self.lengths = np.array([len(p) for p in prons])
         index = {p: i + 1 for i, p in enumerate(sorted({p for pr in prons for p in pr}))}
@@ -469,26 +471,29 @@ def load_iemocap(root, subset="impro", verbose=True, all_labels=False):
 MANIFEST_COLUMNS = ("path", "label", "speaker", "session")
 
 
-def load_manifest(csv_path, verbose=True):
+def load_manifest(csv_path, verbose=True, asr=False):
     """Read a CSV manifest with header path,label,speaker,session[,text].
 
     Paths are resolved against the CSV's folder; the class set is whatever the
-    labels are. Every problem is reported with its row before anything trains."""
+    labels are. Every problem is reported with its row before anything trains.
+    asr=True reads an ASR corpus: path,speaker,text are required, label and session not."""
     csv_path = Path(csv_path)
+    required = ("path", "speaker", "text") if asr else MANIFEST_COLUMNS
     with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in MANIFEST_COLUMNS if c not in header]
+        missing = [c for c in required if c not in header]
         unknown = [c for c in header if c not in MANIFEST_COLUMNS + ("text",)]
         if missing or unknown:
-            raise DataError(f"{csv_path}: header must be path,label,speaker,session[,text]"
+            raise DataError(f"{csv_path}: header must be " + ("path,speaker,text[,label,session]" if asr else
+                                                              "path,label,speaker,session[,text]")
                             + (f"; missing {','.join(missing)}" if missing else "")
                             + (f"; unknown {','.join(unknown)}" if unknown else ""))
         rows = [({k.strip(): (v or "").strip() for k, v in r.items() if k is not None}, reader.line_num)
                 for r in reader]
     utts, seen, absent = [], {}, []
     for r, line in rows:
-        empty = [c for c in MANIFEST_COLUMNS if not r.get(c)]
+        empty = [c for c in required if c != "text" and not r.get(c)]
         if empty:
             raise DataError(f"{csv_path}:{line}: empty {','.join(empty)}")
         path = (csv_path.parent / r["path"]).resolve()
@@ -498,7 +503,7 @@ def load_manifest(csv_path, verbose=True):
         seen[uid] = line
         if not path.is_file():
             absent.append(f"line {line}: {r['path']}")
-        utts.append(Utterance(uid, str(path), r["label"], r["speaker"], r["session"], r.get("text", "")))
+        utts.append(Utterance(uid, str(path), r.get("label", ""), r["speaker"], r.get("session", ""), r.get("text", "")))
     if absent:
         raise DataError(f"{csv_path}: {len(absent)} audio files do not exist ({'; '.join(absent[:3])}"
                         + (", ..." if len(absent) > 3 else "") + ")")
@@ -512,8 +517,9 @@ def load_manifest(csv_path, verbose=True):
 DEMO_DIR = Path("data/demo")
 
 
-def load_corpus(data=None, subset="impro", verbose=True, all_labels=False):
-    """--data: an IEMOCAP folder, a .csv manifest, or None for the built-in demo corpus."""
+def load_corpus(data=None, subset="impro", verbose=True, all_labels=False, asr=False):
+    """--data: an IEMOCAP folder, a .csv manifest, or None for the built-in demo corpus
+    (asr=True: a manifest needs no label or session column)."""
     if data is None:
         ensure_demo_corpus(DEMO_DIR)
         data = DEMO_DIR
@@ -523,7 +529,7 @@ def load_corpus(data=None, subset="impro", verbose=True, all_labels=False):
     if data.is_dir():
         return load_iemocap(data, subset, verbose, all_labels)
     if data.suffix.lower() == ".csv":
-        return load_manifest(data, verbose)
+        return load_manifest(data, verbose, asr)
     raise DataError(f"--data {data}: neither an IEMOCAP folder nor a .csv manifest")
 
 
@@ -1556,20 +1562,37 @@ class TeacherConfig(RunConfig):
     decoder: int = _f(256, "LSTM decoder units (the paper's 256)")
     embed: int = _f(64, "phone embedding size of the decoder")
     att_dim: int = _f(128, "additive-attention size of the decoder")
+    loc_kernel: int = _f(15, "location-aware attention (Chorowski et al. 2015): width in encoder frames of the "
+                             "filters over the previous and the cumulative alignment (odd); 0: content-only attention")
     ctc_weight: float = _f(0.3, "weight of the joint CTC loss on the encoder (0: attention loss only)")
-    decode: str = _f("attention", "decoding for PER/WER and model selection: the attention decoder (greedy) "
-                                  "or the CTC head (best path); both PERs are logged", choices=("attention", "ctc"),
-                     demo="ctc")
-    max_phones: int = _f(200, "longest greedy decode, in tokens")
+    asr_data: str = _f(None, "train ONE teacher, for every fold, on this ASR corpus (a CSV manifest path,speaker,text "
+                             "or an IEMOCAP-layout folder) instead of one per fold on --data; it must share no "
+                             "speaker with --data; students use it with --teacher RUNS/teacher/asr")
+    decode: str = _f("joint", "decoding for the reported PER/WER and for model selection: joint CTC/attention beam "
+                              "search, the attention decoder alone (greedy), or the CTC head (best path); every "
+                              "decoding is reported at the end", choices=("joint", "attention", "ctc"))
+    dev_decode: str = _f("same", "decoding of dev after each epoch (model selection): the same as --decode, or a "
+                                 "cheaper one when the beam search is too slow (the final evaluation always uses "
+                                 "--decode)", choices=("same", "joint", "attention", "ctc"))
+    beam: int = _f(10, "beam width of the joint decoding")
+    decode_ctc_weight: float = _f(0.3, "lambda of the joint decoding: its score is lambda * CTC prefix log-probability "
+                                       "+ (1 - lambda) * attention log-probability")
+    lexicon: bool = _f(True, "joint decoding emits only words of the training vocabulary (a prefix tree of their "
+                             "CMU pronunciations); --no-lexicon: free phone strings, mapped to the nearest word for WER")
 
     def __post_init__(self):
         super().__post_init__()
         self._check_encoder()
         _require(self.channels % self.heads == 0, f"--channels {self.channels} is not divisible by --heads {self.heads}")
         _require(0 <= self.ctc_weight <= 1, "--ctc-weight must be in [0, 1]")
-        _require(self.ctc_weight > 0 or self.decode != "ctc", "--decode ctc needs a CTC head: --ctc-weight > 0")
-        _require(min(self.decoder, self.embed, self.att_dim, self.max_phones) >= 1,
-                 "--decoder, --embed, --att-dim and --max-phones must be at least 1")
+        _require(0 <= self.decode_ctc_weight <= 1, "--decode-ctc-weight must be in [0, 1]")
+        needs_ctc = self.decode == "ctc" or self.dev_decode == "ctc" or (
+            "joint" in (self.decode, self.dev_decode) and self.decode_ctc_weight > 0)
+        _require(self.ctc_weight > 0 or not needs_ctc, "--decode ctc, and joint decoding with --decode-ctc-weight > 0, "
+                                                       "need a CTC head: --ctc-weight > 0")
+        _require(min(self.decoder, self.embed, self.att_dim, self.beam) >= 1,
+                 "--decoder, --embed, --att-dim and --beam must be at least 1")
+        _require(self.loc_kernel == 0 or self.loc_kernel % 2 == 1, "--loc-kernel must be odd (centred filters) or 0")
     epochs: int = _f(60, "training epochs", demo=30)
     lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=2e-3)
 
@@ -1594,6 +1617,8 @@ class StudentConfig(RunConfig):
     at_pairs: str = _f("auto", "student:teacher activation pairs, 1-based, e.g. '1:2,2:3,3:5,4:6'; auto spaces "
                                "the student's activations evenly over the teacher's, last with last")
     at_selfattn: bool = _f(False, "also transfer the self-attention weight matrices (heads averaged)")
+    teacher: str = _f(None, "the teacher to imitate: a teacher run folder or its best.pt, e.g. runs/teacher/asr "
+                            "(a teacher of a separate ASR corpus); default: the teacher of this fold, RUNS/teacher/fold{k}")
     name: str = _f(None, "run folder name; default from the configuration, e.g. tcn-self-at")
     epochs: int = _f(100, "training epochs (the paper's 100)", demo=20)
     lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=1e-3)
@@ -1617,18 +1642,24 @@ class Teacher(nn.Module):
     """Attention encoder-decoder phone recogniser: TCN + self-attention encoder, LSTM decoder.
 
     The encoder's block activations and self-attention output are the maps the
-    student imitates; a CTC head on the encoder is trained jointly."""
+    student imitates; a CTC head on the encoder is trained jointly. The decoder's
+    additive attention is location-aware: filters over the previous alignment and
+    the sum of all previous alignments enter its energy, so it keeps its place on
+    repetitive input instead of looping."""
 
     def __init__(self, cfg: TeacherConfig, n_tokens=len(PHONE_VOCAB)):
         super().__init__()
         C = cfg.channels
-        self.subsample, self.max_phones = cfg.subsample, cfg.max_phones
+        self.subsample = cfg.subsample
         self.tcn = TCN(FEAT_CHANNELS, C, cfg.kernel_size, (1, 2, 4, 8, 16), cfg.dropout, cfg.weight_norm)
         self.attn = SelfAttention(C, cfg.heads)
         self.ctc_head = nn.Linear(C, n_tokens)
         self.embed = nn.Embedding(n_tokens, cfg.embed)
         self.cell = nn.LSTMCell(cfg.embed + C, cfg.decoder)
         self.att_enc, self.att_dec = nn.Linear(C, cfg.att_dim), nn.Linear(cfg.decoder, cfg.att_dim, bias=False)
+        # location features: filters over the alignments, projected into the energy (one conv does both)
+        self.att_loc = (nn.Conv1d(2, cfg.att_dim, cfg.loc_kernel, padding=cfg.loc_kernel // 2, bias=False)
+                        if cfg.loc_kernel else None)
         self.att_v = nn.Linear(cfg.att_dim, 1, bias=False)
         self.out = nn.Linear(cfg.decoder + C, n_tokens)
 
@@ -1640,38 +1671,49 @@ class Teacher(nn.Module):
         h, weights = self.attn(h.transpose(1, 2), mask)                    # (B, T', C)
         return {"h": h, "mask": mask, "lengths": lengths, "acts": acts + [h.transpose(1, 2)], "weights": weights}
 
-    def _step(self, token, state, ctx, enc, keys, mask):
-        h, c = self.cell(torch.cat([self.embed(token), ctx], -1), state)                  # (B, H)
-        e = self.att_v(torch.tanh(keys + self.att_dec(h)[:, None])).squeeze(-1)           # (B, T')
-        alpha = torch.softmax(e.masked_fill(~mask, float("-inf")), -1)
-        ctx = (alpha[..., None] * enc).sum(1)                                             # (B, C)
-        return self.out(torch.cat([h, ctx], -1)), (h, c), ctx
+    def init_state(self, enc):
+        """Decoder state before the first token: (h, c, context, alignment, cumulative alignment), and the
+        projected encoder keys. The first 'previous alignment' rests on frame 0: decoding starts there."""
+        h = enc["h"]
+        B, T, C = h.shape
+        z = h.new_zeros(B, self.cell.hidden_size)
+        align = h.new_zeros(B, T)
+        align[:, 0] = 1.0                                                  # (B, T')
+        return (z, z.clone(), h.new_zeros(B, C), align, align.clone()), self.att_enc(h)
 
-    def _init(self, enc):
-        B, _, C = enc["h"].shape
-        z = enc["h"].new_zeros(B, self.cell.hidden_size)
-        return (z, z.clone()), enc["h"].new_zeros(B, C), self.att_enc(enc["h"])
+    def step(self, token, state, enc, keys, mask):
+        """One decoder step from the previous token (B,): logits (B, V) and the new state."""
+        h, c, ctx, prev, cum = state
+        h, c = self.cell(torch.cat([self.embed(token), ctx], -1), (h, c))                  # (B, H)
+        e = keys + self.att_dec(h)[:, None]                                               # (B, T', A)
+        if self.att_loc is not None:
+            e = e + self.att_loc(torch.stack([prev, cum], 1)).transpose(1, 2)             # (B, T', A)
+        e = self.att_v(torch.tanh(e)).squeeze(-1)                                         # (B, T')
+        alpha = torch.softmax(e.masked_fill(~mask, float("-inf")), -1)
+        ctx = torch.bmm(alpha[:, None], enc).squeeze(1)                                   # (B, C)
+        return self.out(torch.cat([h, ctx], -1)), (h, c, ctx, alpha, cum + alpha)
 
     def forward(self, x, lengths, targets):
         """Teacher forcing. targets (B, L) start with <sos>; returns logits (B, L, V) and the encoding."""
         enc = self.encode(x, lengths)
-        state, ctx, keys = self._init(enc)
+        state, keys = self.init_state(enc)
         logits = []
         for i in range(targets.shape[1]):
-            out, state, ctx = self._step(targets[:, i], state, ctx, enc["h"], keys, enc["mask"])
+            out, state = self.step(targets[:, i], state, enc["h"], keys, enc["mask"])
             logits.append(out)
         return torch.stack(logits, 1), enc
 
     @torch.no_grad()
     def greedy(self, x, lengths):
-        """Greedy decoding: a list of token-id lists, without <sos>/<eos>."""
+        """Greedy decoding: a list of token-id lists, without <sos>/<eos>, each at most as long as its
+        utterance has encoder frames."""
         enc = self.encode(x, lengths)
-        state, ctx, keys = self._init(enc)
+        state, keys = self.init_state(enc)
         token = torch.full((x.shape[0],), PHONE_VOCAB.index(SOS), dtype=torch.long, device=x.device)
         out, done = [], torch.zeros_like(token, dtype=torch.bool)
-        for _ in range(min(self.max_phones, enc["h"].shape[1])):  # no more tokens than encoder frames
-            logits, state, ctx = self._step(token, state, ctx, enc["h"], keys, enc["mask"])
-            token = logits.argmax(-1)
+        for _ in range(enc["h"].shape[1]):  # no more tokens than encoder frames
+            logits, state = self.step(token, state, enc["h"], keys, enc["mask"])
+            token = logits[:, NEVER_EMITTED:].argmax(-1) + NEVER_EMITTED      # never <pad> or <sos>
             out.append(token)
             done |= token == PHONE_VOCAB.index(EOS)
             if done.all():
@@ -1680,7 +1722,6 @@ class Teacher(nn.Module):
         eos = PHONE_VOCAB.index(EOS)
         # each utterance is cut at its own frame count, so batching never changes it
         return [(s[:s.index(eos)] if eos in s else s)[:n] for s, n in zip(seqs, enc["lengths"].tolist())]
-
 
     @torch.no_grad()
     def ctc_greedy(self, x, lengths):
@@ -2005,21 +2046,38 @@ def _setup(cfg):
 
 
 def train_teacher(cfg: TeacherConfig):
-    """Train the ASR teacher of one fold on every transcribed utterance outside the held-out session."""
-    run_dir = Path(cfg.runs) / "teacher" / f"fold{cfg.fold}"
+    """Train the ASR teacher of one fold on every transcribed utterance outside the held-out session,
+    or (--asr-data) one teacher on a separate ASR corpus, for every fold."""
+    run_dir = teacher_dir(cfg)
     if finished(run_dir, cfg):
         return json.loads((run_dir / "final.json").read_text())
     _setup(cfg)
-    data = prepare_data(cfg, "teacher")
+    data = prepare_asr_data(cfg) if cfg.asr_data else prepare_data(cfg, "teacher")
     lexicon = read_cmudict()
-    counts = {}
-    targets = {u.id: [PHONE_VOCAB.index(p) for p in text_to_phones(u.text, lexicon, counts=counts)]
-               for part in ("train", "dev", "test") for u, _ in data[part]}
-    print(f"teacher fold {cfg.fold}: {len(data['train'])} train, {len(data['dev'])} dev, {len(data['test'])} test "
-          f"utterances; OOV rate {100 * counts.get('oov', 0) / max(counts.get('words', 1), 1):.1f}% of "
-          f"{counts.get('words', 0)} words")
+    counts, missing = {}, {}
+    targets = {}
+    for part in ("train", "dev", "test"):
+        for u, _ in data[part]:
+            targets[u.id] = [PHONE_VOCAB.index(p) for p in text_to_phones(u.text, lexicon, counts=counts)]
+            for w in transcript_words(u.text):
+                if w not in lexicon:
+                    missing[w] = missing.get(w, 0) + 1
+    n_words, n_oov = counts.get("words", 0), counts.get("oov", 0)
+    name = f"teacher {run_dir.name}"
+    print(f"{name}: {len(data['train'])} train, {len(data['dev'])} dev, {len(data['test'])} test utterances; "
+          f"{n_oov} of {n_words} words ({100 * n_oov / max(n_words, 1):.1f}%, {len(missing)} distinct) are not in "
+          f"the CMU dictionary and become <unk>"
+          + (": " + ", ".join(sorted(missing, key=lambda w: -missing[w])[:10]) + (" ..." if len(missing) > 10 else "")
+             if missing else ""))
     sos, eos = PHONE_VOCAB.index(SOS), PHONE_VOCAB.index(EOS)
     device = pick_device(cfg.device)
+    word_counts = {}
+    for u, _ in data["train"]:
+        for w in transcript_words(u.text):
+            word_counts[w] = word_counts.get(w, 0) + 1
+    vocab = {w: lexicon[w][0] for w in word_counts if w in lexicon}
+    tree = LexiconTree(vocab, word_counts)
+    nearest = NearestWord(vocab, word_counts)
 
     def loss_fn(model, items):
         x, lengths = collate([x for _, x in items], device)
@@ -2043,38 +2101,97 @@ def train_teacher(cfg: TeacherConfig):
         parts["loss"] = loss.item()
         return loss, parts
 
-    def evaluate(model, items):
+    def decode(model, items, how):
+        return decode_items(model, items, targets, cfg.batch_size, device, how, cfg.beam, cfg.decode_ctc_weight,
+                            tree if cfg.lexicon else None)
+
+    select = cfg.decode if cfg.dev_decode == "same" else cfg.dev_decode
+    cheap = [h for h in ("attention", "ctc") if h != select and (h != "ctc" or cfg.ctc_weight > 0)]
+
+    def evaluate(model, items):  # after each epoch: the selecting decoding, and the cheap ones beside it
         out = {}
-        for how in (cfg.decode, "ctc" if cfg.decode == "attention" else "attention"):
-            if how == "ctc" and cfg.ctc_weight == 0:
-                continue
-            refs, hyps = decode_items(model, items, targets, cfg.batch_size, device, how)
-            out["PER" if how == cfg.decode else f"PER_{how}"] = error_rate(phones_only(refs), phones_only(hyps))["rate"]
+        for how in [select] + cheap:
+            refs, hyps = decode(model, items, how)
+            out["PER" if how == select else f"PER_{how}"] = error_rate(phones_only(refs), phones_only(hyps))["rate"]
         return out
 
     model = Teacher(cfg)
-    print(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
-          f"joint CTC weight {cfg.ctc_weight}; PER/WER and model selection from {cfg.decode} decoding")
+    print(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; joint CTC weight "
+          f"{cfg.ctc_weight}; " + ("location-aware" if cfg.loc_kernel else "content-only") + " attention; model "
+          f"selection by dev PER of {select} decoding" + (f", reported PER/WER from {cfg.decode} decoding at the end"
+                                                          if select != cfg.decode else ""))
+    if cfg.decode == "joint":
+        print(f"joint decoding: beam {cfg.beam}, CTC weight {cfg.decode_ctc_weight}, "
+              + (f"words of a {len(tree)}-word training lexicon" if cfg.lexicon else "free phone strings"))
     best = fit(cfg, model, run_dir, data, loss_fn, evaluate, "PER", False, {"vocab": list(PHONE_VOCAB)})
     model.load_state_dict(best["model"])
     model.eval()
-    words = {w: lexicon[w][0] for u, _ in data["train"] for w in transcript_words(u.text) if w in lexicon}
-    nearest = NearestWord(words)
-    final = {"config": dataclasses.asdict(cfg), "best_epoch": best["epoch"]}
-    decodings = ["attention", "ctc"] if cfg.ctc_weight > 0 else ["attention"]
+    final = {"config": dataclasses.asdict(cfg), "best_epoch": best["epoch"], "lexicon_words": len(tree),
+             "oov": {"words": n_words, "oov": n_oov, "distinct": len(missing)}, "speed": {}}
+    decodings = ["joint", "attention"] + (["ctc"] if cfg.ctc_weight > 0 else [])
+    if cfg.ctc_weight == 0 and cfg.decode_ctc_weight > 0:
+        decodings.remove("joint")
     for part in ("dev", "test"):
         final[part] = {}
         for how in sorted(decodings, key=lambda h: h != cfg.decode):   # the configured one first
-            refs, hyps = decode_items(model, data[part], targets, cfg.batch_size, device, how)
+            t0 = time.time()
+            refs, hyps = decode(model, data[part], how)
+            secs = time.time() - t0
             per = error_rate(phones_only(refs), phones_only(hyps))
             wer = error_rate([transcript_words(u.text) for u, _ in data[part]],
-                             [phones_to_words([PHONE_VOCAB[t] for t in h], nearest) for h in hyps])
+                             [hyp_words(h, tree, nearest) for h in hyps])
             suffix = "" if how == cfg.decode else f"_{how}"
             final[part].update({f"PER{suffix}": per, f"WER{suffix}": wer})
-            print(f"teacher fold {cfg.fold} {part} ({how} decoding): PER {per['rate']:.1f}%  WER {wer['rate']:.1f}% "
-                  f"(nearest of {len(words)} training words)")
+            final["speed"][f"{part}_{how}"] = len(hyps) / max(secs, 1e-9)
+            words = ("lexicon words" if how == "joint" and cfg.lexicon else
+                     f"phone chunks mapped to the nearest of {len(vocab)} training words")
+            print(f"{name} {part} ({how} decoding): PER {per['rate']:.1f}%  WER {wer['rate']:.1f}% ({words}; "
+                  f"{len(hyps) / max(secs, 1e-9):.1f} utterances/s)")
     write_json(final, run_dir / "final.json")
     return final
+
+
+def teacher_dir(cfg: TeacherConfig):
+    """runs/teacher/fold{k}, or runs/teacher/asr for the one teacher of an ASR corpus (--asr-data)."""
+    return Path(cfg.runs) / "teacher" / ("asr" if cfg.asr_data else f"fold{cfg.fold}")
+
+
+ASR_HELD_OUT = 0.1   # fraction of an ASR corpus' speakers held out for dev, and as many for test
+
+
+def prepare_asr_data(cfg: TeacherConfig):
+    """A separate ASR corpus (--asr-data): train, dev and test parts split by speaker.
+
+    The corpus must share no speaker with the emotion corpus (--data), whose every fold's
+    student then imitates this one teacher without any test speaker having been seen.
+    The last ASR_HELD_OUT of the sorted speakers are test, as many before them dev."""
+    utts = [u for u in load_corpus(cfg.asr_data, subset="all", verbose=False, all_labels=True, asr=True)
+            if u.text.strip()]
+    if not utts:
+        raise DataError(f"--asr-data {cfg.asr_data}: no transcripts (a text column is needed)")
+    emotion = {u.speaker for u in load_corpus(cfg.data, subset="all", verbose=False, all_labels=True)}
+    shared = sorted({u.speaker for u in utts} & emotion)
+    if shared:
+        raise DataError(f"--asr-data {cfg.asr_data} shares {len(shared)} speaker(s) with the emotion corpus "
+                        f"({', '.join(shared[:5])}{' ...' if len(shared) > 5 else ''}): its teacher would have "
+                        f"heard test speakers; remove them from the ASR corpus")
+    kept, feats = compute_features(utts, Path(cfg.runs) / "cache")
+    speakers = sorted({u.speaker for u in kept})
+    if len(speakers) < 3:
+        raise DataError(f"--asr-data {cfg.asr_data}: {len(speakers)} speaker(s); at least 3 are needed "
+                        f"(train, dev and test speakers differ)")
+    n = max(1, round(ASR_HELD_OUT * len(speakers)))
+    dev_spk, test_spk = set(speakers[-2 * n:-n]), set(speakers[-n:])
+    train = [u for u in kept if u.speaker not in dev_spk | test_spk]
+    normed = normalise(kept, feats, cfg.norm, train)
+    mean, std = feature_stats([f for u, f in zip(kept, feats) if u.speaker not in dev_spk | test_spk])
+    parts = {"train": [], "dev": [], "test": []}
+    for u, x in zip(kept, normed):
+        parts["test" if u.speaker in test_spk else "dev" if u.speaker in dev_spk else "train"].append((u, x))
+    print(f"ASR corpus {cfg.asr_data}: {len(speakers)} speakers ({len(speakers) - 2 * n} train, dev "
+          f"{sorted(dev_spk)}, test {sorted(test_spk)}), none in the emotion corpus")
+    return {**parts, "classes": None, "stats": {"mode": cfg.norm, "mean": torch.from_numpy(mean),
+                                                "std": torch.from_numpy(std)}}
 
 
 def phones_only(seqs):
@@ -2083,19 +2200,31 @@ def phones_only(seqs):
     return [[t for t in s if t != wb] for s in seqs]
 
 
-def decode_items(model, items, targets, batch_size, device, how="attention"):
-    """Decode utterances: (reference id lists, hypothesis id lists), in item order."""
+def decode_items(model, items, targets, batch_size, device, how="attention", beam=10, ctc_weight=0.3, lexicon=None):
+    """Decode utterances: (reference id lists, hypothesis id lists), in item order.
+
+    how: "attention" (greedy), "ctc" (best path) or "joint" (joint_decode with beam,
+    ctc_weight and an optional LexiconTree)."""
     refs, hyps = [None] * len(items), [None] * len(items)
     for idx in make_batches([x.shape[1] for _, x in items], batch_size):
         x, lengths = collate([items[i][1] for i in idx], device)
-        for i, h in zip(idx, model.greedy(x, lengths) if how == "attention" else model.ctc_greedy(x, lengths)):
+        out = (model.greedy(x, lengths) if how == "attention" else model.ctc_greedy(x, lengths) if how == "ctc"
+               else joint_decode(model, x, lengths, beam, ctc_weight, lexicon))
+        for i, h in zip(idx, out):
             refs[i], hyps[i] = targets[items[i][0].id], h
     return refs, hyps
 
 
 def load_teacher(cfg: StudentConfig, device):
-    """The frozen teacher of cfg.fold, in eval mode; stops at once when it was not trained."""
-    path = Path(cfg.runs) / "teacher" / f"fold{cfg.fold}" / "best.pt"
+    """The frozen teacher the student imitates, in eval mode: --teacher (a run folder or its best.pt),
+    else the teacher of cfg.fold; stops at once when it was not trained or does not fit."""
+    if cfg.teacher:
+        path = Path(cfg.teacher)
+        path = path / "best.pt" if path.is_dir() else path
+        if not path.is_file():
+            raise DataError(f"--teacher {cfg.teacher}: no teacher checkpoint there (a teacher run folder or its best.pt)")
+    else:
+        path = Path(cfg.runs) / "teacher" / f"fold{cfg.fold}" / "best.pt"
     if not path.is_file():
         data = f" --data {cfg.data}" if cfg.data else ""
         raise DataError(f"attention transfer needs the teacher of fold {cfg.fold} ({path} is missing): "
@@ -2104,12 +2233,19 @@ def load_teacher(cfg: StudentConfig, device):
         raise DataError(f"the teacher in {path.parent} has not finished (no final.json): finish it with "
                         f"`python satn.py teacher --fold {cfg.fold} --resume`")
     ck = load_checkpoint(path)
-    differ = [k for k in ("data", "norm", "dev_speaker", "fold") if ck["config"].get(k) != getattr(cfg, k)]
+    if "vocab" not in ck or "config" not in ck:
+        raise DataError(f"{path}: not a teacher checkpoint")
+    # a teacher of an ASR corpus was checked against the emotion corpus' speakers, not trained per fold
+    keys = ("data", "norm") if ck["config"].get("asr_data") else ("data", "norm", "dev_speaker", "fold")
+    differ = [k for k in keys if ck["config"].get(k) != getattr(cfg, k)]
     if differ:
         raise DataError(f"the teacher in {path.parent} was trained with another {', '.join(differ)} "
                         f"({', '.join(k + '=' + str(ck['config'].get(k)) for k in differ)}); retrain it or use --runs")
-    teacher = Teacher(TeacherConfig(**ck["config"]))
-    teacher.load_state_dict(ck["model"])
+    try:
+        teacher = Teacher(TeacherConfig(**ck["config"]))
+        teacher.load_state_dict(ck["model"])
+    except (TypeError, RuntimeError) as e:
+        raise DataError(f"{path}: a teacher of an older version of satn.py ({_first_line(e)}); retrain it") from None
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -2197,6 +2333,174 @@ def selfattn_loss(s_weights, t_weights, mask, dist="l1", norm="l1"):
     s_map = attention_map(s.reshape(len(s), 1, -1), 1, pair, norm)
     t_map = attention_map(t.reshape(len(s), 1, -1), 1, pair, norm)
     return at_loss([s_map], [t_map], pair, dist, norm)
+
+
+# -----------------------------------------------------------------------------
+# decoding: CTC best path and greedy attention are Teacher methods; the joint
+# CTC/attention beam search and the pronunciation prefix tree are here.
+
+class LexiconTree:
+    """Prefix tree of a vocabulary's pronunciations, as tables the beam search indexes.
+
+    Node 0 is the root (a word starts). allowed[n] (V,) says which tokens may follow
+    node n: the next phones of some word, and at a word's end also `|` (back to the
+    root) and <eos>; child[n, token] is the node reached. Homophones share a node,
+    which decodes to the most frequent of them in `counts` (a training-set word count)."""
+
+    def __init__(self, words_to_phones, counts=None):
+        counts = counts or {}
+        ids = {p: i for i, p in enumerate(PHONE_VOCAB)}
+        children, word_at = [{}], [None]
+        self.words = {}                                        # pronunciation (tuple) -> word
+        for w in sorted(words_to_phones, key=lambda w: (-counts.get(w, 0), w)):
+            pron = tuple(words_to_phones[w])
+            if not pron or any(p not in CMU_PHONES for p in pron):
+                continue
+            node = 0
+            for p in pron:
+                if ids[p] not in children[node]:
+                    children[node][ids[p]] = len(children)
+                    children.append({})
+                    word_at.append(None)
+                node = children[node][ids[p]]
+            if word_at[node] is None:
+                word_at[node], self.words[pron] = w, w
+        V = len(PHONE_VOCAB)
+        self.child = torch.zeros(len(children), V, dtype=torch.long)
+        self.allowed = torch.zeros(len(children), V, dtype=torch.bool)
+        for n, ch in enumerate(children):
+            for t, m in ch.items():
+                self.child[n, t], self.allowed[n, t] = m, True
+            if word_at[n] is not None:                         # a word ends here: `|` or <eos> may follow
+                self.allowed[n, ids[WORD_BOUNDARY]] = self.allowed[n, ids[EOS]] = True
+
+    def __len__(self):
+        return len(self.words)
+
+
+def ctc_prefix_score(logp, n_frames, rn, rb, last, cands):
+    """CTC prefix scores of hypotheses g extended by candidate tokens c (Watanabe et al. 2017, Alg. 2).
+
+    logp (N, T, V) float64 CTC log-probabilities of each hypothesis' utterance (blank = 0);
+    n_frames (N,) its frame count; rn, rb (N, T): log-probability that frames 0..t emit g
+    ending in a non-blank / in a blank; last (N,) g's last token (-1: g is empty); cands
+    (N, C) tokens. Returns psi (N, C), the log-probability that the labelling starts with
+    g + c (for c = <eos>: that it is exactly g), and rn, rb of g + c, (N, C, T).
+
+    The forward recursions r_t = (r_{t-1} + a_t) x_t are linear in probability, so they
+    are solved for every frame at once with cumulative sums and logcumsumexp instead of a
+    loop over frames: log r_t = X_t + logcumsumexp_{s<=t}(log a_s - X_{s-1}), X = cumsum(log x)."""
+    N, T, _ = logp.shape
+    C = cands.shape[1]
+    x = logp.gather(2, cands[:, None, :].expand(N, T, C)).transpose(1, 2)          # (N, C, T)
+    xb = logp[:, None, :, 0]                                                       # (N, 1, T)
+    ninf = torch.tensor(float("-inf"), dtype=logp.dtype, device=logp.device)
+    # phi_t: g complete by frame t and c may start at t+1 (after a blank only, when c repeats g's last token)
+    phi = torch.where((cands == last[:, None])[..., None], rb[:, None], torch.logaddexp(rn, rb)[:, None])
+    start = torch.where(last == -1, 0.0, ninf).to(logp.dtype)[:, None, None].expand(N, C, 1)
+    a = torch.cat([start, phi[..., :-1]], -1)                                      # (N, C, T): into c at frame t
+    X = x.cumsum(-1)
+    rn_h = X + torch.logcumsumexp(a - torch.cat([torch.zeros_like(X[..., :1]), X[..., :-1]], -1), -1)
+    XB = xb.cumsum(-1)
+    a_b = torch.cat([ninf.expand(N, C, 1), rn_h[..., :-1]], -1)                    # c's frames end, blanks follow
+    rb_h = XB + torch.logcumsumexp(a_b - torch.cat([torch.zeros_like(XB[..., :1]), XB[..., :-1]], -1), -1)
+    valid = (torch.arange(T, device=logp.device) < n_frames[:, None])[:, None]    # (N, 1, T)
+    psi = (a + x).masked_fill(~valid, float("-inf")).logsumexp(-1)                 # (N, C)
+    whole = torch.logaddexp(rn, rb).gather(1, (n_frames - 1)[:, None])             # (N, 1): exactly g
+    psi = torch.where(cands == PHONE_VOCAB.index(EOS), whole, psi)
+    return psi, rn_h, rb_h
+
+
+JOINT_CHUNK = 1 << 22   # elements of one (hypotheses x candidates x frames) CTC table: bounds decoding memory
+
+
+@torch.no_grad()
+def joint_decode(model, x, lengths, beam=10, ctc_weight=0.3, lexicon=None):
+    """Joint CTC/attention beam search (Watanabe et al. 2017): a list of token-id lists.
+
+    Each hypothesis is scored by (1 - ctc_weight) * its attention decoder log-probability
+    + ctc_weight * the CTC prefix log-probability of its tokens; the beam keeps the best
+    `beam` unfinished hypotheses per utterance, extended by the 1.5 * beam best tokens of
+    the attention decoder; an utterance is done when its best finished hypothesis scores
+    above every unfinished one (scores only fall as hypotheses grow, so it is exact).
+    Hypotheses never hold more tokens than the utterance has encoder frames. With a
+    LexiconTree every hypothesis is a sequence of its words joined by `|`. Utterances
+    are decoded together, in chunks that bound memory (JOINT_CHUNK)."""
+    enc = model.encode(x, lengths)
+    T = enc["h"].shape[1]
+    n = max(1, JOINT_CHUNK // (beam * max(2, int(1.5 * beam)) * T))
+    if len(x) > n:
+        out = []
+        for i in range(0, len(x), n):
+            out += joint_decode(model, x[i:i + n], lengths[i:i + n], beam, ctc_weight, lexicon)
+        return out
+    B, K, V = len(x), beam, len(PHONE_VOCAB)
+    N, C = B * K, min(V - NEVER_EMITTED, max(2, int(1.5 * beam)))
+    sos, eos = PHONE_VOCAB.index(SOS), PHONE_VOCAB.index(EOS)
+    dev = enc["h"].device
+    h, mask = enc["h"].repeat_interleave(K, 0), enc["mask"].repeat_interleave(K, 0)           # (N, T', C)
+    frames = enc["lengths"].to(dev).repeat_interleave(K, 0)                                   # (N,)
+    state, keys = model.init_state({"h": h})
+    if ctc_weight > 0:
+        logp = model.ctc_head(enc["h"]).double().log_softmax(-1).repeat_interleave(K, 0)     # (N, T', V)
+        rn = torch.full((N, T), float("-inf"), dtype=torch.float64, device=dev)
+        rb = logp[..., 0].cumsum(-1)                                                          # the empty prefix
+        psi_g = torch.zeros(N, dtype=torch.float64, device=dev)
+    score = torch.full((B, K), float("-inf"), dtype=torch.float64, device=dev)
+    score[:, 0] = 0.0                                          # one live hypothesis to start with
+    last = torch.full((N,), sos, dtype=torch.long, device=dev)
+    ctc_last = torch.full((N,), -1, dtype=torch.long, device=dev)
+    node = torch.zeros(N, dtype=torch.long, device=dev)
+    hist = torch.zeros(N, 0, dtype=torch.long, device=dev)
+    best, best_hyp = torch.full((B,), float("-inf"), dtype=torch.float64), [[] for _ in range(B)]
+    base = (torch.arange(B, device=dev) * K)[:, None]
+    for length in range(T + 1):
+        logits, state = model.step(last, state, h, keys, mask)
+        att = logits.double().log_softmax(-1)                                                # (N, V)
+        allowed = torch.ones(N, V, dtype=torch.bool, device=dev)
+        allowed[:, :NEVER_EMITTED] = False
+        if lexicon is not None:
+            allowed &= lexicon.allowed.to(dev)[node]
+        allowed[length >= frames, :] &= F.one_hot(torch.tensor(eos), V).bool().to(dev)      # full: only <eos>
+        cand_att, cands = att.masked_fill(~allowed, float("-inf")).topk(C, -1)                # (N, C)
+        joint = score.reshape(N, 1) + (1 - ctc_weight) * cand_att
+        if ctc_weight > 0:
+            psi, rn_h, rb_h = ctc_prefix_score(logp, frames, rn, rb, ctc_last, cands)
+            joint = joint + ctc_weight * (psi - psi_g[:, None])
+        joint = joint.nan_to_num(float("-inf"), float("-inf"), float("-inf")).reshape(B, K * C)
+        is_eos = (cands == eos).reshape(B, K * C)
+        # finished hypotheses: keep each utterance's best
+        fin, fin_idx = joint.masked_fill(~is_eos, float("-inf")).max(-1)                      # (B,)
+        for b in torch.nonzero(fin.cpu() > best).flatten().tolist():
+            best[b] = fin[b].item()
+            best_hyp[b] = hist[b * K + fin_idx[b].item() // C].tolist()
+        # the beam: the K best unfinished extensions per utterance
+        score, idx = joint.masked_fill(is_eos, float("-inf")).topk(K, -1)                    # (B, K)
+        done = score.max(-1).values.cpu() <= best
+        if done.all():
+            break
+        src, c = (base + idx // C).reshape(N), (idx % C).reshape(N)
+        tok = cands[src, c]
+        state = tuple(s.index_select(0, src) for s in state)
+        hist = torch.cat([hist[src], tok[:, None]], 1)
+        last = tok
+        if lexicon is not None:
+            node = lexicon.child.to(dev)[node[src], tok]
+        if ctc_weight > 0:
+            rn, rb, psi_g, ctc_last = rn_h[src, c], rb_h[src, c], psi[src, c], tok
+        score = score.masked_fill(done.to(dev)[:, None], float("-inf"))
+    return best_hyp
+
+
+def hyp_words(tokens, lexicon, nearest):
+    """Token ids -> words: each `|`-separated phone chunk is the lexicon's word with exactly that
+    pronunciation, or else (free phone decoding) the training word nearest by edit distance."""
+    words = []
+    for chunk in " ".join(PHONE_VOCAB[t] for t in tokens).split(WORD_BOUNDARY):
+        phones = tuple(p for p in chunk.split() if p not in (PAD, SOS, EOS))
+        if phones:
+            words.append(lexicon.words.get(phones) or nearest(phones))
+    return words
 
 
 # -----------------------------------------------------------------------------
@@ -2763,7 +3067,7 @@ def main(argv=None):
             return prepare(args.data, args.runs, args.folds_only)
         elif args.command == "teacher":
             cfg = config_from_args(TeacherConfig, args)
-            for k in _folds(cfg):
+            for k in ([0] if cfg.asr_data else _folds(cfg)):   # an ASR corpus' teacher serves every fold
                 train_teacher(dataclasses.replace(cfg, fold=k))
         elif args.command == "student":
             cfg = config_from_args(StudentConfig, args)
