@@ -8,8 +8,11 @@
 #   bash run_all.sh --data /path/to/IEMOCAP_full_release
 #   bash run_all.sh --data corpus.csv --jobs 4 --epochs 50
 #   bash run_all.sh --dry-run            # print every training command, in dependency order
+#   bash run_all.sh --data corpus.csv --asr-data asr.csv   # one teacher from a separate ASR corpus
 #
-# Options: --data PATH, --runs DIR, --jobs N (trainings at once; GPUs are assigned
+# Options: --data PATH, --asr-data PATH (train one teacher on that ASR corpus, whose speakers
+# must not occur in --data, and let every fold's student imitate it, instead of one teacher per
+# fold), --runs DIR, --jobs N (trainings at once; GPUs are assigned
 # round-robin through CUDA_VISIBLE_DEVICES when several are visible; default 1, or on
 # a machine without a GPU one per core, up to 4, each with one thread), --at-weight W
 # (W_AT of the transfer rows, default 1.0), --dry-run. Any other argument is passed
@@ -19,21 +22,22 @@
 set -uo pipefail
 PY=${PYTHON:-python}
 SATN="$(dirname "$0")/satn.py"   # paths given by the user stay relative to where they called from
-DATA=() RUNS=runs JOBS= DRY=0 AT_WEIGHT=1.0 EXTRA=()
+DATA=() ASR=() RUNS=runs JOBS= DRY=0 AT_WEIGHT=1.0 EXTRA=()
 while [ $# -gt 0 ]; do
     case "$1" in
-        --data|--runs|--jobs|--at-weight)
+        --data|--asr-data|--runs|--jobs|--at-weight)
             [ $# -ge 2 ] || { echo "run_all.sh: $1 needs a value" >&2; exit 2; }
             set -- "$1=$2" "${@:3}" ;;
     esac
     case "$1" in
         --data=*) DATA=(--data "${1#*=}") ;;
+        --asr-data=*) ASR=(--asr-data "${1#*=}") ;;
         --runs=*) RUNS=${1#*=} ;;
         --jobs=*) JOBS=${1#*=} ;;
         --at-weight=*) AT_WEIGHT=${1#*=} ;;
         --dry-run) DRY=1 ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        --fold|--fold=*|--name|--name=*|--encoder|--encoder=*|--attention|--attention=*|--resume|--no-resume)
+        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --fold|--fold=*|--name|--name=*|--encoder|--encoder=*|--attention|--attention=*|--resume|--no-resume|--teacher|--teacher=*)
             echo "run_all.sh: $1 is set by run_all.sh itself for each training" >&2; exit 2 ;;
         *) EXTRA+=("$1") ;;
     esac
@@ -98,7 +102,12 @@ drain() {  # wait for every background training; each failure left a .failed mar
     [ "$JOBS" = 1 ] || FAILED=$(find "$RUNS/logs" -name '*.failed' | wc -l)
 }
 
-if [ "$TRANSFER" = 1 ]; then
+TEACHER=()
+if [ ${#ASR[@]} -gt 0 ]; then
+    # One teacher of the ASR corpus serves every fold (it refuses a corpus sharing speakers with --data).
+    TRANSFER=1 TEACHER=(--teacher "$RUNS/teacher/asr")
+    run "teacher-asr" "$PY" "$SATN" teacher "${ASR[@]}" "${COMMON[@]}"
+elif [ "$TRANSFER" = 1 ]; then
     for k in $(seq "$FOLDS"); do run "teacher-fold$k" "$PY" "$SATN" teacher --fold "$k" "${COMMON[@]}"; done
 fi
 # The rows without transfer do not need the teachers: they fill free slots meanwhile.
@@ -112,7 +121,8 @@ for at in 0 1; do
             w=0; [ "$at" = 1 ] && w=$AT_WEIGHT
             for k in $(seq "$FOLDS"); do
                 run "student-$enc-$att$([ "$at" = 1 ] && echo -at)-fold$k" \
-                    "$PY" "$SATN" student --encoder $enc --attention $att --at-weight "$w" --fold "$k" "${COMMON[@]}"
+                    "$PY" "$SATN" student --encoder $enc --attention $att --at-weight "$w" --fold "$k" \
+                    $([ "$at" = 1 ] && printf '%s\n' "${TEACHER[@]}") "${COMMON[@]}"
             done
         done
     done

@@ -1571,9 +1571,10 @@ class TeacherConfig(RunConfig):
     decode: str = _f("joint", "decoding for the reported PER/WER and for model selection: joint CTC/attention beam "
                               "search, the attention decoder alone (greedy), or the CTC head (best path); every "
                               "decoding is reported at the end", choices=("joint", "attention", "ctc"))
-    dev_decode: str = _f("same", "decoding of dev after each epoch (model selection): the same as --decode, or a "
-                                 "cheaper one when the beam search is too slow (the final evaluation always uses "
-                                 "--decode)", choices=("same", "joint", "attention", "ctc"))
+    dev_decode: str = _f("attention", "decoding of dev after each epoch, which selects the model: a cheap one (the "
+                                      "beam search of every dev utterance after every epoch would cost more than "
+                                      "the training on a CPU), or `same` as --decode; the final evaluation always "
+                                      "uses --decode", choices=("same", "joint", "attention", "ctc"))
     beam: int = _f(10, "beam width of the joint decoding")
     decode_ctc_weight: float = _f(0.3, "lambda of the joint decoding: its score is lambda * CTC prefix log-probability "
                                        "+ (1 - lambda) * attention log-probability")
@@ -1687,7 +1688,10 @@ class Teacher(nn.Module):
         h, c = self.cell(torch.cat([self.embed(token), ctx], -1), (h, c))                  # (B, H)
         e = keys + self.att_dec(h)[:, None]                                               # (B, T', A)
         if self.att_loc is not None:
-            e = e + self.att_loc(torch.stack([prev, cum], 1)).transpose(1, 2)             # (B, T', A)
+            k = self.att_loc.kernel_size[0]
+            win = F.pad(torch.stack([prev, cum], 1), (k // 2, k // 2)).unfold(2, k, 1)     # (B, 2, T', k)
+            # the convolution as one matmul over the windows (faster than conv1d for 2 input channels)
+            e = e + win.transpose(1, 2).flatten(2) @ self.att_loc.weight.flatten(1).T      # (B, T', A)
         e = self.att_v(torch.tanh(e)).squeeze(-1)                                         # (B, T')
         alpha = torch.softmax(e.masked_fill(~mask, float("-inf")), -1)
         ctx = torch.bmm(alpha[:, None], enc).squeeze(1)                                   # (B, C)
@@ -2568,7 +2572,8 @@ def report(runs="runs"):
     results = {}
     for final in sorted(runs.glob("student/*/fold*/final.json")):
         results.setdefault(final.parent.parent.name, []).append(json.loads(final.read_text()))
-    teachers = sorted(runs.glob("teacher/fold*/final.json"))
+    teachers = sorted(runs.glob("teacher/fold*/final.json"), key=lambda p: int(p.parent.name[4:]) if p.parent.name[4:].isdigit() else 0)
+    teachers += sorted(runs.glob("teacher/asr/final.json"))                # one teacher of an ASR corpus
     if not results and not teachers:
         raise DataError(f"{runs}: no finished runs to report")
     known = [n for n, *_ in TABLE2 if n in results] + sorted(set(results) - {n for n, *_ in TABLE2})
@@ -2616,15 +2621,21 @@ def report(runs="runs"):
     if summary:
         out += report_figures(runs, results)
     if teachers:
-        out += ["", "## ASR teachers", "", "PER on phones, WER with each decoded phone chunk mapped to the nearest "
-                "training word; the model was selected by dev PER of the first decoding named.", "",
-                "| fold | decoding | best epoch | dev PER | dev WER | test PER | test WER |", "|---|---|---|---|---|---|---|"]
+        out += ["", "## ASR teachers", "", "PER on phones (word boundaries not counted); WER on words. Decodings: "
+                "joint = CTC/attention beam search (the words come from the pronunciation lexicon of the training "
+                "words when it constrains the search, `lexicon`), attention = the attention decoder alone (greedy), "
+                "ctc = the CTC head's best path; without the lexicon each decoded phone chunk is mapped to the "
+                "training word nearest by edit distance. The model was selected by dev PER (of the decoding "
+                "named in the log); the first row of a teacher is its configured decoding (`--decode`).", "",
+                "| teacher | decoding | best epoch | dev PER | dev WER | test PER | test WER |", "|---|---|---|---|---|---|---|"]
         for t in teachers:
             r = json.loads(t.read_text())
             decode = r["config"].get("decode", "attention")
-            for how in [decode] + [h for h in ("attention", "ctc") if h != decode and f"PER_{h}" in r["test"]]:
+            lex = " (lexicon)" if decode == "joint" and r["config"].get("lexicon") else ""
+            name = t.parent.name[4:] if t.parent.name.startswith("fold") else t.parent.name
+            for how in [decode] + [h for h in ("joint", "attention", "ctc") if h != decode and f"PER_{h}" in r["test"]]:
                 sfx = "" if how == decode else f"_{how}"
-                out.append(f"| {t.parent.name[4:]} | {how} | {r['best_epoch']} | " + " | ".join(
+                out.append(f"| {name} | {how}{lex if how == 'joint' else ''} | {r['best_epoch']} | " + " | ".join(
                     f"{r[p][m + sfx]['rate']:.1f}" for p in ("dev", "test") for m in ("PER", "WER")) + " |")
     (runs / "results.md").write_text("\n".join(out) + "\n")
     print("\n".join(out))

@@ -5,6 +5,7 @@ closed forms), never copied from the code's own output. Everything written
 goes under pytest's tmp_path; nothing is written into the repository.
 """
 
+import csv
 import dataclasses
 import json
 import math
@@ -1963,9 +1964,13 @@ def test_e2e_report(trained, tmp_path, monkeypatch):
            f"{at['test']['WA']:.1f} ± 0.0 | {at['test']['UA']:.1f} ± 0.0 |")
     assert row in text.splitlines()
     assert f"| TCN + self-attention | 1 | {plain['dev']['WA']:.1f} ± 0.0 |" in text
-    teacher_rows = [l for l in text.splitlines() if l.startswith(f"| 5 | {teacher['config']['decode']} |")]
-    assert len(teacher_rows) == 1
-    assert f"| {teacher['test']['PER']['rate']:.1f} | {teacher['test']['WER']['rate']:.1f} |" in teacher_rows[0]
+    # one row per decoding, the configured one (joint, with the lexicon) first
+    teacher_rows = [l for l in text.splitlines() if l.startswith("| 5 | ")]
+    print(teacher_rows)
+    assert [l.split(" | ")[1] for l in teacher_rows] == ["joint (lexicon)", "attention", "ctc"]
+    for line, sfx in zip(teacher_rows, ("", "_attention", "_ctc")):
+        assert line.endswith(" | ".join(f"{teacher[p][m + sfx]['rate']:.1f}" for p in ("dev", "test")
+                                        for m in ("PER", "WER")) + " |")
     z, p = satn.z_test_one_tailed(at["test"]["correct"], at["test"]["n"], plain["test"]["correct"], plain["test"]["n"])
     z_row = (f"| tcn-self-at vs tcn-self | 1 | {at['test']['WA']:.1f} | {plain['test']['WA']:.1f} | "
              f"{z:.2f} | {p:.3f} |")
@@ -3002,3 +3007,51 @@ def test_run_all_dry_run_of_a_manifest_without_transcripts(demo_corpus, tmp_path
     assert kinds == ["student"] * 12 + ["report"]       # 4 configurations without transfer x 3 sessions
     assert sorted({_student_key(c)[3] for c in cmds[:-1]}) == [1, 2, 3]
     assert all(_student_key(c)[2] == 0 for c in cmds[:-1])
+
+
+# -----------------------------------------------------------------------------
+# a teacher from a separate ASR corpus
+
+def _asr_manifest(corpus, path, sessions=("Ses01", "Ses02"), rename=True):
+    """An ASR manifest (path,speaker,text; no label or session) of some demo sessions' transcribed
+    files, under other speaker names unless rename=False."""
+    utts = [u for u in satn.load_iemocap(corpus, "all", verbose=False, all_labels=True)
+            if u.text and u.session in sessions]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "speaker", "text"])
+        for u in utts:
+            w.writerow([u.path, ("reader-" if rename else "") + u.speaker, u.text])
+    return path
+
+
+def test_asr_teacher_refuses_a_corpus_sharing_speakers(demo_corpus, tmp_path, capsys):
+    csv_path = _asr_manifest(demo_corpus, tmp_path / "asr.csv", rename=False)
+    rc = satn.main(["teacher", "--data", str(demo_corpus), "--asr-data", str(csv_path), "--runs", str(tmp_path / "runs"),
+                    "--epochs", "1"])
+    err = capsys.readouterr().err
+    print(err)
+    assert rc == 2 and "Traceback" not in err
+    assert "shares 4 speaker(s) with the emotion corpus (Ses01F, Ses01M, Ses02F, Ses02M)" in err
+    assert not (tmp_path / "runs" / "teacher").exists()
+
+
+def test_asr_teacher_serves_every_fold(demo_corpus, demo_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runs = fresh_runs(tmp_path, demo_cache)
+    csv_path = _asr_manifest(demo_corpus, tmp_path / "asr.csv")
+    rc, out, err = run_main(["teacher", "--data", demo_corpus, "--asr-data", csv_path, "--runs", runs, "--epochs", "1",
+                             "--beam", "2", *TEACHER_TINY])
+    print(out[-1500:], err)
+    assert rc == 0, err
+    final = json.loads((runs / "teacher" / "asr" / "final.json").read_text())
+    assert not list((runs / "teacher").glob("fold*"))
+    assert "speakers (2 train, dev ['reader-Ses02F'], test ['reader-Ses02M']), none in the emotion corpus" in out
+    assert "0 of " in out and "are not in the CMU dictionary" in out and final["oov"]["oov"] == 0
+    assert {"PER", "WER", "PER_attention", "PER_ctc"} <= set(final["test"])
+    # a student of another fold imitates it
+    rc, out, err = run_main(["student", "--data", demo_corpus, "--runs", runs, "--fold", "3", "--epochs", "1",
+                             *STUDENT_TINY, "--at-weight", "1", "--teacher", runs / "teacher" / "asr"])
+    print(out[-800:], err)
+    assert rc == 0 and "attention transfer:" in out
+    assert json.loads((runs / "student" / "tcn-self-at" / "fold3" / "final.json").read_text())["config"]["teacher"]
