@@ -537,83 +537,295 @@ def emotion_utterances(utts, data, verbose=True):
     return utts
 
 
-def _feature_key(utts):
-    """Cache key: every file's identity and the feature parameters."""
-    h = hashlib.sha1(json.dumps([SAMPLE_RATE, WIN_SECONDS, HOP_SECONDS, N_FFT, N_MELS, LOG_FLOOR, DELTA_N]).encode())
+FEATURE_CACHE_VERSION = 2       # bump when the cache layout changes
+UNREADABLE_SHARE_LIMIT = 0.1    # more files than this share unreadable (missing, no permission): stop, loudly
+POOL_MIN_FILES = 64             # fewer files than this are computed in-process (a pool's start costs seconds)
+
+
+def _feature_key(utts, speed=1.0):
+    """Cache key: the feature parameters, the speed factor, and every file's identity.
+
+    A file that cannot be stat'ed (a missing folder, an unmounted disk) enters the key
+    as missing, so the corpus is read again once it is back."""
+    h = hashlib.sha1(json.dumps([FEATURE_CACHE_VERSION, SAMPLE_RATE, WIN_SECONDS, HOP_SECONDS, N_FFT, N_MELS,
+                                 LOG_FLOOR, DELTA_N, speed]).encode())
     for u in sorted(utts, key=lambda u: u.path):
-        st = os.stat(u.path)
-        h.update(f"{u.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        try:
+            st = os.stat(u.path)
+            stamp = f"{st.st_size}\0{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        h.update(f"{u.path}\0{stamp}\n".encode())
     return h.hexdigest()[:16]
 
 
-def compute_features(utts, cache_dir="runs/cache", verbose=True):
-    """Features of every utterance, computed once and cached on disk.
+def change_speed(wave, factor):
+    """Speed perturbation: `wave` played `factor` times faster (tempo and pitch together),
+    by polyphase resampling, as Kaldi's and sox's `speed`. (N,) -> (about N / factor,)."""
+    from fractions import Fraction
+    from scipy.signal import resample_poly
+    r = Fraction(factor).limit_denominator(100)
+    return resample_poly(wave, r.denominator, r.numerator).astype(np.float32)
 
-    Returns (kept utterances, list of (3, 40, T) float32 arrays). Unreadable,
-    empty, silent or truncated files are skipped and named in one summary line."""
-    cache = Path(cache_dir) / f"features-{_feature_key(utts)}.npz"
-    z = None
-    if cache.is_file():
-        try:
-            z = np.load(cache)
-            data, lengths, ids = z["data"], z["lengths"], list(z["ids"])
-            failed = [tuple(x.split("\t", 1)) for x in z["failed"]]
-        except Exception as e:  # a damaged cache is only a cache: compute it again
-            print(f"warning: unreadable feature cache {cache} ({type(e).__name__}); recomputing")
-            z = None
-    if z is None:
-        arrays, ids, failed, t0 = [], [], [], time.time()
+
+def _utterance_features(job):
+    """One file's cache entry: ("ok", (T, 120) float32 frames, (2, 120) float64 mean and sum of
+    squared deviations), ("format", message) for a file that is not valid audio (cached), or
+    ("io", message) for one that is missing or unreadable now (not cached: retried next time).
+
+    Runs in the pool's worker processes, one thread each: an utterance is too small to share."""
+    path, speed = job
+    torch.set_num_threads(1)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        return "io", f"{path}: {e.strerror or _first_line(e)}"
+    try:
+        wave = load_audio(path)
+        if speed != 1.0:
+            wave = change_speed(wave, speed)
+        x = features(wave).reshape(FEAT_CHANNELS, -1).T                             # (T, 120)
+    except ValueError as e:
+        if not os.access(path, os.R_OK):        # it went away while being read
+            return "io", str(e)
+        return "format", str(e)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    mean = x.mean(0, dtype=np.float64)                                               # (120,)
+    return "ok", x, np.stack([mean, ((x - mean) ** 2).sum(0)])                      # (2, 120)
+
+
+def _cache_paths(cache_dir, key):
+    """The three files of one cache: frames (N_frames, 120) float32, per-utterance moments
+    (N_utts, 2, 120) float64, and the JSON index (ids, offsets, lengths, failures)."""
+    base = Path(cache_dir) / f"features-{key}"
+    return base.with_suffix(".npy"), base.with_suffix(".moments.npy"), base.with_suffix(".json")
+
+
+def _write_cache(cache_dir, key, entries):
+    """Stream (path, frames (T, 120), moments (2, 120)) entries into the frames .npy (one
+    utterance at a time: memory does not grow with the corpus), then write the moments and
+    the index. Each file is written to a temporary name and renamed; the index last."""
+    frames_path, moments_path, index_path = _cache_paths(cache_dir, key)
+    frames_path.parent.mkdir(parents=True, exist_ok=True)
+    ids, lengths, moments = [], [], []
+
+    def header(f, n):
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (n, FEAT_CHANNELS)})
+
+    def write_frames(tmp):
+        with open(tmp, "wb") as f:
+            header(f, 0)                                  # rewritten below with the final count
+            start = f.tell()
+            for path, x, m in entries:
+                f.write(np.ascontiguousarray(x, dtype="<f4").tobytes())
+                ids.append(path)
+                lengths.append(len(x))
+                moments.append(m)
+            f.seek(0)
+            header(f, int(sum(lengths)))                  # numpy pads headers so the shape can grow in place
+            assert f.tell() == start, "npy header changed size"
+    write_atomically(frames_path, write_frames)
+    stacked = np.stack(moments) if moments else np.zeros((0, 2, FEAT_CHANNELS))
+    def write_moments(tmp):
+        with open(tmp, "wb") as f:   # a file object: np.save would append .npy to a name
+            np.save(f, stacked.astype(np.float64))
+    write_atomically(moments_path, write_moments)
+    return ids, lengths
+
+
+def _read_cache(cache_dir, key):
+    """(index dict, frames memmap, moments array) of a complete cache, or None."""
+    frames_path, moments_path, index_path = _cache_paths(cache_dir, key)
+    if not index_path.is_file():
+        return None
+    try:
+        index = json.loads(index_path.read_text())
+        frames = np.load(frames_path, mmap_mode="r")     # mapped, not loaded; never pickles
+        moments = np.load(moments_path)
+        n = len(index["ids"])
+        if (index.get("version") != FEATURE_CACHE_VERSION or frames.dtype != np.float32
+                or frames.shape != (index["frames"], FEAT_CHANNELS) or moments.shape != (n, 2, FEAT_CHANNELS)
+                or len(index["lengths"]) != n or len(index["offsets"]) != n):
+            raise ValueError("sizes do not match the index")
+    except Exception as e:  # a damaged cache is only a cache: compute it again
+        print(f"warning: unreadable feature cache {index_path} ({type(e).__name__}: {_first_line(e)}); recomputing")
+        return None
+    return index, frames, moments
+
+
+def _pool_map(fn, jobs, workers):
+    """fn over jobs in order: in this process for few jobs, else in a pool of `workers` processes."""
+    if workers <= 1 or len(jobs) < POOL_MIN_FILES:
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # one utterance is too small to share; extra threads only contend
-        for i, u in enumerate(utts):
-            try:
-                arrays.append(features(load_audio(u.path)).reshape(FEAT_CHANNELS, -1).T)  # (T, 120)
-                ids.append(u.path)
-            except ValueError as e:
-                failed.append((u.path, str(e)))
-            if verbose and (i + 1 == len(utts) or (i + 1) % 50 == 0):
-                print(f"\rfeatures: {i + 1}/{len(utts)} utterances ({time.time() - t0:.1f} s)",
-                      end="\n" if i + 1 == len(utts) else "", flush=True)
-        torch.set_num_threads(threads)
-        lengths = np.array([len(a) for a in arrays], dtype=np.int64)
-        data = np.concatenate(arrays) if arrays else np.zeros((0, FEAT_CHANNELS), np.float32)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        def save(tmp):
-            with open(tmp, "wb") as out:  # a file object: np.savez would append .npz to a name
-                np.savez(out, data=data, lengths=lengths, ids=np.array(ids, dtype=str),
-                         failed=np.array(["\t".join(f) for f in failed], dtype=str))
-        write_atomically(cache, save)
+        try:
+            yield from map(fn, jobs)
+        finally:
+            torch.set_num_threads(threads)
+        return
+    import multiprocessing
+    # fork where there is one (no re-import of torch; the workers use one thread and no CUDA,
+    # as DataLoader's workers), spawn elsewhere
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers) as pool:
+        yield from pool.imap(fn, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers))))
+
+
+def compute_features(utts, cache_dir="runs/cache", verbose=True, speed=1.0, workers=0):
+    """Features of every utterance, computed once (on all cores) and cached on disk.
+
+    The cache is one .npy of frames (N_frames, 120), memory-mapped on reading, so
+    memory does not grow with the corpus, plus per-utterance moments (for the
+    normalisation statistics) and a JSON index. Returns (kept utterances, list of
+    (3, 40, T) float32 views into the mapped frames).
+
+    Files that are not valid audio (empty, silent, truncated, undecodable) are
+    skipped, named in one summary line and remembered in the cache. Files that are
+    missing or unreadable now are skipped and retried next time; when more than
+    UNREADABLE_SHARE_LIMIT of the corpus is in that state, it stops (after caching the
+    rest). `speed` keys a separate cache of speed-perturbed audio; workers: processes
+    (0: one per core)."""
+    key = _feature_key(utts, speed)
+    cached = _read_cache(cache_dir, key)
+    old = {}
+    if cached is not None:
+        index, frames, moments = cached
+        old = {p: (o, n, i) for i, (p, o, n) in enumerate(zip(index["ids"], index["offsets"], index["lengths"]))}
+        known = set(old) | {p for p, _ in index["failed"]}
+        todo = [u.path for u in utts if u.path not in known]
+    else:
+        index, todo = {"failed": []}, [u.path for u in utts]
+    io_failed = []
+    if todo:
+        workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        failed = list(index["failed"])
+        t0, done, seconds = time.time(), [0], [0.0]
+
+        def entries():
+            if cached is not None:       # the entries already cached, copied in their order
+                for p, (o, n, i) in old.items():
+                    yield p, frames[o:o + n], moments[i]
+            for path, r in zip(todo, _pool_map(_utterance_features, [(p, speed) for p in todo], workers)):
+                done[0] += 1
+                if r[0] == "ok":
+                    seconds[0] += len(r[1]) * HOP_SECONDS
+                    yield path, r[1], r[2]
+                else:
+                    (failed if r[0] == "format" else io_failed).append((path, r[1]))
+                if verbose and (done[0] == len(todo) or done[0] % 50 == 0):
+                    dt = time.time() - t0
+                    print(f"\rfeatures: {done[0]}/{len(todo)} files, {seconds[0] / 3600:.2f} h of audio "
+                          f"({dt:.1f} s, {seconds[0] / max(dt, 1e-9):.0f}x real time, {min(workers, len(todo))} "
+                          f"process{'es' if workers > 1 and len(todo) >= POOL_MIN_FILES else ''})",
+                          end="\n" if done[0] == len(todo) else "", flush=True)
+        ids, lengths = _write_cache(cache_dir, key, entries())
+        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        index = {"version": FEATURE_CACHE_VERSION, "speed": speed, "frames": int(offsets[-1]), "ids": ids,
+                 "offsets": offsets[:-1].tolist(), "lengths": [int(n) for n in lengths], "failed": failed}
+        write_json(index, _cache_paths(cache_dir, key)[2])
+        index, frames, moments = _read_cache(cache_dir, key)
+    failed = index["failed"]
     if failed:
         print(f"skipped {len(failed)} unreadable audio files: " + "; ".join(e for _, e in failed[:5])
               + (" ..." if len(failed) > 5 else ""))
-    if not ids:
+    if io_failed:
+        msg = (f"{len(io_failed)} of {len(utts)} audio files cannot be read now (" + "; ".join(e for _, e in io_failed[:3])
+               + (" ..." if len(io_failed) > 3 else "") + ")")
+        if len(io_failed) > UNREADABLE_SHARE_LIMIT * len(utts):
+            raise DataError(msg + ": is a disk unmounted or a folder missing? The readable files' features are "
+                                  "cached; run again once the files are back")
+        print(f"warning: {msg}; skipped now, retried next time")
+    if not index["ids"]:
         raise DataError("no audio file of the corpus could be read")
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    by_path = {p: i for i, p in enumerate(ids)}
+    by_path = {p: i for i, p in enumerate(index["ids"])}
     kept = [u for u in utts if u.path in by_path]
-    feats = [data[offsets[by_path[u.path]]:offsets[by_path[u.path] + 1]].T.reshape(3, N_MELS, -1) for u in kept]
-    return kept, feats
+    feats, stats = [], []
+    for u in kept:
+        i = by_path[u.path]
+        o, n = index["offsets"][i], index["lengths"][i]
+        feats.append(frames[o:o + n].T.reshape(3, N_MELS, n))          # (3, 40, T) view of (T, 120) rows
+        stats.append(moments[i])
+    return kept, FeatureList(feats, stats)
 
 
-def feature_stats(feats):
-    """Mean and standard deviation per feature channel over all frames: two (120,) arrays."""
-    flat = np.concatenate([f.reshape(FEAT_CHANNELS, -1) for f in feats], axis=1)  # (120, sum T)
-    return flat.mean(axis=1), flat.std(axis=1) + 1e-5
+class FeatureList(list):
+    """The (3, 40, T) feature arrays of compute_features, with each one's frame moments
+    (`moments[i]`: (2, 120) float64 mean and sum of squared deviations), so that statistics
+    never need the frames themselves."""
+
+    def __init__(self, feats, moments):
+        super().__init__(feats)
+        self.moments = moments
 
 
-def normalise(utts, feats, mode="speaker", train=None, keep=None):
+def _combine_moments(counts, moments):
+    """Mean and standard deviation (+1e-5) per channel from per-utterance frame counts and
+    (2, 120) moments (Chan et al.'s pairwise combination, in float64): two (120,) float32 arrays."""
+    n = np.asarray(counts, dtype=np.float64)[:, None]                  # (U, 1)
+    means, m2 = np.stack([m[0] for m in moments]), np.stack([m[1] for m in moments])  # (U, 120) each
+    mean = (n * means).sum(0) / n.sum()
+    var = (m2.sum(0) + (n * (means - mean) ** 2).sum(0)) / n.sum()
+    return mean.astype(np.float32), (np.sqrt(var) + 1e-5).astype(np.float32)
+
+
+def _moments(f):
+    x = np.asarray(f, dtype=np.float64).reshape(FEAT_CHANNELS, -1)    # (120, T), one utterance at a time
+    mean = x.mean(1)
+    return np.stack([mean, ((x - mean[:, None]) ** 2).sum(1)])
+
+
+def feature_stats(feats, moments=None):
+    """Mean and standard deviation per feature channel over all frames: two (120,) float32 arrays.
+
+    feats: (3, 40, T) or (120, T) arrays; moments: their precomputed (2, 120) moments
+    (from compute_features), else computed one utterance at a time."""
+    feats = list(feats)
+    if moments is None:
+        moments = [_moments(f) for f in feats]
+    return _combine_moments([f.shape[-1] for f in feats], moments)
+
+
+class Normalised:
+    """An utterance's (120, T) float32 features, normalised when read: (x - mean) / std.
+
+    Holds a view of the memory-mapped cache and the statistics, so a corpus in this
+    form costs no memory; np.asarray(x) (as collate does, per batch) computes the array."""
+    __slots__ = ("raw", "mean", "std")
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, raw, mean, std):
+        self.raw, self.mean, self.std = raw, mean, std
+
+    @property
+    def shape(self):
+        return FEAT_CHANNELS, self.raw.shape[-1]
+
+    def __array__(self, dtype=None, copy=None):
+        x = (self.raw.reshape(FEAT_CHANNELS, -1) - self.mean[:, None]) / self.std[:, None]   # (120, T)
+        return x.astype(dtype or np.float32, copy=False)
+
+    def __getitem__(self, key):
+        return np.asarray(self)[key]
+
+
+def normalise(utts, feats, mode="speaker", train=None, keep=None, lazy=False):
     """Mean/variance normalisation -> list of (120, T) float32 arrays.
 
     mode="speaker": each speaker's statistics from that speaker's own utterances
     (no labels used); mode="global": statistics of the `train` utterances only.
     With `keep` (a set of ids), only those utterances are returned (statistics still
-    come from all of them), which saves memory on a large corpus."""
+    come from all of them). lazy=True returns `Normalised` arrays, computed when a
+    batch reads them: memory does not grow with the corpus."""
+    moments = getattr(feats, "moments", None) or [_moments(f) for f in feats]
+
+    def stats_of(chosen):
+        idx = [i for i, u in enumerate(utts) if chosen(u)]
+        return _combine_moments([feats[i].shape[-1] for i in idx], [moments[i] for i in idx])
     if mode == "global":
         train_ids = {u.id for u in train}
-        mean, std = feature_stats([f for u, f in zip(utts, feats) if u.id in train_ids])
-        stats = {None: (mean, std)}
+        stats = {None: stats_of(lambda u: u.id in train_ids)}
     elif mode == "speaker":
-        stats = {s: feature_stats([f for u, f in zip(utts, feats) if u.speaker == s]) for s in {u.speaker for u in utts}}
+        stats = {s: stats_of(lambda u, s=s: u.speaker == s) for s in {u.speaker for u in utts}}
     else:
         raise DataError(f"unknown normalisation {mode!r}: use speaker or global")
     out = []
@@ -621,7 +833,8 @@ def normalise(utts, feats, mode="speaker", train=None, keep=None):
         if keep is not None and u.id not in keep:
             continue
         mean, std = stats[u.speaker if mode == "speaker" else None]
-        out.append(((f.reshape(FEAT_CHANNELS, -1) - mean[:, None]) / std[:, None]).astype(np.float32))
+        x = Normalised(f, mean, std)
+        out.append(x if lazy else np.asarray(x))
     return out
 
 
@@ -1858,9 +2071,9 @@ def make_batches(lengths, batch_size, rng=None):
 
 
 def collate(xs, device):
-    """List of (120, T_i) arrays -> padded (B, 120, T) tensor and (B,) lengths."""
+    """List of (120, T_i) arrays (or `Normalised`, computed here) -> padded (B, 120, T) tensor and (B,) lengths."""
     lengths = torch.tensor([x.shape[1] for x in xs])
-    batch = nn.utils.rnn.pad_sequence([torch.from_numpy(x.T) for x in xs], batch_first=True)  # (B, T, 120)
+    batch = nn.utils.rnn.pad_sequence([torch.from_numpy(np.asarray(x).T) for x in xs], batch_first=True)  # (B, T, 120)
     return batch.transpose(1, 2).contiguous().to(device), lengths.to(device)                  # (B, 120, T)
 
 
@@ -1887,10 +2100,11 @@ def prepare_data(cfg, role):
     train, dev, test = split_fold([u for u in kept if u.id in chosen], cfg.fold, cfg.dev_speaker, sessions)
     classes = check_split(train, dev, test, cfg.fold) if role == "student" else None
     held = {u.session for u in dev + test}
-    normed = normalise(kept, feats, cfg.norm, [u for u in kept if u.session not in held], keep=chosen)
+    normed = normalise(kept, feats, cfg.norm, [u for u in kept if u.session not in held], keep=chosen, lazy=True)
     by_id = {u.id: x for u, x in zip([u for u in kept if u.id in chosen], normed)}
     train_ids = {u.id for u in train}
-    mean, std = feature_stats([f for u, f in zip(kept, feats) if u.id in train_ids])
+    idx = [i for i, u in enumerate(kept) if u.id in train_ids]
+    mean, std = feature_stats([feats[i] for i in idx], [feats.moments[i] for i in idx])
     return {"train": [(u, by_id[u.id]) for u in train], "dev": [(u, by_id[u.id]) for u in dev],
             "test": [(u, by_id[u.id]) for u in test], "classes": classes,
             "stats": {"mode": cfg.norm, "mean": torch.from_numpy(mean), "std": torch.from_numpy(std)}}

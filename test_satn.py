@@ -781,7 +781,8 @@ def test_compute_features_cache_is_reused_and_invalidated(tmp_path, monkeypatch,
     kept1, feats1 = satn.compute_features(utts, cache_dir=cache, verbose=False)
     files = sorted(p.name for p in cache.iterdir())
     print(files)
-    assert len(files) == 1 and files[0].endswith(".npz") and ".tmp" not in files[0]
+    assert len(files) == 3 and ".tmp" not in "".join(files)           # frames, moments, index
+    assert {f.split(".", 1)[1] for f in files} == {"npy", "moments.npy", "json"}
 
     real = satn.features
     calls = []
@@ -805,6 +806,83 @@ def test_compute_features_cache_is_reused_and_invalidated(tmp_path, monkeypatch,
     print(len(calls), feats3[0].shape)
     assert len(calls) == 3
     assert feats3[0].shape[-1] == 1 + (int(0.2 * SR) - 400) // 160
+
+
+def _memmapped(a):
+    while a is not None and not isinstance(a, np.memmap):
+        a = a.base
+    return a is not None
+
+
+def test_feature_cache_is_mapped_and_the_pool_gives_the_same_bits(tmp_path, monkeypatch):
+    """The cache is one .npy of frames opened with mmap_mode="r" plus an index; computed in a
+    process pool or in-process, it holds exactly today's features() of each file."""
+    utts = _feature_utts(tmp_path, bad=1)
+    utts += [utt(f"v{i}", "calm", "s2", "S1", str(write_wav(tmp_path / "wav" / f"v{i}.wav", seconds=0.2 + 0.05 * i,
+                                                            freq=200 + 70 * i))) for i in range(3)]
+    serial = satn.compute_features(utts, cache_dir=tmp_path / "a", verbose=False, workers=1)
+    monkeypatch.setattr(satn, "POOL_MIN_FILES", 1)
+    pooled = satn.compute_features(utts, cache_dir=tmp_path / "b", verbose=False, workers=2)
+    for kept, feats in (serial, pooled):
+        assert [u.id for u in kept] == [u.id for u in utts if not u.id.startswith("bad")]
+        for u, f in zip(kept, feats):
+            assert _memmapped(f)                                   # a view of the mapped file
+            np.testing.assert_array_equal(f, satn.features(satn.load_audio(u.path)))
+    index = json.loads(next((tmp_path / "b").glob("*.json")).read_text())
+    print({k: index[k] for k in ("frames", "lengths", "offsets")}, index["failed"])
+    assert index["offsets"] == list(np.cumsum([0] + index["lengths"][:-1]))
+    assert index["frames"] == sum(index["lengths"]) and [p for p, _ in index["failed"]] == [utts[1].path]
+    frames = np.load(next(p for p in (tmp_path / "b").glob("*.npy") if "moments" not in p.name), mmap_mode="r")
+    assert frames.shape == (index["frames"], satn.FEAT_CHANNELS)
+    # the statistics come from cached moments and equal those of the frames themselves
+    mean, std = satn.feature_stats(pooled[1], pooled[1].moments)
+    flat = np.concatenate([f.reshape(120, -1) for f in pooled[1]], axis=1).astype(np.float64)
+    np.testing.assert_allclose(mean, flat.mean(1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(std, flat.std(1) + 1e-5, rtol=1e-5, atol=1e-5)
+    # lazily normalised arrays are the eagerly normalised ones
+    eager = satn.normalise(pooled[0], pooled[1], "speaker")
+    lazy = satn.normalise(pooled[0], pooled[1], "speaker", lazy=True)
+    assert all(l.shape == e.shape for l, e in zip(lazy, eager))
+    x, lengths = satn.collate(lazy, "cpu")
+    torch.testing.assert_close(x, satn.collate(eager, "cpu")[0], rtol=0, atol=0)
+
+
+def test_feature_cache_retries_missing_files_and_stops_when_many_are_missing(tmp_path, monkeypatch, capsys):
+    """Missing or unreadable files are skipped now and read again next time (never cached as
+    failures); when many of them are, the corpus is refused, the readable part cached."""
+    utts = [utt(f"u{i}", "calm", "s1", "S1", str(write_wav(tmp_path / "wav" / f"u{i}.wav", seconds=0.05,
+                                                           freq=200 + 50 * i))) for i in range(12)]
+    cache = tmp_path / "cache"
+    away = tmp_path / "away.wav"
+    os.replace(utts[3].path, away)                      # a file missing during the feature pass
+    kept, _ = satn.compute_features(utts, cache_dir=cache, verbose=False)
+    out = capsys.readouterr().out
+    print(out)
+    assert len(kept) == 11 and "retried next time" in out and "u3.wav" in out
+    assert all(not json.loads(p.read_text())["failed"] for p in cache.glob("*.json"))
+    os.replace(away, utts[3].path)                      # back again: read this time
+    kept, feats = satn.compute_features(utts, cache_dir=cache, verbose=False)
+    assert len(kept) == 12
+    np.testing.assert_array_equal(feats[3], satn.features(satn.load_audio(utts[3].path)))
+
+    # same key (a permission problem, say): only the file that failed is computed again
+    cache2 = tmp_path / "cache2"
+    real = satn._utterance_features
+    monkeypatch.setattr(satn, "_utterance_features",
+                        lambda job: ("io", f"{job[0]}: Permission denied") if job[0] == utts[5].path else real(job))
+    assert len(satn.compute_features(utts, cache_dir=cache2, verbose=False)[0]) == 11
+    seen = []
+    monkeypatch.setattr(satn, "_utterance_features", lambda job: seen.append(job[0]) or real(job))
+    kept, feats = satn.compute_features(utts, cache_dir=cache2, verbose=False)
+    assert seen == [utts[5].path] and [u.id for u in kept] == [u.id for u in utts]
+    for u, f in zip(kept, feats):
+        np.testing.assert_array_equal(f, satn.features(satn.load_audio(u.path)))
+
+    # a large share missing (an unmounted disk): a one-line error, not a silent skip
+    for u in utts[:4]:
+        os.unlink(u.path)
+    with pytest.raises(satn.DataError, match="4 of 12 audio files cannot be read"):
+        satn.compute_features(utts, cache_dir=cache, verbose=False)
 
 
 def test_compute_features_all_bad(tmp_path):
