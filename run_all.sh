@@ -8,19 +8,32 @@
 #   bash run_all.sh --data /path/to/IEMOCAP_full_release
 #   bash run_all.sh --data corpus.csv --jobs 4 --epochs 50
 #   bash run_all.sh --dry-run            # print every training command, in dependency order
+#   bash run_all.sh --data D --slurm --partition=gpu --gres=gpu:1 --time=1-00:00:00 [--submit]
 #
 # Options: --data PATH, --runs DIR, --jobs N (trainings at once; GPUs are assigned
 # round-robin through CUDA_VISIBLE_DEVICES when several are visible; default 1, or on
 # a machine without a GPU one per core, up to 4, each with one thread), --at-weight W
-# (W_AT of the transfer rows, default 1.0), --dry-run. Any other argument is passed
-# to every training (so it must be an option of both `teacher` and `student`, e.g.
-# --epochs, --seed, --device, --batch-size, --norm). Finished runs are skipped and
-# unfinished ones resumed, so calling it again after an interruption continues.
+# (W_AT of the transfer rows, default 1.0), --dry-run. --slurm: write RUNS/slurm/ (the
+# commands of --dry-run, a SLURM job for `prepare`, a job array for the teachers, one for
+# the students that depends on it (afterok), the report after them, logs per task in
+# RUNS/slurm/logs) and, with --submit, submit it; the arguments after --slurm, up to a
+# `--`, go to every sbatch call. Any other argument is passed to every training (so it
+# must be an option of both `teacher` and `student`, e.g. --epochs, --seed, --device,
+# --batch-size, --norm). Finished runs are skipped and unfinished ones resumed, so
+# calling it again after an interruption continues.
 set -uo pipefail
 PY=${PYTHON:-python}
 SATN="$(dirname "$0")/satn.py"   # paths given by the user stay relative to where they called from
-DATA=() RUNS=runs JOBS= DRY=0 AT_WEIGHT=1.0 EXTRA=()
+DATA=() RUNS=runs JOBS= DRY=0 AT_WEIGHT=1.0 EXTRA=() SLURM=0 SUBMIT=0 IN_SBATCH=0 SBATCH=()
 while [ $# -gt 0 ]; do
+    if [ "$IN_SBATCH" = 1 ]; then   # after --slurm: sbatch's options, up to `--`
+        case "$1" in
+            --) IN_SBATCH=0 ;;
+            --submit) SUBMIT=1 ;;
+            *) SBATCH+=("$1") ;;
+        esac
+        shift; continue
+    fi
     case "$1" in
         --data|--runs|--jobs|--at-weight)
             [ $# -ge 2 ] || { echo "run_all.sh: $1 needs a value" >&2; exit 2; }
@@ -32,7 +45,9 @@ while [ $# -gt 0 ]; do
         --jobs=*) JOBS=${1#*=} ;;
         --at-weight=*) AT_WEIGHT=${1#*=} ;;
         --dry-run) DRY=1 ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --slurm) SLURM=1 DRY=1 IN_SBATCH=1 ;;
+        --submit) SUBMIT=1 ;;
+        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         --fold|--fold=*|--name|--name=*|--encoder|--encoder=*|--attention|--attention=*|--resume|--no-resume)
             echo "run_all.sh: $1 is set by run_all.sh itself for each training" >&2; exit 2 ;;
         *) EXTRA+=("$1") ;;
@@ -72,8 +87,13 @@ fi
 trap 'echo "run_all.sh: interrupted; call it again to resume" >&2; exit 130' INT
 START=$(date +%s) FAILED=0 STARTED=0
 
+TEACHERS=() STUDENTS=()
 run() {  # run <log name> <command...>: at most $JOBS at once
     local name=$1; shift
+    if [ "$SLURM" = 1 ]; then   # collected for the job arrays
+        case "$name" in teacher-*) TEACHERS+=("$(printf '%q ' "$@")") ;; *) STUDENTS+=("$(printf '%q ' "$@")") ;; esac
+        return
+    fi
     if [ "$DRY" = 1 ]; then printf '%q ' "$@"; echo; return; fi
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
     local env=()
@@ -98,6 +118,45 @@ drain() {  # wait for every background training; each failure left a .failed mar
     [ "$JOBS" = 1 ] || FAILED=$(find "$RUNS/logs" -name '*.failed' | wc -l)
 }
 
+write_slurm() {  # RUNS/slurm/: task lists, one array script, submit.sh; then submit it with --submit
+    local dir="$RUNS/slurm" sb
+    mkdir -p "$dir/logs" || return 1
+    printf '%s\n' "${TEACHERS[@]}" | sed '/^$/d' > "$dir/teachers.txt"
+    printf '%s\n' "${STUDENTS[@]}" | sed '/^$/d' > "$dir/students.txt"
+    cat > "$dir/task.sh" <<'TASK'
+#!/usr/bin/env bash
+# One task of a job array: line $SLURM_ARRAY_TASK_ID of the command list given as $1.
+set -euo pipefail
+line=$(sed -n "${SLURM_ARRAY_TASK_ID:?not inside a SLURM job array}p" "$1")
+[ -n "$line" ] || { echo "task.sh: $1 has no line $SLURM_ARRAY_TASK_ID" >&2; exit 2; }
+echo "task $SLURM_ARRAY_TASK_ID of $1 on $(hostname): $line"
+eval "$line"
+TASK
+    quote() { printf '%q ' "$@"; }
+    sb="sbatch --parsable --open-mode=append "   # a resubmission appends to a task's log
+    [ ${#SBATCH[@]} -gt 0 ] && sb+=$(quote "${SBATCH[@]}")
+    {
+        echo '#!/usr/bin/env bash'
+        echo "# Written by run_all.sh --slurm: prepare, then the teachers (one array task each), then the"
+        echo "# students (afterok: every teacher succeeded), then the report (afterany). Logs: $dir/logs/"
+        echo 'set -euo pipefail'
+        echo "cd $(quote "$PWD")"
+        echo "jobid() { echo \"\${1%%;*}\"; }   # sbatch --parsable prints jobid[;cluster]"
+        echo "P=\$(jobid \"\$($sb--job-name=satn-prepare --output=$(quote "$dir/logs/prepare-%j.out")--wrap=$(quote "$(quote "$PY" "$SATN" prepare "${DATA[@]}" --runs "$RUNS")"))\")"
+        local after="afterok:\$P"
+        if [ ${#TEACHERS[@]} -gt 0 ]; then
+            echo "T=\$(jobid \"\$($sb--dependency=$after --array=1-${#TEACHERS[@]} --job-name=satn-teacher --output=$(quote "$dir/logs/teacher-%a.out")$(quote "$dir/task.sh" "$dir/teachers.txt"))\")"
+            after="afterok:\$T"
+        fi
+        echo "S=\$(jobid \"\$($sb--dependency=$after --array=1-${#STUDENTS[@]} --job-name=satn-student --output=$(quote "$dir/logs/student-%a.out")$(quote "$dir/task.sh" "$dir/students.txt"))\")"
+        echo "R=\$(jobid \"\$($sb--dependency=afterany:\$S --job-name=satn-report --output=$(quote "$dir/logs/report-%j.out")--wrap=$(quote "$(quote "$PY" "$SATN" report --runs "$RUNS")"))\")"
+        echo 'echo "submitted: prepare $P, teachers ${T:-none}, students $S, report $R"'
+    } > "$dir/submit.sh"
+    chmod +x "$dir/submit.sh" "$dir/task.sh"
+    echo "run_all.sh: wrote $dir/submit.sh: ${#TEACHERS[@]} teacher task(s), ${#STUDENTS[@]} student task(s), then the report"
+    if [ "$SUBMIT" = 1 ]; then bash "$dir/submit.sh"; else echo "submit with: bash $dir/submit.sh (or run_all.sh ... --slurm ... --submit)"; fi
+}
+
 if [ "$TRANSFER" = 1 ]; then
     for k in $(seq "$FOLDS"); do run "teacher-fold$k" "$PY" "$SATN" teacher --fold "$k" "${COMMON[@]}"; done
 fi
@@ -118,6 +177,7 @@ for at in 0 1; do
     done
 done
 drain
+if [ "$SLURM" = 1 ]; then write_slurm; exit $?; fi
 if [ "$DRY" = 1 ]; then printf '%q ' "$PY" "$SATN" report --runs "$RUNS"; echo; exit 0; fi
 "$PY" "$SATN" report --runs "$RUNS" || FAILED=$((FAILED + 1))
 echo "run_all.sh: finished in $(( ($(date +%s) - START) / 60 )) min $(( ($(date +%s) - START) % 60 )) s, $FAILED failed run(s)"

@@ -1750,6 +1750,9 @@ class RunConfig:
                    choices=("speaker", "global"))
     epochs: int = _f(100, "training epochs")
     batch_size: int = _f(32, "utterances per batch (batches are bucketed by length)")
+    max_frames: int = _f(48000, "at most this many padded frames (utterances x longest, 100 per second) in a "
+                                "training or classification batch: a bucket of long utterances is split rather "
+                                "than exhausting memory (48000: 32 utterances up to 15 s); 0: no limit")
     lr: float = _f(1e-4, "Adam learning rate")
     clip: float = _f(5.0, "gradient-norm clipping threshold")
     seed: int = _f(0, "random seed (data order, initialisation, dropout)")
@@ -1762,6 +1765,7 @@ class RunConfig:
     def __post_init__(self):
         _require(self.fold >= 0, "--fold must be a session number 1..N, or 0 for every fold")
         _require(self.epochs >= 1 and self.batch_size >= 1, "--epochs and --batch-size must be at least 1")
+        _require(self.max_frames >= 0, "--max-frames must be >= 0 (0: no limit)")
         _require(self.lr > 0 and self.clip > 0 and self.threads >= 0, "--lr and --clip must be positive, --threads >= 0")
 
     def _check_encoder(self):
@@ -2058,13 +2062,28 @@ def load_checkpoint(path):
         raise DataError(f"{path}: not a readable checkpoint (corrupted or truncated?): {_first_line(e)}") from None
 
 
-def make_batches(lengths, batch_size, rng=None):
-    """Index batches bucketed by length (little padding); with an rng, jittered and shuffled."""
-    lengths = np.asarray(lengths, dtype=np.float64)
+def make_batches(lengths, batch_size, rng=None, max_frames=0):
+    """Index batches bucketed by length (little padding); with an rng, jittered and shuffled.
+
+    A batch holds at most batch_size utterances and, with max_frames > 0, at most
+    max_frames padded frames (utterances x its longest length), so that a bucket of
+    long utterances is split rather than exhausting memory; an utterance longer
+    than max_frames on its own forms a batch alone."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    keys = lengths.astype(np.float64)
     if rng is not None:
-        lengths = lengths * rng.uniform(0.9, 1.1, len(lengths))
-    order = np.argsort(lengths, kind="stable")
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        keys = keys * rng.uniform(0.9, 1.1, len(lengths))
+    order = np.argsort(keys, kind="stable")
+    batches, batch, longest = [], [], 0
+    for i in order:
+        grown = max(longest, int(lengths[i]))
+        if batch and (len(batch) == batch_size or (max_frames > 0 and (len(batch) + 1) * grown > max_frames)):
+            batches.append(np.array(batch))
+            batch, grown = [], int(lengths[i])
+        batch.append(i)
+        longest = grown
+    if batch:
+        batches.append(np.array(batch))
     if rng is not None:
         rng.shuffle(batches)
     return batches
@@ -2168,7 +2187,7 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
         model.train()
         sums, n_batches, skipped = {}, 0, 0
         batches = make_batches([x.shape[1] for _, x in data["train"]], cfg.batch_size,
-                               np.random.default_rng([cfg.seed, epoch]))
+                               np.random.default_rng([cfg.seed, epoch]), cfg.max_frames)
         for idx in batches:
             with autocast:
                 loss, parts = loss_fn(model, [data["train"][i] for i in idx])
@@ -2386,7 +2405,7 @@ def train_student(cfg: StudentConfig):
         return loss, {"loss": loss.item(), "ser": ser.item(), "at": at.item()}
 
     def evaluate(model, items):
-        return classify(model, items, label, cfg.batch_size, device)
+        return classify(model, items, label, cfg.batch_size, device, cfg.max_frames)
 
     print(f"student: {sum(p.numel() for p in model.parameters()) / 1e6:.3f} M parameters")
     best = fit(cfg, model, run_dir, data, loss_fn, evaluate, "UA", True,
@@ -2395,7 +2414,7 @@ def train_student(cfg: StudentConfig):
     model.eval()
     final = {"config": dataclasses.asdict(cfg), "classes": classes, "best_epoch": best["epoch"]}
     for part in ("dev", "test"):
-        final[part] = classify(model, data[part], label, cfg.batch_size, device)
+        final[part] = classify(model, data[part], label, cfg.batch_size, device, cfg.max_frames)
         print(f"{cfg.run_name()} fold {cfg.fold} {part}: WA {final[part]['WA']:.1f}  UA {final[part]['UA']:.1f}")
     print(format_confusion(final["test"]["confusion"], classes, f"test confusion (best dev UA, epoch {best['epoch']})"))
     write_json(final, run_dir / "final.json")
@@ -2446,9 +2465,9 @@ def classification_metrics(y_true, y_pred, n_classes):
 
 
 @torch.no_grad()
-def classify(model, items, label, batch_size, device):
+def classify(model, items, label, batch_size, device, max_frames=0):
     y_true, y_pred = [], []
-    for idx in make_batches([x.shape[1] for _, x in items], batch_size):
+    for idx in make_batches([x.shape[1] for _, x in items], batch_size, max_frames=max_frames):
         x, lengths = collate([items[i][1] for i in idx], device)
         logits, _ = model(x, lengths)
         y_pred += logits.argmax(-1).tolist()

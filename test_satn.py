@@ -1345,6 +1345,30 @@ def test_parse_pairs_bad_spec(spec):
 # -----------------------------------------------------------------------------
 # training: checkpoints
 
+@pytest.mark.parametrize("jitter", [False, True])
+def test_make_batches_frame_budget(jitter):
+    """Every batch holds at most max_frames padded frames and batch_size utterances (an utterance
+    longer than the budget alone); every utterance comes once; typical lengths keep batches of 32."""
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([rng.integers(100, 1500, 300), rng.integers(1500, 3500, 40), [60000]])  # 1-600 s
+    seen = []
+    for budget in (48000, 9000):
+        batches = satn.make_batches(lengths, 32, np.random.default_rng(1) if jitter else None, budget)
+        sizes = [len(b) for b in batches]
+        over = [(len(b), lengths[b].max()) for b in batches if len(b) * lengths[b].max() > budget]
+        print(budget, len(batches), min(sizes), max(sizes), over)
+        assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+        assert max(sizes) <= 32 and over == [(1, 60000)]
+        seen.append(len(batches))
+    assert seen[1] > seen[0] > math.ceil(len(lengths) / 32)
+    typical = rng.integers(150, 1500, 1000)              # 1.5-15 s: the paper's batch of 32
+    batches = satn.make_batches(typical, 32, None, satn.RunConfig().max_frames)
+    assert [len(b) for b in batches] == [32] * 31 + [8]
+    # without a budget, nothing changes
+    plain = satn.make_batches(lengths, 32, np.random.default_rng(1))
+    assert sorted(len(b) for b in plain)[1:] == [32] * (len(plain) - 1)
+
+
 class NotPlainData:
     def __init__(self):
         self.x = 1
@@ -2193,6 +2217,48 @@ def test_run_all_dry_run_lists_every_training_in_order(demo_corpus, tmp_path):
     assert all(sorted(f) == [1, 2, 3, 4, 5] for f in configs.values())
     assert cmds[-1][2:] == ["report", "--runs", "runs"]
     assert not (tmp_path / "runs").exists() and (REPO / "runs").exists() == repo_runs   # a dry run writes nothing
+
+
+def test_run_all_slurm_writes_arrays_of_the_dry_run_lines(tmp_path):
+    """--slurm writes the --dry-run lines as a teachers' and a students' job array, the students
+    after the teachers (afterok), the report after them; submit.sh and task.sh are run here with
+    a stand-in sbatch and python that only record their arguments."""
+    import shlex
+    opts = ["--partition=gpu", "--gres=gpu:1", "--time", "1-00:00:00"]
+    dry = _run_all(["--dry-run", "--epochs", "2"], tmp_path).stdout.splitlines()
+    r = _run_all(["--epochs", "2", "--slurm", *opts, "--", "--seed", "3"], tmp_path)
+    assert r.returncode == 0 and "5 teacher task(s), 40 student task(s)" in r.stdout
+    d = tmp_path / "runs" / "slurm"
+    teachers, students = (d / "teachers.txt").read_text().splitlines(), (d / "students.txt").read_text().splitlines()
+    assert [shlex.split(l) for l in teachers + students] == [shlex.split(l) + ["--seed", "3"] for l in dry[:-1]]
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text('#!/usr/bin/env bash\nn=$(( $(wc -l < "$LOG" 2>/dev/null || echo 0) + 1 ))\n'
+                                 'printf "%s\\n" "$*" >> "$LOG"\necho "10$n;cluster"\n')
+    (fake / "python").write_text('#!/usr/bin/env bash\necho "$@" >> "$PYLOG"\n')
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "LOG": str(tmp_path / "sbatch.log"),
+           "PYLOG": str(tmp_path / "python.log")}
+    out = subprocess.run(["bash", str(d / "submit.sh")], cwd="/", env=env, capture_output=True, text=True, timeout=30)
+    print(out.stdout, out.stderr)
+    calls = (tmp_path / "sbatch.log").read_text().splitlines()
+    print("\n".join(calls))
+    assert out.returncode == 0 and "prepare 101, teachers 102, students 103, report 104" in out.stdout
+    assert len(calls) == 4 and all(" ".join(opts) in c for c in calls)
+    assert "prepare" in calls[0] and "--dependency" not in calls[0]
+    assert "--dependency=afterok:101 --array=1-5" in calls[1] and calls[1].endswith("teachers.txt")
+    assert "--dependency=afterok:102 --array=1-40" in calls[2] and calls[2].endswith("students.txt")
+    assert "--dependency=afterany:103" in calls[3] and "report" in calls[3]
+    assert "logs/teacher-%a.out" in calls[1] and "logs/student-%a.out" in calls[2]
+    # an array task runs its own line of the list, from the folder run_all.sh was called in
+    for i, lst in ((3, "teachers.txt"), (40, "students.txt")):
+        task = subprocess.run(["bash", str(d / "task.sh"), str(d / lst)], cwd="/", capture_output=True, text=True,
+                              env={**env, "SLURM_ARRAY_TASK_ID": str(i)}, timeout=30)
+        assert task.returncode == 0, task.stderr
+    ran = (tmp_path / "python.log").read_text().splitlines()
+    print(ran)
+    assert ran == [" ".join(shlex.split(teachers[2])[1:]), " ".join(shlex.split(students[39])[1:])]
 
 
 def test_run_all_rejects_jobs_zero(tmp_path):
