@@ -602,10 +602,11 @@ def _cache_paths(cache_dir, key):
     return base.with_suffix(".npy"), base.with_suffix(".moments.npy"), base.with_suffix(".json")
 
 
-def _write_cache(cache_dir, key, entries):
+def _write_cache(cache_dir, key, entries, failed=(), speed=1.0):
     """Stream (path, frames (T, 120), moments (2, 120)) entries into the frames .npy (one
     utterance at a time: memory does not grow with the corpus), then write the moments and
-    the index. Each file is written to a temporary name and renamed; the index last."""
+    the index (with `failed`, [path, message] pairs, read after the entries). Each file is
+    written to a temporary name and renamed; the index last."""
     frames_path, moments_path, index_path = _cache_paths(cache_dir, key)
     frames_path.parent.mkdir(parents=True, exist_ok=True)
     ids, lengths, moments = [], [], []
@@ -631,7 +632,10 @@ def _write_cache(cache_dir, key, entries):
         with open(tmp, "wb") as f:   # a file object: np.save would append .npy to a name
             np.save(f, stacked.astype(np.float64))
     write_atomically(moments_path, write_moments)
-    return ids, lengths
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    write_json({"version": FEATURE_CACHE_VERSION, "speed": speed, "frames": int(offsets[-1]), "ids": ids,
+                "offsets": offsets[:-1].tolist(), "lengths": [int(n) for n in lengths], "failed": list(failed)},
+               index_path)
 
 
 def _read_cache(cache_dir, key):
@@ -718,12 +722,11 @@ def compute_features(utts, cache_dir="runs/cache", verbose=True, speed=1.0, work
                           f"({dt:.1f} s, {seconds[0] / max(dt, 1e-9):.0f}x real time, {min(workers, len(todo))} "
                           f"process{'es' if workers > 1 and len(todo) >= POOL_MIN_FILES else ''})",
                           end="\n" if done[0] == len(todo) else "", flush=True)
-        ids, lengths = _write_cache(cache_dir, key, entries())
-        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-        index = {"version": FEATURE_CACHE_VERSION, "speed": speed, "frames": int(offsets[-1]), "ids": ids,
-                 "offsets": offsets[:-1].tolist(), "lengths": [int(n) for n in lengths], "failed": failed}
-        write_json(index, _cache_paths(cache_dir, key)[2])
-        index, frames, moments = _read_cache(cache_dir, key)
+        _write_cache(cache_dir, key, entries(), failed, speed)
+        cached = _read_cache(cache_dir, key)
+        if cached is None:
+            raise DataError(f"the feature cache just written to {cache_dir} cannot be read back (full disk?)")
+        index, frames, moments = cached
     failed = index["failed"]
     if failed:
         print(f"skipped {len(failed)} unreadable audio files: " + "; ".join(e for _, e in failed[:5])
@@ -737,6 +740,11 @@ def compute_features(utts, cache_dir="runs/cache", verbose=True, speed=1.0, work
         print(f"warning: {msg}; skipped now, retried next time")
     if not index["ids"]:
         raise DataError("no audio file of the corpus could be read")
+    return _cached_features(utts, index, frames, moments)
+
+
+def _cached_features(utts, index, frames, moments):
+    """(the utterances present in the cache, FeatureList of their (3, 40, T) mapped views)."""
     by_path = {p: i for i, p in enumerate(index["ids"])}
     kept = [u for u in utts if u.path in by_path]
     feats, stats = [], []
@@ -785,27 +793,43 @@ def feature_stats(feats, moments=None):
     return _combine_moments([f.shape[-1] for f in feats], moments)
 
 
-class Normalised:
+class Normalised(np.lib.mixins.NDArrayOperatorsMixin):
     """An utterance's (120, T) float32 features, normalised when read: (x - mean) / std.
 
     Holds a view of the memory-mapped cache and the statistics, so a corpus in this
-    form costs no memory; np.asarray(x) (as collate does, per batch) computes the array."""
-    __slots__ = ("raw", "mean", "std")
+    form costs no memory; np.asarray(x) (as collate does, per batch) computes the array.
+    Indexing, .T, arithmetic and numpy functions see that array too."""
+    __slots__ = ("raw", "centre", "scale")   # not mean/std: np.mean(x) would call x.mean
     dtype = np.dtype(np.float32)
+    ndim = 2
 
     def __init__(self, raw, mean, std):
-        self.raw, self.mean, self.std = raw, mean, std
+        self.raw, self.centre, self.scale = raw, mean, std
 
     @property
     def shape(self):
         return FEAT_CHANNELS, self.raw.shape[-1]
 
     def __array__(self, dtype=None, copy=None):
-        x = (self.raw.reshape(FEAT_CHANNELS, -1) - self.mean[:, None]) / self.std[:, None]   # (120, T)
+        x = (self.raw.reshape(FEAT_CHANNELS, -1) - self.centre[:, None]) / self.scale[:, None]   # (120, T)
         return x.astype(dtype or np.float32, copy=False)
 
     def __getitem__(self, key):
         return np.asarray(self)[key]
+
+    def __len__(self):
+        return FEAT_CHANNELS
+
+    @property
+    def T(self):
+        return np.asarray(self).T
+
+    def copy(self):
+        return np.array(self)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        inputs = [np.asarray(x) if isinstance(x, Normalised) else x for x in inputs]
+        return getattr(ufunc, method)(*inputs, **kwargs)
 
 
 def normalise(utts, feats, mode="speaker", train=None, keep=None, lazy=False):
@@ -2803,6 +2827,229 @@ def bench_features(seconds=60.0, repeats=20):
           f"features() is {t_ref / t:.2f}x librosa's speed")
 
 
+# IEMOCAP at a glance, for benchmarks on a corpus of its size (Busso et al. 2008; the paper's Table 1)
+IEMOCAP_UTTERANCES = 10039          # utterances, every label
+IEMOCAP_STUDENT_UTTERANCES = 2943   # improvised dialogs, four classes: the student's data
+IEMOCAP_HOURS = 12.4                # hours of audio
+IEMOCAP_MAX_SECONDS = 34.1          # the longest utterance
+IEMOCAP_LENGTH_SIGMA = 0.6          # spread of log durations (lengths drawn log-normal with IEMOCAP's mean)
+RUN_ALL_TEACHERS, RUN_ALL_STUDENTS = 5, 40   # trainings of run_all.sh on IEMOCAP (5 folds; 8 configurations)
+
+
+def iemocap_like_seconds(n, rng):
+    """n utterance durations in seconds, log-normal with IEMOCAP's mean, cut at its longest."""
+    mean = IEMOCAP_HOURS * 3600 / IEMOCAP_UTTERANCES
+    mu = math.log(mean) - IEMOCAP_LENGTH_SIGMA ** 2 / 2
+    return np.clip(rng.lognormal(mu, IEMOCAP_LENGTH_SIGMA, n), 0.6, IEMOCAP_MAX_SECONDS)
+
+
+def _rss_mb():
+    """(peak, anonymous, file-backed) resident memory of this process in MB, from /proc (Linux)."""
+    f = dict(l.split(":", 1) for l in Path("/proc/self/status").read_text().splitlines() if ":" in l)
+    return tuple(int(f.get(k, "0 kB").split()[0]) / 1024 for k in ("VmHWM", "RssAnon", "RssFile"))
+
+
+def project_run_all(teacher_s, student_s, jobs, cores):
+    """Projected wall-clock seconds of run_all.sh, replaying its schedule: teachers and the students
+    without transfer share `jobs` slots, then (after every teacher) the students with transfer.
+    teacher_s: seconds per teacher training; student_s: {(name, transfer): seconds per training}.
+    More jobs than cores slow every training by jobs / cores."""
+    slow = max(1.0, jobs / cores)
+    first = [teacher_s] * RUN_ALL_TEACHERS + [t for (_, at), t in student_s.items() if not at for _ in range(5)]
+    second = [t for (_, at), t in student_s.items() if at for _ in range(5)]
+    clock = 0.0
+    for phase in (first, second):
+        slots = [clock] * jobs
+        for t in phase:                     # each job takes the first free slot, in run_all's order
+            i = min(range(jobs), key=lambda k: slots[k])
+            slots[i] += t * slow
+        clock = max(slots)
+    return clock
+
+
+def _bench_train_one(kind, at, device_name, threads, batches, n_eval):
+    """Seconds per padded frame (training step; evaluation) and peak memory of one paper-setting
+    configuration on batches of random features with IEMOCAP-like lengths. Run in a fresh process."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    device = torch.device(device_name)
+    rng = np.random.default_rng(0)
+    n_train = IEMOCAP_UTTERANCES * 4 // 5 if kind == "teacher" else IEMOCAP_STUDENT_UTTERANCES * 4 // 5
+    lengths = np.maximum(1, (iemocap_like_seconds(n_train, rng) / HOP_SECONDS).astype(int))
+    cfg = TeacherConfig() if kind == "teacher" else StudentConfig(encoder=kind.split("-")[0],
+                                                                  attention=kind.split("-")[1], at_weight=float(at))
+    epoch = make_batches(lengths, cfg.batch_size, np.random.default_rng(1), cfg.max_frames)
+    padded = [len(b) * int(lengths[b].max()) for b in epoch]
+    order = np.argsort(padded)
+    picks = [epoch[order[int(q * (len(order) - 1))]] for q in np.linspace(0.3, 0.9, batches)]   # typical to long
+    model = (Teacher(cfg) if kind == "teacher" else Student(cfg, len(EMOTIONS))).to(device)
+    teacher = Teacher(TeacherConfig()).to(device).eval() if at else None
+    pairs = parse_pairs("auto", (cfg.blocks if kind.startswith("tcn") else 1) + kind.endswith("self"), 6) if at else None
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+    def batch(idx):
+        x = torch.randn(len(idx), FEAT_CHANNELS, int(lengths[idx].max()), device=device)
+        return x, torch.as_tensor(lengths[idx], device=device)
+
+    def step(idx):
+        x, lens = batch(idx)
+        if kind == "teacher":
+            L = 40
+            tokens = torch.randint(5, len(PHONE_VOCAB), (len(idx), L), device=device)
+            logits, enc = model(x, lens, tokens)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+            logp = model.ctc_head(enc["h"]).log_softmax(-1).transpose(0, 1)
+            loss = loss + F.ctc_loss(logp, tokens, enc["lengths"], torch.full((len(idx),), L), zero_infinity=True)
+        else:
+            logits, out = model(x, lens)
+            loss = F.cross_entropy(logits, torch.randint(0, len(EMOTIONS), (len(idx),), device=device))
+            if teacher is not None:
+                with torch.no_grad():
+                    enc = teacher.encode(x, lens)
+                loss = loss + transfer_loss(out, enc, pairs, cfg, teacher.subsample)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step(epoch[order[0]])                                    # warm-up on the smallest batch
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for idx in picks:
+        step(idx)
+    sync()
+    per_frame = (time.perf_counter() - t0) / sum(len(b) * int(lengths[b].max()) for b in picks)
+    model.eval()
+    idx = picks[0]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        x, lens = batch(idx)
+        model.greedy(x, lens) if kind == "teacher" else model(x, lens)
+    sync()
+    eval_per_frame = (time.perf_counter() - t0) / (len(idx) * int(lengths[idx].max()))
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else _rss_mb()[0]
+    return {"kind": kind, "at": at, "train_frames": int(sum(padded)), "batches": len(epoch),
+            "per_frame": per_frame, "eval_frames": int(lengths[:n_eval].sum()), "eval_per_frame": eval_per_frame,
+            "peak_mb": peak, "picked": [(len(b), int(lengths[b].max())) for b in picks]}
+
+
+def _bench_worst_batch(device_name, threads, n, seconds):
+    """Peak memory and seconds of one paper-setting TCN + self-attention student step on n x `seconds`."""
+    torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    model = Student(StudentConfig(), len(EMOTIONS)).to(device)
+    x = torch.randn(n, FEAT_CHANNELS, int(seconds / HOP_SECONDS), device=device)
+    t0 = time.perf_counter()
+    logits, _ = model(x, torch.full((n,), x.shape[-1], device=device))
+    logits.float().logsumexp(-1).sum().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2 ** 20
+    return time.perf_counter() - t0, _rss_mb()[0]
+
+
+def _bench_mapped_corpus(folder, n, student_n):
+    """Resident memory of the data side of a student (the mapped cache, lazily normalised, one
+    epoch of batches collated) on a synthetic cache of n utterances. Run in a fresh process."""
+    base = _rss_mb()
+    index, frames, moments = _read_cache(folder, "bench")
+    utts = [Utterance(p, p, EMOTIONS[i % 4], f"Ses0{i % 5 + 1}{'FM'[i % 2]}", f"Ses0{i % 5 + 1}")
+            for i, p in enumerate(index["ids"])]
+    kept, feats = _cached_features(utts, index, frames, moments)
+    chosen = {u.id for u in kept[:student_n]}
+    normed = normalise(kept, feats, "speaker", keep=chosen, lazy=True)
+    after_stats = _rss_mb()
+    t0 = time.perf_counter()
+    for idx in make_batches([x.shape[1] for x in normed], 32, np.random.default_rng(0), RunConfig().max_frames):
+        collate([normed[i] for i in idx], "cpu")
+    return base, after_stats, _rss_mb(), time.perf_counter() - t0, index["frames"]
+
+
+def bench_train(device="auto", batches=2, threads=1, cache_files=1000, jobs=(1, 2, 4, 8), worst=True):
+    """Seconds per epoch and peak memory of the teacher and each student configuration at the
+    paper's settings on an IEMOCAP-sized synthetic corpus, the feature cache's speed and the
+    student's data-side memory on it, and the projected time of run_all.sh."""
+    import concurrent.futures
+    import multiprocessing
+    import tempfile
+    device = pick_device(device)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ctx = multiprocessing.get_context("spawn")     # a fresh process per measurement: its own peak memory
+
+    def fresh(fn, *args):
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as ex:
+            return ex.submit(fn, *args).result()
+    rng = np.random.default_rng(0)
+    print(f"bench train: {device}, {cores} cores, torch {torch.__version__}, {threads} thread(s) per training "
+          f"(as run_all.sh on a CPU); synthetic corpus of IEMOCAP's size: {IEMOCAP_UTTERANCES} utterances, "
+          f"{IEMOCAP_HOURS} h, log-normal lengths up to {IEMOCAP_MAX_SECONDS} s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="satn-bench-") as tmp:
+        # 1. the feature cache, from audio files with IEMOCAP's length distribution
+        secs = iemocap_like_seconds(cache_files, rng)
+        utts = []
+        import soundfile as sf
+        for i, d in enumerate(secs):
+            path = Path(tmp) / "wav" / f"u{i:05d}.wav"
+            path.parent.mkdir(exist_ok=True)
+            wave = 0.1 * rng.standard_normal(int(d * SAMPLE_RATE)).astype(np.float32)
+            sf.write(str(path), wave, SAMPLE_RATE, subtype="PCM_16")
+            utts.append(Utterance(f"u{i}", str(path), "neutral", "S1F", "S1"))
+        for w in sorted({1, cores}):
+            t0 = time.perf_counter()
+            compute_features(utts, Path(tmp) / f"cache{w}", verbose=False, workers=w)
+            dt = time.perf_counter() - t0
+            print(f"feature cache: {cache_files} files, {secs.sum() / 3600:.2f} h of audio in {dt:.1f} s with "
+                  f"{w} process{'es' if w > 1 else ''} = {secs.sum() / dt:,.0f}x real time (all of IEMOCAP: "
+                  f"~{IEMOCAP_HOURS * 3600 / (secs.sum() / dt):.0f} s)", flush=True)
+        shutil.rmtree(Path(tmp) / "wav")
+        # 2. the student's data side on a mapped cache of IEMOCAP's size
+        lengths = np.maximum(1, (iemocap_like_seconds(IEMOCAP_UTTERANCES, rng) / HOP_SECONDS).astype(int))
+
+        def entries():
+            for i, n in enumerate(lengths):
+                x = np.random.default_rng(i).standard_normal((n, FEAT_CHANNELS), dtype=np.float32)
+                yield f"u{i:05d}", x, _moments(x.T)
+        _write_cache(tmp, "bench", entries())
+        base, stats, end, dt, n_frames = fresh(_bench_mapped_corpus, tmp, IEMOCAP_UTTERANCES, IEMOCAP_STUDENT_UTTERANCES)
+        print(f"mapped cache: {n_frames * FEAT_CHANNELS * 4 / 2 ** 30:.2f} GB of frames ({IEMOCAP_UTTERANCES} "
+              f"utterances); a student's data side (statistics, lazy normalisation, one epoch of "
+              f"{IEMOCAP_STUDENT_UTTERANCES} utterances collated in {dt:.1f} s): resident memory "
+              f"{base[1]:.0f} -> {stats[1]:.0f} -> {end[1]:.0f} MB anonymous, {base[2]:.0f} -> {stats[2]:.0f} -> "
+              f"{end[2]:.0f} MB file-backed (mapped cache pages, reclaimable), peak {end[0]:.0f} MB", flush=True)
+    # 3. training steps of each configuration
+    configs = [("teacher", False)] + [(f"{e}-{a}", at) for at in (False, True) for e in ("blstm", "tcn")
+                                      for a in ("soft", "self")]
+    rows, t_epoch = [], {}
+    print(f"\n| configuration | batches/epoch | s/epoch | peak memory (MB) | measured batches (B x T) |\n|---|---|---|---|---|")
+    for kind, at in configs:
+        n_eval = IEMOCAP_UTTERANCES // 10 if kind == "teacher" else IEMOCAP_STUDENT_UTTERANCES // 10
+        r = fresh(_bench_train_one, kind, at, str(device), threads, batches, n_eval)
+        sec = r["per_frame"] * r["train_frames"] + r["eval_per_frame"] * r["eval_frames"]
+        name = kind + ("-at" if at else "")
+        t_epoch[(name, at)] = sec
+        print(f"| {name} | {r['batches']} | {sec:,.0f} | {r['peak_mb']:,.0f} | "
+              + ", ".join(f"{b}x{t}" for b, t in r["picked"]) + " |", flush=True)
+    cfg_t, cfg_s = TeacherConfig(), StudentConfig()
+    teacher_s = t_epoch.pop(("teacher", False)) * cfg_t.epochs
+    student_s = {k: v * cfg_s.epochs for k, v in t_epoch.items()}
+    print(f"\nseconds per epoch: extrapolated from {batches} timed batches per configuration (typical to long "
+          f"lengths) per padded frame, over the epoch's padded frames, plus the dev set (one timed batch; teacher: "
+          f"greedy decoding); {cfg_t.epochs} teacher and {cfg_s.epochs} student epochs")
+    for n in jobs:
+        total = project_run_all(teacher_s, student_s, n, cores if device.type == "cpu" else n)
+        print(f"projected run_all.sh (5 teachers, 40 students) with --jobs {n}: {total / 3600:,.1f} h"
+              + (f" ({n} jobs on {cores} cores: slowed by {n / cores:.1f}x)" if device.type == "cpu" and n > cores else ""))
+    if worst:
+        s, peak = fresh(_bench_worst_batch, str(device), threads, 32, 30.0)
+        print(f"paper-setting TCN + self-attention student, one step on 32 x 30 s: peak memory {peak:,.0f} MB "
+              f"({'torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'peak RSS of the process'}), {s:.1f} s")
+
+
 def bench_kernel(device=None):
     """Time the extension against the PyTorch path (causal_conv1d_ref): forward and
     forward+backward for batch 32, K 3, over channels, lengths and dilations, plus one
@@ -3003,8 +3250,13 @@ def main(argv=None):
     p = sub.add_parser("report", help="collect finished runs into runs/results.md")
     p.add_argument("--runs", default="runs", help="output root of the runs (default: runs)")
     p = sub.add_parser("bench", help="throughput benchmarks")
-    p.add_argument("what", choices=("features", "kernel"))
-    p.add_argument("--device", default="auto", help="kernel benchmark device (default: auto)")
+    p.add_argument("what", choices=("features", "kernel", "train"))
+    p.add_argument("--device", default="auto", help="kernel and train benchmark device (default: auto)")
+    p.add_argument("--batches", type=int, default=2, help="train: timed batches per configuration (default: 2)")
+    p.add_argument("--threads", type=int, default=1, help="train: torch threads per training (default: 1, as "
+                                                          "run_all.sh on a CPU)")
+    p.add_argument("--cache-files", type=int, default=1000, help="train: audio files for the feature cache's "
+                                                                 "speed (default: 1000)")
     p = sub.add_parser("build-kernels", help="compile the fused causal-conv extension and say what was built")
     p.add_argument("--cuda", action="store_true", help="also compile the CUDA part, even without a GPU")
     args = parser.parse_args(argv)
@@ -3026,7 +3278,12 @@ def main(argv=None):
         elif args.command == "report":
             report(args.runs)
         elif args.command == "bench":
-            bench_features() if args.what == "features" else bench_kernel(args.device)
+            if args.what == "train":
+                _require(args.batches >= 1 and args.threads >= 1 and args.cache_files >= 1,
+                         "--batches, --threads and --cache-files must be at least 1")
+                bench_train(args.device, args.batches, args.threads, args.cache_files)
+            else:
+                bench_features() if args.what == "features" else bench_kernel(args.device)
         elif args.command == "build-kernels":
             return build_kernels(args.cuda)
     except (DataError, TrainingError) as e:

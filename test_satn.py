@@ -2261,6 +2261,19 @@ def test_run_all_slurm_writes_arrays_of_the_dry_run_lines(tmp_path):
     assert ran == [" ".join(shlex.split(teachers[2])[1:]), " ".join(shlex.split(students[39])[1:])]
 
 
+def test_bench_train_projection_replays_run_all_schedule():
+    """Teachers and students without transfer share the slots, students with transfer follow;
+    more jobs than cores slow each training down; the synthetic corpus has IEMOCAP's size."""
+    students = {(f"s{i}", False): 10.0 for i in range(4)} | {(f"s{i}-at", True): 20.0 for i in range(4)}
+    assert satn.project_run_all(100.0, students, 1, 2) == 5 * 100 + 20 * 10 + 20 * 20
+    # 2 slots: teachers 300 | 200 + 20 x 10 -> both end at 350; then 20 x 20 over two slots
+    assert satn.project_run_all(100.0, students, 2, 2) == 350 + 10 * 20
+    assert satn.project_run_all(100.0, students, 4, 2) == pytest.approx(2 * satn.project_run_all(100.0, students, 4, 4))
+    secs = satn.iemocap_like_seconds(satn.IEMOCAP_UTTERANCES, np.random.default_rng(0))
+    print(secs.sum() / 3600, secs.max())
+    assert abs(secs.sum() / 3600 - satn.IEMOCAP_HOURS) < 0.5 and secs.max() <= satn.IEMOCAP_MAX_SECONDS
+
+
 def test_run_all_rejects_jobs_zero(tmp_path):
     runs = tmp_path / "runs"
     r = _run_all(["--jobs", "0", "--runs", str(runs)], tmp_path)
