@@ -1,30 +1,33 @@
 #!/usr/bin/env bash
-# Reproduce the paper's Table 2: five ASR teachers (one per fold), then the eight
-# student configurations {BLSTM, TCN} x {soft, self-attention} x {without, with
-# attention transfer} on every fold (five for IEMOCAP), then `python satn.py report`. The students
-# without transfer may run beside the teachers; those with transfer wait for them.
+# Reproduce the paper's Table 2: five ASR teachers (one per fold), then the baseline
+# (utterance statistics + linear, `--encoder stats`) and the eight student configurations
+# {BLSTM, TCN} x {soft, self-attention} x {without, with attention transfer} on every fold
+# (five for IEMOCAP), then `python satn.py report`. The students without transfer may run
+# beside the teachers; those with transfer wait for them.
 #
 #   bash run_all.sh                      # the built-in demo corpus, demo-sized settings
 #   bash run_all.sh --data /path/to/IEMOCAP_full_release
 #   bash run_all.sh --data corpus.csv --jobs 4 --epochs 50
 #   bash run_all.sh --dry-run            # print every training command, in dependency order
 #   bash run_all.sh --data D --slurm --partition=gpu --gres=gpu:1 --time=1-00:00:00 [--submit]
+#   bash run_all.sh --data corpus.csv --recipe robust --runs runs-robust
 #
 # Options: --data PATH, --runs DIR, --jobs N (trainings at once; GPUs are assigned
 # round-robin through CUDA_VISIBLE_DEVICES when several are visible; default 1, or on
 # a machine without a GPU one per core, up to 4, each with one thread), --at-weight W
-# (W_AT of the transfer rows, default 1.0), --dry-run. --slurm: write RUNS/slurm/ (the
-# commands of --dry-run, a SLURM job for `prepare`, a job array for the teachers, one for
-# the students that depends on it (afterok), the report after them, logs per task in
-# RUNS/slurm/logs) and, with --submit, submit it; the arguments after --slurm, up to a
-# `--`, go to every sbatch call. Any other argument is passed to every training (so it
-# must be an option of both `teacher` and `student`, e.g. --epochs, --seed, --device,
-# --batch-size, --norm). Finished runs are skipped and unfinished ones resumed, so
-# calling it again after an interruption continues.
+# (W_AT of the transfer rows, default 1.0), --recipe paper|robust (the students' training
+# recipe, default paper; see `python satn.py student --help`), --dry-run. --slurm: write
+# RUNS/slurm/ (the commands of --dry-run, a SLURM job for `prepare`, a job array for the
+# teachers, one for the students that depends on it (afterok), the report after them, logs
+# per task in RUNS/slurm/logs) and, with --submit, submit it; the arguments after --slurm,
+# up to a `--`, go to every sbatch call. Any other argument is passed to every training (so
+# it must be an option of both `teacher` and `student`, e.g. --epochs, --seed, --device,
+# --batch-size, --norm). Finished runs are skipped and unfinished ones resumed, so calling
+# it again after an interruption continues.
 set -uo pipefail
 PY=${PYTHON:-python}
 SATN="$(dirname "$0")/satn.py"   # paths given by the user stay relative to where they called from
-DATA=() RUNS=runs JOBS= DRY=0 AT_WEIGHT=1.0 EXTRA=() SLURM=0 SUBMIT=0 IN_SBATCH=0 SBATCH=()
+DATA=() RUNS=runs JOBS= DRY=0 AT_WEIGHT=1.0 RECIPE=() EXTRA=() SLURM=0 SUBMIT=0 IN_SBATCH=0 SBATCH=()
 while [ $# -gt 0 ]; do
     if [ "$IN_SBATCH" = 1 ]; then   # after --slurm: sbatch's options, up to `--`
         case "$1" in
@@ -35,7 +38,7 @@ while [ $# -gt 0 ]; do
         shift; continue
     fi
     case "$1" in
-        --data|--runs|--jobs|--at-weight)
+        --data|--runs|--jobs|--at-weight|--recipe)
             [ $# -ge 2 ] || { echo "run_all.sh: $1 needs a value" >&2; exit 2; }
             set -- "$1=$2" "${@:3}" ;;
     esac
@@ -44,10 +47,11 @@ while [ $# -gt 0 ]; do
         --runs=*) RUNS=${1#*=} ;;
         --jobs=*) JOBS=${1#*=} ;;
         --at-weight=*) AT_WEIGHT=${1#*=} ;;
+        --recipe=*) RECIPE=(--recipe "${1#*=}") ;;
         --dry-run) DRY=1 ;;
         --slurm) SLURM=1 DRY=1 IN_SBATCH=1 ;;
         --submit) SUBMIT=1 ;;
-        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         --fold|--fold=*|--name|--name=*|--encoder|--encoder=*|--attention|--attention=*|--resume|--no-resume)
             echo "run_all.sh: $1 is set by run_all.sh itself for each training" >&2; exit 2 ;;
         *) EXTRA+=("$1") ;;
@@ -161,6 +165,10 @@ if [ "$TRANSFER" = 1 ]; then
     for k in $(seq "$FOLDS"); do run "teacher-fold$k" "$PY" "$SATN" teacher --fold "$k" "${COMMON[@]}"; done
 fi
 # The rows without transfer do not need the teachers: they fill free slots meanwhile.
+# The baseline row comes first: every table says how far the deep models are above it.
+for k in $(seq "$FOLDS"); do
+    run "student-stats-fold$k" "$PY" "$SATN" student --encoder stats --at-weight 0 --fold "$k" "${RECIPE[@]}" "${COMMON[@]}"
+done
 for at in 0 1; do
     if [ "$at" = 1 ]; then
         [ "$TRANSFER" = 0 ] && break
@@ -171,7 +179,7 @@ for at in 0 1; do
             w=0; [ "$at" = 1 ] && w=$AT_WEIGHT
             for k in $(seq "$FOLDS"); do
                 run "student-$enc-$att$([ "$at" = 1 ] && echo -at)-fold$k" \
-                    "$PY" "$SATN" student --encoder $enc --attention $att --at-weight "$w" --fold "$k" "${COMMON[@]}"
+                    "$PY" "$SATN" student --encoder $enc --attention $att --at-weight "$w" --fold "$k" "${RECIPE[@]}" "${COMMON[@]}"
             done
         done
     done

@@ -147,6 +147,20 @@ def load_audio(path, sr=SAMPLE_RATE):
     return np.ascontiguousarray(wave, dtype=np.float32)
 
 
+def speed_perturb(wave, factor):
+    """Speed perturbation (tempo and pitch together, as played faster or slower): (N,) -> (~N / factor,).
+
+    The waveform is resampled by the rational approximation p/q of `factor` with a
+    polyphase filter and kept at the same sample rate: 1.1 is 10% shorter and higher,
+    0.9 11% longer and lower. The output has ceil(N * q / p) samples."""
+    from fractions import Fraction
+    if factor == 1:
+        return np.asarray(wave, dtype=np.float32)
+    r = Fraction(factor).limit_denominator(100)             # speed p/q: q output samples per p input samples
+    from scipy.signal import resample_poly
+    return resample_poly(np.asarray(wave, dtype=np.float32), r.denominator, r.numerator).astype(np.float32)
+
+
 # -----------------------------------------------------------------------------
 # features
 
@@ -228,6 +242,113 @@ def features(wave, sr=SAMPLE_RATE):
     d1 = deltas(lm)
     d2 = deltas(d1)
     return np.ascontiguousarray(np.stack([lm, d1, d2]).transpose(0, 2, 1))  # (3, 40, T)
+
+
+# Streaming: the same features, computed incrementally from audio that arrives in chunks.
+FEATURE_LOOKAHEAD = 2 * DELTA_N   # frames (40 ms): a delta-delta needs the deltas 2 frames ahead, they 2 more
+
+
+class DeltaStream:
+    """`deltas` of frames that arrive a few at a time: the same values, each computed once.
+
+    Frame t's delta needs frames t-n..t+n, so it comes out once frame t+n has arrived
+    (or the stream ends: `push(..., final=True)`). The stream's first and last frames
+    are replicated past its edges, as `deltas` does. State: the last 2n frames."""
+
+    def __init__(self, n=DELTA_N):
+        self.n, self.buf = n, None                       # buf (2n + pending, D)
+
+    def push(self, x, final=False):
+        """x (m, D) new frames -> (centres (k, D), deltas (k, D)) of the frames now complete."""
+        n = self.n
+        if self.buf is None:
+            if len(x) == 0:
+                return x, x
+            self.buf = np.repeat(x[:1], n, axis=0)       # the left edge, replicated
+        buf = np.concatenate([self.buf, x]) if len(x) else self.buf
+        if final:
+            buf = np.concatenate([buf, np.repeat(buf[-1:], n, axis=0)])
+        k = len(buf) - 2 * n
+        if k <= 0:
+            self.buf = buf
+            return buf[:0], buf[:0]
+        out = np.zeros((k,) + buf.shape[1:], dtype=np.float32)
+        for j in range(1, n + 1):                        # the arithmetic of `deltas`, term by term
+            out += j * (buf[n + j:n + j + k] - buf[n - j:n - j + k])
+        out = out / (2.0 * sum(j * j for j in range(1, n + 1)))
+        self.buf = buf[k:]
+        return buf[n:n + k], out
+
+
+class FeatureStream:
+    """`features` of audio pushed in chunks of any size (1 sample to hours): (k, 120) frames
+    in the layout of `features(wave).reshape(120, -1).T`, each computed once.
+
+    A frame is complete when its 25 ms window has arrived and, for its deltas and
+    delta-deltas, the FEATURE_LOOKAHEAD (4) frames after it; `finish()` returns the last
+    ones, with the edges replicated as `features` does over the whole recording. State:
+    under one window of samples and 2 x 2 DELTA_N frames, whatever the recording's length."""
+
+    def __init__(self, sr=SAMPLE_RATE):
+        self.sr = sr
+        self.win, self.hop, _ = frame_params(sr)
+        self.pending = np.zeros(0, np.float32)          # samples after the last complete frame's start
+        self.frames, self.samples = 0, 0                # log-mel frames and samples so far
+        self.d1, self.d2 = DeltaStream(), DeltaStream()
+
+    def _out(self, lm, final=False):
+        c1, dd1 = self.d1.push(lm, final)                                  # log-mel, deltas
+        c2, dd2 = self.d2.push(np.concatenate([c1, dd1], axis=1), final)   # (k, 80): deltas of both, only d1's kept
+        return np.concatenate([c2, dd2[:, N_MELS:]], axis=1)               # (k, 120): log-mel, delta, delta-delta
+
+    def push(self, samples):
+        buf = np.concatenate([self.pending, np.asarray(samples, dtype=np.float32).reshape(-1)])
+        self.samples += len(buf) - len(self.pending)
+        m = 1 + (len(buf) - self.win) // self.hop if len(buf) >= self.win else 0   # complete frames
+        if m == 0:
+            self.pending = buf
+            return np.zeros((0, FEAT_CHANNELS), np.float32)
+        lm = log_mel(buf[:self.win + (m - 1) * self.hop], self.sr)             # (m, 40)
+        self.pending, self.frames = buf[m * self.hop:], self.frames + m
+        return self._out(lm)
+
+    def finish(self):
+        """The remaining frames at the end of the recording (a recording shorter than one
+        window gives one zero-padded frame, as `log_mel`). Raises ValueError on no audio."""
+        if self.samples == 0:
+            raise ValueError("no audio")
+        lm = np.zeros((0, N_MELS), np.float32)
+        if self.frames == 0:
+            lm, self.frames = log_mel(self.pending, self.sr), 1
+        return self._out(lm, final=True)
+
+
+STREAM_NORM_PRIOR = 10.0   # s: weight of the training statistics in running normalisation, as frames of audio
+
+
+def running_normalise(x, mean, std, prior=STREAM_NORM_PRIOR, state=None):
+    """Per-speaker normalisation for a stream: frame t is normalised with the mean and
+    variance of frames 0..t, started from the training statistics (mean, std) counted
+    as `prior` seconds of frames (None: the training statistics, fixed, for a model
+    trained with global normalisation). x (T, 120) -> ((T, 120) float32, state); pass the
+    state back with the next frames to continue (a stream in chunks gives the same
+    result as the whole at once). State: two (120,) sums and a count."""
+    x = np.asarray(x, dtype=np.float64)
+    if prior is None:   # a model trained with global statistics: those, fixed
+        return ((x - np.asarray(mean)) / np.asarray(std)).astype(np.float32), state
+    if state is None:
+        n0 = prior / HOP_SECONDS
+        mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+        state = (n0 * mean, n0 * (std ** 2 + mean ** 2), n0)
+    s1, s2, n = state
+    c1 = s1 + np.cumsum(x, axis=0)                                 # (T, 120) running sums
+    c2 = s2 + np.cumsum(x * x, axis=0)
+    count = n + np.arange(1, len(x) + 1)[:, None]
+    mu = c1 / count
+    sd = np.sqrt(np.maximum(c2 / count - mu ** 2, 0.0)) + 1e-5     # the epsilon of feature_stats
+    if len(x):
+        state = (c1[-1], c2[-1], n + len(x))
+    return ((x - mu) / sd).astype(np.float32), state
 
 
 # -----------------------------------------------------------------------------
@@ -559,15 +680,6 @@ def _feature_key(utts, speed=1.0):
     return h.hexdigest()[:16]
 
 
-def change_speed(wave, factor):
-    """Speed perturbation: `wave` played `factor` times faster (tempo and pitch together),
-    by polyphase resampling, as Kaldi's and sox's `speed`. (N,) -> (about N / factor,)."""
-    from fractions import Fraction
-    from scipy.signal import resample_poly
-    r = Fraction(factor).limit_denominator(100)
-    return resample_poly(wave, r.denominator, r.numerator).astype(np.float32)
-
-
 def _utterance_features(job):
     """One file's cache entry: ("ok", (T, 120) float32 frames, (2, 120) float64 mean and sum of
     squared deviations), ("format", message) for a file that is not valid audio (cached), or
@@ -582,10 +694,7 @@ def _utterance_features(job):
     except OSError as e:
         return "io", f"{path}: {e.strerror or _first_line(e)}"
     try:
-        wave = load_audio(path)
-        if speed != 1.0:
-            wave = change_speed(wave, speed)
-        x = features(wave).reshape(FEAT_CHANNELS, -1).T                             # (T, 120)
+        x = features(speed_perturb(load_audio(path), speed)).reshape(FEAT_CHANNELS, -1).T   # (T, 120)
     except ValueError as e:
         if not os.access(path, os.R_OK):        # it went away while being read
             return "io", str(e)
@@ -718,7 +827,7 @@ def compute_features(utts, cache_dir="runs/cache", verbose=True, speed=1.0, work
                     (failed if r[0] == "format" else io_failed).append((path, r[1]))
                 if verbose and (done[0] == len(todo) or done[0] % 50 == 0):
                     dt = time.time() - t0
-                    print(f"\rfeatures: {done[0]}/{len(todo)} files, {seconds[0] / 3600:.2f} h of audio "
+                    print(f"\rfeatures{f' (speed {speed})' if speed != 1 else ''}: {done[0]}/{len(todo)} files, {seconds[0] / 3600:.2f} h of audio "
                           f"({dt:.1f} s, {seconds[0] / max(dt, 1e-9):.0f}x real time, {min(workers, len(todo))} "
                           f"process{'es' if workers > 1 and len(todo) >= POOL_MIN_FILES else ''})",
                           end="\n" if done[0] == len(todo) else "", flush=True)
@@ -832,14 +941,11 @@ class Normalised(np.lib.mixins.NDArrayOperatorsMixin):
         return getattr(ufunc, method)(*inputs, **kwargs)
 
 
-def normalise(utts, feats, mode="speaker", train=None, keep=None, lazy=False):
-    """Mean/variance normalisation -> list of (120, T) float32 arrays.
+def normalisation_stats(utts, feats, mode="speaker", train=None):
+    """{speaker: (mean, std)} for mode="speaker", {None: (mean, std)} of the `train` utterances for "global".
 
-    mode="speaker": each speaker's statistics from that speaker's own utterances
-    (no labels used); mode="global": statistics of the `train` utterances only.
-    With `keep` (a set of ids), only those utterances are returned (statistics still
-    come from all of them). lazy=True returns `Normalised` arrays, computed when a
-    batch reads them: memory does not grow with the corpus."""
+    From the per-utterance moments of compute_features when `feats` carries them (no frame
+    is read), else computed one utterance at a time."""
     moments = getattr(feats, "moments", None) or [_moments(f) for f in feats]
 
     def stats_of(chosen):
@@ -847,11 +953,22 @@ def normalise(utts, feats, mode="speaker", train=None, keep=None, lazy=False):
         return _combine_moments([feats[i].shape[-1] for i in idx], [moments[i] for i in idx])
     if mode == "global":
         train_ids = {u.id for u in train}
-        stats = {None: stats_of(lambda u: u.id in train_ids)}
-    elif mode == "speaker":
-        stats = {s: stats_of(lambda u, s=s: u.speaker == s) for s in {u.speaker for u in utts}}
-    else:
-        raise DataError(f"unknown normalisation {mode!r}: use speaker or global")
+        return {None: stats_of(lambda u: u.id in train_ids)}
+    if mode == "speaker":
+        return {s: stats_of(lambda u, s=s: u.speaker == s) for s in {u.speaker for u in utts}}
+    raise DataError(f"unknown normalisation {mode!r}: use speaker or global")
+
+
+def normalise(utts, feats, mode="speaker", train=None, keep=None, stats=None, lazy=False):
+    """Mean/variance normalisation -> list of (120, T) float32 arrays.
+
+    mode="speaker": each speaker's statistics from that speaker's own utterances
+    (no labels used); mode="global": statistics of the `train` utterances only.
+    With `keep` (a set of ids), only those utterances are returned (statistics still
+    come from all of them). `stats` (from normalisation_stats) applies given statistics,
+    e.g. to speed-perturbed copies. lazy=True returns `Normalised` arrays, computed when
+    a batch reads them: memory does not grow with the corpus."""
+    stats = stats if stats is not None else normalisation_stats(utts, feats, mode, train)
     out = []
     for u, f in zip(utts, feats):
         if keep is not None and u.id not in keep:
@@ -1426,6 +1543,76 @@ def subsample_frames(x, lengths, factor):
     return num / den, (lengths + factor - 1) // factor
 
 
+def masked_mean_std(x, lengths):
+    """Per-channel mean and standard deviation over each utterance's own frames.
+
+    x (B, C, T), lengths (B,) -> (B, 2C): means, then standard deviations (padding ignored)."""
+    mask = length_mask(lengths, x.shape[-1])[:, None].to(x.dtype)                 # (B, 1, T)
+    n = lengths[:, None].to(x.dtype)                                              # (B, 1)
+    mean = (x * mask).sum(-1) / n                                                 # (B, C)
+    var = (((x - mean[..., None]) * mask) ** 2).sum(-1) / n                       # (B, C)
+    return torch.cat([mean, torch.sqrt(var + 1e-5)], dim=1)
+
+
+class SpecAugment(nn.Module):
+    """SpecAugment-style masking of (B, 120, T) normalised features, in training mode only.
+
+    Each utterance gets `time_masks` spans of 0..`time_width` frames inside its own
+    length, and `freq_masks` spans of 0..`freq_width` mel bands (the same bands of the
+    log-mel, delta and delta-delta channels), set to 0, the normalised mean. Masks
+    are drawn from torch's global generator, so torch.manual_seed reproduces them;
+    in eval mode the input is returned unchanged."""
+
+    def __init__(self, time_masks=0, time_width=0, freq_masks=0, freq_width=0, n_mels=N_MELS):
+        super().__init__()
+        self.time_masks, self.time_width, self.n_mels = time_masks, time_width, n_mels
+        self.freq_masks, self.freq_width = freq_masks, freq_width
+
+    @staticmethod
+    def _spans(count, width, size, total):
+        """(n, total) bool: per row, `count` random spans of 0..width positions inside [0, size_i)."""
+        n, size = len(size), size.to(torch.float32)[:, None]                      # (n, 1)
+        pos = torch.arange(total)
+        keep = torch.zeros(n, total, dtype=torch.bool)
+        for _ in range(count):
+            w = torch.floor(torch.rand(n, 1) * (width + 1)).clamp(max=size)       # (n, 1) span widths
+            start = torch.floor(torch.rand(n, 1) * (size - w + 1))                # (n, 1) span starts
+            keep |= (pos[None] >= start) & (pos[None] < start + w)
+        return keep
+
+    def forward(self, x, lengths):                                                # x (B, 120, T)
+        if not self.training or (self.time_masks * self.time_width == 0 and self.freq_masks * self.freq_width == 0):
+            return x
+        B, C, T = x.shape
+        drop = torch.zeros(B, C, T, dtype=torch.bool)
+        if self.time_masks and self.time_width:
+            drop |= self._spans(self.time_masks, self.time_width, lengths.cpu(), T)[:, None, :]
+        if self.freq_masks and self.freq_width:
+            bands = self._spans(self.freq_masks, self.freq_width, torch.full((B,), self.n_mels), self.n_mels)  # (B, n_mels)
+            drop |= bands.repeat(1, C // self.n_mels)[..., None]                  # same bands in every stream
+        return x.masked_fill(drop.to(x.device), 0.0)
+
+
+def causal_band(T, window, device=None):
+    """(T, T) bool attention mask: query t may attend to keys t-window+1 .. t only."""
+    i = torch.arange(T, device=device)
+    lag = i[:, None] - i[None, :]                                   # (T, T): query time - key time
+    return (lag >= 0) & (lag < window)
+
+
+def running_mean(x, mask, window):
+    """Causal summary: at each frame, the mean of the last `window` real frames up to it.
+
+    x (B, T, C), mask (B, T) -> (B, T, C). At an utterance's last frame it is the masked
+    mean pooling of the whole utterance when the utterance is at most `window` long."""
+    m = mask[:, None].to(x.dtype)                                                   # (B, 1, T)
+    ones = x.new_ones(1, 1, window)
+    num = F.conv1d(F.pad(x.transpose(1, 2) * m, (window - 1, 0)).reshape(-1, 1, x.shape[1] + window - 1),
+                   ones).view(x.shape[0], x.shape[2], -1)                           # (B, C, T) window sums
+    den = F.conv1d(F.pad(m, (window - 1, 0)), ones)                                # (B, 1, T) real frames in it
+    return (num / den.clamp_min(1)).transpose(1, 2)                                 # (B, T, C)
+
+
 class SelfAttention(nn.Module):
     """Multi-head scaled dot-product self-attention, softmax(Q K^T / sqrt(d_k)) V, with a residual.
 
@@ -1833,11 +2020,42 @@ class TeacherConfig(RunConfig):
     lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=2e-3)
 
 
+# Training recipes of the student. "paper": the paper's plain Adam at a fixed learning rate,
+# no augmentation. "robust": what is used on small real SER corpora (chosen on Emo-DB, see
+# the README); each part has its own option, and an option given explicitly wins.
+RECIPES = {
+    "paper": dict(time_masks=0, time_mask_frames=0, freq_masks=0, freq_mask_bands=0, speed="1",
+                  weight_decay=0.0, lr_patience=0, label_smoothing=0.0, patience=0),
+    "robust": dict(time_masks=2, time_mask_frames=20, freq_masks=2, freq_mask_bands=6, speed="0.9,1.0,1.1",
+                   weight_decay=1e-2, lr_patience=5, label_smoothing=0.1, patience=15),
+}
+
+
+def _r(help, choices=None):
+    """A config field whose default comes from --recipe (RECIPES)."""
+    return field(default=None, metadata={"help": help, "recipe": True, "choices": choices})
+
+
 @dataclass
 class StudentConfig(RunConfig):
-    encoder: str = _f("tcn", "encoder: a TCN shallower than the teacher's, or a one-layer BLSTM", choices=("tcn", "blstm"))
+    encoder: str = _f("tcn", "encoder: a TCN shallower than the teacher's, a one-layer BLSTM, or stats: the "
+                             "per-utterance mean and standard deviation of the 120 features (the baseline; "
+                             "attention and frame subsampling do not apply)", choices=("tcn", "blstm", "stats"))
     attention: str = _f("self", "self-attention + masked mean pooling, or soft (additive) attention pooling",
                         choices=("self", "soft"))
+    recipe: str = _f("paper", "training recipe: paper (Adam, fixed learning rate, no augmentation) or robust "
+                              "(for small real corpora); sets each option below that is not given",
+                     choices=("paper", "robust"))
+    time_masks: int = _r("SpecAugment: time masks per training utterance (masked features set to 0, the normalised mean)")
+    time_mask_frames: int = _r("SpecAugment: longest time mask, in 10 ms frames")
+    freq_masks: int = _r("SpecAugment: frequency masks per training utterance (the same mel bands of all three streams)")
+    freq_mask_bands: int = _r("SpecAugment: widest frequency mask, in mel bands")
+    speed: str = _r("speed perturbation: comma-separated factors; each epoch every training utterance is taken "
+                    "at one of them, drawn with the seed (features cached per factor); 1: off")
+    weight_decay: float = _r("decoupled weight decay (AdamW); 0: Adam")
+    lr_patience: int = _r("halve the learning rate after this many epochs without a better dev UA; 0: fixed")
+    label_smoothing: float = _r("label smoothing of the cross-entropy")
+    patience: int = _r("early stopping: stop after this many epochs without a better dev UA; 0: never")
     subsample: int = _f(1, "average-pool the 100 Hz frames by this factor before the encoder (speed)", demo=4)
     blocks: int = _f(3, "TCN blocks of the student (dilations 1, 2, 4, ...)")
     channels: int = _f(128, "TCN channels of the student", demo=48)
@@ -1853,23 +2071,57 @@ class StudentConfig(RunConfig):
     at_pairs: str = _f("auto", "student:teacher activation pairs, 1-based, e.g. '1:2,2:3,3:5,4:6'; auto spaces "
                                "the student's activations evenly over the teacher's, last with last")
     at_selfattn: bool = _f(False, "also transfer the self-attention weight matrices (heads averaged)")
+    causal: bool = _f(False, "streaming student: the TCN, self-attention over a window of the past only, and a "
+                             "running mean of its output instead of pooling, classified at every frame")
+    attn_window: float = _f(3.0, "causal student: seconds of the past each frame attends to")
+    summary_window: float = _f(3.0, "causal student: seconds averaged by the running mean that is classified")
+    frame_loss: float = _f(0.5, "causal student: weight of the loss at every frame after the warm-up (0: the "
+                                "utterance's last frame only)")
+    warmup: float = _f(1.0, "causal student: seconds from an utterance's start before the frame loss counts")
     name: str = _f(None, "run folder name; default from the configuration, e.g. tcn-self-at")
     epochs: int = _f(100, "training epochs (the paper's 100)", demo=20)
     lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=1e-3)
 
     def __post_init__(self):
         super().__post_init__()
+        _require(self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}")
+        for k, v in RECIPES[self.recipe].items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        _require(min(self.time_masks, self.time_mask_frames, self.freq_masks, self.freq_mask_bands) >= 0
+                 and self.freq_mask_bands <= N_MELS, f"the SpecAugment options must be >= 0 (bands at most {N_MELS})")
+        _require(self.weight_decay >= 0 and self.lr_patience >= 0 and self.patience >= 0 and 0 <= self.label_smoothing < 1,
+                 "--weight-decay, --lr-patience and --patience must be >= 0, --label-smoothing in [0, 1)")
+        self.speed_factors()
+        _require(not (self.encoder == "stats" and self.at_weight > 0),
+                 "--encoder stats has no activations to imitate: it needs --at-weight 0")
         self._check_encoder()
         dim = self.channels if self.encoder == "tcn" else 2 * self.lstm_hidden
         _require(self.blocks >= 1 and self.lstm_hidden >= 1, "--blocks and --lstm-hidden must be at least 1")
-        _require(self.attention == "soft" or dim % self.heads == 0,
+        _require(self.attention == "soft" or self.encoder == "stats" or dim % self.heads == 0,
                  f"the encoder's {dim} channels are not divisible by --heads {self.heads}")
         _require(self.at_weight >= 0 and self.at_p > 0, "--at-weight must be >= 0 and --at-p > 0")
         _require(not (self.at_selfattn and self.attention == "soft"),
                  "--at-selfattn transfers self-attention weights: it needs --attention self")
+        _require(not self.causal or (self.encoder == "tcn" and self.attention == "self"),
+                 "--causal needs --encoder tcn --attention self (the BLSTM and soft attention look ahead)")
+        _require(min(self.attn_window, self.summary_window) > 0 and self.frame_loss >= 0 and self.warmup >= 0,
+                 "--attn-window and --summary-window must be positive, --frame-loss and --warmup >= 0")
+
+    def speed_factors(self):
+        """--speed as a tuple of floats, 1.0 first when present (the unperturbed features)."""
+        try:
+            factors = sorted({float(f) for f in str(self.speed).split(",")}, key=lambda f: (f != 1, f))
+        except ValueError:
+            raise DataError(f"--speed {self.speed!r}: expected comma-separated numbers, e.g. 0.9,1.0,1.1") from None
+        _require(all(0.5 <= f <= 2 for f in factors), f"--speed {self.speed!r}: factors must be in [0.5, 2]")
+        return tuple(factors)
 
     def run_name(self):
-        return self.name or f"{self.encoder}-{self.attention}" + ("-at" if self.at_weight > 0 else "")
+        if self.encoder == "stats":
+            return self.name or "stats"
+        return self.name or (f"{self.encoder}-{self.attention}" + ("-causal" if self.causal else "")
+                             + ("-at" if self.at_weight > 0 else ""))
 
 
 class Teacher(nn.Module):
@@ -1959,23 +2211,42 @@ class Student(nn.Module):
 
     forward returns logits (B, n_classes) and a dict with the activations the
     attention transfer reads ("acts", each (B, C, T)) and the self-attention
-    weights ("weights", (B, nh, T, T) when need_weights, else None)."""
+    weights ("weights", (B, nh, T, T) when need_weights, else None).
+
+    Causal (cfg.causal, for streaming): the TCN as always; self-attention over the
+    last `attn_window` frames only (a banded causal mask); instead of pooling, the
+    running mean of the attention output over the last `summary_window` frames is
+    classified at every frame ("frame_logits", (B, T, n_classes)); the logits are
+    those of each utterance's last frame. No output depends on a later input."""
 
     def __init__(self, cfg: StudentConfig, n_classes):
         super().__init__()
         self.encoder_kind, self.attention_kind, self.subsample = cfg.encoder, cfg.attention, cfg.subsample
-        if cfg.encoder == "tcn":
+        self.augment = SpecAugment(cfg.time_masks, cfg.time_mask_frames, cfg.freq_masks, cfg.freq_mask_bands)
+        if cfg.encoder == "stats":  # the baseline: utterance statistics + the same dropout and classifier
+            self.encoder, self.attn, dim = None, None, 2 * FEAT_CHANNELS
+        elif cfg.encoder == "tcn":
             self.encoder = TCN(FEAT_CHANNELS, cfg.channels, cfg.kernel_size, tuple(2 ** i for i in range(cfg.blocks)),
                                cfg.dropout, cfg.weight_norm)
             dim = cfg.channels
         else:
             self.encoder = BLSTM(FEAT_CHANNELS, cfg.lstm_hidden)
             dim = 2 * cfg.lstm_hidden
-        self.attn = SelfAttention(dim, cfg.heads) if cfg.attention == "self" else SoftAttention(dim)
+        if cfg.encoder != "stats":
+            self.attn = SelfAttention(dim, cfg.heads) if cfg.attention == "self" else SoftAttention(dim)
         self.drop = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(dim, n_classes)
+        self.causal = cfg.causal
+        frame_seconds = HOP_SECONDS * cfg.subsample                  # one encoder frame
+        self.attn_window = max(1, round(cfg.attn_window / frame_seconds))        # frames
+        self.summary_window = max(1, round(cfg.summary_window / frame_seconds))  # frames
 
     def forward(self, x, lengths, need_weights=False):  # x (B, 120, T)
+        x = self.augment(x, lengths)                    # SpecAugment masks; identity in eval mode
+        if self.encoder_kind == "stats":
+            pooled = masked_mean_std(x, lengths)        # (B, 240)
+            return self.classifier(self.drop(pooled)), {"acts": [], "weights": None,
+                                                        "mask": length_mask(lengths, x.shape[-1])}
         x, lengths = subsample_frames(x, lengths, self.subsample)
         mask = length_mask(lengths, x.shape[-1])
         if self.encoder_kind == "tcn":
@@ -1984,6 +2255,13 @@ class Student(nn.Module):
             h = self.encoder(x, lengths)
             acts = [h]
         weights = None
+        if self.causal:
+            band = causal_band(h.shape[-1], self.attn_window, h.device)
+            a, weights = self.attn(h.transpose(1, 2), mask, need_weights, attn_mask=band)  # (B, T, C)
+            frame_logits = self.classifier(self.drop(running_mean(a, mask, self.summary_window)))  # (B, T, n)
+            logits = frame_logits[torch.arange(len(lengths), device=lengths.device), lengths - 1]  # last frames
+            return logits, {"acts": acts + [a.transpose(1, 2)], "weights": weights, "mask": mask,
+                            "frame_logits": frame_logits}
         if self.attention_kind == "self":
             a, weights = self.attn(h.transpose(1, 2), mask, need_weights)       # (B, T, C)
             acts = acts + [a.transpose(1, 2)]
@@ -1991,6 +2269,128 @@ class Student(nn.Module):
         else:
             pooled, _ = self.attn(h.transpose(1, 2), mask)
         return self.classifier(self.drop(pooled)), {"acts": acts, "weights": weights, "mask": mask}
+
+
+def group_times(n_groups, n_frames, n_samples, subsample, sr=SAMPLE_RATE):
+    """Times (s) of a causal student's outputs: (ends (n,), ready (n,)). Output g
+    describes the audio up to the end of its subsample group's last frame; it can be
+    computed once that frame's FEATURE_LOOKAHEAD frames have arrived too (or the
+    recording has ended). A stream adds up to one chunk to `ready`."""
+    win, hop, _ = frame_params(sr)
+    last = np.minimum(np.arange(n_groups) * subsample + subsample - 1, n_frames - 1)   # last frame of each group
+    ahead = last + FEATURE_LOOKAHEAD
+    ready = np.where(ahead < n_frames, ahead * hop + win, n_samples)
+    return (last * hop + win) / sr, ready / sr
+
+
+@torch.no_grad()
+def causal_track(model, wave, mean, std, prior=STREAM_NORM_PRIOR):
+    """A causal student over a whole recording at once, with running normalisation:
+    (ends (T',), ready (T',), probabilities (T', n_classes)), T' = ceil(T / subsample).
+    StudentStream gives the same outputs chunk by chunk. The attention mask is
+    (T', T'): for recordings of minutes; longer ones go through StudentStream."""
+    feats = features(wave).reshape(FEAT_CHANNELS, -1).T                        # (T, 120)
+    x, _ = running_normalise(feats, mean, std, prior)
+    device = next(model.parameters()).device
+    _, out = model(torch.from_numpy(np.ascontiguousarray(x.T))[None].to(device),
+                   torch.tensor([len(x)], device=device))
+    probs = torch.softmax(out["frame_logits"][0].float(), -1).cpu().numpy()    # (T', n)
+    return (*group_times(len(probs), len(x), len(wave), model.subsample), probs)
+
+
+class StudentStream:
+    """A causal student on audio as it arrives: push(samples) -> (ends, probabilities)
+    of the outputs the audio so far completes; finish() -> the rest.
+
+    Every frame is computed once, and the state has a constant size whatever the
+    recording's length: the front end's (under one window of samples, 8 feature
+    frames), the running normalisation's sums, the frames of an unfinished subsample
+    group (a group is complete when its last frame arrives), each TCN convolution's
+    last (K-1)*d inputs, the self-attention's last attn_window-1 keys and values, and
+    the last summary_window-1 attention outputs. The outputs equal causal_track's
+    over the whole recording. One stream, on the CPU, in eval mode."""
+
+    @torch.no_grad()
+    def __init__(self, model, mean, std, prior=STREAM_NORM_PRIOR):
+        if not getattr(model, "causal", False):
+            raise DataError("streaming needs a causal student (trained with `student --causal`)")
+        model = model.cpu().eval()
+        self.mean, self.std, self.prior, self.norm = mean, std, prior, None
+        self.sub, self.front = model.subsample, FeatureStream()
+        self.group = np.zeros((0, FEAT_CHANNELS), np.float32)     # normalised frames of an unfinished group
+        self.groups = 0                                           # outputs so far
+        self.convs, self.state = [], []                           # per TemporalBlock: the weights, each conv's state
+        for blk in model.encoder.blocks:                          # weight norm resolved once, not per chunk
+            c1, c2 = blk.conv1, blk.conv2
+            pad = (c1.weight.shape[-1] - 1) * c1.dilation
+            res = None if blk.residual is None else (blk.residual.weight.detach().clone(), blk.residual.bias.detach().clone())
+            self.convs.append(((c1.weight.detach().clone(), c1.bias.detach().clone()),
+                               (c2.weight.detach().clone(), c2.bias.detach().clone()), res, c1.dilation))
+            self.state.append([torch.zeros(1, c1.weight.shape[1], pad), torch.zeros(1, c2.weight.shape[1], pad)])
+        att = model.attn
+        self.heads, self.window, self.summary_window = att.heads, model.attn_window, model.summary_window
+        self.qkv = (att.qkv.weight.detach().clone(), att.qkv.bias.detach().clone())
+        self.proj = (att.proj.weight.detach().clone(), att.proj.bias.detach().clone())
+        self.cls = (model.classifier.weight.detach().clone(), model.classifier.bias.detach().clone())
+        C = self.cls[0].shape[1]
+        self.keys = torch.zeros(self.heads, 0, C // self.heads)  # (nh, <= window-1, hs)
+        self.values = self.keys.clone()
+        self.recent = torch.zeros(0, C)                           # (<= summary_window-1, C) attention outputs
+
+    def state_size(self):
+        """Numbers held as state (constant once the windows have filled)."""
+        return (self.front.pending.size + sum(d.buf.size for d in (self.front.d1, self.front.d2) if d.buf is not None)
+                + self.group.size + sum(s.numel() for st in self.state for s in st)
+                + self.keys.numel() + self.values.numel() + self.recent.numel())
+
+    def push(self, samples):
+        return self._run(self.front.push(samples))
+
+    def finish(self):
+        return self._run(self.front.finish(), final=True)
+
+    @torch.no_grad()
+    def _run(self, feats, final=False):
+        x, self.norm = running_normalise(feats, self.mean, self.std, self.prior, self.norm)
+        x = np.concatenate([self.group, x])
+        n = -(-len(x) // self.sub) if final else len(x) // self.sub          # complete groups
+        full = min(n, len(x) // self.sub)
+        g = x[:full * self.sub].reshape(full, self.sub, FEAT_CHANNELS).mean(1)  # (n, 120) subsample_frames' means
+        if n > full:                                                          # the last, partial group
+            g = np.concatenate([g, x[full * self.sub:].mean(0, keepdims=True)])
+        self.group = x[n * self.sub:]
+        if n == 0:
+            return np.zeros(0), np.zeros((0, self.cls[0].shape[0]), np.float32)
+        h = torch.from_numpy(np.ascontiguousarray(g.T))[None]                 # (1, 120, n)
+        for ((w1, b1), (w2, b2), res, d), st in zip(self.convs, self.state):
+            inp = h
+            for i, (w, b) in enumerate(((w1, b1), (w2, b2))):
+                z = torch.cat([st[i], h], -1)                                 # (1, C, pad + n)
+                st[i] = z[..., z.shape[-1] - st[i].shape[-1]:]
+                h = F.relu(F.conv1d(z, w, b, dilation=d))                     # (1, C, n): no padding needed
+            h = F.relu(h + (inp if res is None else F.conv1d(inp, *res)))
+        a_in = h[0].T                                                         # (n, C)
+        C = a_in.shape[1]
+        q, k, v = F.linear(a_in, *self.qkv).view(n, 3, self.heads, C // self.heads).permute(1, 2, 0, 3)  # 3 x (nh, n, hs)
+        keys, values = torch.cat([self.keys, k], 1), torch.cat([self.values, v], 1)   # (nh, m + n, hs)
+        m = keys.shape[1] - n
+        lag = (torch.arange(n)[:, None] + m) - torch.arange(m + n)[None, :]  # (n, m + n) query - key time
+        o = F.scaled_dot_product_attention(q[None], keys[None], values[None],
+                                           attn_mask=(lag >= 0) & (lag < self.window))[0]  # (nh, n, hs)
+        a = a_in + F.linear(o.transpose(0, 1).reshape(n, C), *self.proj)    # (n, C), the residual
+        drop = max(0, keys.shape[1] - (self.window - 1))                      # keys no later query sees
+        self.keys, self.values = keys[:, drop:], values[:, drop:]
+        recent = torch.cat([self.recent, a])                                  # (m' + n, C)
+        summary = running_mean(recent[None], torch.ones(1, len(recent), dtype=torch.bool), self.summary_window)[0, -n:]
+        self.recent = recent[max(0, len(recent) - (self.summary_window - 1)):]
+        probs = torch.softmax(F.linear(summary, *self.cls), -1).numpy()     # (n, n_classes)
+        idx = np.arange(self.groups, self.groups + n)
+        self.groups += n
+        win, hop, _ = frame_params(self.front.sr)
+        last = idx * self.sub + self.sub - 1
+        if final:
+            last = np.minimum(last, self.front.frames - 1)
+        return (last * hop + win) / self.front.sr, probs
 
 
 # -----------------------------------------------------------------------------
@@ -2030,6 +2430,16 @@ def at_loss(student_maps, teacher_maps, mask=None, dist="l1", norm="l1"):
     return loss
 
 
+def frame_loss(frame_logits, mask, y, warmup):
+    """Cross-entropy of a causal student's every frame against its utterance's label,
+    averaged over the real frames after the first `warmup` ones (an utterance shorter
+    than that adds nothing). frame_logits (B, T, n), mask (B, T), y (B,)."""
+    keep = mask.clone()
+    keep[:, :warmup] = False
+    ce = F.cross_entropy(frame_logits.float().transpose(1, 2), y[:, None].expand_as(mask), reduction="none")  # (B, T)
+    return (ce * keep).sum() / keep.sum().clamp_min(1)
+
+
 def parse_pairs(spec, n_student, n_teacher):
     """Which teacher activation each student activation imitates: list of (i, j), 0-based."""
     if spec == "auto":
@@ -2048,6 +2458,9 @@ def parse_pairs(spec, n_student, n_teacher):
 
 # -----------------------------------------------------------------------------
 # training
+
+LR_DECAY = 0.5   # factor applied to the learning rate when dev UA stalls for --lr-patience epochs
+
 
 class TrainingError(Exception):
     """Training cannot go on (e.g. the loss keeps being non-finite)."""
@@ -2148,9 +2561,26 @@ def prepare_data(cfg, role):
     train_ids = {u.id for u in train}
     idx = [i for i, u in enumerate(kept) if u.id in train_ids]
     mean, std = feature_stats([feats[i] for i in idx], [feats.moments[i] for i in idx])
-    return {"train": [(u, by_id[u.id]) for u in train], "dev": [(u, by_id[u.id]) for u in dev],
-            "test": [(u, by_id[u.id]) for u in test], "classes": classes,
-            "stats": {"mode": cfg.norm, "mean": torch.from_numpy(mean), "std": torch.from_numpy(std)}}
+    out = {"train": [(u, by_id[u.id]) for u in train], "dev": [(u, by_id[u.id]) for u in dev],
+           "test": [(u, by_id[u.id]) for u in test], "classes": classes,
+           "stats": {"mode": cfg.norm, "mean": torch.from_numpy(mean), "std": torch.from_numpy(std)}}
+    factors = cfg.speed_factors() if role == "student" else (1.0,)
+    if len(factors) > 1 or factors[0] != 1:
+        # Speed-perturbed copies of the training utterances, normalised with the statistics
+        # of the unperturbed features (a speaker's statistics do not change with the factor).
+        stats = normalisation_stats(kept, feats, cfg.norm, [u for u in kept if u.session not in held])
+        task = [u for u in kept if u.id in chosen]   # one cache per factor for every fold
+        views = {}
+        for f in factors:
+            if f == 1:
+                views[f] = by_id
+                continue
+            got, sped = compute_features(task, Path(cfg.runs) / "cache", speed=f)
+            views[f] = dict(zip([u.id for u in got if u.id in train_ids],
+                                normalise(got, sped, cfg.norm, keep=train_ids, stats=stats, lazy=True)))
+        # train_views[i]: the arrays of training utterance i, one per factor it could be read at
+        out["train_views"] = [[views[f][u.id] for f in factors if u.id in views[f]] for u in train]
+    return out
 
 
 _RESUME_IGNORES = {"resume", "device", "threads", "amp", "runs", "epochs"}
@@ -2180,9 +2610,16 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
     device = pick_device(cfg.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # The student's recipe options (RECIPES); the teacher's configuration has none of them.
+    wd, lr_patience, patience = (getattr(cfg, k, 0) for k in ("weight_decay", "lr_patience", "patience"))
+    opt = (torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=wd) if wd
+           else torch.optim.Adam(model.parameters(), lr=cfg.lr))
+    # ReduceLROnPlateau waits `patience` bad epochs and decays on the next: hence lr_patience - 1.
+    sched = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max" if higher_is_better else "min",
+                                                        factor=LR_DECAY, patience=lr_patience - 1)
+             if lr_patience else None)
     conf = dataclasses.asdict(cfg)
-    start, best, log = 1, None, run_dir / "metrics.jsonl"
+    start, best, stale, log = 1, None, 0, run_dir / "metrics.jsonl"
     if cfg.resume and (run_dir / "last.pt").is_file():
         ck = load_checkpoint(run_dir / "last.pt")
         diff = _config_diff(ck["config"], cfg)
@@ -2191,8 +2628,10 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
                             f"use --name or delete the folder")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(ck["scheduler"])
         torch.set_rng_state(ck["rng"])
-        start, best = ck["epoch"] + 1, ck["best"]
+        start, best, stale = ck["epoch"] + 1, ck["best"], ck.get("stale", 0)
         if log.is_file():  # drop lines of an epoch whose checkpoint was not written
             keep = [l for l in log.read_text().splitlines() if json.loads(l)["epoch"] <= ck["epoch"]]
             log.write_text("".join(l + "\n" for l in keep))
@@ -2207,14 +2646,21 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
     nonfinite_run, t_start = 0, time.time()
     for epoch in range(start, cfg.epochs + 1):
+        if patience and stale >= patience:
+            print(f"early stopping: no better dev {score_key} in the last {stale} epochs (--patience {patience})")
+            break
         t0 = time.time()
         model.train()
         sums, n_batches, skipped = {}, 0, 0
-        batches = make_batches([x.shape[1] for _, x in data["train"]], cfg.batch_size,
+        train = data["train"]
+        if data.get("train_views"):  # speed perturbation: one factor per utterance and epoch, drawn with the seed
+            pick = np.random.default_rng([cfg.seed, epoch, 1])
+            train = [(u, views[pick.integers(len(views))]) for (u, _), views in zip(train, data["train_views"])]
+        batches = make_batches([x.shape[1] for _, x in train], cfg.batch_size,
                                np.random.default_rng([cfg.seed, epoch]), cfg.max_frames)
         for idx in batches:
             with autocast:
-                loss, parts = loss_fn(model, [data["train"][i] for i in idx])
+                loss, parts = loss_fn(model, [train[i] for i in idx])
             if not torch.isfinite(loss):
                 skipped, nonfinite_run = skipped + 1, nonfinite_run + 1
                 if nonfinite_run >= 20:
@@ -2237,15 +2683,21 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
         score = metrics[score_key]
         improved = best is None or (score > best if higher_is_better else score < best)
         best = score if improved else best
+        stale = 0 if improved else stale + 1
+        lr = opt.param_groups[0]["lr"]
+        if sched is not None:
+            sched.step(score)
         secs = time.time() - t0
         means = {k: v / n_batches for k, v in sums.items()}
-        row = {"epoch": epoch, **means,
+        row = {"epoch": epoch, **means, "lr": lr,
                **{f"dev_{k}": v for k, v in metrics.items() if isinstance(v, float)},
                "skipped_batches": skipped, "seconds": round(secs, 2)}
         with open(log, "a") as f:
             f.write(json.dumps(row) + "\n")
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
-                 "config": conf, "rng": torch.get_rng_state(), **extra}
+                 "stale": stale, "config": conf, "rng": torch.get_rng_state(), **extra}
+        if sched is not None:
+            state["scheduler"] = sched.state_dict()
         if improved:
             atomic_save(state, run_dir / "best.pt")
         atomic_save(state, run_dir / "last.pt")
@@ -2419,7 +2871,10 @@ def train_student(cfg: StudentConfig):
         x, lengths = collate([x for _, x in items], device)
         y = torch.tensor([label[u.label] for u, _ in items], device=device)
         logits, out = model(x, lengths, need_weights=cfg.at_selfattn)   # weights only for their transfer
-        ser = F.cross_entropy(logits.float(), y)
+        ser = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        if cfg.causal and cfg.frame_loss > 0:   # a causal student is also taught at every frame after a warm-up
+            warmup = round(cfg.warmup / (HOP_SECONDS * cfg.subsample))
+            ser = ser + cfg.frame_loss * frame_loss(out["frame_logits"], out["mask"], y, warmup)
         if teacher is None:
             return ser, {"ser": ser.item()}
         with torch.no_grad():
@@ -2441,6 +2896,14 @@ def train_student(cfg: StudentConfig):
         final[part] = classify(model, data[part], label, cfg.batch_size, device, cfg.max_frames)
         print(f"{cfg.run_name()} fold {cfg.fold} {part}: WA {final[part]['WA']:.1f}  UA {final[part]['UA']:.1f}")
     print(format_confusion(final["test"]["confusion"], classes, f"test confusion (best dev UA, epoch {best['epoch']})"))
+    if cfg.causal:   # the emotion track over the test speaker's utterances joined into conversations
+        prior = STREAM_NORM_PRIOR if cfg.norm == "speaker" else None
+        final["track"] = track_evaluation(model.cpu(), [u for u, _ in data["test"]], classes,
+                                          data["stats"]["mean"].numpy(), data["stats"]["std"].numpy(), prior, seed=cfg.seed)
+        t = final["track"]
+        print(f"{cfg.run_name()} fold {cfg.fold} track ({t['seconds']:.0f} s in {t['conversations']} conversations): "
+              f"frame UA {t['all']['UA']:.1f}, {t['settle']:.1f} s after boundaries excluded {t['settled']['UA']:.1f}; "
+              f"mean delay to switch {t['delay_mean'] or math.nan:.2f} s ({t['switched']}/{t['changes']} switched)")
     write_json(final, run_dir / "final.json")
     return final
 
@@ -2499,6 +2962,65 @@ def classify(model, items, label, batch_size, device, max_frames=0):
     return classification_metrics(y_true, y_pred, len(label))
 
 
+TRACK_CONVERSATION = 60.0  # s: test utterances are joined, in a seeded random order, into conversations this long
+TRACK_SETTLE = 1.0         # s: after each boundary, excluded from the "settled" frame accuracy
+
+
+def track_evaluation(model, utts, classes, mean, std, prior=STREAM_NORM_PRIOR, seconds=TRACK_CONVERSATION,
+                     settle=TRACK_SETTLE, seed=0):
+    """The emotion track of a causal student over long recordings with known boundaries.
+
+    The utterances (a held-out speaker's) are shuffled and joined end to end into
+    conversations of about `seconds`, each run as one recording (causal_track: the
+    stream's outputs, running normalisation restarted per conversation). Every output
+    is labelled by the utterance under the middle of its frames. Returns frame-level
+    WA/UA over all outputs ("all") and over those at least `settle` s after their
+    utterance's start ("settled"), and, at each boundary where the class changes, the
+    delay from the boundary until the track (the latest ready output) first shows the
+    new class within that utterance: its mean and median over the boundaries where it
+    does ("switched" of "changes")."""
+    label = {c: i for i, c in enumerate(classes)}
+    order = np.random.default_rng(seed).permutation(len(utts))
+    convs, cur, dur = [], [], 0.0
+    for i in order:
+        wave = load_audio(utts[i].path)
+        cur.append((wave, label[utts[i].label]))
+        dur += len(wave) / SAMPLE_RATE
+        if dur >= seconds:
+            convs.append(cur)
+            cur, dur = [], 0.0
+    if cur:
+        convs.append(cur)
+    _, hop, _ = frame_params()
+    y, pred, settled, delays, changes, total = [], [], [], [], 0, 0.0
+    for conv in convs:
+        wave = np.concatenate([w for w, _ in conv])
+        starts = np.cumsum([0] + [len(w) for w, _ in conv]) / SAMPLE_RATE         # (n + 1,) boundaries, s
+        labels = np.array([c for _, c in conv])
+        ends, ready, probs = causal_track(model, wave, mean, std, prior)
+        p = probs.argmax(1)
+        mid = (np.arange(len(p)) * model.subsample * hop / SAMPLE_RATE + ends) / 2   # middle of each output's frames
+        seg = np.clip(np.searchsorted(starts, mid, side="right") - 1, 0, len(conv) - 1)
+        y.append(labels[seg])
+        pred.append(p)
+        settled.append(mid - starts[seg] >= settle)
+        for k in range(1, len(conv)):
+            if labels[k] == labels[k - 1]:
+                continue
+            changes += 1
+            hit = np.nonzero((ready >= starts[k]) & (ready < starts[k + 1]) & (p == labels[k]))[0]
+            if len(hit):
+                delays.append(ready[hit[0]] - starts[k])
+        total += len(wave) / SAMPLE_RATE
+    y, pred, settled = np.concatenate(y), np.concatenate(pred), np.concatenate(settled)
+    strip = lambda m: {k: v for k, v in m.items() if k in ("WA", "UA", "n")}  # noqa: E731
+    return {"all": strip(classification_metrics(y, pred, len(classes))),
+            "settled": strip(classification_metrics(y[settled], pred[settled], len(classes))),
+            "settle": settle, "delay_mean": float(np.mean(delays)) if delays else None,
+            "delay_median": float(np.median(delays)) if delays else None,
+            "switched": len(delays), "changes": changes, "conversations": len(convs), "seconds": total}
+
+
 def row_normalised(conf):
     """Confusion counts -> each true class's row as fractions (rows without utterances stay 0)."""
     conf = np.asarray(conf, dtype=np.float64)
@@ -2519,10 +3041,12 @@ def format_confusion(conf, classes, title):
     return "\n".join(lines)
 
 
-# Table 2's eight configurations, in the paper's order: (run name, encoder, attention, transfer).
-TABLE2 = [(f"{e}-{a}" + ("-at" if t else ""), e, a, t)
-          for e in ("blstm", "tcn") for t in (False, True) for a in ("soft", "self")]
-TABLE2_LABEL = {"blstm": "BLSTM", "tcn": "TCN", "soft": "soft attention", "self": "self-attention"}
+# Table 2's rows: the baseline (utterance statistics + linear classifier), then the paper's
+# eight configurations in its order: (run name, encoder, attention, transfer).
+TABLE2 = [("stats", "stats", None, False)] + [(f"{e}-{a}" + ("-at" if t else ""), e, a, t)
+                                              for e in ("blstm", "tcn") for t in (False, True) for a in ("soft", "self")]
+TABLE2_LABEL = {"blstm": "BLSTM", "tcn": "TCN", "soft": "soft attention", "self": "self-attention",
+                "stats": "utterance statistics + linear"}
 
 
 def z_test_one_tailed(correct_a, n_a, correct_b, n_b):
@@ -2555,7 +3079,9 @@ def report(runs="runs"):
         summary[name] = {k: v.mean() for k, v in vals.items()}
         parts = name.split("-")
         label = (f"{TABLE2_LABEL.get(parts[0], parts[0])} + {TABLE2_LABEL.get(parts[1], parts[1])}"
-                 + (" w/ AT" if parts[-1] == "at" else "")) if len(parts) >= 2 else name
+                 + (" w/ AT" if parts[-1] == "at" else "")) if len(parts) >= 2 else TABLE2_LABEL.get(name, name)
+        recipes = sorted({r["config"].get("recipe", "paper") for r in rs})
+        label += "" if recipes == ["paper"] else f" ({', '.join(recipes)} recipe)"
         out.append(f"| {label} | {len(rs)} | " + " | ".join(f"{v.mean():.1f} ± {v.std():.1f}" for v in vals.values()) + " |")
     skipped_at = [n for n, *_, t in TABLE2 if t and n not in results]
     if skipped_at and not teachers:
@@ -2833,7 +3359,7 @@ IEMOCAP_STUDENT_UTTERANCES = 2943   # improvised dialogs, four classes: the stud
 IEMOCAP_HOURS = 12.4                # hours of audio
 IEMOCAP_MAX_SECONDS = 34.1          # the longest utterance
 IEMOCAP_LENGTH_SIGMA = 0.6          # spread of log durations (lengths drawn log-normal with IEMOCAP's mean)
-RUN_ALL_TEACHERS, RUN_ALL_STUDENTS = 5, 40   # trainings of run_all.sh on IEMOCAP (5 folds; 8 configurations)
+RUN_ALL_TEACHERS = 5                # teachers of run_all.sh on IEMOCAP (one per fold); each student row has 5 too
 
 
 def iemocap_like_seconds(n, rng):
@@ -2876,8 +3402,8 @@ def _bench_train_one(kind, at, device_name, threads, batches, n_eval):
     rng = np.random.default_rng(0)
     n_train = IEMOCAP_UTTERANCES * 4 // 5 if kind == "teacher" else IEMOCAP_STUDENT_UTTERANCES * 4 // 5
     lengths = np.maximum(1, (iemocap_like_seconds(n_train, rng) / HOP_SECONDS).astype(int))
-    cfg = TeacherConfig() if kind == "teacher" else StudentConfig(encoder=kind.split("-")[0],
-                                                                  attention=kind.split("-")[1], at_weight=float(at))
+    cfg = (TeacherConfig() if kind == "teacher" else StudentConfig(encoder="stats") if kind == "stats" else
+           StudentConfig(encoder=kind.split("-")[0], attention=kind.split("-")[1], at_weight=float(at)))
     epoch = make_batches(lengths, cfg.batch_size, np.random.default_rng(1), cfg.max_frames)
     padded = [len(b) * int(lengths[b].max()) for b in epoch]
     order = np.argsort(padded)
@@ -3022,8 +3548,8 @@ def bench_train(device="auto", batches=2, threads=1, cache_files=1000, jobs=(1, 
               f"{base[1]:.0f} -> {stats[1]:.0f} -> {end[1]:.0f} MB anonymous, {base[2]:.0f} -> {stats[2]:.0f} -> "
               f"{end[2]:.0f} MB file-backed (mapped cache pages, reclaimable), peak {end[0]:.0f} MB", flush=True)
     # 3. training steps of each configuration
-    configs = [("teacher", False)] + [(f"{e}-{a}", at) for at in (False, True) for e in ("blstm", "tcn")
-                                      for a in ("soft", "self")]
+    configs = [("teacher", False), ("stats", False)] + [(f"{e}-{a}", at) for at in (False, True)
+                                                        for e in ("blstm", "tcn") for a in ("soft", "self")]
     rows, t_epoch = [], {}
     print(f"\n| configuration | batches/epoch | s/epoch | peak memory (MB) | measured batches (B x T) |\n|---|---|---|---|---|")
     for kind, at in configs:
@@ -3042,7 +3568,8 @@ def bench_train(device="auto", batches=2, threads=1, cache_files=1000, jobs=(1, 
           f"greedy decoding); {cfg_t.epochs} teacher and {cfg_s.epochs} student epochs")
     for n in jobs:
         total = project_run_all(teacher_s, student_s, n, cores if device.type == "cpu" else n)
-        print(f"projected run_all.sh (5 teachers, 40 students) with --jobs {n}: {total / 3600:,.1f} h"
+        print(f"projected run_all.sh ({RUN_ALL_TEACHERS} teachers, {5 * len(student_s)} students) with --jobs {n}: "
+              f"{total / 3600:,.1f} h"
               + (f" ({n} jobs on {cores} cores: slowed by {n / cores:.1f}x)" if device.type == "cpu" and n > cores else ""))
     if worst:
         s, peak = fresh(_bench_worst_batch, str(device), threads, 32, 30.0)
@@ -3178,7 +3705,8 @@ def add_config_args(parser, cls):
     for f in dataclasses.fields(cls):
         meta = f.metadata
         demo = f"; demo corpus: {meta['demo']}" if meta.get("demo") is not None else ""
-        help_ = f"{meta['help']} (default: {f.default}{demo})"
+        default = f.default if not meta.get("recipe") else ", ".join(f"{r} {v[f.name]}" for r, v in RECIPES.items())
+        help_ = f"{meta['help']} (default: {default}{demo})"
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)

@@ -1502,7 +1502,10 @@ def test_cli_student_help_lists_every_option_and_default(monkeypatch, capsys):
             missing.append(f"{flag}: no default shown")
             continue
         demo = f.metadata.get("demo")
-        want = f"(default: {f.default}" + (f"; demo corpus: {demo})" if demo is not None else ")")
+        default = f.default
+        if f.metadata.get("recipe"):   # set by --recipe: both recipes' values are shown
+            default = f"paper {satn.RECIPES['paper'][f.name]}, robust {satn.RECIPES['robust'][f.name]}"
+        want = f"(default: {default}" + (f"; demo corpus: {demo})" if demo is not None else ")")
         if not options.startswith(want, start):
             missing.append(f"{flag}: {options[start:start + 60]!r} does not start with {want!r}")
     print("\n".join(missing))
@@ -2185,7 +2188,7 @@ def _run_all(args, tmp_path, env_extra=None, timeout=120):
 
 def _student_key(argv):
     opt = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
-    return opt["--encoder"], opt["--attention"], float(opt["--at-weight"]), int(opt["--fold"])
+    return opt["--encoder"], opt.get("--attention", "-"), float(opt["--at-weight"]), int(opt["--fold"])
 
 
 def test_run_all_dry_run_lists_every_training_in_order(demo_corpus, tmp_path):
@@ -2198,7 +2201,7 @@ def test_run_all_dry_run_lists_every_training_in_order(demo_corpus, tmp_path):
     cmds = [shlex.split(line) for line in r.stdout.splitlines() if line.strip()]
     kinds = [c[2] if len(c) > 2 and c[1].endswith("satn.py") else "?" for c in cmds]
     print(kinds)
-    assert kinds == ["teacher"] * 5 + ["student"] * 40 + ["report"]
+    assert kinds == ["teacher"] * 5 + ["student"] * 45 + ["report"]
     for c in cmds[:-1]:
         joined = " ".join(shlex.quote(a) for a in c)
         assert ("--data", data) in zip(c, c[1:]), joined
@@ -2206,9 +2209,10 @@ def test_run_all_dry_run_lists_every_training_in_order(demo_corpus, tmp_path):
         assert "--resume" in c and ("--runs", "runs") in zip(c, c[1:])
     teacher_folds = [int(c[c.index("--fold") + 1]) for c in cmds[:5]]
     assert sorted(teacher_folds) == [1, 2, 3, 4, 5]
-    keys = [_student_key(c) for c in cmds[5:45]]
+    keys = [_student_key(c) for c in cmds[5:50]]
+    assert keys[:5] == [("stats", "-", 0.0, k) for k in range(1, 6)]          # the baseline row first
     configs = {}
-    for enc, att, w, fold in keys:
+    for enc, att, w, fold in keys[5:]:
         configs.setdefault((enc, att, w), []).append(fold)
     print(configs)
     assert len(configs) == 8
@@ -2227,7 +2231,10 @@ def test_run_all_slurm_writes_arrays_of_the_dry_run_lines(tmp_path):
     opts = ["--partition=gpu", "--gres=gpu:1", "--time", "1-00:00:00"]
     dry = _run_all(["--dry-run", "--epochs", "2"], tmp_path).stdout.splitlines()
     r = _run_all(["--epochs", "2", "--slurm", *opts, "--", "--seed", "3"], tmp_path)
-    assert r.returncode == 0 and "5 teacher task(s), 40 student task(s)" in r.stdout
+    n_teachers = sum(" teacher " in l for l in dry)
+    n_students = len(dry) - 1 - n_teachers
+    assert n_teachers == 5 and n_students >= 40
+    assert r.returncode == 0 and f"5 teacher task(s), {n_students} student task(s)" in r.stdout
     d = tmp_path / "runs" / "slurm"
     teachers, students = (d / "teachers.txt").read_text().splitlines(), (d / "students.txt").read_text().splitlines()
     assert [shlex.split(l) for l in teachers + students] == [shlex.split(l) + ["--seed", "3"] for l in dry[:-1]]
@@ -2248,17 +2255,17 @@ def test_run_all_slurm_writes_arrays_of_the_dry_run_lines(tmp_path):
     assert len(calls) == 4 and all(" ".join(opts) in c for c in calls)
     assert "prepare" in calls[0] and "--dependency" not in calls[0]
     assert "--dependency=afterok:101 --array=1-5" in calls[1] and calls[1].endswith("teachers.txt")
-    assert "--dependency=afterok:102 --array=1-40" in calls[2] and calls[2].endswith("students.txt")
+    assert f"--dependency=afterok:102 --array=1-{n_students}" in calls[2] and calls[2].endswith("students.txt")
     assert "--dependency=afterany:103" in calls[3] and "report" in calls[3]
     assert "logs/teacher-%a.out" in calls[1] and "logs/student-%a.out" in calls[2]
     # an array task runs its own line of the list, from the folder run_all.sh was called in
-    for i, lst in ((3, "teachers.txt"), (40, "students.txt")):
+    for i, lst in ((3, "teachers.txt"), (n_students, "students.txt")):
         task = subprocess.run(["bash", str(d / "task.sh"), str(d / lst)], cwd="/", capture_output=True, text=True,
                               env={**env, "SLURM_ARRAY_TASK_ID": str(i)}, timeout=30)
         assert task.returncode == 0, task.stderr
     ran = (tmp_path / "python.log").read_text().splitlines()
     print(ran)
-    assert ran == [" ".join(shlex.split(teachers[2])[1:]), " ".join(shlex.split(students[39])[1:])]
+    assert ran == [" ".join(shlex.split(teachers[2])[1:]), " ".join(shlex.split(students[-1])[1:])]
 
 
 def test_bench_train_projection_replays_run_all_schedule():
@@ -2323,9 +2330,9 @@ def test_run_all_without_transcripts_skips_teachers_and_transfer(tmp_path):
     assert r.returncode == 0
     assert "no transcripts" in r.stdout
     assert "teacher" not in kinds
-    assert kinds[0] == "prepare" and kinds[-1] == "report" and kinds.count("student") == 20
+    assert kinds[0] == "prepare" and kinds[-1] == "report" and kinds.count("student") == 25
     students = [_student_key(c) for c in calls if c[1] == "student"]
-    assert len(set(students)) == 20
+    assert len(set(students)) == 25
     assert all(w == 0 for _, _, w, _ in students)
     assert all(("--data", "corpus.csv") in zip(c, c[1:]) and ("--epochs", "1") in zip(c, c[1:])
                for c in calls if c[1] == "student")
@@ -2338,7 +2345,7 @@ def test_run_all_order_and_failed_trainings(tmp_path, jobs):
     events = _fake_calls(log)
     kinds = [argv[1] for event, argv in events if event == "start"]
     print(kinds)
-    assert kinds.count("teacher") == 5 and kinds.count("student") == 40 and kinds[-1] == "report"
+    assert kinds.count("teacher") == 5 and kinds.count("student") == 45 and kinds[-1] == "report"
     # a student with transfer starts only once every teacher has finished
     teacher_ends = [i for i, (event, argv) in enumerate(events) if event == "end" and argv[1] == "teacher"]
     transfer_starts = [i for i, (event, argv) in enumerate(events)
@@ -2346,7 +2353,7 @@ def test_run_all_order_and_failed_trainings(tmp_path, jobs):
     assert len(teacher_ends) == 5 and len(transfer_starts) == 20
     assert max(teacher_ends) < min(transfer_starts)
     assert r.returncode != 0
-    assert re.search(r"\b9 failed", r.stdout)          # the teacher and the 8 students of fold 3
+    assert re.search(r"\b10 failed", r.stdout)         # the teacher and the 9 students of fold 3
 
 
 def test_run_all_stops_when_prepare_fails(tmp_path):
@@ -3091,6 +3098,162 @@ def test_run_all_dry_run_of_a_manifest_without_transcripts(demo_corpus, tmp_path
     cmds = [shlex.split(line) for line in r.stdout.splitlines() if line.strip()]
     kinds = [c[2] for c in cmds]
     print(kinds)
-    assert kinds == ["student"] * 12 + ["report"]       # 4 configurations without transfer x 3 sessions
+    assert kinds == ["student"] * 15 + ["report"]       # baseline + 4 configurations without transfer x 3 sessions
     assert sorted({_student_key(c)[3] for c in cmds[:-1]}) == [1, 2, 3]
     assert all(_student_key(c)[2] == 0 for c in cmds[:-1])
+
+
+# -----------------------------------------------------------------------------
+# baseline and training recipes
+
+def test_masked_mean_std_by_hand_and_padding_ignored():
+    x = torch.tensor([[[1.0, 3.0, 100.0, -7.0]], [[2.0, 2.0, 2.0, 6.0]]])      # (2, 1, 4)
+    got = satn.masked_mean_std(x, torch.tensor([2, 4]))
+    # utterance 1: frames 1, 3 -> mean 2, std 1; utterance 2: 2, 2, 2, 6 -> mean 3, var 3
+    want = torch.tensor([[2.0, math.sqrt(1.0 + 1e-5)], [3.0, math.sqrt(3.0 + 1e-5)]])
+    print(got)
+    torch.testing.assert_close(got, want)
+
+
+def test_stats_baseline_ignores_padding_and_has_no_activations():
+    torch.manual_seed(0)
+    cfg = satn.StudentConfig(encoder="stats", dropout=0.3)
+    model = satn.Student(cfg, n_classes=3).eval()
+    assert cfg.run_name() == "stats" and model.classifier.in_features == 2 * satn.FEAT_CHANNELS
+    short, long = torch.randn(1, 120, 10), torch.randn(1, 120, 17)
+    with torch.no_grad():
+        alone, _ = model(short, torch.tensor([10]))
+        both, out = model(torch.cat([_padded(short, 7, 2), long]), torch.tensor([10, 17]))
+        long_alone, _ = model(long, torch.tensor([17]))
+    print(alone, both)
+    torch.testing.assert_close(both[0], alone[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(both[1], long_alone[0], atol=1e-5, rtol=1e-4)
+    assert out["acts"] == [] and out["weights"] is None
+    with pytest.raises(satn.DataError, match="--encoder stats"):
+        satn.StudentConfig(encoder="stats", at_weight=1.0)
+
+
+def test_recipe_robust_sets_its_flags_and_explicit_options_win(monkeypatch):
+    paper, robust = satn.StudentConfig(), satn.StudentConfig(recipe="robust")
+    for k, v in satn.RECIPES["paper"].items():
+        assert getattr(paper, k) == v, k
+    for k, v in satn.RECIPES["robust"].items():
+        assert getattr(robust, k) == v, k
+    # robust turns every one of them on
+    assert robust.time_masks > 0 and robust.time_mask_frames > 0 and robust.freq_masks > 0 and robust.freq_mask_bands > 0
+    assert len(robust.speed_factors()) > 1 and robust.weight_decay > 0 and robust.lr_patience > 0
+    assert robust.label_smoothing > 0 and robust.patience > 0
+    assert satn.StudentConfig(recipe="robust", speed="1", label_smoothing=0.0).speed_factors() == (1.0,)
+    # the command line: robust sets what is not given, a given option wins
+    seen = {}
+    monkeypatch.setattr(satn, "train_student", lambda cfg: seen.setdefault(cfg.fold, cfg))
+    monkeypatch.setattr(satn, "_folds", lambda cfg: [1])
+    assert satn.main(["student", "--recipe", "robust", "--patience", "3", "--speed", "1.1,1"]) == 0
+    cfg = seen[1]
+    assert cfg.patience == 3 and cfg.speed_factors() == (1.0, 1.1) and cfg.time_masks == satn.RECIPES["robust"]["time_masks"]
+    with pytest.raises(satn.DataError, match="--speed"):
+        satn.StudentConfig(speed="fast")
+
+
+def test_spec_augment_is_a_no_op_in_eval_and_reproducible_with_the_seed():
+    aug = satn.SpecAugment(time_masks=2, time_width=5, freq_masks=2, freq_width=4)
+    x, lengths = torch.randn(6, 120, 30) + 5.0, torch.tensor([30, 25, 12, 30, 8, 3])
+    assert aug.eval()(x, lengths) is x
+    aug.train()
+    torch.manual_seed(1)
+    a = aug(x, lengths)
+    torch.manual_seed(1)
+    b = aug(x, lengths)
+    torch.manual_seed(2)
+    c = aug(x, lengths)
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(a, c)
+    dropped = a == 0                                                              # (B, 120, T)
+    bands = dropped.all(-1)[:, :satn.N_MELS]                                      # whole mel bands
+    for k in range(3):                                                            # the same bands in every stream
+        assert torch.equal(dropped.all(-1)[:, k * satn.N_MELS:(k + 1) * satn.N_MELS], bands)
+    assert (bands.sum(1) <= 2 * 4).all()
+    frames = dropped.all(1)                                                       # whole frames, (B, T)
+    assert (frames.sum(1) <= 2 * 5).all() and frames.any()
+    for i, n in enumerate(lengths.tolist()):
+        assert not frames[i, n:].any()                                            # never inside the padding
+    assert torch.equal(a[~dropped], x[~dropped])
+    assert satn.SpecAugment().train()(x, lengths) is x                          # nothing to mask: off
+
+
+@pytest.mark.parametrize("factor,samples", [(1.1, 14546), (0.9, 17778), (1.0, 16000)])
+def test_speed_perturbation_changes_the_frame_count(factor, samples):
+    t = np.arange(16000) / SR
+    wave = (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
+    sped = satn.speed_perturb(wave, factor)
+    frames = satn.features(sped).shape[-1]
+    print(factor, len(sped), frames)
+    assert len(sped) == samples                                                   # ceil(16000 / factor)
+    assert frames == 1 + (samples - 400) // 160                                   # 89, 109, 98 frames
+    spec = np.abs(np.fft.rfft(sped))
+    assert np.argmax(spec) / len(sped) * SR == pytest.approx(200 * factor, abs=2)   # pitch moves with speed
+
+
+def test_speed_perturbed_features_are_cached_apart(tmp_path, capsys):
+    rows = [("a.wav", "x", "1F", "s1"), ("b.wav", "y", "1M", "s1")]
+    utts = satn.load_manifest(_tone_corpus(tmp_path, rows), verbose=False)
+    _, plain = satn.compute_features(utts, tmp_path / "cache", verbose=False)
+    _, fast = satn.compute_features(utts, tmp_path / "cache", verbose=False, speed=1.1)
+    assert len(list((tmp_path / "cache").glob("features-*.npz"))) == 2
+    for p, f in zip(plain, fast):
+        n = int(round(0.3 * SR))
+        assert p.shape[-1] == 1 + (n - 400) // 160
+        assert f.shape[-1] == 1 + (math.ceil(n / 1.1) - 400) // 160
+
+
+def test_robust_recipe_training_is_reproducible_and_evaluation_unaugmented(tmp_path, monkeypatch):
+    """Two runs with the seed give the same epochs; a third seed differs; speed copies only in training."""
+    monkeypatch.chdir(tmp_path)
+    rows = [(f"{s}{g}{i}.wav", lab, f"{s}{g}", f"s{s}") for s in "12" for g in "FM" for i, lab in enumerate("xyxy")]
+    data = _tone_corpus(tmp_path / "c", rows)
+    cfg = satn.StudentConfig(data=str(data), fold=1, runs=str(tmp_path / "runs"), recipe="robust", channels=8,
+                             heads=2, subsample=4, epochs=3, lr=3e-2, batch_size=4, lr_patience=1, patience=2)
+    d = satn.prepare_data(cfg, "student")
+    assert len(d["train_views"]) == len(d["train"]) == 8
+    assert all(len(v) == 3 for v in d["train_views"])
+    lens = sorted({v.shape[1] for views in d["train_views"] for v in views})
+    assert len(lens) == 3                                          # 0.9, 1.0 and 1.1 give three frame counts
+    paper = satn.prepare_data(dataclasses.replace(cfg, recipe="paper", speed="1"), "student")
+    assert "train_views" not in paper
+    for part in ("dev", "test"):                                   # evaluation sees the plain features
+        for (u, x), (v, y) in zip(d[part], paper[part]):
+            assert u.id == v.id and np.array_equal(x, y)
+    logs = []
+    for seed, name in ((0, "a"), (0, "b"), (1, "c")):
+        satn.train_student(dataclasses.replace(cfg, seed=seed, name=name))
+        logs.append([{k: v for k, v in json.loads(l).items() if k != "seconds"}
+                     for l in (tmp_path / "runs" / "student" / name / "fold1" / "metrics.jsonl").read_text().splitlines()])
+    print(logs)
+    assert logs[0] == logs[1] and logs[0] != logs[2]
+    assert all(r["lr"] <= cfg.lr for r in logs[0])
+
+
+def test_report_puts_the_baseline_row_first(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rows = [(f"{s}{g}{i}.wav", lab, f"{s}{g}", f"s{s}") for s in "12" for g in "FM" for i, lab in enumerate("xyxy")]
+    data = _tone_corpus(tmp_path / "c", rows)
+    runs = tmp_path / "runs"
+    for extra in (["--encoder", "tcn"], ["--encoder", "stats"], ["--encoder", "blstm", "--recipe", "robust"]):
+        assert _student_cli(data, tmp_path, "--fold", "1", *extra) == 0
+    assert satn.main(["report", "--runs", str(runs)]) == 0
+    table = [l for l in (runs / "results.md").read_text().splitlines() if l.startswith("| ") and "folds" not in l]
+    print("\n".join(table))
+    stats = json.loads((runs / "student" / "stats" / "fold1" / "final.json").read_text())
+    assert table[0].startswith(f"| utterance statistics + linear | 1 | {stats['dev']['WA']:.1f} ± 0.0 |")
+    assert table[1].startswith("| BLSTM + self-attention (robust recipe) | 1 |")
+    assert table[2].startswith("| TCN + self-attention | 1 |")
+
+
+def test_run_all_recipe_goes_to_the_students_only(tmp_path):
+    env, log = _fake_python(tmp_path, 0)
+    r = _run_all(["--runs", str(tmp_path / "runs"), "--jobs", "2", "--recipe", "robust"], tmp_path, env)
+    calls = [argv for event, argv in _fake_calls(log) if event == "start"]
+    assert r.returncode == 0
+    students = [c for c in calls if c[1] == "student"]
+    assert len(students) == 45 and all(("--recipe", "robust") in zip(c, c[1:]) for c in students)
+    assert not any("--recipe" in c for c in calls if c[1] != "student")
