@@ -3199,7 +3199,7 @@ def test_speed_perturbed_features_are_cached_apart(tmp_path, capsys):
     utts = satn.load_manifest(_tone_corpus(tmp_path, rows), verbose=False)
     _, plain = satn.compute_features(utts, tmp_path / "cache", verbose=False)
     _, fast = satn.compute_features(utts, tmp_path / "cache", verbose=False, speed=1.1)
-    assert len(list((tmp_path / "cache").glob("features-*.npz"))) == 2
+    assert len(list((tmp_path / "cache").glob("features-*.json"))) == 2
     for p, f in zip(plain, fast):
         n = int(round(0.3 * SR))
         assert p.shape[-1] == 1 + (n - 400) // 160
