@@ -526,10 +526,16 @@ def _text_files(folder):
     return sorted(p for p in Path(folder).glob("*.txt") if not p.name.startswith("._"))
 
 
+def session_order(sessions):
+    """Session names in natural order: numbers inside a name compare as numbers, so
+    sessions 1..11 give 1, 2, ..., 10, 11 (fold k holds out the k-th), not 1, 10, 11, 2."""
+    return sorted(sessions, key=lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)])
+
+
 def print_counts(utts, title):
     """A table of utterance counts per session and class."""
     classes = sorted({u.label for u in utts}, key=lambda c: (EMOTIONS + (c,)).index(c))
-    sessions = sorted({u.session for u in utts})
+    sessions = session_order({u.session for u in utts})
     print(f"{title}: {len(utts)} utterances, {len({u.speaker for u in utts})} speakers")
     print(f"  {'session':<10}" + "".join(f"{c:>9}" for c in classes) + f"{'total':>9}")
     for s in sessions + ["total"]:
@@ -875,14 +881,19 @@ class FeatureList(list):
         self.moments = moments
 
 
+STD_FLOOR = 1e-5  # added to every standard deviation before dividing by it
+
+
 def _combine_moments(counts, moments):
-    """Mean and standard deviation (+1e-5) per channel from per-utterance frame counts and
+    """Mean and standard deviation (+STD_FLOOR) per channel from per-utterance frame counts and
     (2, 120) moments (Chan et al.'s pairwise combination, in float64): two (120,) float32 arrays."""
+    if sum(counts) == 0:
+        raise DataError("no frames to compute normalisation statistics from")
     n = np.asarray(counts, dtype=np.float64)[:, None]                  # (U, 1)
     means, m2 = np.stack([m[0] for m in moments]), np.stack([m[1] for m in moments])  # (U, 120) each
     mean = (n * means).sum(0) / n.sum()
     var = (m2.sum(0) + (n * (means - mean) ** 2).sum(0)) / n.sum()
-    return mean.astype(np.float32), (np.sqrt(var) + 1e-5).astype(np.float32)
+    return mean.astype(np.float32), (np.sqrt(var) + STD_FLOOR).astype(np.float32)
 
 
 def _moments(f):
@@ -895,7 +906,8 @@ def feature_stats(feats, moments=None):
     """Mean and standard deviation per feature channel over all frames: two (120,) float32 arrays.
 
     feats: (3, 40, T) or (120, T) arrays; moments: their precomputed (2, 120) moments
-    (from compute_features), else computed one utterance at a time."""
+    (from compute_features), else computed one utterance at a time (memory stays one
+    utterance's worth)."""
     feats = list(feats)
     if moments is None:
         moments = [_moments(f) for f in feats]
@@ -962,8 +974,9 @@ def normalisation_stats(utts, feats, mode="speaker", train=None):
 def normalise(utts, feats, mode="speaker", train=None, keep=None, stats=None, lazy=False):
     """Mean/variance normalisation -> list of (120, T) float32 arrays.
 
-    mode="speaker": each speaker's statistics from that speaker's own utterances
-    (no labels used); mode="global": statistics of the `train` utterances only.
+    mode="speaker": each speaker's statistics from all of that speaker's utterances
+    (audio only, no labels; for a test speaker that includes the test utterances);
+    mode="global": statistics of the `train` utterances only.
     With `keep` (a set of ids), only those utterances are returned (statistics still
     come from all of them). `stats` (from normalisation_stats) applies given statistics,
     e.g. to speed-perturbed copies. lazy=True returns `Normalised` arrays, computed when
@@ -1417,7 +1430,7 @@ def split_fold(utts, fold, dev_speaker=None, sessions=None):
     F/M pairs, the sorted speakers are halved: first half dev, second half test.
     `sessions` (default: those of `utts`) fixes which session fold k is, so that a
     subset of the corpus (e.g. the transcribed part) keeps the same folds."""
-    sessions = sorted({u.session for u in utts}) if sessions is None else sorted(sessions)
+    sessions = session_order({u.session for u in utts} if sessions is None else sessions)
     where = {}
     for u in utts:
         where.setdefault(u.speaker, set()).add(u.session)
@@ -1692,9 +1705,12 @@ class BLSTM(nn.Module):
 # The fused extension in kernels/ is compiled on first use (never at import) by
 # torch.utils.cpp_extension with ninja into ~/.cache/satn/kernels/. SATN_KERNEL=ref
 # forces causal_conv1d_ref, SATN_KERNEL=ext makes an unavailable extension an error;
-# by default CUDA inputs use the extension and fall back, with one warning, when it
-# cannot be built. CPU inputs use PyTorch's path: the extension's CPU build exists to
-# test the shared arithmetic and is slower than PyTorch's convolution.
+# by default (auto) a CUDA input's signature (device, dtype, channels, kernel size,
+# dilation, length bucket, which gradients) is timed once on both paths and the faster
+# is kept (in memory and in KERNEL_CACHE_DIR/dispatch.json), so the extension is used
+# only where it helps; when it cannot be built, one warning says so and the PyTorch path
+# is used. CPU inputs use PyTorch's path: the extension's CPU build exists to test the
+# shared arithmetic and is slower than PyTorch's convolution.
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 KERNEL_CACHE_DIR = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -1703,8 +1719,14 @@ KERNEL_CACHE_DIR = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cac
 # of 9.0 lets newer GPUs JIT-compile the kernels).
 KERNEL_DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
+KERNEL_TUNE_WARMUP = 2      # untimed calls of each path before a new signature is timed
+KERNEL_TUNE_REPEATS = 5     # timed calls of each path (CUDA events; the median is compared)
+KERNEL_TUNE_MARGIN = 0.95   # the extension is chosen only if its median <= this x the PyTorch path's
+KERNEL_VERBOSE = False      # print each dispatch choice once (python satn.py -v ...)
+
 _KERNEL_EXT = {}        # "cpu" / "cuda" -> loaded module, or the reason it failed (str)
 _KERNEL_WARNED = False  # the auto-mode fallback warning is given once per process
+_KERNEL_CHOICES = {}    # dispatch signature -> "ext" or "ref", for this process
 
 
 def _kernel_mode():
@@ -1861,9 +1883,155 @@ def _kernel_self_check(ext):
 
 
 def _auto_wants_ext(x, weight):
-    """Whether SATN_KERNEL=auto sends this call to the extension: CUDA inputs only (on CPU
-    PyTorch's own convolution is faster than the extension's CPU build)."""
+    """Whether SATN_KERNEL=auto considers the extension for this call: CUDA inputs only (on
+    CPU PyTorch's own convolution is faster than the extension's CPU build)."""
     return x.is_cuda
+
+
+def _conv_uses_tf32():
+    """Whether PyTorch runs float32 convolutions on TF32 tensor cores now; the extension does
+    the same, so that both paths round alike (torch.backends.cudnn.conv.fp32_precision, else
+    torch.backends.cudnn.allow_tf32)."""
+    prec = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    if prec in ("tf32", "ieee"):
+        return prec == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def _t_bucket(T):
+    """Sequence lengths timed together: the next power of two >= T."""
+    return 1 << max(0, int(T) - 1).bit_length()
+
+
+def kernel_signature(x, weight, dilation, grads):
+    """What the dispatch times once: device, dtype (with TF32 for float32), C_in, C_out, K,
+    dilation, T bucket and which gradients the call needs ('none', 'w' or 'x+w')."""
+    dev = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
+    dtype = str(x.dtype).replace("torch.", "")
+    if x.dtype == torch.float32 and _conv_uses_tf32():
+        dtype += "/tf32"
+    return (dev, dtype, x.shape[1], weight.shape[0], weight.shape[2], int(dilation), _t_bucket(x.shape[2]), grads)
+
+
+def choose_kernel_path(ext_ms, ref_ms, margin=KERNEL_TUNE_MARGIN):
+    """The dispatch's decision from one timing of each path (median ms; ext_ms None when the
+    extension failed): the extension only when it is clearly faster, so auto never slows a
+    model down by more than timing noise."""
+    if ext_ms is None or not math.isfinite(ext_ms) or not math.isfinite(ref_ms):
+        return "ref"
+    return "ext" if ext_ms <= margin * ref_ms else "ref"
+
+
+def _cuda_median_ms(fn, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _time_kernel_paths(x, weight, bias, dilation, relu, ext, grads):
+    """Median ms of (extension, PyTorch path) on these very inputs, forward plus the backward
+    the call needs; the extension's time is None if it raised (e.g. out of memory)."""
+    gen = torch.Generator(device=x.device).manual_seed(0)  # the user's random stream is left alone
+    gy = torch.randn(x.shape[0], weight.shape[0], x.shape[2], generator=gen, device=x.device, dtype=x.dtype)
+    act = "relu" if relu else None
+    tf32 = _conv_uses_tf32()
+
+    def run(path):
+        xi = x.detach().requires_grad_(grads == "x+w")
+        wi, bi = (t.detach().requires_grad_(grads != "none") if t is not None else None for t in (weight, bias))
+        with torch.set_grad_enabled(grads != "none"):
+            y = (_CausalConv1dFn.apply(xi, wi, bi, dilation, relu, ext, tf32) if path == "ext"
+                 else causal_conv1d_ref(xi, wi, bi, dilation, act))
+            if grads != "none":
+                y.backward(gy)
+
+    ref_ms = _cuda_median_ms(lambda: run("ref"), KERNEL_TUNE_WARMUP, KERNEL_TUNE_REPEATS)
+    try:
+        ext_ms = _cuda_median_ms(lambda: run("ext"), KERNEL_TUNE_WARMUP, KERNEL_TUNE_REPEATS)
+    except RuntimeError:
+        ext_ms = None
+    return ext_ms, ref_ms
+
+
+def _kernel_choice_store():
+    """Where remembered choices live: a JSON file in the kernel cache, one section per
+    device name and build (torch, Python and the kernel sources' hash)."""
+    h = hashlib.sha1()
+    for src in sorted(p for p in KERNEL_DIR.iterdir() if p.is_file()):
+        h.update(src.read_bytes())
+    return KERNEL_CACHE_DIR / "dispatch.json", f"{_kernel_build_name(True)}-{h.hexdigest()[:12]}"
+
+
+def _stored_kernel_choice(device, sig):
+    try:
+        path, build = _kernel_choice_store()
+        entry = json.loads(path.read_text()).get(f"{device} | {build}", {}).get(repr(sig[1:]))
+        return entry if entry and entry.get("path") in ("ext", "ref") else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _store_kernel_choice(device, sig, entry):
+    """Best effort: an unwritable cache only means timing again in the next process."""
+    try:
+        path, build = _kernel_choice_store()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            table = {}
+        table.setdefault(f"{device} | {build}", {})[repr(sig[1:])] = entry
+        write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(table, indent=1, sort_keys=True)))
+    except OSError:
+        pass
+
+
+def _announce_kernel_choice(sig, entry, how):
+    if KERNEL_VERBOSE:
+        dev, dtype, C, O, K, d, tb, grads = sig
+        times = ""
+        if entry.get("ref_ms") is not None:
+            ext = f"{entry['ext_ms']:.3f} ms" if entry.get("ext_ms") is not None else "failed"
+            times = f": ext {ext}, ref {entry['ref_ms']:.3f} ms"
+        print(f"satn kernels: {dev} {dtype} C_in {C} C_out {O} K {K} dilation {d} T<={tb} grads {grads}"
+              f"{times} -> {'extension' if entry['path'] == 'ext' else 'PyTorch path'} ({how})", flush=True)
+
+
+def _auto_path(x, weight, bias, dilation, relu, ext):
+    """'ext' or 'ref' for SATN_KERNEL=auto: the first call of a signature times both paths
+    (or finds the choice stored by an earlier run on this device and build); later calls
+    reuse it. With torch.use_deterministic_algorithms(True) nothing is timed (a timing
+    could pick differently from run to run) and the PyTorch path is taken."""
+    needs = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)
+                                         or x.requires_grad)
+    grads = "none" if not needs else ("x+w" if x.requires_grad else "w")
+    sig = kernel_signature(x, weight, dilation, grads)
+    if torch.are_deterministic_algorithms_enabled():
+        if ("deterministic",) + sig not in _KERNEL_CHOICES:
+            _KERNEL_CHOICES[("deterministic",) + sig] = "ref"
+            _announce_kernel_choice(sig, {"path": "ref"}, "deterministic algorithms requested: nothing timed")
+        return "ref"
+    if sig not in _KERNEL_CHOICES:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return "ref"  # no timing inside a CUDA graph capture; decided on the next eager call
+        entry = _stored_kernel_choice(sig[0], sig)
+        how = "stored by an earlier run"
+        if entry is None:
+            ext_ms, ref_ms = _time_kernel_paths(x, weight, bias, dilation, relu, ext, grads)
+            entry = {"path": choose_kernel_path(ext_ms, ref_ms), "ext_ms": ext_ms, "ref_ms": ref_ms}
+            how = "timed now"
+            _store_kernel_choice(sig[0], sig, entry)
+        _KERNEL_CHOICES[sig] = entry["path"]
+        _announce_kernel_choice(sig, entry, how)
+    return _KERNEL_CHOICES[sig]
 
 
 def _kernel_ext_for(x, weight):
@@ -1888,10 +2056,10 @@ def _kernel_ext_for(x, weight):
 
 class _CausalConv1dFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, dilation, relu, ext):
+    def forward(ctx, x, weight, bias, dilation, relu, ext, tf32=False):
         y = ext.forward(x, weight, bias, dilation, relu)
         ctx.save_for_backward(x, weight, y)
-        ctx.dilation, ctx.relu, ctx.has_bias, ctx.ext = dilation, relu, bias is not None, ext
+        ctx.dilation, ctx.relu, ctx.has_bias, ctx.ext, ctx.tf32 = dilation, relu, bias is not None, ext, tf32
         return y
 
     @staticmethod
@@ -1902,7 +2070,7 @@ class _CausalConv1dFn(torch.autograd.Function):
                                                   ctx.dilation, ctx.relu, ctx.has_bias)
         need = ctx.needs_input_grad
         return (grad_x if need[0] else None, grad_w if need[1] else None,
-                grad_b if need[2] else None, None, None, None)
+                grad_b if need[2] else None, None, None, None, None)
 
 
 def causal_conv1d(x, weight, bias=None, dilation=1, activation=None):
@@ -1919,7 +2087,10 @@ def causal_conv1d(x, weight, bias=None, dilation=1, activation=None):
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
-    return _CausalConv1dFn.apply(x, weight, bias, dilation, activation == "relu", ext)
+    relu = activation == "relu"
+    if _kernel_mode() == "auto" and _auto_path(x, weight, bias, dilation, relu, ext) == "ref":
+        return causal_conv1d_ref(x, weight, bias, dilation=dilation, activation=activation)
+    return _CausalConv1dFn.apply(x, weight, bias, dilation, relu, ext, x.is_cuda and _conv_uses_tf32())
 
 
 def build_kernels(cuda: bool) -> int:
@@ -2539,7 +2710,7 @@ def prepare_data(cfg, role):
     role "teacher": every utterance with a transcript; "student": the emotion
     subset (IEMOCAP: improvised, four classes). Returns a dict with train, dev and
     test lists of (Utterance, (120, T) array), the class list and the global
-    training statistics (stored in checkpoints for predict)."""
+    normalisation statistics of the training sessions (stored in checkpoints for predict)."""
     # Features of the whole corpus share one cache, whichever part a run uses, and
     # per-speaker statistics come from all of a speaker's utterances, so that teacher
     # and student see identically normalised inputs.
@@ -2558,12 +2729,16 @@ def prepare_data(cfg, role):
     held = {u.session for u in dev + test}
     normed = normalise(kept, feats, cfg.norm, [u for u in kept if u.session not in held], keep=chosen, lazy=True)
     by_id = {u.id: x for u, x in zip([u for u in kept if u.id in chosen], normed)}
+    # The statistics stored for predict are exactly those --norm global normalised with:
+    # every utterance of the training sessions (all labels, with or without transcript).
+    # For --norm speaker they are predict's fallback for inputs too short for their own.
     train_ids = {u.id for u in train}
-    idx = [i for i, u in enumerate(kept) if u.id in train_ids]
+    idx = [i for i, u in enumerate(kept) if u.session not in held]
     mean, std = feature_stats([feats[i] for i in idx], [feats.moments[i] for i in idx])
     out = {"train": [(u, by_id[u.id]) for u in train], "dev": [(u, by_id[u.id]) for u in dev],
            "test": [(u, by_id[u.id]) for u in test], "classes": classes,
-           "stats": {"mode": cfg.norm, "mean": torch.from_numpy(mean), "std": torch.from_numpy(std)}}
+           "stats": {"mode": cfg.norm, "mean": torch.from_numpy(mean), "std": torch.from_numpy(std),
+                     "source": "every utterance of the training sessions"}}
     factors = cfg.speed_factors() if role == "student" else (1.0,)
     if len(factors) > 1 or factors[0] != 1:
         # Speed-perturbed copies of the training utterances, normalised with the statistics
@@ -2726,6 +2901,12 @@ def finished(run_dir, cfg):
     return True
 
 
+def fold_folder(fold, seed=0):
+    """A run's folder inside runs/teacher or runs/student/<name>: fold{k} for seed 0,
+    fold{k}-seed{s} for the other seeds (run_all.sh --seeds N trains seeds 0..N-1)."""
+    return f"fold{fold}" + (f"-seed{seed}" if seed else "")
+
+
 def _setup(cfg):
     torch.manual_seed(cfg.seed)
     if cfg.threads:
@@ -2734,7 +2915,7 @@ def _setup(cfg):
 
 def train_teacher(cfg: TeacherConfig):
     """Train the ASR teacher of one fold on every transcribed utterance outside the held-out session."""
-    run_dir = Path(cfg.runs) / "teacher" / f"fold{cfg.fold}"
+    run_dir = Path(cfg.runs) / "teacher" / fold_folder(cfg.fold, cfg.seed)
     if finished(run_dir, cfg):
         return json.loads((run_dir / "final.json").read_text())
     _setup(cfg)
@@ -2822,17 +3003,20 @@ def decode_items(model, items, targets, batch_size, device, how="attention"):
 
 
 def load_teacher(cfg: StudentConfig, device):
-    """The frozen teacher of cfg.fold, in eval mode; stops at once when it was not trained."""
-    path = Path(cfg.runs) / "teacher" / f"fold{cfg.fold}" / "best.pt"
+    """The frozen teacher of cfg.fold, in eval mode; stops at once when it was not trained.
+
+    A student of seed s imitates the teacher of the same fold trained with seed s."""
+    path = Path(cfg.runs) / "teacher" / fold_folder(cfg.fold, cfg.seed) / "best.pt"
+    seed = f" --seed {cfg.seed}" if cfg.seed else ""
     if not path.is_file():
         data = f" --data {cfg.data}" if cfg.data else ""
-        raise DataError(f"attention transfer needs the teacher of fold {cfg.fold} ({path} is missing): "
-                        f"train it with `python satn.py teacher --fold {cfg.fold}{data}`")
+        raise DataError(f"attention transfer needs the teacher of fold {cfg.fold}{' and seed ' + str(cfg.seed) if cfg.seed else ''} "
+                        f"({path} is missing): train it with `python satn.py teacher --fold {cfg.fold}{seed}{data}`")
     if not (path.parent / "final.json").is_file():
         raise DataError(f"the teacher in {path.parent} has not finished (no final.json): finish it with "
-                        f"`python satn.py teacher --fold {cfg.fold} --resume`")
+                        f"`python satn.py teacher --fold {cfg.fold}{seed} --resume`")
     ck = load_checkpoint(path)
-    differ = [k for k in ("data", "norm", "dev_speaker", "fold") if ck["config"].get(k) != getattr(cfg, k)]
+    differ = [k for k in ("data", "norm", "dev_speaker", "fold", "seed") if ck["config"].get(k) != getattr(cfg, k)]
     if differ:
         raise DataError(f"the teacher in {path.parent} was trained with another {', '.join(differ)} "
                         f"({', '.join(k + '=' + str(ck['config'].get(k)) for k in differ)}); retrain it or use --runs")
@@ -2846,7 +3030,7 @@ def load_teacher(cfg: StudentConfig, device):
 
 def train_student(cfg: StudentConfig):
     """Train one emotion student on one fold; keep the checkpoint with the best dev UA; test it."""
-    run_dir = Path(cfg.runs) / "student" / cfg.run_name() / f"fold{cfg.fold}"
+    run_dir = Path(cfg.runs) / "student" / cfg.run_name() / fold_folder(cfg.fold, cfg.seed)
     if finished(run_dir, cfg):
         return json.loads((run_dir / "final.json").read_text())
     device = pick_device(cfg.device)
@@ -2941,25 +3125,48 @@ def selfattn_loss(s_weights, t_weights, mask, dist="l1", norm="l1"):
 # -----------------------------------------------------------------------------
 # evaluation
 
-def classification_metrics(y_true, y_pred, n_classes):
-    """WA (accuracy over utterances), UA (mean per-class recall over classes present), confusion counts."""
+_WARNED = set()
+
+
+def warn_once(message):
+    """Print `warning: message` to stderr the first time it comes up in this process."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def classification_metrics(y_true, y_pred, n_classes, classes=None):
+    """WA (accuracy over utterances), UA (mean per-class recall over the classes present), confusion counts.
+
+    A class without utterances has no recall: UA averages the others, the class is
+    listed under "absent", and a warning names it (once)."""
     conf = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(conf, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    np.add.at(conf, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
     support = conf.sum(1)
     recall = np.diag(conf)[support > 0] / support[support > 0]
+    names = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
+    absent = [names[i] for i in range(n_classes) if support[i] == 0]
+    if absent and support.sum():
+        warn_once(f"no utterance of class {', '.join(absent)} among {int(support.sum())} scored: UA is the mean "
+                  f"recall over the {int((support > 0).sum())} classes present")
     return {"WA": 100.0 * np.trace(conf) / max(conf.sum(), 1), "UA": 100.0 * float(recall.mean()) if len(recall) else 0.0,
-            "confusion": conf.tolist(), "n": int(conf.sum()), "correct": int(np.trace(conf))}
+            "confusion": conf.tolist(), "n": int(conf.sum()), "correct": int(np.trace(conf)), "absent": absent}
 
 
 @torch.no_grad()
 def classify(model, items, label, batch_size, device, max_frames=0):
-    y_true, y_pred = [], []
+    """Metrics of a model on (Utterance, features) items, with every utterance's id, true
+    and predicted class (for the paired tests of `report`)."""
+    classes = list(label)
+    ids, y_true, y_pred = [], [], []
     for idx in make_batches([x.shape[1] for _, x in items], batch_size, max_frames=max_frames):
         x, lengths = collate([items[i][1] for i in idx], device)
         logits, _ = model(x, lengths)
         y_pred += logits.argmax(-1).tolist()
         y_true += [label[items[i][0].label] for i in idx]
-    return classification_metrics(y_true, y_pred, len(label))
+        ids += [items[i][0].id for i in idx]
+    return {**classification_metrics(y_true, y_pred, len(label), classes),
+            "ids": ids, "true": [classes[i] for i in y_true], "pred": [classes[i] for i in y_pred]}
 
 
 TRACK_CONVERSATION = 60.0  # s: test utterances are joined, in a seeded random order, into conversations this long
@@ -3028,8 +3235,15 @@ def row_normalised(conf):
 
 
 def mean_test_confusion(results):
-    """Row-normalised test confusion matrices averaged over folds (the paper's Figure 3)."""
-    return np.mean([row_normalised(r["test"]["confusion"]) for r in results], axis=0)
+    """Row-normalised test confusion matrices averaged over runs (the paper's Figure 3).
+
+    Each class's row is averaged only over the runs whose test split has that class
+    (a run without it says nothing about its recall); a class no run has stays NaN."""
+    confs = np.array([r["test"]["confusion"] for r in results], dtype=np.float64)  # (runs, C, C)
+    present = confs.sum(2, keepdims=True) > 0                                      # (runs, C, 1)
+    rows = np.where(present, confs / np.maximum(confs.sum(2, keepdims=True), 1), 0.0).sum(0)
+    with np.errstate(invalid="ignore"):
+        return rows / present.sum(0)                                                # (C, C)
 
 
 def format_confusion(conf, classes, title):
@@ -3058,60 +3272,295 @@ def z_test_one_tailed(correct_a, n_a, correct_b, n_b):
     return z, 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def report(runs="runs"):
-    """Collect finished runs into runs/results.md: Table 2, Figure 3, teachers, z-tests."""
+BOOTSTRAP_SAMPLES = 2000  # resamples of the test utterances behind each confidence interval
+BOOTSTRAP_SEED = 0        # fixed, so the same runs always give the same intervals
+CONFIDENCE = 0.95         # level of the bootstrap intervals
+ALPHA = 0.05              # significance level the verdicts of results.md use
+
+
+def mean_sd(values):
+    """'mean ± SD' with the sample standard deviation (n - 1 denominator); the mean alone for one value."""
+    v = np.asarray(values, dtype=np.float64)
+    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v.mean():.1f}"
+
+
+def mcnemar_exact(b, c):
+    """McNemar's exact test, two-sided: b pairs where only system A is right, c where only B is.
+
+    Under H0 (equal accuracy) each discordant pair is a fair coin, so min(b, c) is a tail of
+    Binomial(b + c, 1/2): p = 2 x that tail, at most 1 (1 without discordant pairs).
+    Computed with exact integers."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def wa_ua(y, hit, n_classes):
+    """WA and UA (%) from class indices y and 0/1 correctness hit, both (..., n): two (...) arrays.
+    UA is the mean recall over the classes present in each row."""
+    onehot = y[..., None] == np.arange(n_classes)                  # (..., n, C)
+    count = onehot.sum(-2)                                         # (..., C)
+    right = (onehot & hit[..., None].astype(bool)).sum(-2)         # (..., C)
+    present = count > 0
+    recall = np.where(present, right / np.maximum(count, 1), 0.0)
+    return 100.0 * hit.mean(-1), 100.0 * recall.sum(-1) / np.maximum(present.sum(-1), 1)
+
+
+def paired_bootstrap(strata, n_classes, n_boot=BOOTSTRAP_SAMPLES, seed=BOOTSTRAP_SEED, level=CONFIDENCE):
+    """Paired bootstrap of the WA and UA differences between systems A and B.
+
+    strata: one (y, hits_a, hits_b) per fold: y (n,) class indices of the fold's test
+    utterances, hits_a and hits_b (S, n) 0/1 correctness of the S runs (seeds) of each
+    system on the same utterances. The statistic is Table 2's: the mean over all runs of
+    A's WA (UA) minus B's. Each resample draws every fold's utterances with replacement,
+    one draw shared by both systems and all seeds, so the pairing and the seeds' common
+    utterances are kept. Returns {"WA": (difference, low, high), "UA": ...} with a
+    percentile interval at `level`; the same seed gives the same interval."""
+    rng = np.random.default_rng(seed)
+    boot = {"WA": np.zeros(n_boot), "UA": np.zeros(n_boot)}
+    observed = {"WA": 0.0, "UA": 0.0}
+    runs = 0
+    for y, hits_a, hits_b in strata:
+        y = np.asarray(y, dtype=np.int64)
+        hits_a, hits_b = np.atleast_2d(np.asarray(hits_a, bool)), np.atleast_2d(np.asarray(hits_b, bool))
+        idx = rng.integers(0, len(y), size=(n_boot, len(y)))       # (B, n): one draw for every run
+        for ha, hb in zip(hits_a, hits_b):
+            for key, a, b in zip(("WA", "UA"), wa_ua(y, ha, n_classes), wa_ua(y, hb, n_classes)):
+                observed[key] += a - b
+            for key, a, b in zip(("WA", "UA"), wa_ua(y[idx], ha[idx], n_classes), wa_ua(y[idx], hb[idx], n_classes)):
+                boot[key] += a - b
+            runs += 1
+    if runs == 0:
+        raise ValueError("paired_bootstrap needs at least one run")
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    return {k: (observed[k] / runs, *np.percentile(boot[k] / runs, q)) for k in boot}
+
+
+def _run_key(r):
+    """(fold, seed) of a finished run."""
+    return r["config"]["fold"], r["config"].get("seed", 0)
+
+
+def paired_comparison(runs_a, runs_b, n_boot=BOOTSTRAP_SAMPLES, seed=BOOTSTRAP_SEED):
+    """Test results of configuration A against B, runs paired by (fold, seed): the paper's
+    z-test on pooled WA, and with stored predictions McNemar's exact test and the bootstrap.
+
+    Within a pair both models classify the same test utterances: each utterance of each
+    pair of runs is one pair of outcomes. Discordant pairs are summed over folds and seeds
+    (the strata) and tested exactly. Returns None when no (fold, seed) has both."""
+    a, b = {_run_key(r): r for r in runs_a}, {_run_key(r): r for r in runs_b}
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    ca, na = sum(a[k]["test"]["correct"] for k in common), sum(a[k]["test"]["n"] for k in common)
+    cb, nb = sum(b[k]["test"]["correct"] for k in common), sum(b[k]["test"]["n"] for k in common)
+    out = {"runs": len(common), "folds": len({f for f, _ in common}), "seeds": len({s for _, s in common}),
+           "wa_pooled": (100 * ca / na, 100 * cb / nb), "z": z_test_one_tailed(ca, na, cb, nb), "unpaired": []}
+    strata, only_a, only_b = {}, 0, 0
+    for k in common:
+        ta, tb = a[k]["test"], b[k]["test"]
+        classes = a[k]["classes"]
+        if "ids" not in ta or "ids" not in tb:
+            out["unpaired"].append((k, "no per-utterance predictions (a run of an older satn.py)"))
+            continue
+        if sorted(ta["ids"]) != sorted(tb["ids"]) or classes != b[k]["classes"]:
+            out["unpaired"].append((k, "the two runs were tested on different utterances or classes"))
+            continue
+        ids = sorted(ta["ids"])
+        true = dict(zip(ta["ids"], ta["true"]))
+        pa, pb = dict(zip(ta["ids"], ta["pred"])), dict(zip(tb["ids"], tb["pred"]))
+        ha = np.array([pa[i] == true[i] for i in ids])
+        hb = np.array([pb[i] == true[i] for i in ids])
+        only_a, only_b = only_a + int((ha & ~hb).sum()), only_b + int((~ha & hb).sum())
+        stratum = k[0] if strata.get(k[0], (ids,))[0] == ids else k   # a fold's seeds share its utterances
+        y = np.array([classes.index(true[i]) for i in ids])
+        strata.setdefault(stratum, (ids, y, [], [], len(classes)))
+        strata[stratum][2].append(ha)
+        strata[stratum][3].append(hb)
+    if strata:
+        n_classes = max(s[4] for s in strata.values())
+        out.update(paired=sum(len(s[2]) for s in strata.values()), only_a=only_a, only_b=only_b,
+                   mcnemar=mcnemar_exact(only_a, only_b),
+                   boot=paired_bootstrap([(y, ha, hb) for _, y, ha, hb, _ in strata.values()], n_classes, n_boot, seed))
+    return out
+
+
+def _row_label(name, rs):
+    """Table 2's name of a configuration, e.g. "TCN + self-attention w/ AT", with its recipe unless the paper's."""
+    parts = name.split("-")
+    label = (f"{TABLE2_LABEL.get(parts[0], parts[0])} + {TABLE2_LABEL.get(parts[1], parts[1])}"
+             + (" w/ AT" if parts[-1] == "at" else "")) if len(parts) >= 2 else TABLE2_LABEL.get(name, name)
+    recipes = sorted({r["config"].get("recipe", "paper") for r in rs})
+    return label + ("" if recipes == ["paper"] else f" ({', '.join(recipes)} recipe)")
+
+
+def _runs_cell(rs):
+    """How many runs a mean is over: '5', or '10 (5 folds × 2 seeds)'."""
+    folds, seeds = {r["config"]["fold"] for r in rs}, {r["config"].get("seed", 0) for r in rs}
+    if len(seeds) == 1:
+        return str(len(rs))
+    grid = "×" if len(rs) == len(folds) * len(seeds) else "and"
+    return f"{len(rs)} ({len(folds)} folds {grid} {len(seeds)} seeds)"
+
+
+def _signed(x):
+    return f"{x:+.1f}".replace("-", "−")
+
+
+def _table2(results, names):
+    """Table 2's lines (mean ± sample SD over the runs of each row) and each row's dev UA mean."""
+    lines = ["| method | runs | Dev WA | Dev UA | Test WA | Test UA |", "|---|---|---|---|---|---|"]
+    dev_ua = {}
+    for name in names:
+        rs = results[name]
+        dev_ua[name] = float(np.mean([r["dev"]["UA"] for r in rs]))
+        lines.append(f"| {_row_label(name, rs)} | {_runs_cell(rs)} | "
+                     + " | ".join(mean_sd([r[p][m] for r in rs]) for p in ("dev", "test") for m in ("WA", "UA")) + " |")
+    return lines, dev_ua
+
+
+def _transfer_pairs(results, names):
+    """(with, without) name pairs of the configuration list: X-at against X."""
+    return [(n, n[:-3]) for n in names if n.endswith("-at") and n[:-3] in results]
+
+
+def _significance(results, names, n_boot=BOOTSTRAP_SAMPLES, seed=BOOTSTRAP_SEED):
+    """The paired tests and the paper's z-test of every transfer pair: (paired table, z table, verdicts, notes)."""
+    paired = ["| with AT vs without | paired runs | Test WA difference (95% CI) | Test UA difference (95% CI) "
+              "| only with AT right | only without AT right | McNemar exact p |", "|---|---|---|---|---|---|---|"]
+    ztab = ["| with AT vs without | runs | WA with | WA without | z | p (one-tailed) |", "|---|---|---|---|---|---|"]
+    verdicts, notes = [], []
+    for name, twin in _transfer_pairs(results, names):
+        c = paired_comparison(results[name], results[twin], n_boot, seed)
+        if c is None:
+            notes.append(f"{name} vs {twin}: no fold and seed trained in both")
+            continue
+        z, p = c["z"]
+        ztab.append(f"| {name} vs {twin} | {c['runs']} | {c['wa_pooled'][0]:.1f} | {c['wa_pooled'][1]:.1f} | {z:.2f} | {p:.3f} |")
+        for (fold, s), why in c["unpaired"]:
+            notes.append(f"{name} vs {twin}, fold {fold} seed {s}: left out of the paired tests: {why}")
+        if "boot" not in c:
+            continue
+        (dw, lw, hw), (du, lu, hu) = c["boot"]["WA"], c["boot"]["UA"]
+        paired.append(f"| {name} vs {twin} | {c['paired']} | {_signed(dw)} ({_signed(lw)}, {_signed(hw)}) | "
+                      f"{_signed(du)} ({_signed(lu)}, {_signed(hu)}) | {c['only_a']} | {c['only_b']} | {c['mcnemar']:.3f} |")
+        def ci(d, lo, hi, what):
+            if lo > 0 or hi < 0:
+                return f"the {what} CI excludes 0: transfer {'raises' if d > 0 else 'lowers'} {what}"
+            return f"the {what} CI includes 0: no evidence of a {what} difference"
+        mc = (f"McNemar p = {c['mcnemar']:.3f} < {ALPHA}: transfer {'raises' if c['only_a'] > c['only_b'] else 'lowers'} WA"
+              if c["mcnemar"] < ALPHA else f"McNemar p = {c['mcnemar']:.3f}: no evidence that transfer changes WA")
+        verdicts.append(f"- {name} vs {twin}: {mc}; {ci(dw, lw, hw, 'WA')}; {ci(du, lu, hu, 'UA')}.")
+    return (paired if len(paired) > 2 else []), (ztab if len(ztab) > 2 else []), verdicts, notes
+
+
+def _norm_statement(results):
+    """What the inputs were normalised with, for every mode the runs used."""
+    modes = {}
+    for name, rs in results.items():
+        for r in rs:
+            modes.setdefault(r["config"].get("norm", "speaker"), set()).add(name)
+    text = {"speaker": "per speaker: each speaker's features are normalised with the mean and standard deviation "
+                       "of all of that speaker's audio in the corpus. For the test speaker this includes the test "
+                       "utterances themselves (their audio, never their labels): the results assume a deployment "
+                       "that has some unlabelled audio of each speaker.",
+            "global": "globally, with the mean and standard deviation of every utterance of the training sessions "
+                      "(no audio of the held-out session is used)."}
+    out = []
+    for mode, names in sorted(modes.items()):
+        which = "" if len(modes) == 1 else f" ({', '.join(sorted(names))})"
+        out.append(f"Normalisation{which}: {text.get(mode, mode)}")
+    return out
+
+
+def report(runs="runs", per_seed=False):
+    """Collect finished runs into runs/results.md: Table 2 (mean ± sample SD over folds x
+    seeds), Figure 3, paired significance tests next to the paper's z-test, teachers;
+    with per_seed, Table 2 and the tests of each seed as well."""
     runs = Path(runs)
     results = {}
     for final in sorted(runs.glob("student/*/fold*/final.json")):
         results.setdefault(final.parent.parent.name, []).append(json.loads(final.read_text()))
+    for rs in results.values():
+        rs.sort(key=_run_key)
     teachers = sorted(runs.glob("teacher/fold*/final.json"))
     if not results and not teachers:
         raise DataError(f"{runs}: no finished runs to report")
     known = [n for n, *_ in TABLE2 if n in results] + sorted(set(results) - {n for n, *_ in TABLE2})
-    out = ["# Results", "", f"Collected from `{runs}/` by `python satn.py report`. Mean and standard deviation "
-           "over folds (leave-one-session-out); WA = accuracy over utterances, UA = mean per-class recall; "
-           "the test columns use the checkpoint with the best dev UA.", "",
-           "| method | folds | Dev WA | Dev UA | Test WA | Test UA |", "|---|---|---|---|---|---|"]
-    summary = {}
-    for name in known:
-        rs = results[name]
-        vals = {f"{p} {m}": np.array([r[p][m] for r in rs]) for p in ("dev", "test") for m in ("WA", "UA")}
-        summary[name] = {k: v.mean() for k, v in vals.items()}
-        parts = name.split("-")
-        label = (f"{TABLE2_LABEL.get(parts[0], parts[0])} + {TABLE2_LABEL.get(parts[1], parts[1])}"
-                 + (" w/ AT" if parts[-1] == "at" else "")) if len(parts) >= 2 else TABLE2_LABEL.get(name, name)
-        recipes = sorted({r["config"].get("recipe", "paper") for r in rs})
-        label += "" if recipes == ["paper"] else f" ({', '.join(recipes)} recipe)"
-        out.append(f"| {label} | {len(rs)} | " + " | ".join(f"{v.mean():.1f} ± {v.std():.1f}" for v in vals.values()) + " |")
+    seeds = sorted({r["config"].get("seed", 0) for rs in results.values() for r in rs})
+    out = ["# Results", "", f"Collected from `{runs}/` by `python satn.py report`. Each row is the mean ± sample "
+           "standard deviation (n − 1 denominator) over its runs: the folds (leave-one-session-out)"
+           + (f" × the seeds ({', '.join(map(str, seeds))})" if len(seeds) > 1 else "")
+           + "; the spread mixes speaker and training-seed variation. WA = accuracy over utterances, UA = mean "
+           "per-class recall over the classes present; the test columns use the checkpoint with the best dev UA.", ""]
+    out += _norm_statement(results)
+    lines, dev_ua = _table2(results, known)
+    out += ["", *lines]
     skipped_at = [n for n, *_, t in TABLE2 if t and n not in results]
     if skipped_at and not teachers:
         out += ["", "Rows with attention transfer are missing: no teacher was trained (a corpus without transcripts)."]
-    if summary:
-        best = max(summary, key=lambda n: summary[n]["dev UA"])
+    absent = [f"{n} fold {r['config']['fold']}" + (f" seed {r['config']['seed']}" if r["config"].get("seed") else "")
+              + f": no {', '.join(r['test']['absent'])}" for n in known for r in results[n] if r["test"].get("absent")]
+    if absent:
+        out += ["", "Test splits without some class (their UA is over the classes present): " + "; ".join(absent) + "."]
+    if results:
+        best = max(dev_ua, key=dev_ua.get)
         rs = results[best]
         classes = rs[0]["classes"]
         norm = mean_test_confusion(rs)
         out += ["", f"## Confusion matrix of the best configuration by dev UA: {best} (test, row-normalised %, "
-                f"averaged over {len(rs)} folds)", "", "| true \\ predicted | " + " | ".join(classes) + " |",
-                "|---" * (len(classes) + 1) + "|"]
-        out += [f"| {c} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |" for c, row in zip(classes, norm)]
-        tests = []
-        for name, *_ in TABLE2:
-            twin = name[:-3] if name.endswith("-at") else None
-            if twin and name in results and twin in results:
-                a = {r["config"]["fold"]: r["test"] for r in results[name]}
-                b = {r["config"]["fold"]: r["test"] for r in results[twin]}
-                common = sorted(set(a) & set(b))
-                if not common:
-                    continue
-                ca, na = sum(a[f]["correct"] for f in common), sum(a[f]["n"] for f in common)
-                cb, nb = sum(b[f]["correct"] for f in common), sum(b[f]["n"] for f in common)
-                z, p = z_test_one_tailed(ca, na, cb, nb)
-                tests.append(f"| {name} vs {twin} | {len(common)} | {100 * ca / na:.1f} | {100 * cb / nb:.1f} | {z:.2f} | {p:.3f} |")
-        if tests:
-            out += ["", "## Attention transfer: one-tailed two-proportion z-test on test WA (utterances pooled over folds)",
-                    "", "| with AT vs without | folds | WA with | WA without | z | p |", "|---|---|---|---|---|---|"] + tests
-    if summary:
+                f"each row averaged over the {len(rs)} runs whose test split has that class)", "",
+                "| true \\ predicted | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+        out += [f"| {c} | " + " | ".join("–" if np.isnan(v) else f"{100 * v:.1f}" for v in row) + " |"
+                for c, row in zip(classes, norm)]
+        paired, ztab, verdicts, notes = _significance(results, known)
+        if paired or ztab:
+            out += ["", "## Does attention transfer help? Paired tests on the test utterances", "",
+                    "Pairs: the models with and without transfer trained on the same fold with the same seed classify "
+                    "the same test utterances; each utterance of each such pair of runs is one pair of outcomes. "
+                    "**McNemar's exact test** (two-sided) counts the pairs only one model gets right; the counts are "
+                    "summed over folds and seeds (the strata, within which the pairs are formed) and min(b, c) is "
+                    "compared with Binomial(b + c, 1/2), the exact conditional test of a common effect. With several "
+                    "seeds an utterance gives one pair per seed and those pairs are not independent, so the p-value "
+                    f"is then somewhat optimistic. **Paired bootstrap**: {BOOTSTRAP_SAMPLES} resamples (seed "
+                    f"{BOOTSTRAP_SEED}) of each fold's test utterances, drawn with all their seeds' and both models' "
+                    f"outcomes together; the difference is Table 2's (mean over runs of with − without, in points) "
+                    f"and the interval is the {100 * CONFIDENCE:.0f}% percentile interval.", ""]
+            out += paired or ["(No pair of runs has per-utterance predictions; rerun the trainings for the paired tests.)"]
+            out += ["", "### Which test supports which claim", "",
+                    f"- *Transfer changes test accuracy (WA)*: McNemar's exact test; p < {ALPHA} supports it, in the "
+                    "direction of the larger discordant count.",
+                    f"- *How large the change is, in WA and in UA*: the bootstrap {100 * CONFIDENCE:.0f}% interval; an "
+                    "interval that excludes 0 supports a difference of its sign. UA is not a per-utterance "
+                    "proportion, so for UA the interval is the only test.",
+                    "- *The paper's claim, tested as the paper tested it*: the one-tailed two-proportion z-test below, "
+                    "reproduced for comparison with the paper only. It treats the two models' pooled WA as "
+                    "independent samples although they classify the same utterances, so no claim here rests on it.",
+                    "- None of these resamples trainings: they judge the models trained here. Whether transfer helps "
+                    "for other seeds is read from the spread over seeds (the SDs above and `report --per-seed`).", ""]
+            out += verdicts
+            if ztab:
+                out += ["", "## The paper's test: one-tailed two-proportion z-test on test WA (utterances pooled over "
+                        "the paired runs)", "", *ztab]
+            if notes:
+                out += ["", *notes]
+        if per_seed and len(seeds) > 1:
+            out += ["", "## Per seed", "", "Each seed's Table 2 (mean ± sample SD over folds) and tests; the paired "
+                    "tests of one seed have independent pairs."]
+            for s in seeds:
+                sub = {n: [r for r in rs if r["config"].get("seed", 0) == s] for n, rs in results.items()}
+                sub = {n: rs for n, rs in sub.items() if rs}
+                names = [n for n in known if n in sub]
+                lines, _ = _table2(sub, names)
+                paired, ztab, verdicts, _ = _significance(sub, names)
+                out += ["", f"### Seed {s}", "", *lines]
+                out += ["", *paired, "", *verdicts] if paired else []
+                out += ["", "The paper's z-test:", "", *ztab] if ztab else []
+        elif per_seed:
+            out += ["", f"(--per-seed: every run has seed {seeds[0]}; the tables above are that seed's.)"]
+    if results:
         out += report_figures(runs, results)
     if teachers:
         out += ["", "## ASR teachers", "", "PER on phones, WER with each decoded phone chunk mapped to the nearest "
@@ -3247,31 +3696,35 @@ def report_figures(runs, results):
         classes = results[name][0]["classes"]
         ax.imshow(conf, vmin=0, vmax=1, cmap="Blues")
         for (i, j), v in np.ndenumerate(conf):
-            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7, color="white" if v > 0.5 else "black")
+            if np.isfinite(v):   # a class absent from every test split has no row
+                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7, color="white" if v > 0.5 else "black")
         ax.set(title=name, xticks=range(len(classes)), yticks=range(len(classes)))
         ax.set_xticklabels([c[:3] for c in classes], fontsize=7)
         ax.set_yticklabels([c[:3] for c in classes], fontsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.suptitle("Test confusion matrices (row-normalised %, averaged over folds; rows: true class)")
+    fig.suptitle("Test confusion matrices (row-normalised %, averaged over the runs with that class; rows: true class)")
     fig.tight_layout()
     fig.savefig(fig_dir / "confusion.png", dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in names:
-        curves = [[json.loads(l)["dev_UA"] for l in (runs / "student" / name / f"fold{r['config']['fold']}" / "metrics.jsonl").read_text().splitlines()]
-                  for r in results[name] if (runs / "student" / name / f"fold{r['config']['fold']}" / "metrics.jsonl").is_file()]
+        logs = [runs / "student" / name / fold_folder(r["config"]["fold"], r["config"].get("seed", 0)) / "metrics.jsonl"
+                for r in results[name]]
+        curves = [[json.loads(l)["dev_UA"] for l in log.read_text().splitlines()] for log in logs if log.is_file()]
         n = min(map(len, curves), default=0)
         if n:
             ax.plot(range(1, n + 1), np.mean([c[:n] for c in curves], 0), label=name, ls="--" if name.endswith("-at") else "-")
-    ax.set(xlabel="epoch", ylabel="dev UA (%), mean over folds", title="Dev UA per epoch")
-    ax.legend(fontsize=7)
+    ax.set(xlabel="epoch", ylabel="dev UA (%), mean over runs", title="Dev UA per epoch (mean over folds and seeds)")
+    if ax.lines:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(fig_dir / "dev_ua.png", dpi=110)
     plt.close(fig)
     lines += ["![confusion matrices](figures/confusion.png)", "", "![dev UA per epoch](figures/dev_ua.png)"]
     # One test utterance through the teacher and the two self-attention TCN students.
-    folds = sorted((int(p.name[4:]) for p in (runs / "student" / "tcn-self-at").glob("fold*")), reverse=True)
+    folds = sorted((int(p.name[4:]) for p in (runs / "student" / "tcn-self-at").glob("fold*")
+                    if re.fullmatch(r"fold\d+", p.name)), reverse=True)   # seed 0's runs
     fold = next((f for f in folds if all((runs / d / f"fold{f}" / "best.pt").is_file()
                  for d in ("teacher", "student/tcn-self", "student/tcn-self-at"))), None)
     if fold is not None:
@@ -3751,6 +4204,8 @@ def _folds(cfg):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="satn.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="say once per shape which causal-convolution path the dispatch chose, and why")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo-data", help="write the synthetic IEMOCAP-layout demo corpus")
     p.add_argument("--out", default=str(DEMO_DIR), help=f"output folder (default: {DEMO_DIR})")
@@ -3777,6 +4232,7 @@ def main(argv=None):
     p.add_argument("--hop", type=float, default=PREDICT_HOP, help=f"hop between windows, s (default: {PREDICT_HOP})")
     p = sub.add_parser("report", help="collect finished runs into runs/results.md")
     p.add_argument("--runs", default="runs", help="output root of the runs (default: runs)")
+    p.add_argument("--per-seed", action="store_true", help="also Table 2 and the tests of each seed on its own")
     p = sub.add_parser("bench", help="throughput benchmarks")
     p.add_argument("what", choices=("features", "kernel", "train"))
     p.add_argument("--device", default="auto", help="kernel and train benchmark device (default: auto)")
@@ -3788,6 +4244,8 @@ def main(argv=None):
     p = sub.add_parser("build-kernels", help="compile the fused causal-conv extension and say what was built")
     p.add_argument("--cuda", action="store_true", help="also compile the CUDA part, even without a GPU")
     args = parser.parse_args(argv)
+    global KERNEL_VERBOSE
+    KERNEL_VERBOSE = KERNEL_VERBOSE or args.verbose
     try:
         if args.command == "demo-data":
             write_demo_corpus(Path(args.out), args.seed)
@@ -3804,7 +4262,7 @@ def main(argv=None):
         elif args.command == "predict":
             return predict(args.checkpoint, args.inputs, args.json, args.norm, args.window, args.hop)
         elif args.command == "report":
-            report(args.runs)
+            report(args.runs, args.per_seed)
         elif args.command == "bench":
             if args.what == "train":
                 _require(args.batches >= 1 and args.threads >= 1 and args.cache_files >= 1,

@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -965,6 +966,18 @@ def test_split_fold_iemocap_speakers(fold):
     assert {u.speaker for u in dev3} == {held + "F"}
 
 
+def test_split_fold_numbers_sessions_in_numeric_order():
+    utts = [utt(f"s{s}{g}_{i}", "sad", f"{s}{g}", str(s)) for s in range(1, 12) for g in "FM" for i in range(2)]
+    random.Random(0).shuffle(utts)
+    held = {}
+    for fold in range(1, 12):
+        train, dev, test = satn.split_fold(utts, fold)
+        held[fold] = {u.session for u in dev + test}
+        assert {u.speaker for u in dev} == {f"{fold}M"} and {u.speaker for u in test} == {f"{fold}F"}
+    assert held == {k: {str(k)} for k in range(1, 12)}      # fold 2 holds out session 2, not session 10
+    assert satn.session_order(["Ses10", "Ses2", "Ses1", "Ses02b", "B1", "A"]) == ["A", "B1", "Ses1", "Ses2", "Ses02b", "Ses10"]
+
+
 def test_split_fold_manifest_speakers_are_halved_deterministically():
     utts = []
     for sess, spks in {"a": ["zoe", "amy", "kim", "bob"], "b": ["tom", "eve", "ian"]}.items():
@@ -1454,6 +1467,182 @@ def test_z_test_one_tailed_by_hand():
     assert z0 == pytest.approx(0.0, abs=1e-12) and p0 == pytest.approx(0.5)
 
 
+def test_classification_metrics_warns_once_naming_an_absent_class(monkeypatch, capsys):
+    monkeypatch.setattr(satn, "_WARNED", set())
+    classes = ["neutral", "happy", "sad", "angry"]
+    r = satn.classification_metrics([0, 0, 1, 1], [0, 1, 1, 1], 4, classes)
+    assert r["absent"] == ["sad", "angry"]
+    assert r["UA"] == pytest.approx(100 * (1 / 2 + 1) / 2)       # over the two classes present
+    satn.classification_metrics([0, 0, 1, 1], [0, 1, 1, 1], 4, classes)
+    err = capsys.readouterr().err
+    print(err)
+    assert err.count("warning:") == 1 and "sad, angry" in err and "2 classes present" in err
+    assert satn.classification_metrics([0, 1, 2, 3], [0, 1, 2, 3], 4, classes)["absent"] == []
+    assert capsys.readouterr().err == ""
+
+
+def _fake_run(fold, seed, true, pred, ids=None, classes=("neutral", "happy", "sad", "angry"), dev=(50.0, 50.0)):
+    """A final.json-like dict of one run with the given test predictions."""
+    ids = ids or [f"f{fold}_u{i:02d}" for i in range(len(true))]
+    conf = np.zeros((len(classes), len(classes)), dtype=int)
+    for t, p in zip(true, pred):
+        conf[classes.index(t), classes.index(p)] += 1
+    m = satn.classification_metrics([classes.index(t) for t in true], [classes.index(p) for p in pred], len(classes))
+    return {"config": {"fold": fold, "seed": seed, "norm": "speaker"}, "classes": list(classes),
+            "dev": {"WA": dev[0], "UA": dev[1]}, "test": {**m, "ids": ids, "true": list(true), "pred": list(pred)}}
+
+
+def _runs_from_table(both, only_a, only_b, neither, fold=1, seed=0):
+    """Two runs (A, B) on the same utterances with the given 2 x 2 table of right/wrong."""
+    true, pa, pb = [], [], []
+    for n, ra, rb in ((both, True, True), (only_a, True, False), (only_b, False, True), (neither, False, False)):
+        for _ in range(n):
+            true.append("sad")
+            pa.append("sad" if ra else "angry")
+            pb.append("sad" if rb else "happy")
+    return _fake_run(fold, seed, true, pa), _fake_run(fold, seed, true, pb)
+
+
+def test_mcnemar_exact_hand_worked():
+    assert satn.mcnemar_exact(0, 0) == 1.0                         # no disagreement: nothing to test
+    assert satn.mcnemar_exact(4, 4) == 1.0
+    assert satn.mcnemar_exact(10, 0) == pytest.approx(2 / 1024)    # all 10 discordant, all one way
+    assert satn.mcnemar_exact(0, 10) == pytest.approx(2 / 1024)
+    assert satn.mcnemar_exact(7, 3) == pytest.approx(2 * (1 + 10 + 45 + 120) / 1024)
+    assert satn.mcnemar_exact(1, 5) == pytest.approx(2 * (1 + 6) / 64)
+    assert satn.mcnemar_exact(1, 0) == 1.0                         # 2 x 1/2, capped
+    # large counts stay exact: 600 vs 400 discordant pairs is far beyond chance
+    assert 0 < satn.mcnemar_exact(600, 400) < 1e-9
+
+
+@pytest.mark.parametrize("table,b,c,p", [((3, 4, 1, 2), 4, 1, 12 / 32),      # P(X <= 1), X ~ Bin(5, 1/2), twice
+                                         ((5, 0, 0, 3), 0, 0, 1.0),           # no disagreement
+                                         ((0, 6, 0, 0), 6, 0, 2 / 64)])       # every utterance disagrees
+def test_paired_comparison_on_hand_worked_tables(table, b, c, p):
+    run_a, run_b = _runs_from_table(*table)
+    r = satn.paired_comparison([run_a], [run_b], n_boot=200)
+    print(r)
+    assert (r["only_a"], r["only_b"], r["paired"]) == (b, c, 1)
+    assert r["mcnemar"] == pytest.approx(p)
+    n = sum(table)
+    assert r["wa_pooled"] == pytest.approx((100 * (table[0] + table[1]) / n, 100 * (table[0] + table[2]) / n))
+    assert r["z"] == pytest.approx(satn.z_test_one_tailed(table[0] + table[1], n, table[0] + table[2], n))
+    assert r["boot"]["WA"][0] == pytest.approx(100 * (b - c) / n)
+    if b == c == 0:
+        assert r["boot"]["WA"] == r["boot"]["UA"] == (0.0, 0.0, 0.0)   # identical outcomes in every resample
+
+
+def test_paired_comparison_sums_discordant_pairs_over_folds_and_seeds():
+    runs_a, runs_b = [], []
+    for fold, seed, table in ((1, 0, (1, 2, 0, 1)), (2, 0, (0, 1, 1, 0)), (1, 1, (0, 3, 0, 1))):
+        a, b = _runs_from_table(*table, fold=fold, seed=seed)
+        runs_a.append(a)
+        runs_b.append(b)
+    runs_a.append(_runs_from_table(4, 0, 0, 0, fold=3)[0])          # fold 3 has no run without transfer
+    r = satn.paired_comparison(runs_a, runs_b, n_boot=200)
+    assert (r["runs"], r["folds"], r["seeds"], r["paired"]) == (3, 2, 2, 3)
+    assert (r["only_a"], r["only_b"]) == (6, 1)
+    assert r["mcnemar"] == pytest.approx(2 * (1 + 7) / 128)
+    # the difference is the mean over runs of each run's WA difference
+    assert r["boot"]["WA"][0] == pytest.approx(np.mean([100 * 2 / 4, 0.0, 100 * 3 / 4]))
+    # a run without stored predictions is left out of the paired tests, and said so
+    old = {**runs_b[1], "test": {k: v for k, v in runs_b[1]["test"].items() if k not in ("ids", "true", "pred")}}
+    r = satn.paired_comparison(runs_a, [runs_b[0], old, runs_b[2]], n_boot=200)
+    assert (r["paired"], r["only_a"], r["only_b"]) == (2, 5, 0) and r["unpaired"][0][0] == (2, 0)
+
+
+def test_paired_bootstrap_is_reproducible_with_a_seed():
+    rng = np.random.default_rng(7)
+    strata = []
+    for n in (40, 55):
+        y = rng.integers(0, 4, n)
+        strata.append((y, rng.random((2, n)) < 0.6, rng.random((2, n)) < 0.5))
+    one = satn.paired_bootstrap(strata, 4, n_boot=500, seed=3)
+    two = satn.paired_bootstrap(strata, 4, n_boot=500, seed=3)
+    other = satn.paired_bootstrap(strata, 4, n_boot=500, seed=4)
+    print(one, other)
+    assert one == two
+    assert one["WA"][1:] != other["WA"][1:]
+    # the point estimate is the mean over the four runs of WA(A) - WA(B), by hand
+    wa = [100 * (ha.mean() - hb.mean()) for y, A, B in strata for ha, hb in zip(A, B)]
+    assert one["WA"][0] == pytest.approx(np.mean(wa))
+    ua = []
+    for y, A, B in strata:
+        for ha, hb in zip(A, B):
+            rec = lambda h: np.mean([h[y == k].mean() for k in range(4) if (y == k).any()])
+            ua.append(100 * (rec(ha) - rec(hb)))
+    assert one["UA"][0] == pytest.approx(np.mean(ua))
+    for key in ("WA", "UA"):
+        d, lo, hi = one[key]
+        assert lo < d < hi and hi - lo > 1
+    # A always right, B always wrong: every resample differs by exactly 100 points
+    y = np.arange(12) % 4
+    sure = satn.paired_bootstrap([(y, np.ones((1, 12), bool), np.zeros((1, 12), bool))], 4, n_boot=100)
+    assert sure["WA"] == pytest.approx((100.0, 100.0, 100.0)) and sure["UA"] == pytest.approx((100.0, 100.0, 100.0))
+
+
+def test_mean_test_confusion_averages_a_class_only_over_the_runs_that_have_it():
+    # run 1 has no sad test utterance; run 2 has two; angry occurs in no run
+    r1 = {"test": {"confusion": [[2, 2, 0, 0], [0, 4, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]}}
+    r2 = {"test": {"confusion": [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0]]}}
+    m = satn.mean_test_confusion([r1, r2])
+    print(m)
+    np.testing.assert_allclose(m[0], [0.75, 0.25, 0, 0])        # (1/2 + 1) / 2, (1/2 + 0) / 2
+    np.testing.assert_allclose(m[1], [0.25, 0.75, 0, 0])
+    np.testing.assert_allclose(m[2], [0, 0.5, 0.5, 0])          # run 2 only: not halved by run 1's empty row
+    assert np.isnan(m[3]).all()
+    np.testing.assert_allclose(m[:3].sum(1), 1.0)
+
+
+def test_mean_sd_is_the_sample_standard_deviation():
+    assert satn.mean_sd([60.0, 70.0]) == "65.0 ± 7.1"           # sqrt(((-5)^2 + 5^2) / (2 - 1)) = 7.07
+    assert satn.mean_sd([1.0, 2.0, 3.0, 4.0]) == "2.5 ± 1.3"    # sqrt(5 / 3) = 1.29 (the population SD is 1.12)
+    assert satn.mean_sd([42.0]) == "42.0"
+
+
+def test_report_over_folds_and_seeds(tmp_path, monkeypatch, capsys):
+    """report on hand-made runs: two folds x two seeds of a configuration with and without transfer."""
+    rng = np.random.default_rng(0)
+    runs = tmp_path / "runs"
+    classes = list(satn.EMOTIONS)
+    made = {}
+    for name, acc in (("tcn-self", 0.4), ("tcn-self-at", 0.6)):
+        for fold in (1, 2):
+            true = [classes[i % 4] for i in range(20 + fold)]
+            for seed in (0, 1):
+                pred = [t if rng.random() < acc else classes[(classes.index(t) + 1) % 4] for t in true]
+                run = _fake_run(fold, seed, true, pred, dev=(40.0 + seed + fold, 30.0 + 3 * seed + fold))
+                run["config"].update(encoder="tcn", attention="self")
+                d = runs / "student" / name / satn.fold_folder(fold, seed)
+                d.mkdir(parents=True)
+                (d / "final.json").write_text(json.dumps(run))
+                made.setdefault(name, []).append(run)
+    assert sorted(p.name for p in (runs / "student" / "tcn-self").iterdir()) == ["fold1", "fold1-seed1", "fold2", "fold2-seed1"]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # text only: figures are tested elsewhere
+    assert satn.main(["report", "--runs", str(runs), "--per-seed"]) == 0
+    text = (runs / "results.md").read_text()
+    print(text)
+    lines = text.splitlines()
+    for name, label in (("tcn-self", "TCN + self-attention"), ("tcn-self-at", "TCN + self-attention w/ AT")):
+        rs = made[name]
+        cells = [satn.mean_sd([r[p][m] for r in rs]) for p in ("dev", "test") for m in ("WA", "UA")]
+        assert f"| {label} | 4 (2 folds × 2 seeds) | " + " | ".join(cells) + " |" in lines
+        sd = statistics.stdev([r["dev"]["UA"] for r in rs])       # the sample SD
+        assert f"{np.mean([r['dev']['UA'] for r in rs]):.1f} ± {sd:.1f}" in cells[1]
+    assert "sample standard deviation" in text and "× the seeds (0, 1)" in text
+    c = satn.paired_comparison(made["tcn-self-at"], made["tcn-self"])
+    row = [l for l in lines if l.startswith("| tcn-self-at vs tcn-self | 4 | ") and "(" in l]
+    assert len(row) == 1 and f"| {c['only_a']} | {c['only_b']} | {c['mcnemar']:.3f} |" in row[0]
+    assert "### Which test supports which claim" in text and "## The paper's test" in text
+    # --per-seed: each seed's rows are over its two folds
+    for seed in (0, 1):
+        i = lines.index(f"### Seed {seed}")
+        rs = [r for r in made["tcn-self"] if r["config"]["seed"] == seed]
+        want = "| TCN + self-attention | 2 | " + " | ".join(satn.mean_sd([r[p][m] for r in rs])
+                                                          for p in ("dev", "test") for m in ("WA", "UA")) + " |"
+        assert want in lines[i:i + 6]
+
+
 # -----------------------------------------------------------------------------
 # CLI
 
@@ -1941,6 +2130,14 @@ def test_e2e_student_with_transfer(trained, demo_corpus):
         assert final[part]["WA"] == pytest.approx(100 * np.trace(conf) / conf.sum())
         recall = [conf[i, i] / conf[i].sum() for i in range(4) if conf[i].sum()]
         assert final[part]["UA"] == pytest.approx(100 * np.mean(recall))
+        # every utterance's true and predicted class is stored, and they make up the confusion matrix
+        assert sorted(final[part]["ids"]) == sorted(ids)
+        labels = _split_ids(demo_corpus)[3]
+        assert final[part]["true"] == [FOUR[labels[i]] for i in final[part]["ids"]]
+        again = np.zeros((4, 4), dtype=int)
+        for t, p in zip(final[part]["true"], final[part]["pred"]):
+            again[satn.EMOTIONS.index(t), satn.EMOTIONS.index(p)] += 1
+        assert (again == conf).all()
     conf = json.loads((d / "config.json").read_text())
     assert {"torch", "device", "git_commit"} <= conf.keys() and conf["config"]["at_weight"] == 1.0
     # the run without transfer logs no AT loss
@@ -1998,10 +2195,11 @@ def test_e2e_report(trained, tmp_path, monkeypatch):
     at = json.loads((trained["at_dir"] / "final.json").read_text())
     plain = json.loads((trained["plain_dir"] / "final.json").read_text())
     teacher = json.loads((trained["teacher_dir"] / "final.json").read_text())
-    row = (f"| TCN + self-attention w/ AT | 1 | {at['dev']['WA']:.1f} ± 0.0 | {at['dev']['UA']:.1f} ± 0.0 | "
-           f"{at['test']['WA']:.1f} ± 0.0 | {at['test']['UA']:.1f} ± 0.0 |")
+    # one run: the mean alone (a sample SD needs two)
+    row = (f"| TCN + self-attention w/ AT | 1 | {at['dev']['WA']:.1f} | {at['dev']['UA']:.1f} | "
+           f"{at['test']['WA']:.1f} | {at['test']['UA']:.1f} |")
     assert row in text.splitlines()
-    assert f"| TCN + self-attention | 1 | {plain['dev']['WA']:.1f} ± 0.0 |" in text
+    assert f"| TCN + self-attention | 1 | {plain['dev']['WA']:.1f} |" in text
     teacher_rows = [l for l in text.splitlines() if l.startswith(f"| 5 | {teacher['config']['decode']} |")]
     assert len(teacher_rows) == 1
     assert f"| {teacher['test']['PER']['rate']:.1f} | {teacher['test']['WER']['rate']:.1f} |" in teacher_rows[0]
@@ -2009,6 +2207,19 @@ def test_e2e_report(trained, tmp_path, monkeypatch):
     z_row = (f"| tcn-self-at vs tcn-self | 1 | {at['test']['WA']:.1f} | {plain['test']['WA']:.1f} | "
              f"{z:.2f} | {p:.3f} |")
     assert z_row in text.splitlines()
+    assert "## The paper's test: one-tailed two-proportion z-test" in text
+    # the paired tests, from the per-utterance predictions of the two runs
+    truth = dict(zip(at["test"]["ids"], at["test"]["true"]))
+    right_at = {i for i, p in zip(at["test"]["ids"], at["test"]["pred"]) if p == truth[i]}
+    right_plain = {i for i, p in zip(plain["test"]["ids"], plain["test"]["pred"]) if p == truth[i]}
+    b, c = len(right_at - right_plain), len(right_plain - right_at)
+    paired = [l for l in text.splitlines() if l.startswith("| tcn-self-at vs tcn-self | 1 | ") and "(" in l]
+    print(paired, b, c)
+    assert len(paired) == 1
+    cells = [x.strip() for x in paired[0].strip("|").split("|")]
+    assert cells[4:] == [str(b), str(c), f"{satn.mcnemar_exact(b, c):.3f}"]
+    assert cells[2].startswith(satn._signed(at["test"]["WA"] - plain["test"]["WA"]))
+    assert "Normalisation: per speaker" in text and "test utterances themselves" in text
 
 
 def test_student_checkpoint_holds_only_plain_data(trained, demo_corpus):
@@ -2020,9 +2231,9 @@ def test_student_checkpoint_holds_only_plain_data(trained, demo_corpus):
     assert ck["classes"] == list(satn.EMOTIONS)
     assert ck["epoch"] == final["best_epoch"] and last["epoch"] == 2
     assert ck["norm"]["mode"] == "speaker"
-    # the stored statistics are those of the training split's raw features
-    train, _, _, _ = _split_ids(demo_corpus)
-    paths = {u.id: u.path for u in satn.load_iemocap(demo_corpus, "impro", verbose=False)}
+    # the stored statistics are those of every utterance of the training sessions (any label, any dialog)
+    train = [u for u in emo_labels(demo_corpus) if not u.startswith("Ses05")]
+    paths = {u.id: u.path for u in satn.load_iemocap(demo_corpus, "all", verbose=False, all_labels=True)}
     flat = np.concatenate([satn.features(satn.load_audio(paths[u])).reshape(satn.FEAT_CHANNELS, -1) for u in train], 1)
     print(len(train), "training utterances,", flat.shape[1], "frames")
     assert ck["norm"]["mean"].shape == ck["norm"]["std"].shape == (satn.FEAT_CHANNELS,)
@@ -2714,7 +2925,7 @@ def test_cli_teacher_help_lists_every_option_and_default(monkeypatch, capsys):
 
 @pytest.mark.parametrize("command,flags", [("demo-data", ["--out", "--seed"]), ("prepare", ["--data", "--runs"]),
                                            ("predict", ["--checkpoint", "--json", "--norm", "--window", "--hop"]),
-                                           ("report", ["--runs"]), ("bench", ["--device"]),
+                                           ("report", ["--runs", "--per-seed"]), ("bench", ["--device"]),
                                            ("build-kernels", ["--cuda"])])
 def test_cli_help_of_the_other_subcommands(monkeypatch, capsys, command, flags):
     text = _help_text(monkeypatch, capsys, command)
@@ -2947,6 +3158,139 @@ def test_kernel_mode_rejects_unknown_value(monkeypatch):
         satn.causal_conv1d(torch.randn(1, 2, 5), torch.randn(2, 2, 3))
 
 
+def test_choose_kernel_path_from_injected_timings():
+    assert satn.choose_kernel_path(1.0, 2.0) == "ext"
+    assert satn.choose_kernel_path(2.0, 1.0) == "ref"
+    assert satn.choose_kernel_path(0.99, 1.0) == "ref"      # within timing noise: the PyTorch path
+    assert satn.choose_kernel_path(0.95, 1.0) == "ext"
+    assert satn.choose_kernel_path(None, 1.0) == "ref"      # the extension failed while being timed
+    assert satn.choose_kernel_path(float("nan"), 1.0) == "ref"
+    assert satn.choose_kernel_path(0.5, 1.0, margin=0.4) == "ref"
+
+
+class _RecordingExt:
+    """Stands in for the extension on CPU: runs the reference and counts calls."""
+
+    def __init__(self):
+        self.forward_calls = 0
+
+    def forward(self, x, w, b, d, relu):
+        self.forward_calls += 1
+        return satn.causal_conv1d_ref(x, w, b, d, "relu" if relu else None)
+
+    def backward(self, gy, x, w, y, d, relu, has_bias):
+        with torch.enable_grad():
+            xi, wi = x.detach().requires_grad_(), w.detach().requires_grad_()
+            bi = torch.zeros(w.shape[0], dtype=w.dtype, requires_grad=True) if has_bias else None
+            out = satn.causal_conv1d_ref(xi, wi, bi, d, "relu" if relu else None)
+            grads = torch.autograd.grad(out, (xi, wi) + ((bi,) if has_bias else ()), gy)
+        return grads[0], grads[1], grads[2] if has_bias else None
+
+
+@pytest.fixture
+def auto_dispatch(tmp_path, monkeypatch):
+    """auto mode on CPU tensors as if they were CUDA ones, a fake extension, injected timings."""
+    monkeypatch.delenv("SATN_KERNEL", raising=False)
+    monkeypatch.setattr(satn, "_auto_wants_ext", lambda x, w: True)
+    monkeypatch.setattr(satn, "KERNEL_CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(satn, "_KERNEL_CHOICES", {})
+    ext = _RecordingExt()
+    monkeypatch.setattr(satn, "_KERNEL_EXT", {})
+    monkeypatch.setattr(satn, "_load_kernel_ext", lambda cuda=None, verbose=False: ext)
+    state = {"timings": {}, "timed": []}
+
+    def fake_time(x, w, b, d, relu, ext_, grads):
+        state["timed"].append((x.shape[1], w.shape[0], d, x.shape[2], grads))
+        return state["timings"].get(d, (1.0, 2.0))
+
+    monkeypatch.setattr(satn, "_time_kernel_paths", fake_time)
+    state["ext"] = ext
+    return state
+
+
+def test_auto_dispatch_times_each_signature_once_and_follows_the_timing(auto_dispatch):
+    auto_dispatch["timings"] = {1: (1.0, 2.0), 2: (3.0, 2.0)}   # d=1: extension faster; d=2: slower
+    ext = auto_dispatch["ext"]
+    w = torch.randn(4, 3, 3)
+    satn.causal_conv1d(torch.randn(2, 3, 100), w, None, 1, "relu")
+    satn.causal_conv1d(torch.randn(2, 3, 120), w, None, 1, "relu")   # same T bucket (<= 128)
+    assert ext.forward_calls == 2 and len(auto_dispatch["timed"]) == 1
+    y = satn.causal_conv1d(torch.randn(2, 3, 100), w, None, 2, "relu")
+    assert ext.forward_calls == 2                                       # d=2 went to the PyTorch path
+    assert y.shape == (2, 4, 100) and len(auto_dispatch["timed"]) == 2
+    satn.causal_conv1d(torch.randn(2, 3, 300), w, None, 1, "relu")   # new T bucket: timed again
+    wg = w.clone().requires_grad_()
+    satn.causal_conv1d(torch.randn(2, 3, 100), wg, None, 1, "relu")  # needs grad_w: a new signature
+    print(auto_dispatch["timed"])
+    assert [t[-2:] for t in auto_dispatch["timed"]] == [(100, "none"), (100, "none"), (300, "none"), (100, "w")]
+
+
+def test_auto_dispatch_choice_is_stored_and_reused_by_a_new_process(auto_dispatch, monkeypatch):
+    w = torch.randn(4, 3, 2)
+    satn.causal_conv1d(torch.randn(1, 3, 50), w, None, 1)
+    store = satn.KERNEL_CACHE_DIR / "dispatch.json"
+    table = json.loads(store.read_text())
+    print(table)
+    (section,) = table.values()
+    assert [e["path"] for e in section.values()] == ["ext"]
+    monkeypatch.setattr(satn, "_KERNEL_CHOICES", {})                    # as in a fresh process
+    satn.causal_conv1d(torch.randn(1, 3, 60), w, None, 1)
+    assert len(auto_dispatch["timed"]) == 1 and auto_dispatch["ext"].forward_calls == 2
+
+
+def test_auto_dispatch_prints_each_choice_once_when_verbose(auto_dispatch, monkeypatch, capsys):
+    monkeypatch.setattr(satn, "KERNEL_VERBOSE", True)
+    w = torch.randn(4, 3, 3)
+    for _ in range(3):
+        satn.causal_conv1d(torch.randn(2, 3, 40), w, None, 4, "relu")
+    out = capsys.readouterr().out
+    print(out)
+    assert out.count("satn kernels:") == 1
+    assert "dilation 4" in out and "ext 1.000 ms, ref 2.000 ms -> extension (timed now)" in out
+
+
+def test_auto_dispatch_deterministic_mode_takes_the_pytorch_path_untimed(auto_dispatch):
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        x, w = torch.randn(2, 3, 40), torch.randn(4, 3, 3)
+        y = satn.causal_conv1d(x, w, None, 2, "relu")
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert auto_dispatch["timed"] == [] and auto_dispatch["ext"].forward_calls == 0
+    torch.testing.assert_close(y, satn.causal_conv1d_ref(x, w, None, 2, "relu"), rtol=0, atol=0)
+
+
+def test_auto_dispatch_forced_paths_skip_timing(auto_dispatch, monkeypatch):
+    x, w = torch.randn(2, 3, 40), torch.randn(4, 3, 3)
+    monkeypatch.setenv("SATN_KERNEL", "ext")
+    satn.causal_conv1d(x, w, None, 2)
+    monkeypatch.setenv("SATN_KERNEL", "ref")
+    satn.causal_conv1d(x, w, None, 2)
+    assert auto_dispatch["timed"] == [] and auto_dispatch["ext"].forward_calls == 1
+
+
+def test_kernel_cpu_relu_backward_passes_gradient_where_y_is_nan(monkeypatch):
+    """ReLU backward takes its mask from y as torch's threshold_backward does: the gradient is
+    dropped where y <= 0 and passed where y is NaN."""
+    ext = satn._load_kernel_ext(cuda=False)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 17, generator=g, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, generator=g, dtype=torch.float64)
+    y = satn.causal_conv1d_ref(x, w, None, 2, "relu")
+    y[0, 1, 5] = float("nan")
+    y[1, 2, 0] = float("nan")
+    y[1, 3, 16] = 0.0
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    gx, gw, _ = ext.backward(gy, x, w, y, 2, True, False)
+    gz = torch.ops.aten.threshold_backward(gy, y, 0)
+    assert gz[0, 1, 5] == gy[0, 1, 5] and gz[1, 3, 16] == 0       # what torch does
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    gx_ref, gw_ref = torch.autograd.grad(satn.causal_conv1d_ref(xr, wr, None, 2), (xr, wr), gz)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-10, atol=1e-10)
+
+
 # ------------------------------------------------------------------ CUDA build
 def _can_compile_cuda():
     return bool(torch.version.cuda) and bool(
@@ -3001,11 +3345,16 @@ def test_kernel_cuda_gradcheck(monkeypatch):
 
 
 @needs_cuda
-def test_kernel_cuda_auto_uses_extension(monkeypatch):
+def test_kernel_cuda_auto_times_and_remembers(tmp_path, monkeypatch):
     monkeypatch.delenv("SATN_KERNEL", raising=False)
+    monkeypatch.setattr(satn, "KERNEL_CACHE_DIR", tmp_path)
+    monkeypatch.setattr(satn, "_KERNEL_CHOICES", {})
     x, w = torch.randn(2, 8, 50, device="cuda"), torch.randn(8, 8, 3, device="cuda")
-    satn.causal_conv1d(x, w, None, 2, "relu")
+    y = satn.causal_conv1d(x, w, None, 2, "relu")
     assert not isinstance(satn._KERNEL_EXT.get("cuda"), str), satn._KERNEL_EXT.get("cuda")
+    (choice,) = satn._KERNEL_CHOICES.values()
+    assert choice in ("ext", "ref") and (tmp_path / "dispatch.json").is_file()
+    torch.testing.assert_close(y, satn.causal_conv1d_ref(x, w, None, 2, "relu"), rtol=1e-2, atol=1e-2)
 
 
 def test_kernel_fallback_gives_the_same_model_outputs(monkeypatch):
@@ -3241,10 +3590,10 @@ def test_report_puts_the_baseline_row_first(tmp_path, monkeypatch, capsys):
     for extra in (["--encoder", "tcn"], ["--encoder", "stats"], ["--encoder", "blstm", "--recipe", "robust"]):
         assert _student_cli(data, tmp_path, "--fold", "1", *extra) == 0
     assert satn.main(["report", "--runs", str(runs)]) == 0
-    table = [l for l in (runs / "results.md").read_text().splitlines() if l.startswith("| ") and "folds" not in l]
+    table = [l for l in (runs / "results.md").read_text().splitlines() if l.startswith("| ") and not l.startswith("| method")]
     print("\n".join(table))
     stats = json.loads((runs / "student" / "stats" / "fold1" / "final.json").read_text())
-    assert table[0].startswith(f"| utterance statistics + linear | 1 | {stats['dev']['WA']:.1f} ± 0.0 |")
+    assert table[0].startswith(f"| utterance statistics + linear | 1 | {stats['dev']['WA']:.1f} |")   # one run: no SD
     assert table[1].startswith("| BLSTM + self-attention (robust recipe) | 1 |")
     assert table[2].startswith("| TCN + self-attention | 1 |")
 
