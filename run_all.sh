@@ -11,23 +11,26 @@
 #   bash run_all.sh --dry-run            # print every training command, in dependency order
 #   bash run_all.sh --data D --slurm --partition=gpu --gres=gpu:1 --time=1-00:00:00 [--submit]
 #   bash run_all.sh --data corpus.csv --recipe robust --runs runs-robust
+#   bash run_all.sh --seeds 3            # every training with seeds 0, 1, 2 (fold{k}, fold{k}-seed1, ...)
 #
 # Options: --data PATH, --runs DIR, --jobs N (trainings at once; GPUs are assigned
 # round-robin through CUDA_VISIBLE_DEVICES when several are visible; default 1, or on
 # a machine without a GPU one per core, up to 4, each with one thread), --at-weight W
 # (W_AT of the transfer rows, default 1.0), --recipe paper|robust (the students' training
-# recipe, default paper; see `python satn.py student --help`), --dry-run. --slurm: write
-# RUNS/slurm/ (the commands of --dry-run, a SLURM job for `prepare`, a job array for the
-# teachers, one for the students that depends on it (afterok), the report after them, logs
-# per task in RUNS/slurm/logs) and, with --submit, submit it; the arguments after --slurm,
-# up to a `--`, go to every sbatch call. Any other argument is passed to every training (so
-# it must be an option of both `teacher` and `student`, e.g. --epochs, --seed, --device,
-# --batch-size, --norm). Finished runs are skipped and unfinished ones resumed, so calling
-# it again after an interruption continues.
+# recipe, default paper; see `python satn.py student --help`), --seeds N (every teacher and
+# student trained with seeds 0..N-1, a student of seed s imitating the teacher of seed s; seed 0's
+# runs keep their folders, the others go to fold{k}-seed{s}; report then averages over folds x
+# seeds), --dry-run. --slurm: write RUNS/slurm/ (the commands of --dry-run, a SLURM job for
+# `prepare`, a job array for the teachers, one for the students that depends on it (afterok),
+# the report after them, logs per task in RUNS/slurm/logs) and, with --submit, submit it;
+# the arguments after --slurm, up to a `--`, go to every sbatch call. Any other argument is
+# passed to every training (so it must be an option of both `teacher` and `student`, e.g.
+# --epochs, --seed, --device, --batch-size, --norm). Finished runs are skipped and
+# unfinished ones resumed, so calling it again after an interruption continues.
 set -uo pipefail
 PY=${PYTHON:-python}
 SATN="$(dirname "$0")/satn.py"   # paths given by the user stay relative to where they called from
-DATA=() RUNS=runs JOBS= DRY=0 AT_WEIGHT=1.0 RECIPE=() EXTRA=() SLURM=0 SUBMIT=0 IN_SBATCH=0 SBATCH=()
+DATA=() RUNS=runs JOBS= DRY=0 AT_WEIGHT=1.0 RECIPE=() SEEDS= EXTRA=() SLURM=0 SUBMIT=0 IN_SBATCH=0 SBATCH=()
 while [ $# -gt 0 ]; do
     if [ "$IN_SBATCH" = 1 ]; then   # after --slurm: sbatch's options, up to `--`
         case "$1" in
@@ -38,7 +41,7 @@ while [ $# -gt 0 ]; do
         shift; continue
     fi
     case "$1" in
-        --data|--runs|--jobs|--at-weight|--recipe)
+        --data|--runs|--jobs|--at-weight|--recipe|--seeds)
             [ $# -ge 2 ] || { echo "run_all.sh: $1 needs a value" >&2; exit 2; }
             set -- "$1=$2" "${@:3}" ;;
     esac
@@ -48,10 +51,11 @@ while [ $# -gt 0 ]; do
         --jobs=*) JOBS=${1#*=} ;;
         --at-weight=*) AT_WEIGHT=${1#*=} ;;
         --recipe=*) RECIPE=(--recipe "${1#*=}") ;;
+        --seeds=*) SEEDS=${1#*=} ;;
         --dry-run) DRY=1 ;;
         --slurm) SLURM=1 DRY=1 IN_SBATCH=1 ;;
         --submit) SUBMIT=1 ;;
-        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         --fold|--fold=*|--name|--name=*|--encoder|--encoder=*|--attention|--attention=*|--resume|--no-resume)
             echo "run_all.sh: $1 is set by run_all.sh itself for each training" >&2; exit 2 ;;
         *) EXTRA+=("$1") ;;
@@ -70,10 +74,23 @@ if [ -z "$JOBS" ]; then
     fi
 fi
 case "$JOBS" in ''|*[!0-9]*|0) echo "run_all.sh: --jobs needs a positive integer, got '$JOBS'" >&2; exit 2 ;; esac
+if [ -n "$SEEDS" ]; then
+    case "$SEEDS" in *[!0-9]*|0) echo "run_all.sh: --seeds needs a positive integer, got '$SEEDS'" >&2; exit 2 ;; esac
+    for a in "${EXTRA[@]}"; do
+        case "$a" in --seed|--seed=*) echo "run_all.sh: give either --seeds N (seeds 0..N-1) or --seed S, not both" >&2; exit 2 ;; esac
+    done
+fi
 COMMON=("${DATA[@]}" --runs "$RUNS" --resume "${THREADS[@]}" "${EXTRA[@]}")
 TRANSFER=1 FOLDS=5
 if [ "$DRY" = 0 ]; then
-    mkdir -p "$RUNS/logs"
+    mkdir -p "$RUNS/logs" || exit 1
+    # One run_all.sh per runs folder: a second one would train into the same run folders.
+    exec 9>>"$RUNS/.run_all.lock"
+    if ! flock -n 9; then
+        echo "run_all.sh: $RUNS is in use by another run_all.sh (pid $(cat "$RUNS/.run_all.lock")): wait for it to end, or give another --runs" >&2
+        exit 1
+    fi
+    echo $$ > "$RUNS/.run_all.lock"
     rm -f "$RUNS"/logs/*.failed
     # Write the demo corpus and the feature cache once, before parallel jobs could race for them.
     "$PY" "$SATN" prepare "${DATA[@]}" --runs "$RUNS" | tee "$RUNS/logs/prepare.log"
@@ -92,7 +109,15 @@ trap 'echo "run_all.sh: interrupted; call it again to resume" >&2; exit 130' INT
 START=$(date +%s) FAILED=0 STARTED=0
 
 TEACHERS=() STUDENTS=()
-run() {  # run <log name> <command...>: at most $JOBS at once
+run() {  # run <log name> <command...>: once per seed of --seeds (else once, as given)
+    local name=$1; shift
+    if [ -z "$SEEDS" ]; then run_one "$name" "$@"; return; fi
+    local s
+    for s in $(seq 0 $((SEEDS - 1))); do
+        run_one "$name$([ "$s" = 0 ] || echo "-seed$s")" "$@" --seed "$s"
+    done
+}
+run_one() {  # run_one <log name> <command...>: at most $JOBS at once
     local name=$1; shift
     if [ "$SLURM" = 1 ]; then   # collected for the job arrays
         case "$name" in teacher-*) TEACHERS+=("$(printf '%q ' "$@")") ;; *) STUDENTS+=("$(printf '%q ' "$@")") ;; esac

@@ -29,11 +29,13 @@ blocks, kernels glue, models, losses, training, evaluation, CLI.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import functools
 import hashlib
 import importlib
+import io
 import importlib.util
 import json
 import logging
@@ -90,15 +92,51 @@ def _first_line(e):
 
 def write_atomically(path, write):
     """write(temporary path), then rename over `path`: an interruption never leaves half a
-    file, and concurrent writers (the process id is in the name) never share one."""
+    file, and concurrent writers (the process id is in the name) never share one. A failed
+    write removes its temporary file; sweep_stale_temps removes those of killed processes."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, RuntimeError) and re.search(r"inline_container|PytorchStreamWriter|file write failed", str(e)):
+            # torch.save reports a full or read-only disk as a RuntimeError of its zip writer
+            raise OSError(f"{path}: cannot be written ({_first_line(e)})") from None
+        raise
+
+
+_TEMP_NAME = re.compile(r".+\.(\d+)\.tmp")
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:          # e.g. another user's process: it exists
+        return True
+    return True
+
+
+def sweep_stale_temps(folder):
+    """Delete the temporary files of write_atomically left in `folder` by processes that are
+    gone (killed during a write). Returns how many were removed."""
+    removed = 0
+    for p in Path(folder).glob("*.tmp") if Path(folder).is_dir() else ():
+        m = _TEMP_NAME.fullmatch(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 # -----------------------------------------------------------------------------
 # audio
+
+WAV_SIZE_UNKNOWN = 0xFFFFFFFF  # RIFF/data chunk size of a WAV written as a stream (length unknown)
+
 
 def _wav_truncated(path):
     """True when a RIFF/WAVE file's data chunk claims more bytes than the file holds.
@@ -115,7 +153,8 @@ def _wav_truncated(path):
                 return True  # the header ended before a data chunk
             cid, n = chunk[:4], int.from_bytes(chunk[4:], "little")
             if cid == b"data":
-                return f.tell() + n > size
+                # a streaming writer, which cannot know the length, writes 0xFFFFFFFF: "to the end"
+                return n != WAV_SIZE_UNKNOWN and f.tell() + n > size
             f.seek(n + (n & 1), 1)
 
 
@@ -123,8 +162,9 @@ def load_audio(path, sr=SAMPLE_RATE):
     """Read an audio file as mono float32 in [-1, 1] at `sr` Hz. Returns (N,).
 
     Channels are averaged; integer PCM is scaled by soundfile; other rates are
-    resampled with a polyphase filter. Empty, silent, unreadable or truncated
-    files raise ValueError naming the file, so callers can skip and count them."""
+    resampled with a polyphase filter. Empty, silent, unreadable, truncated files
+    and files with NaN or infinite samples raise ValueError naming the file, so
+    callers can skip and count them."""
     import soundfile as sf
     path = str(path)
     try:
@@ -138,6 +178,8 @@ def load_audio(path, sr=SAMPLE_RATE):
     if wave.shape[0] == 0:
         raise ValueError(f"{path}: empty audio file")
     wave = wave.mean(axis=1) if wave.shape[1] > 1 else wave[:, 0]
+    if not np.isfinite(wave).all():
+        raise ValueError(f"{path}: {int((~np.isfinite(wave)).sum())} samples are not finite (NaN or inf)")
     if not np.any(wave):
         raise ValueError(f"{path}: silent audio file (all samples are zero)")
     if file_sr != sr:
@@ -597,22 +639,35 @@ MANIFEST_COLUMNS = ("path", "label", "speaker", "session")
 
 
 def load_manifest(csv_path, verbose=True):
-    """Read a CSV manifest with header path,label,speaker,session[,text].
+    """Read a CSV manifest with header path,label,speaker,session[,text] (UTF-8).
 
     Paths are resolved against the CSV's folder; the class set is whatever the
-    labels are. Every problem is reported with its row before anything trains."""
+    labels are. Every problem is reported with its row before anything trains: a
+    row with more fields than the header (an unquoted comma), and one audio file
+    named twice, also under two spellings (./a.wav and a.wav)."""
     csv_path = Path(csv_path)
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in MANIFEST_COLUMNS if c not in header]
-        unknown = [c for c in header if c not in MANIFEST_COLUMNS + ("text",)]
-        if missing or unknown:
-            raise DataError(f"{csv_path}: header must be path,label,speaker,session[,text]"
-                            + (f"; missing {','.join(missing)}" if missing else "")
-                            + (f"; unknown {','.join(unknown)}" if unknown else ""))
-        rows = [({k.strip(): (v or "").strip() for k, v in r.items() if k is not None}, reader.line_num)
-                for r in reader]
+    raw = csv_path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: spreadsheets write a BOM
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{csv_path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}): "
+                        f"save the manifest as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet)") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in MANIFEST_COLUMNS if c not in header]
+    unknown = [c for c in header if c not in MANIFEST_COLUMNS + ("text",)]
+    if missing or unknown:
+        raise DataError(f"{csv_path}: header must be path,label,speaker,session[,text]"
+                        + (f"; missing {','.join(missing)}" if missing else "")
+                        + (f"; unknown {','.join(unknown)}" if unknown else ""))
+    rows = []
+    for r in reader:
+        if r.get(None):   # csv.DictReader keeps the fields beyond the header under None
+            raise DataError(f"{csv_path}:{reader.line_num}: {len(header) + len(r[None])} fields for the "
+                            f"{len(header)} columns of the header: put a field that holds a comma in double "
+                            f'quotes ("like, this")')
+        rows.append(({k.strip(): (v or "").strip() for k, v in r.items() if k is not None}, reader.line_num))
     utts, seen, absent = [], {}, []
     for r, line in rows:
         empty = [c for c in MANIFEST_COLUMNS if not r.get(c)]
@@ -620,9 +675,12 @@ def load_manifest(csv_path, verbose=True):
             raise DataError(f"{csv_path}:{line}: empty {','.join(empty)}")
         path = (csv_path.parent / r["path"]).resolve()
         uid = r["path"]
-        if uid in seen:
-            raise DataError(f"{csv_path}:{line}: duplicate path {uid} (first on line {seen[uid]})")
-        seen[uid] = line
+        if path in seen:
+            first_line, first = seen[path]
+            raise DataError(f"{csv_path}:{line}: duplicate path {uid}"
+                            + (f" (the same file as {first} " if first != uid else " (")
+                            + f"on line {first_line})")
+        seen[path] = (line, uid)
         if not path.is_file():
             absent.append(f"line {line}: {r['path']}")
         utts.append(Utterance(uid, str(path), r["label"], r["speaker"], r["session"], r.get("text", "")))
@@ -631,6 +689,13 @@ def load_manifest(csv_path, verbose=True):
                         + (", ..." if len(absent) > 3 else "") + ")")
     if not utts:
         raise DataError(f"{csv_path}: no rows")
+    spellings = {}
+    for u in utts:
+        spellings.setdefault(u.label.lower(), set()).add(u.label)
+    for variants in spellings.values():
+        if len(variants) > 1:
+            print(f"warning: {csv_path}: the labels {', '.join(sorted(variants))} differ only in case and are "
+                  f"different classes; write them alike if they are one")
     if verbose:
         print_counts(utts, f"manifest {csv_path}")
     return utts
@@ -879,6 +944,30 @@ class FeatureList(list):
     def __init__(self, feats, moments):
         super().__init__(feats)
         self.moments = moments
+
+
+def check_duplicate_audio(utts, feats):
+    """The same recording under two names (a copy, a link, another spelling of its path) is
+    one utterance: under two speakers it could be trained on and tested. Refused when the
+    speakers differ, a warning otherwise. Cheap: features are grouped by length and a hash
+    of a few frames, and only those that collide are compared in full."""
+    groups = {}
+    for u, f in zip(utts, feats):
+        T = f.shape[-1]
+        key = (T, hashlib.sha1(np.ascontiguousarray(f[..., ::max(1, T // 8)]).tobytes()).hexdigest())
+        groups.setdefault(key, []).append((u, f))
+    for members in (m for m in groups.values() if len(m) > 1):
+        for i in range(1, len(members)):
+            for j in range(i):
+                (a, fa), (b, fb) = members[j], members[i]
+                if not np.array_equal(fa, fb):
+                    continue
+                what = (f"{a.path} ({a.id}, speaker {a.speaker}) and {b.path} ({b.id}, speaker {b.speaker}) hold the "
+                        f"same audio")
+                if a.speaker != b.speaker:
+                    raise DataError(f"{what}: one recording under two speakers could be trained on and tested; "
+                                    f"remove one of them")
+                print(f"warning: {what}; it counts twice")
 
 
 STD_FLOOR = 1e-5  # added to every standard deviation before dividing by it
@@ -1342,12 +1431,17 @@ def write_demo_corpus(out=DEMO_DIR, seed=0, sessions=5, scale=1.0, verbose=True)
     utterances whose speaker letter differs from the dialog's. `scale` shrinks it
     (for tests). Deterministic for a seed."""
     import soundfile as sf
-    out = Path(out)
+    out = Path(out).resolve()   # `--out .` has no name of its own
+    _check_demo_out(out)
     lexicon = read_cmudict()
     words = [w for w in DEMO_WORDS if w in lexicon]
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
+        if not (tmp / DEMO_PARTIAL_MARKER).is_file():
+            raise DataError(f"--out {out}: {tmp} exists and was not left by demo-data: move it away first")
         shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / DEMO_PARTIAL_MARKER).write_text("unfinished demo corpus: deleted by the next `satn.py demo-data`\n")
     t0, n_utts = time.time(), 0
     for s in range(1, sessions + 1):
         rng = np.random.default_rng([seed, s])
@@ -1399,10 +1493,17 @@ def write_demo_corpus(out=DEMO_DIR, seed=0, sessions=5, scale=1.0, verbose=True)
             n_utts += n
         if verbose:
             print(f"\rdemo corpus: session {s}/{sessions} ({time.time() - t0:.1f} s)", end="", flush=True)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    (out / "DEMO-CORPUS.txt").write_text(
+    (tmp / DEMO_PARTIAL_MARKER).unlink()
+    if out.exists():   # empty, or a demo corpus written before: its parts are replaced
+        (out / DEMO_MARKER).unlink(missing_ok=True)      # first: a half-replaced corpus is never taken as done
+        for old in out.iterdir():
+            shutil.rmtree(old)
+        for new in tmp.iterdir():
+            new.rename(out / new.name)
+        tmp.rmdir()
+    else:
+        tmp.rename(out)
+    (out / DEMO_MARKER).write_text(
         f"Synthetic speech in the IEMOCAP_full_release layout, written by `python satn.py demo-data "
         f"--seed {seed}`. Not real speech: formant synthesis with emotional prosody.\n")
     if verbose:
@@ -1411,9 +1512,33 @@ def write_demo_corpus(out=DEMO_DIR, seed=0, sessions=5, scale=1.0, verbose=True)
     return out
 
 
+DEMO_MARKER = "DEMO-CORPUS.txt"            # written last into a finished demo corpus
+DEMO_PARTIAL_MARKER = "DEMO-CORPUS.partial"  # inside the folder a demo corpus is written to
+
+
+def _check_demo_out(out):
+    """demo-data may write only into a new or empty folder, or over a demo corpus it wrote
+    before (its marker file and SessionN folders, nothing else): it never deletes other files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"--out {out}: a file, not a folder")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if DEMO_MARKER not in entries:
+        raise DataError(f"--out {out}: the folder is not empty ({', '.join(entries[:3])}"
+                        + (", ..." if len(entries) > 3 else "") + f") and holds no demo corpus ({DEMO_MARKER}): "
+                        f"give a new or empty folder; nothing was changed")
+    foreign = [e for e in entries if e != DEMO_MARKER and not (re.fullmatch(r"Session\d+", e) and (out / e).is_dir())]
+    if foreign:
+        raise DataError(f"--out {out}: the demo corpus there also holds {', '.join(foreign[:3])}, which demo-data did "
+                        f"not write: move it away first; nothing was changed")
+
+
 def ensure_demo_corpus(out=DEMO_DIR, seed=0):
     """Write the demo corpus on first use (a finished corpus has its DEMO-CORPUS.txt)."""
-    if not (Path(out) / "DEMO-CORPUS.txt").is_file():
+    if not (Path(out) / DEMO_MARKER).is_file():
         print(f"no --data given: writing the built-in demo corpus to {out} (once)")
         write_demo_corpus(out, seed)
 
@@ -2145,21 +2270,40 @@ class RunConfig:
     threads: int = _f(0, "CPU threads for torch (0: torch's default)")
 
     def __post_init__(self):
-        _require(self.fold >= 0, "--fold must be a session number 1..N, or 0 for every fold")
-        _require(self.epochs >= 1 and self.batch_size >= 1, "--epochs and --batch-size must be at least 1")
+        _require(0 <= self.fold <= MAX_FOLD, f"--fold must be a session number 1..N (N <= {MAX_FOLD}), "
+                                             f"or 0 for every fold")
+        _in_range(self, "epochs", 1, MAX_EPOCHS)
+        _in_range(self, "batch_size", 1, MAX_BATCH)
         _require(self.max_frames >= 0, "--max-frames must be >= 0 (0: no limit)")
-        _require(self.lr > 0 and self.clip > 0 and self.threads >= 0, "--lr and --clip must be positive, --threads >= 0")
+        _in_range(self, "threads", 0, MAX_THREADS)
+        _in_range(self, "seed", 0, MAX_SEED)
+        _require(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive finite number, got {self.lr}")
+        _require(self.clip > 0, f"--clip must be positive (inf: no clipping), got {self.clip}")
 
     def _check_encoder(self):
         """Checks shared by the teacher's and the student's configurations."""
         _require(0 <= self.dropout < 1, "--dropout must be in [0, 1)")
-        _require(min(self.channels, self.kernel_size, self.heads, self.subsample) >= 1,
-                 "--channels, --kernel-size, --heads and --subsample must be at least 1")
+        for name in ("channels", "kernel_size", "heads", "subsample"):
+            _in_range(self, name, 1, MAX_SIZE[name])
+
+
+# Bounds of the size and count options: far beyond any sensible setting, but they stop
+# a typo from exhausting the machine (--blocks 40 asks for dilation 2^39, --threads 1e5
+# crashes the thread pool) with a one-line error instead.
+MAX_SIZE = {"channels": 4096, "kernel_size": 64, "heads": 64, "subsample": 64, "blocks": 12, "lstm_hidden": 4096,
+            "decoder": 4096, "embed": 4096, "att_dim": 4096, "max_phones": 10000}
+MAX_EPOCHS, MAX_BATCH, MAX_THREADS, MAX_FOLD = 100_000, 4096, 256, 1000
+MAX_SEED = 2 ** 32 - 1   # what numpy's and torch's generators both take
 
 
 def _require(condition, message):
     if not condition:
         raise DataError(message)
+
+
+def _in_range(cfg, name, lo, hi):
+    value = getattr(cfg, name)
+    _require(lo <= value <= hi, f"--{name.replace('_', '-')} must be in {lo}..{hi}, got {value}")
 
 
 @dataclass
@@ -2185,8 +2329,8 @@ class TeacherConfig(RunConfig):
         _require(self.channels % self.heads == 0, f"--channels {self.channels} is not divisible by --heads {self.heads}")
         _require(0 <= self.ctc_weight <= 1, "--ctc-weight must be in [0, 1]")
         _require(self.ctc_weight > 0 or self.decode != "ctc", "--decode ctc needs a CTC head: --ctc-weight > 0")
-        _require(min(self.decoder, self.embed, self.att_dim, self.max_phones) >= 1,
-                 "--decoder, --embed, --att-dim and --max-phones must be at least 1")
+        for name in ("decoder", "embed", "att_dim", "max_phones"):
+            _in_range(self, name, 1, MAX_SIZE[name])
     epochs: int = _f(60, "training epochs", demo=30)
     lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=2e-3)
 
@@ -2268,10 +2412,16 @@ class StudentConfig(RunConfig):
                  "--encoder stats has no activations to imitate: it needs --at-weight 0")
         self._check_encoder()
         dim = self.channels if self.encoder == "tcn" else 2 * self.lstm_hidden
-        _require(self.blocks >= 1 and self.lstm_hidden >= 1, "--blocks and --lstm-hidden must be at least 1")
+        _in_range(self, "blocks", 1, MAX_SIZE["blocks"])
+        _in_range(self, "lstm_hidden", 1, MAX_SIZE["lstm_hidden"])
         _require(self.attention == "soft" or self.encoder == "stats" or dim % self.heads == 0,
                  f"the encoder's {dim} channels are not divisible by --heads {self.heads}")
-        _require(self.at_weight >= 0 and self.at_p > 0, "--at-weight must be >= 0 and --at-p > 0")
+        _require(0 <= self.at_weight < math.inf and 0 < self.at_p <= 16,
+                 "--at-weight must be finite and >= 0, --at-p in (0, 16]")
+        _require(self.name is None or (self.name not in ("", ".", "..") and Path(self.name).name == self.name
+                                       and "/" not in self.name and os.sep not in self.name),
+                 f"--name {self.name!r} must be a plain folder name (no '/', '..' or absolute path): "
+                 f"runs are kept under --runs")
         _require(not (self.at_selfattn and self.attention == "soft"),
                  "--at-selfattn transfers self-attention weights: it needs --attention self")
         _require(not self.causal or (self.encoder == "tcn" and self.attention == "self"),
@@ -2624,6 +2774,10 @@ def parse_pairs(spec, n_student, n_teacher):
     for i, j in pairs:
         if not (0 <= i < n_student and 0 <= j < n_teacher):
             raise DataError(f"--at-pairs {spec!r}: the student has {n_student} activations, the teacher {n_teacher}")
+    repeated = sorted({p for p in pairs if pairs.count(p) > 1})
+    if repeated:
+        raise DataError(f"--at-pairs {spec!r}: {', '.join(f'{i + 1}:{j + 1}' for i, j in repeated)} given more than "
+                        f"once (it would count twice in L_AT)")
     return pairs
 
 
@@ -2638,14 +2792,24 @@ class TrainingError(Exception):
 
 
 def pick_device(spec="auto"):
+    """auto, cpu, cuda, cuda:N, or mps where available; anything else is a one-line error."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"--device {spec}: CUDA is not available here")
     try:
-        return torch.device(spec)
+        device = torch.device(spec)
     except RuntimeError:
         raise DataError(f"--device {spec}: not a device (use cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DataError(f"--device {spec}: CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DataError(f"--device {spec}: there are {torch.cuda.device_count()} CUDA devices")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DataError(f"--device {spec}: Apple's MPS backend is not available here")
+    elif device.type != "cpu":
+        raise DataError(f"--device {spec}: cannot train or predict on {device.type} (use cpu, cuda, cuda:N or auto)")
+    return device
 
 
 def atomic_save(obj, path):
@@ -2714,8 +2878,10 @@ def prepare_data(cfg, role):
     # Features of the whole corpus share one cache, whichever part a run uses, and
     # per-speaker statistics come from all of a speaker's utterances, so that teacher
     # and student see identically normalised inputs.
+    sweep_stale_temps(Path(cfg.runs) / "cache")
     kept, feats = compute_features(load_corpus(cfg.data, subset="all", verbose=False, all_labels=True),
                                    Path(cfg.runs) / "cache")
+    check_duplicate_audio(kept, feats)
     sessions = {u.session for u in kept}
     if role == "student":
         chosen = {u.id for u in emotion_utterances(kept, cfg.data)}
@@ -2736,7 +2902,7 @@ def prepare_data(cfg, role):
     idx = [i for i, u in enumerate(kept) if u.session not in held]
     mean, std = feature_stats([feats[i] for i in idx], [feats.moments[i] for i in idx])
     out = {"train": [(u, by_id[u.id]) for u in train], "dev": [(u, by_id[u.id]) for u in dev],
-           "test": [(u, by_id[u.id]) for u in test], "classes": classes,
+           "test": [(u, by_id[u.id]) for u in test], "classes": classes, "held_out": min(held),
            "stats": {"mode": cfg.norm, "mean": torch.from_numpy(mean), "std": torch.from_numpy(std),
                      "source": "every utterance of the training sessions"}}
     factors = cfg.speed_factors() if role == "student" else (1.0,)
@@ -2761,9 +2927,123 @@ def prepare_data(cfg, role):
 _RESUME_IGNORES = {"resume", "device", "threads", "amp", "runs", "epochs"}
 
 
-def _config_diff(saved, cfg, ignore=_RESUME_IGNORES):
-    """Names of the configuration fields in which a saved run differs from cfg."""
-    return [k for k, v in dataclasses.asdict(cfg).items() if k not in ignore and saved.get(k) != v]
+def _config_diff(saved, cfg, ignore=_RESUME_IGNORES, run_dir=None):
+    """Names of the configuration fields in which a saved run differs from cfg. --data is
+    compared as the file it names: saved relative to `run_dir`, given relative to the
+    current folder."""
+    now = dataclasses.asdict(cfg)
+    diff = [k for k, v in now.items() if k not in ignore | {"data"} and saved.get(k) != v]
+    if "data" in now and "data" not in ignore and not _same_data(saved.get("data"), run_dir, cfg.data):
+        diff.insert(0, "data")
+    return diff
+
+
+def _relative_to(path, base):
+    """`path` relative to the folder `base` (absolute where no relative path exists)."""
+    try:
+        return os.path.relpath(Path(path).resolve(), Path(base).resolve())
+    except ValueError:   # another drive
+        return str(Path(path).resolve())
+
+
+def stored_config(cfg, run_dir):
+    """The configuration as saved with a run (config.json, checkpoints, final.json): --data and
+    --runs relative to the run folder, so that a shared checkpoint or run folder carries no
+    absolute paths of its owner and still finds its corpus when moved with it."""
+    conf = dataclasses.asdict(cfg)
+    for k in ("data", "runs"):
+        if conf.get(k) is not None:
+            conf[k] = _relative_to(conf[k], run_dir)
+    return conf
+
+
+def stored_path(value, run_dir):
+    """A path saved by stored_config, as an absolute path (None stays None)."""
+    return None if value is None or run_dir is None else str((Path(run_dir) / value).resolve())
+
+
+def _same_data(saved, run_dir, given):
+    """Whether a saved --data (see stored_config) and a given one name the same corpus."""
+    if saved is None or given is None:
+        return saved is None and given is None
+    return stored_path(saved, run_dir) == str(Path(given).resolve()) if run_dir is not None else saved == given
+
+
+def read_json_lines(path):
+    """The records of a .jsonl file; a partial last line (a write cut short) is left out with a warning."""
+    rows, lines = [], Path(path).read_text().splitlines()
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise DataError(f"{path}:{i + 1}: not a JSON line (the file is damaged)") from None
+            print(f"warning: {path}: the last line is incomplete (a write was interrupted) and is ignored")
+    return rows
+
+
+def read_json(path):
+    """A JSON file, or DataError naming it when it cannot be parsed (e.g. truncated)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON (truncated or damaged?): {_first_line(e)}") from None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir):
+    """Hold an exclusive lock on a run folder (its .lock file) for a whole training, so that two
+    trainings never mix their files there. The lock is the kernel's (flock): it goes with the
+    process, so a killed training never leaves a stale one. The file keeps the holder's pid."""
+    import fcntl
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise DataError(f"{run_dir} is in use by another training (pid {holder}): wait for it to end, or give "
+                        f"another --name or --runs") from None
+    try:
+        f.seek(0)
+        if f.read() != f"{os.getpid()}\n":   # rewritten only for a new holder: a skipped run stays untouched
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+        yield
+    finally:
+        f.close()   # releases the lock
+
+
+def _locked_run(run_dir_of):
+    """Decorator: the training function runs holding run_lock on its run folder."""
+    def wrap(train):
+        @functools.wraps(train)
+        def locked(cfg):
+            with run_lock(run_dir_of(cfg)):
+                return train(cfg)
+        return locked
+    return wrap
+
+
+def teacher_run_dir(cfg):
+    return Path(cfg.runs) / "teacher" / fold_folder(cfg.fold, cfg.seed)
+
+
+def student_run_dir(cfg):
+    return Path(cfg.runs) / "student" / cfg.run_name() / fold_folder(cfg.fold, cfg.seed)
+
+
+def _check_finite(model, epoch):
+    """After an epoch: parameters that became NaN or inf stop the run (the checkpoints keep the last good epoch)."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingError(f"epoch {epoch}: {len(bad)} parameter tensors are no longer finite (NaN or inf, e.g. "
+                            f"{bad[0]}): lower --lr or --clip; the checkpoints keep the last finite epoch")
 
 
 def _git_commit():
@@ -2784,6 +3064,7 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
     metrics.jsonl one line per epoch. Returns the best checkpoint."""
     device = pick_device(cfg.device)
     run_dir.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(run_dir)
     model.to(device)
     # The student's recipe options (RECIPES); the teacher's configuration has none of them.
     wd, lr_patience, patience = (getattr(cfg, k, 0) for k in ("weight_decay", "lr_patience", "patience"))
@@ -2793,30 +3074,38 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
     sched = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max" if higher_is_better else "min",
                                                         factor=LR_DECAY, patience=lr_patience - 1)
              if lr_patience else None)
-    conf = dataclasses.asdict(cfg)
+    conf = stored_config(cfg, run_dir)
+    held_out = data.get("held_out")
+    extra = {**extra, "held_out": held_out}
     start, best, stale, log = 1, None, 0, run_dir / "metrics.jsonl"
     if cfg.resume and (run_dir / "last.pt").is_file():
         ck = load_checkpoint(run_dir / "last.pt")
-        diff = _config_diff(ck["config"], cfg)
+        diff = _config_diff(ck["config"], cfg, run_dir=run_dir)
         if diff:
             raise DataError(f"{run_dir}/last.pt was trained with another configuration (differs in: {', '.join(diff)}); "
                             f"use --name or delete the folder")
+        if ck.get("held_out") not in (None, held_out):
+            raise DataError(f"{run_dir}/last.pt held out session {ck['held_out']}, but fold {cfg.fold} of this corpus "
+                            f"is session {held_out} (sessions added or removed?): use --runs or delete the folder")
+        if ck["epoch"] > cfg.epochs:
+            raise DataError(f"{run_dir}: {ck['epoch']} epochs are trained already, more than --epochs {cfg.epochs}: "
+                            f"give --epochs {ck['epoch']} or more to continue, or use --name for a shorter run")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if sched is not None:
             sched.load_state_dict(ck["scheduler"])
         torch.set_rng_state(ck["rng"])
         start, best, stale = ck["epoch"] + 1, ck["best"], ck.get("stale", 0)
-        if log.is_file():  # drop lines of an epoch whose checkpoint was not written
-            keep = [l for l in log.read_text().splitlines() if json.loads(l)["epoch"] <= ck["epoch"]]
-            log.write_text("".join(l + "\n" for l in keep))
+        if log.is_file():  # drop lines of an epoch whose checkpoint was not written (or half written)
+            keep = [r for r in read_json_lines(log) if r["epoch"] <= ck["epoch"]]
+            log.write_text("".join(json.dumps(r) + "\n" for r in keep))
         print(f"resuming {run_dir} after epoch {ck['epoch']}")
     elif (run_dir / "last.pt").is_file():
         raise DataError(f"{run_dir} holds an unfinished run (last.pt): add --resume to continue it, "
                         f"or delete the folder to start again")
     elif log.exists():
         log.unlink()
-    write_json({"config": conf, "torch": torch.__version__, "device": str(device),
+    write_json({"config": conf, "held_out": held_out, "torch": torch.__version__, "device": str(device),
                 "git_commit": _git_commit(), "python": sys.version.split()[0]}, run_dir / "config.json")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
     nonfinite_run, t_start = 0, time.time()
@@ -2853,6 +3142,7 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
         if n_batches == 0:
             raise TrainingError(f"epoch {epoch}: the loss was not finite in any of its {skipped} batches: "
                                 f"lower --lr or check the data")
+        _check_finite(model, epoch)
         model.eval()
         metrics = evaluate(model, data["dev"])
         score = metrics[score_key]
@@ -2889,11 +3179,21 @@ def finished(run_dir, cfg):
     final = Path(run_dir) / "final.json"
     if not final.is_file():
         return False
-    done = json.loads(final.read_text()).get("config", {})
-    diff = _config_diff(done, cfg, _RESUME_IGNORES - {"epochs"})
+    try:
+        done = read_json(final).get("config", {})
+    except DataError as e:
+        print(f"warning: {e}; the run is taken as unfinished (--resume evaluates it again from its checkpoints)")
+        return False
+    diff = _config_diff(done, cfg, _RESUME_IGNORES - {"epochs"}, run_dir)
     if diff == ["epochs"] and cfg.resume:
+        if cfg.epochs < done["epochs"]:
+            raise DataError(f"{run_dir}: finished with {done['epochs']} epochs, more than --epochs {cfg.epochs}: "
+                            f"give --epochs {done['epochs']} or more, or use --name for a shorter run")
         print(f"{run_dir}: finished with {done['epochs']} epochs; continuing to {cfg.epochs} (--resume)")
         return False
+    if diff == ["epochs"]:
+        raise DataError(f"{run_dir} holds a run finished with {done['epochs']} epochs, not {cfg.epochs}: add --resume "
+                        f"to continue it to {cfg.epochs} epochs, or use --name or delete the folder")
     if diff:
         raise DataError(f"{run_dir} holds a finished run of another configuration (differs in: {', '.join(diff)}); "
                         f"use --name or delete the folder")
@@ -2913,17 +3213,23 @@ def _setup(cfg):
         torch.set_num_threads(cfg.threads)
 
 
+@_locked_run(teacher_run_dir)
 def train_teacher(cfg: TeacherConfig):
     """Train the ASR teacher of one fold on every transcribed utterance outside the held-out session."""
-    run_dir = Path(cfg.runs) / "teacher" / fold_folder(cfg.fold, cfg.seed)
+    run_dir = teacher_run_dir(cfg)
     if finished(run_dir, cfg):
-        return json.loads((run_dir / "final.json").read_text())
+        return read_json(run_dir / "final.json")
     _setup(cfg)
     data = prepare_data(cfg, "teacher")
     lexicon = read_cmudict()
     counts = {}
     targets = {u.id: [PHONE_VOCAB.index(p) for p in text_to_phones(u.text, lexicon, counts=counts)]
                for part in ("train", "dev", "test") for u, _ in data[part]}
+    if counts.get("words", 0) == counts.get("oov", 0):   # not one word has a pronunciation
+        example = next((u.text for u, _ in data["train"] if u.text.strip()), "")
+        raise DataError(f"{cfg.data or DEMO_DIR}: none of the {counts.get('words', 0)} words of the transcripts "
+                        f"(e.g. {example[:40]!r}) is in the CMU dictionary, so the teacher's phone targets would be "
+                        f"empty: the teacher needs English transcripts; train the students with --at-weight 0")
     print(f"teacher fold {cfg.fold}: {len(data['train'])} train, {len(data['dev'])} dev, {len(data['test'])} test "
           f"utterances; OOV rate {100 * counts.get('oov', 0) / max(counts.get('words', 1), 1):.1f}% of "
           f"{counts.get('words', 0)} words")
@@ -2969,7 +3275,7 @@ def train_teacher(cfg: TeacherConfig):
     model.eval()
     words = {w: lexicon[w][0] for u, _ in data["train"] for w in transcript_words(u.text) if w in lexicon}
     nearest = NearestWord(words)
-    final = {"config": dataclasses.asdict(cfg), "best_epoch": best["epoch"]}
+    final = {"config": stored_config(cfg, run_dir), "held_out": data["held_out"], "best_epoch": best["epoch"]}
     decodings = ["attention", "ctc"] if cfg.ctc_weight > 0 else ["attention"]
     for part in ("dev", "test"):
         final[part] = {}
@@ -3004,11 +3310,15 @@ def decode_items(model, items, targets, batch_size, device, how="attention"):
 
 def load_teacher(cfg: StudentConfig, device):
     """The frozen teacher of cfg.fold, in eval mode; stops at once when it was not trained.
+    Its `held_out` attribute names the session it held out (None for older runs).
 
     A student of seed s imitates the teacher of the same fold trained with seed s."""
-    path = Path(cfg.runs) / "teacher" / fold_folder(cfg.fold, cfg.seed) / "best.pt"
+    path = teacher_run_dir(cfg) / "best.pt"
     seed = f" --seed {cfg.seed}" if cfg.seed else ""
     if not path.is_file():
+        if cfg.data is not None and not any(u.text.strip() for u in load_corpus(cfg.data, "all", False, True)):
+            raise DataError(f"--at-weight {cfg.at_weight}: attention transfer needs a teacher, and {cfg.data} has no "
+                            f"transcripts to train one: use --at-weight 0")
         data = f" --data {cfg.data}" if cfg.data else ""
         raise DataError(f"attention transfer needs the teacher of fold {cfg.fold}{' and seed ' + str(cfg.seed) if cfg.seed else ''} "
                         f"({path} is missing): train it with `python satn.py teacher --fold {cfg.fold}{seed}{data}`")
@@ -3016,27 +3326,41 @@ def load_teacher(cfg: StudentConfig, device):
         raise DataError(f"the teacher in {path.parent} has not finished (no final.json): finish it with "
                         f"`python satn.py teacher --fold {cfg.fold}{seed} --resume`")
     ck = load_checkpoint(path)
-    differ = [k for k in ("data", "norm", "dev_speaker", "fold", "seed") if ck["config"].get(k) != getattr(cfg, k)]
+    if not isinstance(ck, dict) or "vocab" not in ck or "classes" in ck or "config" not in ck:
+        raise DataError(f"{path}: not a teacher checkpoint (a student's, or another file)")
+    differ = [k for k in ("norm", "dev_speaker", "fold", "seed") if ck["config"].get(k) != getattr(cfg, k)]
+    if not _same_data(ck["config"].get("data"), path.parent, cfg.data):
+        differ.insert(0, "data")
     if differ:
         raise DataError(f"the teacher in {path.parent} was trained with another {', '.join(differ)} "
                         f"({', '.join(k + '=' + str(ck['config'].get(k)) for k in differ)}); retrain it or use --runs")
-    teacher = Teacher(TeacherConfig(**ck["config"]))
-    teacher.load_state_dict(ck["model"])
+    fields = {f.name for f in dataclasses.fields(TeacherConfig)}
+    try:
+        teacher = Teacher(TeacherConfig(**{k: v for k, v in ck["config"].items() if k in fields}))
+        teacher.load_state_dict(ck["model"])
+    except (RuntimeError, TypeError, DataError) as e:
+        raise DataError(f"{path}: the teacher's weights do not match the configuration stored with them "
+                        f"({_first_line(e)[:200]})") from None
+    teacher.held_out = ck.get("held_out")
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
 
 
+@_locked_run(student_run_dir)
 def train_student(cfg: StudentConfig):
     """Train one emotion student on one fold; keep the checkpoint with the best dev UA; test it."""
-    run_dir = Path(cfg.runs) / "student" / cfg.run_name() / fold_folder(cfg.fold, cfg.seed)
+    run_dir = student_run_dir(cfg)
     if finished(run_dir, cfg):
-        return json.loads((run_dir / "final.json").read_text())
+        return read_json(run_dir / "final.json")
     device = pick_device(cfg.device)
     teacher = load_teacher(cfg, device) if cfg.at_weight > 0 else None
     _setup(cfg)
     data = prepare_data(cfg, "student")
+    if teacher is not None and teacher.held_out not in (None, data["held_out"]):
+        raise DataError(f"the teacher of fold {cfg.fold} held out session {teacher.held_out}, but fold {cfg.fold} is "
+                        f"session {data['held_out']} now (sessions added or removed?): retrain the teacher")
     classes = data["classes"]
     print(f"student {cfg.run_name()} fold {cfg.fold}: {len(data['train'])} train, {len(data['dev'])} dev "
           f"({sorted({u.speaker for u, _ in data['dev']})}), {len(data['test'])} test "
@@ -3075,7 +3399,8 @@ def train_student(cfg: StudentConfig):
                {"classes": classes, "norm": data["stats"]})
     model.load_state_dict(best["model"])
     model.eval()
-    final = {"config": dataclasses.asdict(cfg), "classes": classes, "best_epoch": best["epoch"]}
+    final = {"config": stored_config(cfg, run_dir), "held_out": data["held_out"], "classes": classes,
+             "best_epoch": best["epoch"]}
     for part in ("dev", "test"):
         final[part] = classify(model, data[part], label, cfg.batch_size, device, cfg.max_frames)
         print(f"{cfg.run_name()} fold {cfg.fold} {part}: WA {final[part]['WA']:.1f}  UA {final[part]['UA']:.1f}")
@@ -3162,6 +3487,9 @@ def classify(model, items, label, batch_size, device, max_frames=0):
     for idx in make_batches([x.shape[1] for _, x in items], batch_size, max_frames=max_frames):
         x, lengths = collate([items[i][1] for i in idx], device)
         logits, _ = model(x, lengths)
+        if not torch.isfinite(logits).all():
+            raise TrainingError("the model's outputs are not finite (NaN or inf) on the evaluation data: "
+                                "lower --lr or check the data")
         y_pred += logits.argmax(-1).tolist()
         y_true += [label[items[i][0].label] for i in idx]
         ids += [items[i][0].id for i in idx]
@@ -3480,12 +3808,23 @@ def report(runs="runs", per_seed=False):
     seeds), Figure 3, paired significance tests next to the paper's z-test, teachers;
     with per_seed, Table 2 and the tests of each seed as well."""
     runs = Path(runs)
-    results = {}
+    results, damaged = {}, []
     for final in sorted(runs.glob("student/*/fold*/final.json")):
-        results.setdefault(final.parent.parent.name, []).append(json.loads(final.read_text()))
+        try:
+            results.setdefault(final.parent.parent.name, []).append(read_json(final))
+        except DataError as e:
+            damaged.append(final)
+            print(f"warning: {e}; left out of the report")
+    teachers = []
     for rs in results.values():
         rs.sort(key=_run_key)
-    teachers = sorted(runs.glob("teacher/fold*/final.json"))
+    for final in sorted(runs.glob("teacher/fold*/final.json")):
+        try:
+            read_json(final)
+            teachers.append(final)
+        except DataError as e:
+            damaged.append(final)
+            print(f"warning: {e}; left out of the report")
     if not results and not teachers:
         raise DataError(f"{runs}: no finished runs to report")
     known = [n for n, *_ in TABLE2 if n in results] + sorted(set(results) - {n for n, *_ in TABLE2})
@@ -3560,6 +3899,7 @@ def report(runs="runs", per_seed=False):
                 out += ["", "The paper's z-test:", "", *ztab] if ztab else []
         elif per_seed:
             out += ["", f"(--per-seed: every run has seed {seeds[0]}; the tables above are that seed's.)"]
+    out += _crosscorpus(runs)
     if results:
         out += report_figures(runs, results)
     if teachers:
@@ -3567,12 +3907,14 @@ def report(runs="runs", per_seed=False):
                 "training word; the model was selected by dev PER of the first decoding named.", "",
                 "| fold | decoding | best epoch | dev PER | dev WER | test PER | test WER |", "|---|---|---|---|---|---|---|"]
         for t in teachers:
-            r = json.loads(t.read_text())
+            r = read_json(t)
             decode = r["config"].get("decode", "attention")
             for how in [decode] + [h for h in ("attention", "ctc") if h != decode and f"PER_{h}" in r["test"]]:
                 sfx = "" if how == decode else f"_{how}"
                 out.append(f"| {t.parent.name[4:]} | {how} | {r['best_epoch']} | " + " | ".join(
                     f"{r[p][m + sfx]['rate']:.1f}" for p in ("dev", "test") for m in ("PER", "WER")) + " |")
+    if damaged:
+        out += ["", "Left out, unreadable (truncated or damaged): " + ", ".join(f"`{p.relative_to(runs)}`" for p in damaged)]
     (runs / "results.md").write_text("\n".join(out) + "\n")
     print("\n".join(out))
     print(f"\nwritten to {runs / 'results.md'}")
@@ -3582,6 +3924,8 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".au", ".m
 PREDICT_WINDOW = 8.0   # s: long recordings are classified in windows of this length...
 PREDICT_HOP = 4.0      # s: ...every this many seconds, and the class probabilities averaged
 PREDICT_BATCH = 16     # windows per forward pass: memory does not grow with the file's length
+PREDICT_MIN_WINDOW = 0.1   # s: shortest --window (10 frames)
+PREDICT_MAX_WINDOW = 60.0  # s: longest --window (self-attention memory grows with its square)
 PREDICT_MIN_SPEAKER_SECONDS = 30.0  # s of input needed to estimate a speaker's statistics (--norm auto)
 
 
@@ -3635,7 +3979,9 @@ def predict_file(model, feats, window=PREDICT_WINDOW, hop=PREDICT_HOP):
 
 def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDOW, hop=PREDICT_HOP):
     """Print the predicted emotion and class probabilities of each audio file. Returns 1 if any file failed."""
-    _require(window > 0 and 0 < hop <= window, "predict needs --window > 0 and 0 < --hop <= --window")
+    _require(PREDICT_MIN_WINDOW <= window <= PREDICT_MAX_WINDOW and HOP_SECONDS <= hop <= window,
+             f"predict needs --window in [{PREDICT_MIN_WINDOW}, {PREDICT_MAX_WINDOW}] s and --hop in "
+             f"[{HOP_SECONDS}, --window] s, got --window {window} --hop {hop}")
     model, classes, ck = load_student(checkpoint)
     files = audio_files(inputs)
     if not files:
@@ -3658,7 +4004,7 @@ def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDO
               file=sys.stderr)
     if norm == "inputs" and good:   # the inputs are taken to be one speaker: per-speaker normalisation
         mean, std = feature_stats(good)
-    else:                           # the training split's statistics, stored in the checkpoint
+    else:                           # the training sessions' statistics, stored in the checkpoint
         mean, std = ck["norm"]["mean"].numpy(), ck["norm"]["std"].numpy()
     for f, x in feats.items():
         if isinstance(x, Exception):
@@ -3666,6 +4012,11 @@ def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDO
             print(json.dumps({"file": str(f), "error": str(x)}) if as_json else f"{f}\terror: {x}", flush=True)
             continue
         probs = predict_file(model, ((x - mean[:, None]) / std[:, None]).astype(np.float32), window, hop)
+        if not np.isfinite(probs).all():   # never print NaN (nor invalid JSON): the file fails
+            failed += 1
+            msg = f"{f}: the model's probabilities are not finite (NaN or inf)"
+            print(json.dumps({"file": str(f), "error": msg}) if as_json else f"{f}\terror: {msg}", flush=True)
+            continue
         best = classes[int(np.argmax(probs))]
         if as_json:
             print(json.dumps({"file": str(f), "prediction": best, "seconds": round(x.shape[1] * HOP_SECONDS, 2),
@@ -3673,6 +4024,145 @@ def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDO
         else:
             print(f"{f}\t{best}\t" + " ".join(f"{c} {p:.3f}" for c, p in zip(classes, probs)), flush=True)
     return 1 if failed else 0
+
+
+def parse_label_map(spec, classes):
+    """--label-map 'ang=angry,hap=happy,fea=' -> {corpus label: model class, or None to leave it out}."""
+    mapping = {}
+    for item in (x.strip() for x in (spec or "").split(",")):
+        if not item:
+            continue
+        src, eq, dst = (x.strip() for x in item.partition("="))
+        if not eq or not src or "=" in dst:
+            raise DataError(f"--label-map: {item!r} is not LABEL=CLASS (or LABEL= to leave LABEL out)")
+        if src in mapping:
+            raise DataError(f"--label-map: {src} is mapped twice")
+        if dst and dst not in classes:
+            raise DataError(f"--label-map {item}: {dst} is not a class of the model ({', '.join(classes)})")
+        mapping[src] = dst or None
+    return mapping
+
+
+def corpus_tag(data):
+    """A short name of a corpus for file names: the CSV's stem or the folder's name."""
+    if data is None:
+        return "demo"
+    p = Path(data).resolve()
+    name = p.stem if p.suffix.lower() == ".csv" else p.name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "corpus"
+
+
+def evaluate_corpus(checkpoints, data, label_map=None, norm="auto", tag=None, out=None, runs="runs", device="auto"):
+    """Score trained students on another corpus (cross-corpus testing): every emotion
+    utterance of `data` (IEMOCAP: the improvised four classes; a manifest: every row),
+    labels renamed through `label_map`. Inputs are normalised as the model was trained:
+    per speaker with each speaker's own audio in that corpus, or with the training
+    statistics stored in the checkpoint (norm "speaker"/"checkpoint" overrides).
+    Writes crosscorpus-<tag>.json beside each checkpoint (or `out`), which `report`
+    collects. Returns the list of results."""
+    if out is not None and len(checkpoints) > 1:
+        raise DataError("--out names one file: give one --checkpoint with it")
+    students = [(Path(c), *load_student(c)) for c in checkpoints]
+    classes = students[0][2]
+    for path, _, other, _ in students[1:]:
+        if other != classes:
+            raise DataError(f"{path}: its classes ({', '.join(other)}) differ from those of {students[0][0]} "
+                            f"({', '.join(classes)}): evaluate them separately")
+    mapping = parse_label_map(label_map, classes)
+    tag = tag or corpus_tag(data)
+    _require(re.fullmatch(r"[A-Za-z0-9._-]+", tag) is not None, f"--name {tag!r}: use letters, digits, '.', '_' and '-'")
+    utts = load_corpus(data, subset="all", verbose=False, all_labels=True)
+    kept, feats = compute_features(utts, Path(runs) / "cache")
+    task = emotion_utterances(kept, data, verbose=False)
+    counts = {}
+    for u in task:
+        counts[u.label] = counts.get(u.label, 0) + 1
+    unmapped = sorted(l for l in counts if l not in mapping and l not in classes)
+    if unmapped:
+        raise DataError(f"{data}: label(s) {', '.join(f'{l} ({counts[l]} utterances)' for l in unmapped)} are not "
+                        f"classes of the model ({', '.join(classes)}): map them with --label-map "
+                        f"{unmapped[0]}=CLASS, or leave them out with --label-map {unmapped[0]}=")
+    for l in sorted(set(mapping) - set(counts)):
+        warn_once(f"--label-map {l}=...: no utterance of {data} has the label {l}")
+    dropped = {l: counts[l] for l in sorted(counts) if l in mapping and mapping[l] is None}
+    chosen = [dataclasses.replace(u, label=mapping.get(u.label, u.label)) for u in task if mapping.get(u.label, u.label)]
+    if not chosen:
+        raise DataError(f"{data}: no utterance left to score after --label-map")
+    ids = {u.id for u in chosen}
+    print(f"evaluate on {tag}: {len(chosen)} utterances of {len({u.speaker for u in chosen})} speakers"
+          + (f"; left out: {', '.join(f'{l} ({n})' for l, n in dropped.items())}" if dropped else "")
+          + (f"; labels mapped: {', '.join(f'{a}={b}' for a, b in mapping.items() if b)}" if any(mapping.values()) else ""))
+    dev = pick_device(device)
+    per_speaker, results = None, []
+    for path, model, _, ck in students:
+        how = norm if norm != "auto" else ("speaker" if ck["norm"]["mode"] == "speaker" else "checkpoint")
+        if how == "speaker":   # each speaker's statistics from all of that speaker's audio in the corpus
+            if per_speaker is None:
+                per_speaker = dict(zip([u.id for u in kept if u.id in ids], normalise(kept, feats, "speaker", keep=ids)))
+            inputs = per_speaker
+        else:                  # the training statistics stored in the checkpoint
+            mean, std = ck["norm"]["mean"].numpy(), ck["norm"]["std"].numpy()
+            inputs = {u.id: ((f.reshape(FEAT_CHANNELS, -1) - mean[:, None]) / std[:, None]).astype(np.float32)
+                      for u, f in zip(kept, feats) if u.id in ids}
+        items = [(u, inputs[u.id]) for u in chosen]
+        model.to(dev)
+        metrics = classify(model, items, {c: i for i, c in enumerate(classes)}, ck["config"].get("batch_size", 32), dev)
+        cfg = ck["config"]
+        run = StudentConfig(**{k: v for k, v in cfg.items() if k in {f.name for f in dataclasses.fields(StudentConfig)}}).run_name()
+        result = {"corpus": tag, "data": str(data) if data is not None else None, "checkpoint": str(path),
+                  "run": run, "config": cfg, "classes": classes, "label_map": mapping, "dropped": dropped,
+                  "norm": "per speaker, the corpus' own audio" if how == "speaker" else "training statistics from the checkpoint",
+                  "test": metrics}
+        dest = Path(out) if out is not None else path.parent / f"crosscorpus-{tag}.json"
+        if dest.is_file():
+            try:
+                old = read_json(dest)
+            except DataError:
+                old = {}
+            if (old.get("data"), old.get("label_map")) != (result["data"], mapping):
+                print(f"warning: {dest} held a result on other data or another label map ({old.get('data')}); "
+                      f"replaced (use --name to keep both)", file=sys.stderr)
+        write_json(result, dest)
+        print(f"{run} fold {cfg['fold']}" + (f" seed {cfg['seed']}" if cfg.get("seed") else "")
+              + f" on {tag}: WA {metrics['WA']:.1f}  UA {metrics['UA']:.1f}  ({metrics['n']} utterances) -> {dest}")
+        results.append(result)
+    return results
+
+
+def _crosscorpus(runs):
+    """The cross-corpus table of results.md from the crosscorpus-*.json files beside the run folders' checkpoints."""
+    found = {}
+    for f in sorted(runs.glob("student/*/fold*/crosscorpus-*.json")):
+        try:
+            r = read_json(f)
+            final = f.parent / "final.json"
+            r["home"] = read_json(final)["test"] if final.is_file() else None
+        except DataError as e:
+            print(f"warning: {e}; left out of the report")
+            continue
+        found.setdefault((r["corpus"], r["run"]), []).append(r)
+    if not found:
+        return []
+    out = ["", "## Cross-corpus tests", "", "Students trained here, scored with `python satn.py evaluate` on every "
+           "emotion utterance of another corpus; mean ± sample SD over the runs (folds × seeds) evaluated, beside "
+           "the same runs' test results on their own corpus.", "",
+           "| test corpus | method | runs | WA | UA | own-corpus test WA | own-corpus test UA |", "|---|---|---|---|---|---|---|"]
+    notes = []
+    for (corpus, run), rs in sorted(found.items()):
+        home = [r["home"] for r in rs if r["home"]]
+        out.append(f"| {corpus} | {_row_label(run, rs)} | {_runs_cell(rs)} | {mean_sd([r['test']['WA'] for r in rs])} | "
+                   f"{mean_sd([r['test']['UA'] for r in rs])} | "
+                   + (f"{mean_sd([h['WA'] for h in home])} | {mean_sd([h['UA'] for h in home])} |" if home else "– | – |"))
+        r = rs[0]
+        if len({(x["data"], json.dumps(x["label_map"]), x["norm"]) for x in rs}) > 1:
+            notes.append(f"- {corpus}, {run}: the runs were evaluated on different data, label maps or "
+                         f"normalisations; rerun evaluate on all of them")
+        maps = ", ".join(f"{a}={b}" for a, b in r["label_map"].items() if b)
+        notes.append(f"- {corpus}, {run}: {r['test']['n']} utterances ({r['data'] or 'the demo corpus'}); "
+                     f"normalisation: {r['norm']}" + (f"; labels mapped {maps}" if maps else "")
+                     + (f"; left out: {', '.join(f'{l} ({n})' for l, n in r['dropped'].items())}" if r["dropped"] else "")
+                     + (f"; no {', '.join(r['test']['absent'])} utterance (UA over the classes present)" if r["test"].get("absent") else ""))
+    return out + [""] + notes
 
 
 def report_figures(runs, results):
@@ -3711,7 +4201,7 @@ def report_figures(runs, results):
     for name in names:
         logs = [runs / "student" / name / fold_folder(r["config"]["fold"], r["config"].get("seed", 0)) / "metrics.jsonl"
                 for r in results[name]]
-        curves = [[json.loads(l)["dev_UA"] for l in log.read_text().splitlines()] for log in logs if log.is_file()]
+        curves = [[l["dev_UA"] for l in read_json_lines(log)] for log in logs if log.is_file()]
         n = min(map(len, curves), default=0)
         if n:
             ax.plot(range(1, n + 1), np.mean([c[:n] for c in curves], 0), label=name, ls="--" if name.endswith("-at") else "-")
@@ -3730,7 +4220,9 @@ def report_figures(runs, results):
     if fold is not None:
         s_plain, classes, ck = load_student(runs / "student" / "tcn-self" / f"fold{fold}" / "best.pt")
         s_at, _, ck_at = load_student(runs / "student" / "tcn-self-at" / f"fold{fold}" / "best.pt")
-        cfg = dataclasses.replace(StudentConfig(**ck_at["config"]), runs=str(runs), device="cpu")
+        at_dir = runs / "student" / "tcn-self-at" / f"fold{fold}"
+        cfg = dataclasses.replace(StudentConfig(**ck_at["config"]), runs=str(runs), device="cpu",
+                                  data=stored_path(ck_at["config"].get("data"), at_dir))
         teacher = load_teacher(cfg, torch.device("cpu"))
         data = prepare_data(cfg, "student")
         u, x = data["test"][0]
@@ -4187,6 +4679,7 @@ def prepare(data=None, runs="runs", folds_only=False):
         print(f"folds: {len({u.session for u in utts})}")
         return 0 if any(u.text.strip() for u in utts) else 3
     emotion_utterances(utts, data)
+    sweep_stale_temps(Path(runs) / "cache")
     kept, _ = compute_features(utts, Path(runs) / "cache")
     n_text = sum(bool(u.text.strip()) for u in kept)
     print(f"{len(kept)} utterances with features (cache: {Path(runs) / 'cache'}); {n_text} with a transcript for the teacher")
@@ -4230,6 +4723,24 @@ def main(argv=None):
                         f"least {PREDICT_MIN_SPEAKER_SECONDS:.0f} s, else checkpoint (default: auto)")
     p.add_argument("--window", type=float, default=PREDICT_WINDOW, help=f"window length for long files, s (default: {PREDICT_WINDOW})")
     p.add_argument("--hop", type=float, default=PREDICT_HOP, help=f"hop between windows, s (default: {PREDICT_HOP})")
+    p = sub.add_parser("evaluate", help="score trained students on another corpus (cross-corpus test); "
+                       "report collects the results")
+    p.add_argument("--checkpoint", required=True, nargs="+", help="one or more students' best.pt, e.g. "
+                   "runs/student/tcn-self-at/fold*/best.pt")
+    p.add_argument("--data", required=True, help="the corpus to test on: an IEMOCAP folder (its improvised four "
+                   "classes) or a CSV manifest (every row)")
+    p.add_argument("--label-map", default=None, metavar="LABEL=CLASS,...", help="rename the corpus' labels to "
+                   "the model's classes, e.g. anger=angry,happiness=happy; LABEL= leaves LABEL out; a label "
+                   "neither mapped nor a class of the model is an error (default: none)")
+    p.add_argument("--norm", choices=("auto", "speaker", "checkpoint"), default="auto", help="per-speaker "
+                   "statistics of the corpus' own audio, or the training statistics stored in the checkpoint; "
+                   "auto: as the model was trained (default: auto)")
+    p.add_argument("--name", default=None, help="the corpus' name in file names and results.md (default: the "
+                   "CSV's stem or the folder's name)")
+    p.add_argument("--out", default=None, help="result file (default: crosscorpus-NAME.json beside each checkpoint, "
+                   "where report finds it)")
+    p.add_argument("--runs", default="runs", help="the feature cache goes to RUNS/cache (default: runs)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p = sub.add_parser("report", help="collect finished runs into runs/results.md")
     p.add_argument("--runs", default="runs", help="output root of the runs (default: runs)")
     p.add_argument("--per-seed", action="store_true", help="also Table 2 and the tests of each seed on its own")
@@ -4247,20 +4758,28 @@ def main(argv=None):
     global KERNEL_VERBOSE
     KERNEL_VERBOSE = KERNEL_VERBOSE or args.verbose
     try:
+        try:
+            _kernel_mode()
+        except ValueError as e:
+            raise DataError(str(e)) from None
         if args.command == "demo-data":
             write_demo_corpus(Path(args.out), args.seed)
         elif args.command == "prepare":
             return prepare(args.data, args.runs, args.folds_only)
         elif args.command == "teacher":
             cfg = config_from_args(TeacherConfig, args)
+            pick_device(cfg.device)
             for k in _folds(cfg):
                 train_teacher(dataclasses.replace(cfg, fold=k))
         elif args.command == "student":
             cfg = config_from_args(StudentConfig, args)
+            pick_device(cfg.device)
             for k in _folds(cfg):
                 train_student(dataclasses.replace(cfg, fold=k))
         elif args.command == "predict":
             return predict(args.checkpoint, args.inputs, args.json, args.norm, args.window, args.hop)
+        elif args.command == "evaluate":
+            evaluate_corpus(args.checkpoint, args.data, args.label_map, args.norm, args.name, args.out, args.runs, args.device)
         elif args.command == "report":
             report(args.runs, args.per_seed)
         elif args.command == "bench":
@@ -4274,6 +4793,20 @@ def main(argv=None):
             return build_kernels(args.cuda)
     except (DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:   # a read-only or full disk, a folder that cannot be created
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"error: {where}{e.strerror or _first_line(e)}", file=sys.stderr)
+        return 2
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        print(f"error: out of memory ({_first_line(e) if str(e) else 'the allocator failed'}): "
+              f"reduce --batch-size, --channels or the input length", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if not re.search(r"can't allocate memory|out of memory|not enough memory", str(e), re.IGNORECASE):
+            raise
+        print(f"error: out of memory ({_first_line(e)[:200]}): reduce --batch-size, --channels or the input length",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command with --resume to continue after the last completed epoch "

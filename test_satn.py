@@ -1707,9 +1707,9 @@ def test_cli_student_at_weight_without_teacher(tmp_path, monkeypatch, capsys):
     rows = []
     for s in ("1", "2"):
         for spk in ("F", "M"):
-            write_wav(corpus / f"{s}{spk}.wav", seconds=0.05)
-            rows.append(f"{s}{spk}.wav,calm,{s}{spk},s{s}")
-    csv_path = write_manifest(corpus, rows, header="path,label,speaker,session")
+            write_wav(corpus / f"{s}{spk}.wav", seconds=0.05, freq=300 + 50 * len(rows))
+            rows.append(f"{s}{spk}.wav,calm,{s}{spk},s{s},hello there")
+    csv_path = write_manifest(corpus, rows, header="path,label,speaker,session,text")
     runs = tmp_path / "runs"
     rc = satn.main(["student", "--data", str(csv_path), "--fold", "1", "--at-weight", "1", "--runs", str(runs)])
     assert rc == 2
@@ -2490,6 +2490,23 @@ def test_bench_train_projection_replays_run_all_schedule():
     secs = satn.iemocap_like_seconds(satn.IEMOCAP_UTTERANCES, np.random.default_rng(0))
     print(secs.sum() / 3600, secs.max())
     assert abs(secs.sum() / 3600 - satn.IEMOCAP_HOURS) < 0.5 and secs.max() <= satn.IEMOCAP_MAX_SECONDS
+def test_run_all_seeds_dry_run(tmp_path):
+    import shlex
+    r = _run_all(["--dry-run", "--seeds", "2", "--epochs", "1"], tmp_path)
+    assert r.returncode == 0
+    cmds = [shlex.split(line) for line in r.stdout.splitlines() if line.strip()]
+    train = [c for c in cmds if c[2] in ("teacher", "student")]
+    seeds = [int(c[c.index("--seed") + 1]) for c in train]
+    print(len(train), seeds[:12])
+    assert len(train) == 2 * (5 + 45) and seeds == [0, 1] * 50     # each training with seed 0, then seed 1
+    assert [c[2] for c in cmds].count("teacher") == 10 and cmds[-1][2] == "report"
+    without = [tuple(a for i, a in enumerate(c) if a != "--seed" and c[i - 1] != "--seed") for c in train]
+    assert all(without[i] == without[i + 1] for i in range(0, len(without), 2))
+    # without --seeds, nothing adds a seed; --seeds and --seed together, or a bad count, are refused
+    assert "--seed" not in _run_all(["--dry-run"], tmp_path).stdout
+    for bad in (["--seeds", "2", "--seed", "3"], ["--seeds", "0"], ["--seeds", "two"]):
+        r = _run_all(["--dry-run", *bad], tmp_path)
+        assert r.returncode == 2 and "--seed" in r.stderr
 
 
 def test_run_all_rejects_jobs_zero(tmp_path):
@@ -2906,6 +2923,111 @@ def _help_text(monkeypatch, capsys, command):
     return " ".join(out.split())
 
 
+# -- normalisation statistics in checkpoints, and evaluate (cross-corpus)
+
+@pytest.fixture(scope="session")
+def global_student(demo_corpus, demo_cache, tmp_path_factory):
+    """A one-epoch tcn-self student of fold 5 trained with --norm global."""
+    work = tmp_path_factory.mktemp("global")
+    runs = fresh_runs(work, demo_cache)
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        rc, out, err = run_main(["student", "--data", demo_corpus, "--runs", runs, "--fold", "5", "--epochs", "1",
+                                 "--norm", "global", "--threads", "1", *STUDENT_TINY])
+    finally:
+        os.chdir(cwd)
+    assert rc == 0, out[-2000:] + err
+    return {"runs": runs, "work": work, "dir": runs / "student" / "tcn-self" / "fold5"}
+
+
+def test_predict_on_a_global_checkpoint_reproduces_the_training_input(global_student, demo_corpus, monkeypatch):
+    ck = torch.load(global_student["dir"] / "best.pt", map_location="cpu", weights_only=True)
+    assert ck["norm"]["mode"] == "global" and ck["norm"]["source"] == "every utterance of the training sessions"
+    cfg = dataclasses.replace(satn.StudentConfig(**ck["config"]), data=str(demo_corpus), runs=str(global_student["runs"]))
+    data = satn.prepare_data(cfg, "student")                   # what training fed the model
+    u, trained_on = data["train"][3]
+    seen = []
+    monkeypatch.setattr(satn, "predict_file", lambda model, feats, *a: seen.append(feats) or np.full(4, 0.25))
+    assert satn.predict(global_student["dir"] / "best.pt", [u.path], norm="auto") == 0
+    print(u.id, trained_on.shape, np.abs(seen[0] - trained_on).max())
+    assert seen[0].dtype == trained_on.dtype == np.float32
+    assert np.array_equal(seen[0], trained_on)                 # bit for bit
+    # and the statistics are those of every utterance of sessions 1-4, whatever its label or dialog
+    labels = emo_labels(demo_corpus)
+    paths = {v.id: v.path for v in satn.load_iemocap(demo_corpus, "all", verbose=False, all_labels=True)}
+    frames = [satn.features(satn.load_audio(paths[i])).reshape(satn.FEAT_CHANNELS, -1)
+              for i in labels if not i.startswith("Ses05")]
+    flat = np.concatenate(frames, 1).astype(np.float64)
+    np.testing.assert_allclose(ck["norm"]["mean"].numpy(), flat.mean(1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ck["norm"]["std"].numpy(), flat.std(1) + satn.STD_FLOOR, rtol=1e-5, atol=1e-5)
+
+
+def _renamed_manifest(demo_corpus, folder):
+    """A manifest of session 1's improvised utterances with the classes renamed, plus two 'bored' rows."""
+    rename = {"neutral": "calm", "happy": "joy", "sad": "sadness", "angry": "anger"}
+    utts = [u for u in satn.load_iemocap(demo_corpus, "impro", verbose=False) if u.session == "Ses01"]
+    rows = [f"{u.path},{rename[u.label]},{u.speaker},{u.session}" for u in utts]
+    rows += [f"{u.path},bored,{u.speaker},{u.session}" for u in
+             satn.load_iemocap(demo_corpus, "script", verbose=False)[:2]]
+    return write_manifest(folder, rows, header="path,label,speaker,session"), utts
+
+
+def test_evaluate_through_a_label_map_and_report(global_student, demo_corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    manifest, utts = _renamed_manifest(demo_corpus, tmp_path / "other")
+    best = global_student["dir"] / "best.pt"
+    runs = global_student["runs"]
+    rc = satn.main(["evaluate", "--checkpoint", str(best), "--data", str(manifest), "--runs", str(tmp_path / "runs"),
+                    "--label-map", "calm=neutral, joy=happy,sadness=sad,anger=angry,bored="])
+    out = capsys.readouterr().out
+    print(out)
+    assert rc == 0 and "left out: bored (2)" in out
+    result = json.loads((global_student["dir"] / f"crosscorpus-{manifest.stem}.json").read_text())
+    test = result["test"]
+    assert test["n"] == len(utts) and sorted(test["ids"]) == sorted(u.path for u in utts)
+    assert result["norm"] == "training statistics from the checkpoint"
+    # every prediction, worked out one utterance at a time with the stored statistics
+    model, classes, ck = satn.load_student(best)
+    mean, std = ck["norm"]["mean"].numpy(), ck["norm"]["std"].numpy()
+    by_path = {u.path: u for u in utts}
+    for uid, true, pred in zip(test["ids"], test["true"], test["pred"]):
+        x = satn.features(satn.load_audio(by_path[uid].path)).reshape(satn.FEAT_CHANNELS, -1)
+        x = torch.from_numpy(((x - mean[:, None]) / std[:, None]).astype(np.float32))[None]
+        with torch.no_grad():
+            logits, _ = model(x, torch.tensor([x.shape[-1]]))
+        assert true == by_path[uid].label and pred == classes[int(logits.argmax())]
+    right = sum(t == p for t, p in zip(test["true"], test["pred"]))
+    assert test["WA"] == pytest.approx(100 * right / len(utts))
+    # report puts it into its own table, beside the run's own test result
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert satn.main(["report", "--runs", str(runs)]) == 0
+    text = (runs / "results.md").read_text()
+    final = json.loads((global_student["dir"] / "final.json").read_text())
+    row = (f"| {manifest.stem} | TCN + self-attention | 1 | {test['WA']:.1f} | {test['UA']:.1f} | "
+           f"{final['test']['WA']:.1f} | {final['test']['UA']:.1f} |")
+    print(text)
+    assert "## Cross-corpus tests" in text and row in text.splitlines()
+    assert "labels mapped calm=neutral, joy=happy, sadness=sad, anger=angry; left out: bored (2)" in text
+    assert "Normalisation: globally, with the mean and standard deviation of every utterance of the training sessions" in text
+
+
+@pytest.mark.parametrize("label_map,words", [(None, ["anger (", "bored (2 utterances)", "calm", "--label-map anger="]),
+                                             ("calm=neutral,joy=happy,sadness=sad,anger=angry", ["bored (2 utterances)"]),
+                                             ("calm=relaxed", ["relaxed is not a class of the model"]),
+                                             ("calm", ["'calm' is not LABEL=CLASS"]),
+                                             ("calm=neutral,calm=sad", ["calm is mapped twice"])])
+def test_evaluate_labels_it_cannot_map(global_student, demo_corpus, tmp_path, monkeypatch, capsys, label_map, words):
+    monkeypatch.chdir(tmp_path)
+    manifest, _ = _renamed_manifest(demo_corpus, tmp_path / "other")
+    argv = ["evaluate", "--checkpoint", str(global_student["dir"] / "best.pt"), "--data", str(manifest),
+            "--runs", str(tmp_path / "runs")] + (["--label-map", label_map] if label_map else [])
+    assert satn.main(argv) == 2
+    line = _one_line_error(capsys)
+    for w in words:
+        assert w in line, w
+
+
 def test_cli_teacher_help_lists_every_option_and_default(monkeypatch, capsys):
     text = _help_text(monkeypatch, capsys, "teacher")
     options = text[text.index("options:"):]
@@ -2926,6 +3048,7 @@ def test_cli_teacher_help_lists_every_option_and_default(monkeypatch, capsys):
 @pytest.mark.parametrize("command,flags", [("demo-data", ["--out", "--seed"]), ("prepare", ["--data", "--runs"]),
                                            ("predict", ["--checkpoint", "--json", "--norm", "--window", "--hop"]),
                                            ("report", ["--runs", "--per-seed"]), ("bench", ["--device"]),
+                                           ("evaluate", ["--checkpoint", "--data", "--label-map", "--norm", "--name", "--out"]),
                                            ("build-kernels", ["--cuda"])])
 def test_cli_help_of_the_other_subcommands(monkeypatch, capsys, command, flags):
     text = _help_text(monkeypatch, capsys, command)
@@ -2934,7 +3057,8 @@ def test_cli_help_of_the_other_subcommands(monkeypatch, capsys, command, flags):
     defaults = {"demo-data": ["(default: data/demo)", "(default: 0)"], "prepare": ["(default: runs)"],
                 "predict": [f"(default: {satn.PREDICT_WINDOW})", f"(default: {satn.PREDICT_HOP})",
                             "(default: auto)"],
-                "report": ["(default: runs)"], "bench": ["(default: auto)"], "build-kernels": []}[command]
+                "report": ["(default: runs)"], "bench": ["(default: auto)"], "build-kernels": [],
+                "evaluate": ["(default: auto)", "(default: runs)"]}[command]
     for d in defaults:
         assert d in text, d
 
@@ -3450,6 +3574,416 @@ def test_run_all_dry_run_of_a_manifest_without_transcripts(demo_corpus, tmp_path
     assert kinds == ["student"] * 15 + ["report"]       # baseline + 4 configurations without transfer x 3 sessions
     assert sorted({_student_key(c)[3] for c in cmds[:-1]}) == [1, 2, 3]
     assert all(_student_key(c)[2] == 0 for c in cmds[:-1])
+
+
+# -----------------------------------------------------------------------------
+# bad input: refused with one line, or skipped and named; nothing lost
+
+def _small_corpus(folder, sessions=("s1", "s2", "s3"), text=None, name="manifest.csv"):
+    """Distinct short tones: per session two speakers (F, M) with two labels twice each."""
+    folder = Path(folder)
+    rows, i = [], 0
+    for s in sessions:
+        for g in "FM":
+            for k in range(4):
+                path = f"{s}/{s}{g}{k}.wav"
+                if not (folder / path).exists():
+                    write_wav(folder / path, seconds=0.3, freq=120 + 23 * i)
+                i += 1
+                rows.append(f"{path},{('calm', 'tense')[k % 2]},{s}{g},{s}" + ("" if text is None else f",{text}"))
+    header = "path,label,speaker,session" + ("" if text is None else ",text")
+    return write_manifest(folder, rows, header=header, name=name)
+
+
+SMALL_LEXICON = {"hello": [["HH", "AH", "L", "OW"]], "there": [["DH", "EH", "R"]]}
+
+
+def _small_lexicon(monkeypatch):
+    """Stands in for the CMU dictionary (slow to parse) where its content does not matter."""
+    lexicon = dict({w: [["HH", "AH", "L", "OW", "DH", "EH"]] for w in satn.DEMO_WORDS}, **SMALL_LEXICON)
+    monkeypatch.setattr(satn, "read_cmudict", lambda *a, **k: lexicon)
+
+
+def _tiny_student(data, runs, *extra):
+    return run_main(["student", "--data", data, "--runs", runs, "--epochs", "1", *STUDENT_TINY,
+                     "--threads", "1", *extra])
+
+
+def test_demo_data_never_deletes_a_folder_that_is_not_a_demo_corpus(tmp_path, monkeypatch, capsys):
+    _small_lexicon(monkeypatch)
+    mine = tmp_path / "mine"
+    (mine / "Session1").mkdir(parents=True)
+    (mine / "thesis.tex").write_text("years of work")
+    (mine / "Session1" / "important.wav").write_bytes(b"RIFF")
+    assert satn.main(["demo-data", "--out", str(mine)]) == 2
+    line = _one_line_error(capsys)
+    assert "not empty" in line and "thesis.tex" in line
+    assert (mine / "thesis.tex").read_text() == "years of work" and (mine / "Session1" / "important.wav").is_file()
+    monkeypatch.chdir(mine)                                  # `--out .`: refused the same way, no traceback
+    assert satn.main(["demo-data", "--out", "."]) == 2
+    assert "not empty" in _one_line_error(capsys)
+    assert sorted(p.name for p in mine.iterdir()) == ["Session1", "thesis.tex"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)                                 # an empty folder, given as `.`, is written to
+    satn.write_demo_corpus(Path("."), seed=0, sessions=1, scale=0.05, verbose=False)
+    assert (empty / "DEMO-CORPUS.txt").is_file() and (empty / "Session1").is_dir()
+    satn.write_demo_corpus(Path("."), seed=1, sessions=1, scale=0.05, verbose=False)   # over a demo corpus: fine
+    assert sorted(p.name for p in empty.iterdir()) == ["DEMO-CORPUS.txt", "Session1"]
+    (empty / "notes.txt").write_text("mine")                 # ... unless something else was put there
+    with pytest.raises(satn.DataError, match="notes.txt"):
+        satn.write_demo_corpus(empty, seed=0, sessions=1, scale=0.05, verbose=False)
+    assert (empty / "notes.txt").read_text() == "mine"
+
+
+def test_teacher_on_transcripts_without_dictionary_words_stops_before_training(tmp_path, monkeypatch, capsys):
+    _small_lexicon(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    csv_path = _small_corpus(tmp_path / "c", sessions=("s1", "s2"), text="你好世界")
+    rc = satn.main(["teacher", "--data", str(csv_path), "--runs", str(tmp_path / "runs"), "--fold", "1",
+                    "--epochs", "1", *TEACHER_TINY, "--threads", "1"])
+    assert rc == 2
+    line = _one_line_error(capsys)
+    assert "CMU dictionary" in line and "English" in line
+    assert not list((tmp_path / "runs").rglob("*.pt")) and not list((tmp_path / "runs").rglob("metrics.jsonl"))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_load_audio_rejects_non_finite_samples(tmp_path, bad):
+    x = np.full(1600, 0.1, np.float32)
+    x[100] = bad
+    path = tmp_path / "poison.wav"
+    sf.write(str(path), x, SR, subtype="FLOAT")
+    with pytest.raises(ValueError, match=r"poison\.wav.*not finite"):
+        satn.load_audio(path)
+
+
+def test_predict_never_prints_nan_and_skips_a_non_finite_file(trained, tmp_path, capsys):
+    folder = tmp_path / "in"
+    good = sorted(trained["corpus"].glob("Session5/sentences/wav/*impro*/*.wav"))[:2]
+    folder.mkdir()
+    for g in good:
+        shutil.copy(g, folder / g.name)
+    x = satn.load_audio(good[0])
+    x[1000:1100] = np.nan
+    sf.write(str(folder / "nan.wav"), x, SR, subtype="FLOAT")
+    rc = satn.main(["predict", "--json", "--norm", "inputs", "--checkpoint", str(trained["at_dir"] / "best.pt"),
+                    str(folder)])
+    out = capsys.readouterr().out
+    print(out)
+
+    def no_constants(c):
+        raise AssertionError(f"{c} in JSON output")
+
+    rows = [json.loads(line, parse_constant=no_constants) for line in out.strip().splitlines()]
+    assert rc == 1 and len(rows) == 3
+    by = {Path(r["file"]).name: r for r in rows}
+    assert "not finite" in by["nan.wav"]["error"]
+    for g in good:                                   # the other files' statistics are not poisoned
+        assert all(math.isfinite(p) for p in by[g.name]["probabilities"].values())
+
+
+def test_non_finite_parameters_stop_training(demo_corpus, demo_cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    runs = fresh_runs(tmp_path, demo_cache)
+    real_step = torch.optim.Adam.step
+
+    def poisoning_step(self, *a, **k):
+        out = real_step(self, *a, **k)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoning_step)
+    rc = satn.main(["student", "--data", str(demo_corpus), "--runs", str(runs), "--fold", "5", "--epochs", "1",
+                    *STUDENT_TINY, "--threads", "1"])
+    assert rc == 2
+    line = _one_line_error(capsys)
+    assert "no longer finite" in line and "--lr" in line
+    d = runs / "student" / "tcn-self" / "fold5"
+    assert not (d / "best.pt").exists() and not (d / "final.json").exists()
+    assert satn.main(["student", "--data", str(demo_corpus), "--lr", "inf", "--epochs", "1"]) == 2
+    assert "--lr" in _one_line_error(capsys)
+
+
+def test_run_folder_is_locked_for_the_whole_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    csv_path = _small_corpus(tmp_path / "c")
+    runs = tmp_path / "runs"
+    run_dir = runs / "student" / "tcn-self" / "fold1"
+    run_dir.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+                               str(run_dir / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        (run_dir / ".lock").write_text(f"{holder.pid}\n")
+        rc, out, err = _tiny_student(csv_path, runs, "--fold", "1")
+        print(out, err)
+        assert rc == 2 and f"pid {holder.pid}" in err and "in use" in err
+        assert not (run_dir / "last.pt").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone (its .lock still names it): the lock is free again
+    with satn.run_lock(run_dir):
+        assert (run_dir / ".lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(satn.DataError, match=f"pid {os.getpid()}"):
+            with satn.run_lock(run_dir):
+                pass
+
+
+def test_run_all_refuses_a_runs_folder_in_use(tmp_path):
+    env, log = _fake_python(tmp_path, 0)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    holder = subprocess.Popen(["flock", str(runs / ".run_all.lock"), "-c", "echo locked; sleep 60"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        (runs / ".run_all.lock").write_text("4242\n")
+        r = _run_all(["--runs", str(runs)], tmp_path, env)
+        assert r.returncode == 1 and "in use" in r.stderr and "pid 4242" in r.stderr
+        assert log.read_text() == ""                  # nothing was started
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_manifest_same_audio_under_two_spellings_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    csv_path = _small_corpus(tmp_path)
+    text = csv_path.read_text() + "./s1/../s1/s1F0.wav,calm,s2F,s2\n"
+    csv_path.write_text(text)
+    with pytest.raises(satn.DataError, match=r"manifest.csv:26: duplicate path \./s1/\.\./s1/s1F0\.wav "
+                                             r"\(the same file as s1/s1F0\.wav on line 2\)"):
+        satn.load_manifest(csv_path, verbose=False)
+    # a copy under another name and another speaker: found by the features' content
+    csv_path = _small_corpus(tmp_path)
+    shutil.copy(tmp_path / "s1" / "s1F0.wav", tmp_path / "copy.wav")
+    csv_path.write_text(csv_path.read_text() + "copy.wav,calm,s2F,s2\n")
+    rc, out, err = _tiny_student(csv_path, tmp_path / "runs", "--fold", "1")
+    print(out, err)
+    assert rc == 2 and "same audio" in err and "s1F0.wav" in err and "copy.wav" in err
+
+
+def test_manifest_row_with_more_fields_than_the_header(tmp_path):
+    csv_path = _small_corpus(tmp_path, text="hello")
+    lines = csv_path.read_text().splitlines()
+    lines[3] = lines[3].replace("hello", "hello, there")        # an unquoted comma in the text
+    csv_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(satn.DataError, match=r"manifest.csv:4: 6 fields for the 5 columns.*double quotes"):
+        satn.load_manifest(csv_path, verbose=False)
+    lines[3] = lines[3].replace("hello, there", '"hello, there"')
+    csv_path.write_text("\n".join(lines) + "\n")
+    assert satn.load_manifest(csv_path, verbose=False)[2].text == "hello, there"
+
+
+def test_manifest_not_utf8_names_the_line_and_the_encoding(tmp_path):
+    csv_path = _small_corpus(tmp_path, text="hello")
+    lines = csv_path.read_text().splitlines()
+    lines[5] = lines[5].replace("hello", "café")
+    csv_path.write_bytes(("\n".join(lines) + "\n").encode("cp1252"))
+    with pytest.raises(satn.DataError, match=r"manifest.csv:6: not UTF-8.*save the manifest as UTF-8"):
+        satn.load_manifest(csv_path, verbose=False)
+
+
+def test_manifest_labels_differing_only_in_case_warn(tmp_path, capsys):
+    csv_path = _small_corpus(tmp_path)
+    csv_path.write_text(csv_path.read_text().replace("s1/s1F0.wav,calm", "s1/s1F0.wav,Calm"))
+    utts = satn.load_manifest(csv_path, verbose=False)
+    out = capsys.readouterr().out
+    assert "warning" in out and "Calm, calm" in out and "differ only in case" in out
+    assert {u.label for u in utts} == {"Calm", "calm", "tense"}
+
+
+def test_data_compared_as_a_resolved_path_and_stored_relative_to_the_run(trained, monkeypatch):
+    # the same corpus, given relative to another folder: the finished run is recognised
+    monkeypatch.chdir(trained["corpus"].parent)
+    argv = [str(a) for a in trained["student_at_argv"]]
+    argv[argv.index("--data") + 1] = trained["corpus"].name
+    rc, out, err = run_main(argv)
+    print(out, err)
+    assert rc == 0 and "already finished" in out
+    cfg = satn.StudentConfig(data=trained["corpus"].name, runs=str(trained["runs"]), fold=5, at_weight=1.0,
+                             **{k: v for k, v in zip(["channels", "heads", "subsample"], [16, 2, 4])})
+    assert satn.load_teacher(cfg, torch.device("cpu")).held_out == "Ses05"
+    # no absolute path of the user in what a run stores
+    for f in ("config.json", "final.json"):
+        text = (trained["at_dir"] / f).read_text()
+        assert str(trained["corpus"]) not in text and str(trained["runs"]) not in text, f
+    final = json.loads((trained["at_dir"] / "final.json").read_text())
+    assert final["held_out"] == "Ses05"
+    assert (trained["at_dir"] / final["config"]["data"]).resolve() == trained["corpus"].resolve()
+
+
+def test_held_out_session_is_checked_on_resume_and_against_the_teacher(tmp_path, monkeypatch, capsys):
+    _small_lexicon(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    csv_path = _small_corpus(tmp_path / "c", text="hello there")
+    runs = tmp_path / "runs"
+    rc, out, err = run_main(["teacher", "--data", csv_path, "--runs", runs, "--fold", "2", "--epochs", "1",
+                             *TEACHER_TINY, "--threads", "1"])
+    assert rc == 0, err
+    rc, out, err = _tiny_student(csv_path, runs, "--fold", "2", "--at-weight", "0")
+    assert rc == 0, err
+    d = runs / "student" / "tcn-self" / "fold2"
+    assert json.loads((d / "config.json").read_text())["held_out"] == "s2"
+    # session s1 leaves the corpus: fold 2 is s3 now
+    _small_corpus(tmp_path / "c", sessions=("s2", "s3"), text="hello there")
+    rc, out, err = _tiny_student(csv_path, runs, "--fold", "2", "--at-weight", "0", "--resume", "--epochs", "2")
+    print(out, err)
+    assert rc == 2 and "held out session s2" in err and "s3" in err
+    rc, out, err = _tiny_student(csv_path, runs, "--fold", "2", "--at-weight", "1")
+    print(out, err)
+    assert rc == 2 and "teacher" in err and "held out session s2" in err
+
+
+def test_resume_with_fewer_epochs_than_trained_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    csv_path = _small_corpus(tmp_path / "c")
+    runs = tmp_path / "runs"
+    assert _tiny_student(csv_path, runs, "--fold", "1", "--epochs", "2")[0] == 0
+    d = runs / "student" / "tcn-self" / "fold1"
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    rc, out, err = _tiny_student(csv_path, runs, "--fold", "1", "--epochs", "1", "--resume")
+    print(out, err)
+    assert rc == 2 and "--epochs 2 or more" in err
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    rc, out, err = _tiny_student(csv_path, runs, "--fold", "1", "--epochs", "3")   # more, without --resume
+    assert rc == 2 and "--resume" in err and "3 epochs" in err
+
+
+def test_streaming_wav_with_unknown_sizes_is_read_to_the_end(tmp_path):
+    path = write_wav(tmp_path / "stream.wav", seconds=0.5)
+    raw = bytearray(path.read_bytes())
+    raw[4:8] = b"\xff\xff\xff\xff"                               # RIFF size
+    i = raw.index(b"data")
+    raw[i + 4:i + 8] = b"\xff\xff\xff\xff"                       # data size
+    path.write_bytes(bytes(raw))
+    assert len(sf.read(str(path))[0]) == 8000
+    assert len(satn.load_audio(path)) == 8000
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--threads", "100000"], "--threads"), (["--blocks", "40"], "--blocks"),
+    (["--channels", "100000000"], "--channels"), (["--kernel-size", "100000"], "--kernel-size"),
+    (["--lstm-hidden", "10000000"], "--lstm-hidden"), (["--seed", "-1"], "--seed"),
+    (["--seed", str(2 ** 40)], "--seed"), (["--lr", "inf"], "--lr"), (["--at-weight", "inf"], "--at-weight"),
+    (["--name", "../elsewhere"], "--name"), (["--name", "/tmp/abs"], "--name"),
+    (["--device", "meta"], "--device meta"), (["--device", "mps"], "--device mps")])
+def test_cli_options_out_of_range_are_one_line_errors(tmp_path, monkeypatch, capsys, args, option):
+    monkeypatch.chdir(tmp_path)
+    rc = satn.main(["student", "--data", str(tmp_path / "absent.csv"), "--epochs", "1", *args])
+    assert rc == 2
+    assert option in _one_line_error(capsys)     # the option is named, before any data is read
+
+
+@pytest.mark.parametrize("window, hop", [("0.001", "0.001"), ("inf", "4"), ("8", "0"), ("nan", "4")])
+def test_predict_window_and_hop_checked(tmp_path, capsys, window, hop):
+    rc = satn.main(["predict", "--checkpoint", str(tmp_path / "absent.pt"), "--window", window, "--hop", hop,
+                    str(tmp_path)])
+    assert rc == 2 and "--window" in _one_line_error(capsys)
+
+
+def test_unknown_satn_kernel_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SATN_KERNEL", "fast")
+    assert satn.main(["report", "--runs", str(tmp_path)]) == 2
+    assert "SATN_KERNEL" in _one_line_error(capsys)
+
+
+def test_unwritable_runs_folder_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    csv_path = _small_corpus(tmp_path / "c")
+    (tmp_path / "afile").write_text("")
+    assert satn.main(["student", "--data", str(csv_path), "--runs", str(tmp_path / "afile" / "runs"),
+                      "--fold", "1", "--epochs", "1", *STUDENT_TINY]) == 2
+    assert "afile" in _one_line_error(capsys)
+
+
+def test_torch_save_failure_is_an_os_error_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "best.pt"
+
+    def failing(tmp):
+        tmp.write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file")
+
+    with pytest.raises(OSError, match="best.pt: cannot be written"):
+        satn.write_atomically(target, failing)
+
+    def interrupted(tmp):
+        tmp.write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    target.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        satn.write_atomically(target, interrupted)
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"] and target.read_bytes() == b"old"
+
+
+def test_temporaries_of_dead_processes_are_swept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, mine = tmp_path / f"best.pt.{dead.pid}.tmp", tmp_path / f"last.pt.{os.getpid()}.tmp"
+    other = tmp_path / f"last.pt.{os.getppid()}.tmp"             # a live process: may still be writing
+    for p in (stale, mine, other):
+        p.write_bytes(b"x")
+    assert satn.sweep_stale_temps(tmp_path) == 1
+    assert not stale.exists() and mine.exists() and other.exists()
+
+
+def test_student_checkpoint_or_mismatched_weights_as_teacher(trained, tmp_path):
+    runs = tmp_path / "runs"
+    t_dir = runs / "teacher" / "fold5"
+    t_dir.mkdir(parents=True)
+    (t_dir / "final.json").write_text("{}")
+    cfg = satn.StudentConfig(data=None, runs=str(runs), fold=5, at_weight=1.0)
+    student = torch.load(trained["at_dir"] / "best.pt", map_location="cpu", weights_only=True)
+    student["config"]["data"] = None
+    torch.save(student, t_dir / "best.pt")
+    with pytest.raises(satn.DataError, match="not a teacher checkpoint"):
+        satn.load_teacher(cfg, torch.device("cpu"))
+    teacher = torch.load(trained["teacher_dir"] / "best.pt", map_location="cpu", weights_only=True)
+    teacher["config"]["data"] = None
+    teacher["config"]["channels"] = 32                          # weights of 16 channels
+    torch.save(teacher, t_dir / "best.pt")
+    with pytest.raises(satn.DataError, match="do not match"):
+        satn.load_teacher(cfg, torch.device("cpu"))
+
+
+def test_truncated_final_json_and_partial_metrics_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    csv_path = _small_corpus(tmp_path / "c")
+    runs = tmp_path / "runs"
+    assert _tiny_student(csv_path, runs, "--fold", "1")[0] == 0
+    assert _tiny_student(csv_path, runs, "--fold", "2")[0] == 0
+    d1, d2 = (runs / "student" / "tcn-self" / f"fold{k}" for k in (1, 2))
+    (d1 / "final.json").write_text((d1 / "final.json").read_text()[:50])      # truncated
+    rc, out, err = run_main(["report", "--runs", runs])
+    print(out, err)
+    assert rc == 0 and "fold1/final.json" in out and "left out" in out
+    assert "| 1 |" in (runs / "results.md").read_text()                       # fold 2 alone
+    # --resume evaluates the damaged run again; a partial last metrics line is dropped
+    with open(d2 / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "ser": 1.')
+    (d2 / "final.json").unlink()
+    for k in (1, 2):
+        rc, out, err = _tiny_student(csv_path, runs, "--fold", str(k), "--epochs", "2", "--resume")
+        print(out, err)
+        assert rc == 0, err
+    assert json.loads((d1 / "final.json").read_text())["config"]["epochs"] == 2
+    assert [r["epoch"] for r in metrics_lines(d2)] == [1, 2]
+
+
+def test_messages_about_resume_at_pairs_and_no_transcripts(tmp_path, monkeypatch, capsys):
+    with pytest.raises(satn.DataError, match="1:2 given more than once"):
+        satn.parse_pairs("1:2,2:3,1:2", 4, 6)
+    monkeypatch.chdir(tmp_path)
+    csv_path = _small_corpus(tmp_path / "c")                    # no text column
+    assert satn.main(["student", "--data", str(csv_path), "--fold", "1", "--at-weight", "1",
+                      "--runs", str(tmp_path / "runs")]) == 2
+    line = _one_line_error(capsys)
+    assert "no transcripts" in line and "--at-weight 0" in line and "satn.py teacher" not in line
 
 
 # -----------------------------------------------------------------------------
