@@ -29,11 +29,13 @@ blocks, kernels glue, models, losses, training, evaluation, CLI.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import functools
 import hashlib
 import importlib
+import io
 import importlib.util
 import json
 import logging
@@ -91,15 +93,51 @@ def _first_line(e):
 
 def write_atomically(path, write):
     """write(temporary path), then rename over `path`: an interruption never leaves half a
-    file, and concurrent writers (the process id is in the name) never share one."""
+    file, and concurrent writers (the process id is in the name) never share one. A failed
+    write removes its temporary file; sweep_stale_temps removes those of killed processes."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, RuntimeError) and re.search(r"inline_container|PytorchStreamWriter|file write failed", str(e)):
+            # torch.save reports a full or read-only disk as a RuntimeError of its zip writer
+            raise OSError(f"{path}: cannot be written ({_first_line(e)})") from None
+        raise
+
+
+_TEMP_NAME = re.compile(r".+\.(\d+)\.tmp")
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:          # e.g. another user's process: it exists
+        return True
+    return True
+
+
+def sweep_stale_temps(folder):
+    """Delete the temporary files of write_atomically left in `folder` by processes that are
+    gone (killed during a write). Returns how many were removed."""
+    removed = 0
+    for p in Path(folder).glob("*.tmp") if Path(folder).is_dir() else ():
+        m = _TEMP_NAME.fullmatch(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 # -----------------------------------------------------------------------------
 # audio
+
+WAV_SIZE_UNKNOWN = 0xFFFFFFFF  # RIFF/data chunk size of a WAV written as a stream (length unknown)
+
 
 def _wav_truncated(path):
     """True when a RIFF/WAVE file's data chunk claims more bytes than the file holds.
@@ -116,7 +154,8 @@ def _wav_truncated(path):
                 return True  # the header ended before a data chunk
             cid, n = chunk[:4], int.from_bytes(chunk[4:], "little")
             if cid == b"data":
-                return f.tell() + n > size
+                # a streaming writer, which cannot know the length, writes 0xFFFFFFFF: "to the end"
+                return n != WAV_SIZE_UNKNOWN and f.tell() + n > size
             f.seek(n + (n & 1), 1)
 
 
@@ -124,8 +163,9 @@ def load_audio(path, sr=SAMPLE_RATE):
     """Read an audio file as mono float32 in [-1, 1] at `sr` Hz. Returns (N,).
 
     Channels are averaged; integer PCM is scaled by soundfile; other rates are
-    resampled with a polyphase filter. Empty, silent, unreadable or truncated
-    files raise ValueError naming the file, so callers can skip and count them."""
+    resampled with a polyphase filter. Empty, silent, unreadable, truncated files
+    and files with NaN or infinite samples raise ValueError naming the file, so
+    callers can skip and count them."""
     import soundfile as sf
     path = str(path)
     try:
@@ -139,6 +179,8 @@ def load_audio(path, sr=SAMPLE_RATE):
     if wave.shape[0] == 0:
         raise ValueError(f"{path}: empty audio file")
     wave = wave.mean(axis=1) if wave.shape[1] > 1 else wave[:, 0]
+    if not np.isfinite(wave).all():
+        raise ValueError(f"{path}: {int((~np.isfinite(wave)).sum())} samples are not finite (NaN or inf)")
     if not np.any(wave):
         raise ValueError(f"{path}: silent audio file (all samples are zero)")
     if file_sr != sr:
@@ -146,6 +188,20 @@ def load_audio(path, sr=SAMPLE_RATE):
         g = math.gcd(int(file_sr), int(sr))
         wave = resample_poly(wave, sr // g, int(file_sr) // g).astype(np.float32)
     return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def speed_perturb(wave, factor):
+    """Speed perturbation (tempo and pitch together, as played faster or slower): (N,) -> (~N / factor,).
+
+    The waveform is resampled by the rational approximation p/q of `factor` with a
+    polyphase filter and kept at the same sample rate: 1.1 is 10% shorter and higher,
+    0.9 11% longer and lower. The output has ceil(N * q / p) samples."""
+    from fractions import Fraction
+    if factor == 1:
+        return np.asarray(wave, dtype=np.float32)
+    r = Fraction(factor).limit_denominator(100)             # speed p/q: q output samples per p input samples
+    from scipy.signal import resample_poly
+    return resample_poly(np.asarray(wave, dtype=np.float32), r.denominator, r.numerator).astype(np.float32)
 
 
 # -----------------------------------------------------------------------------
@@ -229,6 +285,113 @@ def features(wave, sr=SAMPLE_RATE):
     d1 = deltas(lm)
     d2 = deltas(d1)
     return np.ascontiguousarray(np.stack([lm, d1, d2]).transpose(0, 2, 1))  # (3, 40, T)
+
+
+# Streaming: the same features, computed incrementally from audio that arrives in chunks.
+FEATURE_LOOKAHEAD = 2 * DELTA_N   # frames (40 ms): a delta-delta needs the deltas 2 frames ahead, they 2 more
+
+
+class DeltaStream:
+    """`deltas` of frames that arrive a few at a time: the same values, each computed once.
+
+    Frame t's delta needs frames t-n..t+n, so it comes out once frame t+n has arrived
+    (or the stream ends: `push(..., final=True)`). The stream's first and last frames
+    are replicated past its edges, as `deltas` does. State: the last 2n frames."""
+
+    def __init__(self, n=DELTA_N):
+        self.n, self.buf = n, None                       # buf (2n + pending, D)
+
+    def push(self, x, final=False):
+        """x (m, D) new frames -> (centres (k, D), deltas (k, D)) of the frames now complete."""
+        n = self.n
+        if self.buf is None:
+            if len(x) == 0:
+                return x, x
+            self.buf = np.repeat(x[:1], n, axis=0)       # the left edge, replicated
+        buf = np.concatenate([self.buf, x]) if len(x) else self.buf
+        if final:
+            buf = np.concatenate([buf, np.repeat(buf[-1:], n, axis=0)])
+        k = len(buf) - 2 * n
+        if k <= 0:
+            self.buf = buf
+            return buf[:0], buf[:0]
+        out = np.zeros((k,) + buf.shape[1:], dtype=np.float32)
+        for j in range(1, n + 1):                        # the arithmetic of `deltas`, term by term
+            out += j * (buf[n + j:n + j + k] - buf[n - j:n - j + k])
+        out = out / (2.0 * sum(j * j for j in range(1, n + 1)))
+        self.buf = buf[k:]
+        return buf[n:n + k], out
+
+
+class FeatureStream:
+    """`features` of audio pushed in chunks of any size (1 sample to hours): (k, 120) frames
+    in the layout of `features(wave).reshape(120, -1).T`, each computed once.
+
+    A frame is complete when its 25 ms window has arrived and, for its deltas and
+    delta-deltas, the FEATURE_LOOKAHEAD (4) frames after it; `finish()` returns the last
+    ones, with the edges replicated as `features` does over the whole recording. State:
+    under one window of samples and 2 x 2 DELTA_N frames, whatever the recording's length."""
+
+    def __init__(self, sr=SAMPLE_RATE):
+        self.sr = sr
+        self.win, self.hop, _ = frame_params(sr)
+        self.pending = np.zeros(0, np.float32)          # samples after the last complete frame's start
+        self.frames, self.samples = 0, 0                # log-mel frames and samples so far
+        self.d1, self.d2 = DeltaStream(), DeltaStream()
+
+    def _out(self, lm, final=False):
+        c1, dd1 = self.d1.push(lm, final)                                  # log-mel, deltas
+        c2, dd2 = self.d2.push(np.concatenate([c1, dd1], axis=1), final)   # (k, 80): deltas of both, only d1's kept
+        return np.concatenate([c2, dd2[:, N_MELS:]], axis=1)               # (k, 120): log-mel, delta, delta-delta
+
+    def push(self, samples):
+        buf = np.concatenate([self.pending, np.asarray(samples, dtype=np.float32).reshape(-1)])
+        self.samples += len(buf) - len(self.pending)
+        m = 1 + (len(buf) - self.win) // self.hop if len(buf) >= self.win else 0   # complete frames
+        if m == 0:
+            self.pending = buf
+            return np.zeros((0, FEAT_CHANNELS), np.float32)
+        lm = log_mel(buf[:self.win + (m - 1) * self.hop], self.sr)             # (m, 40)
+        self.pending, self.frames = buf[m * self.hop:], self.frames + m
+        return self._out(lm)
+
+    def finish(self):
+        """The remaining frames at the end of the recording (a recording shorter than one
+        window gives one zero-padded frame, as `log_mel`). Raises ValueError on no audio."""
+        if self.samples == 0:
+            raise ValueError("no audio")
+        lm = np.zeros((0, N_MELS), np.float32)
+        if self.frames == 0:
+            lm, self.frames = log_mel(self.pending, self.sr), 1
+        return self._out(lm, final=True)
+
+
+STREAM_NORM_PRIOR = 10.0   # s: weight of the training statistics in running normalisation, as frames of audio
+
+
+def running_normalise(x, mean, std, prior=STREAM_NORM_PRIOR, state=None):
+    """Per-speaker normalisation for a stream: frame t is normalised with the mean and
+    variance of frames 0..t, started from the training statistics (mean, std) counted
+    as `prior` seconds of frames (None: the training statistics, fixed, for a model
+    trained with global normalisation). x (T, 120) -> ((T, 120) float32, state); pass the
+    state back with the next frames to continue (a stream in chunks gives the same
+    result as the whole at once). State: two (120,) sums and a count."""
+    x = np.asarray(x, dtype=np.float64)
+    if prior is None:   # a model trained with global statistics: those, fixed
+        return ((x - np.asarray(mean)) / np.asarray(std)).astype(np.float32), state
+    if state is None:
+        n0 = prior / HOP_SECONDS
+        mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+        state = (n0 * mean, n0 * (std ** 2 + mean ** 2), n0)
+    s1, s2, n = state
+    c1 = s1 + np.cumsum(x, axis=0)                                 # (T, 120) running sums
+    c2 = s2 + np.cumsum(x * x, axis=0)
+    count = n + np.arange(1, len(x) + 1)[:, None]
+    mu = c1 / count
+    sd = np.sqrt(np.maximum(c2 / count - mu ** 2, 0.0)) + 1e-5     # the epsilon of feature_stats
+    if len(x):
+        state = (c1[-1], c2[-1], n + len(x))
+    return ((x - mu) / sd).astype(np.float32), state
 
 
 # -----------------------------------------------------------------------------
@@ -407,10 +570,16 @@ def _text_files(folder):
     return sorted(p for p in Path(folder).glob("*.txt") if not p.name.startswith("._"))
 
 
+def session_order(sessions):
+    """Session names in natural order: numbers inside a name compare as numbers, so
+    sessions 1..11 give 1, 2, ..., 10, 11 (fold k holds out the k-th), not 1, 10, 11, 2."""
+    return sorted(sessions, key=lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)])
+
+
 def print_counts(utts, title):
     """A table of utterance counts per session and class."""
     classes = sorted({u.label for u in utts}, key=lambda c: (EMOTIONS + (c,)).index(c))
-    sessions = sorted({u.session for u in utts})
+    sessions = session_order({u.session for u in utts})
     print(f"{title}: {len(utts)} utterances, {len({u.speaker for u in utts})} speakers")
     print(f"  {'session':<10}" + "".join(f"{c:>9}" for c in classes) + f"{'total':>9}")
     for s in sessions + ["total"]:
@@ -472,25 +641,38 @@ MANIFEST_COLUMNS = ("path", "label", "speaker", "session")
 
 
 def load_manifest(csv_path, verbose=True, asr=False):
-    """Read a CSV manifest with header path,label,speaker,session[,text].
+    """Read a CSV manifest with header path,label,speaker,session[,text] (UTF-8).
 
     Paths are resolved against the CSV's folder; the class set is whatever the
-    labels are. Every problem is reported with its row before anything trains.
-    asr=True reads an ASR corpus: path,speaker,text are required, label and session not."""
+    labels are. Every problem is reported with its row before anything trains: a
+    row with more fields than the header (an unquoted comma), and one audio file
+    named twice, also under two spellings (./a.wav and a.wav). asr=True reads an ASR
+    corpus: path,speaker,text are required, label and session not."""
     csv_path = Path(csv_path)
     required = ("path", "speaker", "text") if asr else MANIFEST_COLUMNS
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in required if c not in header]
-        unknown = [c for c in header if c not in MANIFEST_COLUMNS + ("text",)]
-        if missing or unknown:
-            raise DataError(f"{csv_path}: header must be " + ("path,speaker,text[,label,session]" if asr else
-                                                              "path,label,speaker,session[,text]")
-                            + (f"; missing {','.join(missing)}" if missing else "")
-                            + (f"; unknown {','.join(unknown)}" if unknown else ""))
-        rows = [({k.strip(): (v or "").strip() for k, v in r.items() if k is not None}, reader.line_num)
-                for r in reader]
+    raw = csv_path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: spreadsheets write a BOM
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{csv_path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}): "
+                        f"save the manifest as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet)") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in required if c not in header]
+    unknown = [c for c in header if c not in MANIFEST_COLUMNS + ("text",)]
+    if missing or unknown:
+        raise DataError(f"{csv_path}: header must be " + ("path,speaker,text[,label,session]" if asr else
+                                                          "path,label,speaker,session[,text]")
+                        + (f"; missing {','.join(missing)}" if missing else "")
+                        + (f"; unknown {','.join(unknown)}" if unknown else ""))
+    rows = []
+    for r in reader:
+        if r.get(None):   # csv.DictReader keeps the fields beyond the header under None
+            raise DataError(f"{csv_path}:{reader.line_num}: {len(header) + len(r[None])} fields for the "
+                            f"{len(header)} columns of the header: put a field that holds a comma in double "
+                            f'quotes ("like, this")')
+        rows.append(({k.strip(): (v or "").strip() for k, v in r.items() if k is not None}, reader.line_num))
     utts, seen, absent = [], {}, []
     for r, line in rows:
         empty = [c for c in required if c != "text" and not r.get(c)]
@@ -498,9 +680,12 @@ def load_manifest(csv_path, verbose=True, asr=False):
             raise DataError(f"{csv_path}:{line}: empty {','.join(empty)}")
         path = (csv_path.parent / r["path"]).resolve()
         uid = r["path"]
-        if uid in seen:
-            raise DataError(f"{csv_path}:{line}: duplicate path {uid} (first on line {seen[uid]})")
-        seen[uid] = line
+        if path in seen:
+            first_line, first = seen[path]
+            raise DataError(f"{csv_path}:{line}: duplicate path {uid}"
+                            + (f" (the same file as {first} " if first != uid else " (")
+                            + f"on line {first_line})")
+        seen[path] = (line, uid)
         if not path.is_file():
             absent.append(f"line {line}: {r['path']}")
         utts.append(Utterance(uid, str(path), r.get("label", ""), r["speaker"], r.get("session", ""), r.get("text", "")))
@@ -509,6 +694,13 @@ def load_manifest(csv_path, verbose=True, asr=False):
                         + (", ..." if len(absent) > 3 else "") + ")")
     if not utts:
         raise DataError(f"{csv_path}: no rows")
+    spellings = {}
+    for u in utts:
+        spellings.setdefault(u.label.lower(), set()).add(u.label)
+    for variants in spellings.values():
+        if len(variants) > 1:
+            print(f"warning: {csv_path}: the labels {', '.join(sorted(variants))} differ only in case and are "
+                  f"different classes; write them alike if they are one")
     if verbose:
         print_counts(utts, f"manifest {csv_path}")
     return utts
@@ -543,91 +735,355 @@ def emotion_utterances(utts, data, verbose=True):
     return utts
 
 
-def _feature_key(utts):
-    """Cache key: every file's identity and the feature parameters."""
-    h = hashlib.sha1(json.dumps([SAMPLE_RATE, WIN_SECONDS, HOP_SECONDS, N_FFT, N_MELS, LOG_FLOOR, DELTA_N]).encode())
+FEATURE_CACHE_VERSION = 2       # bump when the cache layout changes
+UNREADABLE_SHARE_LIMIT = 0.1    # more files than this share unreadable (missing, no permission): stop, loudly
+POOL_MIN_FILES = 64             # fewer files than this are computed in-process (a pool's start costs seconds)
+
+
+def _feature_key(utts, speed=1.0):
+    """Cache key: the feature parameters, the speed factor, and every file's identity.
+
+    A file that cannot be stat'ed (a missing folder, an unmounted disk) enters the key
+    as missing, so the corpus is read again once it is back."""
+    h = hashlib.sha1(json.dumps([FEATURE_CACHE_VERSION, SAMPLE_RATE, WIN_SECONDS, HOP_SECONDS, N_FFT, N_MELS,
+                                 LOG_FLOOR, DELTA_N, speed]).encode())
     for u in sorted(utts, key=lambda u: u.path):
-        st = os.stat(u.path)
-        h.update(f"{u.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        try:
+            st = os.stat(u.path)
+            stamp = f"{st.st_size}\0{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        h.update(f"{u.path}\0{stamp}\n".encode())
     return h.hexdigest()[:16]
 
 
-def compute_features(utts, cache_dir="runs/cache", verbose=True):
-    """Features of every utterance, computed once and cached on disk.
+def _utterance_features(job):
+    """One file's cache entry: ("ok", (T, 120) float32 frames, (2, 120) float64 mean and sum of
+    squared deviations), ("format", message) for a file that is not valid audio (cached), or
+    ("io", message) for one that is missing or unreadable now (not cached: retried next time).
 
-    Returns (kept utterances, list of (3, 40, T) float32 arrays). Unreadable,
-    empty, silent or truncated files are skipped and named in one summary line."""
-    cache = Path(cache_dir) / f"features-{_feature_key(utts)}.npz"
-    z = None
-    if cache.is_file():
-        try:
-            z = np.load(cache)
-            data, lengths, ids = z["data"], z["lengths"], list(z["ids"])
-            failed = [tuple(x.split("\t", 1)) for x in z["failed"]]
-        except Exception as e:  # a damaged cache is only a cache: compute it again
-            print(f"warning: unreadable feature cache {cache} ({type(e).__name__}); recomputing")
-            z = None
-    if z is None:
-        arrays, ids, failed, t0 = [], [], [], time.time()
+    Runs in the pool's worker processes, one thread each: an utterance is too small to share."""
+    path, speed = job
+    torch.set_num_threads(1)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        return "io", f"{path}: {e.strerror or _first_line(e)}"
+    try:
+        x = features(speed_perturb(load_audio(path), speed)).reshape(FEAT_CHANNELS, -1).T   # (T, 120)
+    except ValueError as e:
+        if not os.access(path, os.R_OK):        # it went away while being read
+            return "io", str(e)
+        return "format", str(e)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    mean = x.mean(0, dtype=np.float64)                                               # (120,)
+    return "ok", x, np.stack([mean, ((x - mean) ** 2).sum(0)])                      # (2, 120)
+
+
+def _cache_paths(cache_dir, key):
+    """The three files of one cache: frames (N_frames, 120) float32, per-utterance moments
+    (N_utts, 2, 120) float64, and the JSON index (ids, offsets, lengths, failures)."""
+    base = Path(cache_dir) / f"features-{key}"
+    return base.with_suffix(".npy"), base.with_suffix(".moments.npy"), base.with_suffix(".json")
+
+
+def _write_cache(cache_dir, key, entries, failed=(), speed=1.0):
+    """Stream (path, frames (T, 120), moments (2, 120)) entries into the frames .npy (one
+    utterance at a time: memory does not grow with the corpus), then write the moments and
+    the index (with `failed`, [path, message] pairs, read after the entries). Each file is
+    written to a temporary name and renamed; the index last."""
+    frames_path, moments_path, index_path = _cache_paths(cache_dir, key)
+    frames_path.parent.mkdir(parents=True, exist_ok=True)
+    ids, lengths, moments = [], [], []
+
+    def header(f, n):
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (n, FEAT_CHANNELS)})
+
+    def write_frames(tmp):
+        with open(tmp, "wb") as f:
+            header(f, 0)                                  # rewritten below with the final count
+            start = f.tell()
+            for path, x, m in entries:
+                f.write(np.ascontiguousarray(x, dtype="<f4").tobytes())
+                ids.append(path)
+                lengths.append(len(x))
+                moments.append(m)
+            f.seek(0)
+            header(f, int(sum(lengths)))                  # numpy pads headers so the shape can grow in place
+            assert f.tell() == start, "npy header changed size"
+    write_atomically(frames_path, write_frames)
+    stacked = np.stack(moments) if moments else np.zeros((0, 2, FEAT_CHANNELS))
+    def write_moments(tmp):
+        with open(tmp, "wb") as f:   # a file object: np.save would append .npy to a name
+            np.save(f, stacked.astype(np.float64))
+    write_atomically(moments_path, write_moments)
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    write_json({"version": FEATURE_CACHE_VERSION, "speed": speed, "frames": int(offsets[-1]), "ids": ids,
+                "offsets": offsets[:-1].tolist(), "lengths": [int(n) for n in lengths], "failed": list(failed)},
+               index_path)
+
+
+def _read_cache(cache_dir, key):
+    """(index dict, frames memmap, moments array) of a complete cache, or None."""
+    frames_path, moments_path, index_path = _cache_paths(cache_dir, key)
+    if not index_path.is_file():
+        return None
+    try:
+        index = json.loads(index_path.read_text())
+        frames = np.load(frames_path, mmap_mode="r")     # mapped, not loaded; never pickles
+        moments = np.load(moments_path)
+        n = len(index["ids"])
+        if (index.get("version") != FEATURE_CACHE_VERSION or frames.dtype != np.float32
+                or frames.shape != (index["frames"], FEAT_CHANNELS) or moments.shape != (n, 2, FEAT_CHANNELS)
+                or len(index["lengths"]) != n or len(index["offsets"]) != n):
+            raise ValueError("sizes do not match the index")
+    except Exception as e:  # a damaged cache is only a cache: compute it again
+        print(f"warning: unreadable feature cache {index_path} ({type(e).__name__}: {_first_line(e)}); recomputing")
+        return None
+    return index, frames, moments
+
+
+def _pool_map(fn, jobs, workers):
+    """fn over jobs in order: in this process for few jobs, else in a pool of `workers` processes."""
+    if workers <= 1 or len(jobs) < POOL_MIN_FILES:
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # one utterance is too small to share; extra threads only contend
-        for i, u in enumerate(utts):
-            try:
-                arrays.append(features(load_audio(u.path)).reshape(FEAT_CHANNELS, -1).T)  # (T, 120)
-                ids.append(u.path)
-            except ValueError as e:
-                failed.append((u.path, str(e)))
-            if verbose and (i + 1 == len(utts) or (i + 1) % 50 == 0):
-                print(f"\rfeatures: {i + 1}/{len(utts)} utterances ({time.time() - t0:.1f} s)",
-                      end="\n" if i + 1 == len(utts) else "", flush=True)
-        torch.set_num_threads(threads)
-        lengths = np.array([len(a) for a in arrays], dtype=np.int64)
-        data = np.concatenate(arrays) if arrays else np.zeros((0, FEAT_CHANNELS), np.float32)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        def save(tmp):
-            with open(tmp, "wb") as out:  # a file object: np.savez would append .npz to a name
-                np.savez(out, data=data, lengths=lengths, ids=np.array(ids, dtype=str),
-                         failed=np.array(["\t".join(f) for f in failed], dtype=str))
-        write_atomically(cache, save)
+        try:
+            yield from map(fn, jobs)
+        finally:
+            torch.set_num_threads(threads)
+        return
+    import multiprocessing
+    # fork where there is one (no re-import of torch; the workers use one thread and no CUDA,
+    # as DataLoader's workers), spawn elsewhere
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers) as pool:
+        yield from pool.imap(fn, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers))))
+
+
+def compute_features(utts, cache_dir="runs/cache", verbose=True, speed=1.0, workers=0):
+    """Features of every utterance, computed once (on all cores) and cached on disk.
+
+    The cache is one .npy of frames (N_frames, 120), memory-mapped on reading, so
+    memory does not grow with the corpus, plus per-utterance moments (for the
+    normalisation statistics) and a JSON index. Returns (kept utterances, list of
+    (3, 40, T) float32 views into the mapped frames).
+
+    Files that are not valid audio (empty, silent, truncated, undecodable) are
+    skipped, named in one summary line and remembered in the cache. Files that are
+    missing or unreadable now are skipped and retried next time; when more than
+    UNREADABLE_SHARE_LIMIT of the corpus is in that state, it stops (after caching the
+    rest). `speed` keys a separate cache of speed-perturbed audio; workers: processes
+    (0: one per core)."""
+    key = _feature_key(utts, speed)
+    cached = _read_cache(cache_dir, key)
+    old = {}
+    if cached is not None:
+        index, frames, moments = cached
+        old = {p: (o, n, i) for i, (p, o, n) in enumerate(zip(index["ids"], index["offsets"], index["lengths"]))}
+        known = set(old) | {p for p, _ in index["failed"]}
+        todo = [u.path for u in utts if u.path not in known]
+    else:
+        index, todo = {"failed": []}, [u.path for u in utts]
+    io_failed = []
+    if todo:
+        workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        failed = list(index["failed"])
+        t0, done, seconds = time.time(), [0], [0.0]
+
+        def entries():
+            if cached is not None:       # the entries already cached, copied in their order
+                for p, (o, n, i) in old.items():
+                    yield p, frames[o:o + n], moments[i]
+            for path, r in zip(todo, _pool_map(_utterance_features, [(p, speed) for p in todo], workers)):
+                done[0] += 1
+                if r[0] == "ok":
+                    seconds[0] += len(r[1]) * HOP_SECONDS
+                    yield path, r[1], r[2]
+                else:
+                    (failed if r[0] == "format" else io_failed).append((path, r[1]))
+                if verbose and (done[0] == len(todo) or done[0] % 50 == 0):
+                    dt = time.time() - t0
+                    print(f"\rfeatures{f' (speed {speed})' if speed != 1 else ''}: {done[0]}/{len(todo)} files, {seconds[0] / 3600:.2f} h of audio "
+                          f"({dt:.1f} s, {seconds[0] / max(dt, 1e-9):.0f}x real time, {min(workers, len(todo))} "
+                          f"process{'es' if workers > 1 and len(todo) >= POOL_MIN_FILES else ''})",
+                          end="\n" if done[0] == len(todo) else "", flush=True)
+        _write_cache(cache_dir, key, entries(), failed, speed)
+        cached = _read_cache(cache_dir, key)
+        if cached is None:
+            raise DataError(f"the feature cache just written to {cache_dir} cannot be read back (full disk?)")
+        index, frames, moments = cached
+    failed = index["failed"]
     if failed:
         print(f"skipped {len(failed)} unreadable audio files: " + "; ".join(e for _, e in failed[:5])
               + (" ..." if len(failed) > 5 else ""))
-    if not ids:
+    if io_failed:
+        msg = (f"{len(io_failed)} of {len(utts)} audio files cannot be read now (" + "; ".join(e for _, e in io_failed[:3])
+               + (" ..." if len(io_failed) > 3 else "") + ")")
+        if len(io_failed) > UNREADABLE_SHARE_LIMIT * len(utts):
+            raise DataError(msg + ": is a disk unmounted or a folder missing? The readable files' features are "
+                                  "cached; run again once the files are back")
+        print(f"warning: {msg}; skipped now, retried next time")
+    if not index["ids"]:
         raise DataError("no audio file of the corpus could be read")
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    by_path = {p: i for i, p in enumerate(ids)}
+    return _cached_features(utts, index, frames, moments)
+
+
+def _cached_features(utts, index, frames, moments):
+    """(the utterances present in the cache, FeatureList of their (3, 40, T) mapped views)."""
+    by_path = {p: i for i, p in enumerate(index["ids"])}
     kept = [u for u in utts if u.path in by_path]
-    feats = [data[offsets[by_path[u.path]]:offsets[by_path[u.path] + 1]].T.reshape(3, N_MELS, -1) for u in kept]
-    return kept, feats
+    feats, stats = [], []
+    for u in kept:
+        i = by_path[u.path]
+        o, n = index["offsets"][i], index["lengths"][i]
+        feats.append(frames[o:o + n].T.reshape(3, N_MELS, n))          # (3, 40, T) view of (T, 120) rows
+        stats.append(moments[i])
+    return kept, FeatureList(feats, stats)
 
 
-def feature_stats(feats):
-    """Mean and standard deviation per feature channel over all frames: two (120,) arrays."""
-    flat = np.concatenate([f.reshape(FEAT_CHANNELS, -1) for f in feats], axis=1)  # (120, sum T)
-    return flat.mean(axis=1), flat.std(axis=1) + 1e-5
+class FeatureList(list):
+    """The (3, 40, T) feature arrays of compute_features, with each one's frame moments
+    (`moments[i]`: (2, 120) float64 mean and sum of squared deviations), so that statistics
+    never need the frames themselves."""
+
+    def __init__(self, feats, moments):
+        super().__init__(feats)
+        self.moments = moments
 
 
-def normalise(utts, feats, mode="speaker", train=None, keep=None):
-    """Mean/variance normalisation -> list of (120, T) float32 arrays.
+def check_duplicate_audio(utts, feats):
+    """The same recording under two names (a copy, a link, another spelling of its path) is
+    one utterance: under two speakers it could be trained on and tested. Refused when the
+    speakers differ, a warning otherwise. Cheap: features are grouped by length and a hash
+    of a few frames, and only those that collide are compared in full."""
+    groups = {}
+    for u, f in zip(utts, feats):
+        T = f.shape[-1]
+        key = (T, hashlib.sha1(np.ascontiguousarray(f[..., ::max(1, T // 8)]).tobytes()).hexdigest())
+        groups.setdefault(key, []).append((u, f))
+    for members in (m for m in groups.values() if len(m) > 1):
+        for i in range(1, len(members)):
+            for j in range(i):
+                (a, fa), (b, fb) = members[j], members[i]
+                if not np.array_equal(fa, fb):
+                    continue
+                what = (f"{a.path} ({a.id}, speaker {a.speaker}) and {b.path} ({b.id}, speaker {b.speaker}) hold the "
+                        f"same audio")
+                if a.speaker != b.speaker:
+                    raise DataError(f"{what}: one recording under two speakers could be trained on and tested; "
+                                    f"remove one of them")
+                print(f"warning: {what}; it counts twice")
 
-    mode="speaker": each speaker's statistics from that speaker's own utterances
-    (no labels used); mode="global": statistics of the `train` utterances only.
-    With `keep` (a set of ids), only those utterances are returned (statistics still
-    come from all of them), which saves memory on a large corpus."""
+
+STD_FLOOR = 1e-5  # added to every standard deviation before dividing by it
+
+
+def _combine_moments(counts, moments):
+    """Mean and standard deviation (+STD_FLOOR) per channel from per-utterance frame counts and
+    (2, 120) moments (Chan et al.'s pairwise combination, in float64): two (120,) float32 arrays."""
+    if sum(counts) == 0:
+        raise DataError("no frames to compute normalisation statistics from")
+    n = np.asarray(counts, dtype=np.float64)[:, None]                  # (U, 1)
+    means, m2 = np.stack([m[0] for m in moments]), np.stack([m[1] for m in moments])  # (U, 120) each
+    mean = (n * means).sum(0) / n.sum()
+    var = (m2.sum(0) + (n * (means - mean) ** 2).sum(0)) / n.sum()
+    return mean.astype(np.float32), (np.sqrt(var) + STD_FLOOR).astype(np.float32)
+
+
+def _moments(f):
+    x = np.asarray(f, dtype=np.float64).reshape(FEAT_CHANNELS, -1)    # (120, T), one utterance at a time
+    mean = x.mean(1)
+    return np.stack([mean, ((x - mean[:, None]) ** 2).sum(1)])
+
+
+def feature_stats(feats, moments=None):
+    """Mean and standard deviation per feature channel over all frames: two (120,) float32 arrays.
+
+    feats: (3, 40, T) or (120, T) arrays; moments: their precomputed (2, 120) moments
+    (from compute_features), else computed one utterance at a time (memory stays one
+    utterance's worth)."""
+    feats = list(feats)
+    if moments is None:
+        moments = [_moments(f) for f in feats]
+    return _combine_moments([f.shape[-1] for f in feats], moments)
+
+
+class Normalised(np.lib.mixins.NDArrayOperatorsMixin):
+    """An utterance's (120, T) float32 features, normalised when read: (x - mean) / std.
+
+    Holds a view of the memory-mapped cache and the statistics, so a corpus in this
+    form costs no memory; np.asarray(x) (as collate does, per batch) computes the array.
+    Indexing, .T, arithmetic and numpy functions see that array too."""
+    __slots__ = ("raw", "centre", "scale")   # not mean/std: np.mean(x) would call x.mean
+    dtype = np.dtype(np.float32)
+    ndim = 2
+
+    def __init__(self, raw, mean, std):
+        self.raw, self.centre, self.scale = raw, mean, std
+
+    @property
+    def shape(self):
+        return FEAT_CHANNELS, self.raw.shape[-1]
+
+    def __array__(self, dtype=None, copy=None):
+        x = (self.raw.reshape(FEAT_CHANNELS, -1) - self.centre[:, None]) / self.scale[:, None]   # (120, T)
+        return x.astype(dtype or np.float32, copy=False)
+
+    def __getitem__(self, key):
+        return np.asarray(self)[key]
+
+    def __len__(self):
+        return FEAT_CHANNELS
+
+    @property
+    def T(self):
+        return np.asarray(self).T
+
+    def copy(self):
+        return np.array(self)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        inputs = [np.asarray(x) if isinstance(x, Normalised) else x for x in inputs]
+        return getattr(ufunc, method)(*inputs, **kwargs)
+
+
+def normalisation_stats(utts, feats, mode="speaker", train=None):
+    """{speaker: (mean, std)} for mode="speaker", {None: (mean, std)} of the `train` utterances for "global".
+
+    From the per-utterance moments of compute_features when `feats` carries them (no frame
+    is read), else computed one utterance at a time."""
+    moments = getattr(feats, "moments", None) or [_moments(f) for f in feats]
+
+    def stats_of(chosen):
+        idx = [i for i, u in enumerate(utts) if chosen(u)]
+        return _combine_moments([feats[i].shape[-1] for i in idx], [moments[i] for i in idx])
     if mode == "global":
         train_ids = {u.id for u in train}
-        mean, std = feature_stats([f for u, f in zip(utts, feats) if u.id in train_ids])
-        stats = {None: (mean, std)}
-    elif mode == "speaker":
-        stats = {s: feature_stats([f for u, f in zip(utts, feats) if u.speaker == s]) for s in {u.speaker for u in utts}}
-    else:
-        raise DataError(f"unknown normalisation {mode!r}: use speaker or global")
+        return {None: stats_of(lambda u: u.id in train_ids)}
+    if mode == "speaker":
+        return {s: stats_of(lambda u, s=s: u.speaker == s) for s in {u.speaker for u in utts}}
+    raise DataError(f"unknown normalisation {mode!r}: use speaker or global")
+
+
+def normalise(utts, feats, mode="speaker", train=None, keep=None, stats=None, lazy=False):
+    """Mean/variance normalisation -> list of (120, T) float32 arrays.
+
+    mode="speaker": each speaker's statistics from all of that speaker's utterances
+    (audio only, no labels; for a test speaker that includes the test utterances);
+    mode="global": statistics of the `train` utterances only.
+    With `keep` (a set of ids), only those utterances are returned (statistics still
+    come from all of them). `stats` (from normalisation_stats) applies given statistics,
+    e.g. to speed-perturbed copies. lazy=True returns `Normalised` arrays, computed when
+    a batch reads them: memory does not grow with the corpus."""
+    stats = stats if stats is not None else normalisation_stats(utts, feats, mode, train)
     out = []
     for u, f in zip(utts, feats):
         if keep is not None and u.id not in keep:
             continue
         mean, std = stats[u.speaker if mode == "speaker" else None]
-        out.append(((f.reshape(FEAT_CHANNELS, -1) - mean[:, None]) / std[:, None]).astype(np.float32))
+        x = Normalised(f, mean, std)
+        out.append(x if lazy else np.asarray(x))
     return out
 
 
@@ -981,12 +1437,17 @@ def write_demo_corpus(out=DEMO_DIR, seed=0, sessions=5, scale=1.0, verbose=True)
     utterances whose speaker letter differs from the dialog's. `scale` shrinks it
     (for tests). Deterministic for a seed."""
     import soundfile as sf
-    out = Path(out)
+    out = Path(out).resolve()   # `--out .` has no name of its own
+    _check_demo_out(out)
     lexicon = read_cmudict()
     words = [w for w in DEMO_WORDS if w in lexicon]
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
+        if not (tmp / DEMO_PARTIAL_MARKER).is_file():
+            raise DataError(f"--out {out}: {tmp} exists and was not left by demo-data: move it away first")
         shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / DEMO_PARTIAL_MARKER).write_text("unfinished demo corpus: deleted by the next `satn.py demo-data`\n")
     t0, n_utts = time.time(), 0
     for s in range(1, sessions + 1):
         rng = np.random.default_rng([seed, s])
@@ -1038,10 +1499,17 @@ def write_demo_corpus(out=DEMO_DIR, seed=0, sessions=5, scale=1.0, verbose=True)
             n_utts += n
         if verbose:
             print(f"\rdemo corpus: session {s}/{sessions} ({time.time() - t0:.1f} s)", end="", flush=True)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    (out / "DEMO-CORPUS.txt").write_text(
+    (tmp / DEMO_PARTIAL_MARKER).unlink()
+    if out.exists():   # empty, or a demo corpus written before: its parts are replaced
+        (out / DEMO_MARKER).unlink(missing_ok=True)      # first: a half-replaced corpus is never taken as done
+        for old in out.iterdir():
+            shutil.rmtree(old)
+        for new in tmp.iterdir():
+            new.rename(out / new.name)
+        tmp.rmdir()
+    else:
+        tmp.rename(out)
+    (out / DEMO_MARKER).write_text(
         f"Synthetic speech in the IEMOCAP_full_release layout, written by `python satn.py demo-data "
         f"--seed {seed}`. Not real speech: formant synthesis with emotional prosody.\n")
     if verbose:
@@ -1050,9 +1518,33 @@ def write_demo_corpus(out=DEMO_DIR, seed=0, sessions=5, scale=1.0, verbose=True)
     return out
 
 
+DEMO_MARKER = "DEMO-CORPUS.txt"            # written last into a finished demo corpus
+DEMO_PARTIAL_MARKER = "DEMO-CORPUS.partial"  # inside the folder a demo corpus is written to
+
+
+def _check_demo_out(out):
+    """demo-data may write only into a new or empty folder, or over a demo corpus it wrote
+    before (its marker file and SessionN folders, nothing else): it never deletes other files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"--out {out}: a file, not a folder")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if DEMO_MARKER not in entries:
+        raise DataError(f"--out {out}: the folder is not empty ({', '.join(entries[:3])}"
+                        + (", ..." if len(entries) > 3 else "") + f") and holds no demo corpus ({DEMO_MARKER}): "
+                        f"give a new or empty folder; nothing was changed")
+    foreign = [e for e in entries if e != DEMO_MARKER and not (re.fullmatch(r"Session\d+", e) and (out / e).is_dir())]
+    if foreign:
+        raise DataError(f"--out {out}: the demo corpus there also holds {', '.join(foreign[:3])}, which demo-data did "
+                        f"not write: move it away first; nothing was changed")
+
+
 def ensure_demo_corpus(out=DEMO_DIR, seed=0):
     """Write the demo corpus on first use (a finished corpus has its DEMO-CORPUS.txt)."""
-    if not (Path(out) / "DEMO-CORPUS.txt").is_file():
+    if not (Path(out) / DEMO_MARKER).is_file():
         print(f"no --data given: writing the built-in demo corpus to {out} (once)")
         write_demo_corpus(out, seed)
 
@@ -1069,7 +1561,7 @@ def split_fold(utts, fold, dev_speaker=None, sessions=None):
     F/M pairs, the sorted speakers are halved: first half dev, second half test.
     `sessions` (default: those of `utts`) fixes which session fold k is, so that a
     subset of the corpus (e.g. the transcribed part) keeps the same folds."""
-    sessions = sorted({u.session for u in utts}) if sessions is None else sorted(sessions)
+    sessions = session_order({u.session for u in utts} if sessions is None else sessions)
     where = {}
     for u in utts:
         where.setdefault(u.speaker, set()).add(u.session)
@@ -1195,11 +1687,89 @@ def subsample_frames(x, lengths, factor):
     return num / den, (lengths + factor - 1) // factor
 
 
+def masked_mean_std(x, lengths):
+    """Per-channel mean and standard deviation over each utterance's own frames.
+
+    x (B, C, T), lengths (B,) -> (B, 2C): means, then standard deviations (padding ignored)."""
+    mask = length_mask(lengths, x.shape[-1])[:, None].to(x.dtype)                 # (B, 1, T)
+    n = lengths[:, None].to(x.dtype)                                              # (B, 1)
+    mean = (x * mask).sum(-1) / n                                                 # (B, C)
+    var = (((x - mean[..., None]) * mask) ** 2).sum(-1) / n                       # (B, C)
+    return torch.cat([mean, torch.sqrt(var + 1e-5)], dim=1)
+
+
+class SpecAugment(nn.Module):
+    """SpecAugment-style masking of (B, 120, T) normalised features, in training mode only.
+
+    Each utterance gets `time_masks` spans of 0..`time_width` frames inside its own
+    length, and `freq_masks` spans of 0..`freq_width` mel bands (the same bands of the
+    log-mel, delta and delta-delta channels), set to 0, the normalised mean. Masks
+    are drawn from torch's global generator, so torch.manual_seed reproduces them;
+    in eval mode the input is returned unchanged."""
+
+    def __init__(self, time_masks=0, time_width=0, freq_masks=0, freq_width=0, n_mels=N_MELS):
+        super().__init__()
+        self.time_masks, self.time_width, self.n_mels = time_masks, time_width, n_mels
+        self.freq_masks, self.freq_width = freq_masks, freq_width
+
+    @staticmethod
+    def _spans(count, width, size, total):
+        """(n, total) bool: per row, `count` random spans of 0..width positions inside [0, size_i)."""
+        n, size = len(size), size.to(torch.float32)[:, None]                      # (n, 1)
+        pos = torch.arange(total)
+        keep = torch.zeros(n, total, dtype=torch.bool)
+        for _ in range(count):
+            w = torch.floor(torch.rand(n, 1) * (width + 1)).clamp(max=size)       # (n, 1) span widths
+            start = torch.floor(torch.rand(n, 1) * (size - w + 1))                # (n, 1) span starts
+            keep |= (pos[None] >= start) & (pos[None] < start + w)
+        return keep
+
+    def forward(self, x, lengths):                                                # x (B, 120, T)
+        if not self.training or (self.time_masks * self.time_width == 0 and self.freq_masks * self.freq_width == 0):
+            return x
+        B, C, T = x.shape
+        drop = torch.zeros(B, C, T, dtype=torch.bool)
+        if self.time_masks and self.time_width:
+            drop |= self._spans(self.time_masks, self.time_width, lengths.cpu(), T)[:, None, :]
+        if self.freq_masks and self.freq_width:
+            bands = self._spans(self.freq_masks, self.freq_width, torch.full((B,), self.n_mels), self.n_mels)  # (B, n_mels)
+            drop |= bands.repeat(1, C // self.n_mels)[..., None]                  # same bands in every stream
+        return x.masked_fill(drop.to(x.device), 0.0)
+
+
+def causal_band(T, window, device=None):
+    """(T, T) bool attention mask: query t may attend to keys t-window+1 .. t only."""
+    i = torch.arange(T, device=device)
+    lag = i[:, None] - i[None, :]                                   # (T, T): query time - key time
+    return (lag >= 0) & (lag < window)
+
+
+def running_mean(x, mask, window):
+    """Causal summary: at each frame, the mean of the last `window` real frames up to it.
+
+    x (B, T, C), mask (B, T) -> (B, T, C). At an utterance's last frame it is the masked
+    mean pooling of the whole utterance when the utterance is at most `window` long."""
+    m = mask[:, None].to(x.dtype)                                                   # (B, 1, T)
+    ones = x.new_ones(1, 1, window)
+    num = F.conv1d(F.pad(x.transpose(1, 2) * m, (window - 1, 0)).reshape(-1, 1, x.shape[1] + window - 1),
+                   ones).view(x.shape[0], x.shape[2], -1)                           # (B, C, T) window sums
+    den = F.conv1d(F.pad(m, (window - 1, 0)), ones)                                # (B, 1, T) real frames in it
+    return (num / den.clamp_min(1)).transpose(1, 2)                                 # (B, T, C)
+
+
 class SelfAttention(nn.Module):
     """Multi-head scaled dot-product self-attention, softmax(Q K^T / sqrt(d_k)) V, with a residual.
 
     Padded frames neither give attention (masked keys) nor receive it (their rows
-    are zero). Returns the output (B, T, dim) and the weights (B, heads, T, T)."""
+    are zero). attn_mask, optional, (T, T) or broadcastable to (B, nh, T, T), bool:
+    True where query t may attend to key s (e.g. a causal band); it is combined with
+    the padding mask. Returns the output (B, T, dim) and, with need_weights, the
+    weights (B, heads, T, T), else None.
+
+    Without weights, torch's scaled_dot_product_attention runs the fused kernel
+    (flash / memory-efficient on GPU, the fused CPU kernel), whose memory grows
+    with T, not T^2; the explicit path materialises the weights and is used only
+    when they are asked for (attention transfer of the weight matrices)."""
 
     def __init__(self, dim, heads=4):
         super().__init__()
@@ -1208,13 +1778,23 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)   # W_q, W_k, W_v in one matrix
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, mask):              # x (B, T, dim), mask (B, T)
+    def forward(self, x, mask, need_weights=False, attn_mask=None):   # x (B, T, dim), mask (B, T)
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(D // self.heads)                        # (B, nh, T, T)
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-        weights = torch.softmax(scores, dim=-1) * mask[:, None, :, None]                     # padded rows -> 0
-        out = (weights @ v).transpose(1, 2).reshape(B, T, D)                                 # (B, T, dim)
+        allowed = mask[:, None, None, :]                                                     # (B, 1, 1, T) keys
+        if attn_mask is not None:
+            # a padded query may attend anywhere (its row is zeroed below): no row is ever
+            # fully masked, which would make the softmax NaN
+            allowed = (allowed & attn_mask) | ~mask[:, None, :, None]                         # (B, 1, T, T)
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(D // self.heads)                    # (B, nh, T, T)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            weights = torch.softmax(scores, dim=-1) * mask[:, None, :, None]                 # padded rows -> 0
+            out = weights @ v                                                                # (B, nh, T, hs)
+        else:
+            weights = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)                 # (B, nh, T, hs)
+        out = out.transpose(1, 2).reshape(B, T, D)                                           # (B, T, dim)
         return (x + self.proj(out)) * mask[..., None], weights
 
 
@@ -1256,9 +1836,12 @@ class BLSTM(nn.Module):
 # The fused extension in kernels/ is compiled on first use (never at import) by
 # torch.utils.cpp_extension with ninja into ~/.cache/satn/kernels/. SATN_KERNEL=ref
 # forces causal_conv1d_ref, SATN_KERNEL=ext makes an unavailable extension an error;
-# by default CUDA inputs use the extension and fall back, with one warning, when it
-# cannot be built. CPU inputs use PyTorch's path: the extension's CPU build exists to
-# test the shared arithmetic and is slower than PyTorch's convolution.
+# by default (auto) a CUDA input's signature (device, dtype, channels, kernel size,
+# dilation, length bucket, which gradients) is timed once on both paths and the faster
+# is kept (in memory and in KERNEL_CACHE_DIR/dispatch.json), so the extension is used
+# only where it helps; when it cannot be built, one warning says so and the PyTorch path
+# is used. CPU inputs use PyTorch's path: the extension's CPU build exists to test the
+# shared arithmetic and is slower than PyTorch's convolution.
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 KERNEL_CACHE_DIR = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -1267,8 +1850,14 @@ KERNEL_CACHE_DIR = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cac
 # of 9.0 lets newer GPUs JIT-compile the kernels).
 KERNEL_DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
+KERNEL_TUNE_WARMUP = 2      # untimed calls of each path before a new signature is timed
+KERNEL_TUNE_REPEATS = 5     # timed calls of each path (CUDA events; the median is compared)
+KERNEL_TUNE_MARGIN = 0.95   # the extension is chosen only if its median <= this x the PyTorch path's
+KERNEL_VERBOSE = False      # print each dispatch choice once (python satn.py -v ...)
+
 _KERNEL_EXT = {}        # "cpu" / "cuda" -> loaded module, or the reason it failed (str)
 _KERNEL_WARNED = False  # the auto-mode fallback warning is given once per process
+_KERNEL_CHOICES = {}    # dispatch signature -> "ext" or "ref", for this process
 
 
 def _kernel_mode():
@@ -1425,9 +2014,155 @@ def _kernel_self_check(ext):
 
 
 def _auto_wants_ext(x, weight):
-    """Whether SATN_KERNEL=auto sends this call to the extension: CUDA inputs only (on CPU
-    PyTorch's own convolution is faster than the extension's CPU build)."""
+    """Whether SATN_KERNEL=auto considers the extension for this call: CUDA inputs only (on
+    CPU PyTorch's own convolution is faster than the extension's CPU build)."""
     return x.is_cuda
+
+
+def _conv_uses_tf32():
+    """Whether PyTorch runs float32 convolutions on TF32 tensor cores now; the extension does
+    the same, so that both paths round alike (torch.backends.cudnn.conv.fp32_precision, else
+    torch.backends.cudnn.allow_tf32)."""
+    prec = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    if prec in ("tf32", "ieee"):
+        return prec == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def _t_bucket(T):
+    """Sequence lengths timed together: the next power of two >= T."""
+    return 1 << max(0, int(T) - 1).bit_length()
+
+
+def kernel_signature(x, weight, dilation, grads):
+    """What the dispatch times once: device, dtype (with TF32 for float32), C_in, C_out, K,
+    dilation, T bucket and which gradients the call needs ('none', 'w' or 'x+w')."""
+    dev = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
+    dtype = str(x.dtype).replace("torch.", "")
+    if x.dtype == torch.float32 and _conv_uses_tf32():
+        dtype += "/tf32"
+    return (dev, dtype, x.shape[1], weight.shape[0], weight.shape[2], int(dilation), _t_bucket(x.shape[2]), grads)
+
+
+def choose_kernel_path(ext_ms, ref_ms, margin=KERNEL_TUNE_MARGIN):
+    """The dispatch's decision from one timing of each path (median ms; ext_ms None when the
+    extension failed): the extension only when it is clearly faster, so auto never slows a
+    model down by more than timing noise."""
+    if ext_ms is None or not math.isfinite(ext_ms) or not math.isfinite(ref_ms):
+        return "ref"
+    return "ext" if ext_ms <= margin * ref_ms else "ref"
+
+
+def _cuda_median_ms(fn, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _time_kernel_paths(x, weight, bias, dilation, relu, ext, grads):
+    """Median ms of (extension, PyTorch path) on these very inputs, forward plus the backward
+    the call needs; the extension's time is None if it raised (e.g. out of memory)."""
+    gen = torch.Generator(device=x.device).manual_seed(0)  # the user's random stream is left alone
+    gy = torch.randn(x.shape[0], weight.shape[0], x.shape[2], generator=gen, device=x.device, dtype=x.dtype)
+    act = "relu" if relu else None
+    tf32 = _conv_uses_tf32()
+
+    def run(path):
+        xi = x.detach().requires_grad_(grads == "x+w")
+        wi, bi = (t.detach().requires_grad_(grads != "none") if t is not None else None for t in (weight, bias))
+        with torch.set_grad_enabled(grads != "none"):
+            y = (_CausalConv1dFn.apply(xi, wi, bi, dilation, relu, ext, tf32) if path == "ext"
+                 else causal_conv1d_ref(xi, wi, bi, dilation, act))
+            if grads != "none":
+                y.backward(gy)
+
+    ref_ms = _cuda_median_ms(lambda: run("ref"), KERNEL_TUNE_WARMUP, KERNEL_TUNE_REPEATS)
+    try:
+        ext_ms = _cuda_median_ms(lambda: run("ext"), KERNEL_TUNE_WARMUP, KERNEL_TUNE_REPEATS)
+    except RuntimeError:
+        ext_ms = None
+    return ext_ms, ref_ms
+
+
+def _kernel_choice_store():
+    """Where remembered choices live: a JSON file in the kernel cache, one section per
+    device name and build (torch, Python and the kernel sources' hash)."""
+    h = hashlib.sha1()
+    for src in sorted(p for p in KERNEL_DIR.iterdir() if p.is_file()):
+        h.update(src.read_bytes())
+    return KERNEL_CACHE_DIR / "dispatch.json", f"{_kernel_build_name(True)}-{h.hexdigest()[:12]}"
+
+
+def _stored_kernel_choice(device, sig):
+    try:
+        path, build = _kernel_choice_store()
+        entry = json.loads(path.read_text()).get(f"{device} | {build}", {}).get(repr(sig[1:]))
+        return entry if entry and entry.get("path") in ("ext", "ref") else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _store_kernel_choice(device, sig, entry):
+    """Best effort: an unwritable cache only means timing again in the next process."""
+    try:
+        path, build = _kernel_choice_store()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            table = {}
+        table.setdefault(f"{device} | {build}", {})[repr(sig[1:])] = entry
+        write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(table, indent=1, sort_keys=True)))
+    except OSError:
+        pass
+
+
+def _announce_kernel_choice(sig, entry, how):
+    if KERNEL_VERBOSE:
+        dev, dtype, C, O, K, d, tb, grads = sig
+        times = ""
+        if entry.get("ref_ms") is not None:
+            ext = f"{entry['ext_ms']:.3f} ms" if entry.get("ext_ms") is not None else "failed"
+            times = f": ext {ext}, ref {entry['ref_ms']:.3f} ms"
+        print(f"satn kernels: {dev} {dtype} C_in {C} C_out {O} K {K} dilation {d} T<={tb} grads {grads}"
+              f"{times} -> {'extension' if entry['path'] == 'ext' else 'PyTorch path'} ({how})", flush=True)
+
+
+def _auto_path(x, weight, bias, dilation, relu, ext):
+    """'ext' or 'ref' for SATN_KERNEL=auto: the first call of a signature times both paths
+    (or finds the choice stored by an earlier run on this device and build); later calls
+    reuse it. With torch.use_deterministic_algorithms(True) nothing is timed (a timing
+    could pick differently from run to run) and the PyTorch path is taken."""
+    needs = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)
+                                         or x.requires_grad)
+    grads = "none" if not needs else ("x+w" if x.requires_grad else "w")
+    sig = kernel_signature(x, weight, dilation, grads)
+    if torch.are_deterministic_algorithms_enabled():
+        if ("deterministic",) + sig not in _KERNEL_CHOICES:
+            _KERNEL_CHOICES[("deterministic",) + sig] = "ref"
+            _announce_kernel_choice(sig, {"path": "ref"}, "deterministic algorithms requested: nothing timed")
+        return "ref"
+    if sig not in _KERNEL_CHOICES:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return "ref"  # no timing inside a CUDA graph capture; decided on the next eager call
+        entry = _stored_kernel_choice(sig[0], sig)
+        how = "stored by an earlier run"
+        if entry is None:
+            ext_ms, ref_ms = _time_kernel_paths(x, weight, bias, dilation, relu, ext, grads)
+            entry = {"path": choose_kernel_path(ext_ms, ref_ms), "ext_ms": ext_ms, "ref_ms": ref_ms}
+            how = "timed now"
+            _store_kernel_choice(sig[0], sig, entry)
+        _KERNEL_CHOICES[sig] = entry["path"]
+        _announce_kernel_choice(sig, entry, how)
+    return _KERNEL_CHOICES[sig]
 
 
 def _kernel_ext_for(x, weight):
@@ -1452,10 +2187,10 @@ def _kernel_ext_for(x, weight):
 
 class _CausalConv1dFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, dilation, relu, ext):
+    def forward(ctx, x, weight, bias, dilation, relu, ext, tf32=False):
         y = ext.forward(x, weight, bias, dilation, relu)
         ctx.save_for_backward(x, weight, y)
-        ctx.dilation, ctx.relu, ctx.has_bias, ctx.ext = dilation, relu, bias is not None, ext
+        ctx.dilation, ctx.relu, ctx.has_bias, ctx.ext, ctx.tf32 = dilation, relu, bias is not None, ext, tf32
         return y
 
     @staticmethod
@@ -1466,7 +2201,7 @@ class _CausalConv1dFn(torch.autograd.Function):
                                                   ctx.dilation, ctx.relu, ctx.has_bias)
         need = ctx.needs_input_grad
         return (grad_x if need[0] else None, grad_w if need[1] else None,
-                grad_b if need[2] else None, None, None, None)
+                grad_b if need[2] else None, None, None, None, None)
 
 
 def causal_conv1d(x, weight, bias=None, dilation=1, activation=None):
@@ -1483,7 +2218,10 @@ def causal_conv1d(x, weight, bias=None, dilation=1, activation=None):
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
-    return _CausalConv1dFn.apply(x, weight, bias, dilation, activation == "relu", ext)
+    relu = activation == "relu"
+    if _kernel_mode() == "auto" and _auto_path(x, weight, bias, dilation, relu, ext) == "ref":
+        return causal_conv1d_ref(x, weight, bias, dilation=dilation, activation=activation)
+    return _CausalConv1dFn.apply(x, weight, bias, dilation, relu, ext, x.is_cuda and _conv_uses_tf32())
 
 
 def build_kernels(cuda: bool) -> int:
@@ -1525,6 +2263,9 @@ class RunConfig:
                    choices=("speaker", "global"))
     epochs: int = _f(100, "training epochs")
     batch_size: int = _f(32, "utterances per batch (batches are bucketed by length)")
+    max_frames: int = _f(48000, "at most this many padded frames (utterances x longest, 100 per second) in a "
+                                "training or classification batch: a bucket of long utterances is split rather "
+                                "than exhausting memory (48000: 32 utterances up to 15 s); 0: no limit")
     lr: float = _f(1e-4, "Adam learning rate")
     clip: float = _f(5.0, "gradient-norm clipping threshold")
     seed: int = _f(0, "random seed (data order, initialisation, dropout)")
@@ -1535,20 +2276,40 @@ class RunConfig:
     threads: int = _f(0, "CPU threads for torch (0: torch's default)")
 
     def __post_init__(self):
-        _require(self.fold >= 0, "--fold must be a session number 1..N, or 0 for every fold")
-        _require(self.epochs >= 1 and self.batch_size >= 1, "--epochs and --batch-size must be at least 1")
-        _require(self.lr > 0 and self.clip > 0 and self.threads >= 0, "--lr and --clip must be positive, --threads >= 0")
+        _require(0 <= self.fold <= MAX_FOLD, f"--fold must be a session number 1..N (N <= {MAX_FOLD}), "
+                                             f"or 0 for every fold")
+        _in_range(self, "epochs", 1, MAX_EPOCHS)
+        _in_range(self, "batch_size", 1, MAX_BATCH)
+        _require(self.max_frames >= 0, "--max-frames must be >= 0 (0: no limit)")
+        _in_range(self, "threads", 0, MAX_THREADS)
+        _in_range(self, "seed", 0, MAX_SEED)
+        _require(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive finite number, got {self.lr}")
+        _require(self.clip > 0, f"--clip must be positive (inf: no clipping), got {self.clip}")
 
     def _check_encoder(self):
         """Checks shared by the teacher's and the student's configurations."""
         _require(0 <= self.dropout < 1, "--dropout must be in [0, 1)")
-        _require(min(self.channels, self.kernel_size, self.heads, self.subsample) >= 1,
-                 "--channels, --kernel-size, --heads and --subsample must be at least 1")
+        for name in ("channels", "kernel_size", "heads", "subsample"):
+            _in_range(self, name, 1, MAX_SIZE[name])
+
+
+# Bounds of the size and count options: far beyond any sensible setting, but they stop
+# a typo from exhausting the machine (--blocks 40 asks for dilation 2^39, --threads 1e5
+# crashes the thread pool) with a one-line error instead.
+MAX_SIZE = {"channels": 4096, "kernel_size": 64, "heads": 64, "subsample": 64, "blocks": 12, "lstm_hidden": 4096,
+            "decoder": 4096, "embed": 4096, "att_dim": 4096, "beam": 1000, "loc_kernel": 1001}
+MAX_EPOCHS, MAX_BATCH, MAX_THREADS, MAX_FOLD = 100_000, 4096, 256, 1000
+MAX_SEED = 2 ** 32 - 1   # what numpy's and torch's generators both take
 
 
 def _require(condition, message):
     if not condition:
         raise DataError(message)
+
+
+def _in_range(cfg, name, lo, hi):
+    value = getattr(cfg, name)
+    _require(lo <= value <= hi, f"--{name.replace('_', '-')} must be in {lo}..{hi}, got {value}")
 
 
 @dataclass
@@ -1591,18 +2352,50 @@ class TeacherConfig(RunConfig):
             "joint" in (self.decode, self.dev_decode) and self.decode_ctc_weight > 0)
         _require(self.ctc_weight > 0 or not needs_ctc, "--decode ctc, and joint decoding with --decode-ctc-weight > 0, "
                                                        "need a CTC head: --ctc-weight > 0")
-        _require(min(self.decoder, self.embed, self.att_dim, self.beam) >= 1,
-                 "--decoder, --embed, --att-dim and --beam must be at least 1")
+        for name in ("decoder", "embed", "att_dim", "beam"):
+            _in_range(self, name, 1, MAX_SIZE[name])
+        _in_range(self, "loc_kernel", 0, MAX_SIZE["loc_kernel"])
         _require(self.loc_kernel == 0 or self.loc_kernel % 2 == 1, "--loc-kernel must be odd (centred filters) or 0")
     epochs: int = _f(60, "training epochs", demo=30)
     lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=2e-3)
 
 
+# Training recipes of the student. "paper": the paper's plain Adam at a fixed learning rate,
+# no augmentation. "robust": what is used on small real SER corpora (chosen on Emo-DB, see
+# the README); each part has its own option, and an option given explicitly wins.
+RECIPES = {
+    "paper": dict(time_masks=0, time_mask_frames=0, freq_masks=0, freq_mask_bands=0, speed="1",
+                  weight_decay=0.0, lr_patience=0, label_smoothing=0.0, patience=0),
+    "robust": dict(time_masks=2, time_mask_frames=20, freq_masks=2, freq_mask_bands=6, speed="0.9,1.0,1.1",
+                   weight_decay=1e-2, lr_patience=5, label_smoothing=0.1, patience=15),
+}
+
+
+def _r(help, choices=None):
+    """A config field whose default comes from --recipe (RECIPES)."""
+    return field(default=None, metadata={"help": help, "recipe": True, "choices": choices})
+
+
 @dataclass
 class StudentConfig(RunConfig):
-    encoder: str = _f("tcn", "encoder: a TCN shallower than the teacher's, or a one-layer BLSTM", choices=("tcn", "blstm"))
+    encoder: str = _f("tcn", "encoder: a TCN shallower than the teacher's, a one-layer BLSTM, or stats: the "
+                             "per-utterance mean and standard deviation of the 120 features (the baseline; "
+                             "attention and frame subsampling do not apply)", choices=("tcn", "blstm", "stats"))
     attention: str = _f("self", "self-attention + masked mean pooling, or soft (additive) attention pooling",
                         choices=("self", "soft"))
+    recipe: str = _f("paper", "training recipe: paper (Adam, fixed learning rate, no augmentation) or robust "
+                              "(for small real corpora); sets each option below that is not given",
+                     choices=("paper", "robust"))
+    time_masks: int = _r("SpecAugment: time masks per training utterance (masked features set to 0, the normalised mean)")
+    time_mask_frames: int = _r("SpecAugment: longest time mask, in 10 ms frames")
+    freq_masks: int = _r("SpecAugment: frequency masks per training utterance (the same mel bands of all three streams)")
+    freq_mask_bands: int = _r("SpecAugment: widest frequency mask, in mel bands")
+    speed: str = _r("speed perturbation: comma-separated factors; each epoch every training utterance is taken "
+                    "at one of them, drawn with the seed (features cached per factor); 1: off")
+    weight_decay: float = _r("decoupled weight decay (AdamW); 0: Adam")
+    lr_patience: int = _r("halve the learning rate after this many epochs without a better dev UA; 0: fixed")
+    label_smoothing: float = _r("label smoothing of the cross-entropy")
+    patience: int = _r("early stopping: stop after this many epochs without a better dev UA; 0: never")
     subsample: int = _f(1, "average-pool the 100 Hz frames by this factor before the encoder (speed)", demo=4)
     blocks: int = _f(3, "TCN blocks of the student (dilations 1, 2, 4, ...)")
     channels: int = _f(128, "TCN channels of the student", demo=48)
@@ -1620,23 +2413,63 @@ class StudentConfig(RunConfig):
     at_selfattn: bool = _f(False, "also transfer the self-attention weight matrices (heads averaged)")
     teacher: str = _f(None, "the teacher to imitate: a teacher run folder or its best.pt, e.g. runs/teacher/asr "
                             "(a teacher of a separate ASR corpus); default: the teacher of this fold, RUNS/teacher/fold{k}")
+    causal: bool = _f(False, "streaming student: the TCN, self-attention over a window of the past only, and a "
+                             "running mean of its output instead of pooling, classified at every frame")
+    attn_window: float = _f(3.0, "causal student: seconds of the past each frame attends to")
+    summary_window: float = _f(3.0, "causal student: seconds averaged by the running mean that is classified")
+    frame_loss: float = _f(0.5, "causal student: weight of the loss at every frame after the warm-up (0: the "
+                                "utterance's last frame only)")
+    warmup: float = _f(1.0, "causal student: seconds from an utterance's start before the frame loss counts")
     name: str = _f(None, "run folder name; default from the configuration, e.g. tcn-self-at")
     epochs: int = _f(100, "training epochs (the paper's 100)", demo=20)
     lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=1e-3)
 
     def __post_init__(self):
         super().__post_init__()
+        _require(self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}")
+        for k, v in RECIPES[self.recipe].items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        _require(min(self.time_masks, self.time_mask_frames, self.freq_masks, self.freq_mask_bands) >= 0
+                 and self.freq_mask_bands <= N_MELS, f"the SpecAugment options must be >= 0 (bands at most {N_MELS})")
+        _require(self.weight_decay >= 0 and self.lr_patience >= 0 and self.patience >= 0 and 0 <= self.label_smoothing < 1,
+                 "--weight-decay, --lr-patience and --patience must be >= 0, --label-smoothing in [0, 1)")
+        self.speed_factors()
+        _require(not (self.encoder == "stats" and self.at_weight > 0),
+                 "--encoder stats has no activations to imitate: it needs --at-weight 0")
         self._check_encoder()
         dim = self.channels if self.encoder == "tcn" else 2 * self.lstm_hidden
-        _require(self.blocks >= 1 and self.lstm_hidden >= 1, "--blocks and --lstm-hidden must be at least 1")
-        _require(self.attention == "soft" or dim % self.heads == 0,
+        _in_range(self, "blocks", 1, MAX_SIZE["blocks"])
+        _in_range(self, "lstm_hidden", 1, MAX_SIZE["lstm_hidden"])
+        _require(self.attention == "soft" or self.encoder == "stats" or dim % self.heads == 0,
                  f"the encoder's {dim} channels are not divisible by --heads {self.heads}")
-        _require(self.at_weight >= 0 and self.at_p > 0, "--at-weight must be >= 0 and --at-p > 0")
+        _require(0 <= self.at_weight < math.inf and 0 < self.at_p <= 16,
+                 "--at-weight must be finite and >= 0, --at-p in (0, 16]")
+        _require(self.name is None or (self.name not in ("", ".", "..") and Path(self.name).name == self.name
+                                       and "/" not in self.name and os.sep not in self.name),
+                 f"--name {self.name!r} must be a plain folder name (no '/', '..' or absolute path): "
+                 f"runs are kept under --runs")
         _require(not (self.at_selfattn and self.attention == "soft"),
                  "--at-selfattn transfers self-attention weights: it needs --attention self")
+        _require(not self.causal or (self.encoder == "tcn" and self.attention == "self"),
+                 "--causal needs --encoder tcn --attention self (the BLSTM and soft attention look ahead)")
+        _require(min(self.attn_window, self.summary_window) > 0 and self.frame_loss >= 0 and self.warmup >= 0,
+                 "--attn-window and --summary-window must be positive, --frame-loss and --warmup >= 0")
+
+    def speed_factors(self):
+        """--speed as a tuple of floats, 1.0 first when present (the unperturbed features)."""
+        try:
+            factors = sorted({float(f) for f in str(self.speed).split(",")}, key=lambda f: (f != 1, f))
+        except ValueError:
+            raise DataError(f"--speed {self.speed!r}: expected comma-separated numbers, e.g. 0.9,1.0,1.1") from None
+        _require(all(0.5 <= f <= 2 for f in factors), f"--speed {self.speed!r}: factors must be in [0.5, 2]")
+        return tuple(factors)
 
     def run_name(self):
-        return self.name or f"{self.encoder}-{self.attention}" + ("-at" if self.at_weight > 0 else "")
+        if self.encoder == "stats":
+            return self.name or "stats"
+        return self.name or (f"{self.encoder}-{self.attention}" + ("-causal" if self.causal else "")
+                             + ("-at" if self.at_weight > 0 else ""))
 
 
 class Teacher(nn.Module):
@@ -1664,12 +2497,13 @@ class Teacher(nn.Module):
         self.att_v = nn.Linear(cfg.att_dim, 1, bias=False)
         self.out = nn.Linear(cfg.decoder + C, n_tokens)
 
-    def encode(self, x, lengths):
-        """x (B, 120, T) -> dict(h (B, T', C), mask (B, T'), acts [(B, C, T')...], weights (B, nh, T', T'))."""
+    def encode(self, x, lengths, need_weights=False):
+        """x (B, 120, T) -> dict(h (B, T', C), mask (B, T'), acts [(B, C, T')...],
+        weights (B, nh, T', T') with need_weights, else None)."""
         x, lengths = subsample_frames(x, lengths, self.subsample)           # (B, 120, T')
         mask = length_mask(lengths, x.shape[-1])
         h, acts = self.tcn(x)                                              # (B, C, T')
-        h, weights = self.attn(h.transpose(1, 2), mask)                    # (B, T', C)
+        h, weights = self.attn(h.transpose(1, 2), mask, need_weights)      # (B, T', C)
         return {"h": h, "mask": mask, "lengths": lengths, "acts": acts + [h.transpose(1, 2)], "weights": weights}
 
     def init_state(self, enc):
@@ -1744,23 +2578,42 @@ class Student(nn.Module):
 
     forward returns logits (B, n_classes) and a dict with the activations the
     attention transfer reads ("acts", each (B, C, T)) and the self-attention
-    weights ("weights", (B, nh, T, T), or None)."""
+    weights ("weights", (B, nh, T, T) when need_weights, else None).
+
+    Causal (cfg.causal, for streaming): the TCN as always; self-attention over the
+    last `attn_window` frames only (a banded causal mask); instead of pooling, the
+    running mean of the attention output over the last `summary_window` frames is
+    classified at every frame ("frame_logits", (B, T, n_classes)); the logits are
+    those of each utterance's last frame. No output depends on a later input."""
 
     def __init__(self, cfg: StudentConfig, n_classes):
         super().__init__()
         self.encoder_kind, self.attention_kind, self.subsample = cfg.encoder, cfg.attention, cfg.subsample
-        if cfg.encoder == "tcn":
+        self.augment = SpecAugment(cfg.time_masks, cfg.time_mask_frames, cfg.freq_masks, cfg.freq_mask_bands)
+        if cfg.encoder == "stats":  # the baseline: utterance statistics + the same dropout and classifier
+            self.encoder, self.attn, dim = None, None, 2 * FEAT_CHANNELS
+        elif cfg.encoder == "tcn":
             self.encoder = TCN(FEAT_CHANNELS, cfg.channels, cfg.kernel_size, tuple(2 ** i for i in range(cfg.blocks)),
                                cfg.dropout, cfg.weight_norm)
             dim = cfg.channels
         else:
             self.encoder = BLSTM(FEAT_CHANNELS, cfg.lstm_hidden)
             dim = 2 * cfg.lstm_hidden
-        self.attn = SelfAttention(dim, cfg.heads) if cfg.attention == "self" else SoftAttention(dim)
+        if cfg.encoder != "stats":
+            self.attn = SelfAttention(dim, cfg.heads) if cfg.attention == "self" else SoftAttention(dim)
         self.drop = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(dim, n_classes)
+        self.causal = cfg.causal
+        frame_seconds = HOP_SECONDS * cfg.subsample                  # one encoder frame
+        self.attn_window = max(1, round(cfg.attn_window / frame_seconds))        # frames
+        self.summary_window = max(1, round(cfg.summary_window / frame_seconds))  # frames
 
-    def forward(self, x, lengths):                      # x (B, 120, T)
+    def forward(self, x, lengths, need_weights=False):  # x (B, 120, T)
+        x = self.augment(x, lengths)                    # SpecAugment masks; identity in eval mode
+        if self.encoder_kind == "stats":
+            pooled = masked_mean_std(x, lengths)        # (B, 240)
+            return self.classifier(self.drop(pooled)), {"acts": [], "weights": None,
+                                                        "mask": length_mask(lengths, x.shape[-1])}
         x, lengths = subsample_frames(x, lengths, self.subsample)
         mask = length_mask(lengths, x.shape[-1])
         if self.encoder_kind == "tcn":
@@ -1769,13 +2622,142 @@ class Student(nn.Module):
             h = self.encoder(x, lengths)
             acts = [h]
         weights = None
+        if self.causal:
+            band = causal_band(h.shape[-1], self.attn_window, h.device)
+            a, weights = self.attn(h.transpose(1, 2), mask, need_weights, attn_mask=band)  # (B, T, C)
+            frame_logits = self.classifier(self.drop(running_mean(a, mask, self.summary_window)))  # (B, T, n)
+            logits = frame_logits[torch.arange(len(lengths), device=lengths.device), lengths - 1]  # last frames
+            return logits, {"acts": acts + [a.transpose(1, 2)], "weights": weights, "mask": mask,
+                            "frame_logits": frame_logits}
         if self.attention_kind == "self":
-            a, weights = self.attn(h.transpose(1, 2), mask)                     # (B, T, C)
+            a, weights = self.attn(h.transpose(1, 2), mask, need_weights)       # (B, T, C)
             acts = acts + [a.transpose(1, 2)]
             pooled = a.sum(1) / lengths[:, None].to(a.dtype)                    # masked mean (B, C)
         else:
             pooled, _ = self.attn(h.transpose(1, 2), mask)
         return self.classifier(self.drop(pooled)), {"acts": acts, "weights": weights, "mask": mask}
+
+
+def group_times(n_groups, n_frames, n_samples, subsample, sr=SAMPLE_RATE):
+    """Times (s) of a causal student's outputs: (ends (n,), ready (n,)). Output g
+    describes the audio up to the end of its subsample group's last frame; it can be
+    computed once that frame's FEATURE_LOOKAHEAD frames have arrived too (or the
+    recording has ended). A stream adds up to one chunk to `ready`."""
+    win, hop, _ = frame_params(sr)
+    last = np.minimum(np.arange(n_groups) * subsample + subsample - 1, n_frames - 1)   # last frame of each group
+    ahead = last + FEATURE_LOOKAHEAD
+    ready = np.where(ahead < n_frames, ahead * hop + win, n_samples)
+    return (last * hop + win) / sr, ready / sr
+
+
+@torch.no_grad()
+def causal_track(model, wave, mean, std, prior=STREAM_NORM_PRIOR):
+    """A causal student over a whole recording at once, with running normalisation:
+    (ends (T',), ready (T',), probabilities (T', n_classes)), T' = ceil(T / subsample).
+    StudentStream gives the same outputs chunk by chunk. The attention mask is
+    (T', T'): for recordings of minutes; longer ones go through StudentStream."""
+    feats = features(wave).reshape(FEAT_CHANNELS, -1).T                        # (T, 120)
+    x, _ = running_normalise(feats, mean, std, prior)
+    device = next(model.parameters()).device
+    _, out = model(torch.from_numpy(np.ascontiguousarray(x.T))[None].to(device),
+                   torch.tensor([len(x)], device=device))
+    probs = torch.softmax(out["frame_logits"][0].float(), -1).cpu().numpy()    # (T', n)
+    return (*group_times(len(probs), len(x), len(wave), model.subsample), probs)
+
+
+class StudentStream:
+    """A causal student on audio as it arrives: push(samples) -> (ends, probabilities)
+    of the outputs the audio so far completes; finish() -> the rest.
+
+    Every frame is computed once, and the state has a constant size whatever the
+    recording's length: the front end's (under one window of samples, 8 feature
+    frames), the running normalisation's sums, the frames of an unfinished subsample
+    group (a group is complete when its last frame arrives), each TCN convolution's
+    last (K-1)*d inputs, the self-attention's last attn_window-1 keys and values, and
+    the last summary_window-1 attention outputs. The outputs equal causal_track's
+    over the whole recording. One stream, on the CPU, in eval mode."""
+
+    @torch.no_grad()
+    def __init__(self, model, mean, std, prior=STREAM_NORM_PRIOR):
+        if not getattr(model, "causal", False):
+            raise DataError("streaming needs a causal student (trained with `student --causal`)")
+        model = model.cpu().eval()
+        self.mean, self.std, self.prior, self.norm = mean, std, prior, None
+        self.sub, self.front = model.subsample, FeatureStream()
+        self.group = np.zeros((0, FEAT_CHANNELS), np.float32)     # normalised frames of an unfinished group
+        self.groups = 0                                           # outputs so far
+        self.convs, self.state = [], []                           # per TemporalBlock: the weights, each conv's state
+        for blk in model.encoder.blocks:                          # weight norm resolved once, not per chunk
+            c1, c2 = blk.conv1, blk.conv2
+            pad = (c1.weight.shape[-1] - 1) * c1.dilation
+            res = None if blk.residual is None else (blk.residual.weight.detach().clone(), blk.residual.bias.detach().clone())
+            self.convs.append(((c1.weight.detach().clone(), c1.bias.detach().clone()),
+                               (c2.weight.detach().clone(), c2.bias.detach().clone()), res, c1.dilation))
+            self.state.append([torch.zeros(1, c1.weight.shape[1], pad), torch.zeros(1, c2.weight.shape[1], pad)])
+        att = model.attn
+        self.heads, self.window, self.summary_window = att.heads, model.attn_window, model.summary_window
+        self.qkv = (att.qkv.weight.detach().clone(), att.qkv.bias.detach().clone())
+        self.proj = (att.proj.weight.detach().clone(), att.proj.bias.detach().clone())
+        self.cls = (model.classifier.weight.detach().clone(), model.classifier.bias.detach().clone())
+        C = self.cls[0].shape[1]
+        self.keys = torch.zeros(self.heads, 0, C // self.heads)  # (nh, <= window-1, hs)
+        self.values = self.keys.clone()
+        self.recent = torch.zeros(0, C)                           # (<= summary_window-1, C) attention outputs
+
+    def state_size(self):
+        """Numbers held as state (constant once the windows have filled)."""
+        return (self.front.pending.size + sum(d.buf.size for d in (self.front.d1, self.front.d2) if d.buf is not None)
+                + self.group.size + sum(s.numel() for st in self.state for s in st)
+                + self.keys.numel() + self.values.numel() + self.recent.numel())
+
+    def push(self, samples):
+        return self._run(self.front.push(samples))
+
+    def finish(self):
+        return self._run(self.front.finish(), final=True)
+
+    @torch.no_grad()
+    def _run(self, feats, final=False):
+        x, self.norm = running_normalise(feats, self.mean, self.std, self.prior, self.norm)
+        x = np.concatenate([self.group, x])
+        n = -(-len(x) // self.sub) if final else len(x) // self.sub          # complete groups
+        full = min(n, len(x) // self.sub)
+        g = x[:full * self.sub].reshape(full, self.sub, FEAT_CHANNELS).mean(1)  # (n, 120) subsample_frames' means
+        if n > full:                                                          # the last, partial group
+            g = np.concatenate([g, x[full * self.sub:].mean(0, keepdims=True)])
+        self.group = x[n * self.sub:]
+        if n == 0:
+            return np.zeros(0), np.zeros((0, self.cls[0].shape[0]), np.float32)
+        h = torch.from_numpy(np.ascontiguousarray(g.T))[None]                 # (1, 120, n)
+        for ((w1, b1), (w2, b2), res, d), st in zip(self.convs, self.state):
+            inp = h
+            for i, (w, b) in enumerate(((w1, b1), (w2, b2))):
+                z = torch.cat([st[i], h], -1)                                 # (1, C, pad + n)
+                st[i] = z[..., z.shape[-1] - st[i].shape[-1]:]
+                h = F.relu(F.conv1d(z, w, b, dilation=d))                     # (1, C, n): no padding needed
+            h = F.relu(h + (inp if res is None else F.conv1d(inp, *res)))
+        a_in = h[0].T                                                         # (n, C)
+        C = a_in.shape[1]
+        q, k, v = F.linear(a_in, *self.qkv).view(n, 3, self.heads, C // self.heads).permute(1, 2, 0, 3)  # 3 x (nh, n, hs)
+        keys, values = torch.cat([self.keys, k], 1), torch.cat([self.values, v], 1)   # (nh, m + n, hs)
+        m = keys.shape[1] - n
+        lag = (torch.arange(n)[:, None] + m) - torch.arange(m + n)[None, :]  # (n, m + n) query - key time
+        o = F.scaled_dot_product_attention(q[None], keys[None], values[None],
+                                           attn_mask=(lag >= 0) & (lag < self.window))[0]  # (nh, n, hs)
+        a = a_in + F.linear(o.transpose(0, 1).reshape(n, C), *self.proj)    # (n, C), the residual
+        drop = max(0, keys.shape[1] - (self.window - 1))                      # keys no later query sees
+        self.keys, self.values = keys[:, drop:], values[:, drop:]
+        recent = torch.cat([self.recent, a])                                  # (m' + n, C)
+        summary = running_mean(recent[None], torch.ones(1, len(recent), dtype=torch.bool), self.summary_window)[0, -n:]
+        self.recent = recent[max(0, len(recent) - (self.summary_window - 1)):]
+        probs = torch.softmax(F.linear(summary, *self.cls), -1).numpy()     # (n, n_classes)
+        idx = np.arange(self.groups, self.groups + n)
+        self.groups += n
+        win, hop, _ = frame_params(self.front.sr)
+        last = idx * self.sub + self.sub - 1
+        if final:
+            last = np.minimum(last, self.front.frames - 1)
+        return (last * hop + win) / self.front.sr, probs
 
 
 # -----------------------------------------------------------------------------
@@ -1815,6 +2797,16 @@ def at_loss(student_maps, teacher_maps, mask=None, dist="l1", norm="l1"):
     return loss
 
 
+def frame_loss(frame_logits, mask, y, warmup):
+    """Cross-entropy of a causal student's every frame against its utterance's label,
+    averaged over the real frames after the first `warmup` ones (an utterance shorter
+    than that adds nothing). frame_logits (B, T, n), mask (B, T), y (B,)."""
+    keep = mask.clone()
+    keep[:, :warmup] = False
+    ce = F.cross_entropy(frame_logits.float().transpose(1, 2), y[:, None].expand_as(mask), reduction="none")  # (B, T)
+    return (ce * keep).sum() / keep.sum().clamp_min(1)
+
+
 def parse_pairs(spec, n_student, n_teacher):
     """Which teacher activation each student activation imitates: list of (i, j), 0-based."""
     if spec == "auto":
@@ -1828,25 +2820,42 @@ def parse_pairs(spec, n_student, n_teacher):
     for i, j in pairs:
         if not (0 <= i < n_student and 0 <= j < n_teacher):
             raise DataError(f"--at-pairs {spec!r}: the student has {n_student} activations, the teacher {n_teacher}")
+    repeated = sorted({p for p in pairs if pairs.count(p) > 1})
+    if repeated:
+        raise DataError(f"--at-pairs {spec!r}: {', '.join(f'{i + 1}:{j + 1}' for i, j in repeated)} given more than "
+                        f"once (it would count twice in L_AT)")
     return pairs
 
 
 # -----------------------------------------------------------------------------
 # training
 
+LR_DECAY = 0.5   # factor applied to the learning rate when dev UA stalls for --lr-patience epochs
+
+
 class TrainingError(Exception):
     """Training cannot go on (e.g. the loss keeps being non-finite)."""
 
 
 def pick_device(spec="auto"):
+    """auto, cpu, cuda, cuda:N, or mps where available; anything else is a one-line error."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"--device {spec}: CUDA is not available here")
     try:
-        return torch.device(spec)
+        device = torch.device(spec)
     except RuntimeError:
         raise DataError(f"--device {spec}: not a device (use cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DataError(f"--device {spec}: CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DataError(f"--device {spec}: there are {torch.cuda.device_count()} CUDA devices")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DataError(f"--device {spec}: Apple's MPS backend is not available here")
+    elif device.type != "cpu":
+        raise DataError(f"--device {spec}: cannot train or predict on {device.type} (use cpu, cuda, cuda:N or auto)")
+    return device
 
 
 def atomic_save(obj, path):
@@ -1871,22 +2880,37 @@ def load_checkpoint(path):
         raise DataError(f"{path}: not a readable checkpoint (corrupted or truncated?): {_first_line(e)}") from None
 
 
-def make_batches(lengths, batch_size, rng=None):
-    """Index batches bucketed by length (little padding); with an rng, jittered and shuffled."""
-    lengths = np.asarray(lengths, dtype=np.float64)
+def make_batches(lengths, batch_size, rng=None, max_frames=0):
+    """Index batches bucketed by length (little padding); with an rng, jittered and shuffled.
+
+    A batch holds at most batch_size utterances and, with max_frames > 0, at most
+    max_frames padded frames (utterances x its longest length), so that a bucket of
+    long utterances is split rather than exhausting memory; an utterance longer
+    than max_frames on its own forms a batch alone."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    keys = lengths.astype(np.float64)
     if rng is not None:
-        lengths = lengths * rng.uniform(0.9, 1.1, len(lengths))
-    order = np.argsort(lengths, kind="stable")
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        keys = keys * rng.uniform(0.9, 1.1, len(lengths))
+    order = np.argsort(keys, kind="stable")
+    batches, batch, longest = [], [], 0
+    for i in order:
+        grown = max(longest, int(lengths[i]))
+        if batch and (len(batch) == batch_size or (max_frames > 0 and (len(batch) + 1) * grown > max_frames)):
+            batches.append(np.array(batch))
+            batch, grown = [], int(lengths[i])
+        batch.append(i)
+        longest = grown
+    if batch:
+        batches.append(np.array(batch))
     if rng is not None:
         rng.shuffle(batches)
     return batches
 
 
 def collate(xs, device):
-    """List of (120, T_i) arrays -> padded (B, 120, T) tensor and (B,) lengths."""
+    """List of (120, T_i) arrays (or `Normalised`, computed here) -> padded (B, 120, T) tensor and (B,) lengths."""
     lengths = torch.tensor([x.shape[1] for x in xs])
-    batch = nn.utils.rnn.pad_sequence([torch.from_numpy(x.T) for x in xs], batch_first=True)  # (B, T, 120)
+    batch = nn.utils.rnn.pad_sequence([torch.from_numpy(np.asarray(x).T) for x in xs], batch_first=True)  # (B, T, 120)
     return batch.transpose(1, 2).contiguous().to(device), lengths.to(device)                  # (B, 120, T)
 
 
@@ -1896,12 +2920,14 @@ def prepare_data(cfg, role):
     role "teacher": every utterance with a transcript; "student": the emotion
     subset (IEMOCAP: improvised, four classes). Returns a dict with train, dev and
     test lists of (Utterance, (120, T) array), the class list and the global
-    training statistics (stored in checkpoints for predict)."""
+    normalisation statistics of the training sessions (stored in checkpoints for predict)."""
     # Features of the whole corpus share one cache, whichever part a run uses, and
     # per-speaker statistics come from all of a speaker's utterances, so that teacher
     # and student see identically normalised inputs.
+    sweep_stale_temps(Path(cfg.runs) / "cache")
     kept, feats = compute_features(load_corpus(cfg.data, subset="all", verbose=False, all_labels=True),
                                    Path(cfg.runs) / "cache")
+    check_duplicate_audio(kept, feats)
     sessions = {u.session for u in kept}
     if role == "student":
         chosen = {u.id for u in emotion_utterances(kept, cfg.data)}
@@ -1913,21 +2939,160 @@ def prepare_data(cfg, role):
     train, dev, test = split_fold([u for u in kept if u.id in chosen], cfg.fold, cfg.dev_speaker, sessions)
     classes = check_split(train, dev, test, cfg.fold) if role == "student" else None
     held = {u.session for u in dev + test}
-    normed = normalise(kept, feats, cfg.norm, [u for u in kept if u.session not in held], keep=chosen)
+    normed = normalise(kept, feats, cfg.norm, [u for u in kept if u.session not in held], keep=chosen, lazy=True)
     by_id = {u.id: x for u, x in zip([u for u in kept if u.id in chosen], normed)}
+    # The statistics stored for predict are exactly those --norm global normalised with:
+    # every utterance of the training sessions (all labels, with or without transcript).
+    # For --norm speaker they are predict's fallback for inputs too short for their own.
     train_ids = {u.id for u in train}
-    mean, std = feature_stats([f for u, f in zip(kept, feats) if u.id in train_ids])
-    return {"train": [(u, by_id[u.id]) for u in train], "dev": [(u, by_id[u.id]) for u in dev],
-            "test": [(u, by_id[u.id]) for u in test], "classes": classes,
-            "stats": {"mode": cfg.norm, "mean": torch.from_numpy(mean), "std": torch.from_numpy(std)}}
+    idx = [i for i, u in enumerate(kept) if u.session not in held]
+    mean, std = feature_stats([feats[i] for i in idx], [feats.moments[i] for i in idx])
+    out = {"train": [(u, by_id[u.id]) for u in train], "dev": [(u, by_id[u.id]) for u in dev],
+           "test": [(u, by_id[u.id]) for u in test], "classes": classes, "held_out": min(held),
+           "stats": {"mode": cfg.norm, "mean": torch.from_numpy(mean), "std": torch.from_numpy(std),
+                     "source": "every utterance of the training sessions"}}
+    factors = cfg.speed_factors() if role == "student" else (1.0,)
+    if len(factors) > 1 or factors[0] != 1:
+        # Speed-perturbed copies of the training utterances, normalised with the statistics
+        # of the unperturbed features (a speaker's statistics do not change with the factor).
+        stats = normalisation_stats(kept, feats, cfg.norm, [u for u in kept if u.session not in held])
+        task = [u for u in kept if u.id in chosen]   # one cache per factor for every fold
+        views = {}
+        for f in factors:
+            if f == 1:
+                views[f] = by_id
+                continue
+            got, sped = compute_features(task, Path(cfg.runs) / "cache", speed=f)
+            views[f] = dict(zip([u.id for u in got if u.id in train_ids],
+                                normalise(got, sped, cfg.norm, keep=train_ids, stats=stats, lazy=True)))
+        # train_views[i]: the arrays of training utterance i, one per factor it could be read at
+        out["train_views"] = [[views[f][u.id] for f in factors if u.id in views[f]] for u in train]
+    return out
 
 
 _RESUME_IGNORES = {"resume", "device", "threads", "amp", "runs", "epochs"}
 
 
-def _config_diff(saved, cfg, ignore=_RESUME_IGNORES):
-    """Names of the configuration fields in which a saved run differs from cfg."""
-    return [k for k, v in dataclasses.asdict(cfg).items() if k not in ignore and saved.get(k) != v]
+def _config_diff(saved, cfg, ignore=_RESUME_IGNORES, run_dir=None):
+    """Names of the configuration fields in which a saved run differs from cfg. --data is
+    compared as the file it names: saved relative to `run_dir`, given relative to the
+    current folder."""
+    now = dataclasses.asdict(cfg)
+    diff = [k for k, v in now.items() if k not in ignore | {"data"} and saved.get(k) != v]
+    if "data" in now and "data" not in ignore and not _same_data(saved.get("data"), run_dir, cfg.data):
+        diff.insert(0, "data")
+    return diff
+
+
+def _relative_to(path, base):
+    """`path` relative to the folder `base` (absolute where no relative path exists)."""
+    try:
+        return os.path.relpath(Path(path).resolve(), Path(base).resolve())
+    except ValueError:   # another drive
+        return str(Path(path).resolve())
+
+
+def stored_config(cfg, run_dir):
+    """The configuration as saved with a run (config.json, checkpoints, final.json): --data and
+    --runs relative to the run folder, so that a shared checkpoint or run folder carries no
+    absolute paths of its owner and still finds its corpus when moved with it."""
+    conf = dataclasses.asdict(cfg)
+    for k in ("data", "runs", "asr_data"):
+        if conf.get(k) is not None:
+            conf[k] = _relative_to(conf[k], run_dir)
+    return conf
+
+
+def stored_path(value, run_dir):
+    """A path saved by stored_config, as an absolute path (None stays None)."""
+    return None if value is None or run_dir is None else str((Path(run_dir) / value).resolve())
+
+
+def _same_data(saved, run_dir, given):
+    """Whether a saved --data (see stored_config) and a given one name the same corpus."""
+    if saved is None or given is None:
+        return saved is None and given is None
+    return stored_path(saved, run_dir) == str(Path(given).resolve()) if run_dir is not None else saved == given
+
+
+def read_json_lines(path):
+    """The records of a .jsonl file; a partial last line (a write cut short) is left out with a warning."""
+    rows, lines = [], Path(path).read_text().splitlines()
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise DataError(f"{path}:{i + 1}: not a JSON line (the file is damaged)") from None
+            print(f"warning: {path}: the last line is incomplete (a write was interrupted) and is ignored")
+    return rows
+
+
+def read_json(path):
+    """A JSON file, or DataError naming it when it cannot be parsed (e.g. truncated)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON (truncated or damaged?): {_first_line(e)}") from None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir):
+    """Hold an exclusive lock on a run folder (its .lock file) for a whole training, so that two
+    trainings never mix their files there. The lock is the kernel's (flock): it goes with the
+    process, so a killed training never leaves a stale one. The file keeps the holder's pid."""
+    import fcntl
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise DataError(f"{run_dir} is in use by another training (pid {holder}): wait for it to end, or give "
+                        f"another --name or --runs") from None
+    try:
+        f.seek(0)
+        if f.read() != f"{os.getpid()}\n":   # rewritten only for a new holder: a skipped run stays untouched
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+        yield
+    finally:
+        f.close()   # releases the lock
+
+
+def _locked_run(run_dir_of):
+    """Decorator: the training function runs holding run_lock on its run folder."""
+    def wrap(train):
+        @functools.wraps(train)
+        def locked(cfg):
+            with run_lock(run_dir_of(cfg)):
+                return train(cfg)
+        return locked
+    return wrap
+
+
+def teacher_run_dir(cfg):
+    """runs/teacher/fold{k}, or runs/teacher/asr for the one teacher of an ASR corpus (--asr-data)."""
+    if getattr(cfg, "asr_data", None):
+        return Path(cfg.runs) / "teacher" / ("asr" + (f"-seed{cfg.seed}" if cfg.seed else ""))
+    return Path(cfg.runs) / "teacher" / fold_folder(cfg.fold, cfg.seed)
+
+
+def student_run_dir(cfg):
+    return Path(cfg.runs) / "student" / cfg.run_name() / fold_folder(cfg.fold, cfg.seed)
+
+
+def _check_finite(model, epoch):
+    """After an epoch: parameters that became NaN or inf stop the run (the checkpoints keep the last good epoch)."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingError(f"epoch {epoch}: {len(bad)} parameter tensors are no longer finite (NaN or inf, e.g. "
+                            f"{bad[0]}): lower --lr or --clip; the checkpoints keep the last finite epoch")
 
 
 def _git_commit():
@@ -1948,42 +3113,67 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
     metrics.jsonl one line per epoch. Returns the best checkpoint."""
     device = pick_device(cfg.device)
     run_dir.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(run_dir)
     model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    conf = dataclasses.asdict(cfg)
-    start, best, log = 1, None, run_dir / "metrics.jsonl"
+    # The student's recipe options (RECIPES); the teacher's configuration has none of them.
+    wd, lr_patience, patience = (getattr(cfg, k, 0) for k in ("weight_decay", "lr_patience", "patience"))
+    opt = (torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=wd) if wd
+           else torch.optim.Adam(model.parameters(), lr=cfg.lr))
+    # ReduceLROnPlateau waits `patience` bad epochs and decays on the next: hence lr_patience - 1.
+    sched = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max" if higher_is_better else "min",
+                                                        factor=LR_DECAY, patience=lr_patience - 1)
+             if lr_patience else None)
+    conf = stored_config(cfg, run_dir)
+    held_out = data.get("held_out")
+    extra = {**extra, "held_out": held_out}
+    start, best, stale, log = 1, None, 0, run_dir / "metrics.jsonl"
     if cfg.resume and (run_dir / "last.pt").is_file():
         ck = load_checkpoint(run_dir / "last.pt")
-        diff = _config_diff(ck["config"], cfg)
+        diff = _config_diff(ck["config"], cfg, run_dir=run_dir)
         if diff:
             raise DataError(f"{run_dir}/last.pt was trained with another configuration (differs in: {', '.join(diff)}); "
                             f"use --name or delete the folder")
+        if ck.get("held_out") not in (None, held_out):
+            raise DataError(f"{run_dir}/last.pt held out session {ck['held_out']}, but fold {cfg.fold} of this corpus "
+                            f"is session {held_out} (sessions added or removed?): use --runs or delete the folder")
+        if ck["epoch"] > cfg.epochs:
+            raise DataError(f"{run_dir}: {ck['epoch']} epochs are trained already, more than --epochs {cfg.epochs}: "
+                            f"give --epochs {ck['epoch']} or more to continue, or use --name for a shorter run")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(ck["scheduler"])
         torch.set_rng_state(ck["rng"])
-        start, best = ck["epoch"] + 1, ck["best"]
-        if log.is_file():  # drop lines of an epoch whose checkpoint was not written
-            keep = [l for l in log.read_text().splitlines() if json.loads(l)["epoch"] <= ck["epoch"]]
-            log.write_text("".join(l + "\n" for l in keep))
+        start, best, stale = ck["epoch"] + 1, ck["best"], ck.get("stale", 0)
+        if log.is_file():  # drop lines of an epoch whose checkpoint was not written (or half written)
+            keep = [r for r in read_json_lines(log) if r["epoch"] <= ck["epoch"]]
+            log.write_text("".join(json.dumps(r) + "\n" for r in keep))
         print(f"resuming {run_dir} after epoch {ck['epoch']}")
     elif (run_dir / "last.pt").is_file():
         raise DataError(f"{run_dir} holds an unfinished run (last.pt): add --resume to continue it, "
                         f"or delete the folder to start again")
     elif log.exists():
         log.unlink()
-    write_json({"config": conf, "torch": torch.__version__, "device": str(device),
+    write_json({"config": conf, "held_out": held_out, "torch": torch.__version__, "device": str(device),
                 "git_commit": _git_commit(), "python": sys.version.split()[0]}, run_dir / "config.json")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
     nonfinite_run, t_start = 0, time.time()
     for epoch in range(start, cfg.epochs + 1):
+        if patience and stale >= patience:
+            print(f"early stopping: no better dev {score_key} in the last {stale} epochs (--patience {patience})")
+            break
         t0 = time.time()
         model.train()
         sums, n_batches, skipped = {}, 0, 0
-        batches = make_batches([x.shape[1] for _, x in data["train"]], cfg.batch_size,
-                               np.random.default_rng([cfg.seed, epoch]))
+        train = data["train"]
+        if data.get("train_views"):  # speed perturbation: one factor per utterance and epoch, drawn with the seed
+            pick = np.random.default_rng([cfg.seed, epoch, 1])
+            train = [(u, views[pick.integers(len(views))]) for (u, _), views in zip(train, data["train_views"])]
+        batches = make_batches([x.shape[1] for _, x in train], cfg.batch_size,
+                               np.random.default_rng([cfg.seed, epoch]), cfg.max_frames)
         for idx in batches:
             with autocast:
-                loss, parts = loss_fn(model, [data["train"][i] for i in idx])
+                loss, parts = loss_fn(model, [train[i] for i in idx])
             if not torch.isfinite(loss):
                 skipped, nonfinite_run = skipped + 1, nonfinite_run + 1
                 if nonfinite_run >= 20:
@@ -2001,20 +3191,27 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
         if n_batches == 0:
             raise TrainingError(f"epoch {epoch}: the loss was not finite in any of its {skipped} batches: "
                                 f"lower --lr or check the data")
+        _check_finite(model, epoch)
         model.eval()
         metrics = evaluate(model, data["dev"])
         score = metrics[score_key]
         improved = best is None or (score > best if higher_is_better else score < best)
         best = score if improved else best
+        stale = 0 if improved else stale + 1
+        lr = opt.param_groups[0]["lr"]
+        if sched is not None:
+            sched.step(score)
         secs = time.time() - t0
         means = {k: v / n_batches for k, v in sums.items()}
-        row = {"epoch": epoch, **means,
+        row = {"epoch": epoch, **means, "lr": lr,
                **{f"dev_{k}": v for k, v in metrics.items() if isinstance(v, float)},
                "skipped_batches": skipped, "seconds": round(secs, 2)}
         with open(log, "a") as f:
             f.write(json.dumps(row) + "\n")
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
-                 "config": conf, "rng": torch.get_rng_state(), **extra}
+                 "stale": stale, "config": conf, "rng": torch.get_rng_state(), **extra}
+        if sched is not None:
+            state["scheduler"] = sched.state_dict()
         if improved:
             atomic_save(state, run_dir / "best.pt")
         atomic_save(state, run_dir / "last.pt")
@@ -2031,16 +3228,32 @@ def finished(run_dir, cfg):
     final = Path(run_dir) / "final.json"
     if not final.is_file():
         return False
-    done = json.loads(final.read_text()).get("config", {})
-    diff = _config_diff(done, cfg, _RESUME_IGNORES - {"epochs"})
+    try:
+        done = read_json(final).get("config", {})
+    except DataError as e:
+        print(f"warning: {e}; the run is taken as unfinished (--resume evaluates it again from its checkpoints)")
+        return False
+    diff = _config_diff(done, cfg, _RESUME_IGNORES - {"epochs"}, run_dir)
     if diff == ["epochs"] and cfg.resume:
+        if cfg.epochs < done["epochs"]:
+            raise DataError(f"{run_dir}: finished with {done['epochs']} epochs, more than --epochs {cfg.epochs}: "
+                            f"give --epochs {done['epochs']} or more, or use --name for a shorter run")
         print(f"{run_dir}: finished with {done['epochs']} epochs; continuing to {cfg.epochs} (--resume)")
         return False
+    if diff == ["epochs"]:
+        raise DataError(f"{run_dir} holds a run finished with {done['epochs']} epochs, not {cfg.epochs}: add --resume "
+                        f"to continue it to {cfg.epochs} epochs, or use --name or delete the folder")
     if diff:
         raise DataError(f"{run_dir} holds a finished run of another configuration (differs in: {', '.join(diff)}); "
                         f"use --name or delete the folder")
     print(f"{run_dir}: already finished (final.json); skipped")
     return True
+
+
+def fold_folder(fold, seed=0):
+    """A run's folder inside runs/teacher or runs/student/<name>: fold{k} for seed 0,
+    fold{k}-seed{s} for the other seeds (run_all.sh --seeds N trains seeds 0..N-1)."""
+    return f"fold{fold}" + (f"-seed{seed}" if seed else "")
 
 
 def _setup(cfg):
@@ -2049,12 +3262,13 @@ def _setup(cfg):
         torch.set_num_threads(cfg.threads)
 
 
+@_locked_run(teacher_run_dir)
 def train_teacher(cfg: TeacherConfig):
     """Train the ASR teacher of one fold on every transcribed utterance outside the held-out session,
     or (--asr-data) one teacher on a separate ASR corpus, for every fold."""
-    run_dir = teacher_dir(cfg)
+    run_dir = teacher_run_dir(cfg)
     if finished(run_dir, cfg):
-        return json.loads((run_dir / "final.json").read_text())
+        return read_json(run_dir / "final.json")
     _setup(cfg)
     data = prepare_asr_data(cfg) if cfg.asr_data else prepare_data(cfg, "teacher")
     lexicon = read_cmudict()
@@ -2067,6 +3281,11 @@ def train_teacher(cfg: TeacherConfig):
                 if w not in lexicon:
                     missing[w] = missing.get(w, 0) + 1
     n_words, n_oov = counts.get("words", 0), counts.get("oov", 0)
+    if n_words == n_oov:   # not one word has a pronunciation
+        example = next((u.text for u, _ in data["train"] if u.text.strip()), "")
+        raise DataError(f"{cfg.asr_data or cfg.data or DEMO_DIR}: none of the {n_words} words of the transcripts "
+                        f"(e.g. {example[:40]!r}) is in the CMU dictionary, so the teacher's phone targets would be "
+                        f"empty: the teacher needs English transcripts; train the students with --at-weight 0")
     name = f"teacher {run_dir.name}"
     print(f"{name}: {len(data['train'])} train, {len(data['dev'])} dev, {len(data['test'])} test utterances; "
           f"{n_oov} of {n_words} words ({100 * n_oov / max(n_words, 1):.1f}%, {len(missing)} distinct) are not in "
@@ -2130,8 +3349,8 @@ def train_teacher(cfg: TeacherConfig):
     best = fit(cfg, model, run_dir, data, loss_fn, evaluate, "PER", False, {"vocab": list(PHONE_VOCAB)})
     model.load_state_dict(best["model"])
     model.eval()
-    final = {"config": dataclasses.asdict(cfg), "best_epoch": best["epoch"], "lexicon_words": len(tree),
-             "oov": {"words": n_words, "oov": n_oov, "distinct": len(missing)}, "speed": {}}
+    final = {"config": stored_config(cfg, run_dir), "held_out": data.get("held_out"), "best_epoch": best["epoch"],
+             "lexicon_words": len(tree), "oov": {"words": n_words, "oov": n_oov, "distinct": len(missing)}, "speed": {}}
     decodings = ["joint", "attention"] + (["ctc"] if cfg.ctc_weight > 0 else [])
     if cfg.ctc_weight == 0 and cfg.decode_ctc_weight > 0:
         decodings.remove("joint")
@@ -2153,11 +3372,6 @@ def train_teacher(cfg: TeacherConfig):
                   f"{len(hyps) / max(secs, 1e-9):.1f} utterances/s)")
     write_json(final, run_dir / "final.json")
     return final
-
-
-def teacher_dir(cfg: TeacherConfig):
-    """runs/teacher/fold{k}, or runs/teacher/asr for the one teacher of an ASR corpus (--asr-data)."""
-    return Path(cfg.runs) / "teacher" / ("asr" if cfg.asr_data else f"fold{cfg.fold}")
 
 
 ASR_HELD_OUT = 0.1   # fraction of an ASR corpus' speakers held out for dev, and as many for test
@@ -2221,50 +3435,66 @@ def decode_items(model, items, targets, batch_size, device, how="attention", bea
 
 def load_teacher(cfg: StudentConfig, device):
     """The frozen teacher the student imitates, in eval mode: --teacher (a run folder or its best.pt),
-    else the teacher of cfg.fold; stops at once when it was not trained or does not fit."""
+    else the teacher of cfg.fold; stops at once when it was not trained or does not fit.
+    Its `held_out` attribute names the session it held out (None for older runs, and for a
+    teacher of a separate ASR corpus).
+
+    A student of seed s imitates the teacher of the same fold trained with seed s."""
+    path = teacher_run_dir(cfg) / "best.pt"
+    seed = f" --seed {cfg.seed}" if cfg.seed else ""
     if cfg.teacher:
         path = Path(cfg.teacher)
         path = path / "best.pt" if path.is_dir() else path
         if not path.is_file():
             raise DataError(f"--teacher {cfg.teacher}: no teacher checkpoint there (a teacher run folder or its best.pt)")
-    else:
-        path = Path(cfg.runs) / "teacher" / f"fold{cfg.fold}" / "best.pt"
     if not path.is_file():
+        if cfg.data is not None and not any(u.text.strip() for u in load_corpus(cfg.data, "all", False, True)):
+            raise DataError(f"--at-weight {cfg.at_weight}: attention transfer needs a teacher, and {cfg.data} has no "
+                            f"transcripts to train one: use --at-weight 0")
         data = f" --data {cfg.data}" if cfg.data else ""
-        raise DataError(f"attention transfer needs the teacher of fold {cfg.fold} ({path} is missing): "
-                        f"train it with `python satn.py teacher --fold {cfg.fold}{data}`")
+        raise DataError(f"attention transfer needs the teacher of fold {cfg.fold}{' and seed ' + str(cfg.seed) if cfg.seed else ''} "
+                        f"({path} is missing): train it with `python satn.py teacher --fold {cfg.fold}{seed}{data}`")
     if not (path.parent / "final.json").is_file():
         raise DataError(f"the teacher in {path.parent} has not finished (no final.json): finish it with "
-                        f"`python satn.py teacher --fold {cfg.fold} --resume`")
+                        f"`python satn.py teacher --fold {cfg.fold}{seed} --resume`")
     ck = load_checkpoint(path)
-    if "vocab" not in ck or "config" not in ck:
-        raise DataError(f"{path}: not a teacher checkpoint")
+    if not isinstance(ck, dict) or "vocab" not in ck or "classes" in ck or "config" not in ck:
+        raise DataError(f"{path}: not a teacher checkpoint (a student's, or another file)")
     # a teacher of an ASR corpus was checked against the emotion corpus' speakers, not trained per fold
-    keys = ("data", "norm") if ck["config"].get("asr_data") else ("data", "norm", "dev_speaker", "fold")
+    keys = ("norm",) if ck["config"].get("asr_data") else ("norm", "dev_speaker", "fold", "seed")
     differ = [k for k in keys if ck["config"].get(k) != getattr(cfg, k)]
+    if not _same_data(ck["config"].get("data"), path.parent, cfg.data):
+        differ.insert(0, "data")
     if differ:
         raise DataError(f"the teacher in {path.parent} was trained with another {', '.join(differ)} "
                         f"({', '.join(k + '=' + str(ck['config'].get(k)) for k in differ)}); retrain it or use --runs")
+    fields = {f.name for f in dataclasses.fields(TeacherConfig)}
     try:
-        teacher = Teacher(TeacherConfig(**ck["config"]))
+        teacher = Teacher(TeacherConfig(**{k: v for k, v in ck["config"].items() if k in fields}))
         teacher.load_state_dict(ck["model"])
-    except (TypeError, RuntimeError) as e:
-        raise DataError(f"{path}: a teacher of an older version of satn.py ({_first_line(e)}); retrain it") from None
+    except (RuntimeError, TypeError, DataError) as e:
+        raise DataError(f"{path}: the teacher's weights do not match the configuration stored with them "
+                        f"({_first_line(e)[:200]}): retrain it") from None
+    teacher.held_out = ck.get("held_out")
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
 
 
+@_locked_run(student_run_dir)
 def train_student(cfg: StudentConfig):
     """Train one emotion student on one fold; keep the checkpoint with the best dev UA; test it."""
-    run_dir = Path(cfg.runs) / "student" / cfg.run_name() / f"fold{cfg.fold}"
+    run_dir = student_run_dir(cfg)
     if finished(run_dir, cfg):
-        return json.loads((run_dir / "final.json").read_text())
+        return read_json(run_dir / "final.json")
     device = pick_device(cfg.device)
     teacher = load_teacher(cfg, device) if cfg.at_weight > 0 else None
     _setup(cfg)
     data = prepare_data(cfg, "student")
+    if teacher is not None and teacher.held_out not in (None, data["held_out"]):
+        raise DataError(f"the teacher of fold {cfg.fold} held out session {teacher.held_out}, but fold {cfg.fold} is "
+                        f"session {data['held_out']} now (sessions added or removed?): retrain the teacher")
     classes = data["classes"]
     print(f"student {cfg.run_name()} fold {cfg.fold}: {len(data['train'])} train, {len(data['dev'])} dev "
           f"({sorted({u.speaker for u, _ in data['dev']})}), {len(data['test'])} test "
@@ -2282,29 +3512,41 @@ def train_student(cfg: StudentConfig):
     def loss_fn(model, items):
         x, lengths = collate([x for _, x in items], device)
         y = torch.tensor([label[u.label] for u, _ in items], device=device)
-        logits, out = model(x, lengths)
-        ser = F.cross_entropy(logits.float(), y)
+        logits, out = model(x, lengths, need_weights=cfg.at_selfattn)   # weights only for their transfer
+        ser = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        if cfg.causal and cfg.frame_loss > 0:   # a causal student is also taught at every frame after a warm-up
+            warmup = round(cfg.warmup / (HOP_SECONDS * cfg.subsample))
+            ser = ser + cfg.frame_loss * frame_loss(out["frame_logits"], out["mask"], y, warmup)
         if teacher is None:
             return ser, {"ser": ser.item()}
         with torch.no_grad():
-            enc = teacher.encode(x, lengths)
+            enc = teacher.encode(x, lengths, need_weights=cfg.at_selfattn)
         at = transfer_loss(out, enc, pairs, cfg, teacher.subsample)
         loss = ser + cfg.at_weight * at
         return loss, {"loss": loss.item(), "ser": ser.item(), "at": at.item()}
 
     def evaluate(model, items):
-        return classify(model, items, label, cfg.batch_size, device)
+        return classify(model, items, label, cfg.batch_size, device, cfg.max_frames)
 
     print(f"student: {sum(p.numel() for p in model.parameters()) / 1e6:.3f} M parameters")
     best = fit(cfg, model, run_dir, data, loss_fn, evaluate, "UA", True,
                {"classes": classes, "norm": data["stats"]})
     model.load_state_dict(best["model"])
     model.eval()
-    final = {"config": dataclasses.asdict(cfg), "classes": classes, "best_epoch": best["epoch"]}
+    final = {"config": stored_config(cfg, run_dir), "held_out": data["held_out"], "classes": classes,
+             "best_epoch": best["epoch"]}
     for part in ("dev", "test"):
-        final[part] = classify(model, data[part], label, cfg.batch_size, device)
+        final[part] = classify(model, data[part], label, cfg.batch_size, device, cfg.max_frames)
         print(f"{cfg.run_name()} fold {cfg.fold} {part}: WA {final[part]['WA']:.1f}  UA {final[part]['UA']:.1f}")
     print(format_confusion(final["test"]["confusion"], classes, f"test confusion (best dev UA, epoch {best['epoch']})"))
+    if cfg.causal:   # the emotion track over the test speaker's utterances joined into conversations
+        prior = STREAM_NORM_PRIOR if cfg.norm == "speaker" else None
+        final["track"] = track_evaluation(model.cpu(), [u for u, _ in data["test"]], classes,
+                                          data["stats"]["mean"].numpy(), data["stats"]["std"].numpy(), prior, seed=cfg.seed)
+        t = final["track"]
+        print(f"{cfg.run_name()} fold {cfg.fold} track ({t['seconds']:.0f} s in {t['conversations']} conversations): "
+              f"frame UA {t['all']['UA']:.1f}, {t['settle']:.1f} s after boundaries excluded {t['settled']['UA']:.1f}; "
+              f"mean delay to switch {t['delay_mean'] or math.nan:.2f} s ({t['switched']}/{t['changes']} switched)")
     write_json(final, run_dir / "final.json")
     return final
 
@@ -2320,7 +3562,7 @@ def transfer_loss(out, enc, pairs, cfg, teacher_subsample):
     s_maps = [attention_map(out["acts"][i], cfg.at_p, mask, cfg.at_norm) for i, _ in pairs]
     t_maps = [attention_map(enc["acts"][j][..., idx], cfg.at_p, mask, cfg.at_norm) for _, j in pairs]
     at = at_loss(s_maps, t_maps, mask, cfg.at_dist, cfg.at_norm)
-    if cfg.at_selfattn and out["weights"] is not None:
+    if cfg.at_selfattn:   # both models were run with need_weights=True
         at = at + selfattn_loss(out["weights"], enc["weights"][:, :, idx][..., idx], mask, cfg.at_dist, cfg.at_norm)
     return at
 
@@ -2510,25 +3752,110 @@ def hyp_words(tokens, lexicon, nearest):
 # -----------------------------------------------------------------------------
 # evaluation
 
-def classification_metrics(y_true, y_pred, n_classes):
-    """WA (accuracy over utterances), UA (mean per-class recall over classes present), confusion counts."""
+_WARNED = set()
+
+
+def warn_once(message):
+    """Print `warning: message` to stderr the first time it comes up in this process."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def classification_metrics(y_true, y_pred, n_classes, classes=None):
+    """WA (accuracy over utterances), UA (mean per-class recall over the classes present), confusion counts.
+
+    A class without utterances has no recall: UA averages the others, the class is
+    listed under "absent", and a warning names it (once)."""
     conf = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(conf, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    np.add.at(conf, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
     support = conf.sum(1)
     recall = np.diag(conf)[support > 0] / support[support > 0]
+    names = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
+    absent = [names[i] for i in range(n_classes) if support[i] == 0]
+    if absent and support.sum():
+        warn_once(f"no utterance of class {', '.join(absent)} among {int(support.sum())} scored: UA is the mean "
+                  f"recall over the {int((support > 0).sum())} classes present")
     return {"WA": 100.0 * np.trace(conf) / max(conf.sum(), 1), "UA": 100.0 * float(recall.mean()) if len(recall) else 0.0,
-            "confusion": conf.tolist(), "n": int(conf.sum()), "correct": int(np.trace(conf))}
+            "confusion": conf.tolist(), "n": int(conf.sum()), "correct": int(np.trace(conf)), "absent": absent}
 
 
 @torch.no_grad()
-def classify(model, items, label, batch_size, device):
-    y_true, y_pred = [], []
-    for idx in make_batches([x.shape[1] for _, x in items], batch_size):
+def classify(model, items, label, batch_size, device, max_frames=0):
+    """Metrics of a model on (Utterance, features) items, with every utterance's id, true
+    and predicted class (for the paired tests of `report`)."""
+    classes = list(label)
+    ids, y_true, y_pred = [], [], []
+    for idx in make_batches([x.shape[1] for _, x in items], batch_size, max_frames=max_frames):
         x, lengths = collate([items[i][1] for i in idx], device)
         logits, _ = model(x, lengths)
+        if not torch.isfinite(logits).all():
+            raise TrainingError("the model's outputs are not finite (NaN or inf) on the evaluation data: "
+                                "lower --lr or check the data")
         y_pred += logits.argmax(-1).tolist()
         y_true += [label[items[i][0].label] for i in idx]
-    return classification_metrics(y_true, y_pred, len(label))
+        ids += [items[i][0].id for i in idx]
+    return {**classification_metrics(y_true, y_pred, len(label), classes),
+            "ids": ids, "true": [classes[i] for i in y_true], "pred": [classes[i] for i in y_pred]}
+
+
+TRACK_CONVERSATION = 60.0  # s: test utterances are joined, in a seeded random order, into conversations this long
+TRACK_SETTLE = 1.0         # s: after each boundary, excluded from the "settled" frame accuracy
+
+
+def track_evaluation(model, utts, classes, mean, std, prior=STREAM_NORM_PRIOR, seconds=TRACK_CONVERSATION,
+                     settle=TRACK_SETTLE, seed=0):
+    """The emotion track of a causal student over long recordings with known boundaries.
+
+    The utterances (a held-out speaker's) are shuffled and joined end to end into
+    conversations of about `seconds`, each run as one recording (causal_track: the
+    stream's outputs, running normalisation restarted per conversation). Every output
+    is labelled by the utterance under the middle of its frames. Returns frame-level
+    WA/UA over all outputs ("all") and over those at least `settle` s after their
+    utterance's start ("settled"), and, at each boundary where the class changes, the
+    delay from the boundary until the track (the latest ready output) first shows the
+    new class within that utterance: its mean and median over the boundaries where it
+    does ("switched" of "changes")."""
+    label = {c: i for i, c in enumerate(classes)}
+    order = np.random.default_rng(seed).permutation(len(utts))
+    convs, cur, dur = [], [], 0.0
+    for i in order:
+        wave = load_audio(utts[i].path)
+        cur.append((wave, label[utts[i].label]))
+        dur += len(wave) / SAMPLE_RATE
+        if dur >= seconds:
+            convs.append(cur)
+            cur, dur = [], 0.0
+    if cur:
+        convs.append(cur)
+    _, hop, _ = frame_params()
+    y, pred, settled, delays, changes, total = [], [], [], [], 0, 0.0
+    for conv in convs:
+        wave = np.concatenate([w for w, _ in conv])
+        starts = np.cumsum([0] + [len(w) for w, _ in conv]) / SAMPLE_RATE         # (n + 1,) boundaries, s
+        labels = np.array([c for _, c in conv])
+        ends, ready, probs = causal_track(model, wave, mean, std, prior)
+        p = probs.argmax(1)
+        mid = (np.arange(len(p)) * model.subsample * hop / SAMPLE_RATE + ends) / 2   # middle of each output's frames
+        seg = np.clip(np.searchsorted(starts, mid, side="right") - 1, 0, len(conv) - 1)
+        y.append(labels[seg])
+        pred.append(p)
+        settled.append(mid - starts[seg] >= settle)
+        for k in range(1, len(conv)):
+            if labels[k] == labels[k - 1]:
+                continue
+            changes += 1
+            hit = np.nonzero((ready >= starts[k]) & (ready < starts[k + 1]) & (p == labels[k]))[0]
+            if len(hit):
+                delays.append(ready[hit[0]] - starts[k])
+        total += len(wave) / SAMPLE_RATE
+    y, pred, settled = np.concatenate(y), np.concatenate(pred), np.concatenate(settled)
+    strip = lambda m: {k: v for k, v in m.items() if k in ("WA", "UA", "n")}  # noqa: E731
+    return {"all": strip(classification_metrics(y, pred, len(classes))),
+            "settled": strip(classification_metrics(y[settled], pred[settled], len(classes))),
+            "settle": settle, "delay_mean": float(np.mean(delays)) if delays else None,
+            "delay_median": float(np.median(delays)) if delays else None,
+            "switched": len(delays), "changes": changes, "conversations": len(convs), "seconds": total}
 
 
 def row_normalised(conf):
@@ -2538,8 +3865,15 @@ def row_normalised(conf):
 
 
 def mean_test_confusion(results):
-    """Row-normalised test confusion matrices averaged over folds (the paper's Figure 3)."""
-    return np.mean([row_normalised(r["test"]["confusion"]) for r in results], axis=0)
+    """Row-normalised test confusion matrices averaged over runs (the paper's Figure 3).
+
+    Each class's row is averaged only over the runs whose test split has that class
+    (a run without it says nothing about its recall); a class no run has stays NaN."""
+    confs = np.array([r["test"]["confusion"] for r in results], dtype=np.float64)  # (runs, C, C)
+    present = confs.sum(2, keepdims=True) > 0                                      # (runs, C, 1)
+    rows = np.where(present, confs / np.maximum(confs.sum(2, keepdims=True), 1), 0.0).sum(0)
+    with np.errstate(invalid="ignore"):
+        return rows / present.sum(0)                                                # (C, C)
 
 
 def format_confusion(conf, classes, title):
@@ -2551,10 +3885,12 @@ def format_confusion(conf, classes, title):
     return "\n".join(lines)
 
 
-# Table 2's eight configurations, in the paper's order: (run name, encoder, attention, transfer).
-TABLE2 = [(f"{e}-{a}" + ("-at" if t else ""), e, a, t)
-          for e in ("blstm", "tcn") for t in (False, True) for a in ("soft", "self")]
-TABLE2_LABEL = {"blstm": "BLSTM", "tcn": "TCN", "soft": "soft attention", "self": "self-attention"}
+# Table 2's rows: the baseline (utterance statistics + linear classifier), then the paper's
+# eight configurations in its order: (run name, encoder, attention, transfer).
+TABLE2 = [("stats", "stats", None, False)] + [(f"{e}-{a}" + ("-at" if t else ""), e, a, t)
+                                              for e in ("blstm", "tcn") for t in (False, True) for a in ("soft", "self")]
+TABLE2_LABEL = {"blstm": "BLSTM", "tcn": "TCN", "soft": "soft attention", "self": "self-attention",
+                "stats": "utterance statistics + linear"}
 
 
 def z_test_one_tailed(correct_a, n_a, correct_b, n_b):
@@ -2566,59 +3902,309 @@ def z_test_one_tailed(correct_a, n_a, correct_b, n_b):
     return z, 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def report(runs="runs"):
-    """Collect finished runs into runs/results.md: Table 2, Figure 3, teachers, z-tests."""
+BOOTSTRAP_SAMPLES = 2000  # resamples of the test utterances behind each confidence interval
+BOOTSTRAP_SEED = 0        # fixed, so the same runs always give the same intervals
+CONFIDENCE = 0.95         # level of the bootstrap intervals
+ALPHA = 0.05              # significance level the verdicts of results.md use
+
+
+def mean_sd(values):
+    """'mean ± SD' with the sample standard deviation (n - 1 denominator); the mean alone for one value."""
+    v = np.asarray(values, dtype=np.float64)
+    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v.mean():.1f}"
+
+
+def mcnemar_exact(b, c):
+    """McNemar's exact test, two-sided: b pairs where only system A is right, c where only B is.
+
+    Under H0 (equal accuracy) each discordant pair is a fair coin, so min(b, c) is a tail of
+    Binomial(b + c, 1/2): p = 2 x that tail, at most 1 (1 without discordant pairs).
+    Computed with exact integers."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def wa_ua(y, hit, n_classes):
+    """WA and UA (%) from class indices y and 0/1 correctness hit, both (..., n): two (...) arrays.
+    UA is the mean recall over the classes present in each row."""
+    onehot = y[..., None] == np.arange(n_classes)                  # (..., n, C)
+    count = onehot.sum(-2)                                         # (..., C)
+    right = (onehot & hit[..., None].astype(bool)).sum(-2)         # (..., C)
+    present = count > 0
+    recall = np.where(present, right / np.maximum(count, 1), 0.0)
+    return 100.0 * hit.mean(-1), 100.0 * recall.sum(-1) / np.maximum(present.sum(-1), 1)
+
+
+def paired_bootstrap(strata, n_classes, n_boot=BOOTSTRAP_SAMPLES, seed=BOOTSTRAP_SEED, level=CONFIDENCE):
+    """Paired bootstrap of the WA and UA differences between systems A and B.
+
+    strata: one (y, hits_a, hits_b) per fold: y (n,) class indices of the fold's test
+    utterances, hits_a and hits_b (S, n) 0/1 correctness of the S runs (seeds) of each
+    system on the same utterances. The statistic is Table 2's: the mean over all runs of
+    A's WA (UA) minus B's. Each resample draws every fold's utterances with replacement,
+    one draw shared by both systems and all seeds, so the pairing and the seeds' common
+    utterances are kept. Returns {"WA": (difference, low, high), "UA": ...} with a
+    percentile interval at `level`; the same seed gives the same interval."""
+    rng = np.random.default_rng(seed)
+    boot = {"WA": np.zeros(n_boot), "UA": np.zeros(n_boot)}
+    observed = {"WA": 0.0, "UA": 0.0}
+    runs = 0
+    for y, hits_a, hits_b in strata:
+        y = np.asarray(y, dtype=np.int64)
+        hits_a, hits_b = np.atleast_2d(np.asarray(hits_a, bool)), np.atleast_2d(np.asarray(hits_b, bool))
+        idx = rng.integers(0, len(y), size=(n_boot, len(y)))       # (B, n): one draw for every run
+        for ha, hb in zip(hits_a, hits_b):
+            for key, a, b in zip(("WA", "UA"), wa_ua(y, ha, n_classes), wa_ua(y, hb, n_classes)):
+                observed[key] += a - b
+            for key, a, b in zip(("WA", "UA"), wa_ua(y[idx], ha[idx], n_classes), wa_ua(y[idx], hb[idx], n_classes)):
+                boot[key] += a - b
+            runs += 1
+    if runs == 0:
+        raise ValueError("paired_bootstrap needs at least one run")
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    return {k: (observed[k] / runs, *np.percentile(boot[k] / runs, q)) for k in boot}
+
+
+def _run_key(r):
+    """(fold, seed) of a finished run."""
+    return r["config"]["fold"], r["config"].get("seed", 0)
+
+
+def paired_comparison(runs_a, runs_b, n_boot=BOOTSTRAP_SAMPLES, seed=BOOTSTRAP_SEED):
+    """Test results of configuration A against B, runs paired by (fold, seed): the paper's
+    z-test on pooled WA, and with stored predictions McNemar's exact test and the bootstrap.
+
+    Within a pair both models classify the same test utterances: each utterance of each
+    pair of runs is one pair of outcomes. Discordant pairs are summed over folds and seeds
+    (the strata) and tested exactly. Returns None when no (fold, seed) has both."""
+    a, b = {_run_key(r): r for r in runs_a}, {_run_key(r): r for r in runs_b}
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    ca, na = sum(a[k]["test"]["correct"] for k in common), sum(a[k]["test"]["n"] for k in common)
+    cb, nb = sum(b[k]["test"]["correct"] for k in common), sum(b[k]["test"]["n"] for k in common)
+    out = {"runs": len(common), "folds": len({f for f, _ in common}), "seeds": len({s for _, s in common}),
+           "wa_pooled": (100 * ca / na, 100 * cb / nb), "z": z_test_one_tailed(ca, na, cb, nb), "unpaired": []}
+    strata, only_a, only_b = {}, 0, 0
+    for k in common:
+        ta, tb = a[k]["test"], b[k]["test"]
+        classes = a[k]["classes"]
+        if "ids" not in ta or "ids" not in tb:
+            out["unpaired"].append((k, "no per-utterance predictions (a run of an older satn.py)"))
+            continue
+        if sorted(ta["ids"]) != sorted(tb["ids"]) or classes != b[k]["classes"]:
+            out["unpaired"].append((k, "the two runs were tested on different utterances or classes"))
+            continue
+        ids = sorted(ta["ids"])
+        true = dict(zip(ta["ids"], ta["true"]))
+        pa, pb = dict(zip(ta["ids"], ta["pred"])), dict(zip(tb["ids"], tb["pred"]))
+        ha = np.array([pa[i] == true[i] for i in ids])
+        hb = np.array([pb[i] == true[i] for i in ids])
+        only_a, only_b = only_a + int((ha & ~hb).sum()), only_b + int((~ha & hb).sum())
+        stratum = k[0] if strata.get(k[0], (ids,))[0] == ids else k   # a fold's seeds share its utterances
+        y = np.array([classes.index(true[i]) for i in ids])
+        strata.setdefault(stratum, (ids, y, [], [], len(classes)))
+        strata[stratum][2].append(ha)
+        strata[stratum][3].append(hb)
+    if strata:
+        n_classes = max(s[4] for s in strata.values())
+        out.update(paired=sum(len(s[2]) for s in strata.values()), only_a=only_a, only_b=only_b,
+                   mcnemar=mcnemar_exact(only_a, only_b),
+                   boot=paired_bootstrap([(y, ha, hb) for _, y, ha, hb, _ in strata.values()], n_classes, n_boot, seed))
+    return out
+
+
+def _row_label(name, rs):
+    """Table 2's name of a configuration, e.g. "TCN + self-attention w/ AT", with its recipe unless the paper's."""
+    parts = name.split("-")
+    label = (f"{TABLE2_LABEL.get(parts[0], parts[0])} + {TABLE2_LABEL.get(parts[1], parts[1])}"
+             + (" w/ AT" if parts[-1] == "at" else "")) if len(parts) >= 2 else TABLE2_LABEL.get(name, name)
+    recipes = sorted({r["config"].get("recipe", "paper") for r in rs})
+    return label + ("" if recipes == ["paper"] else f" ({', '.join(recipes)} recipe)")
+
+
+def _runs_cell(rs):
+    """How many runs a mean is over: '5', or '10 (5 folds × 2 seeds)'."""
+    folds, seeds = {r["config"]["fold"] for r in rs}, {r["config"].get("seed", 0) for r in rs}
+    if len(seeds) == 1:
+        return str(len(rs))
+    grid = "×" if len(rs) == len(folds) * len(seeds) else "and"
+    return f"{len(rs)} ({len(folds)} folds {grid} {len(seeds)} seeds)"
+
+
+def _signed(x):
+    return f"{x:+.1f}".replace("-", "−")
+
+
+def _table2(results, names):
+    """Table 2's lines (mean ± sample SD over the runs of each row) and each row's dev UA mean."""
+    lines = ["| method | runs | Dev WA | Dev UA | Test WA | Test UA |", "|---|---|---|---|---|---|"]
+    dev_ua = {}
+    for name in names:
+        rs = results[name]
+        dev_ua[name] = float(np.mean([r["dev"]["UA"] for r in rs]))
+        lines.append(f"| {_row_label(name, rs)} | {_runs_cell(rs)} | "
+                     + " | ".join(mean_sd([r[p][m] for r in rs]) for p in ("dev", "test") for m in ("WA", "UA")) + " |")
+    return lines, dev_ua
+
+
+def _transfer_pairs(results, names):
+    """(with, without) name pairs of the configuration list: X-at against X."""
+    return [(n, n[:-3]) for n in names if n.endswith("-at") and n[:-3] in results]
+
+
+def _significance(results, names, n_boot=BOOTSTRAP_SAMPLES, seed=BOOTSTRAP_SEED):
+    """The paired tests and the paper's z-test of every transfer pair: (paired table, z table, verdicts, notes)."""
+    paired = ["| with AT vs without | paired runs | Test WA difference (95% CI) | Test UA difference (95% CI) "
+              "| only with AT right | only without AT right | McNemar exact p |", "|---|---|---|---|---|---|---|"]
+    ztab = ["| with AT vs without | runs | WA with | WA without | z | p (one-tailed) |", "|---|---|---|---|---|---|"]
+    verdicts, notes = [], []
+    for name, twin in _transfer_pairs(results, names):
+        c = paired_comparison(results[name], results[twin], n_boot, seed)
+        if c is None:
+            notes.append(f"{name} vs {twin}: no fold and seed trained in both")
+            continue
+        z, p = c["z"]
+        ztab.append(f"| {name} vs {twin} | {c['runs']} | {c['wa_pooled'][0]:.1f} | {c['wa_pooled'][1]:.1f} | {z:.2f} | {p:.3f} |")
+        for (fold, s), why in c["unpaired"]:
+            notes.append(f"{name} vs {twin}, fold {fold} seed {s}: left out of the paired tests: {why}")
+        if "boot" not in c:
+            continue
+        (dw, lw, hw), (du, lu, hu) = c["boot"]["WA"], c["boot"]["UA"]
+        paired.append(f"| {name} vs {twin} | {c['paired']} | {_signed(dw)} ({_signed(lw)}, {_signed(hw)}) | "
+                      f"{_signed(du)} ({_signed(lu)}, {_signed(hu)}) | {c['only_a']} | {c['only_b']} | {c['mcnemar']:.3f} |")
+        def ci(d, lo, hi, what):
+            if lo > 0 or hi < 0:
+                return f"the {what} CI excludes 0: transfer {'raises' if d > 0 else 'lowers'} {what}"
+            return f"the {what} CI includes 0: no evidence of a {what} difference"
+        mc = (f"McNemar p = {c['mcnemar']:.3f} < {ALPHA}: transfer {'raises' if c['only_a'] > c['only_b'] else 'lowers'} WA"
+              if c["mcnemar"] < ALPHA else f"McNemar p = {c['mcnemar']:.3f}: no evidence that transfer changes WA")
+        verdicts.append(f"- {name} vs {twin}: {mc}; {ci(dw, lw, hw, 'WA')}; {ci(du, lu, hu, 'UA')}.")
+    return (paired if len(paired) > 2 else []), (ztab if len(ztab) > 2 else []), verdicts, notes
+
+
+def _norm_statement(results):
+    """What the inputs were normalised with, for every mode the runs used."""
+    modes = {}
+    for name, rs in results.items():
+        for r in rs:
+            modes.setdefault(r["config"].get("norm", "speaker"), set()).add(name)
+    text = {"speaker": "per speaker: each speaker's features are normalised with the mean and standard deviation "
+                       "of all of that speaker's audio in the corpus. For the test speaker this includes the test "
+                       "utterances themselves (their audio, never their labels): the results assume a deployment "
+                       "that has some unlabelled audio of each speaker.",
+            "global": "globally, with the mean and standard deviation of every utterance of the training sessions "
+                      "(no audio of the held-out session is used)."}
+    out = []
+    for mode, names in sorted(modes.items()):
+        which = "" if len(modes) == 1 else f" ({', '.join(sorted(names))})"
+        out.append(f"Normalisation{which}: {text.get(mode, mode)}")
+    return out
+
+
+def report(runs="runs", per_seed=False):
+    """Collect finished runs into runs/results.md: Table 2 (mean ± sample SD over folds x
+    seeds), Figure 3, paired significance tests next to the paper's z-test, teachers;
+    with per_seed, Table 2 and the tests of each seed as well."""
     runs = Path(runs)
-    results = {}
+    results, damaged = {}, []
     for final in sorted(runs.glob("student/*/fold*/final.json")):
-        results.setdefault(final.parent.parent.name, []).append(json.loads(final.read_text()))
-    teachers = sorted(runs.glob("teacher/fold*/final.json"), key=lambda p: int(p.parent.name[4:]) if p.parent.name[4:].isdigit() else 0)
-    teachers += sorted(runs.glob("teacher/asr/final.json"))                # one teacher of an ASR corpus
+        try:
+            results.setdefault(final.parent.parent.name, []).append(read_json(final))
+        except DataError as e:
+            damaged.append(final)
+            print(f"warning: {e}; left out of the report")
+    teachers = []
+    for rs in results.values():
+        rs.sort(key=_run_key)
+    teacher_files = sorted(runs.glob("teacher/fold*/final.json"),
+                           key=lambda p: (len(p.parent.name), p.parent.name))       # fold2 before fold10
+    for final in teacher_files + sorted(runs.glob("teacher/asr*/final.json")):   # + one teacher of an ASR corpus
+        try:
+            read_json(final)
+            teachers.append(final)
+        except DataError as e:
+            damaged.append(final)
+            print(f"warning: {e}; left out of the report")
     if not results and not teachers:
         raise DataError(f"{runs}: no finished runs to report")
     known = [n for n, *_ in TABLE2 if n in results] + sorted(set(results) - {n for n, *_ in TABLE2})
-    out = ["# Results", "", f"Collected from `{runs}/` by `python satn.py report`. Mean and standard deviation "
-           "over folds (leave-one-session-out); WA = accuracy over utterances, UA = mean per-class recall; "
-           "the test columns use the checkpoint with the best dev UA.", "",
-           "| method | folds | Dev WA | Dev UA | Test WA | Test UA |", "|---|---|---|---|---|---|"]
-    summary = {}
-    for name in known:
-        rs = results[name]
-        vals = {f"{p} {m}": np.array([r[p][m] for r in rs]) for p in ("dev", "test") for m in ("WA", "UA")}
-        summary[name] = {k: v.mean() for k, v in vals.items()}
-        parts = name.split("-")
-        label = (f"{TABLE2_LABEL.get(parts[0], parts[0])} + {TABLE2_LABEL.get(parts[1], parts[1])}"
-                 + (" w/ AT" if parts[-1] == "at" else "")) if len(parts) >= 2 else name
-        out.append(f"| {label} | {len(rs)} | " + " | ".join(f"{v.mean():.1f} ± {v.std():.1f}" for v in vals.values()) + " |")
+    seeds = sorted({r["config"].get("seed", 0) for rs in results.values() for r in rs})
+    out = ["# Results", "", f"Collected from `{runs}/` by `python satn.py report`. Each row is the mean ± sample "
+           "standard deviation (n − 1 denominator) over its runs: the folds (leave-one-session-out)"
+           + (f" × the seeds ({', '.join(map(str, seeds))})" if len(seeds) > 1 else "")
+           + "; the spread mixes speaker and training-seed variation. WA = accuracy over utterances, UA = mean "
+           "per-class recall over the classes present; the test columns use the checkpoint with the best dev UA.", ""]
+    out += _norm_statement(results)
+    lines, dev_ua = _table2(results, known)
+    out += ["", *lines]
     skipped_at = [n for n, *_, t in TABLE2 if t and n not in results]
     if skipped_at and not teachers:
         out += ["", "Rows with attention transfer are missing: no teacher was trained (a corpus without transcripts)."]
-    if summary:
-        best = max(summary, key=lambda n: summary[n]["dev UA"])
+    absent = [f"{n} fold {r['config']['fold']}" + (f" seed {r['config']['seed']}" if r["config"].get("seed") else "")
+              + f": no {', '.join(r['test']['absent'])}" for n in known for r in results[n] if r["test"].get("absent")]
+    if absent:
+        out += ["", "Test splits without some class (their UA is over the classes present): " + "; ".join(absent) + "."]
+    if results:
+        best = max(dev_ua, key=dev_ua.get)
         rs = results[best]
         classes = rs[0]["classes"]
         norm = mean_test_confusion(rs)
         out += ["", f"## Confusion matrix of the best configuration by dev UA: {best} (test, row-normalised %, "
-                f"averaged over {len(rs)} folds)", "", "| true \\ predicted | " + " | ".join(classes) + " |",
-                "|---" * (len(classes) + 1) + "|"]
-        out += [f"| {c} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |" for c, row in zip(classes, norm)]
-        tests = []
-        for name, *_ in TABLE2:
-            twin = name[:-3] if name.endswith("-at") else None
-            if twin and name in results and twin in results:
-                a = {r["config"]["fold"]: r["test"] for r in results[name]}
-                b = {r["config"]["fold"]: r["test"] for r in results[twin]}
-                common = sorted(set(a) & set(b))
-                if not common:
-                    continue
-                ca, na = sum(a[f]["correct"] for f in common), sum(a[f]["n"] for f in common)
-                cb, nb = sum(b[f]["correct"] for f in common), sum(b[f]["n"] for f in common)
-                z, p = z_test_one_tailed(ca, na, cb, nb)
-                tests.append(f"| {name} vs {twin} | {len(common)} | {100 * ca / na:.1f} | {100 * cb / nb:.1f} | {z:.2f} | {p:.3f} |")
-        if tests:
-            out += ["", "## Attention transfer: one-tailed two-proportion z-test on test WA (utterances pooled over folds)",
-                    "", "| with AT vs without | folds | WA with | WA without | z | p |", "|---|---|---|---|---|---|"] + tests
-    if summary:
+                f"each row averaged over the {len(rs)} runs whose test split has that class)", "",
+                "| true \\ predicted | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+        out += [f"| {c} | " + " | ".join("–" if np.isnan(v) else f"{100 * v:.1f}" for v in row) + " |"
+                for c, row in zip(classes, norm)]
+        paired, ztab, verdicts, notes = _significance(results, known)
+        if paired or ztab:
+            out += ["", "## Does attention transfer help? Paired tests on the test utterances", "",
+                    "Pairs: the models with and without transfer trained on the same fold with the same seed classify "
+                    "the same test utterances; each utterance of each such pair of runs is one pair of outcomes. "
+                    "**McNemar's exact test** (two-sided) counts the pairs only one model gets right; the counts are "
+                    "summed over folds and seeds (the strata, within which the pairs are formed) and min(b, c) is "
+                    "compared with Binomial(b + c, 1/2), the exact conditional test of a common effect. With several "
+                    "seeds an utterance gives one pair per seed and those pairs are not independent, so the p-value "
+                    f"is then somewhat optimistic. **Paired bootstrap**: {BOOTSTRAP_SAMPLES} resamples (seed "
+                    f"{BOOTSTRAP_SEED}) of each fold's test utterances, drawn with all their seeds' and both models' "
+                    f"outcomes together; the difference is Table 2's (mean over runs of with − without, in points) "
+                    f"and the interval is the {100 * CONFIDENCE:.0f}% percentile interval.", ""]
+            out += paired or ["(No pair of runs has per-utterance predictions; rerun the trainings for the paired tests.)"]
+            out += ["", "### Which test supports which claim", "",
+                    f"- *Transfer changes test accuracy (WA)*: McNemar's exact test; p < {ALPHA} supports it, in the "
+                    "direction of the larger discordant count.",
+                    f"- *How large the change is, in WA and in UA*: the bootstrap {100 * CONFIDENCE:.0f}% interval; an "
+                    "interval that excludes 0 supports a difference of its sign. UA is not a per-utterance "
+                    "proportion, so for UA the interval is the only test.",
+                    "- *The paper's claim, tested as the paper tested it*: the one-tailed two-proportion z-test below, "
+                    "reproduced for comparison with the paper only. It treats the two models' pooled WA as "
+                    "independent samples although they classify the same utterances, so no claim here rests on it.",
+                    "- None of these resamples trainings: they judge the models trained here. Whether transfer helps "
+                    "for other seeds is read from the spread over seeds (the SDs above and `report --per-seed`).", ""]
+            out += verdicts
+            if ztab:
+                out += ["", "## The paper's test: one-tailed two-proportion z-test on test WA (utterances pooled over "
+                        "the paired runs)", "", *ztab]
+            if notes:
+                out += ["", *notes]
+        if per_seed and len(seeds) > 1:
+            out += ["", "## Per seed", "", "Each seed's Table 2 (mean ± sample SD over folds) and tests; the paired "
+                    "tests of one seed have independent pairs."]
+            for s in seeds:
+                sub = {n: [r for r in rs if r["config"].get("seed", 0) == s] for n, rs in results.items()}
+                sub = {n: rs for n, rs in sub.items() if rs}
+                names = [n for n in known if n in sub]
+                lines, _ = _table2(sub, names)
+                paired, ztab, verdicts, _ = _significance(sub, names)
+                out += ["", f"### Seed {s}", "", *lines]
+                out += ["", *paired, "", *verdicts] if paired else []
+                out += ["", "The paper's z-test:", "", *ztab] if ztab else []
+        elif per_seed:
+            out += ["", f"(--per-seed: every run has seed {seeds[0]}; the tables above are that seed's.)"]
+    out += _crosscorpus(runs)
+    if results:
         out += report_figures(runs, results)
     if teachers:
         out += ["", "## ASR teachers", "", "PER on phones (word boundaries not counted); WER on words. Decodings: "
@@ -2629,7 +4215,7 @@ def report(runs="runs"):
                 "named in the log); the first row of a teacher is its configured decoding (`--decode`).", "",
                 "| teacher | decoding | best epoch | dev PER | dev WER | test PER | test WER |", "|---|---|---|---|---|---|---|"]
         for t in teachers:
-            r = json.loads(t.read_text())
+            r = read_json(t)
             decode = r["config"].get("decode", "attention")
             lex = " (lexicon)" if decode == "joint" and r["config"].get("lexicon") else ""
             name = t.parent.name[4:] if t.parent.name.startswith("fold") else t.parent.name
@@ -2637,6 +4223,8 @@ def report(runs="runs"):
                 sfx = "" if how == decode else f"_{how}"
                 out.append(f"| {name} | {how}{lex if how == 'joint' else ''} | {r['best_epoch']} | " + " | ".join(
                     f"{r[p][m + sfx]['rate']:.1f}" for p in ("dev", "test") for m in ("PER", "WER")) + " |")
+    if damaged:
+        out += ["", "Left out, unreadable (truncated or damaged): " + ", ".join(f"`{p.relative_to(runs)}`" for p in damaged)]
     (runs / "results.md").write_text("\n".join(out) + "\n")
     print("\n".join(out))
     print(f"\nwritten to {runs / 'results.md'}")
@@ -2646,6 +4234,8 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".au", ".m
 PREDICT_WINDOW = 8.0   # s: long recordings are classified in windows of this length...
 PREDICT_HOP = 4.0      # s: ...every this many seconds, and the class probabilities averaged
 PREDICT_BATCH = 16     # windows per forward pass: memory does not grow with the file's length
+PREDICT_MIN_WINDOW = 0.1   # s: shortest --window (10 frames)
+PREDICT_MAX_WINDOW = 60.0  # s: longest --window (self-attention memory grows with its square)
 PREDICT_MIN_SPEAKER_SECONDS = 30.0  # s of input needed to estimate a speaker's statistics (--norm auto)
 
 
@@ -2699,7 +4289,9 @@ def predict_file(model, feats, window=PREDICT_WINDOW, hop=PREDICT_HOP):
 
 def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDOW, hop=PREDICT_HOP):
     """Print the predicted emotion and class probabilities of each audio file. Returns 1 if any file failed."""
-    _require(window > 0 and 0 < hop <= window, "predict needs --window > 0 and 0 < --hop <= --window")
+    _require(PREDICT_MIN_WINDOW <= window <= PREDICT_MAX_WINDOW and HOP_SECONDS <= hop <= window,
+             f"predict needs --window in [{PREDICT_MIN_WINDOW}, {PREDICT_MAX_WINDOW}] s and --hop in "
+             f"[{HOP_SECONDS}, --window] s, got --window {window} --hop {hop}")
     model, classes, ck = load_student(checkpoint)
     files = audio_files(inputs)
     if not files:
@@ -2722,7 +4314,7 @@ def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDO
               file=sys.stderr)
     if norm == "inputs" and good:   # the inputs are taken to be one speaker: per-speaker normalisation
         mean, std = feature_stats(good)
-    else:                           # the training split's statistics, stored in the checkpoint
+    else:                           # the training sessions' statistics, stored in the checkpoint
         mean, std = ck["norm"]["mean"].numpy(), ck["norm"]["std"].numpy()
     for f, x in feats.items():
         if isinstance(x, Exception):
@@ -2730,6 +4322,11 @@ def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDO
             print(json.dumps({"file": str(f), "error": str(x)}) if as_json else f"{f}\terror: {x}", flush=True)
             continue
         probs = predict_file(model, ((x - mean[:, None]) / std[:, None]).astype(np.float32), window, hop)
+        if not np.isfinite(probs).all():   # never print NaN (nor invalid JSON): the file fails
+            failed += 1
+            msg = f"{f}: the model's probabilities are not finite (NaN or inf)"
+            print(json.dumps({"file": str(f), "error": msg}) if as_json else f"{f}\terror: {msg}", flush=True)
+            continue
         best = classes[int(np.argmax(probs))]
         if as_json:
             print(json.dumps({"file": str(f), "prediction": best, "seconds": round(x.shape[1] * HOP_SECONDS, 2),
@@ -2737,6 +4334,145 @@ def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDO
         else:
             print(f"{f}\t{best}\t" + " ".join(f"{c} {p:.3f}" for c, p in zip(classes, probs)), flush=True)
     return 1 if failed else 0
+
+
+def parse_label_map(spec, classes):
+    """--label-map 'ang=angry,hap=happy,fea=' -> {corpus label: model class, or None to leave it out}."""
+    mapping = {}
+    for item in (x.strip() for x in (spec or "").split(",")):
+        if not item:
+            continue
+        src, eq, dst = (x.strip() for x in item.partition("="))
+        if not eq or not src or "=" in dst:
+            raise DataError(f"--label-map: {item!r} is not LABEL=CLASS (or LABEL= to leave LABEL out)")
+        if src in mapping:
+            raise DataError(f"--label-map: {src} is mapped twice")
+        if dst and dst not in classes:
+            raise DataError(f"--label-map {item}: {dst} is not a class of the model ({', '.join(classes)})")
+        mapping[src] = dst or None
+    return mapping
+
+
+def corpus_tag(data):
+    """A short name of a corpus for file names: the CSV's stem or the folder's name."""
+    if data is None:
+        return "demo"
+    p = Path(data).resolve()
+    name = p.stem if p.suffix.lower() == ".csv" else p.name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "corpus"
+
+
+def evaluate_corpus(checkpoints, data, label_map=None, norm="auto", tag=None, out=None, runs="runs", device="auto"):
+    """Score trained students on another corpus (cross-corpus testing): every emotion
+    utterance of `data` (IEMOCAP: the improvised four classes; a manifest: every row),
+    labels renamed through `label_map`. Inputs are normalised as the model was trained:
+    per speaker with each speaker's own audio in that corpus, or with the training
+    statistics stored in the checkpoint (norm "speaker"/"checkpoint" overrides).
+    Writes crosscorpus-<tag>.json beside each checkpoint (or `out`), which `report`
+    collects. Returns the list of results."""
+    if out is not None and len(checkpoints) > 1:
+        raise DataError("--out names one file: give one --checkpoint with it")
+    students = [(Path(c), *load_student(c)) for c in checkpoints]
+    classes = students[0][2]
+    for path, _, other, _ in students[1:]:
+        if other != classes:
+            raise DataError(f"{path}: its classes ({', '.join(other)}) differ from those of {students[0][0]} "
+                            f"({', '.join(classes)}): evaluate them separately")
+    mapping = parse_label_map(label_map, classes)
+    tag = tag or corpus_tag(data)
+    _require(re.fullmatch(r"[A-Za-z0-9._-]+", tag) is not None, f"--name {tag!r}: use letters, digits, '.', '_' and '-'")
+    utts = load_corpus(data, subset="all", verbose=False, all_labels=True)
+    kept, feats = compute_features(utts, Path(runs) / "cache")
+    task = emotion_utterances(kept, data, verbose=False)
+    counts = {}
+    for u in task:
+        counts[u.label] = counts.get(u.label, 0) + 1
+    unmapped = sorted(l for l in counts if l not in mapping and l not in classes)
+    if unmapped:
+        raise DataError(f"{data}: label(s) {', '.join(f'{l} ({counts[l]} utterances)' for l in unmapped)} are not "
+                        f"classes of the model ({', '.join(classes)}): map them with --label-map "
+                        f"{unmapped[0]}=CLASS, or leave them out with --label-map {unmapped[0]}=")
+    for l in sorted(set(mapping) - set(counts)):
+        warn_once(f"--label-map {l}=...: no utterance of {data} has the label {l}")
+    dropped = {l: counts[l] for l in sorted(counts) if l in mapping and mapping[l] is None}
+    chosen = [dataclasses.replace(u, label=mapping.get(u.label, u.label)) for u in task if mapping.get(u.label, u.label)]
+    if not chosen:
+        raise DataError(f"{data}: no utterance left to score after --label-map")
+    ids = {u.id for u in chosen}
+    print(f"evaluate on {tag}: {len(chosen)} utterances of {len({u.speaker for u in chosen})} speakers"
+          + (f"; left out: {', '.join(f'{l} ({n})' for l, n in dropped.items())}" if dropped else "")
+          + (f"; labels mapped: {', '.join(f'{a}={b}' for a, b in mapping.items() if b)}" if any(mapping.values()) else ""))
+    dev = pick_device(device)
+    per_speaker, results = None, []
+    for path, model, _, ck in students:
+        how = norm if norm != "auto" else ("speaker" if ck["norm"]["mode"] == "speaker" else "checkpoint")
+        if how == "speaker":   # each speaker's statistics from all of that speaker's audio in the corpus
+            if per_speaker is None:
+                per_speaker = dict(zip([u.id for u in kept if u.id in ids], normalise(kept, feats, "speaker", keep=ids)))
+            inputs = per_speaker
+        else:                  # the training statistics stored in the checkpoint
+            mean, std = ck["norm"]["mean"].numpy(), ck["norm"]["std"].numpy()
+            inputs = {u.id: ((f.reshape(FEAT_CHANNELS, -1) - mean[:, None]) / std[:, None]).astype(np.float32)
+                      for u, f in zip(kept, feats) if u.id in ids}
+        items = [(u, inputs[u.id]) for u in chosen]
+        model.to(dev)
+        metrics = classify(model, items, {c: i for i, c in enumerate(classes)}, ck["config"].get("batch_size", 32), dev)
+        cfg = ck["config"]
+        run = StudentConfig(**{k: v for k, v in cfg.items() if k in {f.name for f in dataclasses.fields(StudentConfig)}}).run_name()
+        result = {"corpus": tag, "data": str(data) if data is not None else None, "checkpoint": str(path),
+                  "run": run, "config": cfg, "classes": classes, "label_map": mapping, "dropped": dropped,
+                  "norm": "per speaker, the corpus' own audio" if how == "speaker" else "training statistics from the checkpoint",
+                  "test": metrics}
+        dest = Path(out) if out is not None else path.parent / f"crosscorpus-{tag}.json"
+        if dest.is_file():
+            try:
+                old = read_json(dest)
+            except DataError:
+                old = {}
+            if (old.get("data"), old.get("label_map")) != (result["data"], mapping):
+                print(f"warning: {dest} held a result on other data or another label map ({old.get('data')}); "
+                      f"replaced (use --name to keep both)", file=sys.stderr)
+        write_json(result, dest)
+        print(f"{run} fold {cfg['fold']}" + (f" seed {cfg['seed']}" if cfg.get("seed") else "")
+              + f" on {tag}: WA {metrics['WA']:.1f}  UA {metrics['UA']:.1f}  ({metrics['n']} utterances) -> {dest}")
+        results.append(result)
+    return results
+
+
+def _crosscorpus(runs):
+    """The cross-corpus table of results.md from the crosscorpus-*.json files beside the run folders' checkpoints."""
+    found = {}
+    for f in sorted(runs.glob("student/*/fold*/crosscorpus-*.json")):
+        try:
+            r = read_json(f)
+            final = f.parent / "final.json"
+            r["home"] = read_json(final)["test"] if final.is_file() else None
+        except DataError as e:
+            print(f"warning: {e}; left out of the report")
+            continue
+        found.setdefault((r["corpus"], r["run"]), []).append(r)
+    if not found:
+        return []
+    out = ["", "## Cross-corpus tests", "", "Students trained here, scored with `python satn.py evaluate` on every "
+           "emotion utterance of another corpus; mean ± sample SD over the runs (folds × seeds) evaluated, beside "
+           "the same runs' test results on their own corpus.", "",
+           "| test corpus | method | runs | WA | UA | own-corpus test WA | own-corpus test UA |", "|---|---|---|---|---|---|---|"]
+    notes = []
+    for (corpus, run), rs in sorted(found.items()):
+        home = [r["home"] for r in rs if r["home"]]
+        out.append(f"| {corpus} | {_row_label(run, rs)} | {_runs_cell(rs)} | {mean_sd([r['test']['WA'] for r in rs])} | "
+                   f"{mean_sd([r['test']['UA'] for r in rs])} | "
+                   + (f"{mean_sd([h['WA'] for h in home])} | {mean_sd([h['UA'] for h in home])} |" if home else "– | – |"))
+        r = rs[0]
+        if len({(x["data"], json.dumps(x["label_map"]), x["norm"]) for x in rs}) > 1:
+            notes.append(f"- {corpus}, {run}: the runs were evaluated on different data, label maps or "
+                         f"normalisations; rerun evaluate on all of them")
+        maps = ", ".join(f"{a}={b}" for a, b in r["label_map"].items() if b)
+        notes.append(f"- {corpus}, {run}: {r['test']['n']} utterances ({r['data'] or 'the demo corpus'}); "
+                     f"normalisation: {r['norm']}" + (f"; labels mapped {maps}" if maps else "")
+                     + (f"; left out: {', '.join(f'{l} ({n})' for l, n in r['dropped'].items())}" if r["dropped"] else "")
+                     + (f"; no {', '.join(r['test']['absent'])} utterance (UA over the classes present)" if r["test"].get("absent") else ""))
+    return out + [""] + notes
 
 
 def report_figures(runs, results):
@@ -2760,37 +4496,43 @@ def report_figures(runs, results):
         classes = results[name][0]["classes"]
         ax.imshow(conf, vmin=0, vmax=1, cmap="Blues")
         for (i, j), v in np.ndenumerate(conf):
-            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7, color="white" if v > 0.5 else "black")
+            if np.isfinite(v):   # a class absent from every test split has no row
+                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7, color="white" if v > 0.5 else "black")
         ax.set(title=name, xticks=range(len(classes)), yticks=range(len(classes)))
         ax.set_xticklabels([c[:3] for c in classes], fontsize=7)
         ax.set_yticklabels([c[:3] for c in classes], fontsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.suptitle("Test confusion matrices (row-normalised %, averaged over folds; rows: true class)")
+    fig.suptitle("Test confusion matrices (row-normalised %, averaged over the runs with that class; rows: true class)")
     fig.tight_layout()
     fig.savefig(fig_dir / "confusion.png", dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in names:
-        curves = [[json.loads(l)["dev_UA"] for l in (runs / "student" / name / f"fold{r['config']['fold']}" / "metrics.jsonl").read_text().splitlines()]
-                  for r in results[name] if (runs / "student" / name / f"fold{r['config']['fold']}" / "metrics.jsonl").is_file()]
+        logs = [runs / "student" / name / fold_folder(r["config"]["fold"], r["config"].get("seed", 0)) / "metrics.jsonl"
+                for r in results[name]]
+        curves = [[l["dev_UA"] for l in read_json_lines(log)] for log in logs if log.is_file()]
         n = min(map(len, curves), default=0)
         if n:
             ax.plot(range(1, n + 1), np.mean([c[:n] for c in curves], 0), label=name, ls="--" if name.endswith("-at") else "-")
-    ax.set(xlabel="epoch", ylabel="dev UA (%), mean over folds", title="Dev UA per epoch")
-    ax.legend(fontsize=7)
+    ax.set(xlabel="epoch", ylabel="dev UA (%), mean over runs", title="Dev UA per epoch (mean over folds and seeds)")
+    if ax.lines:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(fig_dir / "dev_ua.png", dpi=110)
     plt.close(fig)
     lines += ["![confusion matrices](figures/confusion.png)", "", "![dev UA per epoch](figures/dev_ua.png)"]
     # One test utterance through the teacher and the two self-attention TCN students.
-    folds = sorted((int(p.name[4:]) for p in (runs / "student" / "tcn-self-at").glob("fold*")), reverse=True)
+    folds = sorted((int(p.name[4:]) for p in (runs / "student" / "tcn-self-at").glob("fold*")
+                    if re.fullmatch(r"fold\d+", p.name)), reverse=True)   # seed 0's runs
     fold = next((f for f in folds if all((runs / d / f"fold{f}" / "best.pt").is_file()
                  for d in ("teacher", "student/tcn-self", "student/tcn-self-at"))), None)
     if fold is not None:
         s_plain, classes, ck = load_student(runs / "student" / "tcn-self" / f"fold{fold}" / "best.pt")
         s_at, _, ck_at = load_student(runs / "student" / "tcn-self-at" / f"fold{fold}" / "best.pt")
-        cfg = dataclasses.replace(StudentConfig(**ck_at["config"]), runs=str(runs), device="cpu")
+        at_dir = runs / "student" / "tcn-self-at" / f"fold{fold}"
+        cfg = dataclasses.replace(StudentConfig(**ck_at["config"]), runs=str(runs), device="cpu",
+                                  data=stored_path(ck_at["config"].get("data"), at_dir))
         teacher = load_teacher(cfg, torch.device("cpu"))
         data = prepare_data(cfg, "student")
         u, x = data["test"][0]
@@ -2864,6 +4606,230 @@ def bench_features(seconds=60.0, repeats=20):
     t_ref = _bench_time(ref, torch.device("cpu"), repeats) / 1e3
     print(f"librosa {librosa.__version__}: {1000 * t_ref:.1f} ms = {seconds / t_ref:,.0f}x real time; "
           f"features() is {t_ref / t:.2f}x librosa's speed")
+
+
+# IEMOCAP at a glance, for benchmarks on a corpus of its size (Busso et al. 2008; the paper's Table 1)
+IEMOCAP_UTTERANCES = 10039          # utterances, every label
+IEMOCAP_STUDENT_UTTERANCES = 2943   # improvised dialogs, four classes: the student's data
+IEMOCAP_HOURS = 12.4                # hours of audio
+IEMOCAP_MAX_SECONDS = 34.1          # the longest utterance
+IEMOCAP_LENGTH_SIGMA = 0.6          # spread of log durations (lengths drawn log-normal with IEMOCAP's mean)
+RUN_ALL_TEACHERS = 5                # teachers of run_all.sh on IEMOCAP (one per fold); each student row has 5 too
+
+
+def iemocap_like_seconds(n, rng):
+    """n utterance durations in seconds, log-normal with IEMOCAP's mean, cut at its longest."""
+    mean = IEMOCAP_HOURS * 3600 / IEMOCAP_UTTERANCES
+    mu = math.log(mean) - IEMOCAP_LENGTH_SIGMA ** 2 / 2
+    return np.clip(rng.lognormal(mu, IEMOCAP_LENGTH_SIGMA, n), 0.6, IEMOCAP_MAX_SECONDS)
+
+
+def _rss_mb():
+    """(peak, anonymous, file-backed) resident memory of this process in MB, from /proc (Linux)."""
+    f = dict(l.split(":", 1) for l in Path("/proc/self/status").read_text().splitlines() if ":" in l)
+    return tuple(int(f.get(k, "0 kB").split()[0]) / 1024 for k in ("VmHWM", "RssAnon", "RssFile"))
+
+
+def project_run_all(teacher_s, student_s, jobs, cores):
+    """Projected wall-clock seconds of run_all.sh, replaying its schedule: teachers and the students
+    without transfer share `jobs` slots, then (after every teacher) the students with transfer.
+    teacher_s: seconds per teacher training; student_s: {(name, transfer): seconds per training}.
+    More jobs than cores slow every training by jobs / cores."""
+    slow = max(1.0, jobs / cores)
+    first = [teacher_s] * RUN_ALL_TEACHERS + [t for (_, at), t in student_s.items() if not at for _ in range(5)]
+    second = [t for (_, at), t in student_s.items() if at for _ in range(5)]
+    clock = 0.0
+    for phase in (first, second):
+        slots = [clock] * jobs
+        for t in phase:                     # each job takes the first free slot, in run_all's order
+            i = min(range(jobs), key=lambda k: slots[k])
+            slots[i] += t * slow
+        clock = max(slots)
+    return clock
+
+
+def _bench_train_one(kind, at, device_name, threads, batches, n_eval):
+    """Seconds per padded frame (training step; evaluation) and peak memory of one paper-setting
+    configuration on batches of random features with IEMOCAP-like lengths. Run in a fresh process."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    device = torch.device(device_name)
+    rng = np.random.default_rng(0)
+    n_train = IEMOCAP_UTTERANCES * 4 // 5 if kind == "teacher" else IEMOCAP_STUDENT_UTTERANCES * 4 // 5
+    lengths = np.maximum(1, (iemocap_like_seconds(n_train, rng) / HOP_SECONDS).astype(int))
+    cfg = (TeacherConfig() if kind == "teacher" else StudentConfig(encoder="stats") if kind == "stats" else
+           StudentConfig(encoder=kind.split("-")[0], attention=kind.split("-")[1], at_weight=float(at)))
+    epoch = make_batches(lengths, cfg.batch_size, np.random.default_rng(1), cfg.max_frames)
+    padded = [len(b) * int(lengths[b].max()) for b in epoch]
+    order = np.argsort(padded)
+    picks = [epoch[order[int(q * (len(order) - 1))]] for q in np.linspace(0.3, 0.9, batches)]   # typical to long
+    model = (Teacher(cfg) if kind == "teacher" else Student(cfg, len(EMOTIONS))).to(device)
+    teacher = Teacher(TeacherConfig()).to(device).eval() if at else None
+    pairs = parse_pairs("auto", (cfg.blocks if kind.startswith("tcn") else 1) + kind.endswith("self"), 6) if at else None
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+    def batch(idx):
+        x = torch.randn(len(idx), FEAT_CHANNELS, int(lengths[idx].max()), device=device)
+        return x, torch.as_tensor(lengths[idx], device=device)
+
+    def step(idx):
+        x, lens = batch(idx)
+        if kind == "teacher":
+            L = 40
+            tokens = torch.randint(5, len(PHONE_VOCAB), (len(idx), L), device=device)
+            logits, enc = model(x, lens, tokens)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+            logp = model.ctc_head(enc["h"]).log_softmax(-1).transpose(0, 1)
+            loss = loss + F.ctc_loss(logp, tokens, enc["lengths"], torch.full((len(idx),), L), zero_infinity=True)
+        else:
+            logits, out = model(x, lens)
+            loss = F.cross_entropy(logits, torch.randint(0, len(EMOTIONS), (len(idx),), device=device))
+            if teacher is not None:
+                with torch.no_grad():
+                    enc = teacher.encode(x, lens)
+                loss = loss + transfer_loss(out, enc, pairs, cfg, teacher.subsample)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step(epoch[order[0]])                                    # warm-up on the smallest batch
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for idx in picks:
+        step(idx)
+    sync()
+    per_frame = (time.perf_counter() - t0) / sum(len(b) * int(lengths[b].max()) for b in picks)
+    model.eval()
+    idx = picks[0]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        x, lens = batch(idx)
+        model.greedy(x, lens) if kind == "teacher" else model(x, lens)
+    sync()
+    eval_per_frame = (time.perf_counter() - t0) / (len(idx) * int(lengths[idx].max()))
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else _rss_mb()[0]
+    return {"kind": kind, "at": at, "train_frames": int(sum(padded)), "batches": len(epoch),
+            "per_frame": per_frame, "eval_frames": int(lengths[:n_eval].sum()), "eval_per_frame": eval_per_frame,
+            "peak_mb": peak, "picked": [(len(b), int(lengths[b].max())) for b in picks]}
+
+
+def _bench_worst_batch(device_name, threads, n, seconds):
+    """Peak memory and seconds of one paper-setting TCN + self-attention student step on n x `seconds`."""
+    torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    model = Student(StudentConfig(), len(EMOTIONS)).to(device)
+    x = torch.randn(n, FEAT_CHANNELS, int(seconds / HOP_SECONDS), device=device)
+    t0 = time.perf_counter()
+    logits, _ = model(x, torch.full((n,), x.shape[-1], device=device))
+    logits.float().logsumexp(-1).sum().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2 ** 20
+    return time.perf_counter() - t0, _rss_mb()[0]
+
+
+def _bench_mapped_corpus(folder, n, student_n):
+    """Resident memory of the data side of a student (the mapped cache, lazily normalised, one
+    epoch of batches collated) on a synthetic cache of n utterances. Run in a fresh process."""
+    base = _rss_mb()
+    index, frames, moments = _read_cache(folder, "bench")
+    utts = [Utterance(p, p, EMOTIONS[i % 4], f"Ses0{i % 5 + 1}{'FM'[i % 2]}", f"Ses0{i % 5 + 1}")
+            for i, p in enumerate(index["ids"])]
+    kept, feats = _cached_features(utts, index, frames, moments)
+    chosen = {u.id for u in kept[:student_n]}
+    normed = normalise(kept, feats, "speaker", keep=chosen, lazy=True)
+    after_stats = _rss_mb()
+    t0 = time.perf_counter()
+    for idx in make_batches([x.shape[1] for x in normed], 32, np.random.default_rng(0), RunConfig().max_frames):
+        collate([normed[i] for i in idx], "cpu")
+    return base, after_stats, _rss_mb(), time.perf_counter() - t0, index["frames"]
+
+
+def bench_train(device="auto", batches=2, threads=1, cache_files=1000, jobs=(1, 2, 4, 8), worst=True):
+    """Seconds per epoch and peak memory of the teacher and each student configuration at the
+    paper's settings on an IEMOCAP-sized synthetic corpus, the feature cache's speed and the
+    student's data-side memory on it, and the projected time of run_all.sh."""
+    import concurrent.futures
+    import multiprocessing
+    import tempfile
+    device = pick_device(device)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ctx = multiprocessing.get_context("spawn")     # a fresh process per measurement: its own peak memory
+
+    def fresh(fn, *args):
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as ex:
+            return ex.submit(fn, *args).result()
+    rng = np.random.default_rng(0)
+    print(f"bench train: {device}, {cores} cores, torch {torch.__version__}, {threads} thread(s) per training "
+          f"(as run_all.sh on a CPU); synthetic corpus of IEMOCAP's size: {IEMOCAP_UTTERANCES} utterances, "
+          f"{IEMOCAP_HOURS} h, log-normal lengths up to {IEMOCAP_MAX_SECONDS} s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="satn-bench-") as tmp:
+        # 1. the feature cache, from audio files with IEMOCAP's length distribution
+        secs = iemocap_like_seconds(cache_files, rng)
+        utts = []
+        import soundfile as sf
+        for i, d in enumerate(secs):
+            path = Path(tmp) / "wav" / f"u{i:05d}.wav"
+            path.parent.mkdir(exist_ok=True)
+            wave = 0.1 * rng.standard_normal(int(d * SAMPLE_RATE)).astype(np.float32)
+            sf.write(str(path), wave, SAMPLE_RATE, subtype="PCM_16")
+            utts.append(Utterance(f"u{i}", str(path), "neutral", "S1F", "S1"))
+        for w in sorted({1, cores}):
+            t0 = time.perf_counter()
+            compute_features(utts, Path(tmp) / f"cache{w}", verbose=False, workers=w)
+            dt = time.perf_counter() - t0
+            print(f"feature cache: {cache_files} files, {secs.sum() / 3600:.2f} h of audio in {dt:.1f} s with "
+                  f"{w} process{'es' if w > 1 else ''} = {secs.sum() / dt:,.0f}x real time (all of IEMOCAP: "
+                  f"~{IEMOCAP_HOURS * 3600 / (secs.sum() / dt):.0f} s)", flush=True)
+        shutil.rmtree(Path(tmp) / "wav")
+        # 2. the student's data side on a mapped cache of IEMOCAP's size
+        lengths = np.maximum(1, (iemocap_like_seconds(IEMOCAP_UTTERANCES, rng) / HOP_SECONDS).astype(int))
+
+        def entries():
+            for i, n in enumerate(lengths):
+                x = np.random.default_rng(i).standard_normal((n, FEAT_CHANNELS), dtype=np.float32)
+                yield f"u{i:05d}", x, _moments(x.T)
+        _write_cache(tmp, "bench", entries())
+        base, stats, end, dt, n_frames = fresh(_bench_mapped_corpus, tmp, IEMOCAP_UTTERANCES, IEMOCAP_STUDENT_UTTERANCES)
+        print(f"mapped cache: {n_frames * FEAT_CHANNELS * 4 / 2 ** 30:.2f} GB of frames ({IEMOCAP_UTTERANCES} "
+              f"utterances); a student's data side (statistics, lazy normalisation, one epoch of "
+              f"{IEMOCAP_STUDENT_UTTERANCES} utterances collated in {dt:.1f} s): resident memory "
+              f"{base[1]:.0f} -> {stats[1]:.0f} -> {end[1]:.0f} MB anonymous, {base[2]:.0f} -> {stats[2]:.0f} -> "
+              f"{end[2]:.0f} MB file-backed (mapped cache pages, reclaimable), peak {end[0]:.0f} MB", flush=True)
+    # 3. training steps of each configuration
+    configs = [("teacher", False), ("stats", False)] + [(f"{e}-{a}", at) for at in (False, True)
+                                                        for e in ("blstm", "tcn") for a in ("soft", "self")]
+    rows, t_epoch = [], {}
+    print(f"\n| configuration | batches/epoch | s/epoch | peak memory (MB) | measured batches (B x T) |\n|---|---|---|---|---|")
+    for kind, at in configs:
+        n_eval = IEMOCAP_UTTERANCES // 10 if kind == "teacher" else IEMOCAP_STUDENT_UTTERANCES // 10
+        r = fresh(_bench_train_one, kind, at, str(device), threads, batches, n_eval)
+        sec = r["per_frame"] * r["train_frames"] + r["eval_per_frame"] * r["eval_frames"]
+        name = kind + ("-at" if at else "")
+        t_epoch[(name, at)] = sec
+        print(f"| {name} | {r['batches']} | {sec:,.0f} | {r['peak_mb']:,.0f} | "
+              + ", ".join(f"{b}x{t}" for b, t in r["picked"]) + " |", flush=True)
+    cfg_t, cfg_s = TeacherConfig(), StudentConfig()
+    teacher_s = t_epoch.pop(("teacher", False)) * cfg_t.epochs
+    student_s = {k: v * cfg_s.epochs for k, v in t_epoch.items()}
+    print(f"\nseconds per epoch: extrapolated from {batches} timed batches per configuration (typical to long "
+          f"lengths) per padded frame, over the epoch's padded frames, plus the dev set (one timed batch; teacher: "
+          f"greedy decoding); {cfg_t.epochs} teacher and {cfg_s.epochs} student epochs")
+    for n in jobs:
+        total = project_run_all(teacher_s, student_s, n, cores if device.type == "cpu" else n)
+        print(f"projected run_all.sh ({RUN_ALL_TEACHERS} teachers, {5 * len(student_s)} students) with --jobs {n}: "
+              f"{total / 3600:,.1f} h"
+              + (f" ({n} jobs on {cores} cores: slowed by {n / cores:.1f}x)" if device.type == "cpu" and n > cores else ""))
+    if worst:
+        s, peak = fresh(_bench_worst_batch, str(device), threads, 32, 30.0)
+        print(f"paper-setting TCN + self-attention student, one step on 32 x 30 s: peak memory {peak:,.0f} MB "
+              f"({'torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'peak RSS of the process'}), {s:.1f} s")
 
 
 def bench_kernel(device=None):
@@ -2994,7 +4960,8 @@ def add_config_args(parser, cls):
     for f in dataclasses.fields(cls):
         meta = f.metadata
         demo = f"; demo corpus: {meta['demo']}" if meta.get("demo") is not None else ""
-        help_ = f"{meta['help']} (default: {f.default}{demo})"
+        default = f.default if not meta.get("recipe") else ", ".join(f"{r} {v[f.name]}" for r, v in RECIPES.items())
+        help_ = f"{meta['help']} (default: {default}{demo})"
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
@@ -3022,6 +4989,7 @@ def prepare(data=None, runs="runs", folds_only=False):
         print(f"folds: {len({u.session for u in utts})}")
         return 0 if any(u.text.strip() for u in utts) else 3
     emotion_utterances(utts, data)
+    sweep_stale_temps(Path(runs) / "cache")
     kept, _ = compute_features(utts, Path(runs) / "cache")
     n_text = sum(bool(u.text.strip()) for u in kept)
     print(f"{len(kept)} utterances with features (cache: {Path(runs) / 'cache'}); {n_text} with a transcript for the teacher")
@@ -3039,6 +5007,8 @@ def _folds(cfg):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="satn.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="say once per shape which causal-convolution path the dispatch chose, and why")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo-data", help="write the synthetic IEMOCAP-layout demo corpus")
     p.add_argument("--out", default=str(DEMO_DIR), help=f"output folder (default: {DEMO_DIR})")
@@ -3063,37 +5033,90 @@ def main(argv=None):
                         f"least {PREDICT_MIN_SPEAKER_SECONDS:.0f} s, else checkpoint (default: auto)")
     p.add_argument("--window", type=float, default=PREDICT_WINDOW, help=f"window length for long files, s (default: {PREDICT_WINDOW})")
     p.add_argument("--hop", type=float, default=PREDICT_HOP, help=f"hop between windows, s (default: {PREDICT_HOP})")
+    p = sub.add_parser("evaluate", help="score trained students on another corpus (cross-corpus test); "
+                       "report collects the results")
+    p.add_argument("--checkpoint", required=True, nargs="+", help="one or more students' best.pt, e.g. "
+                   "runs/student/tcn-self-at/fold*/best.pt")
+    p.add_argument("--data", required=True, help="the corpus to test on: an IEMOCAP folder (its improvised four "
+                   "classes) or a CSV manifest (every row)")
+    p.add_argument("--label-map", default=None, metavar="LABEL=CLASS,...", help="rename the corpus' labels to "
+                   "the model's classes, e.g. anger=angry,happiness=happy; LABEL= leaves LABEL out; a label "
+                   "neither mapped nor a class of the model is an error (default: none)")
+    p.add_argument("--norm", choices=("auto", "speaker", "checkpoint"), default="auto", help="per-speaker "
+                   "statistics of the corpus' own audio, or the training statistics stored in the checkpoint; "
+                   "auto: as the model was trained (default: auto)")
+    p.add_argument("--name", default=None, help="the corpus' name in file names and results.md (default: the "
+                   "CSV's stem or the folder's name)")
+    p.add_argument("--out", default=None, help="result file (default: crosscorpus-NAME.json beside each checkpoint, "
+                   "where report finds it)")
+    p.add_argument("--runs", default="runs", help="the feature cache goes to RUNS/cache (default: runs)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p = sub.add_parser("report", help="collect finished runs into runs/results.md")
     p.add_argument("--runs", default="runs", help="output root of the runs (default: runs)")
+    p.add_argument("--per-seed", action="store_true", help="also Table 2 and the tests of each seed on its own")
     p = sub.add_parser("bench", help="throughput benchmarks")
-    p.add_argument("what", choices=("features", "kernel"))
-    p.add_argument("--device", default="auto", help="kernel benchmark device (default: auto)")
+    p.add_argument("what", choices=("features", "kernel", "train"))
+    p.add_argument("--device", default="auto", help="kernel and train benchmark device (default: auto)")
+    p.add_argument("--batches", type=int, default=2, help="train: timed batches per configuration (default: 2)")
+    p.add_argument("--threads", type=int, default=1, help="train: torch threads per training (default: 1, as "
+                                                          "run_all.sh on a CPU)")
+    p.add_argument("--cache-files", type=int, default=1000, help="train: audio files for the feature cache's "
+                                                                 "speed (default: 1000)")
     p = sub.add_parser("build-kernels", help="compile the fused causal-conv extension and say what was built")
     p.add_argument("--cuda", action="store_true", help="also compile the CUDA part, even without a GPU")
     args = parser.parse_args(argv)
+    global KERNEL_VERBOSE
+    KERNEL_VERBOSE = KERNEL_VERBOSE or args.verbose
     try:
+        try:
+            _kernel_mode()
+        except ValueError as e:
+            raise DataError(str(e)) from None
         if args.command == "demo-data":
             write_demo_corpus(Path(args.out), args.seed)
         elif args.command == "prepare":
             return prepare(args.data, args.runs, args.folds_only)
         elif args.command == "teacher":
             cfg = config_from_args(TeacherConfig, args)
+            pick_device(cfg.device)
             for k in ([0] if cfg.asr_data else _folds(cfg)):   # an ASR corpus' teacher serves every fold
                 train_teacher(dataclasses.replace(cfg, fold=k))
         elif args.command == "student":
             cfg = config_from_args(StudentConfig, args)
+            pick_device(cfg.device)
             for k in _folds(cfg):
                 train_student(dataclasses.replace(cfg, fold=k))
         elif args.command == "predict":
             return predict(args.checkpoint, args.inputs, args.json, args.norm, args.window, args.hop)
+        elif args.command == "evaluate":
+            evaluate_corpus(args.checkpoint, args.data, args.label_map, args.norm, args.name, args.out, args.runs, args.device)
         elif args.command == "report":
-            report(args.runs)
+            report(args.runs, args.per_seed)
         elif args.command == "bench":
-            bench_features() if args.what == "features" else bench_kernel(args.device)
+            if args.what == "train":
+                _require(args.batches >= 1 and args.threads >= 1 and args.cache_files >= 1,
+                         "--batches, --threads and --cache-files must be at least 1")
+                bench_train(args.device, args.batches, args.threads, args.cache_files)
+            else:
+                bench_features() if args.what == "features" else bench_kernel(args.device)
         elif args.command == "build-kernels":
             return build_kernels(args.cuda)
     except (DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:   # a read-only or full disk, a folder that cannot be created
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"error: {where}{e.strerror or _first_line(e)}", file=sys.stderr)
+        return 2
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        print(f"error: out of memory ({_first_line(e) if str(e) else 'the allocator failed'}): "
+              f"reduce --batch-size, --channels or the input length", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if not re.search(r"can't allocate memory|out of memory|not enough memory", str(e), re.IGNORECASE):
+            raise
+        print(f"error: out of memory ({_first_line(e)[:200]}): reduce --batch-size, --channels or the input length",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command with --resume to continue after the last completed epoch "
