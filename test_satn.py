@@ -4265,7 +4265,7 @@ def test_asr_teacher_refuses_a_corpus_sharing_speakers(demo_corpus, tmp_path, ca
     print(err)
     assert rc == 2 and "Traceback" not in err
     assert "shares 4 speaker(s) with the emotion corpus (Ses01F, Ses01M, Ses02F, Ses02M)" in err
-    assert not (tmp_path / "runs" / "teacher").exists()
+    assert not list((tmp_path / "runs").rglob("*.pt")) and not list((tmp_path / "runs").rglob("final.json"))
 
 
 def test_asr_teacher_serves_every_fold(demo_corpus, demo_cache, tmp_path, monkeypatch):
