@@ -2,7 +2,8 @@
 # Reproduce the paper's Table 2: five ASR teachers (one per fold), then the eight
 # student configurations {BLSTM, TCN} x {soft, self-attention} x {without, with
 # attention transfer} on every fold (five for IEMOCAP), then `python satn.py report`. The students
-# without transfer may run beside the teachers; those with transfer wait for them.
+# without transfer may run beside the teachers; those with transfer wait for them. Beside
+# Table 2's rows: the causal (streaming) TCN + self-attention student, without and with transfer.
 #
 #   bash run_all.sh                      # the built-in demo corpus, demo-sized settings
 #   bash run_all.sh --data /path/to/IEMOCAP_full_release
@@ -32,8 +33,8 @@ while [ $# -gt 0 ]; do
         --jobs=*) JOBS=${1#*=} ;;
         --at-weight=*) AT_WEIGHT=${1#*=} ;;
         --dry-run) DRY=1 ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        --fold|--fold=*|--name|--name=*|--encoder|--encoder=*|--attention|--attention=*|--resume|--no-resume)
+        -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --fold|--fold=*|--name|--name=*|--encoder|--encoder=*|--attention|--attention=*|--resume|--no-resume|--causal|--no-causal)
             echo "run_all.sh: $1 is set by run_all.sh itself for each training" >&2; exit 2 ;;
         *) EXTRA+=("$1") ;;
     esac
@@ -101,19 +102,23 @@ drain() {  # wait for every background training; each failure left a .failed mar
 if [ "$TRANSFER" = 1 ]; then
     for k in $(seq "$FOLDS"); do run "teacher-fold$k" "$PY" "$SATN" teacher --fold "$k" "${COMMON[@]}"; done
 fi
+# The student configurations (run names without "-at", and their options): Table 2's four, then
+# the causal student (satn.py's REPORT_ROWS gives each its label in the report).
+CONFIG_NAMES=(blstm-soft blstm-self tcn-soft tcn-self tcn-self-causal)
+CONFIG_OPTIONS=("--encoder blstm --attention soft" "--encoder blstm --attention self" "--encoder tcn --attention soft"
+                "--encoder tcn --attention self" "--encoder tcn --attention self --causal")
 # The rows without transfer do not need the teachers: they fill free slots meanwhile.
 for at in 0 1; do
     if [ "$at" = 1 ]; then
         [ "$TRANSFER" = 0 ] && break
         drain   # every teacher has finished before a student imitates one
     fi
-    for enc in blstm tcn; do
-        for att in soft self; do
-            w=0; [ "$at" = 1 ] && w=$AT_WEIGHT
-            for k in $(seq "$FOLDS"); do
-                run "student-$enc-$att$([ "$at" = 1 ] && echo -at)-fold$k" \
-                    "$PY" "$SATN" student --encoder $enc --attention $att --at-weight "$w" --fold "$k" "${COMMON[@]}"
-            done
+    for i in "${!CONFIG_NAMES[@]}"; do
+        w=0; [ "$at" = 1 ] && w=$AT_WEIGHT
+        for k in $(seq "$FOLDS"); do
+            # shellcheck disable=SC2086  # the options are words
+            run "student-${CONFIG_NAMES[$i]}$([ "$at" = 1 ] && echo -at)-fold$k" \
+                "$PY" "$SATN" student ${CONFIG_OPTIONS[$i]} --at-weight "$w" --fold "$k" "${COMMON[@]}"
         done
     done
 done
