@@ -309,7 +309,7 @@ class FeatureStream:
         return self._out(lm, final=True)
 
 
-STREAM_NORM_PRIOR = 10.0   # s: weight of the training statistics in running normalisation, as frames of audio
+STREAM_NORM_PRIOR = 2.0    # s: weight of the training statistics in running normalisation, as frames of audio
 
 
 def running_normalise(x, mean, std, prior=STREAM_NORM_PRIOR, state=None):
