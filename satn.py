@@ -1743,7 +1743,7 @@ class StudentConfig(RunConfig):
     causal: bool = _f(False, "streaming student: the TCN, self-attention over a window of the past only, and a "
                              "running mean of its output instead of pooling, classified at every frame")
     attn_window: float = _f(3.0, "causal student: seconds of the past each frame attends to")
-    summary_window: float = _f(3.0, "causal student: seconds averaged by the running mean that is classified")
+    summary_window: float = _f(1.0, "causal student: seconds averaged by the running mean that is classified")
     frame_loss: float = _f(0.5, "causal student: weight of the loss at every frame after the warm-up (0: the "
                                 "utterance's last frame only)")
     warmup: float = _f(1.0, "causal student: seconds from an utterance's start before the frame loss counts")
