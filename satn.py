@@ -35,8 +35,9 @@ import dataclasses
 import functools
 import hashlib
 import importlib
-import io
 import importlib.util
+import io
+import itertools
 import json
 import logging
 import math
@@ -3690,6 +3691,7 @@ PREDICT_HOP = 4.0      # s: ...every this many seconds, and the class probabilit
 PREDICT_BATCH = 16     # windows per forward pass: memory does not grow with the file's length
 PREDICT_MIN_WINDOW = 0.1   # s: shortest --window (10 frames)
 PREDICT_MAX_WINDOW = 60.0  # s: longest --window (self-attention memory grows with its square)
+PREDICT_READ_SECONDS = 30.0  # s: predict reads (and featurises) files in blocks of this length
 PREDICT_MIN_SPEAKER_SECONDS = 30.0  # s of input needed to estimate a speaker's statistics (--norm auto)
 
 
@@ -3720,29 +3722,138 @@ def audio_files(inputs):
     return out
 
 
+def audio_blocks(path, seconds=None):
+    """The samples of load_audio(path), read and yielded in blocks of about `seconds`
+    (default PREDICT_READ_SECONDS): memory does not grow with the file's length. The same
+    checks, raising ValueError naming the file (a silent file once its end is reached).
+    Other sample rates are resampled block by block with enough context on both sides for
+    the polyphase filter, so the blocks join into what load_audio resamples at once."""
+    import soundfile as sf
+    from scipy.signal import resample_poly
+    seconds = PREDICT_READ_SECONDS if seconds is None else seconds
+    name = str(path)
+    try:
+        if name.lower().endswith(".wav") and _wav_truncated(name):
+            raise ValueError("truncated (the header promises more samples than the file holds)")
+        f = sf.SoundFile(name)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    except Exception as e:  # soundfile raises its own error types, or OSError
+        raise ValueError(f"{name}: unreadable audio ({_first_line(e)})") from None
+    with f:
+        g = math.gcd(f.samplerate, SAMPLE_RATE)
+        up, down = SAMPLE_RATE // g, f.samplerate // g
+        n_in = max(1, int(seconds * f.samplerate) // down) * down       # input samples per block
+        ctx = 0 if up == down else down * math.ceil((10 * max(up, down) / up + 2) / down)  # filter reach
+        if ctx and not f.seekable():
+            yield load_audio(name)
+            return
+        sound, start = False, 0
+        while True:
+            try:
+                if ctx:
+                    f.seek(max(0, start - ctx))
+                    x = f.read(min(n_in + 2 * ctx, start + n_in + ctx), dtype="float32", always_2d=True)
+                else:
+                    x = f.read(n_in, dtype="float32", always_2d=True)
+            except Exception as e:
+                raise ValueError(f"{name}: unreadable audio ({_first_line(e)})") from None
+            x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
+            if not np.isfinite(x).all():
+                raise ValueError(f"{name}: {int((~np.isfinite(x)).sum())} samples are not finite (NaN or inf)")
+            sound = sound or bool(np.any(x))
+            if ctx:
+                pre = min(ctx, start)                                    # context read before the block
+                last = len(x) - pre <= n_in                              # no context after it: the end
+                lo = pre * up // down
+                y = resample_poly(x, up, down).astype(np.float32) if len(x) else x
+                block = y[lo:] if last else y[lo:lo + n_in * up // down]
+            else:
+                last, block = len(x) < n_in, x
+            if start == 0 and len(block) == 0:
+                raise ValueError(f"{name}: empty audio file")
+            if len(block):
+                yield np.ascontiguousarray(block, dtype=np.float32)
+            start += n_in
+            if last or len(block) == 0:
+                break
+        if not sound:
+            raise ValueError(f"{name}: silent audio file (all samples are zero)")
+
+
+def stream_features(path, seconds=None):
+    """features() of a file, as (k, 120) frames per block of audio_blocks (FeatureStream)."""
+    stream = FeatureStream()
+    for block in audio_blocks(path, seconds):
+        yield stream.push(block)
+    yield stream.finish()
+
+
+def _window_starts(T, win, step):
+    """First frames of the windows of a T-frame input: every `step` frames, plus one ending at the end."""
+    starts = list(range(0, max(T - win, 0) + 1, step))
+    if starts[-1] + win < T:
+        starts.append(T - win)            # the tail is covered too
+    return starts
+
+
 @torch.no_grad()
+def _average_windows(model, windows):
+    """Class probabilities averaged over (120, t) windows (any iterable), weighted by their
+    length, PREDICT_BATCH windows per forward pass."""
+    device = next(model.parameters()).device
+    total, weight, batch = 0.0, 0, []
+    for w in itertools.chain(windows, [None]):
+        if w is not None:
+            batch.append(w)
+        if batch and (w is None or len(batch) == PREDICT_BATCH):
+            x, lengths = collate(batch, device)
+            logits, _ = model(x, lengths)
+            total = total + (torch.softmax(logits.float(), -1) * lengths[:, None]).sum(0)
+            weight += int(lengths.sum())
+            batch = []
+    return (total / weight).cpu().numpy()
+
+
 def predict_file(model, feats, window=PREDICT_WINDOW, hop=PREDICT_HOP):
     """Class probabilities for one utterance's (120, T) normalised features.
 
     Longer inputs are cut into overlapping windows (batched) and their
     probabilities averaged, weighted by window length, so memory stays bounded."""
     win, step = int(window / HOP_SECONDS), int(hop / HOP_SECONDS)
-    T = feats.shape[1]
-    starts = list(range(0, max(T - win, 0) + 1, step))
-    if starts[-1] + win < T:
-        starts.append(T - win)            # the tail is covered too
-    device = next(model.parameters()).device
-    total, weight = 0.0, 0
-    for i in range(0, len(starts), PREDICT_BATCH):   # a bounded number of windows at a time
-        x, lengths = collate([feats[:, s:s + win] for s in starts[i:i + PREDICT_BATCH]], device)
-        logits, _ = model(x, lengths)
-        total = total + (torch.softmax(logits.float(), -1) * lengths[:, None]).sum(0)
-        weight += int(lengths.sum())
-    return (total / weight).cpu().numpy()
+    return _average_windows(model, (feats[:, s:s + win] for s in _window_starts(feats.shape[1], win, step)))
+
+
+def stream_windows(path, T, mean, std, window=PREDICT_WINDOW, hop=PREDICT_HOP, seconds=None):
+    """The normalised (120, t) windows predict_file cuts from a T-frame file, made while the
+    file is read block by block: at most one window and one block of frames are held."""
+    win, step = int(window / HOP_SECONDS), int(hop / HOP_SECONDS)
+    starts, i = _window_starts(T, win, step), 0
+    buf, base = np.zeros((0, FEAT_CHANNELS), np.float32), 0          # frames base.. of the file
+    for frames in stream_features(path, seconds):
+        buf = np.concatenate([buf, ((frames - mean) / std).astype(np.float32)])
+        end = base + len(buf)
+        while i < len(starts) and (starts[i] + win <= end or end == T):
+            s = starts[i]
+            yield np.ascontiguousarray(buf[s - base:s - base + win].T)   # (120, t)
+            i += 1
+        if i < len(starts) and starts[i] > base:
+            buf, base = buf[starts[i] - base:], starts[i]
+
+
+def _frames_of(path):
+    """Frames of a file, read block by block with load_audio's checks (ValueError naming it)."""
+    n = sum(len(b) for b in audio_blocks(path))
+    win, hop, _ = frame_params(SAMPLE_RATE)
+    return 1 + (max(n, win) - win) // hop
 
 
 def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDOW, hop=PREDICT_HOP):
-    """Print the predicted emotion and class probabilities of each audio file. Returns 1 if any file failed."""
+    """Print the predicted emotion and class probabilities of each audio file. Returns 1 if any file failed.
+
+    Files are read block by block, twice (three times for the inputs' own statistics):
+    first to check them and count their frames, then window by window to classify
+    them, so memory does not grow with a file's length nor with the number of files."""
     _require(PREDICT_MIN_WINDOW <= window <= PREDICT_MAX_WINDOW and HOP_SECONDS <= hop <= window,
              f"predict needs --window in [{PREDICT_MIN_WINDOW}, {PREDICT_MAX_WINDOW}] s and --hop in "
              f"[{HOP_SECONDS}, --window] s, got --window {window} --hop {hop}")
@@ -3750,14 +3861,14 @@ def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDO
     files = audio_files(inputs)
     if not files:
         raise DataError(f"no audio files in {' '.join(map(str, inputs))}")
-    feats, failed = {}, 0
+    frames, failed = {}, 0
     for f in files:
         try:
-            feats[f] = features(load_audio(f)).reshape(FEAT_CHANNELS, -1)
+            frames[f] = _frames_of(f)
         except ValueError as e:
-            feats[f] = e
-    good = [x for x in feats.values() if not isinstance(x, Exception)]
-    seconds = sum(x.shape[1] for x in good) * HOP_SECONDS
+            frames[f] = e
+    good = [f for f, T in frames.items() if not isinstance(T, Exception)]
+    seconds = sum(frames[f] for f in good) * HOP_SECONDS
     if norm == "auto":
         # A per-speaker-normalised model expects a speaker's own statistics: take the
         # inputs as one speaker when they are long enough to estimate them.
@@ -3767,15 +3878,15 @@ def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDO
                  f"(< {PREDICT_MIN_SPEAKER_SECONDS:.0f} s), so expect lower accuracy" if norm == "checkpoint" and ck["norm"]["mode"] == "speaker" else ""),
               file=sys.stderr)
     if norm == "inputs" and good:   # the inputs are taken to be one speaker: per-speaker normalisation
-        mean, std = feature_stats(good)
+        mean, std = feature_stats(x.T for f in good for x in stream_features(f))
     else:                           # the training split's statistics, stored in the checkpoint
         mean, std = ck["norm"]["mean"].numpy(), ck["norm"]["std"].numpy()
-    for f, x in feats.items():
-        if isinstance(x, Exception):
+    for f, T in frames.items():
+        if isinstance(T, Exception):
             failed += 1
-            print(json.dumps({"file": str(f), "error": str(x)}) if as_json else f"{f}\terror: {x}", flush=True)
+            print(json.dumps({"file": str(f), "error": str(T)}) if as_json else f"{f}\terror: {T}", flush=True)
             continue
-        probs = predict_file(model, ((x - mean[:, None]) / std[:, None]).astype(np.float32), window, hop)
+        probs = _average_windows(model, stream_windows(f, T, mean, std, window, hop))
         if not np.isfinite(probs).all():   # never print NaN (nor invalid JSON): the file fails
             failed += 1
             msg = f"{f}: the model's probabilities are not finite (NaN or inf)"
@@ -3783,7 +3894,7 @@ def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDO
             continue
         best = classes[int(np.argmax(probs))]
         if as_json:
-            print(json.dumps({"file": str(f), "prediction": best, "seconds": round(x.shape[1] * HOP_SECONDS, 2),
+            print(json.dumps({"file": str(f), "prediction": best, "seconds": round(T * HOP_SECONDS, 2),
                               "probabilities": {c: round(float(p), 4) for c, p in zip(classes, probs)}}), flush=True)
         else:
             print(f"{f}\t{best}\t" + " ".join(f"{c} {p:.3f}" for c, p in zip(classes, probs)), flush=True)

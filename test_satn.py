@@ -2517,14 +2517,24 @@ def test_predict_norm_auto(trained, predict_inputs, capsys, monkeypatch):
     root, ckpt = predict_inputs["root"], trained["at_dir"] / "best.pt"
     ck = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert ck["norm"]["mode"] == "speaker"
-    seen, real = [], satn.predict_file
-    monkeypatch.setattr(satn, "predict_file", lambda model, x, *a: (seen.append(x), real(model, x, *a))[1])
-    assert satn.main(["predict", "--checkpoint", str(ckpt), str(root / "sub" / "long.wav")]) == 0
+    seen, real = [], satn._average_windows
+
+    def capture(model, windows):
+        windows = list(windows)
+        seen.append(windows)
+        return real(model, windows)
+
+    monkeypatch.setattr(satn, "_average_windows", capture)
+    assert satn.main(["predict", "--checkpoint", str(ckpt), "--window", "8", "--hop", "8",
+                      str(root / "sub" / "long.wav")]) == 0
     err = capsys.readouterr().err
-    print(err, np.abs(seen[0].mean(1)).max(), seen[0].std(1).min())
-    assert "all inputs" in err
-    np.testing.assert_allclose(seen[0].mean(1), 0, atol=1e-3)     # the input's own statistics
-    np.testing.assert_allclose(seen[0].std(1), 1, atol=1e-3)
+    windows = seen[0]                    # end to end, then one ending at the last frame
+    T = sum(w.shape[1] for w in windows[:-1])
+    whole = np.concatenate(windows[:-1] + [windows[-1][:, 800 - (60000 - T):]], axis=1)
+    print(err, whole.shape, np.abs(whole.mean(1)).max(), whole.std(1).min())
+    assert "all inputs" in err and whole.shape == (satn.FEAT_CHANNELS, 60000)
+    np.testing.assert_allclose(whole.mean(1), 0, atol=1e-3)     # the input's own statistics
+    np.testing.assert_allclose(whole.std(1), 1, atol=1e-3)
     seen.clear()
     assert satn.main(["predict", "--checkpoint", str(ckpt), str(root / "top.wav")]) == 0
     err = capsys.readouterr().err
@@ -2532,7 +2542,8 @@ def test_predict_norm_auto(trained, predict_inputs, capsys, monkeypatch):
     assert "checkpoint" in err and "lower accuracy" in err
     raw = satn.features(satn.load_audio(root / "top.wav")).reshape(satn.FEAT_CHANNELS, -1)
     want = (raw - ck["norm"]["mean"].numpy()[:, None]) / ck["norm"]["std"].numpy()[:, None]
-    np.testing.assert_allclose(seen[0], want, atol=1e-4)
+    assert len(seen[0]) == 1
+    np.testing.assert_allclose(seen[0][0], want, atol=1e-4)
 
 
 def test_predict_file_averages_windows(trained):
@@ -3856,3 +3867,26 @@ def test_run_all_recipe_goes_to_the_students_only(tmp_path):
     students = [c for c in calls if c[1] == "student"]
     assert len(students) == 45 and all(("--recipe", "robust") in zip(c, c[1:]) for c in students)
     assert not any("--recipe" in c for c in calls if c[1] != "student")
+
+
+@pytest.mark.parametrize("sr, channels", [(16000, 1), (44100, 2)])
+def test_predict_reads_long_files_block_by_block_with_the_same_windows(tmp_path, sr, channels):
+    # the blocks of 1.3 s join into load_audio's samples, resampled or not, and the windows
+    # made while reading are those cut from the features of the whole file
+    x = (np.random.default_rng(0).standard_normal((int(7.3 * sr), channels)) * 0.1).astype(np.float32)
+    path = tmp_path / "long.wav"
+    sf.write(str(path), x, sr, subtype="PCM_16")
+    whole = satn.load_audio(path)
+    blocks = list(satn.audio_blocks(path, 1.3))
+    assert len(blocks) == 6 and max(map(len, blocks)) <= 1.3 * SR
+    np.testing.assert_array_equal(np.concatenate(blocks), whole)
+    feats = satn.features(whole).reshape(satn.FEAT_CHANNELS, -1)
+    T = feats.shape[1]
+    mean, std = feats.mean(1), feats.std(1) + 1e-5
+    normed = ((feats - mean[:, None]) / std[:, None]).astype(np.float32)
+    for window, hop in ((2.0, 0.7), (0.5, 0.5), (8.0, 4.0)):
+        win, step = int(window * 100), int(hop * 100)
+        got = list(satn.stream_windows(path, T, mean, std, window, hop, seconds=1.3))
+        want = [normed[:, s:s + win] for s in satn._window_starts(T, win, step)]
+        assert len(got) == len(want) and all(a.shape == b.shape for a, b in zip(got, want))
+        np.testing.assert_allclose(np.concatenate(got, 1), np.concatenate(want, 1), atol=1e-5)
