@@ -2946,10 +2946,18 @@ def finished(run_dir, cfg):
     if not final.is_file():
         return False
     try:
-        done = read_json(final).get("config", {})
+        record = read_json(final)
     except DataError as e:
         print(f"warning: {e}; the run is taken as unfinished (--resume evaluates it again from its checkpoints)")
         return False
+    done = record.get("config", {})
+    if record.get("held_out") is not None:   # fold k is the k-th session: another session if sessions changed
+        sessions = session_order({u.session for u in load_corpus(cfg.data, "all", False, True)})
+        now = sessions[cfg.fold - 1] if cfg.fold <= len(sessions) else None
+        if now != record["held_out"]:
+            raise DataError(f"{run_dir} holds a run that held out session {record['held_out']}, but fold {cfg.fold} "
+                            f"of this corpus is {f'session {now}' if now else 'no session'} (sessions added or "
+                            f"removed?): use --runs or delete the folder")
     diff = _config_diff(done, cfg, _RESUME_IGNORES - {"epochs"}, run_dir)
     if diff == ["epochs"] and cfg.resume:
         if cfg.epochs < done["epochs"]:

@@ -3558,9 +3558,13 @@ def test_held_out_session_is_checked_on_resume_and_against_the_teacher(tmp_path,
     assert json.loads((d / "config.json").read_text())["held_out"] == "s2"
     # session s1 leaves the corpus: fold 2 is s3 now
     _small_corpus(tmp_path / "c", sessions=("s2", "s3"), text="hello there")
+    rc, out, err = _tiny_student(csv_path, runs, "--fold", "2", "--at-weight", "0")     # finished: not reused
+    print(out, err)
+    assert rc == 2 and "held out session s2" in err and "session s3" in err
+    (d / "final.json").unlink()                                                       # unfinished: not resumed
     rc, out, err = _tiny_student(csv_path, runs, "--fold", "2", "--at-weight", "0", "--resume", "--epochs", "2")
     print(out, err)
-    assert rc == 2 and "held out session s2" in err and "s3" in err
+    assert rc == 2 and "last.pt held out session s2" in err and "session s3" in err
     rc, out, err = _tiny_student(csv_path, runs, "--fold", "2", "--at-weight", "1")
     print(out, err)
     assert rc == 2 and "teacher" in err and "held out session s2" in err
