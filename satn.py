@@ -4017,6 +4017,50 @@ def _bench_time(fn, device, repeats, flush=None):
     return statistics.median(times)
 
 
+def bench_predict(durations=(1, 600, 1800)):
+    """Peak resident memory of `predict` against the length of the file: synthetic 16 kHz
+    noise of each duration (s), classified by a randomly initialised student of the demo
+    configuration, each in a fresh process (its ru_maxrss). Prints a table; returns the rows."""
+    import subprocess
+    import tempfile
+    import soundfile as sf
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        demo = {f.name: f.metadata["demo"] for f in dataclasses.fields(StudentConfig) if f.metadata.get("demo") is not None}
+        cfg = StudentConfig(**demo)
+        torch.manual_seed(0)
+        model = Student(cfg, len(EMOTIONS))
+        atomic_save({"model": model.state_dict(), "config": dataclasses.asdict(cfg), "classes": list(EMOTIONS),
+                     "norm": {"mode": "speaker", "mean": torch.zeros(FEAT_CHANNELS), "std": torch.ones(FEAT_CHANNELS)}},
+                    tmp / "student.pt")
+        rng = np.random.default_rng(0)
+        code = ("import resource, sys; sys.path.insert(0, sys.argv[1]); import satn; "
+                "rc = satn.main(['predict', '--norm', 'checkpoint', '--checkpoint', sys.argv[2], sys.argv[3]]); "
+                "print(rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+        print(f"predict: peak resident memory against file length (one process per file, {torch.get_num_threads()} "
+              f"threads available; student of the demo configuration, synthetic 16 kHz audio)")
+        print(f"{'audio':>10} {'peak RSS':>10} {'wall':>8}")
+        for seconds in durations:
+            path = tmp / f"{seconds}s.wav"
+            with sf.SoundFile(str(path), "w", SAMPLE_RATE, 1, "PCM_16") as f:
+                for i in range(0, seconds, 60):                  # written a minute at a time
+                    n = min(60, seconds - i) * SAMPLE_RATE
+                    t = np.arange(n) / SAMPLE_RATE
+                    f.write((0.1 * rng.standard_normal(n) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32))
+            t0 = time.time()
+            r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent), str(tmp / "student.pt"),
+                                str(path)], capture_output=True, text=True)
+            wall = time.time() - t0
+            last = r.stderr.strip().splitlines()[-1].split() if r.stderr.strip() else []
+            if r.returncode != 0 or len(last) != 2 or last[0] != "0":
+                raise RuntimeError(f"bench predict: the run on {seconds} s failed: {r.stderr.strip()[-300:]}")
+            mb = int(last[1]) / 1024                                  # ru_maxrss is in KiB on Linux
+            rows.append({"seconds": seconds, "peak_rss_mb": mb, "wall_s": wall})
+            print(f"{seconds:>9d}s {mb:>8.0f} MB {wall:>7.1f}s", flush=True)
+    return rows
+
+
 def bench_features(seconds=60.0, repeats=20):
     """Front-end throughput on `seconds` of 16 kHz noise, one thread, against librosa when importable."""
     torch.set_num_threads(1)
@@ -4247,7 +4291,7 @@ def main(argv=None):
     p.add_argument("--runs", default="runs", help="output root of the runs (default: runs)")
     p.add_argument("--per-seed", action="store_true", help="also Table 2 and the tests of each seed on its own")
     p = sub.add_parser("bench", help="throughput benchmarks")
-    p.add_argument("what", choices=("features", "kernel"))
+    p.add_argument("what", choices=("features", "kernel", "predict"))
     p.add_argument("--device", default="auto", help="kernel benchmark device (default: auto)")
     p = sub.add_parser("build-kernels", help="compile the fused causal-conv extension and say what was built")
     p.add_argument("--cuda", action="store_true", help="also compile the CUDA part, even without a GPU")
@@ -4278,7 +4322,10 @@ def main(argv=None):
         elif args.command == "report":
             report(args.runs, args.per_seed)
         elif args.command == "bench":
-            bench_features() if args.what == "features" else bench_kernel(args.device)
+            if args.what == "predict":
+                bench_predict()
+            else:
+                bench_features() if args.what == "features" else bench_kernel(args.device)
         elif args.command == "build-kernels":
             return build_kernels(args.cuda)
     except (DataError, TrainingError) as e:
