@@ -79,6 +79,7 @@ CMU_PHONES = ("AA AE AH AO AW AY B CH D DH EH ER EY F G HH IH IY JH K L M N NG O
 WORD_BOUNDARY = "|"
 PAD, SOS, EOS, UNK = "<pad>", "<sos>", "<eos>", "<unk>"
 PHONE_VOCAB = (PAD, SOS, EOS, UNK, WORD_BOUNDARY, *CMU_PHONES)  # index 0 is padding (and the CTC blank)
+NEVER_EMITTED = 2          # <pad> and <sos> (indices 0, 1) are never decoder outputs
 
 
 class DataError(Exception):
@@ -504,8 +505,9 @@ class NearestWord:
     The distance to every word is computed at once (numpy over the vocabulary), and
     results are memoised, so WER over a test set costs seconds, not minutes."""
 
-    def __init__(self, words_to_phones):
-        self.words = sorted(words_to_phones)
+    def __init__(self, words_to_phones, counts=None):
+        counts = counts or {}                   # ties (homophones) go to the most frequent word
+        self.words = sorted(words_to_phones, key=lambda w: (-counts.get(w, 0), w))
         prons = [words_to_phones[w] for w in self.words]
         self.lengths = np.array([len(p) for p in prons])
         index = {p: i + 1 for i, p in enumerate(sorted({p for pr in prons for p in pr}))}
@@ -639,14 +641,16 @@ def load_iemocap(root, subset="impro", verbose=True, all_labels=False):
 MANIFEST_COLUMNS = ("path", "label", "speaker", "session")
 
 
-def load_manifest(csv_path, verbose=True):
+def load_manifest(csv_path, verbose=True, asr=False):
     """Read a CSV manifest with header path,label,speaker,session[,text] (UTF-8).
 
     Paths are resolved against the CSV's folder; the class set is whatever the
     labels are. Every problem is reported with its row before anything trains: a
     row with more fields than the header (an unquoted comma), and one audio file
-    named twice, also under two spellings (./a.wav and a.wav)."""
+    named twice, also under two spellings (./a.wav and a.wav). asr=True reads an ASR
+    corpus: path,speaker,text are required, label and session not."""
     csv_path = Path(csv_path)
+    required = ("path", "speaker", "text") if asr else MANIFEST_COLUMNS
     raw = csv_path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")  # -sig: spreadsheets write a BOM
@@ -656,10 +660,11 @@ def load_manifest(csv_path, verbose=True):
                         f"save the manifest as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet)") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
     header = [h.strip() for h in (reader.fieldnames or [])]
-    missing = [c for c in MANIFEST_COLUMNS if c not in header]
+    missing = [c for c in required if c not in header]
     unknown = [c for c in header if c not in MANIFEST_COLUMNS + ("text",)]
     if missing or unknown:
-        raise DataError(f"{csv_path}: header must be path,label,speaker,session[,text]"
+        raise DataError(f"{csv_path}: header must be " + ("path,speaker,text[,label,session]" if asr else
+                                                          "path,label,speaker,session[,text]")
                         + (f"; missing {','.join(missing)}" if missing else "")
                         + (f"; unknown {','.join(unknown)}" if unknown else ""))
     rows = []
@@ -671,7 +676,7 @@ def load_manifest(csv_path, verbose=True):
         rows.append(({k.strip(): (v or "").strip() for k, v in r.items() if k is not None}, reader.line_num))
     utts, seen, absent = [], {}, []
     for r, line in rows:
-        empty = [c for c in MANIFEST_COLUMNS if not r.get(c)]
+        empty = [c for c in required if c != "text" and not r.get(c)]
         if empty:
             raise DataError(f"{csv_path}:{line}: empty {','.join(empty)}")
         path = (csv_path.parent / r["path"]).resolve()
@@ -684,7 +689,7 @@ def load_manifest(csv_path, verbose=True):
         seen[path] = (line, uid)
         if not path.is_file():
             absent.append(f"line {line}: {r['path']}")
-        utts.append(Utterance(uid, str(path), r["label"], r["speaker"], r["session"], r.get("text", "")))
+        utts.append(Utterance(uid, str(path), r.get("label", ""), r["speaker"], r.get("session", ""), r.get("text", "")))
     if absent:
         raise DataError(f"{csv_path}: {len(absent)} audio files do not exist ({'; '.join(absent[:3])}"
                         + (", ..." if len(absent) > 3 else "") + ")")
@@ -705,8 +710,9 @@ def load_manifest(csv_path, verbose=True):
 DEMO_DIR = Path("data/demo")
 
 
-def load_corpus(data=None, subset="impro", verbose=True, all_labels=False):
-    """--data: an IEMOCAP folder, a .csv manifest, or None for the built-in demo corpus."""
+def load_corpus(data=None, subset="impro", verbose=True, all_labels=False, asr=False):
+    """--data: an IEMOCAP folder, a .csv manifest, or None for the built-in demo corpus
+    (asr=True: a manifest needs no label or session column)."""
     if data is None:
         ensure_demo_corpus(DEMO_DIR)
         data = DEMO_DIR
@@ -716,7 +722,7 @@ def load_corpus(data=None, subset="impro", verbose=True, all_labels=False):
     if data.is_dir():
         return load_iemocap(data, subset, verbose, all_labels)
     if data.suffix.lower() == ".csv":
-        return load_manifest(data, verbose)
+        return load_manifest(data, verbose, asr)
     raise DataError(f"--data {data}: neither an IEMOCAP folder nor a .csv manifest")
 
 
@@ -730,64 +736,221 @@ def emotion_utterances(utts, data, verbose=True):
     return utts
 
 
+FEATURE_CACHE_VERSION = 2       # bump when the cache layout changes
+UNREADABLE_SHARE_LIMIT = 0.1    # more files than this share unreadable (missing, no permission): stop, loudly
+POOL_MIN_FILES = 64             # fewer files than this are computed in-process (a pool's start costs seconds)
+
+
 def _feature_key(utts, speed=1.0):
-    """Cache key: every file's identity, the feature parameters and the speed-perturbation factor."""
-    params = [SAMPLE_RATE, WIN_SECONDS, HOP_SECONDS, N_FFT, N_MELS, LOG_FLOOR, DELTA_N] + ([speed] if speed != 1 else [])
-    h = hashlib.sha1(json.dumps(params).encode())
+    """Cache key: the feature parameters, the speed factor, and every file's identity.
+
+    A file that cannot be stat'ed (a missing folder, an unmounted disk) enters the key
+    as missing, so the corpus is read again once it is back."""
+    h = hashlib.sha1(json.dumps([FEATURE_CACHE_VERSION, SAMPLE_RATE, WIN_SECONDS, HOP_SECONDS, N_FFT, N_MELS,
+                                 LOG_FLOOR, DELTA_N, speed]).encode())
     for u in sorted(utts, key=lambda u: u.path):
-        st = os.stat(u.path)
-        h.update(f"{u.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        try:
+            st = os.stat(u.path)
+            stamp = f"{st.st_size}\0{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        h.update(f"{u.path}\0{stamp}\n".encode())
     return h.hexdigest()[:16]
 
 
-def compute_features(utts, cache_dir="runs/cache", verbose=True, speed=1.0):
-    """Features of every utterance, computed once and cached on disk.
+def _utterance_features(job):
+    """One file's cache entry: ("ok", (T, 120) float32 frames, (2, 120) float64 mean and sum of
+    squared deviations), ("format", message) for a file that is not valid audio (cached), or
+    ("io", message) for one that is missing or unreadable now (not cached: retried next time).
 
-    Returns (kept utterances, list of (3, 40, T) float32 arrays). Unreadable,
-    empty, silent or truncated files are skipped and named in one summary line.
-    speed != 1: features of the speed-perturbed audio (speed_perturb), cached apart."""
-    cache = Path(cache_dir) / f"features-{_feature_key(utts, speed)}.npz"
-    z = None
-    if cache.is_file():
-        try:
-            z = np.load(cache)
-            data, lengths, ids = z["data"], z["lengths"], list(z["ids"])
-            failed = [tuple(x.split("\t", 1)) for x in z["failed"]]
-        except Exception as e:  # a damaged cache is only a cache: compute it again
-            print(f"warning: unreadable feature cache {cache} ({type(e).__name__}); recomputing")
-            z = None
-    if z is None:
-        arrays, ids, failed, t0 = [], [], [], time.time()
+    Runs in the pool's worker processes, one thread each: an utterance is too small to share."""
+    path, speed = job
+    torch.set_num_threads(1)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        return "io", f"{path}: {e.strerror or _first_line(e)}"
+    try:
+        x = features(speed_perturb(load_audio(path), speed)).reshape(FEAT_CHANNELS, -1).T   # (T, 120)
+    except ValueError as e:
+        if not os.access(path, os.R_OK):        # it went away while being read
+            return "io", str(e)
+        return "format", str(e)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    mean = x.mean(0, dtype=np.float64)                                               # (120,)
+    return "ok", x, np.stack([mean, ((x - mean) ** 2).sum(0)])                      # (2, 120)
+
+
+def _cache_paths(cache_dir, key):
+    """The three files of one cache: frames (N_frames, 120) float32, per-utterance moments
+    (N_utts, 2, 120) float64, and the JSON index (ids, offsets, lengths, failures)."""
+    base = Path(cache_dir) / f"features-{key}"
+    return base.with_suffix(".npy"), base.with_suffix(".moments.npy"), base.with_suffix(".json")
+
+
+def _write_cache(cache_dir, key, entries, failed=(), speed=1.0):
+    """Stream (path, frames (T, 120), moments (2, 120)) entries into the frames .npy (one
+    utterance at a time: memory does not grow with the corpus), then write the moments and
+    the index (with `failed`, [path, message] pairs, read after the entries). Each file is
+    written to a temporary name and renamed; the index last."""
+    frames_path, moments_path, index_path = _cache_paths(cache_dir, key)
+    frames_path.parent.mkdir(parents=True, exist_ok=True)
+    ids, lengths, moments = [], [], []
+
+    def header(f, n):
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (n, FEAT_CHANNELS)})
+
+    def write_frames(tmp):
+        with open(tmp, "wb") as f:
+            header(f, 0)                                  # rewritten below with the final count
+            start = f.tell()
+            for path, x, m in entries:
+                f.write(np.ascontiguousarray(x, dtype="<f4").tobytes())
+                ids.append(path)
+                lengths.append(len(x))
+                moments.append(m)
+            f.seek(0)
+            header(f, int(sum(lengths)))                  # numpy pads headers so the shape can grow in place
+            assert f.tell() == start, "npy header changed size"
+    write_atomically(frames_path, write_frames)
+    stacked = np.stack(moments) if moments else np.zeros((0, 2, FEAT_CHANNELS))
+    def write_moments(tmp):
+        with open(tmp, "wb") as f:   # a file object: np.save would append .npy to a name
+            np.save(f, stacked.astype(np.float64))
+    write_atomically(moments_path, write_moments)
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    write_json({"version": FEATURE_CACHE_VERSION, "speed": speed, "frames": int(offsets[-1]), "ids": ids,
+                "offsets": offsets[:-1].tolist(), "lengths": [int(n) for n in lengths], "failed": list(failed)},
+               index_path)
+
+
+def _read_cache(cache_dir, key):
+    """(index dict, frames memmap, moments array) of a complete cache, or None."""
+    frames_path, moments_path, index_path = _cache_paths(cache_dir, key)
+    if not index_path.is_file():
+        return None
+    try:
+        index = json.loads(index_path.read_text())
+        frames = np.load(frames_path, mmap_mode="r")     # mapped, not loaded; never pickles
+        moments = np.load(moments_path)
+        n = len(index["ids"])
+        if (index.get("version") != FEATURE_CACHE_VERSION or frames.dtype != np.float32
+                or frames.shape != (index["frames"], FEAT_CHANNELS) or moments.shape != (n, 2, FEAT_CHANNELS)
+                or len(index["lengths"]) != n or len(index["offsets"]) != n):
+            raise ValueError("sizes do not match the index")
+    except Exception as e:  # a damaged cache is only a cache: compute it again
+        print(f"warning: unreadable feature cache {index_path} ({type(e).__name__}: {_first_line(e)}); recomputing")
+        return None
+    return index, frames, moments
+
+
+def _pool_map(fn, jobs, workers):
+    """fn over jobs in order: in this process for few jobs, else in a pool of `workers` processes."""
+    if workers <= 1 or len(jobs) < POOL_MIN_FILES:
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # one utterance is too small to share; extra threads only contend
-        for i, u in enumerate(utts):
-            try:
-                arrays.append(features(speed_perturb(load_audio(u.path), speed)).reshape(FEAT_CHANNELS, -1).T)  # (T, 120)
-                ids.append(u.path)
-            except ValueError as e:
-                failed.append((u.path, str(e)))
-            if verbose and (i + 1 == len(utts) or (i + 1) % 50 == 0):
-                print(f"\rfeatures{f' (speed {speed})' if speed != 1 else ''}: {i + 1}/{len(utts)} utterances ({time.time() - t0:.1f} s)",
-                      end="\n" if i + 1 == len(utts) else "", flush=True)
-        torch.set_num_threads(threads)
-        lengths = np.array([len(a) for a in arrays], dtype=np.int64)
-        data = np.concatenate(arrays) if arrays else np.zeros((0, FEAT_CHANNELS), np.float32)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        def save(tmp):
-            with open(tmp, "wb") as out:  # a file object: np.savez would append .npz to a name
-                np.savez(out, data=data, lengths=lengths, ids=np.array(ids, dtype=str),
-                         failed=np.array(["\t".join(f) for f in failed], dtype=str))
-        write_atomically(cache, save)
+        try:
+            yield from map(fn, jobs)
+        finally:
+            torch.set_num_threads(threads)
+        return
+    import multiprocessing
+    # fork where there is one (no re-import of torch; the workers use one thread and no CUDA,
+    # as DataLoader's workers), spawn elsewhere
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers) as pool:
+        yield from pool.imap(fn, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers))))
+
+
+def compute_features(utts, cache_dir="runs/cache", verbose=True, speed=1.0, workers=0):
+    """Features of every utterance, computed once (on all cores) and cached on disk.
+
+    The cache is one .npy of frames (N_frames, 120), memory-mapped on reading, so
+    memory does not grow with the corpus, plus per-utterance moments (for the
+    normalisation statistics) and a JSON index. Returns (kept utterances, list of
+    (3, 40, T) float32 views into the mapped frames).
+
+    Files that are not valid audio (empty, silent, truncated, undecodable) are
+    skipped, named in one summary line and remembered in the cache. Files that are
+    missing or unreadable now are skipped and retried next time; when more than
+    UNREADABLE_SHARE_LIMIT of the corpus is in that state, it stops (after caching the
+    rest). `speed` keys a separate cache of speed-perturbed audio; workers: processes
+    (0: one per core)."""
+    key = _feature_key(utts, speed)
+    cached = _read_cache(cache_dir, key)
+    old = {}
+    if cached is not None:
+        index, frames, moments = cached
+        old = {p: (o, n, i) for i, (p, o, n) in enumerate(zip(index["ids"], index["offsets"], index["lengths"]))}
+        known = set(old) | {p for p, _ in index["failed"]}
+        todo = [u.path for u in utts if u.path not in known]
+    else:
+        index, todo = {"failed": []}, [u.path for u in utts]
+    io_failed = []
+    if todo:
+        workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        failed = list(index["failed"])
+        t0, done, seconds = time.time(), [0], [0.0]
+
+        def entries():
+            if cached is not None:       # the entries already cached, copied in their order
+                for p, (o, n, i) in old.items():
+                    yield p, frames[o:o + n], moments[i]
+            for path, r in zip(todo, _pool_map(_utterance_features, [(p, speed) for p in todo], workers)):
+                done[0] += 1
+                if r[0] == "ok":
+                    seconds[0] += len(r[1]) * HOP_SECONDS
+                    yield path, r[1], r[2]
+                else:
+                    (failed if r[0] == "format" else io_failed).append((path, r[1]))
+                if verbose and (done[0] == len(todo) or done[0] % 50 == 0):
+                    dt = time.time() - t0
+                    print(f"\rfeatures{f' (speed {speed})' if speed != 1 else ''}: {done[0]}/{len(todo)} files, {seconds[0] / 3600:.2f} h of audio "
+                          f"({dt:.1f} s, {seconds[0] / max(dt, 1e-9):.0f}x real time, {min(workers, len(todo))} "
+                          f"process{'es' if workers > 1 and len(todo) >= POOL_MIN_FILES else ''})",
+                          end="\n" if done[0] == len(todo) else "", flush=True)
+        _write_cache(cache_dir, key, entries(), failed, speed)
+        cached = _read_cache(cache_dir, key)
+        if cached is None:
+            raise DataError(f"the feature cache just written to {cache_dir} cannot be read back (full disk?)")
+        index, frames, moments = cached
+    failed = index["failed"]
     if failed:
         print(f"skipped {len(failed)} unreadable audio files: " + "; ".join(e for _, e in failed[:5])
               + (" ..." if len(failed) > 5 else ""))
-    if not ids:
+    if io_failed:
+        msg = (f"{len(io_failed)} of {len(utts)} audio files cannot be read now (" + "; ".join(e for _, e in io_failed[:3])
+               + (" ..." if len(io_failed) > 3 else "") + ")")
+        if len(io_failed) > UNREADABLE_SHARE_LIMIT * len(utts):
+            raise DataError(msg + ": is a disk unmounted or a folder missing? The readable files' features are "
+                                  "cached; run again once the files are back")
+        print(f"warning: {msg}; skipped now, retried next time")
+    if not index["ids"]:
         raise DataError("no audio file of the corpus could be read")
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    by_path = {p: i for i, p in enumerate(ids)}
+    return _cached_features(utts, index, frames, moments)
+
+
+def _cached_features(utts, index, frames, moments):
+    """(the utterances present in the cache, FeatureList of their (3, 40, T) mapped views)."""
+    by_path = {p: i for i, p in enumerate(index["ids"])}
     kept = [u for u in utts if u.path in by_path]
-    feats = [data[offsets[by_path[u.path]]:offsets[by_path[u.path] + 1]].T.reshape(3, N_MELS, -1) for u in kept]
-    return kept, feats
+    feats, stats = [], []
+    for u in kept:
+        i = by_path[u.path]
+        o, n = index["offsets"][i], index["lengths"][i]
+        feats.append(frames[o:o + n].T.reshape(3, N_MELS, n))          # (3, 40, T) view of (T, 120) rows
+        stats.append(moments[i])
+    return kept, FeatureList(feats, stats)
+
+
+class FeatureList(list):
+    """The (3, 40, T) feature arrays of compute_features, with each one's frame moments
+    (`moments[i]`: (2, 120) float64 mean and sum of squared deviations), so that statistics
+    never need the frames themselves."""
+
+    def __init__(self, feats, moments):
+        super().__init__(feats)
+        self.moments = moments
 
 
 def check_duplicate_audio(utts, feats):
@@ -817,53 +980,111 @@ def check_duplicate_audio(utts, feats):
 STD_FLOOR = 1e-5  # added to every standard deviation before dividing by it
 
 
-def feature_stats(feats):
+def _combine_moments(counts, moments):
+    """Mean and standard deviation (+STD_FLOOR) per channel from per-utterance frame counts and
+    (2, 120) moments (Chan et al.'s pairwise combination, in float64): two (120,) float32 arrays."""
+    if sum(counts) == 0:
+        raise DataError("no frames to compute normalisation statistics from")
+    n = np.asarray(counts, dtype=np.float64)[:, None]                  # (U, 1)
+    means, m2 = np.stack([m[0] for m in moments]), np.stack([m[1] for m in moments])  # (U, 120) each
+    mean = (n * means).sum(0) / n.sum()
+    var = (m2.sum(0) + (n * (means - mean) ** 2).sum(0)) / n.sum()
+    return mean.astype(np.float32), (np.sqrt(var) + STD_FLOOR).astype(np.float32)
+
+
+def _moments(f):
+    x = np.asarray(f, dtype=np.float64).reshape(FEAT_CHANNELS, -1)    # (120, T), one utterance at a time
+    mean = x.mean(1)
+    return np.stack([mean, ((x - mean[:, None]) ** 2).sum(1)])
+
+
+def feature_stats(feats, moments=None):
     """Mean and standard deviation per feature channel over all frames: two (120,) float32 arrays.
 
-    Accumulated utterance by utterance in float64 (merging each utterance's mean and
-    sum of squared deviations, Chan et al.), so memory stays one utterance's worth."""
-    n, mean, m2 = 0, np.zeros(FEAT_CHANNELS), np.zeros(FEAT_CHANNELS)
-    for f in feats:
-        x = f.reshape(FEAT_CHANNELS, -1).astype(np.float64)   # (120, T)
-        k = x.shape[1]
-        if k == 0:
-            continue
-        mu = x.mean(axis=1)
-        delta = mu - mean
-        mean = mean + delta * k / (n + k)
-        m2 = m2 + ((x - mu[:, None]) ** 2).sum(axis=1) + delta ** 2 * n * k / (n + k)
-        n += k
-    if n == 0:
-        raise DataError("no frames to compute normalisation statistics from")
-    return mean.astype(np.float32), (np.sqrt(m2 / n) + STD_FLOOR).astype(np.float32)
+    feats: (3, 40, T) or (120, T) arrays; moments: their precomputed (2, 120) moments
+    (from compute_features), else computed one utterance at a time (memory stays one
+    utterance's worth)."""
+    feats = list(feats)
+    if moments is None:
+        moments = [_moments(f) for f in feats]
+    return _combine_moments([f.shape[-1] for f in feats], moments)
+
+
+class Normalised(np.lib.mixins.NDArrayOperatorsMixin):
+    """An utterance's (120, T) float32 features, normalised when read: (x - mean) / std.
+
+    Holds a view of the memory-mapped cache and the statistics, so a corpus in this
+    form costs no memory; np.asarray(x) (as collate does, per batch) computes the array.
+    Indexing, .T, arithmetic and numpy functions see that array too."""
+    __slots__ = ("raw", "centre", "scale")   # not mean/std: np.mean(x) would call x.mean
+    dtype = np.dtype(np.float32)
+    ndim = 2
+
+    def __init__(self, raw, mean, std):
+        self.raw, self.centre, self.scale = raw, mean, std
+
+    @property
+    def shape(self):
+        return FEAT_CHANNELS, self.raw.shape[-1]
+
+    def __array__(self, dtype=None, copy=None):
+        x = (self.raw.reshape(FEAT_CHANNELS, -1) - self.centre[:, None]) / self.scale[:, None]   # (120, T)
+        return x.astype(dtype or np.float32, copy=False)
+
+    def __getitem__(self, key):
+        return np.asarray(self)[key]
+
+    def __len__(self):
+        return FEAT_CHANNELS
+
+    @property
+    def T(self):
+        return np.asarray(self).T
+
+    def copy(self):
+        return np.array(self)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        inputs = [np.asarray(x) if isinstance(x, Normalised) else x for x in inputs]
+        return getattr(ufunc, method)(*inputs, **kwargs)
 
 
 def normalisation_stats(utts, feats, mode="speaker", train=None):
-    """{speaker: (mean, std)} for mode="speaker", {None: (mean, std)} of the `train` utterances for "global"."""
+    """{speaker: (mean, std)} for mode="speaker", {None: (mean, std)} of the `train` utterances for "global".
+
+    From the per-utterance moments of compute_features when `feats` carries them (no frame
+    is read), else computed one utterance at a time."""
+    moments = getattr(feats, "moments", None) or [_moments(f) for f in feats]
+
+    def stats_of(chosen):
+        idx = [i for i, u in enumerate(utts) if chosen(u)]
+        return _combine_moments([feats[i].shape[-1] for i in idx], [moments[i] for i in idx])
     if mode == "global":
         train_ids = {u.id for u in train}
-        return {None: feature_stats([f for u, f in zip(utts, feats) if u.id in train_ids])}
+        return {None: stats_of(lambda u: u.id in train_ids)}
     if mode == "speaker":
-        return {s: feature_stats([f for u, f in zip(utts, feats) if u.speaker == s]) for s in {u.speaker for u in utts}}
+        return {s: stats_of(lambda u, s=s: u.speaker == s) for s in {u.speaker for u in utts}}
     raise DataError(f"unknown normalisation {mode!r}: use speaker or global")
 
 
-def normalise(utts, feats, mode="speaker", train=None, keep=None, stats=None):
+def normalise(utts, feats, mode="speaker", train=None, keep=None, stats=None, lazy=False):
     """Mean/variance normalisation -> list of (120, T) float32 arrays.
 
     mode="speaker": each speaker's statistics from all of that speaker's utterances
     (audio only, no labels; for a test speaker that includes the test utterances);
     mode="global": statistics of the `train` utterances only.
     With `keep` (a set of ids), only those utterances are returned (statistics still
-    come from all of them), which saves memory on a large corpus. `stats` (from
-    normalisation_stats) applies given statistics, e.g. to speed-perturbed copies."""
+    come from all of them). `stats` (from normalisation_stats) applies given statistics,
+    e.g. to speed-perturbed copies. lazy=True returns `Normalised` arrays, computed when
+    a batch reads them: memory does not grow with the corpus."""
     stats = stats if stats is not None else normalisation_stats(utts, feats, mode, train)
     out = []
     for u, f in zip(utts, feats):
         if keep is not None and u.id not in keep:
             continue
         mean, std = stats[u.speaker if mode == "speaker" else None]
-        out.append(((f.reshape(FEAT_CHANNELS, -1) - mean[:, None]) / std[:, None]).astype(np.float32))
+        x = Normalised(f, mean, std)
+        out.append(x if lazy else np.asarray(x))
     return out
 
 
@@ -2043,6 +2264,9 @@ class RunConfig:
                    choices=("speaker", "global"))
     epochs: int = _f(100, "training epochs")
     batch_size: int = _f(32, "utterances per batch (batches are bucketed by length)")
+    max_frames: int = _f(48000, "at most this many padded frames (utterances x longest, 100 per second) in a "
+                                "training or classification batch: a bucket of long utterances is split rather "
+                                "than exhausting memory (48000: 32 utterances up to 15 s); 0: no limit")
     lr: float = _f(1e-4, "Adam learning rate")
     clip: float = _f(5.0, "gradient-norm clipping threshold")
     seed: int = _f(0, "random seed (data order, initialisation, dropout)")
@@ -2057,6 +2281,7 @@ class RunConfig:
                                              f"or 0 for every fold")
         _in_range(self, "epochs", 1, MAX_EPOCHS)
         _in_range(self, "batch_size", 1, MAX_BATCH)
+        _require(self.max_frames >= 0, "--max-frames must be >= 0 (0: no limit)")
         _in_range(self, "threads", 0, MAX_THREADS)
         _in_range(self, "seed", 0, MAX_SEED)
         _require(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive finite number, got {self.lr}")
@@ -2073,7 +2298,7 @@ class RunConfig:
 # a typo from exhausting the machine (--blocks 40 asks for dilation 2^39, --threads 1e5
 # crashes the thread pool) with a one-line error instead.
 MAX_SIZE = {"channels": 4096, "kernel_size": 64, "heads": 64, "subsample": 64, "blocks": 12, "lstm_hidden": 4096,
-            "decoder": 4096, "embed": 4096, "att_dim": 4096, "max_phones": 10000}
+            "decoder": 4096, "embed": 4096, "att_dim": 4096, "beam": 1000, "loc_kernel": 1001}
 MAX_EPOCHS, MAX_BATCH, MAX_THREADS, MAX_FOLD = 100_000, 4096, 256, 1000
 MAX_SEED = 2 ** 32 - 1   # what numpy's and torch's generators both take
 
@@ -2099,20 +2324,39 @@ class TeacherConfig(RunConfig):
     decoder: int = _f(256, "LSTM decoder units (the paper's 256)")
     embed: int = _f(64, "phone embedding size of the decoder")
     att_dim: int = _f(128, "additive-attention size of the decoder")
+    loc_kernel: int = _f(15, "location-aware attention (Chorowski et al. 2015): width in encoder frames of the "
+                             "filters over the previous and the cumulative alignment (odd); 0: content-only attention")
     ctc_weight: float = _f(0.3, "weight of the joint CTC loss on the encoder (0: attention loss only)")
-    decode: str = _f("attention", "decoding for PER/WER and model selection: the attention decoder (greedy) "
-                                  "or the CTC head (best path); both PERs are logged", choices=("attention", "ctc"),
-                     demo="ctc")
-    max_phones: int = _f(200, "longest greedy decode, in tokens")
+    asr_data: str = _f(None, "train ONE teacher, for every fold, on this ASR corpus (a CSV manifest path,speaker,text "
+                             "or an IEMOCAP-layout folder) instead of one per fold on --data; it must share no "
+                             "speaker with --data; students use it with --teacher RUNS/teacher/asr")
+    decode: str = _f("joint", "decoding for the reported PER/WER and for model selection: joint CTC/attention beam "
+                              "search, the attention decoder alone (greedy), or the CTC head (best path); every "
+                              "decoding is reported at the end", choices=("joint", "attention", "ctc"))
+    dev_decode: str = _f("attention", "decoding of dev after each epoch, which selects the model: a cheap one (the "
+                                      "beam search of every dev utterance after every epoch would cost more than "
+                                      "the training on a CPU), or `same` as --decode; the final evaluation always "
+                                      "uses --decode", choices=("same", "joint", "attention", "ctc"))
+    beam: int = _f(10, "beam width of the joint decoding")
+    decode_ctc_weight: float = _f(0.3, "lambda of the joint decoding: its score is lambda * CTC prefix log-probability "
+                                       "+ (1 - lambda) * attention log-probability")
+    lexicon: bool = _f(True, "joint decoding emits only words of the training vocabulary (a prefix tree of their "
+                             "CMU pronunciations); --no-lexicon: free phone strings, mapped to the nearest word for WER")
 
     def __post_init__(self):
         super().__post_init__()
         self._check_encoder()
         _require(self.channels % self.heads == 0, f"--channels {self.channels} is not divisible by --heads {self.heads}")
         _require(0 <= self.ctc_weight <= 1, "--ctc-weight must be in [0, 1]")
-        _require(self.ctc_weight > 0 or self.decode != "ctc", "--decode ctc needs a CTC head: --ctc-weight > 0")
-        for name in ("decoder", "embed", "att_dim", "max_phones"):
+        _require(0 <= self.decode_ctc_weight <= 1, "--decode-ctc-weight must be in [0, 1]")
+        needs_ctc = self.decode == "ctc" or self.dev_decode == "ctc" or (
+            "joint" in (self.decode, self.dev_decode) and self.decode_ctc_weight > 0)
+        _require(self.ctc_weight > 0 or not needs_ctc, "--decode ctc, and joint decoding with --decode-ctc-weight > 0, "
+                                                       "need a CTC head: --ctc-weight > 0")
+        for name in ("decoder", "embed", "att_dim", "beam"):
             _in_range(self, name, 1, MAX_SIZE[name])
+        _in_range(self, "loc_kernel", 0, MAX_SIZE["loc_kernel"])
+        _require(self.loc_kernel == 0 or self.loc_kernel % 2 == 1, "--loc-kernel must be odd (centred filters) or 0")
     epochs: int = _f(60, "training epochs", demo=30)
     lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=2e-3)
 
@@ -2124,7 +2368,7 @@ RECIPES = {
     "paper": dict(time_masks=0, time_mask_frames=0, freq_masks=0, freq_mask_bands=0, speed="1",
                   weight_decay=0.0, lr_patience=0, label_smoothing=0.0, patience=0),
     "robust": dict(time_masks=2, time_mask_frames=20, freq_masks=2, freq_mask_bands=6, speed="0.9,1.0,1.1",
-                   weight_decay=1e-2, lr_patience=5, label_smoothing=0.1, patience=15),
+                   weight_decay=1e-2, lr_patience=10, label_smoothing=0.1, patience=20),
 }
 
 
@@ -2168,6 +2412,8 @@ class StudentConfig(RunConfig):
     at_pairs: str = _f("auto", "student:teacher activation pairs, 1-based, e.g. '1:2,2:3,3:5,4:6'; auto spaces "
                                "the student's activations evenly over the teacher's, last with last")
     at_selfattn: bool = _f(False, "also transfer the self-attention weight matrices (heads averaged)")
+    teacher: str = _f(None, "the teacher to imitate: a teacher run folder or its best.pt, e.g. runs/teacher/asr "
+                            "(a teacher of a separate ASR corpus); default: the teacher of this fold, RUNS/teacher/fold{k}")
     causal: bool = _f(False, "streaming student: the TCN, self-attention over a window of the past only, and a "
                              "running mean of its output instead of pooling, classified at every frame")
     attn_window: float = _f(3.0, "causal student: seconds of the past each frame attends to")
@@ -2231,18 +2477,24 @@ class Teacher(nn.Module):
     """Attention encoder-decoder phone recogniser: TCN + self-attention encoder, LSTM decoder.
 
     The encoder's block activations and self-attention output are the maps the
-    student imitates; a CTC head on the encoder is trained jointly."""
+    student imitates; a CTC head on the encoder is trained jointly. The decoder's
+    additive attention is location-aware: filters over the previous alignment and
+    the sum of all previous alignments enter its energy, so it keeps its place on
+    repetitive input instead of looping."""
 
     def __init__(self, cfg: TeacherConfig, n_tokens=len(PHONE_VOCAB)):
         super().__init__()
         C = cfg.channels
-        self.subsample, self.max_phones = cfg.subsample, cfg.max_phones
+        self.subsample = cfg.subsample
         self.tcn = TCN(FEAT_CHANNELS, C, cfg.kernel_size, (1, 2, 4, 8, 16), cfg.dropout, cfg.weight_norm)
         self.attn = SelfAttention(C, cfg.heads)
         self.ctc_head = nn.Linear(C, n_tokens)
         self.embed = nn.Embedding(n_tokens, cfg.embed)
         self.cell = nn.LSTMCell(cfg.embed + C, cfg.decoder)
         self.att_enc, self.att_dec = nn.Linear(C, cfg.att_dim), nn.Linear(cfg.decoder, cfg.att_dim, bias=False)
+        # location features: filters over the alignments, projected into the energy (one conv does both)
+        self.att_loc = (nn.Conv1d(2, cfg.att_dim, cfg.loc_kernel, padding=cfg.loc_kernel // 2, bias=False)
+                        if cfg.loc_kernel else None)
         self.att_v = nn.Linear(cfg.att_dim, 1, bias=False)
         self.out = nn.Linear(cfg.decoder + C, n_tokens)
 
@@ -2255,38 +2507,52 @@ class Teacher(nn.Module):
         h, weights = self.attn(h.transpose(1, 2), mask, need_weights)      # (B, T', C)
         return {"h": h, "mask": mask, "lengths": lengths, "acts": acts + [h.transpose(1, 2)], "weights": weights}
 
-    def _step(self, token, state, ctx, enc, keys, mask):
-        h, c = self.cell(torch.cat([self.embed(token), ctx], -1), state)                  # (B, H)
-        e = self.att_v(torch.tanh(keys + self.att_dec(h)[:, None])).squeeze(-1)           # (B, T')
-        alpha = torch.softmax(e.masked_fill(~mask, float("-inf")), -1)
-        ctx = (alpha[..., None] * enc).sum(1)                                             # (B, C)
-        return self.out(torch.cat([h, ctx], -1)), (h, c), ctx
+    def init_state(self, enc):
+        """Decoder state before the first token: (h, c, context, alignment, cumulative alignment), and the
+        projected encoder keys. The first 'previous alignment' rests on frame 0: decoding starts there."""
+        h = enc["h"]
+        B, T, C = h.shape
+        z = h.new_zeros(B, self.cell.hidden_size)
+        align = h.new_zeros(B, T)
+        align[:, 0] = 1.0                                                  # (B, T')
+        return (z, z.clone(), h.new_zeros(B, C), align, align.clone()), self.att_enc(h)
 
-    def _init(self, enc):
-        B, _, C = enc["h"].shape
-        z = enc["h"].new_zeros(B, self.cell.hidden_size)
-        return (z, z.clone()), enc["h"].new_zeros(B, C), self.att_enc(enc["h"])
+    def step(self, token, state, enc, keys, mask):
+        """One decoder step from the previous token (B,): logits (B, V) and the new state."""
+        h, c, ctx, prev, cum = state
+        h, c = self.cell(torch.cat([self.embed(token), ctx], -1), (h, c))                  # (B, H)
+        e = keys + self.att_dec(h)[:, None]                                               # (B, T', A)
+        if self.att_loc is not None:
+            k = self.att_loc.kernel_size[0]
+            win = F.pad(torch.stack([prev, cum], 1), (k // 2, k // 2)).unfold(2, k, 1)     # (B, 2, T', k)
+            # the convolution as one matmul over the windows (faster than conv1d for 2 input channels)
+            e = e + win.transpose(1, 2).flatten(2) @ self.att_loc.weight.flatten(1).T      # (B, T', A)
+        e = self.att_v(torch.tanh(e)).squeeze(-1)                                         # (B, T')
+        alpha = torch.softmax(e.masked_fill(~mask, float("-inf")), -1)
+        ctx = torch.bmm(alpha[:, None], enc).squeeze(1)                                   # (B, C)
+        return self.out(torch.cat([h, ctx], -1)), (h, c, ctx, alpha, cum + alpha)
 
     def forward(self, x, lengths, targets):
         """Teacher forcing. targets (B, L) start with <sos>; returns logits (B, L, V) and the encoding."""
         enc = self.encode(x, lengths)
-        state, ctx, keys = self._init(enc)
+        state, keys = self.init_state(enc)
         logits = []
         for i in range(targets.shape[1]):
-            out, state, ctx = self._step(targets[:, i], state, ctx, enc["h"], keys, enc["mask"])
+            out, state = self.step(targets[:, i], state, enc["h"], keys, enc["mask"])
             logits.append(out)
         return torch.stack(logits, 1), enc
 
     @torch.no_grad()
     def greedy(self, x, lengths):
-        """Greedy decoding: a list of token-id lists, without <sos>/<eos>."""
+        """Greedy decoding: a list of token-id lists, without <sos>/<eos>, each at most as long as its
+        utterance has encoder frames."""
         enc = self.encode(x, lengths)
-        state, ctx, keys = self._init(enc)
+        state, keys = self.init_state(enc)
         token = torch.full((x.shape[0],), PHONE_VOCAB.index(SOS), dtype=torch.long, device=x.device)
         out, done = [], torch.zeros_like(token, dtype=torch.bool)
-        for _ in range(min(self.max_phones, enc["h"].shape[1])):  # no more tokens than encoder frames
-            logits, state, ctx = self._step(token, state, ctx, enc["h"], keys, enc["mask"])
-            token = logits.argmax(-1)
+        for _ in range(enc["h"].shape[1]):  # no more tokens than encoder frames
+            logits, state = self.step(token, state, enc["h"], keys, enc["mask"])
+            token = logits[:, NEVER_EMITTED:].argmax(-1) + NEVER_EMITTED      # never <pad> or <sos>
             out.append(token)
             done |= token == PHONE_VOCAB.index(EOS)
             if done.all():
@@ -2295,7 +2561,6 @@ class Teacher(nn.Module):
         eos = PHONE_VOCAB.index(EOS)
         # each utterance is cut at its own frame count, so batching never changes it
         return [(s[:s.index(eos)] if eos in s else s)[:n] for s, n in zip(seqs, enc["lengths"].tolist())]
-
 
     @torch.no_grad()
     def ctc_greedy(self, x, lengths):
@@ -2616,22 +2881,37 @@ def load_checkpoint(path):
         raise DataError(f"{path}: not a readable checkpoint (corrupted or truncated?): {_first_line(e)}") from None
 
 
-def make_batches(lengths, batch_size, rng=None):
-    """Index batches bucketed by length (little padding); with an rng, jittered and shuffled."""
-    lengths = np.asarray(lengths, dtype=np.float64)
+def make_batches(lengths, batch_size, rng=None, max_frames=0):
+    """Index batches bucketed by length (little padding); with an rng, jittered and shuffled.
+
+    A batch holds at most batch_size utterances and, with max_frames > 0, at most
+    max_frames padded frames (utterances x its longest length), so that a bucket of
+    long utterances is split rather than exhausting memory; an utterance longer
+    than max_frames on its own forms a batch alone."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    keys = lengths.astype(np.float64)
     if rng is not None:
-        lengths = lengths * rng.uniform(0.9, 1.1, len(lengths))
-    order = np.argsort(lengths, kind="stable")
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        keys = keys * rng.uniform(0.9, 1.1, len(lengths))
+    order = np.argsort(keys, kind="stable")
+    batches, batch, longest = [], [], 0
+    for i in order:
+        grown = max(longest, int(lengths[i]))
+        if batch and (len(batch) == batch_size or (max_frames > 0 and (len(batch) + 1) * grown > max_frames)):
+            batches.append(np.array(batch))
+            batch, grown = [], int(lengths[i])
+        batch.append(i)
+        longest = grown
+    if batch:
+        batches.append(np.array(batch))
     if rng is not None:
         rng.shuffle(batches)
     return batches
 
 
 def collate(xs, device):
-    """List of (120, T_i) arrays -> padded (B, 120, T) tensor and (B,) lengths."""
+    """List of (120, T_i) arrays (or `Normalised`, computed here) -> padded (B, 120, T) tensor and (B,) lengths."""
     lengths = torch.tensor([x.shape[1] for x in xs])
-    batch = nn.utils.rnn.pad_sequence([torch.from_numpy(x.T) for x in xs], batch_first=True)  # (B, T, 120)
+    batch = nn.utils.rnn.pad_sequence([torch.from_numpy(np.asarray(x).T) for x in xs], batch_first=True)  # (B, T, 120)
     return batch.transpose(1, 2).contiguous().to(device), lengths.to(device)                  # (B, 120, T)
 
 
@@ -2660,13 +2940,14 @@ def prepare_data(cfg, role):
     train, dev, test = split_fold([u for u in kept if u.id in chosen], cfg.fold, cfg.dev_speaker, sessions)
     classes = check_split(train, dev, test, cfg.fold) if role == "student" else None
     held = {u.session for u in dev + test}
-    normed = normalise(kept, feats, cfg.norm, [u for u in kept if u.session not in held], keep=chosen)
+    normed = normalise(kept, feats, cfg.norm, [u for u in kept if u.session not in held], keep=chosen, lazy=True)
     by_id = {u.id: x for u, x in zip([u for u in kept if u.id in chosen], normed)}
     # The statistics stored for predict are exactly those --norm global normalised with:
     # every utterance of the training sessions (all labels, with or without transcript).
     # For --norm speaker they are predict's fallback for inputs too short for their own.
     train_ids = {u.id for u in train}
-    mean, std = feature_stats([f for u, f in zip(kept, feats) if u.session not in held])
+    idx = [i for i, u in enumerate(kept) if u.session not in held]
+    mean, std = feature_stats([feats[i] for i in idx], [feats.moments[i] for i in idx])
     out = {"train": [(u, by_id[u.id]) for u in train], "dev": [(u, by_id[u.id]) for u in dev],
            "test": [(u, by_id[u.id]) for u in test], "classes": classes, "held_out": min(held),
            "stats": {"mode": cfg.norm, "mean": torch.from_numpy(mean), "std": torch.from_numpy(std),
@@ -2684,7 +2965,7 @@ def prepare_data(cfg, role):
                 continue
             got, sped = compute_features(task, Path(cfg.runs) / "cache", speed=f)
             views[f] = dict(zip([u.id for u in got if u.id in train_ids],
-                                normalise(got, sped, cfg.norm, keep=train_ids, stats=stats)))
+                                normalise(got, sped, cfg.norm, keep=train_ids, stats=stats, lazy=True)))
         # train_views[i]: the arrays of training utterance i, one per factor it could be read at
         out["train_views"] = [[views[f][u.id] for f in factors if u.id in views[f]] for u in train]
     return out
@@ -2717,7 +2998,7 @@ def stored_config(cfg, run_dir):
     --runs relative to the run folder, so that a shared checkpoint or run folder carries no
     absolute paths of its owner and still finds its corpus when moved with it."""
     conf = dataclasses.asdict(cfg)
-    for k in ("data", "runs"):
+    for k in ("data", "runs", "asr_data"):
         if conf.get(k) is not None:
             conf[k] = _relative_to(conf[k], run_dir)
     return conf
@@ -2797,6 +3078,9 @@ def _locked_run(run_dir_of):
 
 
 def teacher_run_dir(cfg):
+    """runs/teacher/fold{k}, or runs/teacher/asr for the one teacher of an ASR corpus (--asr-data)."""
+    if getattr(cfg, "asr_data", None):
+        return Path(cfg.runs) / "teacher" / ("asr" + (f"-seed{cfg.seed}" if cfg.seed else ""))
     return Path(cfg.runs) / "teacher" / fold_folder(cfg.fold, cfg.seed)
 
 
@@ -2887,7 +3171,7 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
             pick = np.random.default_rng([cfg.seed, epoch, 1])
             train = [(u, views[pick.integers(len(views))]) for (u, _), views in zip(train, data["train_views"])]
         batches = make_batches([x.shape[1] for _, x in train], cfg.batch_size,
-                               np.random.default_rng([cfg.seed, epoch]))
+                               np.random.default_rng([cfg.seed, epoch]), cfg.max_frames)
         for idx in batches:
             with autocast:
                 loss, parts = loss_fn(model, [train[i] for i in idx])
@@ -2989,26 +3273,43 @@ def _setup(cfg):
 
 @_locked_run(teacher_run_dir)
 def train_teacher(cfg: TeacherConfig):
-    """Train the ASR teacher of one fold on every transcribed utterance outside the held-out session."""
+    """Train the ASR teacher of one fold on every transcribed utterance outside the held-out session,
+    or (--asr-data) one teacher on a separate ASR corpus, for every fold."""
     run_dir = teacher_run_dir(cfg)
     if finished(run_dir, cfg):
         return read_json(run_dir / "final.json")
     _setup(cfg)
-    data = prepare_data(cfg, "teacher")
+    data = prepare_asr_data(cfg) if cfg.asr_data else prepare_data(cfg, "teacher")
     lexicon = read_cmudict()
-    counts = {}
-    targets = {u.id: [PHONE_VOCAB.index(p) for p in text_to_phones(u.text, lexicon, counts=counts)]
-               for part in ("train", "dev", "test") for u, _ in data[part]}
-    if counts.get("words", 0) == counts.get("oov", 0):   # not one word has a pronunciation
+    counts, missing = {}, {}
+    targets = {}
+    for part in ("train", "dev", "test"):
+        for u, _ in data[part]:
+            targets[u.id] = [PHONE_VOCAB.index(p) for p in text_to_phones(u.text, lexicon, counts=counts)]
+            for w in transcript_words(u.text):
+                if w not in lexicon:
+                    missing[w] = missing.get(w, 0) + 1
+    n_words, n_oov = counts.get("words", 0), counts.get("oov", 0)
+    if n_words == n_oov:   # not one word has a pronunciation
         example = next((u.text for u, _ in data["train"] if u.text.strip()), "")
-        raise DataError(f"{cfg.data or DEMO_DIR}: none of the {counts.get('words', 0)} words of the transcripts "
+        raise DataError(f"{cfg.asr_data or cfg.data or DEMO_DIR}: none of the {n_words} words of the transcripts "
                         f"(e.g. {example[:40]!r}) is in the CMU dictionary, so the teacher's phone targets would be "
                         f"empty: the teacher needs English transcripts; train the students with --at-weight 0")
-    print(f"teacher fold {cfg.fold}: {len(data['train'])} train, {len(data['dev'])} dev, {len(data['test'])} test "
-          f"utterances; OOV rate {100 * counts.get('oov', 0) / max(counts.get('words', 1), 1):.1f}% of "
-          f"{counts.get('words', 0)} words")
+    name = f"teacher {run_dir.name}"
+    print(f"{name}: {len(data['train'])} train, {len(data['dev'])} dev, {len(data['test'])} test utterances; "
+          f"{n_oov} of {n_words} words ({100 * n_oov / max(n_words, 1):.1f}%, {len(missing)} distinct) are not in "
+          f"the CMU dictionary and become <unk>"
+          + (": " + ", ".join(sorted(missing, key=lambda w: -missing[w])[:10]) + (" ..." if len(missing) > 10 else "")
+             if missing else ""))
     sos, eos = PHONE_VOCAB.index(SOS), PHONE_VOCAB.index(EOS)
     device = pick_device(cfg.device)
+    word_counts = {}
+    for u, _ in data["train"]:
+        for w in transcript_words(u.text):
+            word_counts[w] = word_counts.get(w, 0) + 1
+    vocab = {w: lexicon[w][0] for w in word_counts if w in lexicon}
+    tree = LexiconTree(vocab, word_counts)
+    nearest = NearestWord(vocab, word_counts)
 
     def loss_fn(model, items):
         x, lengths = collate([x for _, x in items], device)
@@ -3032,38 +3333,92 @@ def train_teacher(cfg: TeacherConfig):
         parts["loss"] = loss.item()
         return loss, parts
 
-    def evaluate(model, items):
+    def decode(model, items, how):
+        return decode_items(model, items, targets, cfg.batch_size, device, how, cfg.beam, cfg.decode_ctc_weight,
+                            tree if cfg.lexicon else None)
+
+    select = cfg.decode if cfg.dev_decode == "same" else cfg.dev_decode
+    cheap = [h for h in ("attention", "ctc") if h != select and (h != "ctc" or cfg.ctc_weight > 0)]
+
+    def evaluate(model, items):  # after each epoch: the selecting decoding, and the cheap ones beside it
         out = {}
-        for how in (cfg.decode, "ctc" if cfg.decode == "attention" else "attention"):
-            if how == "ctc" and cfg.ctc_weight == 0:
-                continue
-            refs, hyps = decode_items(model, items, targets, cfg.batch_size, device, how)
-            out["PER" if how == cfg.decode else f"PER_{how}"] = error_rate(phones_only(refs), phones_only(hyps))["rate"]
+        for how in [select] + cheap:
+            refs, hyps = decode(model, items, how)
+            out["PER" if how == select else f"PER_{how}"] = error_rate(phones_only(refs), phones_only(hyps))["rate"]
         return out
 
     model = Teacher(cfg)
-    print(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
-          f"joint CTC weight {cfg.ctc_weight}; PER/WER and model selection from {cfg.decode} decoding")
+    print(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; joint CTC weight "
+          f"{cfg.ctc_weight}; " + ("location-aware" if cfg.loc_kernel else "content-only") + " attention; model "
+          f"selection by dev PER of {select} decoding" + (f", reported PER/WER from {cfg.decode} decoding at the end"
+                                                          if select != cfg.decode else ""))
+    if cfg.decode == "joint":
+        print(f"joint decoding: beam {cfg.beam}, CTC weight {cfg.decode_ctc_weight}, "
+              + (f"words of a {len(tree)}-word training lexicon" if cfg.lexicon else "free phone strings"))
     best = fit(cfg, model, run_dir, data, loss_fn, evaluate, "PER", False, {"vocab": list(PHONE_VOCAB)})
     model.load_state_dict(best["model"])
     model.eval()
-    words = {w: lexicon[w][0] for u, _ in data["train"] for w in transcript_words(u.text) if w in lexicon}
-    nearest = NearestWord(words)
-    final = {"config": stored_config(cfg, run_dir), "held_out": data["held_out"], "best_epoch": best["epoch"]}
-    decodings = ["attention", "ctc"] if cfg.ctc_weight > 0 else ["attention"]
+    final = {"config": stored_config(cfg, run_dir), "held_out": data.get("held_out"), "best_epoch": best["epoch"],
+             "lexicon_words": len(tree), "oov": {"words": n_words, "oov": n_oov, "distinct": len(missing)}, "speed": {}}
+    decodings = ["joint", "attention"] + (["ctc"] if cfg.ctc_weight > 0 else [])
+    if cfg.ctc_weight == 0 and cfg.decode_ctc_weight > 0:
+        decodings.remove("joint")
     for part in ("dev", "test"):
         final[part] = {}
         for how in sorted(decodings, key=lambda h: h != cfg.decode):   # the configured one first
-            refs, hyps = decode_items(model, data[part], targets, cfg.batch_size, device, how)
+            t0 = time.time()
+            refs, hyps = decode(model, data[part], how)
+            secs = time.time() - t0
             per = error_rate(phones_only(refs), phones_only(hyps))
             wer = error_rate([transcript_words(u.text) for u, _ in data[part]],
-                             [phones_to_words([PHONE_VOCAB[t] for t in h], nearest) for h in hyps])
+                             [hyp_words(h, tree, nearest) for h in hyps])
             suffix = "" if how == cfg.decode else f"_{how}"
             final[part].update({f"PER{suffix}": per, f"WER{suffix}": wer})
-            print(f"teacher fold {cfg.fold} {part} ({how} decoding): PER {per['rate']:.1f}%  WER {wer['rate']:.1f}% "
-                  f"(nearest of {len(words)} training words)")
+            final["speed"][f"{part}_{how}"] = len(hyps) / max(secs, 1e-9)
+            words = ("lexicon words" if how == "joint" and cfg.lexicon else
+                     f"phone chunks mapped to the nearest of {len(vocab)} training words")
+            print(f"{name} {part} ({how} decoding): PER {per['rate']:.1f}%  WER {wer['rate']:.1f}% ({words}; "
+                  f"{len(hyps) / max(secs, 1e-9):.1f} utterances/s)")
     write_json(final, run_dir / "final.json")
     return final
+
+
+ASR_HELD_OUT = 0.1   # fraction of an ASR corpus' speakers held out for dev, and as many for test
+
+
+def prepare_asr_data(cfg: TeacherConfig):
+    """A separate ASR corpus (--asr-data): train, dev and test parts split by speaker.
+
+    The corpus must share no speaker with the emotion corpus (--data), whose every fold's
+    student then imitates this one teacher without any test speaker having been seen.
+    The last ASR_HELD_OUT of the sorted speakers are test, as many before them dev."""
+    utts = [u for u in load_corpus(cfg.asr_data, subset="all", verbose=False, all_labels=True, asr=True)
+            if u.text.strip()]
+    if not utts:
+        raise DataError(f"--asr-data {cfg.asr_data}: no transcripts (a text column is needed)")
+    emotion = {u.speaker for u in load_corpus(cfg.data, subset="all", verbose=False, all_labels=True)}
+    shared = sorted({u.speaker for u in utts} & emotion)
+    if shared:
+        raise DataError(f"--asr-data {cfg.asr_data} shares {len(shared)} speaker(s) with the emotion corpus "
+                        f"({', '.join(shared[:5])}{' ...' if len(shared) > 5 else ''}): its teacher would have "
+                        f"heard test speakers; remove them from the ASR corpus")
+    kept, feats = compute_features(utts, Path(cfg.runs) / "cache")
+    speakers = sorted({u.speaker for u in kept})
+    if len(speakers) < 3:
+        raise DataError(f"--asr-data {cfg.asr_data}: {len(speakers)} speaker(s); at least 3 are needed "
+                        f"(train, dev and test speakers differ)")
+    n = max(1, round(ASR_HELD_OUT * len(speakers)))
+    dev_spk, test_spk = set(speakers[-2 * n:-n]), set(speakers[-n:])
+    train = [u for u in kept if u.speaker not in dev_spk | test_spk]
+    normed = normalise(kept, feats, cfg.norm, train)
+    mean, std = feature_stats([f for u, f in zip(kept, feats) if u.speaker not in dev_spk | test_spk])
+    parts = {"train": [], "dev": [], "test": []}
+    for u, x in zip(kept, normed):
+        parts["test" if u.speaker in test_spk else "dev" if u.speaker in dev_spk else "train"].append((u, x))
+    print(f"ASR corpus {cfg.asr_data}: {len(speakers)} speakers ({len(speakers) - 2 * n} train, dev "
+          f"{sorted(dev_spk)}, test {sorted(test_spk)}), none in the emotion corpus")
+    return {**parts, "classes": None, "stats": {"mode": cfg.norm, "mean": torch.from_numpy(mean),
+                                                "std": torch.from_numpy(std)}}
 
 
 def phones_only(seqs):
@@ -3072,23 +3427,35 @@ def phones_only(seqs):
     return [[t for t in s if t != wb] for s in seqs]
 
 
-def decode_items(model, items, targets, batch_size, device, how="attention"):
-    """Decode utterances: (reference id lists, hypothesis id lists), in item order."""
+def decode_items(model, items, targets, batch_size, device, how="attention", beam=10, ctc_weight=0.3, lexicon=None):
+    """Decode utterances: (reference id lists, hypothesis id lists), in item order.
+
+    how: "attention" (greedy), "ctc" (best path) or "joint" (joint_decode with beam,
+    ctc_weight and an optional LexiconTree)."""
     refs, hyps = [None] * len(items), [None] * len(items)
     for idx in make_batches([x.shape[1] for _, x in items], batch_size):
         x, lengths = collate([items[i][1] for i in idx], device)
-        for i, h in zip(idx, model.greedy(x, lengths) if how == "attention" else model.ctc_greedy(x, lengths)):
+        out = (model.greedy(x, lengths) if how == "attention" else model.ctc_greedy(x, lengths) if how == "ctc"
+               else joint_decode(model, x, lengths, beam, ctc_weight, lexicon))
+        for i, h in zip(idx, out):
             refs[i], hyps[i] = targets[items[i][0].id], h
     return refs, hyps
 
 
 def load_teacher(cfg: StudentConfig, device):
-    """The frozen teacher of cfg.fold, in eval mode; stops at once when it was not trained.
-    Its `held_out` attribute names the session it held out (None for older runs).
+    """The frozen teacher the student imitates, in eval mode: --teacher (a run folder or its best.pt),
+    else the teacher of cfg.fold; stops at once when it was not trained or does not fit.
+    Its `held_out` attribute names the session it held out (None for older runs, and for a
+    teacher of a separate ASR corpus).
 
     A student of seed s imitates the teacher of the same fold trained with seed s."""
     path = teacher_run_dir(cfg) / "best.pt"
     seed = f" --seed {cfg.seed}" if cfg.seed else ""
+    if cfg.teacher:
+        path = Path(cfg.teacher)
+        path = path / "best.pt" if path.is_dir() else path
+        if not path.is_file():
+            raise DataError(f"--teacher {cfg.teacher}: no teacher checkpoint there (a teacher run folder or its best.pt)")
     if not path.is_file():
         if cfg.data is not None and not any(u.text.strip() for u in load_corpus(cfg.data, "all", False, True)):
             raise DataError(f"--at-weight {cfg.at_weight}: attention transfer needs a teacher, and {cfg.data} has no "
@@ -3102,7 +3469,9 @@ def load_teacher(cfg: StudentConfig, device):
     ck = load_checkpoint(path)
     if not isinstance(ck, dict) or "vocab" not in ck or "classes" in ck or "config" not in ck:
         raise DataError(f"{path}: not a teacher checkpoint (a student's, or another file)")
-    differ = [k for k in ("norm", "dev_speaker", "fold", "seed") if ck["config"].get(k) != getattr(cfg, k)]
+    # a teacher of an ASR corpus was checked against the emotion corpus' speakers, not trained per fold
+    keys = ("norm",) if ck["config"].get("asr_data") else ("norm", "dev_speaker", "fold", "seed")
+    differ = [k for k in keys if ck["config"].get(k) != getattr(cfg, k)]
     if not _same_data(ck["config"].get("data"), path.parent, cfg.data):
         differ.insert(0, "data")
     if differ:
@@ -3114,7 +3483,7 @@ def load_teacher(cfg: StudentConfig, device):
         teacher.load_state_dict(ck["model"])
     except (RuntimeError, TypeError, DataError) as e:
         raise DataError(f"{path}: the teacher's weights do not match the configuration stored with them "
-                        f"({_first_line(e)[:200]})") from None
+                        f"({_first_line(e)[:200]}): retrain it") from None
     teacher.held_out = ck.get("held_out")
     teacher.to(device).eval()
     for p in teacher.parameters():
@@ -3166,7 +3535,7 @@ def train_student(cfg: StudentConfig):
         return loss, {"loss": loss.item(), "ser": ser.item(), "at": at.item()}
 
     def evaluate(model, items):
-        return classify(model, items, label, cfg.batch_size, device)
+        return classify(model, items, label, cfg.batch_size, device, cfg.max_frames)
 
     print(f"student: {sum(p.numel() for p in model.parameters()) / 1e6:.3f} M parameters")
     best = fit(cfg, model, run_dir, data, loss_fn, evaluate, "UA", True,
@@ -3176,7 +3545,7 @@ def train_student(cfg: StudentConfig):
     final = {"config": stored_config(cfg, run_dir), "held_out": data["held_out"], "classes": classes,
              "best_epoch": best["epoch"]}
     for part in ("dev", "test"):
-        final[part] = classify(model, data[part], label, cfg.batch_size, device)
+        final[part] = classify(model, data[part], label, cfg.batch_size, device, cfg.max_frames)
         print(f"{cfg.run_name()} fold {cfg.fold} {part}: WA {final[part]['WA']:.1f}  UA {final[part]['UA']:.1f}")
     print(format_confusion(final["test"]["confusion"], classes, f"test confusion (best dev UA, epoch {best['epoch']})"))
     if cfg.causal:   # the emotion track over the test speaker's utterances joined into conversations
@@ -3222,6 +3591,174 @@ def selfattn_loss(s_weights, t_weights, mask, dist="l1", norm="l1"):
 
 
 # -----------------------------------------------------------------------------
+# decoding: CTC best path and greedy attention are Teacher methods; the joint
+# CTC/attention beam search and the pronunciation prefix tree are here.
+
+class LexiconTree:
+    """Prefix tree of a vocabulary's pronunciations, as tables the beam search indexes.
+
+    Node 0 is the root (a word starts). allowed[n] (V,) says which tokens may follow
+    node n: the next phones of some word, and at a word's end also `|` (back to the
+    root) and <eos>; child[n, token] is the node reached. Homophones share a node,
+    which decodes to the most frequent of them in `counts` (a training-set word count)."""
+
+    def __init__(self, words_to_phones, counts=None):
+        counts = counts or {}
+        ids = {p: i for i, p in enumerate(PHONE_VOCAB)}
+        children, word_at = [{}], [None]
+        self.words = {}                                        # pronunciation (tuple) -> word
+        for w in sorted(words_to_phones, key=lambda w: (-counts.get(w, 0), w)):
+            pron = tuple(words_to_phones[w])
+            if not pron or any(p not in CMU_PHONES for p in pron):
+                continue
+            node = 0
+            for p in pron:
+                if ids[p] not in children[node]:
+                    children[node][ids[p]] = len(children)
+                    children.append({})
+                    word_at.append(None)
+                node = children[node][ids[p]]
+            if word_at[node] is None:
+                word_at[node], self.words[pron] = w, w
+        V = len(PHONE_VOCAB)
+        self.child = torch.zeros(len(children), V, dtype=torch.long)
+        self.allowed = torch.zeros(len(children), V, dtype=torch.bool)
+        for n, ch in enumerate(children):
+            for t, m in ch.items():
+                self.child[n, t], self.allowed[n, t] = m, True
+            if word_at[n] is not None:                         # a word ends here: `|` or <eos> may follow
+                self.allowed[n, ids[WORD_BOUNDARY]] = self.allowed[n, ids[EOS]] = True
+
+    def __len__(self):
+        return len(self.words)
+
+
+def ctc_prefix_score(logp, n_frames, rn, rb, last, cands):
+    """CTC prefix scores of hypotheses g extended by candidate tokens c (Watanabe et al. 2017, Alg. 2).
+
+    logp (N, T, V) float64 CTC log-probabilities of each hypothesis' utterance (blank = 0);
+    n_frames (N,) its frame count; rn, rb (N, T): log-probability that frames 0..t emit g
+    ending in a non-blank / in a blank; last (N,) g's last token (-1: g is empty); cands
+    (N, C) tokens. Returns psi (N, C), the log-probability that the labelling starts with
+    g + c (for c = <eos>: that it is exactly g), and rn, rb of g + c, (N, C, T).
+
+    The forward recursions r_t = (r_{t-1} + a_t) x_t are linear in probability, so they
+    are solved for every frame at once with cumulative sums and logcumsumexp instead of a
+    loop over frames: log r_t = X_t + logcumsumexp_{s<=t}(log a_s - X_{s-1}), X = cumsum(log x)."""
+    N, T, _ = logp.shape
+    C = cands.shape[1]
+    x = logp.gather(2, cands[:, None, :].expand(N, T, C)).transpose(1, 2)          # (N, C, T)
+    xb = logp[:, None, :, 0]                                                       # (N, 1, T)
+    ninf = torch.tensor(float("-inf"), dtype=logp.dtype, device=logp.device)
+    # phi_t: g complete by frame t and c may start at t+1 (after a blank only, when c repeats g's last token)
+    phi = torch.where((cands == last[:, None])[..., None], rb[:, None], torch.logaddexp(rn, rb)[:, None])
+    start = torch.where(last == -1, 0.0, ninf).to(logp.dtype)[:, None, None].expand(N, C, 1)
+    a = torch.cat([start, phi[..., :-1]], -1)                                      # (N, C, T): into c at frame t
+    X = x.cumsum(-1)
+    rn_h = X + torch.logcumsumexp(a - torch.cat([torch.zeros_like(X[..., :1]), X[..., :-1]], -1), -1)
+    XB = xb.cumsum(-1)
+    a_b = torch.cat([ninf.expand(N, C, 1), rn_h[..., :-1]], -1)                    # c's frames end, blanks follow
+    rb_h = XB + torch.logcumsumexp(a_b - torch.cat([torch.zeros_like(XB[..., :1]), XB[..., :-1]], -1), -1)
+    valid = (torch.arange(T, device=logp.device) < n_frames[:, None])[:, None]    # (N, 1, T)
+    psi = (a + x).masked_fill(~valid, float("-inf")).logsumexp(-1)                 # (N, C)
+    whole = torch.logaddexp(rn, rb).gather(1, (n_frames - 1)[:, None])             # (N, 1): exactly g
+    psi = torch.where(cands == PHONE_VOCAB.index(EOS), whole, psi)
+    return psi, rn_h, rb_h
+
+
+JOINT_CHUNK = 1 << 22   # elements of one (hypotheses x candidates x frames) CTC table: bounds decoding memory
+
+
+@torch.no_grad()
+def joint_decode(model, x, lengths, beam=10, ctc_weight=0.3, lexicon=None):
+    """Joint CTC/attention beam search (Watanabe et al. 2017): a list of token-id lists.
+
+    Each hypothesis is scored by (1 - ctc_weight) * its attention decoder log-probability
+    + ctc_weight * the CTC prefix log-probability of its tokens; the beam keeps the best
+    `beam` unfinished hypotheses per utterance, extended by the 1.5 * beam best tokens of
+    the attention decoder; an utterance is done when its best finished hypothesis scores
+    above every unfinished one (scores only fall as hypotheses grow, so it is exact).
+    Hypotheses never hold more tokens than the utterance has encoder frames. With a
+    LexiconTree every hypothesis is a sequence of its words joined by `|`. Utterances
+    are decoded together, in chunks that bound memory (JOINT_CHUNK)."""
+    enc = model.encode(x, lengths)
+    T = enc["h"].shape[1]
+    n = max(1, JOINT_CHUNK // (beam * max(2, int(1.5 * beam)) * T))
+    if len(x) > n:
+        out = []
+        for i in range(0, len(x), n):
+            out += joint_decode(model, x[i:i + n], lengths[i:i + n], beam, ctc_weight, lexicon)
+        return out
+    B, K, V = len(x), beam, len(PHONE_VOCAB)
+    N, C = B * K, min(V - NEVER_EMITTED, max(2, int(1.5 * beam)))
+    sos, eos = PHONE_VOCAB.index(SOS), PHONE_VOCAB.index(EOS)
+    dev = enc["h"].device
+    h, mask = enc["h"].repeat_interleave(K, 0), enc["mask"].repeat_interleave(K, 0)           # (N, T', C)
+    frames = enc["lengths"].to(dev).repeat_interleave(K, 0)                                   # (N,)
+    state, keys = model.init_state({"h": h})
+    if ctc_weight > 0:
+        logp = model.ctc_head(enc["h"]).double().log_softmax(-1).repeat_interleave(K, 0)     # (N, T', V)
+        rn = torch.full((N, T), float("-inf"), dtype=torch.float64, device=dev)
+        rb = logp[..., 0].cumsum(-1)                                                          # the empty prefix
+        psi_g = torch.zeros(N, dtype=torch.float64, device=dev)
+    score = torch.full((B, K), float("-inf"), dtype=torch.float64, device=dev)
+    score[:, 0] = 0.0                                          # one live hypothesis to start with
+    last = torch.full((N,), sos, dtype=torch.long, device=dev)
+    ctc_last = torch.full((N,), -1, dtype=torch.long, device=dev)
+    node = torch.zeros(N, dtype=torch.long, device=dev)
+    hist = torch.zeros(N, 0, dtype=torch.long, device=dev)
+    best, best_hyp = torch.full((B,), float("-inf"), dtype=torch.float64), [[] for _ in range(B)]
+    base = (torch.arange(B, device=dev) * K)[:, None]
+    for length in range(T + 1):
+        logits, state = model.step(last, state, h, keys, mask)
+        att = logits.double().log_softmax(-1)                                                # (N, V)
+        allowed = torch.ones(N, V, dtype=torch.bool, device=dev)
+        allowed[:, :NEVER_EMITTED] = False
+        if lexicon is not None:
+            allowed &= lexicon.allowed.to(dev)[node]
+        allowed[length >= frames, :] &= F.one_hot(torch.tensor(eos), V).bool().to(dev)      # full: only <eos>
+        cand_att, cands = att.masked_fill(~allowed, float("-inf")).topk(C, -1)                # (N, C)
+        joint = score.reshape(N, 1) + (1 - ctc_weight) * cand_att
+        if ctc_weight > 0:
+            psi, rn_h, rb_h = ctc_prefix_score(logp, frames, rn, rb, ctc_last, cands)
+            joint = joint + ctc_weight * (psi - psi_g[:, None])
+        joint = joint.nan_to_num(float("-inf"), float("-inf"), float("-inf")).reshape(B, K * C)
+        is_eos = (cands == eos).reshape(B, K * C)
+        # finished hypotheses: keep each utterance's best
+        fin, fin_idx = joint.masked_fill(~is_eos, float("-inf")).max(-1)                      # (B,)
+        for b in torch.nonzero(fin.cpu() > best).flatten().tolist():
+            best[b] = fin[b].item()
+            best_hyp[b] = hist[b * K + fin_idx[b].item() // C].tolist()
+        # the beam: the K best unfinished extensions per utterance
+        score, idx = joint.masked_fill(is_eos, float("-inf")).topk(K, -1)                    # (B, K)
+        done = score.max(-1).values.cpu() <= best
+        if done.all():
+            break
+        src, c = (base + idx // C).reshape(N), (idx % C).reshape(N)
+        tok = cands[src, c]
+        state = tuple(s.index_select(0, src) for s in state)
+        hist = torch.cat([hist[src], tok[:, None]], 1)
+        last = tok
+        if lexicon is not None:
+            node = lexicon.child.to(dev)[node[src], tok]
+        if ctc_weight > 0:
+            rn, rb, psi_g, ctc_last = rn_h[src, c], rb_h[src, c], psi[src, c], tok
+        score = score.masked_fill(done.to(dev)[:, None], float("-inf"))
+    return best_hyp
+
+
+def hyp_words(tokens, lexicon, nearest):
+    """Token ids -> words: each `|`-separated phone chunk is the lexicon's word with exactly that
+    pronunciation, or else (free phone decoding) the training word nearest by edit distance."""
+    words = []
+    for chunk in " ".join(PHONE_VOCAB[t] for t in tokens).split(WORD_BOUNDARY):
+        phones = tuple(p for p in chunk.split() if p not in (PAD, SOS, EOS))
+        if phones:
+            words.append(lexicon.words.get(phones) or nearest(phones))
+    return words
+
+
+# -----------------------------------------------------------------------------
 # evaluation
 
 _WARNED = set()
@@ -3253,12 +3790,12 @@ def classification_metrics(y_true, y_pred, n_classes, classes=None):
 
 
 @torch.no_grad()
-def classify(model, items, label, batch_size, device):
+def classify(model, items, label, batch_size, device, max_frames=0):
     """Metrics of a model on (Utterance, features) items, with every utterance's id, true
     and predicted class (for the paired tests of `report`)."""
     classes = list(label)
     ids, y_true, y_pred = [], [], []
-    for idx in make_batches([x.shape[1] for _, x in items], batch_size):
+    for idx in make_batches([x.shape[1] for _, x in items], batch_size, max_frames=max_frames):
         x, lengths = collate([items[i][1] for i in idx], device)
         logits, _ = model(x, lengths)
         if not torch.isfinite(logits).all():
@@ -3592,7 +4129,9 @@ def report(runs="runs", per_seed=False):
     teachers = []
     for rs in results.values():
         rs.sort(key=_run_key)
-    for final in sorted(runs.glob("teacher/fold*/final.json")):
+    teacher_files = sorted(runs.glob("teacher/fold*/final.json"),
+                           key=lambda p: (len(p.parent.name), p.parent.name))       # fold2 before fold10
+    for final in teacher_files + sorted(runs.glob("teacher/asr*/final.json")):   # + one teacher of an ASR corpus
         try:
             read_json(final)
             teachers.append(final)
@@ -3673,18 +4212,25 @@ def report(runs="runs", per_seed=False):
                 out += ["", "The paper's z-test:", "", *ztab] if ztab else []
         elif per_seed:
             out += ["", f"(--per-seed: every run has seed {seeds[0]}; the tables above are that seed's.)"]
+    out += _crosscorpus(runs)
     if results:
         out += report_figures(runs, results)
     if teachers:
-        out += ["", "## ASR teachers", "", "PER on phones, WER with each decoded phone chunk mapped to the nearest "
-                "training word; the model was selected by dev PER of the first decoding named.", "",
-                "| fold | decoding | best epoch | dev PER | dev WER | test PER | test WER |", "|---|---|---|---|---|---|---|"]
+        out += ["", "## ASR teachers", "", "PER on phones (word boundaries not counted); WER on words. Decodings: "
+                "joint = CTC/attention beam search (the words come from the pronunciation lexicon of the training "
+                "words when it constrains the search, `lexicon`), attention = the attention decoder alone (greedy), "
+                "ctc = the CTC head's best path; without the lexicon each decoded phone chunk is mapped to the "
+                "training word nearest by edit distance. The model was selected by dev PER (of the decoding "
+                "named in the log); the first row of a teacher is its configured decoding (`--decode`).", "",
+                "| teacher | decoding | best epoch | dev PER | dev WER | test PER | test WER |", "|---|---|---|---|---|---|---|"]
         for t in teachers:
             r = read_json(t)
             decode = r["config"].get("decode", "attention")
-            for how in [decode] + [h for h in ("attention", "ctc") if h != decode and f"PER_{h}" in r["test"]]:
+            lex = " (lexicon)" if decode == "joint" and r["config"].get("lexicon") else ""
+            name = t.parent.name[4:] if t.parent.name.startswith("fold") else t.parent.name
+            for how in [decode] + [h for h in ("joint", "attention", "ctc") if h != decode and f"PER_{h}" in r["test"]]:
                 sfx = "" if how == decode else f"_{how}"
-                out.append(f"| {t.parent.name[4:]} | {how} | {r['best_epoch']} | " + " | ".join(
+                out.append(f"| {name} | {how}{lex if how == 'joint' else ''} | {r['best_epoch']} | " + " | ".join(
                     f"{r[p][m + sfx]['rate']:.1f}" for p in ("dev", "test") for m in ("PER", "WER")) + " |")
     if damaged:
         out += ["", "Left out, unreadable (truncated or damaged): " + ", ".join(f"`{p.relative_to(runs)}`" for p in damaged)]
@@ -3887,7 +4433,7 @@ def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDO
               file=sys.stderr)
     if norm == "inputs" and good:   # the inputs are taken to be one speaker: per-speaker normalisation
         mean, std = feature_stats(x.T for f in good for x in stream_features(f))
-    else:                           # the training split's statistics, stored in the checkpoint
+    else:                           # the training sessions' statistics, stored in the checkpoint
         mean, std = ck["norm"]["mean"].numpy(), ck["norm"]["std"].numpy()
     for f, T in frames.items():
         if isinstance(T, Exception):
@@ -3907,6 +4453,145 @@ def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDO
         else:
             print(f"{f}\t{best}\t" + " ".join(f"{c} {p:.3f}" for c, p in zip(classes, probs)), flush=True)
     return 1 if failed else 0
+
+
+def parse_label_map(spec, classes):
+    """--label-map 'ang=angry,hap=happy,fea=' -> {corpus label: model class, or None to leave it out}."""
+    mapping = {}
+    for item in (x.strip() for x in (spec or "").split(",")):
+        if not item:
+            continue
+        src, eq, dst = (x.strip() for x in item.partition("="))
+        if not eq or not src or "=" in dst:
+            raise DataError(f"--label-map: {item!r} is not LABEL=CLASS (or LABEL= to leave LABEL out)")
+        if src in mapping:
+            raise DataError(f"--label-map: {src} is mapped twice")
+        if dst and dst not in classes:
+            raise DataError(f"--label-map {item}: {dst} is not a class of the model ({', '.join(classes)})")
+        mapping[src] = dst or None
+    return mapping
+
+
+def corpus_tag(data):
+    """A short name of a corpus for file names: the CSV's stem or the folder's name."""
+    if data is None:
+        return "demo"
+    p = Path(data).resolve()
+    name = p.stem if p.suffix.lower() == ".csv" else p.name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "corpus"
+
+
+def evaluate_corpus(checkpoints, data, label_map=None, norm="auto", tag=None, out=None, runs="runs", device="auto"):
+    """Score trained students on another corpus (cross-corpus testing): every emotion
+    utterance of `data` (IEMOCAP: the improvised four classes; a manifest: every row),
+    labels renamed through `label_map`. Inputs are normalised as the model was trained:
+    per speaker with each speaker's own audio in that corpus, or with the training
+    statistics stored in the checkpoint (norm "speaker"/"checkpoint" overrides).
+    Writes crosscorpus-<tag>.json beside each checkpoint (or `out`), which `report`
+    collects. Returns the list of results."""
+    if out is not None and len(checkpoints) > 1:
+        raise DataError("--out names one file: give one --checkpoint with it")
+    students = [(Path(c), *load_student(c)) for c in checkpoints]
+    classes = students[0][2]
+    for path, _, other, _ in students[1:]:
+        if other != classes:
+            raise DataError(f"{path}: its classes ({', '.join(other)}) differ from those of {students[0][0]} "
+                            f"({', '.join(classes)}): evaluate them separately")
+    mapping = parse_label_map(label_map, classes)
+    tag = tag or corpus_tag(data)
+    _require(re.fullmatch(r"[A-Za-z0-9._-]+", tag) is not None, f"--name {tag!r}: use letters, digits, '.', '_' and '-'")
+    utts = load_corpus(data, subset="all", verbose=False, all_labels=True)
+    kept, feats = compute_features(utts, Path(runs) / "cache")
+    task = emotion_utterances(kept, data, verbose=False)
+    counts = {}
+    for u in task:
+        counts[u.label] = counts.get(u.label, 0) + 1
+    unmapped = sorted(l for l in counts if l not in mapping and l not in classes)
+    if unmapped:
+        raise DataError(f"{data}: label(s) {', '.join(f'{l} ({counts[l]} utterances)' for l in unmapped)} are not "
+                        f"classes of the model ({', '.join(classes)}): map them with --label-map "
+                        f"{unmapped[0]}=CLASS, or leave them out with --label-map {unmapped[0]}=")
+    for l in sorted(set(mapping) - set(counts)):
+        warn_once(f"--label-map {l}=...: no utterance of {data} has the label {l}")
+    dropped = {l: counts[l] for l in sorted(counts) if l in mapping and mapping[l] is None}
+    chosen = [dataclasses.replace(u, label=mapping.get(u.label, u.label)) for u in task if mapping.get(u.label, u.label)]
+    if not chosen:
+        raise DataError(f"{data}: no utterance left to score after --label-map")
+    ids = {u.id for u in chosen}
+    print(f"evaluate on {tag}: {len(chosen)} utterances of {len({u.speaker for u in chosen})} speakers"
+          + (f"; left out: {', '.join(f'{l} ({n})' for l, n in dropped.items())}" if dropped else "")
+          + (f"; labels mapped: {', '.join(f'{a}={b}' for a, b in mapping.items() if b)}" if any(mapping.values()) else ""))
+    dev = pick_device(device)
+    per_speaker, results = None, []
+    for path, model, _, ck in students:
+        how = norm if norm != "auto" else ("speaker" if ck["norm"]["mode"] == "speaker" else "checkpoint")
+        if how == "speaker":   # each speaker's statistics from all of that speaker's audio in the corpus
+            if per_speaker is None:
+                per_speaker = dict(zip([u.id for u in kept if u.id in ids], normalise(kept, feats, "speaker", keep=ids)))
+            inputs = per_speaker
+        else:                  # the training statistics stored in the checkpoint
+            mean, std = ck["norm"]["mean"].numpy(), ck["norm"]["std"].numpy()
+            inputs = {u.id: ((f.reshape(FEAT_CHANNELS, -1) - mean[:, None]) / std[:, None]).astype(np.float32)
+                      for u, f in zip(kept, feats) if u.id in ids}
+        items = [(u, inputs[u.id]) for u in chosen]
+        model.to(dev)
+        metrics = classify(model, items, {c: i for i, c in enumerate(classes)}, ck["config"].get("batch_size", 32), dev)
+        cfg = ck["config"]
+        run = StudentConfig(**{k: v for k, v in cfg.items() if k in {f.name for f in dataclasses.fields(StudentConfig)}}).run_name()
+        result = {"corpus": tag, "data": str(data) if data is not None else None, "checkpoint": str(path),
+                  "run": run, "config": cfg, "classes": classes, "label_map": mapping, "dropped": dropped,
+                  "norm": "per speaker, the corpus' own audio" if how == "speaker" else "training statistics from the checkpoint",
+                  "test": metrics}
+        dest = Path(out) if out is not None else path.parent / f"crosscorpus-{tag}.json"
+        if dest.is_file():
+            try:
+                old = read_json(dest)
+            except DataError:
+                old = {}
+            if (old.get("data"), old.get("label_map")) != (result["data"], mapping):
+                print(f"warning: {dest} held a result on other data or another label map ({old.get('data')}); "
+                      f"replaced (use --name to keep both)", file=sys.stderr)
+        write_json(result, dest)
+        print(f"{run} fold {cfg['fold']}" + (f" seed {cfg['seed']}" if cfg.get("seed") else "")
+              + f" on {tag}: WA {metrics['WA']:.1f}  UA {metrics['UA']:.1f}  ({metrics['n']} utterances) -> {dest}")
+        results.append(result)
+    return results
+
+
+def _crosscorpus(runs):
+    """The cross-corpus table of results.md from the crosscorpus-*.json files beside the run folders' checkpoints."""
+    found = {}
+    for f in sorted(runs.glob("student/*/fold*/crosscorpus-*.json")):
+        try:
+            r = read_json(f)
+            final = f.parent / "final.json"
+            r["home"] = read_json(final)["test"] if final.is_file() else None
+        except DataError as e:
+            print(f"warning: {e}; left out of the report")
+            continue
+        found.setdefault((r["corpus"], r["run"]), []).append(r)
+    if not found:
+        return []
+    out = ["", "## Cross-corpus tests", "", "Students trained here, scored with `python satn.py evaluate` on every "
+           "emotion utterance of another corpus; mean ± sample SD over the runs (folds × seeds) evaluated, beside "
+           "the same runs' test results on their own corpus.", "",
+           "| test corpus | method | runs | WA | UA | own-corpus test WA | own-corpus test UA |", "|---|---|---|---|---|---|---|"]
+    notes = []
+    for (corpus, run), rs in sorted(found.items()):
+        home = [r["home"] for r in rs if r["home"]]
+        out.append(f"| {corpus} | {_row_label(run, rs)} | {_runs_cell(rs)} | {mean_sd([r['test']['WA'] for r in rs])} | "
+                   f"{mean_sd([r['test']['UA'] for r in rs])} | "
+                   + (f"{mean_sd([h['WA'] for h in home])} | {mean_sd([h['UA'] for h in home])} |" if home else "– | – |"))
+        r = rs[0]
+        if len({(x["data"], json.dumps(x["label_map"]), x["norm"]) for x in rs}) > 1:
+            notes.append(f"- {corpus}, {run}: the runs were evaluated on different data, label maps or "
+                         f"normalisations; rerun evaluate on all of them")
+        maps = ", ".join(f"{a}={b}" for a, b in r["label_map"].items() if b)
+        notes.append(f"- {corpus}, {run}: {r['test']['n']} utterances ({r['data'] or 'the demo corpus'}); "
+                     f"normalisation: {r['norm']}" + (f"; labels mapped {maps}" if maps else "")
+                     + (f"; left out: {', '.join(f'{l} ({n})' for l, n in r['dropped'].items())}" if r["dropped"] else "")
+                     + (f"; no {', '.join(r['test']['absent'])} utterance (UA over the classes present)" if r["test"].get("absent") else ""))
+    return out + [""] + notes
 
 
 def report_figures(runs, results):
@@ -4084,6 +4769,230 @@ def bench_features(seconds=60.0, repeats=20):
     t_ref = _bench_time(ref, torch.device("cpu"), repeats) / 1e3
     print(f"librosa {librosa.__version__}: {1000 * t_ref:.1f} ms = {seconds / t_ref:,.0f}x real time; "
           f"features() is {t_ref / t:.2f}x librosa's speed")
+
+
+# IEMOCAP at a glance, for benchmarks on a corpus of its size (Busso et al. 2008; the paper's Table 1)
+IEMOCAP_UTTERANCES = 10039          # utterances, every label
+IEMOCAP_STUDENT_UTTERANCES = 2943   # improvised dialogs, four classes: the student's data
+IEMOCAP_HOURS = 12.4                # hours of audio
+IEMOCAP_MAX_SECONDS = 34.1          # the longest utterance
+IEMOCAP_LENGTH_SIGMA = 0.6          # spread of log durations (lengths drawn log-normal with IEMOCAP's mean)
+RUN_ALL_TEACHERS = 5                # teachers of run_all.sh on IEMOCAP (one per fold); each student row has 5 too
+
+
+def iemocap_like_seconds(n, rng):
+    """n utterance durations in seconds, log-normal with IEMOCAP's mean, cut at its longest."""
+    mean = IEMOCAP_HOURS * 3600 / IEMOCAP_UTTERANCES
+    mu = math.log(mean) - IEMOCAP_LENGTH_SIGMA ** 2 / 2
+    return np.clip(rng.lognormal(mu, IEMOCAP_LENGTH_SIGMA, n), 0.6, IEMOCAP_MAX_SECONDS)
+
+
+def _rss_mb():
+    """(peak, anonymous, file-backed) resident memory of this process in MB, from /proc (Linux)."""
+    f = dict(l.split(":", 1) for l in Path("/proc/self/status").read_text().splitlines() if ":" in l)
+    return tuple(int(f.get(k, "0 kB").split()[0]) / 1024 for k in ("VmHWM", "RssAnon", "RssFile"))
+
+
+def project_run_all(teacher_s, student_s, jobs, cores):
+    """Projected wall-clock seconds of run_all.sh, replaying its schedule: teachers and the students
+    without transfer share `jobs` slots, then (after every teacher) the students with transfer.
+    teacher_s: seconds per teacher training; student_s: {(name, transfer): seconds per training}.
+    More jobs than cores slow every training by jobs / cores."""
+    slow = max(1.0, jobs / cores)
+    first = [teacher_s] * RUN_ALL_TEACHERS + [t for (_, at), t in student_s.items() if not at for _ in range(5)]
+    second = [t for (_, at), t in student_s.items() if at for _ in range(5)]
+    clock = 0.0
+    for phase in (first, second):
+        slots = [clock] * jobs
+        for t in phase:                     # each job takes the first free slot, in run_all's order
+            i = min(range(jobs), key=lambda k: slots[k])
+            slots[i] += t * slow
+        clock = max(slots)
+    return clock
+
+
+def _bench_train_one(kind, at, device_name, threads, batches, n_eval):
+    """Seconds per padded frame (training step; evaluation) and peak memory of one paper-setting
+    configuration on batches of random features with IEMOCAP-like lengths. Run in a fresh process."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    device = torch.device(device_name)
+    rng = np.random.default_rng(0)
+    n_train = IEMOCAP_UTTERANCES * 4 // 5 if kind == "teacher" else IEMOCAP_STUDENT_UTTERANCES * 4 // 5
+    lengths = np.maximum(1, (iemocap_like_seconds(n_train, rng) / HOP_SECONDS).astype(int))
+    cfg = (TeacherConfig() if kind == "teacher" else StudentConfig(encoder="stats") if kind == "stats" else
+           StudentConfig(encoder=kind.split("-")[0], attention=kind.split("-")[1], at_weight=float(at)))
+    epoch = make_batches(lengths, cfg.batch_size, np.random.default_rng(1), cfg.max_frames)
+    padded = [len(b) * int(lengths[b].max()) for b in epoch]
+    order = np.argsort(padded)
+    picks = [epoch[order[int(q * (len(order) - 1))]] for q in np.linspace(0.3, 0.9, batches)]   # typical to long
+    model = (Teacher(cfg) if kind == "teacher" else Student(cfg, len(EMOTIONS))).to(device)
+    teacher = Teacher(TeacherConfig()).to(device).eval() if at else None
+    pairs = parse_pairs("auto", (cfg.blocks if kind.startswith("tcn") else 1) + kind.endswith("self"), 6) if at else None
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+    def batch(idx):
+        x = torch.randn(len(idx), FEAT_CHANNELS, int(lengths[idx].max()), device=device)
+        return x, torch.as_tensor(lengths[idx], device=device)
+
+    def step(idx):
+        x, lens = batch(idx)
+        if kind == "teacher":
+            L = 40
+            tokens = torch.randint(5, len(PHONE_VOCAB), (len(idx), L), device=device)
+            logits, enc = model(x, lens, tokens)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+            logp = model.ctc_head(enc["h"]).log_softmax(-1).transpose(0, 1)
+            loss = loss + F.ctc_loss(logp, tokens, enc["lengths"], torch.full((len(idx),), L), zero_infinity=True)
+        else:
+            logits, out = model(x, lens)
+            loss = F.cross_entropy(logits, torch.randint(0, len(EMOTIONS), (len(idx),), device=device))
+            if teacher is not None:
+                with torch.no_grad():
+                    enc = teacher.encode(x, lens)
+                loss = loss + transfer_loss(out, enc, pairs, cfg, teacher.subsample)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step(epoch[order[0]])                                    # warm-up on the smallest batch
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for idx in picks:
+        step(idx)
+    sync()
+    per_frame = (time.perf_counter() - t0) / sum(len(b) * int(lengths[b].max()) for b in picks)
+    model.eval()
+    idx = picks[0]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        x, lens = batch(idx)
+        model.greedy(x, lens) if kind == "teacher" else model(x, lens)
+    sync()
+    eval_per_frame = (time.perf_counter() - t0) / (len(idx) * int(lengths[idx].max()))
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else _rss_mb()[0]
+    return {"kind": kind, "at": at, "train_frames": int(sum(padded)), "batches": len(epoch),
+            "per_frame": per_frame, "eval_frames": int(lengths[:n_eval].sum()), "eval_per_frame": eval_per_frame,
+            "peak_mb": peak, "picked": [(len(b), int(lengths[b].max())) for b in picks]}
+
+
+def _bench_worst_batch(device_name, threads, n, seconds):
+    """Peak memory and seconds of one paper-setting TCN + self-attention student step on n x `seconds`."""
+    torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    model = Student(StudentConfig(), len(EMOTIONS)).to(device)
+    x = torch.randn(n, FEAT_CHANNELS, int(seconds / HOP_SECONDS), device=device)
+    t0 = time.perf_counter()
+    logits, _ = model(x, torch.full((n,), x.shape[-1], device=device))
+    logits.float().logsumexp(-1).sum().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2 ** 20
+    return time.perf_counter() - t0, _rss_mb()[0]
+
+
+def _bench_mapped_corpus(folder, n, student_n):
+    """Resident memory of the data side of a student (the mapped cache, lazily normalised, one
+    epoch of batches collated) on a synthetic cache of n utterances. Run in a fresh process."""
+    base = _rss_mb()
+    index, frames, moments = _read_cache(folder, "bench")
+    utts = [Utterance(p, p, EMOTIONS[i % 4], f"Ses0{i % 5 + 1}{'FM'[i % 2]}", f"Ses0{i % 5 + 1}")
+            for i, p in enumerate(index["ids"])]
+    kept, feats = _cached_features(utts, index, frames, moments)
+    chosen = {u.id for u in kept[:student_n]}
+    normed = normalise(kept, feats, "speaker", keep=chosen, lazy=True)
+    after_stats = _rss_mb()
+    t0 = time.perf_counter()
+    for idx in make_batches([x.shape[1] for x in normed], 32, np.random.default_rng(0), RunConfig().max_frames):
+        collate([normed[i] for i in idx], "cpu")
+    return base, after_stats, _rss_mb(), time.perf_counter() - t0, index["frames"]
+
+
+def bench_train(device="auto", batches=2, threads=1, cache_files=1000, jobs=(1, 2, 4, 8), worst=True):
+    """Seconds per epoch and peak memory of the teacher and each student configuration at the
+    paper's settings on an IEMOCAP-sized synthetic corpus, the feature cache's speed and the
+    student's data-side memory on it, and the projected time of run_all.sh."""
+    import concurrent.futures
+    import multiprocessing
+    import tempfile
+    device = pick_device(device)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ctx = multiprocessing.get_context("spawn")     # a fresh process per measurement: its own peak memory
+
+    def fresh(fn, *args):
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as ex:
+            return ex.submit(fn, *args).result()
+    rng = np.random.default_rng(0)
+    print(f"bench train: {device}, {cores} cores, torch {torch.__version__}, {threads} thread(s) per training "
+          f"(as run_all.sh on a CPU); synthetic corpus of IEMOCAP's size: {IEMOCAP_UTTERANCES} utterances, "
+          f"{IEMOCAP_HOURS} h, log-normal lengths up to {IEMOCAP_MAX_SECONDS} s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="satn-bench-") as tmp:
+        # 1. the feature cache, from audio files with IEMOCAP's length distribution
+        secs = iemocap_like_seconds(cache_files, rng)
+        utts = []
+        import soundfile as sf
+        for i, d in enumerate(secs):
+            path = Path(tmp) / "wav" / f"u{i:05d}.wav"
+            path.parent.mkdir(exist_ok=True)
+            wave = 0.1 * rng.standard_normal(int(d * SAMPLE_RATE)).astype(np.float32)
+            sf.write(str(path), wave, SAMPLE_RATE, subtype="PCM_16")
+            utts.append(Utterance(f"u{i}", str(path), "neutral", "S1F", "S1"))
+        for w in sorted({1, cores}):
+            t0 = time.perf_counter()
+            compute_features(utts, Path(tmp) / f"cache{w}", verbose=False, workers=w)
+            dt = time.perf_counter() - t0
+            print(f"feature cache: {cache_files} files, {secs.sum() / 3600:.2f} h of audio in {dt:.1f} s with "
+                  f"{w} process{'es' if w > 1 else ''} = {secs.sum() / dt:,.0f}x real time (all of IEMOCAP: "
+                  f"~{IEMOCAP_HOURS * 3600 / (secs.sum() / dt):.0f} s)", flush=True)
+        shutil.rmtree(Path(tmp) / "wav")
+        # 2. the student's data side on a mapped cache of IEMOCAP's size
+        lengths = np.maximum(1, (iemocap_like_seconds(IEMOCAP_UTTERANCES, rng) / HOP_SECONDS).astype(int))
+
+        def entries():
+            for i, n in enumerate(lengths):
+                x = np.random.default_rng(i).standard_normal((n, FEAT_CHANNELS), dtype=np.float32)
+                yield f"u{i:05d}", x, _moments(x.T)
+        _write_cache(tmp, "bench", entries())
+        base, stats, end, dt, n_frames = fresh(_bench_mapped_corpus, tmp, IEMOCAP_UTTERANCES, IEMOCAP_STUDENT_UTTERANCES)
+        print(f"mapped cache: {n_frames * FEAT_CHANNELS * 4 / 2 ** 30:.2f} GB of frames ({IEMOCAP_UTTERANCES} "
+              f"utterances); a student's data side (statistics, lazy normalisation, one epoch of "
+              f"{IEMOCAP_STUDENT_UTTERANCES} utterances collated in {dt:.1f} s): resident memory "
+              f"{base[1]:.0f} -> {stats[1]:.0f} -> {end[1]:.0f} MB anonymous, {base[2]:.0f} -> {stats[2]:.0f} -> "
+              f"{end[2]:.0f} MB file-backed (mapped cache pages, reclaimable), peak {end[0]:.0f} MB", flush=True)
+    # 3. training steps of each configuration
+    configs = [("teacher", False), ("stats", False)] + [(f"{e}-{a}", at) for at in (False, True)
+                                                        for e in ("blstm", "tcn") for a in ("soft", "self")]
+    rows, t_epoch = [], {}
+    print(f"\n| configuration | batches/epoch | s/epoch | peak memory (MB) | measured batches (B x T) |\n|---|---|---|---|---|")
+    for kind, at in configs:
+        n_eval = IEMOCAP_UTTERANCES // 10 if kind == "teacher" else IEMOCAP_STUDENT_UTTERANCES // 10
+        r = fresh(_bench_train_one, kind, at, str(device), threads, batches, n_eval)
+        sec = r["per_frame"] * r["train_frames"] + r["eval_per_frame"] * r["eval_frames"]
+        name = kind + ("-at" if at else "")
+        t_epoch[(name, at)] = sec
+        print(f"| {name} | {r['batches']} | {sec:,.0f} | {r['peak_mb']:,.0f} | "
+              + ", ".join(f"{b}x{t}" for b, t in r["picked"]) + " |", flush=True)
+    cfg_t, cfg_s = TeacherConfig(), StudentConfig()
+    teacher_s = t_epoch.pop(("teacher", False)) * cfg_t.epochs
+    student_s = {k: v * cfg_s.epochs for k, v in t_epoch.items()}
+    print(f"\nseconds per epoch: extrapolated from {batches} timed batches per configuration (typical to long "
+          f"lengths) per padded frame, over the epoch's padded frames, plus the dev set (one timed batch; teacher: "
+          f"greedy decoding); {cfg_t.epochs} teacher and {cfg_s.epochs} student epochs")
+    for n in jobs:
+        total = project_run_all(teacher_s, student_s, n, cores if device.type == "cpu" else n)
+        print(f"projected run_all.sh ({RUN_ALL_TEACHERS} teachers, {5 * len(student_s)} students) with --jobs {n}: "
+              f"{total / 3600:,.1f} h"
+              + (f" ({n} jobs on {cores} cores: slowed by {n / cores:.1f}x)" if device.type == "cpu" and n > cores else ""))
+    if worst:
+        s, peak = fresh(_bench_worst_batch, str(device), threads, 32, 30.0)
+        print(f"paper-setting TCN + self-attention student, one step on 32 x 30 s: peak memory {peak:,.0f} MB "
+              f"({'torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'peak RSS of the process'}), {s:.1f} s")
 
 
 def bench_kernel(device=None):
@@ -4287,12 +5196,35 @@ def main(argv=None):
                         f"least {PREDICT_MIN_SPEAKER_SECONDS:.0f} s, else checkpoint (default: auto)")
     p.add_argument("--window", type=float, default=PREDICT_WINDOW, help=f"window length for long files, s (default: {PREDICT_WINDOW})")
     p.add_argument("--hop", type=float, default=PREDICT_HOP, help=f"hop between windows, s (default: {PREDICT_HOP})")
+    p = sub.add_parser("evaluate", help="score trained students on another corpus (cross-corpus test); "
+                       "report collects the results")
+    p.add_argument("--checkpoint", required=True, nargs="+", help="one or more students' best.pt, e.g. "
+                   "runs/student/tcn-self-at/fold*/best.pt")
+    p.add_argument("--data", required=True, help="the corpus to test on: an IEMOCAP folder (its improvised four "
+                   "classes) or a CSV manifest (every row)")
+    p.add_argument("--label-map", default=None, metavar="LABEL=CLASS,...", help="rename the corpus' labels to "
+                   "the model's classes, e.g. anger=angry,happiness=happy; LABEL= leaves LABEL out; a label "
+                   "neither mapped nor a class of the model is an error (default: none)")
+    p.add_argument("--norm", choices=("auto", "speaker", "checkpoint"), default="auto", help="per-speaker "
+                   "statistics of the corpus' own audio, or the training statistics stored in the checkpoint; "
+                   "auto: as the model was trained (default: auto)")
+    p.add_argument("--name", default=None, help="the corpus' name in file names and results.md (default: the "
+                   "CSV's stem or the folder's name)")
+    p.add_argument("--out", default=None, help="result file (default: crosscorpus-NAME.json beside each checkpoint, "
+                   "where report finds it)")
+    p.add_argument("--runs", default="runs", help="the feature cache goes to RUNS/cache (default: runs)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p = sub.add_parser("report", help="collect finished runs into runs/results.md")
     p.add_argument("--runs", default="runs", help="output root of the runs (default: runs)")
     p.add_argument("--per-seed", action="store_true", help="also Table 2 and the tests of each seed on its own")
     p = sub.add_parser("bench", help="throughput benchmarks")
-    p.add_argument("what", choices=("features", "kernel", "predict"))
-    p.add_argument("--device", default="auto", help="kernel benchmark device (default: auto)")
+    p.add_argument("what", choices=("features", "kernel", "train", "predict"))
+    p.add_argument("--device", default="auto", help="kernel and train benchmark device (default: auto)")
+    p.add_argument("--batches", type=int, default=2, help="train: timed batches per configuration (default: 2)")
+    p.add_argument("--threads", type=int, default=1, help="train: torch threads per training (default: 1, as "
+                                                          "run_all.sh on a CPU)")
+    p.add_argument("--cache-files", type=int, default=1000, help="train: audio files for the feature cache's "
+                                                                 "speed (default: 1000)")
     p = sub.add_parser("build-kernels", help="compile the fused causal-conv extension and say what was built")
     p.add_argument("--cuda", action="store_true", help="also compile the CUDA part, even without a GPU")
     args = parser.parse_args(argv)
@@ -4310,7 +5242,7 @@ def main(argv=None):
         elif args.command == "teacher":
             cfg = config_from_args(TeacherConfig, args)
             pick_device(cfg.device)
-            for k in _folds(cfg):
+            for k in ([0] if cfg.asr_data else _folds(cfg)):   # an ASR corpus' teacher serves every fold
                 train_teacher(dataclasses.replace(cfg, fold=k))
         elif args.command == "student":
             cfg = config_from_args(StudentConfig, args)
@@ -4319,11 +5251,17 @@ def main(argv=None):
                 train_student(dataclasses.replace(cfg, fold=k))
         elif args.command == "predict":
             return predict(args.checkpoint, args.inputs, args.json, args.norm, args.window, args.hop)
+        elif args.command == "evaluate":
+            evaluate_corpus(args.checkpoint, args.data, args.label_map, args.norm, args.name, args.out, args.runs, args.device)
         elif args.command == "report":
             report(args.runs, args.per_seed)
         elif args.command == "bench":
             if args.what == "predict":
                 bench_predict()
+            elif args.what == "train":
+                _require(args.batches >= 1 and args.threads >= 1 and args.cache_files >= 1,
+                         "--batches, --threads and --cache-files must be at least 1")
+                bench_train(args.device, args.batches, args.threads, args.cache_files)
             else:
                 bench_features() if args.what == "features" else bench_kernel(args.device)
         elif args.command == "build-kernels":
