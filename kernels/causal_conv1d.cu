@@ -291,6 +291,8 @@ std::vector<at::Tensor> satn_causal_conv1d_backward_cuda(const at::Tensor& grad_
                                                          int64_t dilation, bool relu,
                                                          bool has_bias) {
   const c10::cuda::CUDAGuard guard(x.device());
+  // grad_w adds partial sums with float atomics: the order, and so the rounding, varies.
+  at::globalContext().alertNotDeterministic("satn causal_conv1d backward (CUDA grad_w)");
   const int64_t B = x.size(0), C = x.size(1), T = x.size(2), O = w.size(0), K = w.size(2);
   const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor grad_x = at::zeros_like(x);

@@ -77,11 +77,12 @@ SATN_HD acc_t activate(acc_t z, bool relu) {
   return (relu && z < acc_t(0)) ? acc_t(0) : z;
 }
 
-// dL/dz from dL/dy for ReLU. The mask comes from the saved output (y > 0),
-// which is what torch's threshold_backward uses, so z is never stored.
+// dL/dz from dL/dy for ReLU, from the saved output y (z is never stored). As in
+// torch's threshold_backward, the gradient is dropped where y <= 0 and passed
+// everywhere else, NaN included ("y > 0" would drop it where y is NaN).
 template <typename g_t, typename y_t>
 SATN_HD g_t relu_masked_grad(g_t g, y_t y) {
-  return (y > static_cast<y_t>(0.0f)) ? g : static_cast<g_t>(0.0f);
+  return (y <= static_cast<y_t>(0.0f)) ? static_cast<g_t>(0.0f) : g;
 }
 
 // Contribution of one (o, c) pair to output t, over the taps that land at
