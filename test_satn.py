@@ -3480,11 +3480,11 @@ class _RecordingExt:
     def __init__(self):
         self.forward_calls = 0
 
-    def forward(self, x, w, b, d, relu):
+    def forward(self, x, w, b, d, relu, tf32=False):
         self.forward_calls += 1
         return satn.causal_conv1d_ref(x, w, b, d, "relu" if relu else None)
 
-    def backward(self, gy, x, w, y, d, relu, has_bias):
+    def backward(self, gy, x, w, y, d, relu, has_bias, need_x=True, tf32=False):
         with torch.enable_grad():
             xi, wi = x.detach().requires_grad_(), w.detach().requires_grad_()
             bi = torch.zeros(w.shape[0], dtype=w.dtype, requires_grad=True) if has_bias else None
