@@ -3,46 +3,65 @@
 # (utterance statistics + linear, `--encoder stats`) and the eight student configurations
 # {BLSTM, TCN} x {soft, self-attention} x {without, with attention transfer} on every fold
 # (five for IEMOCAP), then `python satn.py report`. The students without transfer may run
-# beside the teachers; those with transfer wait for them.
+# beside the teachers; those with transfer wait for them. Beside Table 2's rows: the causal
+# (streaming) TCN + self-attention student, without and with transfer.
 #
 #   bash run_all.sh                      # the built-in demo corpus, demo-sized settings
 #   bash run_all.sh --data /path/to/IEMOCAP_full_release
 #   bash run_all.sh --data corpus.csv --jobs 4 --epochs 50
 #   bash run_all.sh --dry-run            # print every training command, in dependency order
+#   bash run_all.sh --data D --slurm --partition=gpu --gres=gpu:1 --time=1-00:00:00 [--submit]
 #   bash run_all.sh --data corpus.csv --recipe robust --runs runs-robust
 #   bash run_all.sh --seeds 3            # every training with seeds 0, 1, 2 (fold{k}, fold{k}-seed1, ...)
+#   bash run_all.sh --data corpus.csv --asr-data asr.csv   # one teacher from a separate ASR corpus
 #
-# Options: --data PATH, --runs DIR, --jobs N (trainings at once; GPUs are assigned
+# Options: --data PATH, --asr-data PATH (train one teacher on that ASR corpus, whose speakers
+# must not occur in --data, and let every fold's student imitate it, instead of one teacher per
+# fold), --runs DIR, --jobs N (trainings at once; GPUs are assigned
 # round-robin through CUDA_VISIBLE_DEVICES when several are visible; default 1, or on
 # a machine without a GPU one per core, up to 4, each with one thread), --at-weight W
 # (W_AT of the transfer rows, default 1.0), --recipe paper|robust (the students' training
 # recipe, default paper; see `python satn.py student --help`), --seeds N (every teacher and
 # student trained with seeds 0..N-1, a student of seed s imitating the teacher of seed s; seed 0's
 # runs keep their folders, the others go to fold{k}-seed{s}; report then averages over folds x
-# seeds), --dry-run. Any other argument is passed
-# to every training (so it must be an option of both `teacher` and `student`, e.g.
+# seeds), --dry-run. --slurm: write RUNS/slurm/ (the commands of --dry-run, a SLURM job for
+# `prepare`, a job array for the teachers, one for the students that depends on it (afterok),
+# the report after them, logs per task in RUNS/slurm/logs) and, with --submit, submit it;
+# the arguments after --slurm, up to a `--`, go to every sbatch call. Any other argument is
+# passed to every training (so it must be an option of both `teacher` and `student`, e.g.
 # --epochs, --seed, --device, --batch-size, --norm). Finished runs are skipped and
 # unfinished ones resumed, so calling it again after an interruption continues.
 set -uo pipefail
 PY=${PYTHON:-python}
 SATN="$(dirname "$0")/satn.py"   # paths given by the user stay relative to where they called from
-DATA=() RUNS=runs JOBS= DRY=0 AT_WEIGHT=1.0 RECIPE=() SEEDS= EXTRA=()
+DATA=() ASR=() RUNS=runs JOBS= DRY=0 AT_WEIGHT=1.0 RECIPE=() SEEDS= EXTRA=() SLURM=0 SUBMIT=0 IN_SBATCH=0 SBATCH=()
 while [ $# -gt 0 ]; do
+    if [ "$IN_SBATCH" = 1 ]; then   # after --slurm: sbatch's options, up to `--`
+        case "$1" in
+            --) IN_SBATCH=0 ;;
+            --submit) SUBMIT=1 ;;
+            *) SBATCH+=("$1") ;;
+        esac
+        shift; continue
+    fi
     case "$1" in
-        --data|--runs|--jobs|--at-weight|--recipe|--seeds)
+        --data|--asr-data|--runs|--jobs|--at-weight|--recipe|--seeds)
             [ $# -ge 2 ] || { echo "run_all.sh: $1 needs a value" >&2; exit 2; }
             set -- "$1=$2" "${@:3}" ;;
     esac
     case "$1" in
         --data=*) DATA=(--data "${1#*=}") ;;
+        --asr-data=*) ASR=(--asr-data "${1#*=}") ;;
         --runs=*) RUNS=${1#*=} ;;
         --jobs=*) JOBS=${1#*=} ;;
         --at-weight=*) AT_WEIGHT=${1#*=} ;;
         --recipe=*) RECIPE=(--recipe "${1#*=}") ;;
         --seeds=*) SEEDS=${1#*=} ;;
         --dry-run) DRY=1 ;;
-        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        --fold|--fold=*|--name|--name=*|--encoder|--encoder=*|--attention|--attention=*|--resume|--no-resume)
+        --slurm) SLURM=1 DRY=1 IN_SBATCH=1 ;;
+        --submit) SUBMIT=1 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --fold|--fold=*|--name|--name=*|--encoder|--encoder=*|--attention|--attention=*|--resume|--no-resume|--teacher|--teacher=*|--causal|--no-causal)
             echo "run_all.sh: $1 is set by run_all.sh itself for each training" >&2; exit 2 ;;
         *) EXTRA+=("$1") ;;
     esac
@@ -94,6 +113,7 @@ fi
 trap 'echo "run_all.sh: interrupted; call it again to resume" >&2; exit 130' INT
 START=$(date +%s) FAILED=0 STARTED=0
 
+TEACHERS=() STUDENTS=()
 run() {  # run <log name> <command...>: once per seed of --seeds (else once, as given)
     local name=$1; shift
     if [ -z "$SEEDS" ]; then run_one "$name" "$@"; return; fi
@@ -104,6 +124,10 @@ run() {  # run <log name> <command...>: once per seed of --seeds (else once, as 
 }
 run_one() {  # run_one <log name> <command...>: at most $JOBS at once
     local name=$1; shift
+    if [ "$SLURM" = 1 ]; then   # collected for the job arrays
+        case "$name" in teacher-*) TEACHERS+=("$(printf '%q ' "$@")") ;; *) STUDENTS+=("$(printf '%q ' "$@")") ;; esac
+        return
+    fi
     if [ "$DRY" = 1 ]; then printf '%q ' "$@"; echo; return; fi
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
     local env=()
@@ -128,9 +152,58 @@ drain() {  # wait for every background training; each failure left a .failed mar
     [ "$JOBS" = 1 ] || FAILED=$(find "$RUNS/logs" -name '*.failed' | wc -l)
 }
 
-if [ "$TRANSFER" = 1 ]; then
+write_slurm() {  # RUNS/slurm/: task lists, one array script, submit.sh; then submit it with --submit
+    local dir="$RUNS/slurm" sb
+    mkdir -p "$dir/logs" || return 1
+    printf '%s\n' "${TEACHERS[@]}" | sed '/^$/d' > "$dir/teachers.txt"
+    printf '%s\n' "${STUDENTS[@]}" | sed '/^$/d' > "$dir/students.txt"
+    cat > "$dir/task.sh" <<'TASK'
+#!/usr/bin/env bash
+# One task of a job array: line $SLURM_ARRAY_TASK_ID of the command list given as $1.
+set -euo pipefail
+line=$(sed -n "${SLURM_ARRAY_TASK_ID:?not inside a SLURM job array}p" "$1")
+[ -n "$line" ] || { echo "task.sh: $1 has no line $SLURM_ARRAY_TASK_ID" >&2; exit 2; }
+echo "task $SLURM_ARRAY_TASK_ID of $1 on $(hostname): $line"
+eval "$line"
+TASK
+    quote() { printf '%q ' "$@"; }
+    sb="sbatch --parsable --open-mode=append "   # a resubmission appends to a task's log
+    [ ${#SBATCH[@]} -gt 0 ] && sb+=$(quote "${SBATCH[@]}")
+    {
+        echo '#!/usr/bin/env bash'
+        echo "# Written by run_all.sh --slurm: prepare, then the teachers (one array task each), then the"
+        echo "# students (afterok: every teacher succeeded), then the report (afterany). Logs: $dir/logs/"
+        echo 'set -euo pipefail'
+        echo "cd $(quote "$PWD")"
+        echo "jobid() { echo \"\${1%%;*}\"; }   # sbatch --parsable prints jobid[;cluster]"
+        echo "P=\$(jobid \"\$($sb--job-name=satn-prepare --output=$(quote "$dir/logs/prepare-%j.out")--wrap=$(quote "$(quote "$PY" "$SATN" prepare "${DATA[@]}" --runs "$RUNS")"))\")"
+        local after="afterok:\$P"
+        if [ ${#TEACHERS[@]} -gt 0 ]; then
+            echo "T=\$(jobid \"\$($sb--dependency=$after --array=1-${#TEACHERS[@]} --job-name=satn-teacher --output=$(quote "$dir/logs/teacher-%a.out")$(quote "$dir/task.sh" "$dir/teachers.txt"))\")"
+            after="afterok:\$T"
+        fi
+        echo "S=\$(jobid \"\$($sb--dependency=$after --array=1-${#STUDENTS[@]} --job-name=satn-student --output=$(quote "$dir/logs/student-%a.out")$(quote "$dir/task.sh" "$dir/students.txt"))\")"
+        echo "R=\$(jobid \"\$($sb--dependency=afterany:\$S --job-name=satn-report --output=$(quote "$dir/logs/report-%j.out")--wrap=$(quote "$(quote "$PY" "$SATN" report --runs "$RUNS")"))\")"
+        echo 'echo "submitted: prepare $P, teachers ${T:-none}, students $S, report $R"'
+    } > "$dir/submit.sh"
+    chmod +x "$dir/submit.sh" "$dir/task.sh"
+    echo "run_all.sh: wrote $dir/submit.sh: ${#TEACHERS[@]} teacher task(s), ${#STUDENTS[@]} student task(s), then the report"
+    if [ "$SUBMIT" = 1 ]; then bash "$dir/submit.sh"; else echo "submit with: bash $dir/submit.sh (or run_all.sh ... --slurm ... --submit)"; fi
+}
+
+TEACHER=()
+if [ ${#ASR[@]} -gt 0 ]; then
+    # One teacher of the ASR corpus serves every fold (it refuses a corpus sharing speakers with --data).
+    TRANSFER=1 TEACHER=(--teacher "$RUNS/teacher/asr")
+    run_one "teacher-asr" "$PY" "$SATN" teacher "${ASR[@]}" "${COMMON[@]}"   # once, also with --seeds
+elif [ "$TRANSFER" = 1 ]; then
     for k in $(seq "$FOLDS"); do run "teacher-fold$k" "$PY" "$SATN" teacher --fold "$k" "${COMMON[@]}"; done
 fi
+# The student configurations (run names without "-at", and their options): Table 2's four, then
+# the causal student (satn.py's REPORT_ROWS gives each its label in the report).
+CONFIG_NAMES=(blstm-soft blstm-self tcn-soft tcn-self tcn-self-causal)
+CONFIG_OPTIONS=("--encoder blstm --attention soft" "--encoder blstm --attention self" "--encoder tcn --attention soft"
+                "--encoder tcn --attention self" "--encoder tcn --attention self --causal")
 # The rows without transfer do not need the teachers: they fill free slots meanwhile.
 # The baseline row comes first: every table says how far the deep models are above it.
 for k in $(seq "$FOLDS"); do
@@ -141,17 +214,18 @@ for at in 0 1; do
         [ "$TRANSFER" = 0 ] && break
         drain   # every teacher has finished before a student imitates one
     fi
-    for enc in blstm tcn; do
-        for att in soft self; do
-            w=0; [ "$at" = 1 ] && w=$AT_WEIGHT
-            for k in $(seq "$FOLDS"); do
-                run "student-$enc-$att$([ "$at" = 1 ] && echo -at)-fold$k" \
-                    "$PY" "$SATN" student --encoder $enc --attention $att --at-weight "$w" --fold "$k" "${RECIPE[@]}" "${COMMON[@]}"
-            done
+    for i in "${!CONFIG_NAMES[@]}"; do
+        w=0 tw=(); [ "$at" = 1 ] && w=$AT_WEIGHT tw=("${TEACHER[@]}")
+        for k in $(seq "$FOLDS"); do
+            # shellcheck disable=SC2086  # the options are words
+            run "student-${CONFIG_NAMES[$i]}$([ "$at" = 1 ] && echo -at)-fold$k" \
+                "$PY" "$SATN" student ${CONFIG_OPTIONS[$i]} --at-weight "$w" --fold "$k" "${RECIPE[@]}" \
+                "${tw[@]}" "${COMMON[@]}"
         done
     done
 done
 drain
+if [ "$SLURM" = 1 ]; then write_slurm; exit $?; fi
 if [ "$DRY" = 1 ]; then printf '%q ' "$PY" "$SATN" report --runs "$RUNS"; echo; exit 0; fi
 "$PY" "$SATN" report --runs "$RUNS" || FAILED=$((FAILED + 1))
 echo "run_all.sh: finished in $(( ($(date +%s) - START) / 60 )) min $(( ($(date +%s) - START) % 60 )) s, $FAILED failed run(s)"
