@@ -15,7 +15,7 @@ Run everything (on the built-in synthetic corpus unless --data is given):
     python satn.py student --fold 5 [--encoder tcn|blstm] [--attention self|soft] [--at-weight W]
     python satn.py report                     # runs/results.md: Table 2, Figure 3, z-tests
     python satn.py predict --checkpoint runs/student/tcn-self-at/fold5/best.pt FILE_OR_DIR...
-    python satn.py bench features|kernel      # throughput benchmarks
+    python satn.py bench features|kernel|train|predict   # throughput and memory benchmarks
     python satn.py build-kernels [--cuda]     # compile the fused causal-conv extension now
     bash run_all.sh [--data PATH]             # the whole of Table 2
 
