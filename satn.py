@@ -3044,6 +3044,7 @@ def run_lock(run_dir):
     process, so a killed training never leaves a stale one. The file keeps the holder's pid."""
     import fcntl
     run_dir = Path(run_dir)
+    created = [p for p in [run_dir, *run_dir.parents] if not p.exists()]   # removed again if left empty
     run_dir.mkdir(parents=True, exist_ok=True)
     f = open(run_dir / ".lock", "a+")
     try:
@@ -3063,6 +3064,13 @@ def run_lock(run_dir):
             f.flush()
         yield
     finally:
+        if created and [p.name for p in run_dir.iterdir()] == [".lock"]:   # refused before writing anything
+            (run_dir / ".lock").unlink()
+            for p in created:
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
         f.close()   # releases the lock
 
 
