@@ -4540,6 +4540,7 @@ def predict_stream(checkpoint, path, chunk=STREAM_CHUNK, every=STREAM_EVERY, as_
     # the training statistics); --norm checkpoint, or a globally normalised model, the fixed ones.
     prior = STREAM_NORM_PRIOR if ck["norm"]["mode"] == "speaker" and norm != "checkpoint" else None
     stream = StudentStream(model, ck["norm"]["mean"].numpy(), ck["norm"]["std"].numpy(), prior)
+    torch.set_num_threads(1)   # a chunk is a few frames: more threads only wait for each other
     print(f"streaming {path}: {chunk:g} s chunks; algorithmic delay {1000 * WIN_SECONDS:.0f} ms window + "
           f"{1000 * FEATURE_LOOKAHEAD * HOP_SECONDS:.0f} ms delta lookahead + up to "
           f"{1000 * (model.subsample - 1) * HOP_SECONDS:.0f} ms subsample group + up to one chunk; normalisation: "
