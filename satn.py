@@ -3345,7 +3345,8 @@ def train_teacher(cfg: TeacherConfig):
                                                           if select != cfg.decode else ""))
     if cfg.decode == "joint":
         print(f"joint decoding: beam {cfg.beam}, CTC weight {cfg.decode_ctc_weight}, "
-              + (f"words of a {len(tree)}-word training lexicon" if cfg.lexicon else "free phone strings"))
+              + (f"only the {len(vocab)} training words ({len(tree)} distinct pronunciations; a homophone decodes to "
+                 f"its most frequent word)" if cfg.lexicon else "free phone strings"))
     best = fit(cfg, model, run_dir, data, loss_fn, evaluate, "PER", False, {"vocab": list(PHONE_VOCAB)})
     model.load_state_dict(best["model"])
     model.eval()
