@@ -4287,3 +4287,18 @@ def test_asr_teacher_serves_every_fold(demo_corpus, demo_cache, tmp_path, monkey
     print(out[-800:], err)
     assert rc == 0 and "attention transfer:" in out
     assert json.loads((runs / "student" / "tcn-self-at" / "fold3" / "final.json").read_text())["config"]["teacher"]
+
+
+def test_run_all_asr_data_trains_one_teacher_for_every_fold(demo_corpus, tmp_path):
+    import shlex
+    r = _run_all(["--dry-run", "--asr-data", "my asr.csv", "--seeds", "2"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    cmds = [shlex.split(line) for line in r.stdout.splitlines() if line.strip()]
+    teachers = [c for c in cmds if c[2] == "teacher"]
+    print(teachers)
+    assert teachers == [[c for c in teachers[0]]] and ("--asr-data", "my asr.csv") in zip(teachers[0], teachers[0][1:])
+    assert "--fold" not in teachers[0] and "--seed" not in teachers[0]
+    students = [c for c in cmds if c[2] == "student"]
+    with_at = [c for c in students if float(c[c.index("--at-weight") + 1]) > 0]
+    assert len(with_at) == 40 and all(("--teacher", "runs/teacher/asr") in zip(c, c[1:]) for c in with_at)
+    assert not any("--teacher" in c for c in students if c not in with_at)
