@@ -4676,5 +4676,5 @@ def test_run_all_asr_data_trains_one_teacher_for_every_fold(demo_corpus, tmp_pat
     assert "--fold" not in teachers[0] and "--seed" not in teachers[0]
     students = [c for c in cmds if c[2] == "student"]
     with_at = [c for c in students if float(c[c.index("--at-weight") + 1]) > 0]
-    assert len(with_at) == 40 and all(("--teacher", "runs/teacher/asr") in zip(c, c[1:]) for c in with_at)
+    assert len(with_at) >= 40 and all(("--teacher", "runs/teacher/asr") in zip(c, c[1:]) for c in with_at)
     assert not any("--teacher" in c for c in students if c not in with_at)
