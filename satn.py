@@ -15,7 +15,7 @@ Run everything (on the built-in synthetic corpus unless --data is given):
     python satn.py student --fold 5 [--encoder tcn|blstm] [--attention self|soft] [--at-weight W]
     python satn.py report                     # runs/results.md: Table 2, Figure 3, z-tests
     python satn.py predict --checkpoint runs/student/tcn-self-at/fold5/best.pt FILE_OR_DIR...
-    python satn.py bench features|kernel      # throughput benchmarks
+    python satn.py bench features|kernel|train  # throughput, memory and run_all.sh projections
     python satn.py build-kernels [--cuda]     # compile the fused causal-conv extension now
     bash run_all.sh [--data PATH]             # the whole of Table 2
 
@@ -4470,13 +4470,20 @@ def bench_train(device="auto", batches=2, threads=1, cache_files=1000, jobs=(1, 
             wave = 0.1 * rng.standard_normal(int(d * SAMPLE_RATE)).astype(np.float32)
             sf.write(str(path), wave, SAMPLE_RATE, subtype="PCM_16")
             utts.append(Utterance(f"u{i}", str(path), "neutral", "S1F", "S1"))
+        import resource
+
+        def cpu_seconds():   # this process and its finished children (the pool's workers)
+            return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                       for f in ("ru_utime", "ru_stime"))
         for w in sorted({1, cores}):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             compute_features(utts, Path(tmp) / f"cache{w}", verbose=False, workers=w)
-            dt = time.perf_counter() - t0
+            dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
             print(f"feature cache: {cache_files} files, {secs.sum() / 3600:.2f} h of audio in {dt:.1f} s with "
                   f"{w} process{'es' if w > 1 else ''} = {secs.sum() / dt:,.0f}x real time (all of IEMOCAP: "
-                  f"~{IEMOCAP_HOURS * 3600 / (secs.sum() / dt):.0f} s)", flush=True)
+                  f"~{IEMOCAP_HOURS * 3600 / (secs.sum() / dt):.0f} s); {cpu:.1f} CPU s = {secs.sum() / cpu:,.0f}x "
+                  f"real time per CPU second (x {cores} cores = {cores * secs.sum() / cpu:,.0f}x on idle cores)",
+                  flush=True)
         shutil.rmtree(Path(tmp) / "wav")
         # 2. the student's data side on a mapped cache of IEMOCAP's size
         lengths = np.maximum(1, (iemocap_like_seconds(IEMOCAP_UTTERANCES, rng) / HOP_SECONDS).astype(int))
