@@ -4098,15 +4098,16 @@ def evaluate_corpus(checkpoints, data, label_map=None, norm="auto", tag=None, ou
         how = norm if norm != "auto" else ("speaker" if ck["norm"]["mode"] == "speaker" else "checkpoint")
         if how == "speaker":   # each speaker's statistics from all of that speaker's audio in the corpus
             if per_speaker is None:
-                per_speaker = dict(zip([u.id for u in kept if u.id in ids], normalise(kept, feats, "speaker", keep=ids)))
+                per_speaker = dict(zip([u.id for u in kept if u.id in ids],
+                                       normalise(kept, feats, "speaker", keep=ids, lazy=True)))   # per batch
             inputs = per_speaker
         else:                  # the training statistics stored in the checkpoint
             mean, std = ck["norm"]["mean"].numpy(), ck["norm"]["std"].numpy()
-            inputs = {u.id: ((f.reshape(FEAT_CHANNELS, -1) - mean[:, None]) / std[:, None]).astype(np.float32)
-                      for u, f in zip(kept, feats) if u.id in ids}
+            inputs = {u.id: Normalised(f, mean, std) for u, f in zip(kept, feats) if u.id in ids}   # per batch
         items = [(u, inputs[u.id]) for u in chosen]
         model.to(dev)
-        metrics = classify(model, items, {c: i for i, c in enumerate(classes)}, ck["config"].get("batch_size", 32), dev)
+        metrics = classify(model, items, {c: i for i, c in enumerate(classes)}, ck["config"].get("batch_size", 32), dev,
+                           ck["config"].get("max_frames", 0))
         cfg = ck["config"]
         run = StudentConfig(**{k: v for k, v in cfg.items() if k in {f.name for f in dataclasses.fields(StudentConfig)}}).run_name()
         result = {"corpus": tag, "data": str(data) if data is not None else None, "checkpoint": str(path),
