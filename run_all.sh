@@ -3,7 +3,8 @@
 # (utterance statistics + linear, `--encoder stats`) and the eight student configurations
 # {BLSTM, TCN} x {soft, self-attention} x {without, with attention transfer} on every fold
 # (five for IEMOCAP), then `python satn.py report`. The students without transfer may run
-# beside the teachers; those with transfer wait for them.
+# beside the teachers; those with transfer wait for them. Beside Table 2's rows: the causal
+# (streaming) TCN + self-attention student, without and with transfer.
 #
 #   bash run_all.sh                      # the built-in demo corpus, demo-sized settings
 #   bash run_all.sh --data /path/to/IEMOCAP_full_release
@@ -12,8 +13,11 @@
 #   bash run_all.sh --data D --slurm --partition=gpu --gres=gpu:1 --time=1-00:00:00 [--submit]
 #   bash run_all.sh --data corpus.csv --recipe robust --runs runs-robust
 #   bash run_all.sh --seeds 3            # every training with seeds 0, 1, 2 (fold{k}, fold{k}-seed1, ...)
+#   bash run_all.sh --data corpus.csv --asr-data asr.csv   # one teacher from a separate ASR corpus
 #
-# Options: --data PATH, --runs DIR, --jobs N (trainings at once; GPUs are assigned
+# Options: --data PATH, --asr-data PATH (train one teacher on that ASR corpus, whose speakers
+# must not occur in --data, and let every fold's student imitate it, instead of one teacher per
+# fold), --runs DIR, --jobs N (trainings at once; GPUs are assigned
 # round-robin through CUDA_VISIBLE_DEVICES when several are visible; default 1, or on
 # a machine without a GPU one per core, up to 4, each with one thread), --at-weight W
 # (W_AT of the transfer rows, default 1.0), --recipe paper|robust (the students' training
@@ -30,7 +34,7 @@
 set -uo pipefail
 PY=${PYTHON:-python}
 SATN="$(dirname "$0")/satn.py"   # paths given by the user stay relative to where they called from
-DATA=() RUNS=runs JOBS= DRY=0 AT_WEIGHT=1.0 RECIPE=() SEEDS= EXTRA=() SLURM=0 SUBMIT=0 IN_SBATCH=0 SBATCH=()
+DATA=() ASR=() RUNS=runs JOBS= DRY=0 AT_WEIGHT=1.0 RECIPE=() SEEDS= EXTRA=() SLURM=0 SUBMIT=0 IN_SBATCH=0 SBATCH=()
 while [ $# -gt 0 ]; do
     if [ "$IN_SBATCH" = 1 ]; then   # after --slurm: sbatch's options, up to `--`
         case "$1" in
@@ -41,12 +45,13 @@ while [ $# -gt 0 ]; do
         shift; continue
     fi
     case "$1" in
-        --data|--runs|--jobs|--at-weight|--recipe|--seeds)
+        --data|--asr-data|--runs|--jobs|--at-weight|--recipe|--seeds)
             [ $# -ge 2 ] || { echo "run_all.sh: $1 needs a value" >&2; exit 2; }
             set -- "$1=$2" "${@:3}" ;;
     esac
     case "$1" in
         --data=*) DATA=(--data "${1#*=}") ;;
+        --asr-data=*) ASR=(--asr-data "${1#*=}") ;;
         --runs=*) RUNS=${1#*=} ;;
         --jobs=*) JOBS=${1#*=} ;;
         --at-weight=*) AT_WEIGHT=${1#*=} ;;
@@ -55,8 +60,8 @@ while [ $# -gt 0 ]; do
         --dry-run) DRY=1 ;;
         --slurm) SLURM=1 DRY=1 IN_SBATCH=1 ;;
         --submit) SUBMIT=1 ;;
-        -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        --fold|--fold=*|--name|--name=*|--encoder|--encoder=*|--attention|--attention=*|--resume|--no-resume)
+        -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --fold|--fold=*|--name|--name=*|--encoder|--encoder=*|--attention|--attention=*|--resume|--no-resume|--teacher|--teacher=*|--causal|--no-causal)
             echo "run_all.sh: $1 is set by run_all.sh itself for each training" >&2; exit 2 ;;
         *) EXTRA+=("$1") ;;
     esac
@@ -186,9 +191,19 @@ TASK
     if [ "$SUBMIT" = 1 ]; then bash "$dir/submit.sh"; else echo "submit with: bash $dir/submit.sh (or run_all.sh ... --slurm ... --submit)"; fi
 }
 
-if [ "$TRANSFER" = 1 ]; then
+TEACHER=()
+if [ ${#ASR[@]} -gt 0 ]; then
+    # One teacher of the ASR corpus serves every fold (it refuses a corpus sharing speakers with --data).
+    TRANSFER=1 TEACHER=(--teacher "$RUNS/teacher/asr")
+    run_one "teacher-asr" "$PY" "$SATN" teacher "${ASR[@]}" "${COMMON[@]}"   # once, also with --seeds
+elif [ "$TRANSFER" = 1 ]; then
     for k in $(seq "$FOLDS"); do run "teacher-fold$k" "$PY" "$SATN" teacher --fold "$k" "${COMMON[@]}"; done
 fi
+# The student configurations (run names without "-at", and their options): Table 2's four, then
+# the causal student (satn.py's REPORT_ROWS gives each its label in the report).
+CONFIG_NAMES=(blstm-soft blstm-self tcn-soft tcn-self tcn-self-causal)
+CONFIG_OPTIONS=("--encoder blstm --attention soft" "--encoder blstm --attention self" "--encoder tcn --attention soft"
+                "--encoder tcn --attention self" "--encoder tcn --attention self --causal")
 # The rows without transfer do not need the teachers: they fill free slots meanwhile.
 # The baseline row comes first: every table says how far the deep models are above it.
 for k in $(seq "$FOLDS"); do
@@ -199,13 +214,13 @@ for at in 0 1; do
         [ "$TRANSFER" = 0 ] && break
         drain   # every teacher has finished before a student imitates one
     fi
-    for enc in blstm tcn; do
-        for att in soft self; do
-            w=0; [ "$at" = 1 ] && w=$AT_WEIGHT
-            for k in $(seq "$FOLDS"); do
-                run "student-$enc-$att$([ "$at" = 1 ] && echo -at)-fold$k" \
-                    "$PY" "$SATN" student --encoder $enc --attention $att --at-weight "$w" --fold "$k" "${RECIPE[@]}" "${COMMON[@]}"
-            done
+    for i in "${!CONFIG_NAMES[@]}"; do
+        w=0 tw=(); [ "$at" = 1 ] && w=$AT_WEIGHT tw=("${TEACHER[@]}")
+        for k in $(seq "$FOLDS"); do
+            # shellcheck disable=SC2086  # the options are words
+            run "student-${CONFIG_NAMES[$i]}$([ "$at" = 1 ] && echo -at)-fold$k" \
+                "$PY" "$SATN" student ${CONFIG_OPTIONS[$i]} --at-weight "$w" --fold "$k" "${RECIPE[@]}" \
+                "${tw[@]}" "${COMMON[@]}"
         done
     done
 done

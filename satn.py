@@ -13,11 +13,12 @@ Run everything (on the built-in synthetic corpus unless --data is given):
     python satn.py demo-data                  # write the synthetic IEMOCAP-layout corpus
     python satn.py teacher [--fold k]         # ASR teachers (all five folds by default)
     python satn.py student --fold 5 [--encoder tcn|blstm] [--attention self|soft] [--at-weight W]
-    python satn.py report                     # runs/results.md: Table 2, Figure 3, z-tests
+    python satn.py report [--per-seed]        # runs/results.md: Table 2, Figure 3, paired tests, the paper's z-test
+    python satn.py evaluate --checkpoint runs/student/tcn-self-at/fold*/best.pt --data OTHER [--label-map a=b,...]
     python satn.py predict --checkpoint runs/student/tcn-self-at/fold5/best.pt FILE_OR_DIR...
     python satn.py bench features|kernel|train  # throughput, memory and run_all.sh projections
     python satn.py build-kernels [--cuda]     # compile the fused causal-conv extension now
-    bash run_all.sh [--data PATH]             # the whole of Table 2
+    bash run_all.sh [--data PATH] [--seeds N] # the whole of Table 2
 
 `--data` takes an IEMOCAP_full_release folder or a CSV manifest with columns
 path,label,speaker,session[,text]. Every subcommand has --help.
@@ -35,8 +36,9 @@ import dataclasses
 import functools
 import hashlib
 import importlib
-import io
 import importlib.util
+import io
+import itertools
 import json
 import logging
 import math
@@ -78,6 +80,7 @@ CMU_PHONES = ("AA AE AH AO AW AY B CH D DH EH ER EY F G HH IH IY JH K L M N NG O
 WORD_BOUNDARY = "|"
 PAD, SOS, EOS, UNK = "<pad>", "<sos>", "<eos>", "<unk>"
 PHONE_VOCAB = (PAD, SOS, EOS, UNK, WORD_BOUNDARY, *CMU_PHONES)  # index 0 is padding (and the CTC blank)
+NEVER_EMITTED = 2          # <pad> and <sos> (indices 0, 1) are never decoder outputs
 
 
 class DataError(Exception):
@@ -318,7 +321,7 @@ class DeltaStream:
         for j in range(1, n + 1):                        # the arithmetic of `deltas`, term by term
             out += j * (buf[n + j:n + j + k] - buf[n - j:n - j + k])
         out = out / (2.0 * sum(j * j for j in range(1, n + 1)))
-        self.buf = buf[k:]
+        self.buf = buf[k:].copy()                       # a copy: the state holds no view of a larger array
         return buf[n:n + k], out
 
 
@@ -351,7 +354,7 @@ class FeatureStream:
             self.pending = buf
             return np.zeros((0, FEAT_CHANNELS), np.float32)
         lm = log_mel(buf[:self.win + (m - 1) * self.hop], self.sr)             # (m, 40)
-        self.pending, self.frames = buf[m * self.hop:], self.frames + m
+        self.pending, self.frames = buf[m * self.hop:].copy(), self.frames + m
         return self._out(lm)
 
     def finish(self):
@@ -365,7 +368,7 @@ class FeatureStream:
         return self._out(lm, final=True)
 
 
-STREAM_NORM_PRIOR = 10.0   # s: weight of the training statistics in running normalisation, as frames of audio
+STREAM_NORM_PRIOR = 2.0    # s: weight of the training statistics in running normalisation, as frames of audio
 
 
 def running_normalise(x, mean, std, prior=STREAM_NORM_PRIOR, state=None):
@@ -389,7 +392,7 @@ def running_normalise(x, mean, std, prior=STREAM_NORM_PRIOR, state=None):
     mu = c1 / count
     sd = np.sqrt(np.maximum(c2 / count - mu ** 2, 0.0)) + 1e-5     # the epsilon of feature_stats
     if len(x):
-        state = (c1[-1], c2[-1], n + len(x))
+        state = (c1[-1].copy(), c2[-1].copy(), n + len(x))
     return ((x - mu) / sd).astype(np.float32), state
 
 
@@ -503,8 +506,9 @@ class NearestWord:
     The distance to every word is computed at once (numpy over the vocabulary), and
     results are memoised, so WER over a test set costs seconds, not minutes."""
 
-    def __init__(self, words_to_phones):
-        self.words = sorted(words_to_phones)
+    def __init__(self, words_to_phones, counts=None):
+        counts = counts or {}                   # ties (homophones) go to the most frequent word
+        self.words = sorted(words_to_phones, key=lambda w: (-counts.get(w, 0), w))
         prons = [words_to_phones[w] for w in self.words]
         self.lengths = np.array([len(p) for p in prons])
         index = {p: i + 1 for i, p in enumerate(sorted({p for pr in prons for p in pr}))}
@@ -638,14 +642,16 @@ def load_iemocap(root, subset="impro", verbose=True, all_labels=False):
 MANIFEST_COLUMNS = ("path", "label", "speaker", "session")
 
 
-def load_manifest(csv_path, verbose=True):
+def load_manifest(csv_path, verbose=True, asr=False):
     """Read a CSV manifest with header path,label,speaker,session[,text] (UTF-8).
 
     Paths are resolved against the CSV's folder; the class set is whatever the
     labels are. Every problem is reported with its row before anything trains: a
     row with more fields than the header (an unquoted comma), and one audio file
-    named twice, also under two spellings (./a.wav and a.wav)."""
+    named twice, also under two spellings (./a.wav and a.wav). asr=True reads an ASR
+    corpus: path,speaker,text are required, label and session not."""
     csv_path = Path(csv_path)
+    required = ("path", "speaker", "text") if asr else MANIFEST_COLUMNS
     raw = csv_path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")  # -sig: spreadsheets write a BOM
@@ -655,10 +661,11 @@ def load_manifest(csv_path, verbose=True):
                         f"save the manifest as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet)") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
     header = [h.strip() for h in (reader.fieldnames or [])]
-    missing = [c for c in MANIFEST_COLUMNS if c not in header]
+    missing = [c for c in required if c not in header]
     unknown = [c for c in header if c not in MANIFEST_COLUMNS + ("text",)]
     if missing or unknown:
-        raise DataError(f"{csv_path}: header must be path,label,speaker,session[,text]"
+        raise DataError(f"{csv_path}: header must be " + ("path,speaker,text[,label,session]" if asr else
+                                                          "path,label,speaker,session[,text]")
                         + (f"; missing {','.join(missing)}" if missing else "")
                         + (f"; unknown {','.join(unknown)}" if unknown else ""))
     rows = []
@@ -670,7 +677,7 @@ def load_manifest(csv_path, verbose=True):
         rows.append(({k.strip(): (v or "").strip() for k, v in r.items() if k is not None}, reader.line_num))
     utts, seen, absent = [], {}, []
     for r, line in rows:
-        empty = [c for c in MANIFEST_COLUMNS if not r.get(c)]
+        empty = [c for c in required if c != "text" and not r.get(c)]
         if empty:
             raise DataError(f"{csv_path}:{line}: empty {','.join(empty)}")
         path = (csv_path.parent / r["path"]).resolve()
@@ -683,7 +690,7 @@ def load_manifest(csv_path, verbose=True):
         seen[path] = (line, uid)
         if not path.is_file():
             absent.append(f"line {line}: {r['path']}")
-        utts.append(Utterance(uid, str(path), r["label"], r["speaker"], r["session"], r.get("text", "")))
+        utts.append(Utterance(uid, str(path), r.get("label", ""), r["speaker"], r.get("session", ""), r.get("text", "")))
     if absent:
         raise DataError(f"{csv_path}: {len(absent)} audio files do not exist ({'; '.join(absent[:3])}"
                         + (", ..." if len(absent) > 3 else "") + ")")
@@ -704,8 +711,9 @@ def load_manifest(csv_path, verbose=True):
 DEMO_DIR = Path("data/demo")
 
 
-def load_corpus(data=None, subset="impro", verbose=True, all_labels=False):
-    """--data: an IEMOCAP folder, a .csv manifest, or None for the built-in demo corpus."""
+def load_corpus(data=None, subset="impro", verbose=True, all_labels=False, asr=False):
+    """--data: an IEMOCAP folder, a .csv manifest, or None for the built-in demo corpus
+    (asr=True: a manifest needs no label or session column)."""
     if data is None:
         ensure_demo_corpus(DEMO_DIR)
         data = DEMO_DIR
@@ -715,7 +723,7 @@ def load_corpus(data=None, subset="impro", verbose=True, all_labels=False):
     if data.is_dir():
         return load_iemocap(data, subset, verbose, all_labels)
     if data.suffix.lower() == ".csv":
-        return load_manifest(data, verbose)
+        return load_manifest(data, verbose, asr)
     raise DataError(f"--data {data}: neither an IEMOCAP folder nor a .csv manifest")
 
 
@@ -1742,13 +1750,14 @@ def running_mean(x, mask, window):
     """Causal summary: at each frame, the mean of the last `window` real frames up to it.
 
     x (B, T, C), mask (B, T) -> (B, T, C). At an utterance's last frame it is the masked
-    mean pooling of the whole utterance when the utterance is at most `window` long."""
-    m = mask[:, None].to(x.dtype)                                                   # (B, 1, T)
-    ones = x.new_ones(1, 1, window)
-    num = F.conv1d(F.pad(x.transpose(1, 2) * m, (window - 1, 0)).reshape(-1, 1, x.shape[1] + window - 1),
-                   ones).view(x.shape[0], x.shape[2], -1)                           # (B, C, T) window sums
-    den = F.conv1d(F.pad(m, (window - 1, 0)), ones)                                # (B, 1, T) real frames in it
-    return (num / den.clamp_min(1)).transpose(1, 2)                                 # (B, T, C)
+    mean pooling of the whole utterance when the utterance is at most `window` long.
+    Differences of float64 running sums: exact enough over hours of frames."""
+    m = mask[..., None].to(torch.float64)                                           # (B, T, 1)
+    sums = F.pad(torch.cumsum(x.to(torch.float64) * m, 1), (0, 0, 1, 0))            # (B, T+1, C), from 0
+    counts = F.pad(torch.cumsum(m, 1), (0, 0, 1, 0))                                # (B, T+1, 1)
+    hi = torch.arange(1, x.shape[1] + 1, device=x.device)
+    lo = (hi - window).clamp_min(0)
+    return ((sums[:, hi] - sums[:, lo]) / (counts[:, hi] - counts[:, lo]).clamp_min(1)).to(x.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -1992,19 +2001,35 @@ def _load_kernel_ext(cuda: bool | None = None, verbose=False):
     return ext
 
 
+# Self-check tolerances: largest |ext - ref| relative to max(1, max |ref|), per dtype as the
+# device computes it (float32 on TF32 tensor cores rounds operands to a 10-bit mantissa).
+KERNEL_CHECK_TOL = {"float64": 1e-9, "float32": 1e-4, "float32/tf32": 1e-2, "bfloat16": 5e-2}
+
+
 def _kernel_self_check(ext):
-    """Before the CUDA kernels serve a model, compare them once with causal_conv1d_ref on a
-    small awkward shape (forward and every gradient); a mismatch makes the extension unavailable."""
+    """Before the CUDA kernels serve a model, compare them once with causal_conv1d_ref on small
+    awkward shapes (forward and every gradient) in float64, float32 (exact and TF32) and
+    bfloat16, with the device's tolerances; a mismatch makes the extension unavailable."""
     g = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(*shape, generator=g, dtype=torch.float64).cuda().requires_grad_()
-               for shape in ((2, 5, 67), (3, 5, 3), (3,)))
-    y = _CausalConv1dFn.apply(x, w, b, 4, True, ext)
-    grads = torch.autograd.grad(y.sum(), (x, w, b))
-    y_ref = causal_conv1d_ref(x, w, b, 4, "relu")
-    grads_ref = torch.autograd.grad(y_ref.sum(), (x, w, b))
-    err = max((a - r).abs().max().item() for a, r in zip((y, *grads), (y_ref, *grads_ref)))
-    if not err < 1e-9:
-        raise RuntimeError(f"the CUDA kernels disagree with causal_conv1d_ref (largest difference {err:.3g})")
+    for (B, C, O, T, K, d) in ((2, 5, 3, 67, 3, 4), (2, 20, 35, 70, 4, 30)):
+        x64, w64, b64 = (torch.randn(*shape, generator=g, dtype=torch.float64)
+                         for shape in ((B, C, T), (O, C, K), (O,)))
+        gy64 = torch.randn(B, O, T, generator=g, dtype=torch.float64)
+        for name, tol in KERNEL_CHECK_TOL.items():
+            dtype = getattr(torch, name.split("/")[0])
+            x, w, b = (t.to("cuda", dtype).requires_grad_() for t in (x64, w64 / (C * K) ** 0.5, b64))
+            y = _CausalConv1dFn.apply(x, w, b, d, True, ext, name.endswith("tf32"))
+            grads = torch.autograd.grad(y, (x, w, b), gy64.to("cuda", dtype))
+            # float64 reference on the same (rounded) values; the ReLU mask taken from y, as an
+            # output within rounding of 0 may fall on either side
+            xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+            z = causal_conv1d_ref(xr, wr, br, d)
+            grads_ref = torch.autograd.grad(z, (xr, wr, br), gy64.cuda() * (y.detach().double() > 0))
+            for got, want in zip((y, *grads), (z.clamp_min(0), *grads_ref)):
+                err = (got.double() - want).abs().max().item() / max(1.0, want.abs().max().item())
+                if not err <= tol:
+                    raise RuntimeError(f"the CUDA kernels disagree with causal_conv1d_ref in {name} "
+                                       f"(relative difference {err:.3g} > {tol:g})")
 
 
 def _auto_wants_ext(x, weight):
@@ -2182,7 +2207,7 @@ def _kernel_ext_for(x, weight):
 class _CausalConv1dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, dilation, relu, ext, tf32=False):
-        y = ext.forward(x, weight, bias, dilation, relu)
+        y = ext.forward(x, weight, bias, dilation, relu, tf32)
         ctx.save_for_backward(x, weight, y)
         ctx.dilation, ctx.relu, ctx.has_bias, ctx.ext, ctx.tf32 = dilation, relu, bias is not None, ext, tf32
         return y
@@ -2191,9 +2216,9 @@ class _CausalConv1dFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x, weight, y = ctx.saved_tensors
-        grad_x, grad_w, grad_b = ctx.ext.backward(grad_y, x, weight, y if ctx.relu else None,
-                                                  ctx.dilation, ctx.relu, ctx.has_bias)
         need = ctx.needs_input_grad
+        grad_x, grad_w, grad_b = ctx.ext.backward(grad_y, x, weight, y if ctx.relu else None, ctx.dilation,
+                                                  ctx.relu, ctx.has_bias, need[0], ctx.tf32)
         return (grad_x if need[0] else None, grad_w if need[1] else None,
                 grad_b if need[2] else None, None, None, None, None)
 
@@ -2291,7 +2316,7 @@ class RunConfig:
 # a typo from exhausting the machine (--blocks 40 asks for dilation 2^39, --threads 1e5
 # crashes the thread pool) with a one-line error instead.
 MAX_SIZE = {"channels": 4096, "kernel_size": 64, "heads": 64, "subsample": 64, "blocks": 12, "lstm_hidden": 4096,
-            "decoder": 4096, "embed": 4096, "att_dim": 4096, "max_phones": 10000}
+            "decoder": 4096, "embed": 4096, "att_dim": 4096, "beam": 1000, "loc_kernel": 1001}
 MAX_EPOCHS, MAX_BATCH, MAX_THREADS, MAX_FOLD = 100_000, 4096, 256, 1000
 MAX_SEED = 2 ** 32 - 1   # what numpy's and torch's generators both take
 
@@ -2317,32 +2342,52 @@ class TeacherConfig(RunConfig):
     decoder: int = _f(256, "LSTM decoder units (the paper's 256)")
     embed: int = _f(64, "phone embedding size of the decoder")
     att_dim: int = _f(128, "additive-attention size of the decoder")
+    loc_kernel: int = _f(15, "location-aware attention (Chorowski et al. 2015): width in encoder frames of the "
+                             "filters over the previous and the cumulative alignment (odd); 0: content-only attention")
     ctc_weight: float = _f(0.3, "weight of the joint CTC loss on the encoder (0: attention loss only)")
-    decode: str = _f("attention", "decoding for PER/WER and model selection: the attention decoder (greedy) "
-                                  "or the CTC head (best path); both PERs are logged", choices=("attention", "ctc"),
-                     demo="ctc")
-    max_phones: int = _f(200, "longest greedy decode, in tokens")
+    asr_data: str = _f(None, "train ONE teacher, for every fold, on this ASR corpus (a CSV manifest path,speaker,text "
+                             "or an IEMOCAP-layout folder) instead of one per fold on --data; it must share no "
+                             "speaker with --data; students use it with --teacher RUNS/teacher/asr")
+    decode: str = _f("joint", "decoding for the reported PER/WER and for model selection: joint CTC/attention beam "
+                              "search, the attention decoder alone (greedy), or the CTC head (best path); every "
+                              "decoding is reported at the end", choices=("joint", "attention", "ctc"))
+    dev_decode: str = _f("attention", "decoding of dev after each epoch, which selects the model: a cheap one (the "
+                                      "beam search of every dev utterance after every epoch would cost more than "
+                                      "the training on a CPU), or `same` as --decode; the final evaluation always "
+                                      "uses --decode", choices=("same", "joint", "attention", "ctc"))
+    beam: int = _f(10, "beam width of the joint decoding")
+    decode_ctc_weight: float = _f(0.3, "lambda of the joint decoding: its score is lambda * CTC prefix log-probability "
+                                       "+ (1 - lambda) * attention log-probability")
+    lexicon: bool = _f(True, "joint decoding emits only words of the training vocabulary (a prefix tree of their "
+                             "CMU pronunciations); --no-lexicon: free phone strings, mapped to the nearest word for WER")
 
     def __post_init__(self):
         super().__post_init__()
         self._check_encoder()
         _require(self.channels % self.heads == 0, f"--channels {self.channels} is not divisible by --heads {self.heads}")
         _require(0 <= self.ctc_weight <= 1, "--ctc-weight must be in [0, 1]")
-        _require(self.ctc_weight > 0 or self.decode != "ctc", "--decode ctc needs a CTC head: --ctc-weight > 0")
-        for name in ("decoder", "embed", "att_dim", "max_phones"):
+        _require(0 <= self.decode_ctc_weight <= 1, "--decode-ctc-weight must be in [0, 1]")
+        needs_ctc = self.decode == "ctc" or self.dev_decode == "ctc" or (
+            "joint" in (self.decode, self.dev_decode) and self.decode_ctc_weight > 0)
+        _require(self.ctc_weight > 0 or not needs_ctc, "--decode ctc, and joint decoding with --decode-ctc-weight > 0, "
+                                                       "need a CTC head: --ctc-weight > 0")
+        for name in ("decoder", "embed", "att_dim", "beam"):
             _in_range(self, name, 1, MAX_SIZE[name])
+        _in_range(self, "loc_kernel", 0, MAX_SIZE["loc_kernel"])
+        _require(self.loc_kernel == 0 or self.loc_kernel % 2 == 1, "--loc-kernel must be odd (centred filters) or 0")
     epochs: int = _f(60, "training epochs", demo=30)
     lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=2e-3)
 
 
 # Training recipes of the student. "paper": the paper's plain Adam at a fixed learning rate,
-# no augmentation. "robust": what is used on small real SER corpora (chosen on Emo-DB, see
-# the README); each part has its own option, and an option given explicitly wins.
+# no augmentation. "robust": what is used on small real SER corpora, as chosen on Emo-DB (see
+# the README): speed perturbation stays off (--speed 0.9,1.0,1.1 lowered UA there: it moves the
+# pitch, an emotion cue); each part has its own option, and an option given explicitly wins.
 RECIPES = {
     "paper": dict(time_masks=0, time_mask_frames=0, freq_masks=0, freq_mask_bands=0, speed="1",
                   weight_decay=0.0, lr_patience=0, label_smoothing=0.0, patience=0),
-    "robust": dict(time_masks=2, time_mask_frames=20, freq_masks=2, freq_mask_bands=6, speed="0.9,1.0,1.1",
-                   weight_decay=1e-2, lr_patience=5, label_smoothing=0.1, patience=15),
+    "robust": dict(time_masks=2, time_mask_frames=20, freq_masks=2, freq_mask_bands=6, speed="1",
+                   weight_decay=1e-2, lr_patience=10, label_smoothing=0.1, patience=20),
 }
 
 
@@ -2386,10 +2431,12 @@ class StudentConfig(RunConfig):
     at_pairs: str = _f("auto", "student:teacher activation pairs, 1-based, e.g. '1:2,2:3,3:5,4:6'; auto spaces "
                                "the student's activations evenly over the teacher's, last with last")
     at_selfattn: bool = _f(False, "also transfer the self-attention weight matrices (heads averaged)")
+    teacher: str = _f(None, "the teacher to imitate: a teacher run folder or its best.pt, e.g. runs/teacher/asr "
+                            "(a teacher of a separate ASR corpus); default: the teacher of this fold, RUNS/teacher/fold{k}")
     causal: bool = _f(False, "streaming student: the TCN, self-attention over a window of the past only, and a "
                              "running mean of its output instead of pooling, classified at every frame")
     attn_window: float = _f(3.0, "causal student: seconds of the past each frame attends to")
-    summary_window: float = _f(3.0, "causal student: seconds averaged by the running mean that is classified")
+    summary_window: float = _f(1.0, "causal student: seconds averaged by the running mean that is classified")
     frame_loss: float = _f(0.5, "causal student: weight of the loss at every frame after the warm-up (0: the "
                                 "utterance's last frame only)")
     warmup: float = _f(1.0, "causal student: seconds from an utterance's start before the frame loss counts")
@@ -2449,18 +2496,24 @@ class Teacher(nn.Module):
     """Attention encoder-decoder phone recogniser: TCN + self-attention encoder, LSTM decoder.
 
     The encoder's block activations and self-attention output are the maps the
-    student imitates; a CTC head on the encoder is trained jointly."""
+    student imitates; a CTC head on the encoder is trained jointly. The decoder's
+    additive attention is location-aware: filters over the previous alignment and
+    the sum of all previous alignments enter its energy, so it keeps its place on
+    repetitive input instead of looping."""
 
     def __init__(self, cfg: TeacherConfig, n_tokens=len(PHONE_VOCAB)):
         super().__init__()
         C = cfg.channels
-        self.subsample, self.max_phones = cfg.subsample, cfg.max_phones
+        self.subsample = cfg.subsample
         self.tcn = TCN(FEAT_CHANNELS, C, cfg.kernel_size, (1, 2, 4, 8, 16), cfg.dropout, cfg.weight_norm)
         self.attn = SelfAttention(C, cfg.heads)
         self.ctc_head = nn.Linear(C, n_tokens)
         self.embed = nn.Embedding(n_tokens, cfg.embed)
         self.cell = nn.LSTMCell(cfg.embed + C, cfg.decoder)
         self.att_enc, self.att_dec = nn.Linear(C, cfg.att_dim), nn.Linear(cfg.decoder, cfg.att_dim, bias=False)
+        # location features: filters over the alignments, projected into the energy (one conv does both)
+        self.att_loc = (nn.Conv1d(2, cfg.att_dim, cfg.loc_kernel, padding=cfg.loc_kernel // 2, bias=False)
+                        if cfg.loc_kernel else None)
         self.att_v = nn.Linear(cfg.att_dim, 1, bias=False)
         self.out = nn.Linear(cfg.decoder + C, n_tokens)
 
@@ -2473,38 +2526,52 @@ class Teacher(nn.Module):
         h, weights = self.attn(h.transpose(1, 2), mask, need_weights)      # (B, T', C)
         return {"h": h, "mask": mask, "lengths": lengths, "acts": acts + [h.transpose(1, 2)], "weights": weights}
 
-    def _step(self, token, state, ctx, enc, keys, mask):
-        h, c = self.cell(torch.cat([self.embed(token), ctx], -1), state)                  # (B, H)
-        e = self.att_v(torch.tanh(keys + self.att_dec(h)[:, None])).squeeze(-1)           # (B, T')
-        alpha = torch.softmax(e.masked_fill(~mask, float("-inf")), -1)
-        ctx = (alpha[..., None] * enc).sum(1)                                             # (B, C)
-        return self.out(torch.cat([h, ctx], -1)), (h, c), ctx
+    def init_state(self, enc):
+        """Decoder state before the first token: (h, c, context, alignment, cumulative alignment), and the
+        projected encoder keys. The first 'previous alignment' rests on frame 0: decoding starts there."""
+        h = enc["h"]
+        B, T, C = h.shape
+        z = h.new_zeros(B, self.cell.hidden_size)
+        align = h.new_zeros(B, T)
+        align[:, 0] = 1.0                                                  # (B, T')
+        return (z, z.clone(), h.new_zeros(B, C), align, align.clone()), self.att_enc(h)
 
-    def _init(self, enc):
-        B, _, C = enc["h"].shape
-        z = enc["h"].new_zeros(B, self.cell.hidden_size)
-        return (z, z.clone()), enc["h"].new_zeros(B, C), self.att_enc(enc["h"])
+    def step(self, token, state, enc, keys, mask):
+        """One decoder step from the previous token (B,): logits (B, V) and the new state."""
+        h, c, ctx, prev, cum = state
+        h, c = self.cell(torch.cat([self.embed(token), ctx], -1), (h, c))                  # (B, H)
+        e = keys + self.att_dec(h)[:, None]                                               # (B, T', A)
+        if self.att_loc is not None:
+            k = self.att_loc.kernel_size[0]
+            win = F.pad(torch.stack([prev, cum], 1), (k // 2, k // 2)).unfold(2, k, 1)     # (B, 2, T', k)
+            # the convolution as one matmul over the windows (faster than conv1d for 2 input channels)
+            e = e + win.transpose(1, 2).flatten(2) @ self.att_loc.weight.flatten(1).T      # (B, T', A)
+        e = self.att_v(torch.tanh(e)).squeeze(-1)                                         # (B, T')
+        alpha = torch.softmax(e.masked_fill(~mask, float("-inf")), -1)
+        ctx = torch.bmm(alpha[:, None], enc).squeeze(1)                                   # (B, C)
+        return self.out(torch.cat([h, ctx], -1)), (h, c, ctx, alpha, cum + alpha)
 
     def forward(self, x, lengths, targets):
         """Teacher forcing. targets (B, L) start with <sos>; returns logits (B, L, V) and the encoding."""
         enc = self.encode(x, lengths)
-        state, ctx, keys = self._init(enc)
+        state, keys = self.init_state(enc)
         logits = []
         for i in range(targets.shape[1]):
-            out, state, ctx = self._step(targets[:, i], state, ctx, enc["h"], keys, enc["mask"])
+            out, state = self.step(targets[:, i], state, enc["h"], keys, enc["mask"])
             logits.append(out)
         return torch.stack(logits, 1), enc
 
     @torch.no_grad()
     def greedy(self, x, lengths):
-        """Greedy decoding: a list of token-id lists, without <sos>/<eos>."""
+        """Greedy decoding: a list of token-id lists, without <sos>/<eos>, each at most as long as its
+        utterance has encoder frames."""
         enc = self.encode(x, lengths)
-        state, ctx, keys = self._init(enc)
+        state, keys = self.init_state(enc)
         token = torch.full((x.shape[0],), PHONE_VOCAB.index(SOS), dtype=torch.long, device=x.device)
         out, done = [], torch.zeros_like(token, dtype=torch.bool)
-        for _ in range(min(self.max_phones, enc["h"].shape[1])):  # no more tokens than encoder frames
-            logits, state, ctx = self._step(token, state, ctx, enc["h"], keys, enc["mask"])
-            token = logits.argmax(-1)
+        for _ in range(enc["h"].shape[1]):  # no more tokens than encoder frames
+            logits, state = self.step(token, state, enc["h"], keys, enc["mask"])
+            token = logits[:, NEVER_EMITTED:].argmax(-1) + NEVER_EMITTED      # never <pad> or <sos>
             out.append(token)
             done |= token == PHONE_VOCAB.index(EOS)
             if done.all():
@@ -2513,7 +2580,6 @@ class Teacher(nn.Module):
         eos = PHONE_VOCAB.index(EOS)
         # each utterance is cut at its own frame count, so batching never changes it
         return [(s[:s.index(eos)] if eos in s else s)[:n] for s, n in zip(seqs, enc["lengths"].tolist())]
-
 
     @torch.no_grad()
     def ctc_greedy(self, x, lengths):
@@ -2629,88 +2695,103 @@ class StudentStream:
     group (a group is complete when its last frame arrives), each TCN convolution's
     last (K-1)*d inputs, the self-attention's last attn_window-1 keys and values, and
     the last summary_window-1 attention outputs. The outputs equal causal_track's
-    over the whole recording. One stream, on the CPU, in eval mode."""
+    over the whole recording (within float rounding). One stream, in numpy float32 on
+    the CPU: a chunk is a few frames, where per-operation overhead dominates."""
 
     @torch.no_grad()
     def __init__(self, model, mean, std, prior=STREAM_NORM_PRIOR):
         if not getattr(model, "causal", False):
             raise DataError("streaming needs a causal student (trained with `student --causal`)")
         model = model.cpu().eval()
+        npy = lambda t: t.detach().float().numpy().copy()  # noqa: E731
         self.mean, self.std, self.prior, self.norm = mean, std, prior, None
         self.sub, self.front = model.subsample, FeatureStream()
         self.group = np.zeros((0, FEAT_CHANNELS), np.float32)     # normalised frames of an unfinished group
-        self.groups = 0                                           # outputs so far
+        self.groups, self.ready = 0, np.zeros(0)                  # outputs so far; ready times of the last ones
         self.convs, self.state = [], []                           # per TemporalBlock: the weights, each conv's state
         for blk in model.encoder.blocks:                          # weight norm resolved once, not per chunk
             c1, c2 = blk.conv1, blk.conv2
-            pad = (c1.weight.shape[-1] - 1) * c1.dilation
-            res = None if blk.residual is None else (blk.residual.weight.detach().clone(), blk.residual.bias.detach().clone())
-            self.convs.append(((c1.weight.detach().clone(), c1.bias.detach().clone()),
-                               (c2.weight.detach().clone(), c2.bias.detach().clone()), res, c1.dilation))
-            self.state.append([torch.zeros(1, c1.weight.shape[1], pad), torch.zeros(1, c2.weight.shape[1], pad)])
+            K, d = c1.weight.shape[-1], c1.dilation
+            # a convolution over a few new frames is one matmul: the inputs k*d frames back for
+            # each tap k, side by side (n, K*C_in), times the weights as (K*C_in, C_out)
+            flat = lambda w: npy(w.permute(2, 1, 0).reshape(-1, w.shape[0]))  # noqa: E731
+            res = None if blk.residual is None else (flat(blk.residual.weight), npy(blk.residual.bias))
+            self.convs.append(((flat(c1.weight), npy(c1.bias)), (flat(c2.weight), npy(c2.bias)), res, K, d))
+            self.state.append([np.zeros(((K - 1) * d, c1.weight.shape[1]), np.float32),
+                               np.zeros(((K - 1) * d, c2.weight.shape[1]), np.float32)])
         att = model.attn
         self.heads, self.window, self.summary_window = att.heads, model.attn_window, model.summary_window
-        self.qkv = (att.qkv.weight.detach().clone(), att.qkv.bias.detach().clone())
-        self.proj = (att.proj.weight.detach().clone(), att.proj.bias.detach().clone())
-        self.cls = (model.classifier.weight.detach().clone(), model.classifier.bias.detach().clone())
-        C = self.cls[0].shape[1]
-        self.keys = torch.zeros(self.heads, 0, C // self.heads)  # (nh, <= window-1, hs)
-        self.values = self.keys.clone()
-        self.recent = torch.zeros(0, C)                           # (<= summary_window-1, C) attention outputs
+        self.qkv = (npy(att.qkv.weight.T), npy(att.qkv.bias))
+        self.proj = (npy(att.proj.weight.T), npy(att.proj.bias))
+        self.cls = (npy(model.classifier.weight.T), npy(model.classifier.bias))
+        C = self.cls[0].shape[0]
+        self.keys = np.zeros((self.heads, 0, C // self.heads), np.float32)   # (nh, <= window-1, hs)
+        self.values = self.keys.copy()
+        self.recent = np.zeros((0, C), np.float32)                # (<= summary_window-1, C) attention outputs
 
     def state_size(self):
         """Numbers held as state (constant once the windows have filled)."""
         return (self.front.pending.size + sum(d.buf.size for d in (self.front.d1, self.front.d2) if d.buf is not None)
-                + self.group.size + sum(s.numel() for st in self.state for s in st)
-                + self.keys.numel() + self.values.numel() + self.recent.numel())
+                + self.group.size + sum(s.size for st in self.state for s in st)
+                + self.keys.size + self.values.size + self.recent.size)
 
     def push(self, samples):
+        """samples (n,) float32 at 16 kHz -> (ends (k,), probabilities (k, n_classes)) of
+        the outputs now complete; self.ready then holds the times they were computable
+        (group_times' `ready`: without the wait for the rest of a chunk)."""
         return self._run(self.front.push(samples))
 
     def finish(self):
         return self._run(self.front.finish(), final=True)
 
-    @torch.no_grad()
     def _run(self, feats, final=False):
         x, self.norm = running_normalise(feats, self.mean, self.std, self.prior, self.norm)
         x = np.concatenate([self.group, x])
         n = -(-len(x) // self.sub) if final else len(x) // self.sub          # complete groups
         full = min(n, len(x) // self.sub)
-        g = x[:full * self.sub].reshape(full, self.sub, FEAT_CHANNELS).mean(1)  # (n, 120) subsample_frames' means
+        h = x[:full * self.sub].reshape(full, self.sub, FEAT_CHANNELS).mean(1)  # (n, 120): subsample_frames
         if n > full:                                                          # the last, partial group
-            g = np.concatenate([g, x[full * self.sub:].mean(0, keepdims=True)])
-        self.group = x[n * self.sub:]
+            h = np.concatenate([h, x[full * self.sub:].mean(0, keepdims=True)])
+        self.group = x[n * self.sub:].copy()
         if n == 0:
-            return np.zeros(0), np.zeros((0, self.cls[0].shape[0]), np.float32)
-        h = torch.from_numpy(np.ascontiguousarray(g.T))[None]                 # (1, 120, n)
-        for ((w1, b1), (w2, b2), res, d), st in zip(self.convs, self.state):
+            self.ready = np.zeros(0)
+            return np.zeros(0), np.zeros((0, self.cls[0].shape[1]), np.float32)
+        for ((w1, b1), (w2, b2), res, K, d), st in zip(self.convs, self.state):   # the TCN, time-major
             inp = h
+            taps = np.arange(n)[:, None] + d * np.arange(K)                   # (n, K): input rows of each output
             for i, (w, b) in enumerate(((w1, b1), (w2, b2))):
-                z = torch.cat([st[i], h], -1)                                 # (1, C, pad + n)
-                st[i] = z[..., z.shape[-1] - st[i].shape[-1]:]
-                h = F.relu(F.conv1d(z, w, b, dilation=d))                     # (1, C, n): no padding needed
-            h = F.relu(h + (inp if res is None else F.conv1d(inp, *res)))
-        a_in = h[0].T                                                         # (n, C)
-        C = a_in.shape[1]
-        q, k, v = F.linear(a_in, *self.qkv).view(n, 3, self.heads, C // self.heads).permute(1, 2, 0, 3)  # 3 x (nh, n, hs)
-        keys, values = torch.cat([self.keys, k], 1), torch.cat([self.values, v], 1)   # (nh, m + n, hs)
+                z = np.concatenate([st[i], h])                                # ((K-1)d + n, C): what it needs
+                st[i] = z[n:].copy()
+                h = np.maximum(z[taps].reshape(n, -1) @ w + b, 0)             # (n, C_out), ReLU
+            h = np.maximum(h + (inp if res is None else inp @ res[0] + res[1]), 0)
+        C = h.shape[1]
+        hs = C // self.heads
+        q, k, v = (h @ self.qkv[0] + self.qkv[1]).reshape(n, 3, self.heads, hs).transpose(1, 2, 0, 3)  # 3 x (nh, n, hs)
+        keys, values = np.concatenate([self.keys, k], 1), np.concatenate([self.values, v], 1)  # (nh, m + n, hs)
         m = keys.shape[1] - n
-        lag = (torch.arange(n)[:, None] + m) - torch.arange(m + n)[None, :]  # (n, m + n) query - key time
-        o = F.scaled_dot_product_attention(q[None], keys[None], values[None],
-                                           attn_mask=(lag >= 0) & (lag < self.window))[0]  # (nh, n, hs)
-        a = a_in + F.linear(o.transpose(0, 1).reshape(n, C), *self.proj)    # (n, C), the residual
+        lag = (np.arange(n)[:, None] + m) - np.arange(m + n)[None, :]        # (n, m + n): query - key time
+        scores = np.where((lag >= 0) & (lag < self.window), q @ keys.transpose(0, 2, 1) / math.sqrt(hs), -np.inf)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        o = (weights / weights.sum(-1, keepdims=True)) @ values              # (nh, n, hs)
+        a = h + o.transpose(1, 0, 2).reshape(n, C) @ self.proj[0] + self.proj[1]   # (n, C), the residual
         drop = max(0, keys.shape[1] - (self.window - 1))                      # keys no later query sees
-        self.keys, self.values = keys[:, drop:], values[:, drop:]
-        recent = torch.cat([self.recent, a])                                  # (m' + n, C)
-        summary = running_mean(recent[None], torch.ones(1, len(recent), dtype=torch.bool), self.summary_window)[0, -n:]
-        self.recent = recent[max(0, len(recent) - (self.summary_window - 1)):]
-        probs = torch.softmax(F.linear(summary, *self.cls), -1).numpy()     # (n, n_classes)
+        self.keys, self.values = keys[:, drop:].copy(), values[:, drop:].copy()
+        recent = np.concatenate([self.recent, a])                             # (M, C)
+        sums = np.concatenate([np.zeros((1, C)), np.cumsum(recent, 0, dtype=np.float64)])   # as running_mean
+        hi = np.arange(len(recent) - n + 1, len(recent) + 1)
+        lo = np.maximum(hi - self.summary_window, 0)
+        summary = (sums[hi] - sums[lo]) / (hi - lo)[:, None]                  # (n, C)
+        self.recent = recent[max(0, len(recent) - (self.summary_window - 1)):].copy()
+        logits = (summary.astype(np.float32) @ self.cls[0] + self.cls[1]).astype(np.float64)
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        probs = (probs / probs.sum(1, keepdims=True)).astype(np.float32)      # (n, n_classes)
         idx = np.arange(self.groups, self.groups + n)
         self.groups += n
         win, hop, _ = frame_params(self.front.sr)
         last = idx * self.sub + self.sub - 1
         if final:
             last = np.minimum(last, self.front.frames - 1)
+        self.ready = np.minimum((last + FEATURE_LOOKAHEAD) * hop + win, self.front.samples) / self.front.sr
         return (last * hop + win) / self.front.sr, probs
 
 
@@ -2951,7 +3032,7 @@ def stored_config(cfg, run_dir):
     --runs relative to the run folder, so that a shared checkpoint or run folder carries no
     absolute paths of its owner and still finds its corpus when moved with it."""
     conf = dataclasses.asdict(cfg)
-    for k in ("data", "runs"):
+    for k in ("data", "runs", "asr_data"):
         if conf.get(k) is not None:
             conf[k] = _relative_to(conf[k], run_dir)
     return conf
@@ -3031,6 +3112,9 @@ def _locked_run(run_dir_of):
 
 
 def teacher_run_dir(cfg):
+    """runs/teacher/fold{k}, or runs/teacher/asr for the one teacher of an ASR corpus (--asr-data)."""
+    if getattr(cfg, "asr_data", None):
+        return Path(cfg.runs) / "teacher" / ("asr" + (f"-seed{cfg.seed}" if cfg.seed else ""))
     return Path(cfg.runs) / "teacher" / fold_folder(cfg.fold, cfg.seed)
 
 
@@ -3180,10 +3264,18 @@ def finished(run_dir, cfg):
     if not final.is_file():
         return False
     try:
-        done = read_json(final).get("config", {})
+        record = read_json(final)
     except DataError as e:
         print(f"warning: {e}; the run is taken as unfinished (--resume evaluates it again from its checkpoints)")
         return False
+    done = record.get("config", {})
+    if record.get("held_out") is not None:   # fold k is the k-th session: another session if sessions changed
+        sessions = session_order({u.session for u in load_corpus(cfg.data, "all", False, True)})
+        now = sessions[cfg.fold - 1] if cfg.fold <= len(sessions) else None
+        if now != record["held_out"]:
+            raise DataError(f"{run_dir} holds a run that held out session {record['held_out']}, but fold {cfg.fold} "
+                            f"of this corpus is {f'session {now}' if now else 'no session'} (sessions added or "
+                            f"removed?): use --runs or delete the folder")
     diff = _config_diff(done, cfg, _RESUME_IGNORES - {"epochs"}, run_dir)
     if diff == ["epochs"] and cfg.resume:
         if cfg.epochs < done["epochs"]:
@@ -3215,26 +3307,43 @@ def _setup(cfg):
 
 @_locked_run(teacher_run_dir)
 def train_teacher(cfg: TeacherConfig):
-    """Train the ASR teacher of one fold on every transcribed utterance outside the held-out session."""
+    """Train the ASR teacher of one fold on every transcribed utterance outside the held-out session,
+    or (--asr-data) one teacher on a separate ASR corpus, for every fold."""
     run_dir = teacher_run_dir(cfg)
     if finished(run_dir, cfg):
         return read_json(run_dir / "final.json")
     _setup(cfg)
-    data = prepare_data(cfg, "teacher")
+    data = prepare_asr_data(cfg) if cfg.asr_data else prepare_data(cfg, "teacher")
     lexicon = read_cmudict()
-    counts = {}
-    targets = {u.id: [PHONE_VOCAB.index(p) for p in text_to_phones(u.text, lexicon, counts=counts)]
-               for part in ("train", "dev", "test") for u, _ in data[part]}
-    if counts.get("words", 0) == counts.get("oov", 0):   # not one word has a pronunciation
+    counts, missing = {}, {}
+    targets = {}
+    for part in ("train", "dev", "test"):
+        for u, _ in data[part]:
+            targets[u.id] = [PHONE_VOCAB.index(p) for p in text_to_phones(u.text, lexicon, counts=counts)]
+            for w in transcript_words(u.text):
+                if w not in lexicon:
+                    missing[w] = missing.get(w, 0) + 1
+    n_words, n_oov = counts.get("words", 0), counts.get("oov", 0)
+    if n_words == n_oov:   # not one word has a pronunciation
         example = next((u.text for u, _ in data["train"] if u.text.strip()), "")
-        raise DataError(f"{cfg.data or DEMO_DIR}: none of the {counts.get('words', 0)} words of the transcripts "
+        raise DataError(f"{cfg.asr_data or cfg.data or DEMO_DIR}: none of the {n_words} words of the transcripts "
                         f"(e.g. {example[:40]!r}) is in the CMU dictionary, so the teacher's phone targets would be "
                         f"empty: the teacher needs English transcripts; train the students with --at-weight 0")
-    print(f"teacher fold {cfg.fold}: {len(data['train'])} train, {len(data['dev'])} dev, {len(data['test'])} test "
-          f"utterances; OOV rate {100 * counts.get('oov', 0) / max(counts.get('words', 1), 1):.1f}% of "
-          f"{counts.get('words', 0)} words")
+    name = f"teacher {run_dir.name}"
+    print(f"{name}: {len(data['train'])} train, {len(data['dev'])} dev, {len(data['test'])} test utterances; "
+          f"{n_oov} of {n_words} words ({100 * n_oov / max(n_words, 1):.1f}%, {len(missing)} distinct) are not in "
+          f"the CMU dictionary and become <unk>"
+          + (": " + ", ".join(sorted(missing, key=lambda w: -missing[w])[:10]) + (" ..." if len(missing) > 10 else "")
+             if missing else ""))
     sos, eos = PHONE_VOCAB.index(SOS), PHONE_VOCAB.index(EOS)
     device = pick_device(cfg.device)
+    word_counts = {}
+    for u, _ in data["train"]:
+        for w in transcript_words(u.text):
+            word_counts[w] = word_counts.get(w, 0) + 1
+    vocab = {w: lexicon[w][0] for w in word_counts if w in lexicon}
+    tree = LexiconTree(vocab, word_counts)
+    nearest = NearestWord(vocab, word_counts)
 
     def loss_fn(model, items):
         x, lengths = collate([x for _, x in items], device)
@@ -3258,38 +3367,93 @@ def train_teacher(cfg: TeacherConfig):
         parts["loss"] = loss.item()
         return loss, parts
 
-    def evaluate(model, items):
+    def decode(model, items, how):
+        return decode_items(model, items, targets, cfg.batch_size, device, how, cfg.beam, cfg.decode_ctc_weight,
+                            tree if cfg.lexicon else None)
+
+    select = cfg.decode if cfg.dev_decode == "same" else cfg.dev_decode
+    cheap = [h for h in ("attention", "ctc") if h != select and (h != "ctc" or cfg.ctc_weight > 0)]
+
+    def evaluate(model, items):  # after each epoch: the selecting decoding, and the cheap ones beside it
         out = {}
-        for how in (cfg.decode, "ctc" if cfg.decode == "attention" else "attention"):
-            if how == "ctc" and cfg.ctc_weight == 0:
-                continue
-            refs, hyps = decode_items(model, items, targets, cfg.batch_size, device, how)
-            out["PER" if how == cfg.decode else f"PER_{how}"] = error_rate(phones_only(refs), phones_only(hyps))["rate"]
+        for how in [select] + cheap:
+            refs, hyps = decode(model, items, how)
+            out["PER" if how == select else f"PER_{how}"] = error_rate(phones_only(refs), phones_only(hyps))["rate"]
         return out
 
     model = Teacher(cfg)
-    print(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
-          f"joint CTC weight {cfg.ctc_weight}; PER/WER and model selection from {cfg.decode} decoding")
+    print(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; joint CTC weight "
+          f"{cfg.ctc_weight}; " + ("location-aware" if cfg.loc_kernel else "content-only") + " attention; model "
+          f"selection by dev PER of {select} decoding" + (f", reported PER/WER from {cfg.decode} decoding at the end"
+                                                          if select != cfg.decode else ""))
+    if cfg.decode == "joint":
+        print(f"joint decoding: beam {cfg.beam}, CTC weight {cfg.decode_ctc_weight}, "
+              + (f"only the {len(vocab)} training words ({len(tree)} distinct pronunciations; a homophone decodes to "
+                 f"its most frequent word)" if cfg.lexicon else "free phone strings"))
     best = fit(cfg, model, run_dir, data, loss_fn, evaluate, "PER", False, {"vocab": list(PHONE_VOCAB)})
     model.load_state_dict(best["model"])
     model.eval()
-    words = {w: lexicon[w][0] for u, _ in data["train"] for w in transcript_words(u.text) if w in lexicon}
-    nearest = NearestWord(words)
-    final = {"config": stored_config(cfg, run_dir), "held_out": data["held_out"], "best_epoch": best["epoch"]}
-    decodings = ["attention", "ctc"] if cfg.ctc_weight > 0 else ["attention"]
+    final = {"config": stored_config(cfg, run_dir), "held_out": data.get("held_out"), "best_epoch": best["epoch"],
+             "lexicon_words": len(tree), "oov": {"words": n_words, "oov": n_oov, "distinct": len(missing)}, "speed": {}}
+    decodings = ["joint", "attention"] + (["ctc"] if cfg.ctc_weight > 0 else [])
+    if cfg.ctc_weight == 0 and cfg.decode_ctc_weight > 0:
+        decodings.remove("joint")
     for part in ("dev", "test"):
         final[part] = {}
         for how in sorted(decodings, key=lambda h: h != cfg.decode):   # the configured one first
-            refs, hyps = decode_items(model, data[part], targets, cfg.batch_size, device, how)
+            t0 = time.time()
+            refs, hyps = decode(model, data[part], how)
+            secs = time.time() - t0
             per = error_rate(phones_only(refs), phones_only(hyps))
             wer = error_rate([transcript_words(u.text) for u, _ in data[part]],
-                             [phones_to_words([PHONE_VOCAB[t] for t in h], nearest) for h in hyps])
+                             [hyp_words(h, tree, nearest) for h in hyps])
             suffix = "" if how == cfg.decode else f"_{how}"
             final[part].update({f"PER{suffix}": per, f"WER{suffix}": wer})
-            print(f"teacher fold {cfg.fold} {part} ({how} decoding): PER {per['rate']:.1f}%  WER {wer['rate']:.1f}% "
-                  f"(nearest of {len(words)} training words)")
+            final["speed"][f"{part}_{how}"] = len(hyps) / max(secs, 1e-9)
+            words = ("lexicon words" if how == "joint" and cfg.lexicon else
+                     f"phone chunks mapped to the nearest of {len(vocab)} training words")
+            print(f"{name} {part} ({how} decoding): PER {per['rate']:.1f}%  WER {wer['rate']:.1f}% ({words}; "
+                  f"{len(hyps) / max(secs, 1e-9):.1f} utterances/s)")
     write_json(final, run_dir / "final.json")
     return final
+
+
+ASR_HELD_OUT = 0.1   # fraction of an ASR corpus' speakers held out for dev, and as many for test
+
+
+def prepare_asr_data(cfg: TeacherConfig):
+    """A separate ASR corpus (--asr-data): train, dev and test parts split by speaker.
+
+    The corpus must share no speaker with the emotion corpus (--data), whose every fold's
+    student then imitates this one teacher without any test speaker having been seen.
+    The last ASR_HELD_OUT of the sorted speakers are test, as many before them dev."""
+    utts = [u for u in load_corpus(cfg.asr_data, subset="all", verbose=False, all_labels=True, asr=True)
+            if u.text.strip()]
+    if not utts:
+        raise DataError(f"--asr-data {cfg.asr_data}: no transcripts (a text column is needed)")
+    emotion = {u.speaker for u in load_corpus(cfg.data, subset="all", verbose=False, all_labels=True)}
+    shared = sorted({u.speaker for u in utts} & emotion)
+    if shared:
+        raise DataError(f"--asr-data {cfg.asr_data} shares {len(shared)} speaker(s) with the emotion corpus "
+                        f"({', '.join(shared[:5])}{' ...' if len(shared) > 5 else ''}): its teacher would have "
+                        f"heard test speakers; remove them from the ASR corpus")
+    kept, feats = compute_features(utts, Path(cfg.runs) / "cache")
+    speakers = sorted({u.speaker for u in kept})
+    if len(speakers) < 3:
+        raise DataError(f"--asr-data {cfg.asr_data}: {len(speakers)} speaker(s); at least 3 are needed "
+                        f"(train, dev and test speakers differ)")
+    n = max(1, round(ASR_HELD_OUT * len(speakers)))
+    dev_spk, test_spk = set(speakers[-2 * n:-n]), set(speakers[-n:])
+    train = [u for u in kept if u.speaker not in dev_spk | test_spk]
+    normed = normalise(kept, feats, cfg.norm, train)
+    mean, std = feature_stats([f for u, f in zip(kept, feats) if u.speaker not in dev_spk | test_spk])
+    parts = {"train": [], "dev": [], "test": []}
+    for u, x in zip(kept, normed):
+        parts["test" if u.speaker in test_spk else "dev" if u.speaker in dev_spk else "train"].append((u, x))
+    print(f"ASR corpus {cfg.asr_data}: {len(speakers)} speakers ({len(speakers) - 2 * n} train, dev "
+          f"{sorted(dev_spk)}, test {sorted(test_spk)}), none in the emotion corpus")
+    return {**parts, "classes": None, "stats": {"mode": cfg.norm, "mean": torch.from_numpy(mean),
+                                                "std": torch.from_numpy(std)}}
 
 
 def phones_only(seqs):
@@ -3298,23 +3462,35 @@ def phones_only(seqs):
     return [[t for t in s if t != wb] for s in seqs]
 
 
-def decode_items(model, items, targets, batch_size, device, how="attention"):
-    """Decode utterances: (reference id lists, hypothesis id lists), in item order."""
+def decode_items(model, items, targets, batch_size, device, how="attention", beam=10, ctc_weight=0.3, lexicon=None):
+    """Decode utterances: (reference id lists, hypothesis id lists), in item order.
+
+    how: "attention" (greedy), "ctc" (best path) or "joint" (joint_decode with beam,
+    ctc_weight and an optional LexiconTree)."""
     refs, hyps = [None] * len(items), [None] * len(items)
     for idx in make_batches([x.shape[1] for _, x in items], batch_size):
         x, lengths = collate([items[i][1] for i in idx], device)
-        for i, h in zip(idx, model.greedy(x, lengths) if how == "attention" else model.ctc_greedy(x, lengths)):
+        out = (model.greedy(x, lengths) if how == "attention" else model.ctc_greedy(x, lengths) if how == "ctc"
+               else joint_decode(model, x, lengths, beam, ctc_weight, lexicon))
+        for i, h in zip(idx, out):
             refs[i], hyps[i] = targets[items[i][0].id], h
     return refs, hyps
 
 
 def load_teacher(cfg: StudentConfig, device):
-    """The frozen teacher of cfg.fold, in eval mode; stops at once when it was not trained.
-    Its `held_out` attribute names the session it held out (None for older runs).
+    """The frozen teacher the student imitates, in eval mode: --teacher (a run folder or its best.pt),
+    else the teacher of cfg.fold; stops at once when it was not trained or does not fit.
+    Its `held_out` attribute names the session it held out (None for older runs, and for a
+    teacher of a separate ASR corpus).
 
     A student of seed s imitates the teacher of the same fold trained with seed s."""
     path = teacher_run_dir(cfg) / "best.pt"
     seed = f" --seed {cfg.seed}" if cfg.seed else ""
+    if cfg.teacher:
+        path = Path(cfg.teacher)
+        path = path / "best.pt" if path.is_dir() else path
+        if not path.is_file():
+            raise DataError(f"--teacher {cfg.teacher}: no teacher checkpoint there (a teacher run folder or its best.pt)")
     if not path.is_file():
         if cfg.data is not None and not any(u.text.strip() for u in load_corpus(cfg.data, "all", False, True)):
             raise DataError(f"--at-weight {cfg.at_weight}: attention transfer needs a teacher, and {cfg.data} has no "
@@ -3328,7 +3504,9 @@ def load_teacher(cfg: StudentConfig, device):
     ck = load_checkpoint(path)
     if not isinstance(ck, dict) or "vocab" not in ck or "classes" in ck or "config" not in ck:
         raise DataError(f"{path}: not a teacher checkpoint (a student's, or another file)")
-    differ = [k for k in ("norm", "dev_speaker", "fold", "seed") if ck["config"].get(k) != getattr(cfg, k)]
+    # a teacher of an ASR corpus was checked against the emotion corpus' speakers, not trained per fold
+    keys = ("norm",) if ck["config"].get("asr_data") else ("norm", "dev_speaker", "fold", "seed")
+    differ = [k for k in keys if ck["config"].get(k) != getattr(cfg, k)]
     if not _same_data(ck["config"].get("data"), path.parent, cfg.data):
         differ.insert(0, "data")
     if differ:
@@ -3340,7 +3518,7 @@ def load_teacher(cfg: StudentConfig, device):
         teacher.load_state_dict(ck["model"])
     except (RuntimeError, TypeError, DataError) as e:
         raise DataError(f"{path}: the teacher's weights do not match the configuration stored with them "
-                        f"({_first_line(e)[:200]})") from None
+                        f"({_first_line(e)[:200]}): retrain it") from None
     teacher.held_out = ck.get("held_out")
     teacher.to(device).eval()
     for p in teacher.parameters():
@@ -3445,6 +3623,174 @@ def selfattn_loss(s_weights, t_weights, mask, dist="l1", norm="l1"):
     s_map = attention_map(s.reshape(len(s), 1, -1), 1, pair, norm)
     t_map = attention_map(t.reshape(len(s), 1, -1), 1, pair, norm)
     return at_loss([s_map], [t_map], pair, dist, norm)
+
+
+# -----------------------------------------------------------------------------
+# decoding: CTC best path and greedy attention are Teacher methods; the joint
+# CTC/attention beam search and the pronunciation prefix tree are here.
+
+class LexiconTree:
+    """Prefix tree of a vocabulary's pronunciations, as tables the beam search indexes.
+
+    Node 0 is the root (a word starts). allowed[n] (V,) says which tokens may follow
+    node n: the next phones of some word, and at a word's end also `|` (back to the
+    root) and <eos>; child[n, token] is the node reached. Homophones share a node,
+    which decodes to the most frequent of them in `counts` (a training-set word count)."""
+
+    def __init__(self, words_to_phones, counts=None):
+        counts = counts or {}
+        ids = {p: i for i, p in enumerate(PHONE_VOCAB)}
+        children, word_at = [{}], [None]
+        self.words = {}                                        # pronunciation (tuple) -> word
+        for w in sorted(words_to_phones, key=lambda w: (-counts.get(w, 0), w)):
+            pron = tuple(words_to_phones[w])
+            if not pron or any(p not in CMU_PHONES for p in pron):
+                continue
+            node = 0
+            for p in pron:
+                if ids[p] not in children[node]:
+                    children[node][ids[p]] = len(children)
+                    children.append({})
+                    word_at.append(None)
+                node = children[node][ids[p]]
+            if word_at[node] is None:
+                word_at[node], self.words[pron] = w, w
+        V = len(PHONE_VOCAB)
+        self.child = torch.zeros(len(children), V, dtype=torch.long)
+        self.allowed = torch.zeros(len(children), V, dtype=torch.bool)
+        for n, ch in enumerate(children):
+            for t, m in ch.items():
+                self.child[n, t], self.allowed[n, t] = m, True
+            if word_at[n] is not None:                         # a word ends here: `|` or <eos> may follow
+                self.allowed[n, ids[WORD_BOUNDARY]] = self.allowed[n, ids[EOS]] = True
+
+    def __len__(self):
+        return len(self.words)
+
+
+def ctc_prefix_score(logp, n_frames, rn, rb, last, cands):
+    """CTC prefix scores of hypotheses g extended by candidate tokens c (Watanabe et al. 2017, Alg. 2).
+
+    logp (N, T, V) float64 CTC log-probabilities of each hypothesis' utterance (blank = 0);
+    n_frames (N,) its frame count; rn, rb (N, T): log-probability that frames 0..t emit g
+    ending in a non-blank / in a blank; last (N,) g's last token (-1: g is empty); cands
+    (N, C) tokens. Returns psi (N, C), the log-probability that the labelling starts with
+    g + c (for c = <eos>: that it is exactly g), and rn, rb of g + c, (N, C, T).
+
+    The forward recursions r_t = (r_{t-1} + a_t) x_t are linear in probability, so they
+    are solved for every frame at once with cumulative sums and logcumsumexp instead of a
+    loop over frames: log r_t = X_t + logcumsumexp_{s<=t}(log a_s - X_{s-1}), X = cumsum(log x)."""
+    N, T, _ = logp.shape
+    C = cands.shape[1]
+    x = logp.gather(2, cands[:, None, :].expand(N, T, C)).transpose(1, 2)          # (N, C, T)
+    xb = logp[:, None, :, 0]                                                       # (N, 1, T)
+    ninf = torch.tensor(float("-inf"), dtype=logp.dtype, device=logp.device)
+    # phi_t: g complete by frame t and c may start at t+1 (after a blank only, when c repeats g's last token)
+    phi = torch.where((cands == last[:, None])[..., None], rb[:, None], torch.logaddexp(rn, rb)[:, None])
+    start = torch.where(last == -1, 0.0, ninf).to(logp.dtype)[:, None, None].expand(N, C, 1)
+    a = torch.cat([start, phi[..., :-1]], -1)                                      # (N, C, T): into c at frame t
+    X = x.cumsum(-1)
+    rn_h = X + torch.logcumsumexp(a - torch.cat([torch.zeros_like(X[..., :1]), X[..., :-1]], -1), -1)
+    XB = xb.cumsum(-1)
+    a_b = torch.cat([ninf.expand(N, C, 1), rn_h[..., :-1]], -1)                    # c's frames end, blanks follow
+    rb_h = XB + torch.logcumsumexp(a_b - torch.cat([torch.zeros_like(XB[..., :1]), XB[..., :-1]], -1), -1)
+    valid = (torch.arange(T, device=logp.device) < n_frames[:, None])[:, None]    # (N, 1, T)
+    psi = (a + x).masked_fill(~valid, float("-inf")).logsumexp(-1)                 # (N, C)
+    whole = torch.logaddexp(rn, rb).gather(1, (n_frames - 1)[:, None])             # (N, 1): exactly g
+    psi = torch.where(cands == PHONE_VOCAB.index(EOS), whole, psi)
+    return psi, rn_h, rb_h
+
+
+JOINT_CHUNK = 1 << 22   # elements of one (hypotheses x candidates x frames) CTC table: bounds decoding memory
+
+
+@torch.no_grad()
+def joint_decode(model, x, lengths, beam=10, ctc_weight=0.3, lexicon=None):
+    """Joint CTC/attention beam search (Watanabe et al. 2017): a list of token-id lists.
+
+    Each hypothesis is scored by (1 - ctc_weight) * its attention decoder log-probability
+    + ctc_weight * the CTC prefix log-probability of its tokens; the beam keeps the best
+    `beam` unfinished hypotheses per utterance, extended by the 1.5 * beam best tokens of
+    the attention decoder; an utterance is done when its best finished hypothesis scores
+    above every unfinished one (scores only fall as hypotheses grow, so it is exact).
+    Hypotheses never hold more tokens than the utterance has encoder frames. With a
+    LexiconTree every hypothesis is a sequence of its words joined by `|`. Utterances
+    are decoded together, in chunks that bound memory (JOINT_CHUNK)."""
+    enc = model.encode(x, lengths)
+    T = enc["h"].shape[1]
+    n = max(1, JOINT_CHUNK // (beam * max(2, int(1.5 * beam)) * T))
+    if len(x) > n:
+        out = []
+        for i in range(0, len(x), n):
+            out += joint_decode(model, x[i:i + n], lengths[i:i + n], beam, ctc_weight, lexicon)
+        return out
+    B, K, V = len(x), beam, len(PHONE_VOCAB)
+    N, C = B * K, min(V - NEVER_EMITTED, max(2, int(1.5 * beam)))
+    sos, eos = PHONE_VOCAB.index(SOS), PHONE_VOCAB.index(EOS)
+    dev = enc["h"].device
+    h, mask = enc["h"].repeat_interleave(K, 0), enc["mask"].repeat_interleave(K, 0)           # (N, T', C)
+    frames = enc["lengths"].to(dev).repeat_interleave(K, 0)                                   # (N,)
+    state, keys = model.init_state({"h": h})
+    if ctc_weight > 0:
+        logp = model.ctc_head(enc["h"]).double().log_softmax(-1).repeat_interleave(K, 0)     # (N, T', V)
+        rn = torch.full((N, T), float("-inf"), dtype=torch.float64, device=dev)
+        rb = logp[..., 0].cumsum(-1)                                                          # the empty prefix
+        psi_g = torch.zeros(N, dtype=torch.float64, device=dev)
+    score = torch.full((B, K), float("-inf"), dtype=torch.float64, device=dev)
+    score[:, 0] = 0.0                                          # one live hypothesis to start with
+    last = torch.full((N,), sos, dtype=torch.long, device=dev)
+    ctc_last = torch.full((N,), -1, dtype=torch.long, device=dev)
+    node = torch.zeros(N, dtype=torch.long, device=dev)
+    hist = torch.zeros(N, 0, dtype=torch.long, device=dev)
+    best, best_hyp = torch.full((B,), float("-inf"), dtype=torch.float64), [[] for _ in range(B)]
+    base = (torch.arange(B, device=dev) * K)[:, None]
+    for length in range(T + 1):
+        logits, state = model.step(last, state, h, keys, mask)
+        att = logits.double().log_softmax(-1)                                                # (N, V)
+        allowed = torch.ones(N, V, dtype=torch.bool, device=dev)
+        allowed[:, :NEVER_EMITTED] = False
+        if lexicon is not None:
+            allowed &= lexicon.allowed.to(dev)[node]
+        allowed[length >= frames, :] &= F.one_hot(torch.tensor(eos), V).bool().to(dev)      # full: only <eos>
+        cand_att, cands = att.masked_fill(~allowed, float("-inf")).topk(C, -1)                # (N, C)
+        joint = score.reshape(N, 1) + (1 - ctc_weight) * cand_att
+        if ctc_weight > 0:
+            psi, rn_h, rb_h = ctc_prefix_score(logp, frames, rn, rb, ctc_last, cands)
+            joint = joint + ctc_weight * (psi - psi_g[:, None])
+        joint = joint.nan_to_num(float("-inf"), float("-inf"), float("-inf")).reshape(B, K * C)
+        is_eos = (cands == eos).reshape(B, K * C)
+        # finished hypotheses: keep each utterance's best
+        fin, fin_idx = joint.masked_fill(~is_eos, float("-inf")).max(-1)                      # (B,)
+        for b in torch.nonzero(fin.cpu() > best).flatten().tolist():
+            best[b] = fin[b].item()
+            best_hyp[b] = hist[b * K + fin_idx[b].item() // C].tolist()
+        # the beam: the K best unfinished extensions per utterance
+        score, idx = joint.masked_fill(is_eos, float("-inf")).topk(K, -1)                    # (B, K)
+        done = score.max(-1).values.cpu() <= best
+        if done.all():
+            break
+        src, c = (base + idx // C).reshape(N), (idx % C).reshape(N)
+        tok = cands[src, c]
+        state = tuple(s.index_select(0, src) for s in state)
+        hist = torch.cat([hist[src], tok[:, None]], 1)
+        last = tok
+        if lexicon is not None:
+            node = lexicon.child.to(dev)[node[src], tok]
+        if ctc_weight > 0:
+            rn, rb, psi_g, ctc_last = rn_h[src, c], rb_h[src, c], psi[src, c], tok
+        score = score.masked_fill(done.to(dev)[:, None], float("-inf"))
+    return best_hyp
+
+
+def hyp_words(tokens, lexicon, nearest):
+    """Token ids -> words: each `|`-separated phone chunk is the lexicon's word with exactly that
+    pronunciation, or else (free phone decoding) the training word nearest by edit distance."""
+    words = []
+    for chunk in " ".join(PHONE_VOCAB[t] for t in tokens).split(WORD_BOUNDARY):
+        phones = tuple(p for p in chunk.split() if p not in (PAD, SOS, EOS))
+        if phones:
+            words.append(lexicon.words.get(phones) or nearest(phones))
+    return words
 
 
 # -----------------------------------------------------------------------------
@@ -3589,6 +3935,9 @@ TABLE2 = [("stats", "stats", None, False)] + [(f"{e}-{a}" + ("-at" if t else "")
                                               for e in ("blstm", "tcn") for t in (False, True) for a in ("soft", "self")]
 TABLE2_LABEL = {"blstm": "BLSTM", "tcn": "TCN", "soft": "soft attention", "self": "self-attention",
                 "stats": "utterance statistics + linear"}
+# Rows beyond Table 2 (run_all.sh trains them too), in report order: run name -> label.
+REPORT_ROWS = {"tcn-self-causal": "TCN + causal self-attention (streaming)",
+               "tcn-self-causal-at": "TCN + causal self-attention (streaming) w/ AT"}
 
 
 def z_test_one_tailed(correct_a, n_a, correct_b, n_b):
@@ -3720,6 +4069,7 @@ def _row_label(name, rs):
     parts = name.split("-")
     label = (f"{TABLE2_LABEL.get(parts[0], parts[0])} + {TABLE2_LABEL.get(parts[1], parts[1])}"
              + (" w/ AT" if parts[-1] == "at" else "")) if len(parts) >= 2 else TABLE2_LABEL.get(name, name)
+    label = REPORT_ROWS.get(name, label)
     recipes = sorted({r["config"].get("recipe", "paper") for r in rs})
     return label + ("" if recipes == ["paper"] else f" ({', '.join(recipes)} recipe)")
 
@@ -3818,7 +4168,9 @@ def report(runs="runs", per_seed=False):
     teachers = []
     for rs in results.values():
         rs.sort(key=_run_key)
-    for final in sorted(runs.glob("teacher/fold*/final.json")):
+    teacher_files = sorted(runs.glob("teacher/fold*/final.json"),
+                           key=lambda p: (len(p.parent.name), p.parent.name))       # fold2 before fold10
+    for final in teacher_files + sorted(runs.glob("teacher/asr*/final.json")):   # + one teacher of an ASR corpus
         try:
             read_json(final)
             teachers.append(final)
@@ -3827,7 +4179,8 @@ def report(runs="runs", per_seed=False):
             print(f"warning: {e}; left out of the report")
     if not results and not teachers:
         raise DataError(f"{runs}: no finished runs to report")
-    known = [n for n, *_ in TABLE2 if n in results] + sorted(set(results) - {n for n, *_ in TABLE2})
+    listed = [n for n, *_ in TABLE2] + list(REPORT_ROWS)
+    known = [n for n in listed if n in results] + sorted(set(results) - set(listed))
     seeds = sorted({r["config"].get("seed", 0) for rs in results.values() for r in rs})
     out = ["# Results", "", f"Collected from `{runs}/` by `python satn.py report`. Each row is the mean ± sample "
            "standard deviation (n − 1 denominator) over its runs: the folds (leave-one-session-out)"
@@ -3900,18 +4253,25 @@ def report(runs="runs", per_seed=False):
         elif per_seed:
             out += ["", f"(--per-seed: every run has seed {seeds[0]}; the tables above are that seed's.)"]
     out += _crosscorpus(runs)
+    out += track_report(results)
     if results:
         out += report_figures(runs, results)
     if teachers:
-        out += ["", "## ASR teachers", "", "PER on phones, WER with each decoded phone chunk mapped to the nearest "
-                "training word; the model was selected by dev PER of the first decoding named.", "",
-                "| fold | decoding | best epoch | dev PER | dev WER | test PER | test WER |", "|---|---|---|---|---|---|---|"]
+        out += ["", "## ASR teachers", "", "PER on phones (word boundaries not counted); WER on words. Decodings: "
+                "joint = CTC/attention beam search (the words come from the pronunciation lexicon of the training "
+                "words when it constrains the search, `lexicon`), attention = the attention decoder alone (greedy), "
+                "ctc = the CTC head's best path; without the lexicon each decoded phone chunk is mapped to the "
+                "training word nearest by edit distance. The model was selected by dev PER (of the decoding "
+                "named in the log); the first row of a teacher is its configured decoding (`--decode`).", "",
+                "| teacher | decoding | best epoch | dev PER | dev WER | test PER | test WER |", "|---|---|---|---|---|---|---|"]
         for t in teachers:
             r = read_json(t)
             decode = r["config"].get("decode", "attention")
-            for how in [decode] + [h for h in ("attention", "ctc") if h != decode and f"PER_{h}" in r["test"]]:
+            lex = " (lexicon)" if decode == "joint" and r["config"].get("lexicon") else ""
+            name = t.parent.name[4:] if t.parent.name.startswith("fold") else t.parent.name
+            for how in [decode] + [h for h in ("joint", "attention", "ctc") if h != decode and f"PER_{h}" in r["test"]]:
                 sfx = "" if how == decode else f"_{how}"
-                out.append(f"| {t.parent.name[4:]} | {how} | {r['best_epoch']} | " + " | ".join(
+                out.append(f"| {name} | {how}{lex if how == 'joint' else ''} | {r['best_epoch']} | " + " | ".join(
                     f"{r[p][m + sfx]['rate']:.1f}" for p in ("dev", "test") for m in ("PER", "WER")) + " |")
     if damaged:
         out += ["", "Left out, unreadable (truncated or damaged): " + ", ".join(f"`{p.relative_to(runs)}`" for p in damaged)]
@@ -3920,12 +4280,41 @@ def report(runs="runs", per_seed=False):
     print(f"\nwritten to {runs / 'results.md'}")
 
 
+def track_report(results):
+    """Markdown lines: the emotion track of every causal configuration (final.json's "track")."""
+    rows = []
+    for name, rs in results.items():
+        ts = [r["track"] for r in rs if "track" in r]
+        if not ts:
+            continue
+        mean = lambda f: np.mean([f(t) for t in ts])  # noqa: E731
+        delays = [t["delay_mean"] for t in ts if t["delay_mean"] is not None]
+        rows.append(f"| {REPORT_ROWS.get(name, name)} | {len(ts)} | {mean(lambda t: t['seconds']) / 60:.1f} | "
+                    f"{mean(lambda t: t['all']['WA']):.1f} | {mean(lambda t: t['all']['UA']):.1f} | "
+                    f"{mean(lambda t: t['settled']['WA']):.1f} | {mean(lambda t: t['settled']['UA']):.1f} | "
+                    + (f"{np.mean(delays):.2f}" if delays else "-")
+                    + f" | {sum(t['switched'] for t in ts)}/{sum(t['changes'] for t in ts)} |")
+    if not rows:
+        return []
+    settle = ts[0]["settle"]
+    return ["", "## Emotion track of the causal students (streaming)", "",
+            "Each fold's test utterances joined in a random order into conversations of about "
+            f"{TRACK_CONVERSATION:.0f} s, run as recordings (running normalisation); every output (one per "
+            f"{HOP_SECONDS * 1000:.0f} ms x subsample) is labelled by the utterance under it. Frame WA/UA over all "
+            f"outputs, and without those in the first {settle:.1f} s after each boundary; the delay runs from a "
+            "boundary where the class changes until the track first shows the new class (within that utterance; "
+            "it includes the 40 ms delta lookahead, not the chunk). Means over folds.", "",
+            "| method | folds | minutes per fold | frame WA | frame UA | settled WA | settled UA | mean delay (s) "
+            "| changes followed |", "|---|---|---|---|---|---|---|---|---|"] + rows
+
+
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".au", ".mp3")
 PREDICT_WINDOW = 8.0   # s: long recordings are classified in windows of this length...
 PREDICT_HOP = 4.0      # s: ...every this many seconds, and the class probabilities averaged
 PREDICT_BATCH = 16     # windows per forward pass: memory does not grow with the file's length
 PREDICT_MIN_WINDOW = 0.1   # s: shortest --window (10 frames)
 PREDICT_MAX_WINDOW = 60.0  # s: longest --window (self-attention memory grows with its square)
+PREDICT_READ_SECONDS = 30.0  # s: predict reads (and featurises) files in blocks of this length
 PREDICT_MIN_SPEAKER_SECONDS = 30.0  # s of input needed to estimate a speaker's statistics (--norm auto)
 
 
@@ -3956,29 +4345,138 @@ def audio_files(inputs):
     return out
 
 
+def audio_blocks(path, seconds=None):
+    """The samples of load_audio(path), read and yielded in blocks of about `seconds`
+    (default PREDICT_READ_SECONDS): memory does not grow with the file's length. The same
+    checks, raising ValueError naming the file (a silent file once its end is reached).
+    Other sample rates are resampled block by block with enough context on both sides for
+    the polyphase filter, so the blocks join into what load_audio resamples at once."""
+    import soundfile as sf
+    from scipy.signal import resample_poly
+    seconds = PREDICT_READ_SECONDS if seconds is None else seconds
+    name = str(path)
+    try:
+        if name.lower().endswith(".wav") and _wav_truncated(name):
+            raise ValueError("truncated (the header promises more samples than the file holds)")
+        f = sf.SoundFile(name)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    except Exception as e:  # soundfile raises its own error types, or OSError
+        raise ValueError(f"{name}: unreadable audio ({_first_line(e)})") from None
+    with f:
+        g = math.gcd(f.samplerate, SAMPLE_RATE)
+        up, down = SAMPLE_RATE // g, f.samplerate // g
+        n_in = max(1, int(seconds * f.samplerate) // down) * down       # input samples per block
+        ctx = 0 if up == down else down * math.ceil((10 * max(up, down) / up + 2) / down)  # filter reach
+        if ctx and not f.seekable():
+            yield load_audio(name)
+            return
+        sound, start = False, 0
+        while True:
+            try:
+                if ctx:
+                    f.seek(max(0, start - ctx))
+                    x = f.read(min(n_in + 2 * ctx, start + n_in + ctx), dtype="float32", always_2d=True)
+                else:
+                    x = f.read(n_in, dtype="float32", always_2d=True)
+            except Exception as e:
+                raise ValueError(f"{name}: unreadable audio ({_first_line(e)})") from None
+            x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
+            if not np.isfinite(x).all():
+                raise ValueError(f"{name}: {int((~np.isfinite(x)).sum())} samples are not finite (NaN or inf)")
+            sound = sound or bool(np.any(x))
+            if ctx:
+                pre = min(ctx, start)                                    # context read before the block
+                last = len(x) - pre <= n_in                              # no context after it: the end
+                lo = pre * up // down
+                y = resample_poly(x, up, down).astype(np.float32) if len(x) else x
+                block = y[lo:] if last else y[lo:lo + n_in * up // down]
+            else:
+                last, block = len(x) < n_in, x
+            if start == 0 and len(block) == 0:
+                raise ValueError(f"{name}: empty audio file")
+            if len(block):
+                yield np.ascontiguousarray(block, dtype=np.float32)
+            start += n_in
+            if last or len(block) == 0:
+                break
+        if not sound:
+            raise ValueError(f"{name}: silent audio file (all samples are zero)")
+
+
+def stream_features(path, seconds=None):
+    """features() of a file, as (k, 120) frames per block of audio_blocks (FeatureStream)."""
+    stream = FeatureStream()
+    for block in audio_blocks(path, seconds):
+        yield stream.push(block)
+    yield stream.finish()
+
+
+def _window_starts(T, win, step):
+    """First frames of the windows of a T-frame input: every `step` frames, plus one ending at the end."""
+    starts = list(range(0, max(T - win, 0) + 1, step))
+    if starts[-1] + win < T:
+        starts.append(T - win)            # the tail is covered too
+    return starts
+
+
 @torch.no_grad()
+def _average_windows(model, windows):
+    """Class probabilities averaged over (120, t) windows (any iterable), weighted by their
+    length, PREDICT_BATCH windows per forward pass."""
+    device = next(model.parameters()).device
+    total, weight, batch = 0.0, 0, []
+    for w in itertools.chain(windows, [None]):
+        if w is not None:
+            batch.append(w)
+        if batch and (w is None or len(batch) == PREDICT_BATCH):
+            x, lengths = collate(batch, device)
+            logits, _ = model(x, lengths)
+            total = total + (torch.softmax(logits.float(), -1) * lengths[:, None]).sum(0)
+            weight += int(lengths.sum())
+            batch = []
+    return (total / weight).cpu().numpy()
+
+
 def predict_file(model, feats, window=PREDICT_WINDOW, hop=PREDICT_HOP):
     """Class probabilities for one utterance's (120, T) normalised features.
 
     Longer inputs are cut into overlapping windows (batched) and their
     probabilities averaged, weighted by window length, so memory stays bounded."""
     win, step = int(window / HOP_SECONDS), int(hop / HOP_SECONDS)
-    T = feats.shape[1]
-    starts = list(range(0, max(T - win, 0) + 1, step))
-    if starts[-1] + win < T:
-        starts.append(T - win)            # the tail is covered too
-    device = next(model.parameters()).device
-    total, weight = 0.0, 0
-    for i in range(0, len(starts), PREDICT_BATCH):   # a bounded number of windows at a time
-        x, lengths = collate([feats[:, s:s + win] for s in starts[i:i + PREDICT_BATCH]], device)
-        logits, _ = model(x, lengths)
-        total = total + (torch.softmax(logits.float(), -1) * lengths[:, None]).sum(0)
-        weight += int(lengths.sum())
-    return (total / weight).cpu().numpy()
+    return _average_windows(model, (feats[:, s:s + win] for s in _window_starts(feats.shape[1], win, step)))
+
+
+def stream_windows(path, T, mean, std, window=PREDICT_WINDOW, hop=PREDICT_HOP, seconds=None):
+    """The normalised (120, t) windows predict_file cuts from a T-frame file, made while the
+    file is read block by block: at most one window and one block of frames are held."""
+    win, step = int(window / HOP_SECONDS), int(hop / HOP_SECONDS)
+    starts, i = _window_starts(T, win, step), 0
+    buf, base = np.zeros((0, FEAT_CHANNELS), np.float32), 0          # frames base.. of the file
+    for frames in stream_features(path, seconds):
+        buf = np.concatenate([buf, ((frames - mean) / std).astype(np.float32)])
+        end = base + len(buf)
+        while i < len(starts) and (starts[i] + win <= end or end == T):
+            s = starts[i]
+            yield np.ascontiguousarray(buf[s - base:s - base + win].T)   # (120, t)
+            i += 1
+        if i < len(starts) and starts[i] > base:
+            buf, base = buf[starts[i] - base:], starts[i]
+
+
+def _frames_of(path):
+    """Frames of a file, read block by block with load_audio's checks (ValueError naming it)."""
+    n = sum(len(b) for b in audio_blocks(path))
+    win, hop, _ = frame_params(SAMPLE_RATE)
+    return 1 + (max(n, win) - win) // hop
 
 
 def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDOW, hop=PREDICT_HOP):
-    """Print the predicted emotion and class probabilities of each audio file. Returns 1 if any file failed."""
+    """Print the predicted emotion and class probabilities of each audio file. Returns 1 if any file failed.
+
+    Files are read block by block, twice (three times for the inputs' own statistics):
+    first to check them and count their frames, then window by window to classify
+    them, so memory does not grow with a file's length nor with the number of files."""
     _require(PREDICT_MIN_WINDOW <= window <= PREDICT_MAX_WINDOW and HOP_SECONDS <= hop <= window,
              f"predict needs --window in [{PREDICT_MIN_WINDOW}, {PREDICT_MAX_WINDOW}] s and --hop in "
              f"[{HOP_SECONDS}, --window] s, got --window {window} --hop {hop}")
@@ -3986,14 +4484,14 @@ def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDO
     files = audio_files(inputs)
     if not files:
         raise DataError(f"no audio files in {' '.join(map(str, inputs))}")
-    feats, failed = {}, 0
+    frames, failed = {}, 0
     for f in files:
         try:
-            feats[f] = features(load_audio(f)).reshape(FEAT_CHANNELS, -1)
+            frames[f] = _frames_of(f)
         except ValueError as e:
-            feats[f] = e
-    good = [x for x in feats.values() if not isinstance(x, Exception)]
-    seconds = sum(x.shape[1] for x in good) * HOP_SECONDS
+            frames[f] = e
+    good = [f for f, T in frames.items() if not isinstance(T, Exception)]
+    seconds = sum(frames[f] for f in good) * HOP_SECONDS
     if norm == "auto":
         # A per-speaker-normalised model expects a speaker's own statistics: take the
         # inputs as one speaker when they are long enough to estimate them.
@@ -4003,15 +4501,15 @@ def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDO
                  f"(< {PREDICT_MIN_SPEAKER_SECONDS:.0f} s), so expect lower accuracy" if norm == "checkpoint" and ck["norm"]["mode"] == "speaker" else ""),
               file=sys.stderr)
     if norm == "inputs" and good:   # the inputs are taken to be one speaker: per-speaker normalisation
-        mean, std = feature_stats(good)
+        mean, std = feature_stats(x.T for f in good for x in stream_features(f))
     else:                           # the training sessions' statistics, stored in the checkpoint
         mean, std = ck["norm"]["mean"].numpy(), ck["norm"]["std"].numpy()
-    for f, x in feats.items():
-        if isinstance(x, Exception):
+    for f, T in frames.items():
+        if isinstance(T, Exception):
             failed += 1
-            print(json.dumps({"file": str(f), "error": str(x)}) if as_json else f"{f}\terror: {x}", flush=True)
+            print(json.dumps({"file": str(f), "error": str(T)}) if as_json else f"{f}\terror: {T}", flush=True)
             continue
-        probs = predict_file(model, ((x - mean[:, None]) / std[:, None]).astype(np.float32), window, hop)
+        probs = _average_windows(model, stream_windows(f, T, mean, std, window, hop))
         if not np.isfinite(probs).all():   # never print NaN (nor invalid JSON): the file fails
             failed += 1
             msg = f"{f}: the model's probabilities are not finite (NaN or inf)"
@@ -4019,11 +4517,131 @@ def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDO
             continue
         best = classes[int(np.argmax(probs))]
         if as_json:
-            print(json.dumps({"file": str(f), "prediction": best, "seconds": round(x.shape[1] * HOP_SECONDS, 2),
+            print(json.dumps({"file": str(f), "prediction": best, "seconds": round(T * HOP_SECONDS, 2),
                               "probabilities": {c: round(float(p), 4) for c, p in zip(classes, probs)}}), flush=True)
         else:
             print(f"{f}\t{best}\t" + " ".join(f"{c} {p:.3f}" for c, p in zip(classes, probs)), flush=True)
     return 1 if failed else 0
+
+
+STREAM_CHUNK = 0.1   # s: predict --stream reads the audio in chunks of this length...
+STREAM_EVERY = 0.5   # s: ...and prints the track at this interval
+
+
+def predict_stream(checkpoint, path, chunk=STREAM_CHUNK, every=STREAM_EVERY, as_json=False, norm="auto", plot=None):
+    """Print the emotion track of one recording, read and classified chunk by chunk
+    (StudentStream): one line every `every` s of audio with the prediction of the latest
+    output computable by then (so the lines do not depend on the chunk size). Memory
+    is constant in the recording's length; --plot keeps the track (25 outputs/s) and
+    a 100 Hz envelope of the waveform to draw them."""
+    import soundfile as sf
+    _require(chunk > 0 and every > 0, "predict --stream needs --chunk > 0 and --every > 0")
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        raise DataError("--plot needs matplotlib (pip install matplotlib)")
+    model, classes, ck = load_student(checkpoint)
+    if not model.causal:
+        raise DataError(f"{checkpoint}: --stream needs a causal student (trained with `student --causal`); "
+                        f"this one pools whole utterances")
+    if str(path).lower().endswith(".wav") and _wav_truncated(path):
+        raise DataError(f"{path}: truncated (the header promises more samples than the file holds)")
+    try:
+        f = sf.SoundFile(str(path))
+    except Exception as e:
+        raise DataError(f"{path}: unreadable audio ({_first_line(e)})") from None
+    if f.samplerate != SAMPLE_RATE:
+        f.close()
+        raise DataError(f"{path}: --stream reads {SAMPLE_RATE} Hz audio and this file is {f.samplerate} Hz: "
+                        f"resample it first (predict without --stream resamples)")
+    # A per-speaker-normalised model gets running statistics of the recording (started from
+    # the training statistics); --norm checkpoint, or a globally normalised model, the fixed ones.
+    prior = STREAM_NORM_PRIOR if ck["norm"]["mode"] == "speaker" and norm != "checkpoint" else None
+    stream = StudentStream(model, ck["norm"]["mean"].numpy(), ck["norm"]["std"].numpy(), prior)
+    print(f"streaming {path}: {chunk:g} s chunks; algorithmic delay {1000 * WIN_SECONDS:.0f} ms window + "
+          f"{1000 * FEATURE_LOOKAHEAD * HOP_SECONDS:.0f} ms delta lookahead + up to "
+          f"{1000 * (model.subsample - 1) * HOP_SECONDS:.0f} ms subsample group + up to one chunk; normalisation: "
+          + ("running statistics from the training statistics" if prior else "training statistics"), file=sys.stderr)
+    n_chunk = max(1, round(chunk * SAMPLE_RATE))
+    line, latest, track, env, envelope = 1, None, [], [], []
+
+    def emit(ready, probs, upto):
+        nonlocal line, latest
+        j = 0
+        while line * every <= upto + 1e-9:
+            t = line * every
+            while j < len(ready) and ready[j] <= t + 1e-9:
+                latest, j = probs[j], j + 1
+            if latest is not None:
+                _print_track_line(t, latest, classes, as_json)
+            line += 1
+        if len(probs):
+            latest = probs[-1]
+
+    with f:
+        for block in f.blocks(blocksize=n_chunk, dtype="float32", always_2d=True):
+            x = block.mean(1)
+            ends, probs = stream.push(x)
+            emit(stream.ready, probs, stream.front.samples / SAMPLE_RATE)
+            if plot:
+                track.append((ends, probs))
+                env.append(x)
+                if sum(len(e) for e in env) >= SAMPLE_RATE:   # the waveform kept as min/max per 10 ms
+                    w = np.concatenate(env)
+                    k = len(w) - len(w) % (SAMPLE_RATE // 100)
+                    envelope.append(_envelope(w[:k]))
+                    env = [w[k:]]
+    try:
+        ends, probs = stream.finish()
+    except ValueError:
+        raise DataError(f"{path}: empty audio file") from None
+    duration = stream.front.samples / SAMPLE_RATE
+    emit(stream.ready, probs, duration)
+    if latest is not None and (line - 1) * every < duration - 1e-9:   # the end of the recording
+        _print_track_line(duration, probs[-1] if len(probs) else latest, classes, as_json)
+    if plot:
+        track.append((ends, probs))
+        if env:
+            envelope.append(_envelope(np.concatenate(env)))
+        _plot_track(plot, track, np.concatenate(envelope, axis=1), classes, duration, path)
+    return 0
+
+
+def _print_track_line(t, probs, classes, as_json):
+    best = classes[int(np.argmax(probs))]
+    if as_json:
+        print(json.dumps({"time": round(t, 3), "prediction": best,
+                          "probabilities": {c: round(float(p), 4) for c, p in zip(classes, probs)}}), flush=True)
+    else:
+        print(f"{t:8.2f} s\t{best}\t" + " ".join(f"{c} {p:.3f}" for c, p in zip(classes, probs)), flush=True)
+
+
+def _envelope(x, step=SAMPLE_RATE // 100):
+    """Min and max of every 10 ms of a waveform (its length a multiple of 10 ms but at the end): (2, ceil(n / step))."""
+    x = np.pad(x, (0, -len(x) % step))
+    return np.stack([x.reshape(-1, step).min(1), x.reshape(-1, step).max(1)])
+
+
+def _plot_track(out, track, env, classes, duration, path):
+    """The class probabilities over the waveform's time axis, to a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ends = np.concatenate([e for e, _ in track])
+    probs = np.concatenate([p for _, p in track])
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 4.5), sharex=True, gridspec_kw={"height_ratios": [1, 2]})
+    te = np.arange(env.shape[1]) * 0.01
+    ax1.fill_between(te, env[0], env[1], color="0.4", lw=0)
+    ax1.set(ylabel="waveform", title=f"Emotion track of {path.name}")
+    for i, c in enumerate(classes):
+        ax2.plot(ends, probs[:, i], label=c, lw=1.2)
+    ax2.set(xlabel="time (s)", ylabel="probability", ylim=(0, 1), xlim=(0, duration))
+    ax2.legend(loc="upper right", fontsize=8, ncol=len(classes))
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"track plotted to {out}", file=sys.stderr)
 
 
 def parse_label_map(spec, classes):
@@ -4274,6 +4892,50 @@ def _bench_time(fn, device, repeats, flush=None):
     return statistics.median(times)
 
 
+def bench_predict(durations=(1, 600, 1800)):
+    """Peak resident memory of `predict` against the length of the file: synthetic 16 kHz
+    noise of each duration (s), classified by a randomly initialised student of the demo
+    configuration, each in a fresh process (its ru_maxrss). Prints a table; returns the rows."""
+    import subprocess
+    import tempfile
+    import soundfile as sf
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        demo = {f.name: f.metadata["demo"] for f in dataclasses.fields(StudentConfig) if f.metadata.get("demo") is not None}
+        cfg = StudentConfig(**demo)
+        torch.manual_seed(0)
+        model = Student(cfg, len(EMOTIONS))
+        atomic_save({"model": model.state_dict(), "config": dataclasses.asdict(cfg), "classes": list(EMOTIONS),
+                     "norm": {"mode": "speaker", "mean": torch.zeros(FEAT_CHANNELS), "std": torch.ones(FEAT_CHANNELS)}},
+                    tmp / "student.pt")
+        rng = np.random.default_rng(0)
+        code = ("import resource, sys; sys.path.insert(0, sys.argv[1]); import satn; "
+                "rc = satn.main(['predict', '--norm', 'checkpoint', '--checkpoint', sys.argv[2], sys.argv[3]]); "
+                "print(rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+        print(f"predict: peak resident memory against file length (one process per file, {torch.get_num_threads()} "
+              f"threads available; student of the demo configuration, synthetic 16 kHz audio)")
+        print(f"{'audio':>10} {'peak RSS':>10} {'wall':>8}")
+        for seconds in durations:
+            path = tmp / f"{seconds}s.wav"
+            with sf.SoundFile(str(path), "w", SAMPLE_RATE, 1, "PCM_16") as f:
+                for i in range(0, seconds, 60):                  # written a minute at a time
+                    n = min(60, seconds - i) * SAMPLE_RATE
+                    t = np.arange(n) / SAMPLE_RATE
+                    f.write((0.1 * rng.standard_normal(n) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32))
+            t0 = time.time()
+            r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent), str(tmp / "student.pt"),
+                                str(path)], capture_output=True, text=True)
+            wall = time.time() - t0
+            last = r.stderr.strip().splitlines()[-1].split() if r.stderr.strip() else []
+            if r.returncode != 0 or len(last) != 2 or last[0] != "0":
+                raise RuntimeError(f"bench predict: the run on {seconds} s failed: {r.stderr.strip()[-300:]}")
+            mb = int(last[1]) / 1024                                  # ru_maxrss is in KiB on Linux
+            rows.append({"seconds": seconds, "peak_rss_mb": mb, "wall_s": wall})
+            print(f"{seconds:>9d}s {mb:>8.0f} MB {wall:>7.1f}s", flush=True)
+    return rows
+
+
 def bench_features(seconds=60.0, repeats=20):
     """Front-end throughput on `seconds` of 16 kHz noise, one thread, against librosa when importable."""
     torch.set_num_threads(1)
@@ -4297,6 +4959,52 @@ def bench_features(seconds=60.0, repeats=20):
     t_ref = _bench_time(ref, torch.device("cpu"), repeats) / 1e3
     print(f"librosa {librosa.__version__}: {1000 * t_ref:.1f} ms = {seconds / t_ref:,.0f}x real time; "
           f"features() is {t_ref / t:.2f}x librosa's speed")
+
+
+def bench_stream(checkpoint=None, seconds=60.0):
+    """Streaming cost: milliseconds of compute per 100 ms chunk (StudentStream.push: features,
+    running normalisation, TCN, attention, summary, classifier), one CPU thread, over
+    `seconds` of synthetic audio after 30 s that fill every window; the algorithmic delay;
+    the state's size. A checkpoint's causal student, or the demo-sized one untrained."""
+    torch.set_num_threads(1)
+    if checkpoint:
+        model, _, ck = load_student(checkpoint)
+        mean, std = ck["norm"]["mean"].numpy(), ck["norm"]["std"].numpy()
+    else:
+        cfg = StudentConfig(causal=True, **{f.name: f.metadata["demo"] for f in dataclasses.fields(StudentConfig)
+                                           if f.metadata.get("demo") is not None})
+        model, mean, std = Student(cfg, len(EMOTIONS)).eval(), np.zeros(FEAT_CHANNELS), np.ones(FEAT_CHANNELS)
+    stream = StudentStream(model, mean, std)
+    n = round(STREAM_CHUNK * SAMPLE_RATE)
+    rng = np.random.default_rng(0)
+    chunks = [(0.1 * rng.standard_normal(n) * (1 + np.sin(i / 7))).astype(np.float32) for i in range(50)]
+    for i in range(300):                                          # 30 s: the windows fill
+        stream.push(chunks[i % 50])
+    front = FeatureStream()
+    times, front_times = [], []
+    for i in range(round(seconds / STREAM_CHUNK)):
+        t0 = time.perf_counter()
+        stream.push(chunks[i % 50])
+        t1 = time.perf_counter()
+        front.push(chunks[i % 50])
+        times.append(1e3 * (t1 - t0))
+        front_times.append(1e3 * (time.perf_counter() - t1))
+    med = statistics.median(times)
+    print(f"causal student ({sum(p.numel() for p in model.parameters()) / 1e6:.3f} M parameters, "
+          f"{'from ' + str(checkpoint) if checkpoint else 'demo-sized, untrained'}), {STREAM_CHUNK * 1000:.0f} ms chunks, "
+          f"one CPU thread, {seconds:.0f} s after 30 s of warm-up; torch {torch.__version__}")
+    print(f"compute per chunk: median {med:.2f} ms, 90th percentile {np.percentile(times, 90):.2f} ms, "
+          f"max {max(times):.2f} ms; real-time factor {STREAM_CHUNK * 1000 / med:.0f}x "
+          f"(the front end alone: median {statistics.median(front_times):.2f} ms)")
+    group = (model.subsample - 1) * HOP_SECONDS * 1000
+    print(f"algorithmic delay: {WIN_SECONDS * 1000:.0f} ms window + {FEATURE_LOOKAHEAD * HOP_SECONDS * 1000:.0f} ms "
+          f"delta lookahead = {(WIN_SECONDS + FEATURE_LOOKAHEAD * HOP_SECONDS) * 1000:.0f} ms after a group's last "
+          f"sample, + up to {group:.0f} ms for a frame early in its group of {model.subsample}, + up to one "
+          f"chunk ({STREAM_CHUNK * 1000:.0f} ms): at most "
+          f"{(WIN_SECONDS + FEATURE_LOOKAHEAD * HOP_SECONDS + STREAM_CHUNK) * 1000 + group:.0f} ms")
+    print(f"state: {stream.state_size()} numbers ({4 * stream.state_size() / 1024:.0f} KiB), constant in the "
+          f"recording's length (attention window {model.attn_window}, summary window {model.summary_window} frames)")
+    return {"median_ms": med, "p90_ms": float(np.percentile(times, 90)), "state": stream.state_size()}
 
 
 # IEMOCAP at a glance, for benchmarks on a corpus of its size (Busso et al. 2008; the paper's Table 1)
@@ -4530,10 +5238,33 @@ def bench_train(device="auto", batches=2, threads=1, cache_files=1000, jobs=(1, 
               f"({'torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'peak RSS of the process'}), {s:.1f} s")
 
 
+# Data-sheet peaks of common GPUs: dense tensor-core TFLOPS (bf16/fp16, TF32) and memory
+# bandwidth (TB/s). Matched by name in this order; other devices get no fractions.
+GPU_PEAKS = (
+    ("H200", 989.0, 494.5, 4.8),
+    ("H100 PCIe", 756.0, 378.0, 2.0),
+    ("H100", 989.0, 494.5, 3.35),
+    ("A100-SXM4-80GB", 312.0, 156.0, 2.039),
+    ("A100 80GB PCIe", 312.0, 156.0, 1.935),
+    ("A100", 312.0, 156.0, 1.555),
+    ("L40S", 362.0, 183.0, 0.864),
+)
+
+
+def _gpu_peaks(name):
+    for key, half, tf32, tbs in GPU_PEAKS:
+        if key in name:
+            return {"bfloat16": half, "float32/tf32": tf32, "bandwidth": tbs}
+    return None
+
+
 def bench_kernel(device=None):
     """Time the extension against the PyTorch path (causal_conv1d_ref): forward and
-    forward+backward for batch 32, K 3, over channels, lengths and dilations, plus one
-    training step of a 5-layer TCN. Prints a table; returns the rows as dicts."""
+    forward+backward for batch 32, K 3, over channels, lengths and dilations, in float32 (TF32
+    as PyTorch's own convolution uses it) and bfloat16, plus one training step of a 5-layer TCN
+    with each path and with the dispatch. Per shape: both paths' times, the speed-up, the
+    extension's fraction of the device's tensor-core peak and memory bandwidth, and what the
+    dispatch chose. Prints a table; returns the rows as dicts."""
     device = pick_device(device or "auto")
     on_gpu = device.type == "cuda"
     try:
@@ -4541,112 +5272,133 @@ def bench_kernel(device=None):
     except RuntimeError as e:
         raise DataError(f"bench kernel: the extension could not be built: {e}") from None
     B, K, layer_dilations = 32, 3, (1, 2, 4, 8, 16)
-    channels = (64, 128, 256)
-    # The CPU run is cut down to stay near two minutes on two cores.
-    lengths = (300, 1000, 3000) if on_gpu else (300, 1000)
-    dilations = layer_dilations if on_gpu else (1, 4, 16)
+    # The CPU build runs the GPU tile code on emulated fragments: a cut-down run that checks
+    # and times it in about a minute.
+    channels = (64, 128, 256) if on_gpu else (64,)
+    lengths = (300, 1000, 3000) if on_gpu else (300,)
+    dilations = layer_dilations if on_gpu else (1, 16)
+    dtypes = (torch.float32, torch.bfloat16) if on_gpu else (torch.float32,)
     repeats = 50 if on_gpu else 2
-    dtype = torch.float32
     flush = torch.empty(64 << 20, dtype=torch.int32, device=device) if on_gpu else None  # 256 MB > L2
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     gen = torch.Generator(device="cpu").manual_seed(0)
+    tf32 = on_gpu and _conv_uses_tf32()
+    name = torch.cuda.get_device_name(device) if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
+    peaks = _gpu_peaks(name) if on_gpu else None
 
-    where = torch.cuda.get_device_name(device) if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"causal conv1d benchmark on {where}: batch {B}, K {K}, float32, fused bias+ReLU, median of "
-          f"{repeats}; ext = fused extension, ref = causal_conv1d_ref (F.pad + F.conv1d + F.relu)")
+    print(f"causal conv1d benchmark on {name}: batch {B}, K {K}, fused bias+ReLU, median of {repeats}; "
+          f"ext = fused extension, ref = causal_conv1d_ref (F.pad + F.conv1d + F.relu); float32 "
+          f"{'on TF32 tensor cores (as PyTorch allows now)' if tf32 else 'exact'}")
+    if on_gpu and peaks is None:
+        print(f"(no data-sheet peaks known for {name}: fractions of peak not printed; see GPU_PEAKS)")
     if not on_gpu:
-        print("(CPU: T=3000 and dilations 2, 8 skipped, 2 repeats after a warm-up, to keep the run short)")
-    header = (f"{'C':>4} {'T':>5} {'d':>3} | {'fwd ref':>8} {'fwd ext':>8} {'x':>5} | "
-              f"{'f+b ref':>8} {'f+b ext':>8} {'x':>5} | {'GB/s ref':>8} {'GB/s ext':>8}")
+        print("(CPU: the extension's CPU build emulates the GPU fragments; C 64, T 300, dilations 1 and 16 only)")
+    header = (f"{'dtype':>9} {'C':>4} {'T':>5} {'d':>3} | {'fwd ref':>8} {'fwd ext':>8} {'x':>5} | "
+              f"{'f+b ref':>8} {'f+b ext':>8} {'x':>5} | {'%TC':>5} {'%BW':>5} | auto")
     print(header)
     print("-" * len(header))
     rows = []
-    for C in channels:
-        for T in lengths:
-            for d in dilations:
-                x = torch.randn(B, C, T, generator=gen).to(device, dtype)
-                w = (torch.randn(C, C, K, generator=gen) / (C * K) ** 0.5).to(device, dtype)
-                b = torch.randn(C, generator=gen).to(device, dtype)
-                gy = torch.randn(B, C, T, generator=gen).to(device, dtype)
-                # Check before timing: forward always, gradients on GPU and once per (C, T) on CPU.
-                # The reference backward takes the ReLU mask from the extension's output, as
-                # the two may round an output within an ulp of 0 to different sides.
-                full = on_gpu or d == dilations[0]
-                lx, lw, lb = (t.clone().requires_grad_(full) for t in (x, w, b))
-                rx, rw, rb = (t.clone().requires_grad_(full) for t in (x, w, b))
-                with torch.set_grad_enabled(full):
-                    y_ext = _CausalConv1dFn.apply(lx, lw, lb, d, True, ext)
+    for dtype in dtypes:
+        key = "bfloat16" if dtype == torch.bfloat16 else ("float32/tf32" if tf32 else "float32")
+        tol = 1e-4 if key == "float32" else KERNEL_CHECK_TOL[key]
+        for C in channels:
+            for T in lengths:
+                for d in dilations:
+                    x = torch.randn(B, C, T, generator=gen).to(device, dtype)
+                    w = (torch.randn(C, C, K, generator=gen) / (C * K) ** 0.5).to(device, dtype)
+                    b = torch.randn(C, generator=gen).to(device, dtype)
+                    gy = torch.randn(B, C, T, generator=gen).to(device, dtype)
+                    # Check before timing, against float64 on the same values. The reference
+                    # backward takes the ReLU mask from the extension's output, as the two may
+                    # round an output within an ulp of 0 to different sides.
+                    lx, lw, lb = (t.clone().requires_grad_() for t in (x, w, b))
+                    rx, rw, rb = (t.double().requires_grad_() for t in (x, w, b))
+                    y_ext = _CausalConv1dFn.apply(lx, lw, lb, d, True, ext, tf32)
+                    y_ext.backward(gy)
                     z_ref = causal_conv1d_ref(rx, rw, rb, d, None)
-                    if full:
-                        y_ext.backward(gy)
-                        z_ref.backward(gy * (y_ext.detach() > 0))
-                y_ref = F.relu(z_ref.detach())
-                pairs = [("y", y_ref, y_ext.detach())]
-                if full:
-                    pairs += [("grad_x", rx.grad, lx.grad), ("grad_w", rw.grad, lw.grad), ("grad_bias", rb.grad, lb.grad)]
-                for name, want, got in pairs:
-                    err = (want - got).abs().max().item() / max(1.0, want.abs().max().item())
-                    if err > (1e-2 if on_gpu else 1e-4):  # cuDNN may use TF32 for float32 convs
-                        raise RuntimeError(f"extension disagrees with the reference on {name} "
-                                           f"(C={C}, T={T}, d={d}): relative difference {err:.3g}")
-                xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+                    z_ref.backward(gy.double() * (y_ext.detach() > 0))
+                    for what, want, got in [("y", z_ref.detach().clamp_min(0), y_ext.detach()),
+                                            ("grad_x", rx.grad, lx.grad), ("grad_w", rw.grad, lw.grad),
+                                            ("grad_bias", rb.grad, lb.grad)]:
+                        err = (want - got.double()).abs().max().item() / max(1.0, want.abs().max().item())
+                        if err > tol:
+                            raise RuntimeError(f"extension disagrees with the reference on {what} ({key}, "
+                                               f"C={C}, T={T}, d={d}): relative difference {err:.3g} > {tol:g}")
+                    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
 
-                def fwd_ref():
-                    with torch.no_grad():
-                        causal_conv1d_ref(x, w, b, d, "relu")
+                    def fwd_ref():
+                        with torch.no_grad():
+                            causal_conv1d_ref(x, w, b, d, "relu")
 
-                def fwd_ext():
-                    with torch.no_grad():
-                        ext.forward(x, w, b, d, True)
+                    def fwd_ext():
+                        with torch.no_grad():
+                            ext.forward(x, w, b, d, True, tf32)
 
-                def fb_ref():
-                    causal_conv1d_ref(xg, wg, bg, d, "relu").backward(gy)
+                    def fb_ref():
+                        causal_conv1d_ref(xg, wg, bg, d, "relu").backward(gy)
 
-                def fb_ext():
-                    _CausalConv1dFn.apply(xg, wg, bg, d, True, ext).backward(gy)
+                    def fb_ext():
+                        _CausalConv1dFn.apply(xg, wg, bg, d, True, ext, tf32).backward(gy)
 
-                r = dict(C=C, T=T, d=d)
-                r["fwd_ref"] = _bench_time(fwd_ref, device, repeats, flush)
-                r["fwd_ext"] = _bench_time(fwd_ext, device, repeats, flush)
-                r["fb_ref"] = _bench_time(fb_ref, device, repeats, flush)
-                r["fb_ext"] = _bench_time(fb_ext, device, repeats, flush)
-                nbytes = (x.numel() + w.numel() + y_ref.numel()) * x.element_size()
-                r["gbs_ref"], r["gbs_ext"] = (nbytes / (r[k] * 1e-3) / 1e9 for k in ("fwd_ref", "fwd_ext"))
-                rows.append(r)
-                print(f"{C:>4} {T:>5} {d:>3} | {r['fwd_ref']:8.2f} {r['fwd_ext']:8.2f} "
-                      f"{r['fwd_ref'] / r['fwd_ext']:5.2f} | {r['fb_ref']:8.2f} {r['fb_ext']:8.2f} "
-                      f"{r['fb_ref'] / r['fb_ext']:5.2f} | {r['gbs_ref']:8.1f} {r['gbs_ext']:8.1f}")
-                sync()
+                    r = dict(dtype=key, C=C, T=T, d=d)
+                    r["fwd_ref"] = _bench_time(fwd_ref, device, repeats, flush)
+                    r["fwd_ext"] = _bench_time(fwd_ext, device, repeats, flush)
+                    r["fb_ref"] = _bench_time(fb_ref, device, repeats, flush)
+                    r["fb_ext"] = _bench_time(fb_ext, device, repeats, flush)
+                    # Forward: 2 C K flop per output; minimum traffic one read of x and w, one write of y.
+                    flop = 2.0 * B * T * C * C * K
+                    nbytes = (x.numel() + w.numel() + x.numel()) * x.element_size()
+                    secs = r["fwd_ext"] * 1e-3
+                    r["tc_frac"] = flop / secs / (peaks[key] * 1e12) if peaks and key in peaks else None
+                    r["bw_frac"] = nbytes / secs / (peaks["bandwidth"] * 1e12) if peaks else None
+                    if on_gpu:  # what a training call of this shape gets (timed by the dispatch itself)
+                        with torch.enable_grad():
+                            r["auto"] = _auto_path(xg, wg, bg, d, True, ext)
+                    else:
+                        r["auto"] = "ref (CPU)"
+                    rows.append(r)
+                    pct = lambda v: f"{100 * v:5.1f}" if v is not None else f"{'-':>5}"  # noqa: E731
+                    print(f"{key:>9} {C:>4} {T:>5} {d:>3} | {r['fwd_ref']:8.2f} {r['fwd_ext']:8.2f} "
+                          f"{r['fwd_ref'] / r['fwd_ext']:5.2f} | {r['fb_ref']:8.2f} {r['fb_ext']:8.2f} "
+                          f"{r['fb_ref'] / r['fb_ext']:5.2f} | {pct(r['tc_frac'])} {pct(r['bw_frac'])} | {r['auto']}")
+                    sync()
 
-    # One training step of a small TCN: 5 causal convs (+ReLU), dilations 1..16, 128 channels.
-    Ct, Tt = 128, (1000 if on_gpu else 300)
+    # One training step of a small TCN: 5 causal convs (+ReLU), dilations 1..16, 128 channels,
+    # through causal_conv1d with each SATN_KERNEL setting.
+    Ct, Tt = (128, 1000) if on_gpu else (64, 300)
     weights = [(torch.randn(Ct, Ct, K, generator=gen) / (Ct * K) ** 0.5).to(device).requires_grad_()
                for _ in layer_dilations]
     biases = [torch.zeros(Ct, device=device, requires_grad=True) for _ in layer_dilations]
     opt = torch.optim.SGD(weights + biases, lr=1e-3)
     xt = torch.randn(B, Ct, Tt, generator=gen).to(device)
 
-    def step(use_ext):
+    def step():
         opt.zero_grad(set_to_none=True)
         h = xt
         for wl, bl, d in zip(weights, biases, layer_dilations):
-            h = (_CausalConv1dFn.apply(h, wl, bl, d, True, ext) if use_ext
-                 else causal_conv1d_ref(h, wl, bl, d, "relu"))
+            h = causal_conv1d(h, wl, bl, d, "relu")
         h.square().mean().backward()
         opt.step()
 
-    step_ref = _bench_time(lambda: step(False), device, repeats, flush)
-    step_ext = _bench_time(lambda: step(True), device, repeats, flush)
-    print(f"TCN training step (5 layers, {Ct} ch, T {Tt}, batch {B}): ref {step_ref:.2f} ms, "
-          f"ext {step_ext:.2f} ms, speedup {step_ref / step_ext:.2f}x")
-    fwd_speedup = statistics.geometric_mean(r["fwd_ref"] / r["fwd_ext"] for r in rows)
-    fb_speedup = statistics.geometric_mean(r["fb_ref"] / r["fb_ext"] for r in rows)
-    print(f"geometric-mean speedup of ext over ref: forward {fwd_speedup:.2f}x, forward+backward {fb_speedup:.2f}x")
-    if not on_gpu:
-        verdict = "faster" if fb_speedup > 1 else "slower"
-        print(f"On CPU the extension's CPU build is {verdict} than the PyTorch path; "
-              + ("the CPU default remains the PyTorch path (SATN_KERNEL=ext forces the extension)."
-                 if fb_speedup <= 1 else "the CPU default is nonetheless the PyTorch path."))
+    before = os.environ.get("SATN_KERNEL")
+    steps = {}
+    try:
+        for mode in ("ref", "ext", "auto") if on_gpu else ("ref", "ext"):
+            os.environ["SATN_KERNEL"] = mode
+            steps[mode] = _bench_time(step, device, repeats, flush)
+    finally:
+        if before is None:
+            os.environ.pop("SATN_KERNEL", None)
+        else:
+            os.environ["SATN_KERNEL"] = before
+    print(f"TCN training step (5 layers, {Ct} ch, T {Tt}, batch {B}, float32): "
+          + ", ".join(f"SATN_KERNEL={m} {t:.2f} ms" for m, t in steps.items())
+          + f"; ext speedup over ref {steps['ref'] / steps['ext']:.2f}x")
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        sub = [r for r in rows if r["dtype"] == dtype]
+        fwd = statistics.geometric_mean(r["fwd_ref"] / r["fwd_ext"] for r in sub)
+        fb = statistics.geometric_mean(r["fb_ref"] / r["fb_ext"] for r in sub)
+        print(f"{dtype}: geometric-mean speedup of ext over ref: forward {fwd:.2f}x, forward+backward {fb:.2f}x")
     return rows
 
 
@@ -4731,6 +5483,12 @@ def main(argv=None):
                         f"least {PREDICT_MIN_SPEAKER_SECONDS:.0f} s, else checkpoint (default: auto)")
     p.add_argument("--window", type=float, default=PREDICT_WINDOW, help=f"window length for long files, s (default: {PREDICT_WINDOW})")
     p.add_argument("--hop", type=float, default=PREDICT_HOP, help=f"hop between windows, s (default: {PREDICT_HOP})")
+    p.add_argument("--stream", action="store_true", help="streaming: read one recording in chunks through a causal "
+                   "student (student --causal) and print its emotion track")
+    p.add_argument("--chunk", type=float, default=STREAM_CHUNK, help=f"--stream: chunk length, s (default: {STREAM_CHUNK})")
+    p.add_argument("--every", type=float, default=STREAM_EVERY,
+                   help=f"--stream: one line per this many seconds of audio (default: {STREAM_EVERY})")
+    p.add_argument("--plot", default=None, metavar="PNG", help="--stream: draw the track over the waveform (needs matplotlib)")
     p = sub.add_parser("evaluate", help="score trained students on another corpus (cross-corpus test); "
                        "report collects the results")
     p.add_argument("--checkpoint", required=True, nargs="+", help="one or more students' best.pt, e.g. "
@@ -4753,13 +5511,15 @@ def main(argv=None):
     p.add_argument("--runs", default="runs", help="output root of the runs (default: runs)")
     p.add_argument("--per-seed", action="store_true", help="also Table 2 and the tests of each seed on its own")
     p = sub.add_parser("bench", help="throughput benchmarks")
-    p.add_argument("what", choices=("features", "kernel", "train"))
+    p.add_argument("what", choices=("features", "kernel", "train", "predict", "stream"))
     p.add_argument("--device", default="auto", help="kernel and train benchmark device (default: auto)")
     p.add_argument("--batches", type=int, default=2, help="train: timed batches per configuration (default: 2)")
     p.add_argument("--threads", type=int, default=1, help="train: torch threads per training (default: 1, as "
                                                           "run_all.sh on a CPU)")
     p.add_argument("--cache-files", type=int, default=1000, help="train: audio files for the feature cache's "
                                                                  "speed (default: 1000)")
+    p.add_argument("--checkpoint", default=None, help="stream: a causal student's best.pt "
+                   "(default: the demo-sized causal student, untrained)")
     p = sub.add_parser("build-kernels", help="compile the fused causal-conv extension and say what was built")
     p.add_argument("--cuda", action="store_true", help="also compile the CUDA part, even without a GPU")
     args = parser.parse_args(argv)
@@ -4777,13 +5537,17 @@ def main(argv=None):
         elif args.command == "teacher":
             cfg = config_from_args(TeacherConfig, args)
             pick_device(cfg.device)
-            for k in _folds(cfg):
+            for k in ([0] if cfg.asr_data else _folds(cfg)):   # an ASR corpus' teacher serves every fold
                 train_teacher(dataclasses.replace(cfg, fold=k))
         elif args.command == "student":
             cfg = config_from_args(StudentConfig, args)
             pick_device(cfg.device)
             for k in _folds(cfg):
                 train_student(dataclasses.replace(cfg, fold=k))
+        elif args.command == "predict" and args.stream:
+            if len(args.inputs) != 1:
+                raise DataError(f"predict --stream takes one recording, got {len(args.inputs)}")
+            return predict_stream(args.checkpoint, args.inputs[0], args.chunk, args.every, args.json, args.norm, args.plot)
         elif args.command == "predict":
             return predict(args.checkpoint, args.inputs, args.json, args.norm, args.window, args.hop)
         elif args.command == "evaluate":
@@ -4791,7 +5555,11 @@ def main(argv=None):
         elif args.command == "report":
             report(args.runs, args.per_seed)
         elif args.command == "bench":
-            if args.what == "train":
+            if args.what == "stream":
+                bench_stream(args.checkpoint)
+            elif args.what == "predict":
+                bench_predict()
+            elif args.what == "train":
                 _require(args.batches >= 1 and args.threads >= 1 and args.cache_files >= 1,
                          "--batches, --threads and --cache-files must be at least 1")
                 bench_train(args.device, args.batches, args.threads, args.cache_files)
