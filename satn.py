@@ -3445,8 +3445,9 @@ def prepare_asr_data(cfg: TeacherConfig):
     n = max(1, round(ASR_HELD_OUT * len(speakers)))
     dev_spk, test_spk = set(speakers[-2 * n:-n]), set(speakers[-n:])
     train = [u for u in kept if u.speaker not in dev_spk | test_spk]
-    normed = normalise(kept, feats, cfg.norm, train)
-    mean, std = feature_stats([f for u, f in zip(kept, feats) if u.speaker not in dev_spk | test_spk])
+    normed = normalise(kept, feats, cfg.norm, train, lazy=True)        # per batch: no copy of the corpus
+    idx = [i for i, u in enumerate(kept) if u.speaker not in dev_spk | test_spk]
+    mean, std = feature_stats([feats[i] for i in idx], [feats.moments[i] for i in idx])
     parts = {"train": [], "dev": [], "test": []}
     for u, x in zip(kept, normed):
         parts["test" if u.speaker in test_spk else "dev" if u.speaker in dev_spk else "train"].append((u, x))
