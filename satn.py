@@ -13,11 +13,12 @@ Run everything (on the built-in synthetic corpus unless --data is given):
     python satn.py demo-data                  # write the synthetic IEMOCAP-layout corpus
     python satn.py teacher [--fold k]         # ASR teachers (all five folds by default)
     python satn.py student --fold 5 [--encoder tcn|blstm] [--attention self|soft] [--at-weight W]
-    python satn.py report                     # runs/results.md: Table 2, Figure 3, z-tests
+    python satn.py report [--per-seed]        # runs/results.md: Table 2, Figure 3, paired tests, the paper's z-test
+    python satn.py evaluate --checkpoint runs/student/tcn-self-at/fold*/best.pt --data OTHER [--label-map a=b,...]
     python satn.py predict --checkpoint runs/student/tcn-self-at/fold5/best.pt FILE_OR_DIR...
-    python satn.py bench features|kernel      # throughput benchmarks
+    python satn.py bench features|kernel|train  # throughput, memory and run_all.sh projections
     python satn.py build-kernels [--cuda]     # compile the fused causal-conv extension now
-    bash run_all.sh [--data PATH]             # the whole of Table 2
+    bash run_all.sh [--data PATH] [--seeds N] # the whole of Table 2
 
 `--data` takes an IEMOCAP_full_release folder or a CSV manifest with columns
 path,label,speaker,session[,text]. Every subcommand has --help.
@@ -2000,19 +2001,35 @@ def _load_kernel_ext(cuda: bool | None = None, verbose=False):
     return ext
 
 
+# Self-check tolerances: largest |ext - ref| relative to max(1, max |ref|), per dtype as the
+# device computes it (float32 on TF32 tensor cores rounds operands to a 10-bit mantissa).
+KERNEL_CHECK_TOL = {"float64": 1e-9, "float32": 1e-4, "float32/tf32": 1e-2, "bfloat16": 5e-2}
+
+
 def _kernel_self_check(ext):
-    """Before the CUDA kernels serve a model, compare them once with causal_conv1d_ref on a
-    small awkward shape (forward and every gradient); a mismatch makes the extension unavailable."""
+    """Before the CUDA kernels serve a model, compare them once with causal_conv1d_ref on small
+    awkward shapes (forward and every gradient) in float64, float32 (exact and TF32) and
+    bfloat16, with the device's tolerances; a mismatch makes the extension unavailable."""
     g = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(*shape, generator=g, dtype=torch.float64).cuda().requires_grad_()
-               for shape in ((2, 5, 67), (3, 5, 3), (3,)))
-    y = _CausalConv1dFn.apply(x, w, b, 4, True, ext)
-    grads = torch.autograd.grad(y.sum(), (x, w, b))
-    y_ref = causal_conv1d_ref(x, w, b, 4, "relu")
-    grads_ref = torch.autograd.grad(y_ref.sum(), (x, w, b))
-    err = max((a - r).abs().max().item() for a, r in zip((y, *grads), (y_ref, *grads_ref)))
-    if not err < 1e-9:
-        raise RuntimeError(f"the CUDA kernels disagree with causal_conv1d_ref (largest difference {err:.3g})")
+    for (B, C, O, T, K, d) in ((2, 5, 3, 67, 3, 4), (2, 20, 35, 70, 4, 30)):
+        x64, w64, b64 = (torch.randn(*shape, generator=g, dtype=torch.float64)
+                         for shape in ((B, C, T), (O, C, K), (O,)))
+        gy64 = torch.randn(B, O, T, generator=g, dtype=torch.float64)
+        for name, tol in KERNEL_CHECK_TOL.items():
+            dtype = getattr(torch, name.split("/")[0])
+            x, w, b = (t.to("cuda", dtype).requires_grad_() for t in (x64, w64 / (C * K) ** 0.5, b64))
+            y = _CausalConv1dFn.apply(x, w, b, d, True, ext, name.endswith("tf32"))
+            grads = torch.autograd.grad(y, (x, w, b), gy64.to("cuda", dtype))
+            # float64 reference on the same (rounded) values; the ReLU mask taken from y, as an
+            # output within rounding of 0 may fall on either side
+            xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+            z = causal_conv1d_ref(xr, wr, br, d)
+            grads_ref = torch.autograd.grad(z, (xr, wr, br), gy64.cuda() * (y.detach().double() > 0))
+            for got, want in zip((y, *grads), (z.clamp_min(0), *grads_ref)):
+                err = (got.double() - want).abs().max().item() / max(1.0, want.abs().max().item())
+                if not err <= tol:
+                    raise RuntimeError(f"the CUDA kernels disagree with causal_conv1d_ref in {name} "
+                                       f"(relative difference {err:.3g} > {tol:g})")
 
 
 def _auto_wants_ext(x, weight):
@@ -2190,7 +2207,7 @@ def _kernel_ext_for(x, weight):
 class _CausalConv1dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, dilation, relu, ext, tf32=False):
-        y = ext.forward(x, weight, bias, dilation, relu)
+        y = ext.forward(x, weight, bias, dilation, relu, tf32)
         ctx.save_for_backward(x, weight, y)
         ctx.dilation, ctx.relu, ctx.has_bias, ctx.ext, ctx.tf32 = dilation, relu, bias is not None, ext, tf32
         return y
@@ -2199,9 +2216,9 @@ class _CausalConv1dFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x, weight, y = ctx.saved_tensors
-        grad_x, grad_w, grad_b = ctx.ext.backward(grad_y, x, weight, y if ctx.relu else None,
-                                                  ctx.dilation, ctx.relu, ctx.has_bias)
         need = ctx.needs_input_grad
+        grad_x, grad_w, grad_b = ctx.ext.backward(grad_y, x, weight, y if ctx.relu else None, ctx.dilation,
+                                                  ctx.relu, ctx.has_bias, need[0], ctx.tf32)
         return (grad_x if need[0] else None, grad_w if need[1] else None,
                 grad_b if need[2] else None, None, None, None, None)
 
@@ -3371,7 +3388,8 @@ def train_teacher(cfg: TeacherConfig):
                                                           if select != cfg.decode else ""))
     if cfg.decode == "joint":
         print(f"joint decoding: beam {cfg.beam}, CTC weight {cfg.decode_ctc_weight}, "
-              + (f"words of a {len(tree)}-word training lexicon" if cfg.lexicon else "free phone strings"))
+              + (f"only the {len(vocab)} training words ({len(tree)} distinct pronunciations; a homophone decodes to "
+                 f"its most frequent word)" if cfg.lexicon else "free phone strings"))
     best = fit(cfg, model, run_dir, data, loss_fn, evaluate, "PER", False, {"vocab": list(PHONE_VOCAB)})
     model.load_state_dict(best["model"])
     model.eval()
@@ -3427,8 +3445,9 @@ def prepare_asr_data(cfg: TeacherConfig):
     n = max(1, round(ASR_HELD_OUT * len(speakers)))
     dev_spk, test_spk = set(speakers[-2 * n:-n]), set(speakers[-n:])
     train = [u for u in kept if u.speaker not in dev_spk | test_spk]
-    normed = normalise(kept, feats, cfg.norm, train)
-    mean, std = feature_stats([f for u, f in zip(kept, feats) if u.speaker not in dev_spk | test_spk])
+    normed = normalise(kept, feats, cfg.norm, train, lazy=True)        # per batch: no copy of the corpus
+    idx = [i for i, u in enumerate(kept) if u.speaker not in dev_spk | test_spk]
+    mean, std = feature_stats([feats[i] for i in idx], [feats.moments[i] for i in idx])
     parts = {"train": [], "dev": [], "test": []}
     for u, x in zip(kept, normed):
         parts["test" if u.speaker in test_spk else "dev" if u.speaker in dev_spk else "train"].append((u, x))
@@ -4541,6 +4560,7 @@ def predict_stream(checkpoint, path, chunk=STREAM_CHUNK, every=STREAM_EVERY, as_
     # the training statistics); --norm checkpoint, or a globally normalised model, the fixed ones.
     prior = STREAM_NORM_PRIOR if ck["norm"]["mode"] == "speaker" and norm != "checkpoint" else None
     stream = StudentStream(model, ck["norm"]["mean"].numpy(), ck["norm"]["std"].numpy(), prior)
+    torch.set_num_threads(1)   # a chunk is a few frames: more threads only wait for each other
     print(f"streaming {path}: {chunk:g} s chunks; algorithmic delay {1000 * WIN_SECONDS:.0f} ms window + "
           f"{1000 * FEATURE_LOOKAHEAD * HOP_SECONDS:.0f} ms delta lookahead + up to "
           f"{1000 * (model.subsample - 1) * HOP_SECONDS:.0f} ms subsample group + up to one chunk; normalisation: "
@@ -4698,15 +4718,16 @@ def evaluate_corpus(checkpoints, data, label_map=None, norm="auto", tag=None, ou
         how = norm if norm != "auto" else ("speaker" if ck["norm"]["mode"] == "speaker" else "checkpoint")
         if how == "speaker":   # each speaker's statistics from all of that speaker's audio in the corpus
             if per_speaker is None:
-                per_speaker = dict(zip([u.id for u in kept if u.id in ids], normalise(kept, feats, "speaker", keep=ids)))
+                per_speaker = dict(zip([u.id for u in kept if u.id in ids],
+                                       normalise(kept, feats, "speaker", keep=ids, lazy=True)))   # per batch
             inputs = per_speaker
         else:                  # the training statistics stored in the checkpoint
             mean, std = ck["norm"]["mean"].numpy(), ck["norm"]["std"].numpy()
-            inputs = {u.id: ((f.reshape(FEAT_CHANNELS, -1) - mean[:, None]) / std[:, None]).astype(np.float32)
-                      for u, f in zip(kept, feats) if u.id in ids}
+            inputs = {u.id: Normalised(f, mean, std) for u, f in zip(kept, feats) if u.id in ids}   # per batch
         items = [(u, inputs[u.id]) for u in chosen]
         model.to(dev)
-        metrics = classify(model, items, {c: i for i, c in enumerate(classes)}, ck["config"].get("batch_size", 32), dev)
+        metrics = classify(model, items, {c: i for i, c in enumerate(classes)}, ck["config"].get("batch_size", 32), dev,
+                           ck["config"].get("max_frames", 0))
         cfg = ck["config"]
         run = StudentConfig(**{k: v for k, v in cfg.items() if k in {f.name for f in dataclasses.fields(StudentConfig)}}).run_name()
         result = {"corpus": tag, "data": str(data) if data is not None else None, "checkpoint": str(path),
@@ -5160,13 +5181,20 @@ def bench_train(device="auto", batches=2, threads=1, cache_files=1000, jobs=(1, 
             wave = 0.1 * rng.standard_normal(int(d * SAMPLE_RATE)).astype(np.float32)
             sf.write(str(path), wave, SAMPLE_RATE, subtype="PCM_16")
             utts.append(Utterance(f"u{i}", str(path), "neutral", "S1F", "S1"))
+        import resource
+
+        def cpu_seconds():   # this process and its finished children (the pool's workers)
+            return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                       for f in ("ru_utime", "ru_stime"))
         for w in sorted({1, cores}):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             compute_features(utts, Path(tmp) / f"cache{w}", verbose=False, workers=w)
-            dt = time.perf_counter() - t0
+            dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
             print(f"feature cache: {cache_files} files, {secs.sum() / 3600:.2f} h of audio in {dt:.1f} s with "
                   f"{w} process{'es' if w > 1 else ''} = {secs.sum() / dt:,.0f}x real time (all of IEMOCAP: "
-                  f"~{IEMOCAP_HOURS * 3600 / (secs.sum() / dt):.0f} s)", flush=True)
+                  f"~{IEMOCAP_HOURS * 3600 / (secs.sum() / dt):.0f} s); {cpu:.1f} CPU s = {secs.sum() / cpu:,.0f}x "
+                  f"real time per CPU second (x {cores} cores = {cores * secs.sum() / cpu:,.0f}x on idle cores)",
+                  flush=True)
         shutil.rmtree(Path(tmp) / "wav")
         # 2. the student's data side on a mapped cache of IEMOCAP's size
         lengths = np.maximum(1, (iemocap_like_seconds(IEMOCAP_UTTERANCES, rng) / HOP_SECONDS).astype(int))
@@ -5212,10 +5240,33 @@ def bench_train(device="auto", batches=2, threads=1, cache_files=1000, jobs=(1, 
               f"({'torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'peak RSS of the process'}), {s:.1f} s")
 
 
+# Data-sheet peaks of common GPUs: dense tensor-core TFLOPS (bf16/fp16, TF32) and memory
+# bandwidth (TB/s). Matched by name in this order; other devices get no fractions.
+GPU_PEAKS = (
+    ("H200", 989.0, 494.5, 4.8),
+    ("H100 PCIe", 756.0, 378.0, 2.0),
+    ("H100", 989.0, 494.5, 3.35),
+    ("A100-SXM4-80GB", 312.0, 156.0, 2.039),
+    ("A100 80GB PCIe", 312.0, 156.0, 1.935),
+    ("A100", 312.0, 156.0, 1.555),
+    ("L40S", 362.0, 183.0, 0.864),
+)
+
+
+def _gpu_peaks(name):
+    for key, half, tf32, tbs in GPU_PEAKS:
+        if key in name:
+            return {"bfloat16": half, "float32/tf32": tf32, "bandwidth": tbs}
+    return None
+
+
 def bench_kernel(device=None):
     """Time the extension against the PyTorch path (causal_conv1d_ref): forward and
-    forward+backward for batch 32, K 3, over channels, lengths and dilations, plus one
-    training step of a 5-layer TCN. Prints a table; returns the rows as dicts."""
+    forward+backward for batch 32, K 3, over channels, lengths and dilations, in float32 (TF32
+    as PyTorch's own convolution uses it) and bfloat16, plus one training step of a 5-layer TCN
+    with each path and with the dispatch. Per shape: both paths' times, the speed-up, the
+    extension's fraction of the device's tensor-core peak and memory bandwidth, and what the
+    dispatch chose. Prints a table; returns the rows as dicts."""
     device = pick_device(device or "auto")
     on_gpu = device.type == "cuda"
     try:
@@ -5223,112 +5274,133 @@ def bench_kernel(device=None):
     except RuntimeError as e:
         raise DataError(f"bench kernel: the extension could not be built: {e}") from None
     B, K, layer_dilations = 32, 3, (1, 2, 4, 8, 16)
-    channels = (64, 128, 256)
-    # The CPU run is cut down to stay near two minutes on two cores.
-    lengths = (300, 1000, 3000) if on_gpu else (300, 1000)
-    dilations = layer_dilations if on_gpu else (1, 4, 16)
+    # The CPU build runs the GPU tile code on emulated fragments: a cut-down run that checks
+    # and times it in about a minute.
+    channels = (64, 128, 256) if on_gpu else (64,)
+    lengths = (300, 1000, 3000) if on_gpu else (300,)
+    dilations = layer_dilations if on_gpu else (1, 16)
+    dtypes = (torch.float32, torch.bfloat16) if on_gpu else (torch.float32,)
     repeats = 50 if on_gpu else 2
-    dtype = torch.float32
     flush = torch.empty(64 << 20, dtype=torch.int32, device=device) if on_gpu else None  # 256 MB > L2
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     gen = torch.Generator(device="cpu").manual_seed(0)
+    tf32 = on_gpu and _conv_uses_tf32()
+    name = torch.cuda.get_device_name(device) if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
+    peaks = _gpu_peaks(name) if on_gpu else None
 
-    where = torch.cuda.get_device_name(device) if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"causal conv1d benchmark on {where}: batch {B}, K {K}, float32, fused bias+ReLU, median of "
-          f"{repeats}; ext = fused extension, ref = causal_conv1d_ref (F.pad + F.conv1d + F.relu)")
+    print(f"causal conv1d benchmark on {name}: batch {B}, K {K}, fused bias+ReLU, median of {repeats}; "
+          f"ext = fused extension, ref = causal_conv1d_ref (F.pad + F.conv1d + F.relu); float32 "
+          f"{'on TF32 tensor cores (as PyTorch allows now)' if tf32 else 'exact'}")
+    if on_gpu and peaks is None:
+        print(f"(no data-sheet peaks known for {name}: fractions of peak not printed; see GPU_PEAKS)")
     if not on_gpu:
-        print("(CPU: T=3000 and dilations 2, 8 skipped, 2 repeats after a warm-up, to keep the run short)")
-    header = (f"{'C':>4} {'T':>5} {'d':>3} | {'fwd ref':>8} {'fwd ext':>8} {'x':>5} | "
-              f"{'f+b ref':>8} {'f+b ext':>8} {'x':>5} | {'GB/s ref':>8} {'GB/s ext':>8}")
+        print("(CPU: the extension's CPU build emulates the GPU fragments; C 64, T 300, dilations 1 and 16 only)")
+    header = (f"{'dtype':>9} {'C':>4} {'T':>5} {'d':>3} | {'fwd ref':>8} {'fwd ext':>8} {'x':>5} | "
+              f"{'f+b ref':>8} {'f+b ext':>8} {'x':>5} | {'%TC':>5} {'%BW':>5} | auto")
     print(header)
     print("-" * len(header))
     rows = []
-    for C in channels:
-        for T in lengths:
-            for d in dilations:
-                x = torch.randn(B, C, T, generator=gen).to(device, dtype)
-                w = (torch.randn(C, C, K, generator=gen) / (C * K) ** 0.5).to(device, dtype)
-                b = torch.randn(C, generator=gen).to(device, dtype)
-                gy = torch.randn(B, C, T, generator=gen).to(device, dtype)
-                # Check before timing: forward always, gradients on GPU and once per (C, T) on CPU.
-                # The reference backward takes the ReLU mask from the extension's output, as
-                # the two may round an output within an ulp of 0 to different sides.
-                full = on_gpu or d == dilations[0]
-                lx, lw, lb = (t.clone().requires_grad_(full) for t in (x, w, b))
-                rx, rw, rb = (t.clone().requires_grad_(full) for t in (x, w, b))
-                with torch.set_grad_enabled(full):
-                    y_ext = _CausalConv1dFn.apply(lx, lw, lb, d, True, ext)
+    for dtype in dtypes:
+        key = "bfloat16" if dtype == torch.bfloat16 else ("float32/tf32" if tf32 else "float32")
+        tol = 1e-4 if key == "float32" else KERNEL_CHECK_TOL[key]
+        for C in channels:
+            for T in lengths:
+                for d in dilations:
+                    x = torch.randn(B, C, T, generator=gen).to(device, dtype)
+                    w = (torch.randn(C, C, K, generator=gen) / (C * K) ** 0.5).to(device, dtype)
+                    b = torch.randn(C, generator=gen).to(device, dtype)
+                    gy = torch.randn(B, C, T, generator=gen).to(device, dtype)
+                    # Check before timing, against float64 on the same values. The reference
+                    # backward takes the ReLU mask from the extension's output, as the two may
+                    # round an output within an ulp of 0 to different sides.
+                    lx, lw, lb = (t.clone().requires_grad_() for t in (x, w, b))
+                    rx, rw, rb = (t.double().requires_grad_() for t in (x, w, b))
+                    y_ext = _CausalConv1dFn.apply(lx, lw, lb, d, True, ext, tf32)
+                    y_ext.backward(gy)
                     z_ref = causal_conv1d_ref(rx, rw, rb, d, None)
-                    if full:
-                        y_ext.backward(gy)
-                        z_ref.backward(gy * (y_ext.detach() > 0))
-                y_ref = F.relu(z_ref.detach())
-                pairs = [("y", y_ref, y_ext.detach())]
-                if full:
-                    pairs += [("grad_x", rx.grad, lx.grad), ("grad_w", rw.grad, lw.grad), ("grad_bias", rb.grad, lb.grad)]
-                for name, want, got in pairs:
-                    err = (want - got).abs().max().item() / max(1.0, want.abs().max().item())
-                    if err > (1e-2 if on_gpu else 1e-4):  # cuDNN may use TF32 for float32 convs
-                        raise RuntimeError(f"extension disagrees with the reference on {name} "
-                                           f"(C={C}, T={T}, d={d}): relative difference {err:.3g}")
-                xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+                    z_ref.backward(gy.double() * (y_ext.detach() > 0))
+                    for what, want, got in [("y", z_ref.detach().clamp_min(0), y_ext.detach()),
+                                            ("grad_x", rx.grad, lx.grad), ("grad_w", rw.grad, lw.grad),
+                                            ("grad_bias", rb.grad, lb.grad)]:
+                        err = (want - got.double()).abs().max().item() / max(1.0, want.abs().max().item())
+                        if err > tol:
+                            raise RuntimeError(f"extension disagrees with the reference on {what} ({key}, "
+                                               f"C={C}, T={T}, d={d}): relative difference {err:.3g} > {tol:g}")
+                    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
 
-                def fwd_ref():
-                    with torch.no_grad():
-                        causal_conv1d_ref(x, w, b, d, "relu")
+                    def fwd_ref():
+                        with torch.no_grad():
+                            causal_conv1d_ref(x, w, b, d, "relu")
 
-                def fwd_ext():
-                    with torch.no_grad():
-                        ext.forward(x, w, b, d, True)
+                    def fwd_ext():
+                        with torch.no_grad():
+                            ext.forward(x, w, b, d, True, tf32)
 
-                def fb_ref():
-                    causal_conv1d_ref(xg, wg, bg, d, "relu").backward(gy)
+                    def fb_ref():
+                        causal_conv1d_ref(xg, wg, bg, d, "relu").backward(gy)
 
-                def fb_ext():
-                    _CausalConv1dFn.apply(xg, wg, bg, d, True, ext).backward(gy)
+                    def fb_ext():
+                        _CausalConv1dFn.apply(xg, wg, bg, d, True, ext, tf32).backward(gy)
 
-                r = dict(C=C, T=T, d=d)
-                r["fwd_ref"] = _bench_time(fwd_ref, device, repeats, flush)
-                r["fwd_ext"] = _bench_time(fwd_ext, device, repeats, flush)
-                r["fb_ref"] = _bench_time(fb_ref, device, repeats, flush)
-                r["fb_ext"] = _bench_time(fb_ext, device, repeats, flush)
-                nbytes = (x.numel() + w.numel() + y_ref.numel()) * x.element_size()
-                r["gbs_ref"], r["gbs_ext"] = (nbytes / (r[k] * 1e-3) / 1e9 for k in ("fwd_ref", "fwd_ext"))
-                rows.append(r)
-                print(f"{C:>4} {T:>5} {d:>3} | {r['fwd_ref']:8.2f} {r['fwd_ext']:8.2f} "
-                      f"{r['fwd_ref'] / r['fwd_ext']:5.2f} | {r['fb_ref']:8.2f} {r['fb_ext']:8.2f} "
-                      f"{r['fb_ref'] / r['fb_ext']:5.2f} | {r['gbs_ref']:8.1f} {r['gbs_ext']:8.1f}")
-                sync()
+                    r = dict(dtype=key, C=C, T=T, d=d)
+                    r["fwd_ref"] = _bench_time(fwd_ref, device, repeats, flush)
+                    r["fwd_ext"] = _bench_time(fwd_ext, device, repeats, flush)
+                    r["fb_ref"] = _bench_time(fb_ref, device, repeats, flush)
+                    r["fb_ext"] = _bench_time(fb_ext, device, repeats, flush)
+                    # Forward: 2 C K flop per output; minimum traffic one read of x and w, one write of y.
+                    flop = 2.0 * B * T * C * C * K
+                    nbytes = (x.numel() + w.numel() + x.numel()) * x.element_size()
+                    secs = r["fwd_ext"] * 1e-3
+                    r["tc_frac"] = flop / secs / (peaks[key] * 1e12) if peaks and key in peaks else None
+                    r["bw_frac"] = nbytes / secs / (peaks["bandwidth"] * 1e12) if peaks else None
+                    if on_gpu:  # what a training call of this shape gets (timed by the dispatch itself)
+                        with torch.enable_grad():
+                            r["auto"] = _auto_path(xg, wg, bg, d, True, ext)
+                    else:
+                        r["auto"] = "ref (CPU)"
+                    rows.append(r)
+                    pct = lambda v: f"{100 * v:5.1f}" if v is not None else f"{'-':>5}"  # noqa: E731
+                    print(f"{key:>9} {C:>4} {T:>5} {d:>3} | {r['fwd_ref']:8.2f} {r['fwd_ext']:8.2f} "
+                          f"{r['fwd_ref'] / r['fwd_ext']:5.2f} | {r['fb_ref']:8.2f} {r['fb_ext']:8.2f} "
+                          f"{r['fb_ref'] / r['fb_ext']:5.2f} | {pct(r['tc_frac'])} {pct(r['bw_frac'])} | {r['auto']}")
+                    sync()
 
-    # One training step of a small TCN: 5 causal convs (+ReLU), dilations 1..16, 128 channels.
-    Ct, Tt = 128, (1000 if on_gpu else 300)
+    # One training step of a small TCN: 5 causal convs (+ReLU), dilations 1..16, 128 channels,
+    # through causal_conv1d with each SATN_KERNEL setting.
+    Ct, Tt = (128, 1000) if on_gpu else (64, 300)
     weights = [(torch.randn(Ct, Ct, K, generator=gen) / (Ct * K) ** 0.5).to(device).requires_grad_()
                for _ in layer_dilations]
     biases = [torch.zeros(Ct, device=device, requires_grad=True) for _ in layer_dilations]
     opt = torch.optim.SGD(weights + biases, lr=1e-3)
     xt = torch.randn(B, Ct, Tt, generator=gen).to(device)
 
-    def step(use_ext):
+    def step():
         opt.zero_grad(set_to_none=True)
         h = xt
         for wl, bl, d in zip(weights, biases, layer_dilations):
-            h = (_CausalConv1dFn.apply(h, wl, bl, d, True, ext) if use_ext
-                 else causal_conv1d_ref(h, wl, bl, d, "relu"))
+            h = causal_conv1d(h, wl, bl, d, "relu")
         h.square().mean().backward()
         opt.step()
 
-    step_ref = _bench_time(lambda: step(False), device, repeats, flush)
-    step_ext = _bench_time(lambda: step(True), device, repeats, flush)
-    print(f"TCN training step (5 layers, {Ct} ch, T {Tt}, batch {B}): ref {step_ref:.2f} ms, "
-          f"ext {step_ext:.2f} ms, speedup {step_ref / step_ext:.2f}x")
-    fwd_speedup = statistics.geometric_mean(r["fwd_ref"] / r["fwd_ext"] for r in rows)
-    fb_speedup = statistics.geometric_mean(r["fb_ref"] / r["fb_ext"] for r in rows)
-    print(f"geometric-mean speedup of ext over ref: forward {fwd_speedup:.2f}x, forward+backward {fb_speedup:.2f}x")
-    if not on_gpu:
-        verdict = "faster" if fb_speedup > 1 else "slower"
-        print(f"On CPU the extension's CPU build is {verdict} than the PyTorch path; "
-              + ("the CPU default remains the PyTorch path (SATN_KERNEL=ext forces the extension)."
-                 if fb_speedup <= 1 else "the CPU default is nonetheless the PyTorch path."))
+    before = os.environ.get("SATN_KERNEL")
+    steps = {}
+    try:
+        for mode in ("ref", "ext", "auto") if on_gpu else ("ref", "ext"):
+            os.environ["SATN_KERNEL"] = mode
+            steps[mode] = _bench_time(step, device, repeats, flush)
+    finally:
+        if before is None:
+            os.environ.pop("SATN_KERNEL", None)
+        else:
+            os.environ["SATN_KERNEL"] = before
+    print(f"TCN training step (5 layers, {Ct} ch, T {Tt}, batch {B}, float32): "
+          + ", ".join(f"SATN_KERNEL={m} {t:.2f} ms" for m, t in steps.items())
+          + f"; ext speedup over ref {steps['ref'] / steps['ext']:.2f}x")
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        sub = [r for r in rows if r["dtype"] == dtype]
+        fwd = statistics.geometric_mean(r["fwd_ref"] / r["fwd_ext"] for r in sub)
+        fb = statistics.geometric_mean(r["fb_ref"] / r["fb_ext"] for r in sub)
+        print(f"{dtype}: geometric-mean speedup of ext over ref: forward {fwd:.2f}x, forward+backward {fb:.2f}x")
     return rows
 
 

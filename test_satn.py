@@ -1748,7 +1748,7 @@ def test_import_is_cheap(tmp_path):
 DEMO_SCALE = 0.25   # a quarter of the default corpus: every fold still has all classes and speakers
 # Tiny models: what is tested is the plumbing, not the accuracy.
 TEACHER_TINY = ["--channels", "16", "--decoder", "32", "--embed", "16", "--att-dim", "16", "--heads", "2",
-                "--subsample", "4", "--batch-size", "64"]
+                "--subsample", "4", "--batch-size", "64", "--beam", "3"]   # untrained decoders run to the frame limit
 STUDENT_TINY = ["--channels", "16", "--heads", "2", "--subsample", "4", "--lstm-hidden", "8", "--batch-size", "64"]
 EMO_LINE = re.compile(r"^\[[\d.]+ - [\d.]+\]\t(Ses\S+)\t(\S+)\t\[")
 FOUR = {"neu": "neutral", "hap": "happy", "exc": "happy", "sad": "sad", "ang": "angry"}
@@ -3204,7 +3204,18 @@ def _sampled_cases(n=20, seed=0):
     return cases
 
 
-CASES = _EDGE_CASES + _sampled_cases()
+# Shapes that stress the GPU kernels' tiling (64 time steps x 128 output channels per block,
+# 16/32-channel stages, grad_w tiles of 64 x 64): every tap path and boundary, small enough
+# for the CPU build's emulated fragments to run in seconds.
+_TILE_CASES = [
+    (2, 19, 130, 150, 4, 40, True, True),   # O > 128: two channel tiles; halo 120 > tile; C, O not x16
+    (1, 70, 17, 77, 3, 100, True, False),   # d > tile: a window per tap; C > 64: two grad_w tiles
+    (2, 5, 6, 90, 7, 3, True, True),        # K > 5: taps in groups of 4
+    (1, 3, 4, 20, 2, 5000, False, True),    # one very large dilation: every tap but the last in padding
+    (1, 33, 9, 65, 5, 1, True, True),       # T one past the tile, C one past two 16-channel stages
+]
+
+CASES = _EDGE_CASES + _TILE_CASES + _sampled_cases()
 # Largest |ext - ref| allowed, relative to max(1, max |ref|).
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
@@ -3259,6 +3270,8 @@ def _check_against_ref(case, device, dtype, monkeypatch, noncontiguous=False):
     if b is not None:
         pairs.append(("grad_bias", b.grad, br.grad))
     tol = TOL[dtype]
+    if device == "cuda" and dtype == torch.float32 and satn._conv_uses_tf32():
+        tol = satn.KERNEL_CHECK_TOL["float32/tf32"]  # TF32 tensor cores, as PyTorch's own conv
     for name, got, want in pairs:
         assert got.shape == want.shape and got.dtype == dtype and got.device.type == device
         scale = max(1.0, want.abs().max().item())
@@ -3274,6 +3287,62 @@ def test_kernel_cpu_matches_ref(case, dtype, monkeypatch):
     _check_against_ref(case, "cpu", dtype, monkeypatch)
 
 
+@pytest.mark.parametrize("case", _EDGE_CASES[:2] + _TILE_CASES[:3], ids=_case_id)
+def test_kernel_cpu_bfloat16_matches_ref(case, monkeypatch):
+    """The 16x16x16 fragment shape and 32-channel stages of the bf16/fp16 kernels."""
+    _check_against_ref(case, "cpu", torch.bfloat16, monkeypatch)
+
+
+def test_kernel_cpu_tf32_rounds_operands_as_the_device_does():
+    """tf32=True rounds every operand to TF32 (10-bit mantissa, to nearest, ties away) before
+    the product: the same as the exact path on pre-rounded inputs, bit for bit, and within TF32
+    tolerance of the float64 reference."""
+    ext = satn._load_kernel_ext(cuda=False)
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(2, 40, 70, generator=g), torch.randn(20, 40, 3, generator=g) / 11
+    b, gy = torch.randn(20, generator=g), torch.randn(2, 20, 70, generator=g)
+
+    def tf32(t):  # cvt.rna.tf32.f32
+        u = t.view(torch.int32)
+        return ((u + 0x1000) & -0x2000).view(torch.float32)
+
+    def run(flag, *ts):
+        y = ext.forward(ts[0], ts[1], b, 3, False, flag)
+        return (y,) + tuple(ext.backward(ts[2], ts[0], ts[1], None, 3, False, True, True, flag))
+
+    got = run(True, x, w, gy)
+    same = run(False, tf32(x), tf32(w), tf32(gy))
+    exact = run(False, x, w, gy)
+    xr, wr, br = (t.double().requires_grad_() for t in (x, w, b))
+    z = satn.causal_conv1d_ref(xr, wr, br, 3)
+    want = (z.detach(),) + torch.autograd.grad(z, (xr, wr, br), gy.double())
+    for name, a, r, e, ref in zip(("y", "grad_x", "grad_w", "grad_bias"), got, same, exact, want):
+        scale = max(1.0, ref.abs().max().item())
+        err_tf32, err_exact = ((t.double() - ref).abs().max().item() / scale for t in (a, e))
+        print(f"{name}: tf32 {err_tf32:.2e}, exact {err_exact:.2e}")
+        assert err_tf32 <= satn.KERNEL_CHECK_TOL["float32/tf32"] and err_exact <= 2e-5
+        if name == "grad_bias":  # a sum of grad_y alone: no product, nothing rounded
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(a, r, rtol=0, atol=0)
+            assert err_tf32 > 4 * err_exact
+
+
+def test_kernel_cpu_skips_grad_x_when_x_needs_none(monkeypatch):
+    ext = satn._load_kernel_ext(cuda=False)
+    g = torch.Generator().manual_seed(6)
+    x, w, gy = torch.randn(2, 7, 40, generator=g), torch.randn(5, 7, 3, generator=g), torch.randn(2, 5, 40, generator=g)
+    y = ext.forward(x, w, None, 2, True)
+    gx, gw, gb = ext.backward(gy, x, w, y, 2, True, False, False)
+    assert gx is None and gb is None
+    gx_full, gw_full, _ = ext.backward(gy, x, w, y, 2, True, False, True)
+    torch.testing.assert_close(gw, gw_full, rtol=0, atol=0)
+    monkeypatch.setenv("SATN_KERNEL", "ext")
+    xl, wl = x.clone(), w.clone().requires_grad_()
+    satn.causal_conv1d(xl, wl, None, 2, "relu").backward(gy)
+    torch.testing.assert_close(wl.grad, gw_full, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("case", CASES[:4], ids=_case_id)
 def test_kernel_cpu_noncontiguous(case, monkeypatch):
     _check_against_ref(case, "cpu", torch.float32, monkeypatch, noncontiguous=True)
@@ -3284,6 +3353,7 @@ def test_kernel_cpu_noncontiguous(case, monkeypatch):
     (2, 3, 4, 13, 3, 2, True, True),
     (1, 2, 3, 5, 3, 4, True, False),    # T shorter than the receptive field
     (3, 2, 2, 9, 1, 1, False, True),
+    (1, 3, 2, 11, 2, 70, True, False),  # dilation longer than the tile
 ], ids=_case_id)
 def test_kernel_cpu_gradcheck(shape, monkeypatch):
     monkeypatch.setenv("SATN_KERNEL", "ext")
@@ -3313,7 +3383,7 @@ def test_kernel_cpu_checks_inputs(monkeypatch):
         satn.causal_conv1d(x, w, dilation=0)
     with pytest.raises(RuntimeError, match="bias"):
         satn.causal_conv1d(x, w, torch.randn(5))
-    with pytest.raises(RuntimeError, match="float32 or float64"):
+    with pytest.raises(RuntimeError, match="bfloat16, float32 or float64"):
         satn.causal_conv1d(x.half(), w.half())
     with pytest.raises(ValueError, match="activation"):
         satn.causal_conv1d(x, w, activation="tanh")
@@ -3410,11 +3480,11 @@ class _RecordingExt:
     def __init__(self):
         self.forward_calls = 0
 
-    def forward(self, x, w, b, d, relu):
+    def forward(self, x, w, b, d, relu, tf32=False):
         self.forward_calls += 1
         return satn.causal_conv1d_ref(x, w, b, d, "relu" if relu else None)
 
-    def backward(self, gy, x, w, y, d, relu, has_bias):
+    def backward(self, gy, x, w, y, d, relu, has_bias, need_x=True, tf32=False):
         with torch.enable_grad():
             xi, wi = x.detach().requires_grad_(), w.detach().requires_grad_()
             bi = torch.zeros(w.shape[0], dtype=w.dtype, requires_grad=True) if has_bias else None
@@ -3561,12 +3631,26 @@ def test_kernel_cuda_noncontiguous(case, monkeypatch):
 @pytest.mark.parametrize("shape", [
     # long T and many channels: several time tiles, channel chunks and grad_w splits
     (4, 40, 36, 5000, 3, 16, True, True),
-    # receptive field too long for a shared-memory window: the direct kernels
+    # dilation far longer than the tile: one shared-memory window per tap
     (2, 3, 5, 300, 4, 5000, True, False),
     (1, 1, 1, 1, 1, 1, False, True),
 ], ids=_case_id)
 def test_kernel_cuda_large_and_fallback_shapes(shape, monkeypatch):
     _check_against_ref(shape, "cuda", torch.float32, monkeypatch)
+
+
+@needs_cuda
+def test_kernel_cuda_backward_is_deterministic(monkeypatch):
+    """grad_w and grad_bias are split reductions added in a fixed order (no atomics)."""
+    ext = satn._load_kernel_ext(cuda=True)
+    g = torch.Generator().manual_seed(7)
+    x, w, gy = (torch.randn(*s, generator=g).cuda() for s in ((8, 64, 3000), (64, 64, 3), (8, 64, 3000)))
+    y = ext.forward(x, w, None, 4, True, True)
+    first = ext.backward(gy, x, w, y, 4, True, False, True, True)
+    for _ in range(3):
+        again = ext.backward(gy, x, w, y, 4, True, False, True, True)
+        for a, b in zip(first[:2], again[:2]):
+            assert torch.equal(a, b)
 
 
 @needs_cuda
@@ -4313,7 +4397,7 @@ def test_asr_teacher_serves_every_fold(demo_corpus, demo_cache, tmp_path, monkey
     runs = fresh_runs(tmp_path, demo_cache)
     csv_path = _asr_manifest(demo_corpus, tmp_path / "asr.csv")
     rc, out, err = run_main(["teacher", "--data", demo_corpus, "--asr-data", csv_path, "--runs", runs, "--epochs", "1",
-                             "--beam", "2", *TEACHER_TINY])
+                             *TEACHER_TINY])
     print(out[-1500:], err)
     assert rc == 0, err
     final = json.loads((runs / "teacher" / "asr" / "final.json").read_text())
@@ -4579,3 +4663,18 @@ def test_track_evaluation_by_hand(tmp_path, monkeypatch):
     assert r["changes"] == 1 and r["switched"] == 1
     assert r["delay_mean"] == pytest.approx(ready30 - 1.0)
     assert r["conversations"] == 1 and r["seconds"] == pytest.approx(2.0)
+
+
+def test_run_all_asr_data_trains_one_teacher_for_every_fold(demo_corpus, tmp_path):
+    import shlex
+    r = _run_all(["--dry-run", "--asr-data", "my asr.csv", "--seeds", "2"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    cmds = [shlex.split(line) for line in r.stdout.splitlines() if line.strip()]
+    teachers = [c for c in cmds if c[2] == "teacher"]
+    print(teachers)
+    assert teachers == [[c for c in teachers[0]]] and ("--asr-data", "my asr.csv") in zip(teachers[0], teachers[0][1:])
+    assert "--fold" not in teachers[0] and "--seed" not in teachers[0]
+    students = [c for c in cmds if c[2] == "student"]
+    with_at = [c for c in students if float(c[c.index("--at-weight") + 1]) > 0]
+    assert len(with_at) >= 40 and all(("--teacher", "runs/teacher/asr") in zip(c, c[1:]) for c in with_at)
+    assert not any("--teacher" in c for c in students if c not in with_at)
