@@ -3,7 +3,8 @@
 # (utterance statistics + linear, `--encoder stats`) and the eight student configurations
 # {BLSTM, TCN} x {soft, self-attention} x {without, with attention transfer} on every fold
 # (five for IEMOCAP), then `python satn.py report`. The students without transfer may run
-# beside the teachers; those with transfer wait for them.
+# beside the teachers; those with transfer wait for them. Beside Table 2's rows: the causal
+# (streaming) TCN + self-attention student, without and with transfer.
 #
 #   bash run_all.sh                      # the built-in demo corpus, demo-sized settings
 #   bash run_all.sh --data /path/to/IEMOCAP_full_release
@@ -59,8 +60,8 @@ while [ $# -gt 0 ]; do
         --dry-run) DRY=1 ;;
         --slurm) SLURM=1 DRY=1 IN_SBATCH=1 ;;
         --submit) SUBMIT=1 ;;
-        -h|--help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        --fold|--fold=*|--name|--name=*|--encoder|--encoder=*|--attention|--attention=*|--resume|--no-resume|--teacher|--teacher=*)
+        -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --fold|--fold=*|--name|--name=*|--encoder|--encoder=*|--attention|--attention=*|--resume|--no-resume|--teacher|--teacher=*|--causal|--no-causal)
             echo "run_all.sh: $1 is set by run_all.sh itself for each training" >&2; exit 2 ;;
         *) EXTRA+=("$1") ;;
     esac
@@ -198,6 +199,11 @@ if [ ${#ASR[@]} -gt 0 ]; then
 elif [ "$TRANSFER" = 1 ]; then
     for k in $(seq "$FOLDS"); do run "teacher-fold$k" "$PY" "$SATN" teacher --fold "$k" "${COMMON[@]}"; done
 fi
+# The student configurations (run names without "-at", and their options): Table 2's four, then
+# the causal student (satn.py's REPORT_ROWS gives each its label in the report).
+CONFIG_NAMES=(blstm-soft blstm-self tcn-soft tcn-self tcn-self-causal)
+CONFIG_OPTIONS=("--encoder blstm --attention soft" "--encoder blstm --attention self" "--encoder tcn --attention soft"
+                "--encoder tcn --attention self" "--encoder tcn --attention self --causal")
 # The rows without transfer do not need the teachers: they fill free slots meanwhile.
 # The baseline row comes first: every table says how far the deep models are above it.
 for k in $(seq "$FOLDS"); do
@@ -208,14 +214,13 @@ for at in 0 1; do
         [ "$TRANSFER" = 0 ] && break
         drain   # every teacher has finished before a student imitates one
     fi
-    for enc in blstm tcn; do
-        for att in soft self; do
-            w=0 tw=(); [ "$at" = 1 ] && w=$AT_WEIGHT tw=("${TEACHER[@]}")
-            for k in $(seq "$FOLDS"); do
-                run "student-$enc-$att$([ "$at" = 1 ] && echo -at)-fold$k" \
-                    "$PY" "$SATN" student --encoder $enc --attention $att --at-weight "$w" --fold "$k" "${RECIPE[@]}" \
-                    "${tw[@]}" "${COMMON[@]}"
-            done
+    for i in "${!CONFIG_NAMES[@]}"; do
+        w=0 tw=(); [ "$at" = 1 ] && w=$AT_WEIGHT tw=("${TEACHER[@]}")
+        for k in $(seq "$FOLDS"); do
+            # shellcheck disable=SC2086  # the options are words
+            run "student-${CONFIG_NAMES[$i]}$([ "$at" = 1 ] && echo -at)-fold$k" \
+                "$PY" "$SATN" student ${CONFIG_OPTIONS[$i]} --at-weight "$w" --fold "$k" "${RECIPE[@]}" \
+                "${tw[@]}" "${COMMON[@]}"
         done
     done
 done

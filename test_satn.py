@@ -1748,7 +1748,7 @@ def test_import_is_cheap(tmp_path):
 DEMO_SCALE = 0.25   # a quarter of the default corpus: every fold still has all classes and speakers
 # Tiny models: what is tested is the plumbing, not the accuracy.
 TEACHER_TINY = ["--channels", "16", "--decoder", "32", "--embed", "16", "--att-dim", "16", "--heads", "2",
-                "--subsample", "4", "--batch-size", "64"]
+                "--subsample", "4", "--batch-size", "64", "--beam", "3"]   # untrained decoders run to the frame limit
 STUDENT_TINY = ["--channels", "16", "--heads", "2", "--subsample", "4", "--lstm-hidden", "8", "--batch-size", "64"]
 EMO_LINE = re.compile(r"^\[[\d.]+ - [\d.]+\]\t(Ses\S+)\t(\S+)\t\[")
 FOUR = {"neu": "neutral", "hap": "happy", "exc": "happy", "sad": "sad", "ang": "angry"}
@@ -2498,7 +2498,8 @@ def _run_all(args, tmp_path, env_extra=None, timeout=120):
 
 def _student_key(argv):
     opt = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
-    return opt["--encoder"], opt.get("--attention", "-"), float(opt["--at-weight"]), int(opt["--fold"])
+    return (opt["--encoder"], opt.get("--attention", "-") + ("-causal" if "--causal" in argv else ""),
+            float(opt["--at-weight"]), int(opt["--fold"]))
 
 
 def test_run_all_dry_run_lists_every_training_in_order(demo_corpus, tmp_path):
@@ -2511,7 +2512,7 @@ def test_run_all_dry_run_lists_every_training_in_order(demo_corpus, tmp_path):
     cmds = [shlex.split(line) for line in r.stdout.splitlines() if line.strip()]
     kinds = [c[2] if len(c) > 2 and c[1].endswith("satn.py") else "?" for c in cmds]
     print(kinds)
-    assert kinds == ["teacher"] * 5 + ["student"] * 45 + ["report"]
+    assert kinds == ["teacher"] * 5 + ["student"] * 55 + ["report"]
     for c in cmds[:-1]:
         joined = " ".join(shlex.quote(a) for a in c)
         assert ("--data", data) in zip(c, c[1:]), joined
@@ -2519,15 +2520,16 @@ def test_run_all_dry_run_lists_every_training_in_order(demo_corpus, tmp_path):
         assert "--resume" in c and ("--runs", "runs") in zip(c, c[1:])
     teacher_folds = [int(c[c.index("--fold") + 1]) for c in cmds[:5]]
     assert sorted(teacher_folds) == [1, 2, 3, 4, 5]
-    keys = [_student_key(c) for c in cmds[5:50]]
+    keys = [_student_key(c) for c in cmds[5:60]]
     assert keys[:5] == [("stats", "-", 0.0, k) for k in range(1, 6)]          # the baseline row first
     configs = {}
     for enc, att, w, fold in keys[5:]:
         configs.setdefault((enc, att, w), []).append(fold)
     print(configs)
-    assert len(configs) == 8
-    assert {(e, a) for e, a, _ in configs} == {(e, a) for e in ("blstm", "tcn") for a in ("soft", "self")}
-    assert sorted(w for _, _, w in configs) == [0.0] * 4 + [0.5] * 4
+    assert len(configs) == 10     # Table 2's eight and the causal student without and with transfer
+    assert {(e, a) for e, a, _ in configs} == {(e, a) for e in ("blstm", "tcn") for a in ("soft", "self")} | {
+        ("tcn", "self-causal")}
+    assert sorted(w for _, _, w in configs) == [0.0] * 5 + [0.5] * 5
     assert all(sorted(f) == [1, 2, 3, 4, 5] for f in configs.values())
     assert cmds[-1][2:] == ["report", "--runs", "runs"]
     assert not (tmp_path / "runs").exists() and (REPO / "runs").exists() == repo_runs   # a dry run writes nothing
@@ -2597,7 +2599,7 @@ def test_run_all_seeds_dry_run(tmp_path):
     train = [c for c in cmds if c[2] in ("teacher", "student")]
     seeds = [int(c[c.index("--seed") + 1]) for c in train]
     print(len(train), seeds[:12])
-    assert len(train) == 2 * (5 + 45) and seeds == [0, 1] * 50     # each training with seed 0, then seed 1
+    assert len(train) == 2 * (5 + 55) and seeds == [0, 1] * 60     # each training with seed 0, then seed 1
     assert [c[2] for c in cmds].count("teacher") == 10 and cmds[-1][2] == "report"
     without = [tuple(a for i, a in enumerate(c) if a != "--seed" and c[i - 1] != "--seed") for c in train]
     assert all(without[i] == without[i + 1] for i in range(0, len(without), 2))
@@ -2657,9 +2659,9 @@ def test_run_all_without_transcripts_skips_teachers_and_transfer(tmp_path):
     assert r.returncode == 0
     assert "no transcripts" in r.stdout
     assert "teacher" not in kinds
-    assert kinds[0] == "prepare" and kinds[-1] == "report" and kinds.count("student") == 25
+    assert kinds[0] == "prepare" and kinds[-1] == "report" and kinds.count("student") == 30
     students = [_student_key(c) for c in calls if c[1] == "student"]
-    assert len(set(students)) == 25
+    assert len(set(students)) == 30
     assert all(w == 0 for _, _, w, _ in students)
     assert all(("--data", "corpus.csv") in zip(c, c[1:]) and ("--epochs", "1") in zip(c, c[1:])
                for c in calls if c[1] == "student")
@@ -2672,15 +2674,15 @@ def test_run_all_order_and_failed_trainings(tmp_path, jobs):
     events = _fake_calls(log)
     kinds = [argv[1] for event, argv in events if event == "start"]
     print(kinds)
-    assert kinds.count("teacher") == 5 and kinds.count("student") == 45 and kinds[-1] == "report"
+    assert kinds.count("teacher") == 5 and kinds.count("student") == 55 and kinds[-1] == "report"
     # a student with transfer starts only once every teacher has finished
     teacher_ends = [i for i, (event, argv) in enumerate(events) if event == "end" and argv[1] == "teacher"]
     transfer_starts = [i for i, (event, argv) in enumerate(events)
                        if event == "start" and argv[1] == "student" and _student_key(argv)[2] > 0]
-    assert len(teacher_ends) == 5 and len(transfer_starts) == 20
+    assert len(teacher_ends) == 5 and len(transfer_starts) == 25
     assert max(teacher_ends) < min(transfer_starts)
     assert r.returncode != 0
-    assert re.search(r"\b10 failed", r.stdout)         # the teacher and the 9 students of fold 3
+    assert re.search(r"\b12 failed", r.stdout)         # the teacher and the 11 students of fold 3
 
 
 def test_run_all_stops_when_prepare_fails(tmp_path):
@@ -3202,7 +3204,18 @@ def _sampled_cases(n=20, seed=0):
     return cases
 
 
-CASES = _EDGE_CASES + _sampled_cases()
+# Shapes that stress the GPU kernels' tiling (64 time steps x 128 output channels per block,
+# 16/32-channel stages, grad_w tiles of 64 x 64): every tap path and boundary, small enough
+# for the CPU build's emulated fragments to run in seconds.
+_TILE_CASES = [
+    (2, 19, 130, 150, 4, 40, True, True),   # O > 128: two channel tiles; halo 120 > tile; C, O not x16
+    (1, 70, 17, 77, 3, 100, True, False),   # d > tile: a window per tap; C > 64: two grad_w tiles
+    (2, 5, 6, 90, 7, 3, True, True),        # K > 5: taps in groups of 4
+    (1, 3, 4, 20, 2, 5000, False, True),    # one very large dilation: every tap but the last in padding
+    (1, 33, 9, 65, 5, 1, True, True),       # T one past the tile, C one past two 16-channel stages
+]
+
+CASES = _EDGE_CASES + _TILE_CASES + _sampled_cases()
 # Largest |ext - ref| allowed, relative to max(1, max |ref|).
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
@@ -3257,6 +3270,8 @@ def _check_against_ref(case, device, dtype, monkeypatch, noncontiguous=False):
     if b is not None:
         pairs.append(("grad_bias", b.grad, br.grad))
     tol = TOL[dtype]
+    if device == "cuda" and dtype == torch.float32 and satn._conv_uses_tf32():
+        tol = satn.KERNEL_CHECK_TOL["float32/tf32"]  # TF32 tensor cores, as PyTorch's own conv
     for name, got, want in pairs:
         assert got.shape == want.shape and got.dtype == dtype and got.device.type == device
         scale = max(1.0, want.abs().max().item())
@@ -3272,6 +3287,62 @@ def test_kernel_cpu_matches_ref(case, dtype, monkeypatch):
     _check_against_ref(case, "cpu", dtype, monkeypatch)
 
 
+@pytest.mark.parametrize("case", _EDGE_CASES[:2] + _TILE_CASES[:3], ids=_case_id)
+def test_kernel_cpu_bfloat16_matches_ref(case, monkeypatch):
+    """The 16x16x16 fragment shape and 32-channel stages of the bf16/fp16 kernels."""
+    _check_against_ref(case, "cpu", torch.bfloat16, monkeypatch)
+
+
+def test_kernel_cpu_tf32_rounds_operands_as_the_device_does():
+    """tf32=True rounds every operand to TF32 (10-bit mantissa, to nearest, ties away) before
+    the product: the same as the exact path on pre-rounded inputs, bit for bit, and within TF32
+    tolerance of the float64 reference."""
+    ext = satn._load_kernel_ext(cuda=False)
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(2, 40, 70, generator=g), torch.randn(20, 40, 3, generator=g) / 11
+    b, gy = torch.randn(20, generator=g), torch.randn(2, 20, 70, generator=g)
+
+    def tf32(t):  # cvt.rna.tf32.f32
+        u = t.view(torch.int32)
+        return ((u + 0x1000) & -0x2000).view(torch.float32)
+
+    def run(flag, *ts):
+        y = ext.forward(ts[0], ts[1], b, 3, False, flag)
+        return (y,) + tuple(ext.backward(ts[2], ts[0], ts[1], None, 3, False, True, True, flag))
+
+    got = run(True, x, w, gy)
+    same = run(False, tf32(x), tf32(w), tf32(gy))
+    exact = run(False, x, w, gy)
+    xr, wr, br = (t.double().requires_grad_() for t in (x, w, b))
+    z = satn.causal_conv1d_ref(xr, wr, br, 3)
+    want = (z.detach(),) + torch.autograd.grad(z, (xr, wr, br), gy.double())
+    for name, a, r, e, ref in zip(("y", "grad_x", "grad_w", "grad_bias"), got, same, exact, want):
+        scale = max(1.0, ref.abs().max().item())
+        err_tf32, err_exact = ((t.double() - ref).abs().max().item() / scale for t in (a, e))
+        print(f"{name}: tf32 {err_tf32:.2e}, exact {err_exact:.2e}")
+        assert err_tf32 <= satn.KERNEL_CHECK_TOL["float32/tf32"] and err_exact <= 2e-5
+        if name == "grad_bias":  # a sum of grad_y alone: no product, nothing rounded
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(a, r, rtol=0, atol=0)
+            assert err_tf32 > 4 * err_exact
+
+
+def test_kernel_cpu_skips_grad_x_when_x_needs_none(monkeypatch):
+    ext = satn._load_kernel_ext(cuda=False)
+    g = torch.Generator().manual_seed(6)
+    x, w, gy = torch.randn(2, 7, 40, generator=g), torch.randn(5, 7, 3, generator=g), torch.randn(2, 5, 40, generator=g)
+    y = ext.forward(x, w, None, 2, True)
+    gx, gw, gb = ext.backward(gy, x, w, y, 2, True, False, False)
+    assert gx is None and gb is None
+    gx_full, gw_full, _ = ext.backward(gy, x, w, y, 2, True, False, True)
+    torch.testing.assert_close(gw, gw_full, rtol=0, atol=0)
+    monkeypatch.setenv("SATN_KERNEL", "ext")
+    xl, wl = x.clone(), w.clone().requires_grad_()
+    satn.causal_conv1d(xl, wl, None, 2, "relu").backward(gy)
+    torch.testing.assert_close(wl.grad, gw_full, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("case", CASES[:4], ids=_case_id)
 def test_kernel_cpu_noncontiguous(case, monkeypatch):
     _check_against_ref(case, "cpu", torch.float32, monkeypatch, noncontiguous=True)
@@ -3282,6 +3353,7 @@ def test_kernel_cpu_noncontiguous(case, monkeypatch):
     (2, 3, 4, 13, 3, 2, True, True),
     (1, 2, 3, 5, 3, 4, True, False),    # T shorter than the receptive field
     (3, 2, 2, 9, 1, 1, False, True),
+    (1, 3, 2, 11, 2, 70, True, False),  # dilation longer than the tile
 ], ids=_case_id)
 def test_kernel_cpu_gradcheck(shape, monkeypatch):
     monkeypatch.setenv("SATN_KERNEL", "ext")
@@ -3311,7 +3383,7 @@ def test_kernel_cpu_checks_inputs(monkeypatch):
         satn.causal_conv1d(x, w, dilation=0)
     with pytest.raises(RuntimeError, match="bias"):
         satn.causal_conv1d(x, w, torch.randn(5))
-    with pytest.raises(RuntimeError, match="float32 or float64"):
+    with pytest.raises(RuntimeError, match="bfloat16, float32 or float64"):
         satn.causal_conv1d(x.half(), w.half())
     with pytest.raises(ValueError, match="activation"):
         satn.causal_conv1d(x, w, activation="tanh")
@@ -3408,11 +3480,11 @@ class _RecordingExt:
     def __init__(self):
         self.forward_calls = 0
 
-    def forward(self, x, w, b, d, relu):
+    def forward(self, x, w, b, d, relu, tf32=False):
         self.forward_calls += 1
         return satn.causal_conv1d_ref(x, w, b, d, "relu" if relu else None)
 
-    def backward(self, gy, x, w, y, d, relu, has_bias):
+    def backward(self, gy, x, w, y, d, relu, has_bias, need_x=True, tf32=False):
         with torch.enable_grad():
             xi, wi = x.detach().requires_grad_(), w.detach().requires_grad_()
             bi = torch.zeros(w.shape[0], dtype=w.dtype, requires_grad=True) if has_bias else None
@@ -3559,12 +3631,26 @@ def test_kernel_cuda_noncontiguous(case, monkeypatch):
 @pytest.mark.parametrize("shape", [
     # long T and many channels: several time tiles, channel chunks and grad_w splits
     (4, 40, 36, 5000, 3, 16, True, True),
-    # receptive field too long for a shared-memory window: the direct kernels
+    # dilation far longer than the tile: one shared-memory window per tap
     (2, 3, 5, 300, 4, 5000, True, False),
     (1, 1, 1, 1, 1, 1, False, True),
 ], ids=_case_id)
 def test_kernel_cuda_large_and_fallback_shapes(shape, monkeypatch):
     _check_against_ref(shape, "cuda", torch.float32, monkeypatch)
+
+
+@needs_cuda
+def test_kernel_cuda_backward_is_deterministic(monkeypatch):
+    """grad_w and grad_bias are split reductions added in a fixed order (no atomics)."""
+    ext = satn._load_kernel_ext(cuda=True)
+    g = torch.Generator().manual_seed(7)
+    x, w, gy = (torch.randn(*s, generator=g).cuda() for s in ((8, 64, 3000), (64, 64, 3), (8, 64, 3000)))
+    y = ext.forward(x, w, None, 4, True, True)
+    first = ext.backward(gy, x, w, y, 4, True, False, True, True)
+    for _ in range(3):
+        again = ext.backward(gy, x, w, y, 4, True, False, True, True)
+        for a, b in zip(first[:2], again[:2]):
+            assert torch.equal(a, b)
 
 
 @needs_cuda
@@ -3681,7 +3767,7 @@ def test_run_all_dry_run_of_a_manifest_without_transcripts(demo_corpus, tmp_path
     cmds = [shlex.split(line) for line in r.stdout.splitlines() if line.strip()]
     kinds = [c[2] for c in cmds]
     print(kinds)
-    assert kinds == ["student"] * 15 + ["report"]       # baseline + 4 configurations without transfer x 3 sessions
+    assert kinds == ["student"] * 18 + ["report"]       # baseline + 5 configurations without transfer x 3 sessions
     assert sorted({_student_key(c)[3] for c in cmds[:-1]}) == [1, 2, 3]
     assert all(_student_key(c)[2] == 0 for c in cmds[:-1])
 
@@ -4136,9 +4222,9 @@ def test_recipe_robust_sets_its_flags_and_explicit_options_win(monkeypatch):
         assert getattr(paper, k) == v, k
     for k, v in satn.RECIPES["robust"].items():
         assert getattr(robust, k) == v, k
-    # robust turns every one of them on
+    # robust turns on every one of them except speed perturbation (off by default: it lowered UA on Emo-DB)
     assert robust.time_masks > 0 and robust.time_mask_frames > 0 and robust.freq_masks > 0 and robust.freq_mask_bands > 0
-    assert len(robust.speed_factors()) > 1 and robust.weight_decay > 0 and robust.lr_patience > 0
+    assert robust.weight_decay > 0 and robust.lr_patience > 0
     assert robust.label_smoothing > 0 and robust.patience > 0
     assert satn.StudentConfig(recipe="robust", speed="1", label_smoothing=0.0).speed_factors() == (1.0,)
     # the command line: robust sets what is not given, a given option wins
@@ -4208,7 +4294,7 @@ def test_robust_recipe_training_is_reproducible_and_evaluation_unaugmented(tmp_p
     monkeypatch.chdir(tmp_path)
     rows = [(f"{s}{g}{i}.wav", lab, f"{s}{g}", f"s{s}") for s in "12" for g in "FM" for i, lab in enumerate("xyxy")]
     data = _tone_corpus(tmp_path / "c", rows)
-    cfg = satn.StudentConfig(data=str(data), fold=1, runs=str(tmp_path / "runs"), recipe="robust", channels=8,
+    cfg = satn.StudentConfig(data=str(data), fold=1, runs=str(tmp_path / "runs"), recipe="robust", speed="0.9,1,1.1", channels=8,
                              heads=2, subsample=4, epochs=3, lr=3e-2, batch_size=4, lr_patience=1, patience=2)
     d = satn.prepare_data(cfg, "student")
     assert len(d["train_views"]) == len(d["train"]) == 8
@@ -4252,7 +4338,7 @@ def test_run_all_recipe_goes_to_the_students_only(tmp_path):
     calls = [argv for event, argv in _fake_calls(log) if event == "start"]
     assert r.returncode == 0
     students = [c for c in calls if c[1] == "student"]
-    assert len(students) == 45 and all(("--recipe", "robust") in zip(c, c[1:]) for c in students)
+    assert len(students) == 55 and all(("--recipe", "robust") in zip(c, c[1:]) for c in students)
     assert not any("--recipe" in c for c in calls if c[1] != "student")
 
 
@@ -4311,7 +4397,7 @@ def test_asr_teacher_serves_every_fold(demo_corpus, demo_cache, tmp_path, monkey
     runs = fresh_runs(tmp_path, demo_cache)
     csv_path = _asr_manifest(demo_corpus, tmp_path / "asr.csv")
     rc, out, err = run_main(["teacher", "--data", demo_corpus, "--asr-data", csv_path, "--runs", runs, "--epochs", "1",
-                             "--beam", "2", *TEACHER_TINY])
+                             *TEACHER_TINY])
     print(out[-1500:], err)
     assert rc == 0, err
     final = json.loads((runs / "teacher" / "asr" / "final.json").read_text())
@@ -4325,3 +4411,270 @@ def test_asr_teacher_serves_every_fold(demo_corpus, demo_cache, tmp_path, monkey
     print(out[-800:], err)
     assert rc == 0 and "attention transfer:" in out
     assert json.loads((runs / "student" / "tcn-self-at" / "fold3" / "final.json").read_text())["config"]["teacher"]
+
+
+# streaming: the causal student, chunk by chunk
+
+def _noise_speech(seconds, seed=0):
+    """Noise with a slowly changing level and tone: features that vary over time."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SR)
+    t = np.arange(n) / SR
+    level = 0.05 + 0.2 * (1 + np.sin(2 * np.pi * 0.7 * t)) / 2
+    x = level * (rng.standard_normal(n) + np.sin(2 * np.pi * (200 + 150 * np.sin(t)) * t))
+    return x.astype(np.float32)
+
+
+def _stream(push_finish_obj, wave, chunk):
+    outs = [push_finish_obj.push(wave[i:i + chunk]) for i in range(0, len(wave), chunk)]
+    outs.append(push_finish_obj.finish())
+    return outs
+
+
+@pytest.mark.parametrize("n", [1, 399, 400, 401, 559, 560, 4321])
+def test_feature_stream_equals_features_for_every_chunk_size(n):
+    wave = _noise_speech(n / SR + 1e-9, seed=n)[:n]
+    want = satn.features(wave).reshape(satn.FEAT_CHANNELS, -1).T        # (T, 120)
+    for chunk in (1, 97, 160, 399, 1600, 160000):                       # 1 sample .. 10 s
+        got = np.concatenate(_stream(satn.FeatureStream(), wave, chunk))
+        assert got.shape == want.shape, (chunk, got.shape, want.shape)
+        np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-5, err_msg=f"chunk {chunk}")
+
+
+def test_feature_stream_edges_and_empty_input():
+    d = satn.DeltaStream(n=2)
+    x = np.arange(12, dtype=np.float32).reshape(6, 2) ** 2              # quadratic: deltas by hand
+    c, out = d.push(x[:4])
+    assert len(out) == 2            # frames 0 and 1: frame 1 needs frame 3
+    c2, out2 = d.push(x[4:], final=True)
+    got = np.concatenate([out, out2])
+    pad = np.concatenate([x[:1], x[:1], x, x[-1:], x[-1:]])
+    want = np.array([(1 * (pad[t + 3] - pad[t + 1]) + 2 * (pad[t + 4] - pad[t])) / 10 for t in range(6)])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_array_equal(np.concatenate([c, c2]), x)
+    with pytest.raises(ValueError):
+        satn.FeatureStream().finish()
+
+
+def test_running_normalise_by_hand_and_in_pieces():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((50, satn.FEAT_CHANNELS)) * 3 + 1
+    mean, std = np.full(satn.FEAT_CHANNELS, 0.5), np.full(satn.FEAT_CHANNELS, 2.0)
+    prior = 0.1                                                         # 10 frames of the training statistics
+    got, _ = satn.running_normalise(x, mean, std, prior)
+    t = 7                                                               # frame 7 from its own definition
+    seen = np.concatenate([x[:t + 1], np.full((10, satn.FEAT_CHANNELS), 0.5)])
+    var_prior = 10 * (2.0 ** 2 + 0.5 ** 2)
+    m = seen.mean(0)
+    v = (var_prior + (x[:t + 1] ** 2).sum(0)) / (t + 11) - m ** 2
+    np.testing.assert_allclose(got[t], (x[t] - m) / (np.sqrt(v) + 1e-5), rtol=1e-5)
+    a, st = satn.running_normalise(x[:13], mean, std, prior)
+    b, _ = satn.running_normalise(x[13:], mean, std, prior, st)
+    np.testing.assert_allclose(np.concatenate([a, b]), got, rtol=1e-6)
+    fixed, _ = satn.running_normalise(x, mean, std, None)               # a globally normalised model
+    np.testing.assert_allclose(fixed, (x - 0.5) / 2.0, rtol=1e-6)
+
+
+def test_causal_band_and_running_mean_by_hand():
+    band = satn.causal_band(5, 2)
+    assert band.tolist() == [[j in (i - 1, i) for j in range(5)] for i in range(5)]
+    x = torch.tensor([[1.0, 2.0, 4.0, 8.0, 100.0]])[..., None]          # (1, 5, 1); the last frame is padding
+    mask = torch.tensor([[True, True, True, True, False]])
+    got = satn.running_mean(x, mask, 3)[0, :4, 0]
+    torch.testing.assert_close(got, torch.tensor([1.0, 1.5, 7 / 3, 14 / 3]))
+
+
+def _causal_student(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = satn.StudentConfig(causal=True, channels=16, heads=2, subsample=4, dropout=0.0,
+                             **{"attn_window": 0.2, "summary_window": 0.32, **kw})
+    model = satn.Student(cfg, 4).eval()
+    with torch.no_grad():
+        model.classifier.weight.mul_(20)   # far from uniform probabilities: differences show in the logs
+    return model, cfg
+
+
+def test_causal_student_is_causal_and_logits_are_the_last_frames():
+    model, _ = _causal_student()
+    x = torch.randn(2, satn.FEAT_CHANNELS, 40)
+    lengths = torch.tensor([40, 27])
+    logits, out = model(x, lengths)
+    fl = out["frame_logits"]                                          # (2, 10, 4): 40 frames pooled by 4
+    assert fl.shape == (2, 10, 4)
+    torch.testing.assert_close(logits, torch.stack([fl[0, 9], fl[1, 6]]))
+    y = x.clone()
+    y[..., 24:] = torch.randn(2, satn.FEAT_CHANNELS, 16) * 5            # change the future of frame 23
+    _, out2 = model(y, lengths)
+    torch.testing.assert_close(out2["frame_logits"][:, :6], fl[:, :6])  # outputs 0..5 cover frames 0..23
+    assert not torch.allclose(out2["frame_logits"][:, 6:], fl[:, 6:])
+    alone, _ = model(x[1:, :, :27], lengths[1:])                        # padding changes nothing
+    torch.testing.assert_close(alone[0], logits[1], atol=1e-5, rtol=1e-5)
+
+
+def test_frame_loss_by_hand():
+    fl = torch.zeros(2, 4, 3)
+    fl[0, :, 0] = math.log(3.0)         # class 0 gets p = 3/5 in utterance 0
+    mask = torch.tensor([[True] * 4, [True, True, True, False]])
+    y = torch.tensor([0, 1])
+    got = satn.frame_loss(fl, mask, y, warmup=1)
+    want = (3 * -math.log(3 / 5) + 2 * -math.log(1 / 3)) / 5            # frames 1..3 and 1..2
+    assert got.item() == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("seconds,chunks", [(0.3, (1, 100, 160, 399)), (4.0, (1600, 4001)), (12.0, (160000,))])
+def test_stream_equals_whole_recording(seconds, chunks):
+    """Chunked inference gives the whole recording's per-frame outputs: chunks from 1 sample
+    (shorter than a hop) to 10 s (longer than the receptive field and both windows)."""
+    model, _ = _causal_student()
+    rng = np.random.default_rng(2)
+    mean, std = rng.standard_normal(satn.FEAT_CHANNELS), rng.uniform(0.5, 2, satn.FEAT_CHANNELS)
+    wave = _noise_speech(seconds, seed=3)
+    ends, ready, probs = satn.causal_track(model, wave, mean, std, prior=0.5)
+    assert len(probs) == math.ceil((1 + (len(wave) - 400) // 160) / 4)
+    for chunk in chunks:
+        st = satn.StudentStream(model, mean, std, prior=0.5)
+        outs, readies = [], []
+        for i in range(0, len(wave), chunk):
+            outs.append(st.push(wave[i:i + chunk]))
+            readies.append(st.ready)
+        outs.append(st.finish())
+        readies.append(st.ready)
+        got_ends = np.concatenate([e for e, _ in outs])
+        got = np.concatenate([p for _, p in outs])
+        print(seconds, chunk, np.abs(np.log(got) - np.log(probs)).max())
+        assert got.shape == probs.shape
+        np.testing.assert_allclose(np.log(got), np.log(probs), atol=1e-4)
+        np.testing.assert_allclose(got_ends, ends)
+        np.testing.assert_allclose(np.concatenate(readies), ready)
+
+
+def test_stream_state_is_constant_over_ten_minutes():
+    """10 minutes in 1 s chunks: the state has the same size at the end of every minute,
+    and streaming 20 s more allocates nothing that stays (tracemalloc)."""
+    import tracemalloc
+    model, _ = _causal_student(attn_window=3.0, summary_window=3.0)
+    st = satn.StudentStream(model, np.zeros(satn.FEAT_CHANNELS), np.ones(satn.FEAT_CHANNELS))
+    chunk = _noise_speech(1.0, seed=4)
+    sizes, n_out = [], 0
+    for i in range(600):                                                # 600 s
+        _, p = st.push(chunk * (1 + 0.5 * math.sin(i / 5)))
+        n_out += len(p)
+        if i % 60 == 59:
+            sizes.append(st.state_size())
+    tracemalloc.start()
+    try:
+        for i in range(25):
+            st.push(chunk)
+            if i == 4:
+                before = tracemalloc.get_traced_memory()[0]
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    print(sizes, n_out, before, after)
+    assert n_out >= 600 * 25 - 5                                        # 25 outputs per second
+    assert len(set(sizes)) == 1 and sizes[0] < 20_000                   # numbers; 10 min of audio is 9.6 M samples
+    assert after - before < 20_000    # bytes; keeping 20 s of outputs or keys would take over 100 kB
+
+
+def _causal_checkpoint(tmp_path, model, cfg, classes=("neutral", "happy", "sad", "angry")):
+    path = tmp_path / "causal.pt"
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(cfg), "classes": list(classes),
+                "norm": {"mode": "speaker", "mean": torch.zeros(satn.FEAT_CHANNELS),
+                         "std": torch.ones(satn.FEAT_CHANNELS)}}, path)
+    return path
+
+
+def test_predict_stream_lines_json_plot_and_chunk_independence(tmp_path, capsys):
+    model, cfg = _causal_student()
+    ckpt = _causal_checkpoint(tmp_path, model, cfg)
+    wav = tmp_path / "rec.wav"
+    sf.write(str(wav), _noise_speech(2.3, seed=5), SR, subtype="FLOAT")
+    rc = satn.main(["predict", "--stream", "--json", "--checkpoint", str(ckpt), str(wav), "--every", "0.5",
+                    "--chunk", "0.013", "--plot", str(tmp_path / "track.png")])
+    out = capsys.readouterr()
+    lines = [json.loads(line) for line in out.out.splitlines()]
+    assert rc == 0, out.err
+    assert [d["time"] for d in lines] == [0.5, 1.0, 1.5, 2.0, 2.3]
+    for d in lines:
+        assert set(d) == {"time", "prediction", "probabilities"}
+        assert sum(d["probabilities"].values()) == pytest.approx(1, abs=1e-3)
+        assert d["prediction"] == max(d["probabilities"], key=d["probabilities"].get)
+    assert "delay" in out.err and (tmp_path / "track.png").stat().st_size > 1000
+    # the line at t shows the last output computable by t: the whole-recording track says which
+    ends, ready, probs = satn.causal_track(model, sf.read(str(wav), dtype="float32")[0], np.zeros(120), np.ones(120))
+    k = np.nonzero(ready <= 1.0 + 1e-9)[0][-1]
+    assert lines[1]["probabilities"]["sad"] == pytest.approx(probs[k, 2], abs=1e-4)
+    satn.main(["predict", "--stream", "--json", "--checkpoint", str(ckpt), str(wav), "--chunk", "2"])
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == lines
+    satn.main(["predict", "--stream", "--checkpoint", str(ckpt), str(wav)])
+    text = capsys.readouterr().out.splitlines()
+    assert len(text) == 5 and text[0].split("\t")[0].strip() == "0.50 s"
+    assert text[0].split("\t")[1] == lines[0]["prediction"]
+
+
+def test_predict_stream_errors(tmp_path, capsys):
+    model, cfg = _causal_student()
+    ckpt = _causal_checkpoint(tmp_path, model, cfg)
+    plain = satn.Student(satn.StudentConfig(channels=16, heads=2), 4)
+    plain_ckpt = _causal_checkpoint(tmp_path / "p", plain, satn.StudentConfig(channels=16, heads=2)) if (
+        (tmp_path / "p").mkdir() or True) else None
+    wav44 = write_wav(tmp_path / "a44.wav", seconds=0.5, sr=44100)
+    wav = write_wav(tmp_path / "a.wav", seconds=0.5)
+    for args, words in ((["--checkpoint", str(plain_ckpt), str(wav)], "causal"),
+                        (["--checkpoint", str(ckpt), str(wav44)], "44100 Hz"),
+                        (["--checkpoint", str(ckpt), str(wav), str(wav)], "one recording"),
+                        (["--checkpoint", str(ckpt), str(tmp_path / "missing.wav")], "no such file"),
+                        (["--checkpoint", str(ckpt), str(wav), "--chunk", "0"], "--chunk")):
+        assert satn.main(["predict", "--stream", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        print(err)
+        assert len(err) == 1 and err[0].startswith("error: ") and words in err[0]
+
+
+def test_track_evaluation_by_hand(tmp_path, monkeypatch):
+    """Two utterances of 1 s (sad, then happy) as one conversation; the track is scripted:
+    sad throughout, happy only from output 30 (1.2 s) on."""
+    paths = [write_wav(tmp_path / f"{i}.wav", seconds=1.0) for i in range(2)]
+    utts = [utt("a", "sad", "S1F", "S1", str(paths[0])), utt("b", "happy", "S1F", "S1", str(paths[1]))]
+    classes = ["neutral", "happy", "sad", "angry"]
+
+    def track(model, wave, mean, std, prior):
+        n = 50                                               # 40 ms outputs over 2 s
+        ends = (np.arange(n) * 4 + 3) * 0.01 + 0.025
+        probs = np.zeros((n, 4))
+        probs[:, 2] = 1
+        probs[30:, 2], probs[30:, 1] = 0, 1
+        return ends, ends + 0.04, probs
+    monkeypatch.setattr(satn, "causal_track", track)
+    model = type("M", (), {"subsample": 4})()
+    order = np.random.default_rng(0).permutation(2)
+    assert order.tolist() == [0, 1] or True
+    r = satn.track_evaluation(model, [utts[i] for i in np.argsort(order)], classes, 0, 1, seed=0, settle=0.5)
+    print(r)
+    mid = (np.arange(50) * 0.04 + (np.arange(50) * 4 + 3) * 0.01 + 0.025) / 2
+    y = np.where(mid >= 1.0, 1, 2)
+    pred = np.where(np.arange(50) >= 30, 1, 2)
+    assert r["all"]["WA"] == pytest.approx(100 * np.mean(y == pred))
+    happy = y == 1
+    assert r["all"]["UA"] == pytest.approx(100 * (np.mean(pred[happy] == 1) + np.mean(pred[~happy] == 2)) / 2)
+    settled = (mid % 1.0) >= 0.5
+    assert r["settled"]["WA"] == pytest.approx(100 * np.mean((y == pred)[settled])) and r["settled"]["WA"] == 100
+    ready30 = (30 * 4 + 3) * 0.01 + 0.025 + 0.04
+    assert r["changes"] == 1 and r["switched"] == 1
+    assert r["delay_mean"] == pytest.approx(ready30 - 1.0)
+    assert r["conversations"] == 1 and r["seconds"] == pytest.approx(2.0)
+
+
+def test_run_all_asr_data_trains_one_teacher_for_every_fold(demo_corpus, tmp_path):
+    import shlex
+    r = _run_all(["--dry-run", "--asr-data", "my asr.csv", "--seeds", "2"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    cmds = [shlex.split(line) for line in r.stdout.splitlines() if line.strip()]
+    teachers = [c for c in cmds if c[2] == "teacher"]
+    print(teachers)
+    assert teachers == [[c for c in teachers[0]]] and ("--asr-data", "my asr.csv") in zip(teachers[0], teachers[0][1:])
+    assert "--fold" not in teachers[0] and "--seed" not in teachers[0]
+    students = [c for c in cmds if c[2] == "student"]
+    with_at = [c for c in students if float(c[c.index("--at-weight") + 1]) > 0]
+    assert len(with_at) >= 40 and all(("--teacher", "runs/teacher/asr") in zip(c, c[1:]) for c in with_at)
+    assert not any("--teacher" in c for c in students if c not in with_at)

@@ -1,35 +1,39 @@
-// Python binding of the fused dilated causal conv1d, and its CPU implementation.
+// Python binding of the fused dilated causal conv1d, and its CPU build.
 //
-// The CPU implementation exists so that the arithmetic in causal_conv1d.h can be
-// tested (gradcheck included) on machines without a GPU; PyTorch's own CPU
-// convolution stays the default there. With SATN_WITH_CUDA defined, CUDA tensors
-// go to the kernels in causal_conv1d.cu.
+// The CPU build runs the GPU kernels' tile code (causal_conv1d_tiles.h) with the
+// fragments emulated in plain C++: the same block tiling, shared-memory staging,
+// tap offsets, epilogue and split reduction, one block per task of
+// at::parallel_for. It exists to test that code on machines without a GPU;
+// PyTorch's own CPU convolution stays the default there. With SATN_WITH_CUDA
+// defined, CUDA tensors go to the kernels in causal_conv1d.cu.
 #include <torch/extension.h>
 
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "causal_conv1d.h"
+#include "causal_conv1d_tiles.h"
 
 #ifdef SATN_WITH_CUDA
-// Implemented in causal_conv1d.cu. Inputs arrive checked and contiguous; bias
-// and y may be undefined tensors.
+// Implemented in causal_conv1d.cu. Inputs arrive checked and contiguous; bias,
+// y and the returned grad_x / grad_bias may be undefined tensors.
 at::Tensor satn_causal_conv1d_forward_cuda(const at::Tensor& x, const at::Tensor& w,
                                            const at::Tensor& bias, int64_t dilation,
-                                           bool relu);
+                                           bool relu, bool tf32);
 std::vector<at::Tensor> satn_causal_conv1d_backward_cuda(const at::Tensor& grad_y,
                                                          const at::Tensor& x,
                                                          const at::Tensor& w,
                                                          const at::Tensor& y,
                                                          int64_t dilation, bool relu,
-                                                         bool has_bias);
+                                                         bool has_bias, bool need_x, bool tf32);
 std::string satn_cuda_arch_list();
 #endif
 
@@ -49,9 +53,9 @@ void check_dtype(const at::Tensor& t, const char* name) {
     TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
                 "causal_conv1d: on CUDA ", name,
                 " must be float16, bfloat16, float32 or float64, got ", dt);
-  } else {
-    TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "causal_conv1d: on CPU ", name,
-                " must be float32 or float64, got ", dt);
+  } else {  // the emulation covers one 16-bit type: fp16 runs the same code as bf16
+    TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16,
+                "causal_conv1d: on CPU ", name, " must be bfloat16, float32 or float64, got ", dt);
   }
 }
 
@@ -87,127 +91,196 @@ void check_common(const at::Tensor& x, const at::Tensor& w, int64_t dilation) {
               (w.size(2) - 1) * dilation + 1, " is too large");
 }
 
-// ---------------------------------------------------------------- CPU path
-// Each parallel chunk writes whole rows, so chunks never share an output.
-// Rows are split into a boundary part, where taps can fall outside the
-// sequence (the per-element functions of the header check), and an interior
-// part where every tap is inside. The interior accumulates a whole row
-// (L1-resident) one tap at a time: unit-stride loops that vectorise and
-// stream x sequentially.
 
-template <typename scalar_t>
-void forward_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
-                 at::Tensor& y, int64_t d, bool relu) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = x.size(0), C = x.size(1), T = x.size(2), O = w.size(0), K = w.size(2);
-  const int64_t halo = satn::causal_halo(K, d);
-  const int64_t edge = std::min(halo, T);  // outputs [0, edge) see the zero padding
-  const scalar_t* xp = x.data_ptr<scalar_t>();
-  const scalar_t* wp = w.data_ptr<scalar_t>();
-  const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
-  scalar_t* yp = y.data_ptr<scalar_t>();
+using namespace satn::tiles;
 
-  at::parallel_for(0, B * O, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(T);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / O, o = row % O;
-      std::fill(acc.begin(), acc.end(), bp ? static_cast<acc_t>(bp[o]) : acc_t(0));
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* x_row = xp + satn::offset3(b, c, 0, C, T);
-        const scalar_t* w_row = wp + satn::offset3(o, c, 0, C, K);
-        for (int64_t t = 0; t < edge; ++t)
-          acc[t] = satn::causal_point(acc[t], x_row, w_row, t, K, d);
-        for (int64_t k = 0; k < K; ++k) {
-          const scalar_t wk = w_row[k];
-          for (int64_t t = halo; t < T; ++t)
-            acc[t] = satn::mul_add(acc[t], wk, x_row[satn::tap_input_time(t, k, K, d)]);
-        }
+// ---------------------------------------------------------------- emulated fragments
+// The device rounds float32 operands to TF32 (10-bit mantissa, to nearest, ties away
+// from zero: cvt.rna.tf32.f32) before a TF32 MMA; bf16 / fp16 operands are exact and
+// so are their products in float32.
+struct NoRound {
+  template <typename T>
+  static T apply(T v) { return v; }
+};
+struct RoundTf32 {
+  static float apply(float v) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    if ((u & 0x7f800000u) != 0x7f800000u) {  // finite: round the 13 dropped bits
+      u += 0x1000u;
+      u &= 0xffffe000u;
+    }
+    std::memcpy(&v, &u, sizeof v);
+    return v;
+  }
+};
+
+// Same shapes and semantics as the device fragments (16 x 16 x Kf, accumulation in
+// acc_t); the layout inside a fragment is the only thing not reproduced.
+template <typename E, typename Acc, int Kf, typename Round>
+struct EmuFragments {
+  using elem_t = E;
+  using acc_t = Acc;
+  static constexpr int M = 16, N = 16, K = Kf;
+  struct A { Acc v[M][K]; };
+  struct BCol { Acc v[K][N]; };
+  struct BRow { Acc v[K][N]; };
+  struct C { Acc v[M][N]; };
+
+  static Acc in(E e) { return Round::apply(static_cast<Acc>(e)); }
+  static void zero(C& c) {
+    for (int m = 0; m < M; ++m)
+      for (int n = 0; n < N; ++n) c.v[m][n] = Acc(0);
+  }
+  static void load_a(A& a, const E* p, int ld) {
+    for (int m = 0; m < M; ++m)
+      for (int k = 0; k < K; ++k) a.v[m][k] = in(p[m * ld + k]);
+  }
+  static void load_b(BCol& b, const E* p, int ld) {
+    for (int k = 0; k < K; ++k)
+      for (int n = 0; n < N; ++n) b.v[k][n] = in(p[n * ld + k]);
+  }
+  static void load_b(BRow& b, const E* p, int ld) {
+    for (int k = 0; k < K; ++k)
+      for (int n = 0; n < N; ++n) b.v[k][n] = in(p[k * ld + n]);
+  }
+  template <typename B>
+  static void mma(C& c, const A& a, const B& b) {
+    for (int m = 0; m < M; ++m)
+      for (int n = 0; n < N; ++n) {
+        Acc sum = c.v[m][n];
+        for (int k = 0; k < K; ++k) sum += a.v[m][k] * b.v[k][n];
+        c.v[m][n] = sum;
       }
-      scalar_t* y_row = yp + satn::offset3(b, o, 0, O, T);
-      for (int64_t t = 0; t < T; ++t) y_row[t] = static_cast<scalar_t>(satn::activate(acc[t], relu));
+  }
+  static void store_col(Acc* p, const C& c, int ld) {
+    for (int m = 0; m < M; ++m)
+      for (int n = 0; n < N; ++n) p[n * ld + m] = c.v[m][n];
+  }
+  static void store_row(Acc* p, const C& c, int ld) {
+    for (int m = 0; m < M; ++m)
+      for (int n = 0; n < N; ++n) p[m * ld + n] = c.v[m][n];
+  }
+};
+
+// A block run by one executor: the cooperative loops take every index, the warp
+// loops every warp's tile, copies are immediate and barriers have nothing to wait for.
+struct CpuBlock {
+  static constexpr int kSlots = kWarps;
+  int tid = 0, nthreads = 1, warp = 0, nwarps = 1;
+  void sync() {}
+  void commit() {}
+  void wait_all() {}
+  void wait_but_one() {}
+  template <typename T>
+  void copy(T* dst, const T* src) { *dst = src != nullptr ? *src : T(0.0f); }
+  template <typename T>
+  void put(T* dst, T v) { *dst = v; }
+};
+
+// The fragment back end the device would use for this dtype (and TF32 setting).
+template <typename F>
+void with_emulated_fragments(at::ScalarType st, bool tf32, F&& f) {
+  switch (st) {
+    case at::kFloat:
+      if (tf32) f(EmuFragments<float, float, 8, RoundTf32>{});
+      else f(EmuFragments<float, float, 8, NoRound>{});
+      break;
+    case at::kDouble: f(EmuFragments<double, double, 4, NoRound>{}); break;
+    case at::kBFloat16: f(EmuFragments<at::BFloat16, float, 16, NoRound>{}); break;
+    default: TORCH_CHECK(false, "causal_conv1d: unsupported dtype ", st);
+  }
+}
+
+// Taps per block: K itself for K = 1..5, else groups of 4.
+template <typename F>
+void with_taps(int K, F&& f) {
+  switch (K) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+template <typename Fr, int KT>
+void conv_cpu(const ConvArgs<typename Fr::elem_t>& a) {
+  const int64_t ttiles = div_up(a.T, kConvBT), ptiles = div_up(a.P, kConvBO);
+  const int64_t bytes = conv_smem_bytes<Fr, KT>(a.step, a.nbuf);
+  at::parallel_for(0, a.B * ttiles * ptiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> smem(div_up(bytes, sizeof(double)));
+    CpuBlock ctx;
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t bt = blk / ptiles;
+      conv_block<Fr, KT>(ctx, a, bt / ttiles, (bt % ttiles) * kConvBT, (blk % ptiles) * kConvBO,
+                         reinterpret_cast<unsigned char*>(smem.data()));
     }
   });
 }
 
-template <typename scalar_t>
-at::Tensor relu_mask_cpu(const at::Tensor& grad_y, const at::Tensor& y) {
-  at::Tensor g = at::empty_like(grad_y);
-  const scalar_t* gyp = grad_y.data_ptr<scalar_t>();
-  const scalar_t* yp = y.data_ptr<scalar_t>();
-  scalar_t* gp = g.data_ptr<scalar_t>();
-  at::parallel_for(0, g.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) gp[i] = satn::relu_masked_grad(gyp[i], yp[i]);
-  });
-  return g;
+template <typename Fr>
+void run_conv_cpu(const at::Tensor& in, const at::Tensor& ymask, const at::Tensor& w,
+                  const at::Tensor& bias, at::Tensor& out, int64_t d, bool causal, bool relu) {
+  using E = typename Fr::elem_t;
+  ConvArgs<E> a;
+  a.in = in.data_ptr<E>();
+  a.ymask = ymask.defined() ? ymask.data_ptr<E>() : nullptr;
+  a.w = w.data_ptr<E>();
+  a.bias = bias.defined() ? bias.data_ptr<E>() : nullptr;
+  a.out = out.data_ptr<E>();
+  a.B = in.size(0), a.Q = in.size(1), a.T = in.size(2), a.P = out.size(1);
+  a.K = static_cast<int>(w.size(2)), a.d = static_cast<int>(d);
+  a.causal = causal, a.relu = relu;
+  a.step = tap_row_step(a.d, kConvBT), a.nbuf = 2;
+  with_taps(a.K, [&](auto kt) { conv_cpu<Fr, decltype(kt)::value>(a); });
 }
 
-// g is dL/dz (ReLU mask already applied).
-template <typename scalar_t>
-void backward_cpu(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, int64_t d,
-                  at::Tensor& grad_x, at::Tensor& grad_w, at::Tensor& grad_b) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = x.size(0), C = x.size(1), T = x.size(2), O = w.size(0), K = w.size(2);
-  const int64_t halo = satn::causal_halo(K, d);
-  // Inputs [0, interior) feed an output through every tap.
-  const int64_t interior = std::max<int64_t>(T - halo, 0);
-  const scalar_t* gp = g.data_ptr<scalar_t>();
-  const scalar_t* xp = x.data_ptr<scalar_t>();
-  const scalar_t* wp = w.data_ptr<scalar_t>();
+template <typename Fr>
+void run_grad_w_cpu(const at::Tensor& gy, const at::Tensor& ymask, const at::Tensor& x,
+                    int64_t d, at::Tensor& grad_w, at::Tensor& grad_b) {
+  using E = typename Fr::elem_t;
+  using Acc = typename Fr::acc_t;
+  const int64_t B = x.size(0), C = x.size(1), T = x.size(2), O = gy.size(1);
+  const int K = static_cast<int>(grad_w.size(2));
+  const int64_t otiles = div_up(O, kGwBO), ctiles = std::max<int64_t>(1, div_up(C, kGwBC));
+  GradWArgs<E, Acc> a;
+  a.B = B, a.O = O, a.C = C, a.T = T, a.K = K, a.d = static_cast<int>(d);
+  a.O_pad = otiles * kGwBO, a.C_pad = ctiles * kGwBC;
+  a.step = tap_row_step(a.d, kGwBT), a.nbuf = 2;
+  a.items = B * div_up(T, kGwBT);
+  a.splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.items, div_up(a.items, 64))));
+  const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<Acc>::value);
+  at::Tensor partial_w = at::empty({a.splits, K, a.O_pad, a.C_pad}, acc_opts);
+  at::Tensor partial_b = grad_b.defined() ? at::empty({a.splits, a.O_pad}, acc_opts) : at::Tensor();
+  a.g = gy.data_ptr<E>(), a.ymask = ymask.defined() ? ymask.data_ptr<E>() : nullptr;
+  a.x = x.data_ptr<E>();
+  a.partial_w = partial_w.data_ptr<Acc>();
+  a.partial_b = partial_b.defined() ? partial_b.data_ptr<Acc>() : nullptr;
 
-  // grad_x[b,c,s] = sum_{o,k} w[o,c,k] * g[b,o,s+lag(k)]: the forward loop
-  // mirrored in time, with the boundary at the end of the sequence.
-  scalar_t* gxp = grad_x.data_ptr<scalar_t>();
-  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(T);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / C, c = row % C;
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t o = 0; o < O; ++o) {
-        const scalar_t* g_row = gp + satn::offset3(b, o, 0, O, T);
-        const scalar_t* w_row = wp + satn::offset3(o, c, 0, C, K);
-        for (int64_t k = 0; k < K; ++k) {
-          const scalar_t wk = w_row[k];
-          for (int64_t s = 0; s < interior; ++s)
-            acc[s] = satn::mul_add(acc[s], wk, g_row[satn::tap_output_time(s, k, K, d)]);
-        }
-        for (int64_t s = interior; s < T; ++s)
-          acc[s] = satn::anticausal_point(acc[s], g_row, w_row, s, T, K, d);
-      }
-      scalar_t* gx_row = gxp + satn::offset3(b, c, 0, C, T);
-      for (int64_t s = 0; s < T; ++s) gx_row[s] = static_cast<scalar_t>(acc[s]);
-    }
-  });
-
-  // grad_w[o,c,k] = sum_{b,t} g[b,o,t] * x[b,c,t-lag(k)]; one partial sum per
-  // batch row keeps the float32 sums short for long sequences.
-  scalar_t* gwp = grad_w.data_ptr<scalar_t>();
-  at::parallel_for(0, O * C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t oc = begin; oc < end; ++oc) {
-      const int64_t o = oc / C, c = oc % C;
-      for (int64_t k = 0; k < K; ++k) {
-        acc_t total = 0;
-        for (int64_t b = 0; b < B; ++b)
-          total += satn::lagged_dot(acc_t(0), gp + satn::offset3(b, o, 0, O, T),
-                                    xp + satn::offset3(b, c, 0, C, T), k, T, K, d);
-        gwp[satn::offset3(o, c, k, C, K)] = static_cast<scalar_t>(total);
-      }
-    }
-  });
-
-  if (grad_b.defined()) {
-    scalar_t* gbp = grad_b.data_ptr<scalar_t>();
-    at::parallel_for(0, O, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t o = begin; o < end; ++o) {
-        acc_t total = 0;
-        for (int64_t b = 0; b < B; ++b) {
-          const scalar_t* g_row = gp + satn::offset3(b, o, 0, O, T);
-          acc_t part = 0;
-          for (int64_t t = 0; t < T; ++t) part += static_cast<acc_t>(g_row[t]);
-          total += part;
-        }
-        gbp[o] = static_cast<scalar_t>(total);
+  with_taps(K, [&](auto kt) {
+    constexpr int KT = decltype(kt)::value;
+    const int64_t groups = div_up(K, KT);
+    const int64_t bytes = grad_w_smem_bytes<Fr, KT>(a.step, a.nbuf);
+    at::parallel_for(0, a.splits * otiles * ctiles * groups, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> smem(div_up(bytes, sizeof(double)));
+      CpuBlock ctx;
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t z = blk % (ctiles * groups), rest = blk / (ctiles * groups);
+        grad_w_block<Fr, KT>(ctx, a, static_cast<int>(rest / otiles), (rest % otiles) * kGwBO,
+                             (z / groups) * kGwBC, static_cast<int>(z % groups),
+                             reinterpret_cast<unsigned char*>(smem.data()));
       }
     });
+  });
+  E* gw = grad_w.data_ptr<E>();
+  at::parallel_for(0, grad_w.numel(), 1 << 12, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      gw[i] = reduce_grad_w<E>(a.partial_w, i, a.splits, O, C, K, a.O_pad, a.C_pad);
+  });
+  if (grad_b.defined()) {
+    E* gb = grad_b.data_ptr<E>();
+    for (int64_t o = 0; o < O; ++o) gb[o] = reduce_grad_b<E>(a.partial_b, o, a.splits, a.O_pad);
   }
 }
 
@@ -217,7 +290,7 @@ void backward_cpu(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
 
 at::Tensor causal_conv1d_forward(const at::Tensor& x_in, const at::Tensor& w_in,
                                  const std::optional<at::Tensor>& bias_in, int64_t dilation,
-                                 bool relu) {
+                                 bool relu, bool tf32) {
   check_common(x_in, w_in, dilation);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor w = w_in.contiguous();
@@ -231,19 +304,20 @@ at::Tensor causal_conv1d_forward(const at::Tensor& x_in, const at::Tensor& w_in,
   }
 
 #ifdef SATN_WITH_CUDA
-  if (x.is_cuda()) return satn_causal_conv1d_forward_cuda(x, w, bias, dilation, relu);
+  if (x.is_cuda()) return satn_causal_conv1d_forward_cuda(x, w, bias, dilation, relu, tf32);
 #endif
   at::Tensor y = at::empty({x.size(0), w.size(0), x.size(2)}, x.options());
   if (y.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_forward_cpu", [&] {
-    forward_cpu<scalar_t>(x, w, bias, y, dilation, relu);
+  with_emulated_fragments(x.scalar_type(), tf32, [&](auto fr) {
+    run_conv_cpu<decltype(fr)>(x, at::Tensor(), w, bias, y, dilation, true, relu);
   });
   return y;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_backward(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& w_in,
-    const std::optional<at::Tensor>& y_in, int64_t dilation, bool relu, bool has_bias) {
+    const std::optional<at::Tensor>& y_in, int64_t dilation, bool relu, bool has_bias,
+    bool need_x, bool tf32) {
   check_common(x_in, w_in, dilation);
   const std::vector<int64_t> y_shape = {x_in.size(0), w_in.size(0), x_in.size(2)};
   TORCH_CHECK(grad_y_in.defined(), "causal_conv1d: grad_y is required");
@@ -265,17 +339,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_backward(
 
 #ifdef SATN_WITH_CUDA
   if (x.is_cuda()) {
-    auto grads = satn_causal_conv1d_backward_cuda(grad_y, x, w, y, dilation, relu, has_bias);
+    auto grads = satn_causal_conv1d_backward_cuda(grad_y, x, w, y, dilation, relu, has_bias,
+                                                  need_x, tf32);
     return {grads[0], grads[1], grads[2]};
   }
 #endif
-  at::Tensor grad_x = at::zeros_like(x);
-  at::Tensor grad_w = at::zeros_like(w);
-  at::Tensor grad_b = has_bias ? at::zeros({w.size(0)}, w.options()) : at::Tensor();
-  if (grad_y.numel() == 0) return {grad_x, grad_w, grad_b};
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_backward_cpu", [&] {
-    const at::Tensor g = relu ? relu_mask_cpu<scalar_t>(grad_y, y) : grad_y;
-    backward_cpu<scalar_t>(g, x, w, dilation, grad_x, grad_w, grad_b);
+  at::Tensor grad_x = need_x ? at::empty_like(x) : at::Tensor();
+  at::Tensor grad_w = at::empty_like(w);
+  at::Tensor grad_b = has_bias ? at::empty({w.size(0)}, w.options()) : at::Tensor();
+  with_emulated_fragments(x.scalar_type(), tf32, [&](auto fr) {
+    using Fr = decltype(fr);
+    if (need_x && x.numel() > 0)
+      run_conv_cpu<Fr>(grad_y, y, w, at::Tensor(), grad_x, dilation, false, false);
+    if (w.numel() > 0 || has_bias) run_grad_w_cpu<Fr>(grad_y, y, x, dilation, grad_w, grad_b);
   });
   return {grad_x, grad_w, grad_b};
 }
@@ -283,13 +359,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_backward(
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused dilated causal conv1d (+bias, +ReLU) for SATN";
   m.def("forward", &causal_conv1d_forward,
-        "y = act(bias + causal dilated conv1d(x, weight)); x (B,C,T), weight (O,C,K)",
+        "y = act(bias + causal dilated conv1d(x, weight)); x (B,C,T), weight (O,C,K); "
+        "tf32: float32 products on TF32, as PyTorch's convolution with TF32 allowed",
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("dilation") = 1,
-        py::arg("relu") = false);
+        py::arg("relu") = false, py::arg("tf32") = false);
   m.def("backward", &causal_conv1d_backward,
-        "(grad_x, grad_weight, grad_bias or None) from grad_y and the saved x, weight, y",
+        "(grad_x or None, grad_weight, grad_bias or None) from grad_y and the saved x, weight, y",
         py::arg("grad_y"), py::arg("x"), py::arg("weight"), py::arg("y") = py::none(),
-        py::arg("dilation") = 1, py::arg("relu") = false, py::arg("has_bias") = false);
+        py::arg("dilation") = 1, py::arg("relu") = false, py::arg("has_bias") = false,
+        py::arg("need_x") = true, py::arg("tf32") = false);
   m.def("has_cuda", &has_cuda_part, "whether the CUDA kernels were compiled in");
   m.def("cuda_archs", []() -> std::string {
 #ifdef SATN_WITH_CUDA

@@ -1,285 +1,347 @@
-// CUDA kernels of the fused dilated causal conv1d: forward (+bias, +ReLU),
-// grad_x, grad_w, grad_bias, for float16, bfloat16, float32 and float64.
-// Products are accumulated in float (double for float64). Index arithmetic
-// comes from causal_conv1d.h, which the CPU build tests.
+// CUDA kernels of the fused dilated causal conv1d: the tile code of
+// causal_conv1d_tiles.h with device fragments.
 //
-// The gain over PyTorch's path is fusion: pad + conv + ReLU there are three
-// trips through memory, here one. The kernels favour plain, checkable code.
+//   float16, bfloat16: WMMA tensor cores, 16x16x16, float32 accumulation
+//   float32:           WMMA TF32 tensor cores, 16x16x8, when PyTorch would use TF32
+//                      for a convolution (tf32=true); otherwise exact float32 on CUDA cores
+//   float64:           CUDA cores
+//
+// Forward and grad_x: one implicit-GEMM kernel (64 time steps x 128 output channels
+// per block, 8 warps of 32 x 32), grad_x with the taps mirrored and the ReLU mask
+// applied while grad_y is staged; skipped when x needs no gradient. grad_w (and
+// grad_bias in the same pass): a GEMM over (batch, time) split over blocks, whose
+// partial sums a second kernel adds in a fixed order: no atomics, deterministic.
+// Staging is double-buffered; 4- and 8-byte elements are copied with cp.async.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
 
 #include <algorithm>
-#include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "causal_conv1d.h"
+#include "causal_conv1d_tiles.h"
 
 namespace {
 
-// Tiled convolution (forward and grad_x). A block of kThreads threads owns
-// kTileT time steps x kTileP output rows; each thread keeps a kRegP x kRegT
-// register tile, with its time steps kTileT/kRegT apart so that a warp reads
-// consecutive shared-memory words (no bank conflicts).
-constexpr int kTileT = 64;
-constexpr int kTileP = 32;
-constexpr int kRegT = 4;
-constexpr int kRegP = 4;
-constexpr int kLanesT = kTileT / kRegT;                  // 16 threads along time
-constexpr int kThreads = kLanesT * (kTileP / kRegP);     // 128
-constexpr int kMaxChunk = 16;                            // reduction channels staged at once
-constexpr size_t kSmemBudget = 48 * 1024;                // no opt-in needed below this
+using namespace satn::tiles;
+namespace wmma = nvcuda::wmma;
 
-// grad_w: a block owns a kWTile x kWTile tile of (o, c) for one tap, one
-// thread per pair, and walks time kWTime steps at a time.
-constexpr int kWTile = 16;
-constexpr int kWTime = 64;
-constexpr int kWThreads = kWTile * kWTile;
-// At most this many time chunks per block before its partial sum is added
-// atomically, so float32 partial sums stay short however long T is.
-constexpr int64_t kWMaxChunksPerBlock = 64;
+// ---------------------------------------------------------------- fragments
+template <typename T>
+struct DeviceHalf;
+template <>
+struct DeviceHalf<at::Half> { using type = __half; };
+template <>
+struct DeviceHalf<at::BFloat16> { using type = __nv_bfloat16; };
 
-constexpr int kReduceThreads = 256;
+// bf16 / fp16 on tensor cores. at::Half / at::BFloat16 share the device types' layout.
+template <typename E>
+struct WmmaHalfFragments {
+  using elem_t = E;
+  using acc_t = float;
+  using dev_t = typename DeviceHalf<E>::type;
+  static constexpr int M = 16, N = 16, K = 16;
+  using A = wmma::fragment<wmma::matrix_a, M, N, K, dev_t, wmma::row_major>;
+  using BCol = wmma::fragment<wmma::matrix_b, M, N, K, dev_t, wmma::col_major>;
+  using BRow = wmma::fragment<wmma::matrix_b, M, N, K, dev_t, wmma::row_major>;
+  using C = wmma::fragment<wmma::accumulator, M, N, K, float>;
 
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+  static __device__ __forceinline__ void zero(C& c) { wmma::fill_fragment(c, 0.0f); }
+  static __device__ __forceinline__ void load_a(A& a, const E* p, int ld) {
+    wmma::load_matrix_sync(a, reinterpret_cast<const dev_t*>(p), ld);
+  }
+  template <typename B>
+  static __device__ __forceinline__ void load_b(B& b, const E* p, int ld) {
+    wmma::load_matrix_sync(b, reinterpret_cast<const dev_t*>(p), ld);
+  }
+  template <typename B>
+  static __device__ __forceinline__ void mma(C& c, const A& a, const B& b) {
+    wmma::mma_sync(c, a, b, c);
+  }
+  static __device__ __forceinline__ void store_col(float* p, const C& c, int ld) {
+    wmma::store_matrix_sync(p, c, ld, wmma::mem_col_major);
+  }
+  static __device__ __forceinline__ void store_row(float* p, const C& c, int ld) {
+    wmma::store_matrix_sync(p, c, ld, wmma::mem_row_major);
+  }
+};
 
-// out[b,p,t] = act(bias[p] + sum_{q,k} W(p,q,k) * in[b,q,t -/+ lag(k)])
-//   forward (kCausal):  p = o, q = c, W = w[o,c,k], reads the past.
-//   grad_x (!kCausal):  p = c, q = o, W = w[q,p,k], reads the future (in = dL/dz).
-// Per chunk of q, the block stages the input window with its halo (zeros
-// outside [0, T)) and the weight slice in shared memory.
-template <typename scalar_t, bool kCausal>
+// float32 operands rounded to TF32 on tensor cores, float32 accumulation.
+struct WmmaTf32Fragments {
+  using elem_t = float;
+  using acc_t = float;
+  static constexpr int M = 16, N = 16, K = 8;
+  using A = wmma::fragment<wmma::matrix_a, M, N, K, wmma::precision::tf32, wmma::row_major>;
+  using BCol = wmma::fragment<wmma::matrix_b, M, N, K, wmma::precision::tf32, wmma::col_major>;
+  using BRow = wmma::fragment<wmma::matrix_b, M, N, K, wmma::precision::tf32, wmma::row_major>;
+  using C = wmma::fragment<wmma::accumulator, M, N, K, float>;
+
+  template <typename F>
+  static __device__ __forceinline__ void to_tf32(F& f) {
+#pragma unroll
+    for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
+  }
+  static __device__ __forceinline__ void zero(C& c) { wmma::fill_fragment(c, 0.0f); }
+  static __device__ __forceinline__ void load_a(A& a, const float* p, int ld) {
+    wmma::load_matrix_sync(a, p, ld);
+    to_tf32(a);
+  }
+  template <typename B>
+  static __device__ __forceinline__ void load_b(B& b, const float* p, int ld) {
+    wmma::load_matrix_sync(b, p, ld);
+    to_tf32(b);
+  }
+  template <typename B>
+  static __device__ __forceinline__ void mma(C& c, const A& a, const B& b) {
+    wmma::mma_sync(c, a, b, c);
+  }
+  static __device__ __forceinline__ void store_col(float* p, const C& c, int ld) {
+    wmma::store_matrix_sync(p, c, ld, wmma::mem_col_major);
+  }
+  static __device__ __forceinline__ void store_row(float* p, const C& c, int ld) {
+    wmma::store_matrix_sync(p, c, ld, wmma::mem_row_major);
+  }
+};
+
+// Exact float32 / float64 on CUDA cores, with the same warp-level semantics: lane l
+// holds C(l % 16, (l / 16) * 8 + j), j < 8; A and B are read from shared memory
+// by the multiply (the fragments only remember where).
+template <typename T, int Kf>
+struct SimtFragments {
+  using elem_t = T;
+  using acc_t = T;
+  static constexpr int M = 16, N = 16, K = Kf;
+  struct A { const T* p; int ld; };
+  struct BCol { const T* p; int ld; };
+  struct BRow { const T* p; int ld; };
+  struct C { T v[8]; };
+
+  static __device__ __forceinline__ int row() { return threadIdx.x % M; }
+  static __device__ __forceinline__ int col0() { return ((threadIdx.x / M) % 2) * (N / 2); }
+  static __device__ __forceinline__ T b_at(const BCol& b, int k, int n) { return b.p[n * b.ld + k]; }
+  static __device__ __forceinline__ T b_at(const BRow& b, int k, int n) { return b.p[k * b.ld + n]; }
+
+  static __device__ __forceinline__ void zero(C& c) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) c.v[j] = T(0);
+  }
+  static __device__ __forceinline__ void load_a(A& a, const T* p, int ld) { a = A{p, ld}; }
+  static __device__ __forceinline__ void load_b(BCol& b, const T* p, int ld) { b = BCol{p, ld}; }
+  static __device__ __forceinline__ void load_b(BRow& b, const T* p, int ld) { b = BRow{p, ld}; }
+  template <typename B>
+  static __device__ __forceinline__ void mma(C& c, const A& a, const B& b) {
+    const int m = row(), n0 = col0();
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const T av = a.p[m * a.ld + k];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) c.v[j] = fma(av, b_at(b, k, n0 + j), c.v[j]);
+    }
+  }
+  static __device__ __forceinline__ void store_col(T* p, const C& c, int ld) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) p[(col0() + j) * ld + row()] = c.v[j];
+  }
+  static __device__ __forceinline__ void store_row(T* p, const C& c, int ld) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) p[row() * ld + col0() + j] = c.v[j];
+  }
+};
+
+// ---------------------------------------------------------------- the block
+struct GpuBlock {
+  static constexpr int kSlots = 1;
+  int tid, nthreads, warp, nwarps;
+  const void* any_global;  // a valid global address for zero-filling copies
+
+  __device__ explicit GpuBlock(const void* g)
+      : tid(threadIdx.x), nthreads(blockDim.x), warp(threadIdx.x / 32), nwarps(blockDim.x / 32),
+        any_global(g) {}
+  __device__ __forceinline__ void sync() { __syncthreads(); }
+  __device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;\n" ::); }
+  __device__ __forceinline__ void wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+  __device__ __forceinline__ void wait_but_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
+
+  // 4- and 8-byte elements: cp.async, reading nothing (and writing zero) for a null src.
+  // 2-byte elements are below cp.async's smallest size: a plain load and store.
+  template <typename T>
+  __device__ __forceinline__ void copy(T* dst, const T* src) {
+    if constexpr (sizeof(T) == 4 || sizeof(T) == 8) {
+      const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+      const int n = src != nullptr ? static_cast<int>(sizeof(T)) : 0;
+      const void* g = src != nullptr ? static_cast<const void*>(src) : any_global;
+      if constexpr (sizeof(T) == 4)
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(g), "r"(n));
+      else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(s), "l"(g), "r"(n));
+    } else {
+      *dst = src != nullptr ? *src : T(0.0f);
+    }
+  }
+  template <typename T>
+  __device__ __forceinline__ void put(T* dst, T v) { *dst = v; }
+};
+
+template <typename Fr, int KT>
+__global__ void __launch_bounds__(kThreads) conv_kernel(const ConvArgs<typename Fr::elem_t> a) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  GpuBlock ctx(a.w);
+  const int64_t ttiles = div_up(a.T, kConvBT);
+  conv_block<Fr, KT>(ctx, a, blockIdx.x / ttiles, (blockIdx.x % ttiles) * kConvBT,
+                     static_cast<int64_t>(blockIdx.y) * kConvBO, smem);
+}
+
+template <typename Fr, int KT>
 __global__ void __launch_bounds__(kThreads)
-tiled_conv_kernel(const scalar_t* __restrict__ in, const scalar_t* __restrict__ w,
-                  const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, int64_t P,
-                  int64_t Q, int64_t T, int K, int d, int chunk, bool relu) {
-  using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int halo = static_cast<int>(satn::causal_halo(K, d));
-  const int width = kTileT + halo;
-  acc_t* in_s = reinterpret_cast<acc_t*>(smem_raw);  // (chunk, width)
-  acc_t* w_s = in_s + chunk * width;                   // (chunk, K, kTileP)
-
-  const int64_t t_tiles = ceil_div(T, kTileT);
-  const int64_t b = blockIdx.x / t_tiles;
-  const int64_t t0 = (blockIdx.x % t_tiles) * kTileT;
-  const int64_t p0 = static_cast<int64_t>(blockIdx.y) * kTileP;
-  const int lane_t = threadIdx.x % kLanesT;
-  const int row_p = (threadIdx.x / kLanesT) * kRegP;
-  const int64_t window0 = kCausal ? t0 - halo : t0;  // time of staged element 0
-
-  acc_t acc[kRegP][kRegT];
-#pragma unroll
-  for (int r = 0; r < kRegP; ++r)
-#pragma unroll
-    for (int j = 0; j < kRegT; ++j) acc[r][j] = acc_t(0);
-
-  for (int64_t q0 = 0; q0 < Q; q0 += chunk) {
-    const int nq = static_cast<int>(Q - q0 < chunk ? Q - q0 : chunk);
-    for (int e = threadIdx.x; e < nq * width; e += kThreads) {
-      const int qq = e / width;
-      const int64_t t = window0 + (e - qq * width);
-      in_s[e] = satn::time_in_range(t, T)
-                    ? static_cast<acc_t>(in[satn::offset3(b, q0 + qq, t, Q, T)])
-                    : acc_t(0);
-    }
-    for (int e = threadIdx.x; e < nq * K * kTileP; e += kThreads) {
-      const int pp = e % kTileP;
-      const int qk = e / kTileP;
-      const int qq = qk / K, k = qk % K;
-      const int64_t p = p0 + pp, q = q0 + qq;
-      acc_t v = acc_t(0);
-      if (p < P)
-        v = static_cast<acc_t>(w[kCausal ? satn::offset3(p, q, k, Q, K)
-                                         : satn::offset3(q, p, k, P, K)]);
-      w_s[e] = v;  // e == (qq * K + k) * kTileP + pp
-    }
-    __syncthreads();
-
-    for (int qq = 0; qq < nq; ++qq) {
-      const acc_t* in_row = in_s + qq * width;
-      for (int k = 0; k < K; ++k) {
-        const acc_t* w_col = w_s + (qq * K + k) * kTileP + row_p;
-        acc_t wv[kRegP], xv[kRegT];
-#pragma unroll
-        for (int r = 0; r < kRegP; ++r) wv[r] = w_col[r];
-#pragma unroll
-        for (int j = 0; j < kRegT; ++j) {
-          const int i = lane_t + j * kLanesT;
-          xv[j] = in_row[kCausal ? satn::causal_window_index(i, k, d)
-                                 : satn::anticausal_window_index(i, k, K, d)];
-        }
-#pragma unroll
-        for (int r = 0; r < kRegP; ++r)
-#pragma unroll
-          for (int j = 0; j < kRegT; ++j) acc[r][j] = satn::mul_add(acc[r][j], wv[r], xv[j]);
-      }
-    }
-    __syncthreads();  // before the next chunk overwrites the tiles
-  }
-
-#pragma unroll
-  for (int r = 0; r < kRegP; ++r) {
-    const int64_t p = p0 + row_p + r;
-    if (p >= P) continue;
-    const acc_t bv = bias != nullptr ? static_cast<acc_t>(bias[p]) : acc_t(0);
-#pragma unroll
-    for (int j = 0; j < kRegT; ++j) {
-      const int64_t t = t0 + lane_t + j * kLanesT;
-      if (t < T)
-        out[satn::offset3(b, p, t, P, T)] =
-            static_cast<scalar_t>(satn::activate(acc[r][j] + bv, relu));
-    }
-  }
+grad_w_kernel(const GradWArgs<typename Fr::elem_t, typename Fr::acc_t> a, int groups) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  GpuBlock ctx(a.x);
+  grad_w_block<Fr, KT>(ctx, a, blockIdx.x, static_cast<int64_t>(blockIdx.y) * kGwBO,
+                       static_cast<int64_t>(blockIdx.z / groups) * kGwBC,
+                       static_cast<int>(blockIdx.z % groups), smem);
 }
 
-// Same operation, one thread per output, reading global memory: used when the
-// receptive field is too long for a shared-memory window.
-template <typename scalar_t, bool kCausal>
-__global__ void direct_conv_kernel(const scalar_t* __restrict__ in,
-                                   const scalar_t* __restrict__ w,
-                                   const scalar_t* __restrict__ bias,
-                                   scalar_t* __restrict__ out, int64_t B, int64_t P,
-                                   int64_t Q, int64_t T, int64_t K, int64_t d, bool relu) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n = B * P * T;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = idx % T, p = (idx / T) % P, b = idx / (T * P);
-    acc_t acc = bias != nullptr ? static_cast<acc_t>(bias[p]) : acc_t(0);
-    for (int64_t q = 0; q < Q; ++q) {
-      const scalar_t* in_row = in + satn::offset3(b, q, 0, Q, T);
-      acc = kCausal ? satn::causal_point(acc, in_row, w + satn::offset3(p, q, 0, Q, K), t, K, d)
-                    : satn::anticausal_point(acc, in_row, w + satn::offset3(q, p, 0, P, K), t, T,
-                                             K, d);
-    }
-    out[idx] = static_cast<scalar_t>(satn::activate(acc, relu));
-  }
-}
-
-template <typename scalar_t, bool kCausal>
-void launch_conv(const scalar_t* in, const scalar_t* w, const scalar_t* bias, scalar_t* out,
-                 int64_t B, int64_t P, int64_t Q, int64_t T, int64_t K, int64_t d, bool relu,
-                 cudaStream_t stream) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t width = kTileT + satn::causal_halo(K, d);
-  const int64_t per_channel = (width + K * kTileP) * static_cast<int64_t>(sizeof(acc_t));
-  const int64_t chunk = std::min<int64_t>({kMaxChunk, std::max<int64_t>(Q, 1),
-                                           static_cast<int64_t>(kSmemBudget) / per_channel});
-  const int64_t t_tiles = ceil_div(T, kTileT);
-  const int64_t p_tiles = ceil_div(P, kTileP);
-  if (chunk >= 1 && p_tiles <= 65535 && B * t_tiles <= std::numeric_limits<int32_t>::max()) {
-    const dim3 grid(static_cast<unsigned>(B * t_tiles), static_cast<unsigned>(p_tiles));
-    tiled_conv_kernel<scalar_t, kCausal><<<grid, kThreads, chunk * per_channel, stream>>>(
-        in, w, bias, out, P, Q, T, static_cast<int>(K), static_cast<int>(d),
-        static_cast<int>(chunk), relu);
-  } else {
-    const int64_t blocks = std::min<int64_t>(ceil_div(B * P * T, 256), 1 << 20);
-    direct_conv_kernel<scalar_t, kCausal><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-        in, w, bias, out, B, P, Q, T, K, d, relu);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename scalar_t>
-__global__ void relu_mask_kernel(const scalar_t* __restrict__ grad_y,
-                                 const scalar_t* __restrict__ y, scalar_t* __restrict__ g,
-                                 int64_t n) {
+template <typename E, typename Acc>
+__global__ void reduce_kernel(const Acc* __restrict__ partial_w, const Acc* __restrict__ partial_b,
+                              E* __restrict__ grad_w, E* __restrict__ grad_b, int splits, int64_t O,
+                              int64_t C, int K, int64_t O_pad, int64_t C_pad) {
+  const int64_t nw = O * C * K, n = nw > O ? nw : O;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    g[i] = satn::relu_masked_grad(grad_y[i], y[i]);
-}
-
-// grad_w[o,c,k] += sum over this block's time chunks of g[b,o,t] * x[b,c,t-lag(k)].
-// Blocks along grid.y split the (batch, time-chunk) range; their partial sums
-// meet in gw (float, or double for float64) through atomicAdd.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kWThreads)
-grad_w_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
-              at::opmath_type<scalar_t>* __restrict__ gw, int64_t B, int64_t C, int64_t O,
-              int64_t T, int64_t K, int64_t d) {
-  using acc_t = at::opmath_type<scalar_t>;
-  // +1 column: threads of a warp read x_s at 16 different rows, same column.
-  __shared__ acc_t g_s[kWTile][kWTime + 1];
-  __shared__ acc_t x_s[kWTile][kWTime + 1];
-
-  const int64_t c_tiles = ceil_div(C, kWTile);
-  const int64_t tile = blockIdx.x / K;
-  const int64_t k = blockIdx.x % K;
-  const int64_t o0 = (tile / c_tiles) * kWTile;
-  const int64_t c0 = (tile % c_tiles) * kWTile;
-  const int oo = threadIdx.x / kWTile, cc = threadIdx.x % kWTile;
-  const int64_t lag = satn::tap_lag(k, K, d);
-  const int64_t t_chunks = ceil_div(T, kWTime);
-
-  acc_t acc = acc_t(0);
-  for (int64_t s = blockIdx.y; s < B * t_chunks; s += gridDim.y) {
-    const int64_t b = s / t_chunks;
-    const int64_t t0 = (s % t_chunks) * kWTime;
-    if (t0 + kWTime <= lag) continue;  // every x term is padding (uniform over the block)
-    for (int e = threadIdx.x; e < kWTile * kWTime; e += kWThreads) {
-      const int r = e / kWTime, j = e % kWTime;
-      const int64_t t = t0 + j;
-      const int64_t o = o0 + r, c = c0 + r;
-      g_s[r][j] = (o < O && t < T) ? static_cast<acc_t>(g[satn::offset3(b, o, t, O, T)])
-                                   : acc_t(0);
-      const int64_t ts = satn::tap_input_time(t, k, K, d);
-      x_s[r][j] = (c < C && satn::time_in_range(ts, T))
-                      ? static_cast<acc_t>(x[satn::offset3(b, c, ts, C, T)])
-                      : acc_t(0);
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int j = 0; j < kWTime; ++j) acc = satn::mul_add(acc, g_s[oo][j], x_s[cc][j]);
-    __syncthreads();
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (i < nw) grad_w[i] = satn::tiles::reduce_grad_w<E>(partial_w, i, splits, O, C, K, O_pad, C_pad);
+    if (grad_b != nullptr && i < O) grad_b[i] = satn::tiles::reduce_grad_b<E>(partial_b, i, splits, O_pad);
   }
-  if (o0 + oo < O && c0 + cc < C) atomicAdd(gw + satn::offset3(o0 + oo, c0 + cc, k, C, K), acc);
 }
 
-// grad_bias[o] = sum_{b,t} g[b,o,t]: one block per o; per-thread strided sums,
-// then a tree in shared memory.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kReduceThreads)
-grad_bias_kernel(const scalar_t* __restrict__ g, scalar_t* __restrict__ gb, int64_t B,
-                 int64_t O, int64_t T) {
-  using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t part[kReduceThreads];
-  const int64_t o = blockIdx.x;
-  acc_t acc = acc_t(0);
-  for (int64_t i = threadIdx.x; i < B * T; i += kReduceThreads)
-    acc += static_cast<acc_t>(g[satn::offset3(i / T, o, i % T, O, T)]);
-  part[threadIdx.x] = acc;
-  __syncthreads();
-  for (int stride = kReduceThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) part[threadIdx.x] += part[threadIdx.x + stride];
-    __syncthreads();
+// ---------------------------------------------------------------- launchers
+template <typename F>
+void with_device_fragments(at::ScalarType st, bool tf32, F&& f) {
+  switch (st) {
+    case at::kFloat:
+      if (tf32) f(WmmaTf32Fragments{});
+      else f(SimtFragments<float, 8>{});
+      break;
+    case at::kDouble: f(SimtFragments<double, 4>{}); break;
+    case at::kHalf: f(WmmaHalfFragments<at::Half>{}); break;
+    case at::kBFloat16: f(WmmaHalfFragments<at::BFloat16>{}); break;
+    default: TORCH_CHECK(false, "causal_conv1d: unsupported dtype ", st);
   }
-  if (threadIdx.x == 0) gb[o] = static_cast<scalar_t>(part[0]);
 }
 
-int num_sms() {
-  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+// Taps per block: K itself for K = 1..5, else groups of 4 (as in the CPU build).
+template <typename F>
+void with_taps(int K, F&& f) {
+  switch (K) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+// Double buffering when it fits the device's shared memory, else one buffer.
+template <typename Kernel, typename Bytes>
+int64_t prepare_smem(Kernel kernel, Bytes bytes_for, int& nbuf) {
+  const int64_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  nbuf = bytes_for(2) <= limit ? 2 : 1;
+  const int64_t bytes = bytes_for(nbuf);
+  TORCH_CHECK(bytes <= limit, "causal_conv1d: a block needs ", bytes,
+              " bytes of shared memory, the device allows ", limit);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+  return bytes;
+}
+
+template <typename Fr>
+void run_conv(const at::Tensor& in, const at::Tensor& ymask, const at::Tensor& w,
+              const at::Tensor& bias, at::Tensor& out, int64_t d, bool causal, bool relu) {
+  using E = typename Fr::elem_t;
+  ConvArgs<E> a;
+  a.in = in.data_ptr<E>();
+  a.ymask = ymask.defined() ? ymask.data_ptr<E>() : nullptr;
+  a.w = w.data_ptr<E>();
+  a.bias = bias.defined() ? bias.data_ptr<E>() : nullptr;
+  a.out = out.data_ptr<E>();
+  a.B = in.size(0), a.Q = in.size(1), a.T = in.size(2), a.P = out.size(1);
+  a.K = static_cast<int>(w.size(2)), a.d = static_cast<int>(d);
+  a.causal = causal, a.relu = relu;
+  a.step = tap_row_step(a.d, kConvBT);
+  const int64_t ttiles = div_up(a.T, kConvBT), ptiles = div_up(a.P, kConvBO);
+  TORCH_CHECK(a.B * ttiles <= std::numeric_limits<int32_t>::max() && ptiles <= 65535,
+              "causal_conv1d: input too large for one launch");
+  with_taps(a.K, [&](auto kt) {
+    constexpr int KT = decltype(kt)::value;
+    const int64_t bytes = prepare_smem(conv_kernel<Fr, KT>,
+                                       [&](int nb) { return conv_smem_bytes<Fr, KT>(a.step, nb); }, a.nbuf);
+    const dim3 grid(static_cast<unsigned>(a.B * ttiles), static_cast<unsigned>(ptiles));
+    conv_kernel<Fr, KT><<<grid, kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <typename Fr>
+void run_grad_w(const at::Tensor& gy, const at::Tensor& ymask, const at::Tensor& x, int64_t d,
+                at::Tensor& grad_w, at::Tensor& grad_b) {
+  using E = typename Fr::elem_t;
+  using Acc = typename Fr::acc_t;
+  const int64_t B = x.size(0), C = x.size(1), T = x.size(2), O = gy.size(1);
+  const int K = static_cast<int>(grad_w.size(2));
+  const int64_t otiles = div_up(O, kGwBO), ctiles = std::max<int64_t>(1, div_up(C, kGwBC));
+  GradWArgs<E, Acc> a;
+  a.B = B, a.O = O, a.C = C, a.T = T, a.K = K, a.d = static_cast<int>(d);
+  a.O_pad = otiles * kGwBO, a.C_pad = ctiles * kGwBC;
+  a.step = tap_row_step(a.d, kGwBT);
+  a.items = B * div_up(T, kGwBT);
+  a.g = gy.data_ptr<E>(), a.ymask = ymask.defined() ? ymask.data_ptr<E>() : nullptr;
+  a.x = x.data_ptr<E>();
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  with_taps(K, [&](auto kt) {
+    constexpr int KT = decltype(kt)::value;
+    const int64_t groups = div_up(K, KT);
+    // Enough blocks for two waves, at most 64 items summed per block in float32.
+    const int64_t base = otiles * ctiles * groups;
+    int64_t splits = std::max(div_up(a.items, 64), div_up(2LL * sms, base));
+    a.splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({splits, a.items, 65535})));
+    TORCH_CHECK(otiles <= 65535 && ctiles * groups <= 65535, "causal_conv1d: weight too large");
+    const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<Acc>::value);
+    at::Tensor partial_w = at::empty({a.splits, K, a.O_pad, a.C_pad}, acc_opts);
+    at::Tensor partial_b = grad_b.defined() ? at::empty({a.splits, a.O_pad}, acc_opts) : at::Tensor();
+    a.partial_w = partial_w.data_ptr<Acc>();
+    a.partial_b = partial_b.defined() ? partial_b.data_ptr<Acc>() : nullptr;
+    const int64_t bytes = prepare_smem(grad_w_kernel<Fr, KT>,
+                                       [&](int nb) { return grad_w_smem_bytes<Fr, KT>(a.step, nb); }, a.nbuf);
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const dim3 grid(static_cast<unsigned>(a.splits), static_cast<unsigned>(otiles),
+                    static_cast<unsigned>(ctiles * groups));
+    grad_w_kernel<Fr, KT><<<grid, kThreads, bytes, stream>>>(a, static_cast<int>(groups));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t n = std::max<int64_t>(grad_w.numel(), O);
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(div_up(n, 256), 4096));
+    reduce_kernel<E, Acc><<<std::max(blocks, 1u), 256, 0, stream>>>(
+        a.partial_w, a.partial_b, grad_w.data_ptr<E>(), grad_b.defined() ? grad_b.data_ptr<E>() : nullptr,
+        a.splits, O, C, K, a.O_pad, a.C_pad);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace
 
 at::Tensor satn_causal_conv1d_forward_cuda(const at::Tensor& x, const at::Tensor& w,
-                                           const at::Tensor& bias, int64_t dilation,
-                                           bool relu) {
+                                           const at::Tensor& bias, int64_t dilation, bool relu,
+                                           bool tf32) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t B = x.size(0), C = x.size(1), T = x.size(2), O = w.size(0), K = w.size(2);
-  at::Tensor y = at::empty({B, O, T}, x.options());
+  at::Tensor y = at::empty({x.size(0), w.size(0), x.size(2)}, x.options());
   if (y.numel() == 0) return y;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "satn_causal_conv1d_forward_cuda", [&] {
-    launch_conv<scalar_t, true>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-                                bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
-                                y.data_ptr<scalar_t>(), B, O, C, T, K, dilation, relu, stream);
+  with_device_fragments(x.scalar_type(), tf32, [&](auto fr) {
+    run_conv<decltype(fr)>(x, at::Tensor(), w, bias, y, dilation, true, relu);
   });
   return y;
 }
@@ -289,61 +351,17 @@ std::vector<at::Tensor> satn_causal_conv1d_backward_cuda(const at::Tensor& grad_
                                                          const at::Tensor& w,
                                                          const at::Tensor& y,
                                                          int64_t dilation, bool relu,
-                                                         bool has_bias) {
+                                                         bool has_bias, bool need_x, bool tf32) {
   const c10::cuda::CUDAGuard guard(x.device());
-  // grad_w adds partial sums with float atomics: the order, and so the rounding, varies.
-  at::globalContext().alertNotDeterministic("satn causal_conv1d backward (CUDA grad_w)");
-  const int64_t B = x.size(0), C = x.size(1), T = x.size(2), O = w.size(0), K = w.size(2);
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor grad_x = at::zeros_like(x);
-  at::Tensor gw_acc = at::zeros({O, C, K}, w.options().dtype(acc_type));
-  at::Tensor grad_b = has_bias ? at::zeros({O}, w.options()) : at::Tensor();
-  if (grad_y.numel() == 0) return {grad_x, gw_acc.to(w.scalar_type()), grad_b};
-
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // dL/dz is materialised once: reading grad_y and y in each of the three
-  // kernels below would cost the same traffic and complicate them.
-  at::Tensor g = relu ? at::empty_like(grad_y) : grad_y;
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "satn_causal_conv1d_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    if (relu) {
-      const int64_t n = g.numel();
-      const int64_t blocks = std::min<int64_t>(ceil_div(n, 256), 1 << 20);
-      relu_mask_kernel<scalar_t><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-          grad_y.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), n);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-
-    if (x.numel() > 0)
-      launch_conv<scalar_t, false>(gp, w.data_ptr<scalar_t>(), nullptr,
-                                   grad_x.data_ptr<scalar_t>(), B, C, O, T, K, dilation,
-                                   false, stream);
-
-    if (C > 0) {
-      const int64_t tiles = ceil_div(O, kWTile) * ceil_div(C, kWTile) * K;
-      const int64_t chunks = B * ceil_div(T, kWTime);
-      // Enough blocks to fill the GPU, and no block summing too many chunks.
-      int64_t splits = std::max(ceil_div(4LL * num_sms(), tiles),
-                                ceil_div(chunks, kWMaxChunksPerBlock));
-      splits = std::max<int64_t>(1, std::min<int64_t>({splits, chunks, 65535}));
-      TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max(),
-                  "causal_conv1d: weight too large for the grad_w kernel");
-      const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
-      grad_w_kernel<scalar_t><<<grid, kWThreads, 0, stream>>>(
-          gp, x.data_ptr<scalar_t>(), gw_acc.data_ptr<acc_t>(), B, C, O, T, K, dilation);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-
-    if (has_bias) {
-      grad_bias_kernel<scalar_t><<<static_cast<unsigned>(O), kReduceThreads, 0, stream>>>(
-          gp, grad_b.data_ptr<scalar_t>(), B, O, T);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+  at::Tensor grad_x = need_x ? at::empty_like(x) : at::Tensor();
+  at::Tensor grad_w = at::empty_like(w);
+  at::Tensor grad_b = has_bias ? at::empty({w.size(0)}, w.options()) : at::Tensor();
+  with_device_fragments(x.scalar_type(), tf32, [&](auto fr) {
+    using Fr = decltype(fr);
+    if (need_x && x.numel() > 0) run_conv<Fr>(grad_y, y, w, at::Tensor(), grad_x, dilation, false, false);
+    if (w.numel() > 0 || has_bias) run_grad_w<Fr>(grad_y, y, x, dilation, grad_w, grad_b);
   });
-  return {grad_x, gw_acc.to(w.scalar_type()), grad_b};
+  return {grad_x, grad_w, grad_b};
 }
 
 // Variadic because the list contains commas.
