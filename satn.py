@@ -16,7 +16,7 @@ Run everything (on the built-in synthetic corpus unless --data is given):
     python satn.py report [--per-seed]        # runs/results.md: Table 2, Figure 3, paired tests, the paper's z-test
     python satn.py evaluate --checkpoint runs/student/tcn-self-at/fold*/best.pt --data OTHER [--label-map a=b,...]
     python satn.py predict --checkpoint runs/student/tcn-self-at/fold5/best.pt FILE_OR_DIR...
-    python satn.py bench features|kernel      # throughput benchmarks
+    python satn.py bench features|kernel|train|predict  # throughput, memory and run_all.sh projections
     python satn.py build-kernels [--cuda]     # compile the fused causal-conv extension now
     bash run_all.sh [--data PATH] [--seeds N] # the whole of Table 2
 
@@ -3078,6 +3078,7 @@ def run_lock(run_dir):
     process, so a killed training never leaves a stale one. The file keeps the holder's pid."""
     import fcntl
     run_dir = Path(run_dir)
+    created = [p for p in [run_dir, *run_dir.parents] if not p.exists()]   # removed again if left empty
     run_dir.mkdir(parents=True, exist_ok=True)
     f = open(run_dir / ".lock", "a+")
     try:
@@ -3097,6 +3098,13 @@ def run_lock(run_dir):
             f.flush()
         yield
     finally:
+        if created and [p.name for p in run_dir.iterdir()] == [".lock"]:   # refused before writing anything
+            (run_dir / ".lock").unlink()
+            for p in created:
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
         f.close()   # releases the lock
 
 
@@ -3388,7 +3396,8 @@ def train_teacher(cfg: TeacherConfig):
                                                           if select != cfg.decode else ""))
     if cfg.decode == "joint":
         print(f"joint decoding: beam {cfg.beam}, CTC weight {cfg.decode_ctc_weight}, "
-              + (f"words of a {len(tree)}-word training lexicon" if cfg.lexicon else "free phone strings"))
+              + (f"only the {len(vocab)} training words ({len(tree)} distinct pronunciations; a homophone decodes to "
+                 f"its most frequent word)" if cfg.lexicon else "free phone strings"))
     best = fit(cfg, model, run_dir, data, loss_fn, evaluate, "PER", False, {"vocab": list(PHONE_VOCAB)})
     model.load_state_dict(best["model"])
     model.eval()
@@ -3444,8 +3453,9 @@ def prepare_asr_data(cfg: TeacherConfig):
     n = max(1, round(ASR_HELD_OUT * len(speakers)))
     dev_spk, test_spk = set(speakers[-2 * n:-n]), set(speakers[-n:])
     train = [u for u in kept if u.speaker not in dev_spk | test_spk]
-    normed = normalise(kept, feats, cfg.norm, train)
-    mean, std = feature_stats([f for u, f in zip(kept, feats) if u.speaker not in dev_spk | test_spk])
+    normed = normalise(kept, feats, cfg.norm, train, lazy=True)        # per batch: no copy of the corpus
+    idx = [i for i, u in enumerate(kept) if u.speaker not in dev_spk | test_spk]
+    mean, std = feature_stats([feats[i] for i in idx], [feats.moments[i] for i in idx])
     parts = {"train": [], "dev": [], "test": []}
     for u, x in zip(kept, normed):
         parts["test" if u.speaker in test_spk else "dev" if u.speaker in dev_spk else "train"].append((u, x))
@@ -4562,6 +4572,7 @@ def predict_stream(checkpoint, path, chunk=STREAM_CHUNK, every=STREAM_EVERY, as_
     # the training statistics); --norm checkpoint, or a globally normalised model, the fixed ones.
     prior = STREAM_NORM_PRIOR if ck["norm"]["mode"] == "speaker" and norm != "checkpoint" else None
     stream = StudentStream(model, ck["norm"]["mean"].numpy(), ck["norm"]["std"].numpy(), prior)
+    torch.set_num_threads(1)   # a chunk is a few frames: more threads only wait for each other
     print(f"streaming {path}: {chunk:g} s chunks; algorithmic delay {1000 * WIN_SECONDS:.0f} ms window + "
           f"{1000 * FEATURE_LOOKAHEAD * HOP_SECONDS:.0f} ms delta lookahead + up to "
           f"{1000 * (model.subsample - 1) * HOP_SECONDS:.0f} ms subsample group + up to one chunk; normalisation: "
@@ -4719,15 +4730,16 @@ def evaluate_corpus(checkpoints, data, label_map=None, norm="auto", tag=None, ou
         how = norm if norm != "auto" else ("speaker" if ck["norm"]["mode"] == "speaker" else "checkpoint")
         if how == "speaker":   # each speaker's statistics from all of that speaker's audio in the corpus
             if per_speaker is None:
-                per_speaker = dict(zip([u.id for u in kept if u.id in ids], normalise(kept, feats, "speaker", keep=ids)))
+                per_speaker = dict(zip([u.id for u in kept if u.id in ids],
+                                       normalise(kept, feats, "speaker", keep=ids, lazy=True)))   # per batch
             inputs = per_speaker
         else:                  # the training statistics stored in the checkpoint
             mean, std = ck["norm"]["mean"].numpy(), ck["norm"]["std"].numpy()
-            inputs = {u.id: ((f.reshape(FEAT_CHANNELS, -1) - mean[:, None]) / std[:, None]).astype(np.float32)
-                      for u, f in zip(kept, feats) if u.id in ids}
+            inputs = {u.id: Normalised(f, mean, std) for u, f in zip(kept, feats) if u.id in ids}   # per batch
         items = [(u, inputs[u.id]) for u in chosen]
         model.to(dev)
-        metrics = classify(model, items, {c: i for i, c in enumerate(classes)}, ck["config"].get("batch_size", 32), dev)
+        metrics = classify(model, items, {c: i for i, c in enumerate(classes)}, ck["config"].get("batch_size", 32), dev,
+                           ck["config"].get("max_frames", 0))
         cfg = ck["config"]
         run = StudentConfig(**{k: v for k, v in cfg.items() if k in {f.name for f in dataclasses.fields(StudentConfig)}}).run_name()
         result = {"corpus": tag, "data": str(data) if data is not None else None, "checkpoint": str(path),
@@ -5181,13 +5193,20 @@ def bench_train(device="auto", batches=2, threads=1, cache_files=1000, jobs=(1, 
             wave = 0.1 * rng.standard_normal(int(d * SAMPLE_RATE)).astype(np.float32)
             sf.write(str(path), wave, SAMPLE_RATE, subtype="PCM_16")
             utts.append(Utterance(f"u{i}", str(path), "neutral", "S1F", "S1"))
+        import resource
+
+        def cpu_seconds():   # this process and its finished children (the pool's workers)
+            return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                       for f in ("ru_utime", "ru_stime"))
         for w in sorted({1, cores}):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             compute_features(utts, Path(tmp) / f"cache{w}", verbose=False, workers=w)
-            dt = time.perf_counter() - t0
+            dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
             print(f"feature cache: {cache_files} files, {secs.sum() / 3600:.2f} h of audio in {dt:.1f} s with "
                   f"{w} process{'es' if w > 1 else ''} = {secs.sum() / dt:,.0f}x real time (all of IEMOCAP: "
-                  f"~{IEMOCAP_HOURS * 3600 / (secs.sum() / dt):.0f} s)", flush=True)
+                  f"~{IEMOCAP_HOURS * 3600 / (secs.sum() / dt):.0f} s); {cpu:.1f} CPU s = {secs.sum() / cpu:,.0f}x "
+                  f"real time per CPU second (x {cores} cores = {cores * secs.sum() / cpu:,.0f}x on idle cores)",
+                  flush=True)
         shutil.rmtree(Path(tmp) / "wav")
         # 2. the student's data side on a mapped cache of IEMOCAP's size
         lengths = np.maximum(1, (iemocap_like_seconds(IEMOCAP_UTTERANCES, rng) / HOP_SECONDS).astype(int))

@@ -1748,7 +1748,7 @@ def test_import_is_cheap(tmp_path):
 DEMO_SCALE = 0.25   # a quarter of the default corpus: every fold still has all classes and speakers
 # Tiny models: what is tested is the plumbing, not the accuracy.
 TEACHER_TINY = ["--channels", "16", "--decoder", "32", "--embed", "16", "--att-dim", "16", "--heads", "2",
-                "--subsample", "4", "--batch-size", "64"]
+                "--subsample", "4", "--batch-size", "64", "--beam", "3"]   # untrained decoders run to the frame limit
 STUDENT_TINY = ["--channels", "16", "--heads", "2", "--subsample", "4", "--lstm-hidden", "8", "--batch-size", "64"]
 EMO_LINE = re.compile(r"^\[[\d.]+ - [\d.]+\]\t(Ses\S+)\t(\S+)\t\[")
 FOUR = {"neu": "neutral", "hap": "happy", "exc": "happy", "sad": "sad", "ang": "angry"}
@@ -4397,7 +4397,7 @@ def test_asr_teacher_serves_every_fold(demo_corpus, demo_cache, tmp_path, monkey
     runs = fresh_runs(tmp_path, demo_cache)
     csv_path = _asr_manifest(demo_corpus, tmp_path / "asr.csv")
     rc, out, err = run_main(["teacher", "--data", demo_corpus, "--asr-data", csv_path, "--runs", runs, "--epochs", "1",
-                             "--beam", "2", *TEACHER_TINY])
+                             *TEACHER_TINY])
     print(out[-1500:], err)
     assert rc == 0, err
     final = json.loads((runs / "teacher" / "asr" / "final.json").read_text())
@@ -4663,3 +4663,18 @@ def test_track_evaluation_by_hand(tmp_path, monkeypatch):
     assert r["changes"] == 1 and r["switched"] == 1
     assert r["delay_mean"] == pytest.approx(ready30 - 1.0)
     assert r["conversations"] == 1 and r["seconds"] == pytest.approx(2.0)
+
+
+def test_run_all_asr_data_trains_one_teacher_for_every_fold(demo_corpus, tmp_path):
+    import shlex
+    r = _run_all(["--dry-run", "--asr-data", "my asr.csv", "--seeds", "2"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    cmds = [shlex.split(line) for line in r.stdout.splitlines() if line.strip()]
+    teachers = [c for c in cmds if c[2] == "teacher"]
+    print(teachers)
+    assert teachers == [[c for c in teachers[0]]] and ("--asr-data", "my asr.csv") in zip(teachers[0], teachers[0][1:])
+    assert "--fold" not in teachers[0] and "--seed" not in teachers[0]
+    students = [c for c in cmds if c[2] == "student"]
+    with_at = [c for c in students if float(c[c.index("--at-weight") + 1]) > 0]
+    assert len(with_at) >= 40 and all(("--teacher", "runs/teacher/asr") in zip(c, c[1:]) for c in with_at)
+    assert not any("--teacher" in c for c in students if c not in with_at)
