@@ -192,18 +192,6 @@ void with_emulated_fragments(at::ScalarType st, bool tf32, F&& f) {
   }
 }
 
-// Taps per block: K itself for K = 1..5, else groups of 4.
-template <typename F>
-void with_taps(int K, F&& f) {
-  switch (K) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    default: f(std::integral_constant<int, 4>{}); break;
-  }
-}
-
 template <typename Fr, int KT>
 void conv_cpu(const ConvArgs<typename Fr::elem_t>& a) {
   const int64_t ttiles = div_up(a.T, kConvBT), ptiles = div_up(a.P, kConvBO);

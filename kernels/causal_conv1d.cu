@@ -235,18 +235,6 @@ void with_device_fragments(at::ScalarType st, bool tf32, F&& f) {
   }
 }
 
-// Taps per block: K itself for K = 1..5, else groups of 4 (as in the CPU build).
-template <typename F>
-void with_taps(int K, F&& f) {
-  switch (K) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    default: f(std::integral_constant<int, 4>{}); break;
-  }
-}
-
 // Double buffering when it fits the device's shared memory, else one buffer.
 template <typename Kernel, typename Bytes>
 int64_t prepare_smem(Kernel kernel, Bytes bytes_for, int& nbuf) {

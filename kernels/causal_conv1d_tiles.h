@@ -28,6 +28,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "causal_conv1d.h"
 
@@ -451,6 +452,18 @@ SATN_HD scalar_t reduce_grad_b(const acc_t* partial_b, int64_t o, int splits, in
   acc_t sum = acc_t(0);
   for (int s = 0; s < splits; ++s) sum += partial_b[static_cast<int64_t>(s) * O_pad + o];
   return static_cast<scalar_t>(sum);
+}
+
+// Taps per block on the host side of both builds: K itself for K = 1..5, else groups of 4.
+template <typename F>
+void with_taps(int K, F&& f) {
+  switch (K) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
 }
 
 }  // namespace tiles
