@@ -281,12 +281,17 @@ def deltas(feat, n=DELTA_N):
     return out / (2.0 * sum(k * k for k in range(1, n + 1)))
 
 
-def features(wave, sr=SAMPLE_RATE):
-    """The paper's "3D log-mel": log-mel, deltas, delta-deltas. Returns (3, 40, T) float32."""
+def feature_frames(wave, sr=SAMPLE_RATE):
+    """Log-mel, deltas and delta-deltas side by side, frame by frame: (T, 120) float32,
+    the layout of the feature cache (channel k * 40 + m: stream k, mel band m)."""
     lm = log_mel(wave, sr)                 # (T, 40)
     d1 = deltas(lm)
-    d2 = deltas(d1)
-    return np.ascontiguousarray(np.stack([lm, d1, d2]).transpose(0, 2, 1))  # (3, 40, T)
+    return np.concatenate([lm, d1, deltas(d1)], axis=1)    # (T, 120)
+
+
+def features(wave, sr=SAMPLE_RATE):
+    """The paper's "3D log-mel": log-mel, deltas, delta-deltas. Returns (3, 40, T) float32."""
+    return np.ascontiguousarray(feature_frames(wave, sr).T).reshape(3, N_MELS, -1)  # (3, 40, T)
 
 
 # Streaming: the same features, computed incrementally from audio that arrives in chunks.
@@ -773,7 +778,7 @@ def _utterance_features(job):
     except OSError as e:
         return "io", f"{path}: {e.strerror or _first_line(e)}"
     try:
-        x = features(speed_perturb(load_audio(path), speed)).reshape(FEAT_CHANNELS, -1).T   # (T, 120)
+        x = feature_frames(speed_perturb(load_audio(path), speed))                   # (T, 120)
     except ValueError as e:
         if not os.access(path, os.R_OK):        # it went away while being read
             return "io", str(e)
@@ -1811,10 +1816,15 @@ class SoftAttention(nn.Module):
         self.W = nn.Linear(dim, att_dim or dim)
         self.v = nn.Linear(att_dim or dim, 1, bias=False)
 
-    def forward(self, h, mask):              # h (B, T, dim)
+    def forward(self, h, mask, stats=False):  # h (B, T, dim)
         e = self.v(torch.tanh(self.W(h))).squeeze(-1).masked_fill(~mask, float("-inf"))  # (B, T)
         alpha = torch.softmax(e, dim=-1)
-        return (alpha[..., None] * h).sum(1), alpha
+        mean = (alpha[..., None] * h).sum(1)                                           # (B, dim)
+        if not stats:
+            return mean, alpha
+        # attentive statistics pooling: the weighted standard deviation beside the weighted mean
+        var = (alpha[..., None] * (h - mean[:, None]) ** 2).sum(1)                     # (B, dim)
+        return torch.cat([mean, torch.sqrt(var + 1e-5)], dim=1), alpha                 # (B, 2 dim)
 
 
 class BLSTM(nn.Module):
@@ -2403,6 +2413,9 @@ class StudentConfig(RunConfig):
                              "attention and frame subsampling do not apply)", choices=("tcn", "blstm", "stats"))
     attention: str = _f("self", "self-attention + masked mean pooling, or soft (additive) attention pooling",
                         choices=("self", "soft"))
+    pool: str = _f("mean", "utterance pooling: mean (self-attention: masked mean; soft attention: its weighted "
+                           "mean; the paper's) or stats (the standard deviation beside the mean, x-vector "
+                           "statistics pooling: twice the classifier's inputs)", choices=("mean", "stats"))
     recipe: str = _f("paper", "training recipe: paper (Adam, fixed learning rate, no augmentation) or robust "
                               "(for small real corpora); sets each option below that is not given",
                      choices=("paper", "robust"))
@@ -2473,6 +2486,7 @@ class StudentConfig(RunConfig):
                  "--at-selfattn transfers self-attention weights: it needs --attention self")
         _require(not self.causal or (self.encoder == "tcn" and self.attention == "self"),
                  "--causal needs --encoder tcn --attention self (the BLSTM and soft attention look ahead)")
+        _require(not (self.causal and self.pool != "mean"), "--causal classifies a running mean: it needs --pool mean")
         _require(min(self.attn_window, self.summary_window) > 0 and self.frame_loss >= 0 and self.warmup >= 0,
                  "--attn-window and --summary-window must be positive, --frame-loss and --warmup >= 0")
 
@@ -2621,8 +2635,9 @@ class Student(nn.Module):
             dim = 2 * cfg.lstm_hidden
         if cfg.encoder != "stats":
             self.attn = SelfAttention(dim, cfg.heads) if cfg.attention == "self" else SoftAttention(dim)
+        self.pool_stats = cfg.pool == "stats" and cfg.encoder != "stats"
         self.drop = nn.Dropout(cfg.dropout)
-        self.classifier = nn.Linear(dim, n_classes)
+        self.classifier = nn.Linear(2 * dim if self.pool_stats else dim, n_classes)
         self.causal = cfg.causal
         frame_seconds = HOP_SECONDS * cfg.subsample                  # one encoder frame
         self.attn_window = max(1, round(cfg.attn_window / frame_seconds))        # frames
@@ -2652,9 +2667,12 @@ class Student(nn.Module):
         if self.attention_kind == "self":
             a, weights = self.attn(h.transpose(1, 2), mask, need_weights)       # (B, T, C)
             acts = acts + [a.transpose(1, 2)]
-            pooled = a.sum(1) / lengths[:, None].to(a.dtype)                    # masked mean (B, C)
+            if self.pool_stats:
+                pooled = masked_mean_std(a.transpose(1, 2), lengths)            # (B, 2C)
+            else:
+                pooled = a.sum(1) / lengths[:, None].to(a.dtype)                # masked mean (B, C)
         else:
-            pooled, _ = self.attn(h.transpose(1, 2), mask)
+            pooled, _ = self.attn(h.transpose(1, 2), mask, self.pool_stats)     # (B, C) or (B, 2C)
         return self.classifier(self.drop(pooled)), {"acts": acts, "weights": weights, "mask": mask}
 
 
@@ -2676,7 +2694,7 @@ def causal_track(model, wave, mean, std, prior=STREAM_NORM_PRIOR):
     (ends (T',), ready (T',), probabilities (T', n_classes)), T' = ceil(T / subsample).
     StudentStream gives the same outputs chunk by chunk. The attention mask is
     (T', T'): for recordings of minutes; longer ones go through StudentStream."""
-    feats = features(wave).reshape(FEAT_CHANNELS, -1).T                        # (T, 120)
+    feats = feature_frames(wave)                                                # (T, 120)
     x, _ = running_normalise(feats, mean, std, prior)
     device = next(model.parameters()).device
     _, out = model(torch.from_numpy(np.ascontiguousarray(x.T))[None].to(device),

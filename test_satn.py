@@ -291,6 +291,8 @@ def test_features_stacks_log_mel_and_deltas():
     np.testing.assert_allclose(feat[0], lm.T, atol=1e-6)
     np.testing.assert_allclose(feat[1], satn.deltas(feat[0].T).T, atol=1e-5)
     np.testing.assert_allclose(feat[2], satn.deltas(feat[1].T).T, atol=1e-5)
+    # the cache's (T, 120) layout: channel k * 40 + m is stream k, mel band m
+    np.testing.assert_array_equal(satn.feature_frames(wave), feat.reshape(120, T).T)
 
 
 # -----------------------------------------------------------------------------
@@ -1231,14 +1233,37 @@ def test_blstm_ignores_padding():
 # -----------------------------------------------------------------------------
 # models
 
+def test_statistics_pooling_by_hand():
+    """--pool stats: the mean and standard deviation of the real frames (self-attention) or
+    their attention-weighted mean and standard deviation (soft attention)."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 4)                                       # (B, T, dim)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    soft = satn.SoftAttention(4)
+    mean, alpha = soft(h, mask)
+    both, alpha2 = soft(h, mask, stats=True)
+    assert both.shape == (2, 8) and torch.equal(alpha, alpha2) and torch.equal(both[:, :4], mean)
+    for b, n in ((0, 5), (1, 3)):
+        w = alpha[b, :n, None]
+        mu = (w * h[b, :n]).sum(0)
+        torch.testing.assert_close(both[b, 4:], torch.sqrt((w * (h[b, :n] - mu) ** 2).sum(0) + 1e-5))
+    x = h.transpose(1, 2)                                          # (B, dim, T)
+    got = satn.masked_mean_std(x, torch.tensor([5, 3]))
+    torch.testing.assert_close(got[1, 4:], torch.sqrt(x[1, :, :3].var(-1, unbiased=False) + 1e-5))
+    with pytest.raises(satn.DataError, match="--pool mean"):
+        satn.StudentConfig(causal=True, pool="stats")
+
+
+@pytest.mark.parametrize("pool", ["mean", "stats"])
 @pytest.mark.parametrize("subsample", [1, 3])
 @pytest.mark.parametrize("encoder", ["tcn", "blstm"])
 @pytest.mark.parametrize("attention", ["self", "soft"])
-def test_student_logits_independent_of_batch_padding(encoder, attention, subsample):
+def test_student_logits_independent_of_batch_padding(encoder, attention, subsample, pool):
     torch.manual_seed(0)
     cfg = satn.StudentConfig(encoder=encoder, attention=attention, blocks=2, channels=8, lstm_hidden=4,
-                             heads=2, dropout=0.3, subsample=subsample)
+                             heads=2, dropout=0.3, subsample=subsample, pool=pool)
     model = satn.Student(cfg, n_classes=3).eval()
+    assert model.classifier.in_features == (16 if pool == "stats" else 8)
     short, long = torch.randn(1, 120, 10), torch.randn(1, 120, 17)
     with torch.no_grad():
         alone, out = model(short, torch.tensor([10]))
