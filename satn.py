@@ -2395,9 +2395,9 @@ class TeacherConfig(RunConfig):
 # pitch, an emotion cue); each part has its own option, and an option given explicitly wins.
 RECIPES = {
     "paper": dict(time_masks=0, time_mask_frames=0, freq_masks=0, freq_mask_bands=0, speed="1",
-                  weight_decay=0.0, lr_patience=0, label_smoothing=0.0, patience=0),
+                  weight_decay=0.0, lr_patience=0, label_smoothing=0.0, patience=0, ema=0.0),
     "robust": dict(time_masks=2, time_mask_frames=20, freq_masks=2, freq_mask_bands=6, speed="1",
-                   weight_decay=1e-2, lr_patience=10, label_smoothing=0.1, patience=20),
+                   weight_decay=1e-2, lr_patience=10, label_smoothing=0.1, patience=20, ema=0.0),
 }
 
 
@@ -2429,6 +2429,8 @@ class StudentConfig(RunConfig):
     lr_patience: int = _r("halve the learning rate after this many epochs without a better dev UA; 0: fixed")
     label_smoothing: float = _r("label smoothing of the cross-entropy")
     patience: int = _r("early stopping: stop after this many epochs without a better dev UA; 0: never")
+    ema: float = _r("decay of an exponential moving average of the weights per step, which is evaluated, "
+                    "selected and saved; 0: off")
     subsample: int = _f(1, "average-pool the 100 Hz frames by this factor before the encoder (speed)", demo=4)
     blocks: int = _f(3, "TCN blocks of the student (dilations 1, 2, 4, ...)")
     channels: int = _f(128, "TCN channels of the student", demo=48)
@@ -2465,8 +2467,9 @@ class StudentConfig(RunConfig):
                 setattr(self, k, v)
         _require(min(self.time_masks, self.time_mask_frames, self.freq_masks, self.freq_mask_bands) >= 0
                  and self.freq_mask_bands <= N_MELS, f"the SpecAugment options must be >= 0 (bands at most {N_MELS})")
-        _require(self.weight_decay >= 0 and self.lr_patience >= 0 and self.patience >= 0 and 0 <= self.label_smoothing < 1,
-                 "--weight-decay, --lr-patience and --patience must be >= 0, --label-smoothing in [0, 1)")
+        _require(self.weight_decay >= 0 and self.lr_patience >= 0 and self.patience >= 0 and 0 <= self.label_smoothing < 1
+                 and 0 <= self.ema < 1, "--weight-decay, --lr-patience and --patience must be >= 0, "
+                                        "--label-smoothing and --ema in [0, 1)")
         self.speed_factors()
         _require(not (self.encoder == "stats" and self.at_weight > 0),
                  "--encoder stats has no activations to imitate: it needs --at-weight 0")
@@ -2890,6 +2893,45 @@ class TrainingError(Exception):
     """Training cannot go on (e.g. the loss keeps being non-finite)."""
 
 
+class WeightAverage:
+    """Exponential moving average of a model's parameters (Polyak averaging, --ema), updated
+    after every optimiser step; dev evaluation, model selection and the saved model use the
+    average. The decay ramps up as min(decay, (1 + n) / (10 + n)) over the first n steps, so
+    the early averages are not dominated by the initialisation."""
+
+    def __init__(self, model, decay):
+        self.decay, self.steps = decay, 0
+        self.avg = {k: p.detach().clone() for k, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model):
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for k, p in model.named_parameters():
+            self.avg[k].lerp_(p.detach(), 1 - d)
+
+    @torch.no_grad()
+    def load(self, state, steps):
+        for k, v in self.avg.items():
+            v.copy_(state[k])
+        self.steps = steps
+
+    @contextlib.contextmanager
+    def applied(self, model):
+        """Inside the block the model holds the averaged parameters; after it, its own again."""
+        params = dict(model.named_parameters())
+        own = {k: p.detach().clone() for k, p in params.items()}
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(self.avg[k])
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(own[k])
+
+
 def pick_device(spec="auto"):
     """auto, cpu, cuda, cuda:N, or mps where available; anything else is a one-line error."""
     if spec == "auto":
@@ -3177,13 +3219,14 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
     sweep_stale_temps(run_dir)
     model.to(device)
     # The student's recipe options (RECIPES); the teacher's configuration has none of them.
-    wd, lr_patience, patience = (getattr(cfg, k, 0) for k in ("weight_decay", "lr_patience", "patience"))
+    wd, lr_patience, patience, ema_decay = (getattr(cfg, k, 0) for k in ("weight_decay", "lr_patience", "patience", "ema"))
     opt = (torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=wd) if wd
            else torch.optim.Adam(model.parameters(), lr=cfg.lr))
     # ReduceLROnPlateau waits `patience` bad epochs and decays on the next: hence lr_patience - 1.
     sched = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max" if higher_is_better else "min",
                                                         factor=LR_DECAY, patience=lr_patience - 1)
              if lr_patience else None)
+    ema = WeightAverage(model, ema_decay) if ema_decay else None
     conf = stored_config(cfg, run_dir)
     held_out = data.get("held_out")
     extra = {**extra, "held_out": held_out}
@@ -3200,7 +3243,9 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
         if ck["epoch"] > cfg.epochs:
             raise DataError(f"{run_dir}: {ck['epoch']} epochs are trained already, more than --epochs {cfg.epochs}: "
                             f"give --epochs {ck['epoch']} or more to continue, or use --name for a shorter run")
-        model.load_state_dict(ck["model"])
+        model.load_state_dict(ck.get("train_model", ck["model"]))   # with --ema, "model" is the average
+        if ema is not None:
+            ema.load(ck["model"], ck["ema_steps"])
         opt.load_state_dict(ck["optimizer"])
         if sched is not None:
             sched.load_state_dict(ck["scheduler"])
@@ -3246,6 +3291,8 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             opt.step()
+            if ema is not None:
+                ema.update(model)
             n_batches += 1
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -3254,7 +3301,9 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
                                 f"lower --lr or check the data")
         _check_finite(model, epoch)
         model.eval()
-        metrics = evaluate(model, data["dev"])
+        with ema.applied(model) if ema is not None else contextlib.nullcontext():
+            metrics = evaluate(model, data["dev"])
+            evaluated = {k: v.clone() for k, v in model.state_dict().items()} if ema is not None else None
         score = metrics[score_key]
         improved = best is None or (score > best if higher_is_better else score < best)
         best = score if improved else best
@@ -3271,6 +3320,8 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
             f.write(json.dumps(row) + "\n")
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
                  "stale": stale, "config": conf, "rng": torch.get_rng_state(), **extra}
+        if ema is not None:   # the averaged weights are the model; the trained ones resume training
+            state.update(model=evaluated, train_model=state["model"], ema_steps=ema.steps)
         if sched is not None:
             state["scheduler"] = sched.state_dict()
         if improved:

@@ -4341,6 +4341,48 @@ def test_robust_recipe_training_is_reproducible_and_evaluation_unaugmented(tmp_p
     assert all(r["lr"] <= cfg.lr for r in logs[0])
 
 
+def test_weight_average_by_hand():
+    lin = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    avg = satn.WeightAverage(lin, decay=0.9)
+    with torch.no_grad():
+        lin.weight.fill_(3.0)
+    avg.update(lin)                                   # first step: decay min(0.9, 2 / 11)
+    d = 2 / 11
+    torch.testing.assert_close(avg.avg["weight"], torch.full((1, 2), d * 1.0 + (1 - d) * 3.0))
+    for _ in range(200):
+        avg.update(lin)
+    torch.testing.assert_close(avg.avg["weight"], torch.full((1, 2), 3.0))
+    with torch.no_grad():
+        lin.weight.fill_(5.0)
+    with avg.applied(lin):
+        assert torch.equal(lin.weight, avg.avg["weight"])
+    assert torch.equal(lin.weight, torch.full((1, 2), 5.0))     # its own weights back after the block
+
+
+def test_ema_runs_save_the_average_and_resume_exactly(tmp_path, monkeypatch):
+    """--ema: best.pt's model is the average (what dev scored), train_model the trained weights;
+    2 epochs then --resume to 3 equal 3 epochs in one go."""
+    monkeypatch.chdir(tmp_path)
+    rows = [(f"{s}{g}{i}.wav", lab, f"{s}{g}", f"s{s}") for s in "12" for g in "FM" for i, lab in enumerate("xyxy")]
+    data = _tone_corpus(tmp_path / "c", rows)
+    cfg = satn.StudentConfig(data=str(data), fold=1, runs=str(tmp_path / "runs"), channels=8, heads=2, subsample=4,
+                             epochs=3, lr=3e-2, batch_size=4, ema=0.5)
+    satn.train_student(dataclasses.replace(cfg, name="straight"))
+    satn.train_student(dataclasses.replace(cfg, name="resumed", epochs=2))
+    (tmp_path / "runs" / "student" / "resumed" / "fold1" / "final.json").unlink()   # not finished: train on
+    satn.train_student(dataclasses.replace(cfg, name="resumed", resume=True))
+    a, b = (torch.load(tmp_path / "runs" / "student" / n / "fold1" / "last.pt", weights_only=True)
+            for n in ("straight", "resumed"))
+    assert a["epoch"] == b["epoch"] == 3 and a["ema_steps"] == b["ema_steps"] == 3 * 2   # 8 utterances, batches of 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["train_model"][k], b["train_model"][k]), k
+    assert any(not torch.equal(a["model"][k], a["train_model"][k]) for k in a["model"])
+    model = satn.Student(cfg, 2)
+    model.load_state_dict(a["model"])                       # the average loads as a plain model
+
+
 def test_report_puts_the_baseline_row_first(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     rows = [(f"{s}{g}{i}.wav", lab, f"{s}{g}", f"s{s}") for s in "12" for g in "FM" for i, lab in enumerate("xyxy")]
