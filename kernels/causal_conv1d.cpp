@@ -6,9 +6,11 @@
 // at::parallel_for. It exists to test that code on machines without a GPU;
 // PyTorch's own CPU convolution stays the default there. With SATN_WITH_CUDA
 // defined, CUDA tensors go to the kernels in causal_conv1d.cu.
-#include <torch/extension.h>
-
+// ATen and torch's pybind11 casters only: torch/extension.h (the whole C++ frontend) would
+// double the compile time.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <cstring>
