@@ -4015,6 +4015,7 @@ TABLE2 = [("stats", "stats", None, False)] + [(f"{e}-{a}" + ("-at" if t else "")
                                               for e in ("blstm", "tcn") for t in (False, True) for a in ("soft", "self")]
 TABLE2_LABEL = {"blstm": "BLSTM", "tcn": "TCN", "soft": "soft attention", "self": "self-attention",
                 "stats": "utterance statistics + linear"}
+STUDENT_FIELDS = {f.name for f in dataclasses.fields(StudentConfig)}
 # Rows beyond Table 2 (run_all.sh trains them too), in report order: run name -> label.
 REPORT_ROWS = {"tcn-self-causal": "TCN + causal self-attention (streaming)",
                "tcn-self-causal-at": "TCN + causal self-attention (streaming) w/ AT"}
@@ -4145,13 +4146,18 @@ def paired_comparison(runs_a, runs_b, n_boot=BOOTSTRAP_SAMPLES, seed=BOOTSTRAP_S
 
 
 def _row_label(name, rs):
-    """Table 2's name of a configuration, e.g. "TCN + self-attention w/ AT", with its recipe unless the paper's."""
-    parts = name.split("-")
+    """Table 2's name of a configuration, e.g. "TCN + self-attention w/ AT", with its recipe unless the
+    paper's; a run named with --name is labelled by its configuration, and the name is shown."""
+    cfg = rs[0]["config"]
+    base = (StudentConfig(**{k: v for k, v in cfg.items() if k in STUDENT_FIELDS and k != "name"}).run_name()
+            if cfg.get("name") else name)
+    parts = base.split("-")
     label = (f"{TABLE2_LABEL.get(parts[0], parts[0])} + {TABLE2_LABEL.get(parts[1], parts[1])}"
-             + (" w/ AT" if parts[-1] == "at" else "")) if len(parts) >= 2 else TABLE2_LABEL.get(name, name)
-    label = REPORT_ROWS.get(name, label)
+             + (" w/ AT" if parts[-1] == "at" else "")) if len(parts) >= 2 else TABLE2_LABEL.get(base, base)
+    label = REPORT_ROWS.get(base, label)
     recipes = sorted({r["config"].get("recipe", "paper") for r in rs})
-    return label + ("" if recipes == ["paper"] else f" ({', '.join(recipes)} recipe)")
+    return (label + ("" if recipes == ["paper"] else f" ({', '.join(recipes)} recipe)")
+            + ("" if name == base else f" [{name}]"))
 
 
 def _runs_cell(rs):
@@ -4407,8 +4413,7 @@ def load_student(path):
     ck = load_checkpoint(path)
     if not isinstance(ck, dict) or "classes" not in ck or "norm" not in ck:
         raise DataError(f"{path}: not a student checkpoint (a teacher's, or another file)")
-    fields = {f.name for f in dataclasses.fields(StudentConfig)}
-    cfg = StudentConfig(**{k: v for k, v in ck["config"].items() if k in fields})
+    cfg = StudentConfig(**{k: v for k, v in ck["config"].items() if k in STUDENT_FIELDS})
     model = Student(cfg, len(ck["classes"]))
     try:
         model.load_state_dict(ck["model"])
@@ -4812,7 +4817,7 @@ def evaluate_corpus(checkpoints, data, label_map=None, norm="auto", tag=None, ou
         metrics = classify(model, items, {c: i for i, c in enumerate(classes)}, ck["config"].get("batch_size", 32), dev,
                            ck["config"].get("max_frames", 0))
         cfg = ck["config"]
-        run = StudentConfig(**{k: v for k, v in cfg.items() if k in {f.name for f in dataclasses.fields(StudentConfig)}}).run_name()
+        run = StudentConfig(**{k: v for k, v in cfg.items() if k in STUDENT_FIELDS}).run_name()
         result = {"corpus": tag, "data": str(data) if data is not None else None, "checkpoint": str(path),
                   "run": run, "config": cfg, "classes": classes, "label_map": mapping, "dropped": dropped,
                   "norm": "per speaker, the corpus' own audio" if how == "speaker" else "training statistics from the checkpoint",

@@ -4388,7 +4388,8 @@ def test_report_puts_the_baseline_row_first(tmp_path, monkeypatch, capsys):
     rows = [(f"{s}{g}{i}.wav", lab, f"{s}{g}", f"s{s}") for s in "12" for g in "FM" for i, lab in enumerate("xyxy")]
     data = _tone_corpus(tmp_path / "c", rows)
     runs = tmp_path / "runs"
-    for extra in (["--encoder", "tcn"], ["--encoder", "stats"], ["--encoder", "blstm", "--recipe", "robust"]):
+    for extra in (["--encoder", "tcn"], ["--encoder", "stats"], ["--encoder", "blstm", "--recipe", "robust"],
+                  ["--encoder", "tcn", "--name", "variant", "--pool", "stats"]):
         assert _student_cli(data, tmp_path, "--fold", "1", *extra) == 0
     assert satn.main(["report", "--runs", str(runs)]) == 0
     table = [l for l in (runs / "results.md").read_text().splitlines() if l.startswith("| ") and not l.startswith("| method")]
@@ -4397,6 +4398,7 @@ def test_report_puts_the_baseline_row_first(tmp_path, monkeypatch, capsys):
     assert table[0].startswith(f"| utterance statistics + linear | 1 | {stats['dev']['WA']:.1f} |")   # one run: no SD
     assert table[1].startswith("| BLSTM + self-attention (robust recipe) | 1 |")
     assert table[2].startswith("| TCN + self-attention | 1 |")
+    assert table[3].startswith("| TCN + self-attention [variant] | 1 |")     # --name: labelled by its configuration
 
 
 def test_run_all_recipe_goes_to_the_students_only(tmp_path):
