@@ -12,8 +12,13 @@
 // grad_bias in the same pass): a GEMM over (batch, time) split over blocks, whose
 // partial sums a second kernel adds in a fixed order: no atomics, deterministic.
 // Staging is double-buffered; 4- and 8-byte elements are copied with cp.async.
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+
+// The parts of ATen this file uses, not ATen/ATen.h: a fifth less compile time per architecture.
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContextLight.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
