@@ -5240,10 +5240,11 @@ def _bench_mapped_corpus(folder, n, student_n):
     return base, after_stats, _rss_mb(), time.perf_counter() - t0, index["frames"]
 
 
-def bench_train(device="auto", batches=2, threads=1, cache_files=1000, jobs=(1, 2, 4, 8), worst=True):
+def bench_train(device="auto", batches=2, threads=1, cache_files=1000, jobs=(1, 2, 4, 8), worst=True, steps=True):
     """Seconds per epoch and peak memory of the teacher and each student configuration at the
     paper's settings on an IEMOCAP-sized synthetic corpus, the feature cache's speed and the
-    student's data-side memory on it, and the projected time of run_all.sh."""
+    student's data-side memory on it, and the projected time of run_all.sh. steps=False
+    (`bench cache`): the feature cache and the data side only."""
     import concurrent.futures
     import multiprocessing
     import tempfile
@@ -5255,8 +5256,8 @@ def bench_train(device="auto", batches=2, threads=1, cache_files=1000, jobs=(1, 
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as ex:
             return ex.submit(fn, *args).result()
     rng = np.random.default_rng(0)
-    print(f"bench train: {device}, {cores} cores, torch {torch.__version__}, {threads} thread(s) per training "
-          f"(as run_all.sh on a CPU); synthetic corpus of IEMOCAP's size: {IEMOCAP_UTTERANCES} utterances, "
+    print(f"bench {'train' if steps else 'cache'}: {device}, {cores} cores, torch {torch.__version__}, {threads} "
+          f"thread(s) per training (as run_all.sh on a CPU); synthetic corpus of IEMOCAP's size: {IEMOCAP_UTTERANCES} utterances, "
           f"{IEMOCAP_HOURS} h, log-normal lengths up to {IEMOCAP_MAX_SECONDS} s", flush=True)
     with tempfile.TemporaryDirectory(prefix="satn-bench-") as tmp:
         # 1. the feature cache, from audio files with IEMOCAP's length distribution
@@ -5298,6 +5299,8 @@ def bench_train(device="auto", batches=2, threads=1, cache_files=1000, jobs=(1, 
               f"{IEMOCAP_STUDENT_UTTERANCES} utterances collated in {dt:.1f} s): resident memory "
               f"{base[1]:.0f} -> {stats[1]:.0f} -> {end[1]:.0f} MB anonymous, {base[2]:.0f} -> {stats[2]:.0f} -> "
               f"{end[2]:.0f} MB file-backed (mapped cache pages, reclaimable), peak {end[0]:.0f} MB", flush=True)
+    if not steps:
+        return
     # 3. training steps of each configuration
     configs = [("teacher", False), ("stats", False)] + [(f"{e}-{a}", at) for at in (False, True)
                                                         for e in ("blstm", "tcn") for a in ("soft", "self")]
@@ -5601,7 +5604,8 @@ def main(argv=None):
     p.add_argument("--runs", default="runs", help="output root of the runs (default: runs)")
     p.add_argument("--per-seed", action="store_true", help="also Table 2 and the tests of each seed on its own")
     p = sub.add_parser("bench", help="throughput benchmarks")
-    p.add_argument("what", choices=("features", "kernel", "train", "predict", "stream"))
+    p.add_argument("what", choices=("features", "kernel", "train", "cache", "predict", "stream"),
+                   help="cache: the feature cache's speed and a student's data-side memory, the first part of train")
     p.add_argument("--device", default="auto", help="kernel and train benchmark device (default: auto)")
     p.add_argument("--batches", type=int, default=2, help="train: timed batches per configuration (default: 2)")
     p.add_argument("--threads", type=int, default=1, help="train: torch threads per training (default: 1, as "
@@ -5649,10 +5653,10 @@ def main(argv=None):
                 bench_stream(args.checkpoint)
             elif args.what == "predict":
                 bench_predict()
-            elif args.what == "train":
+            elif args.what in ("train", "cache"):
                 _require(args.batches >= 1 and args.threads >= 1 and args.cache_files >= 1,
                          "--batches, --threads and --cache-files must be at least 1")
-                bench_train(args.device, args.batches, args.threads, args.cache_files)
+                bench_train(args.device, args.batches, args.threads, args.cache_files, steps=args.what == "train")
             else:
                 bench_features() if args.what == "features" else bench_kernel(args.device)
         elif args.command == "build-kernels":
