@@ -16,15 +16,16 @@ Run everything (on the built-in synthetic corpus unless --data is given):
     python satn.py report [--per-seed]        # runs/results.md: Table 2, Figure 3, paired tests, the paper's z-test
     python satn.py evaluate --checkpoint runs/student/tcn-self-at/fold*/best.pt --data OTHER [--label-map a=b,...]
     python satn.py predict --checkpoint runs/student/tcn-self-at/fold5/best.pt FILE_OR_DIR...
-    python satn.py bench features|kernel|train|predict  # throughput, memory and run_all.sh projections
+    python satn.py bench features|kernel|train|cache|predict|stream  # speed, memory, run_all.sh projections
     python satn.py build-kernels [--cuda]     # compile the fused causal-conv extension now
     bash run_all.sh [--data PATH] [--seeds N] # the whole of Table 2
 
 `--data` takes an IEMOCAP_full_release folder or a CSV manifest with columns
 path,label,speaker,session[,text]. Every subcommand has --help.
 
-Reading order: constants, audio, features, text, data, demo corpus, folds,
-blocks, kernels glue, models, losses, training, evaluation, CLI.
+Reading order: the method first (constants, audio, features, text, data, folds,
+blocks, models, losses, training, decoding, evaluation), then the machinery
+(demo corpus, kernels glue, benchmarks, CLI).
 """
 
 from __future__ import annotations
@@ -1095,468 +1096,6 @@ def normalise(utts, feats, mode="speaker", train=None, keep=None, stats=None, la
 
 
 # -----------------------------------------------------------------------------
-# demo corpus: a synthetic stand-in for IEMOCAP, in its exact layout
-#
-# Synthetic emotional speech from a source-filter (formant) synthesiser: voicing
-# (Rosenberg glottal pulses) and aspiration go through a cascade of resonators at
-# interpolated formant targets; frication goes through a shaped noise spectrum.
-# Both are time-varying filters applied by overlap-add in the frequency domain (one
-# batched FFT per utterance), so there is no per-sample Python loop.
-
-SYNTH_SR = 16000      # Hz
-SYNTH_HOP = 160       # samples (10 ms): step at which spectral envelopes change
-SYNTH_NFFT = 960      # samples: window (320) + 40 ms for formant ringing before wrap-around
-SYNTH_F4 = 3500.0     # Hz, fixed fourth formant (scaled per speaker)
-
-# Consonant loci (F1, F2, F3) in Hz by place; the vowels' formants move towards them.
-_LAB, _DEN, _ALV, _PAL, _VEL = ((300, 900, 2300), (300, 1500, 2600), (300, 1750, 2650),
-                                (300, 1950, 2500), (300, 2100, 2450))
-# ARPAbet phone -> (kind, formants in Hz (adult male), neutral duration in ms, noise shape).
-# Kinds: V vowel, D diphthong ((start), (end)), N nasal, L liquid/glide, F voiceless
-# fricative, Z voiced fricative, H aspiration, P voiceless stop, B voiced stop,
-# C voiceless affricate, J voiced affricate. Vowels: Peterson & Barney (1952).
-SYNTH_PHONES = {
-    'IY': ('V', (270, 2290, 3010), 135, None), 'IH': ('V', (390, 1990, 2550), 85, None),
-    'EH': ('V', (530, 1840, 2480), 95, None), 'AE': ('V', (660, 1720, 2410), 145, None),
-    'AH': ('V', (520, 1190, 2390), 80, None), 'AA': ('V', (730, 1090, 2440), 145, None),
-    'AO': ('V', (570, 840, 2410), 145, None), 'UH': ('V', (440, 1020, 2240), 90, None),
-    'UW': ('V', (300, 870, 2240), 135, None), 'ER': ('V', (490, 1350, 1690), 135, None),
-    'EY': ('D', ((530, 1840, 2480), (290, 2250, 2950)), 165, None),
-    'AY': ('D', ((730, 1090, 2440), (300, 2200, 2900)), 185, None),
-    'OY': ('D', ((570, 840, 2410), (300, 2200, 2900)), 195, None),
-    'AW': ('D', ((730, 1090, 2440), (320, 900, 2250)), 185, None),
-    'OW': ('D', ((570, 840, 2410), (320, 900, 2250)), 165, None),
-    'M': ('N', (270, 1100, 2300), 70, None), 'N': ('N', (270, 1700, 2600), 65, None),
-    'NG': ('N', (270, 2300, 2700), 80, None),
-    'L': ('L', (360, 1300, 2700), 65, None), 'R': ('L', (310, 1060, 1380), 65, None),
-    'W': ('L', (300, 610, 2200), 60, None), 'Y': ('L', (260, 2070, 3020), 55, None),
-    'F': ('F', _LAB, 100, 'F'), 'TH': ('F', _DEN, 95, 'TH'), 'S': ('F', _ALV, 110, 'S'),
-    'SH': ('F', _PAL, 115, 'SH'), 'HH': ('H', None, 65, None),
-    'V': ('Z', _LAB, 65, 'F'), 'DH': ('Z', _DEN, 50, 'TH'), 'Z': ('Z', _ALV, 85, 'S'),
-    'ZH': ('Z', _PAL, 85, 'SH'),
-    'P': ('P', _LAB, 95, 'LAB'), 'T': ('P', _ALV, 90, 'ALV'), 'K': ('P', _VEL, 100, 'VEL'),
-    'B': ('B', _LAB, 70, 'LAB'), 'D': ('B', _ALV, 65, 'ALV'), 'G': ('B', _VEL, 75, 'VEL'),
-    'CH': ('C', _PAL, 140, 'SH'), 'JH': ('J', _PAL, 115, 'SH'),
-}
-# Noise spectra: (centre Hz, Gaussian width Hz, flat floor re peak, level dB re S).
-# S is high, SH 2-6 kHz, F weak and flat, TH weak with a broad peak near 5 kHz; bursts:
-# labial low and diffuse, alveolar high near 4 kHz, velar compact near 2 kHz.
-FRIC_SHAPES = {'S': (5800, 1300, 0.02, 0.0), 'SH': (3300, 1100, 0.04, 1.0),
-               'F': (7000, 3000, 0.40, -13.0), 'TH': (4800, 1300, 0.20, -11.0),
-               'LAB': (800, 900, 0.15, 0.0), 'ALV': (4200, 700, 0.06, 1.0),
-               'VEL': (2000, 280, 0.03, 4.0)}
-_FRIC_DB = -17.0      # dB: level of S noise re vowel voicing (noise gain calibration)
-_ASP_DB = -10.0       # dB: HH / stop aspiration re vowel voicing
-_BW_ORAL = (60.0, 90.0, 130.0)    # Hz, F1-F3 bandwidths of oral sounds
-_BW_NASAL = (90.0, 380.0, 480.0)  # Hz, wide upper bandwidths leave the low nasal murmur
-
-
-# Per-emotion prosody means. f0 / range: F0 mean and excursion factors; rate: speaking
-# rate factor (>1 faster); energy_db: level re neutral; tilt: change of the source
-# low-pass pole (+ darker); breath: aspiration noise re voicing; jitter: cycle-to-cycle
-# F0 s.d. (fraction); oq: glottal open quotient (low = tense); inflect: utterance-final
-# F0 movement (log units); accent_s: pitch-accent width in s (narrow = abrupt); pause:
-# probability of a pause between words. Means follow Murray & Arnott (1993).
-EMOTION_PROSODY = {
-    'neutral': dict(f0=1.00, range=1.00, rate=1.00, energy_db=0.0, tilt=0.00, breath=0.05,
-                    jitter=0.010, oq=0.60, inflect=-0.08, accent_s=0.08, pause=0.08),
-    'happy': dict(f0=1.15, range=1.40, rate=1.06, energy_db=2.5, tilt=-0.08, breath=0.05,
-                  jitter=0.010, oq=0.56, inflect=0.10, accent_s=0.10, pause=0.06),
-    'angry': dict(f0=1.12, range=1.45, rate=1.04, energy_db=5.0, tilt=-0.20, breath=0.07,
-                  jitter=0.016, oq=0.48, inflect=-0.12, accent_s=0.05, pause=0.06),
-    'sad': dict(f0=0.95, range=0.78, rate=0.87, energy_db=-3.0, tilt=0.15, breath=0.11,
-                jitter=0.014, oq=0.68, inflect=-0.14, accent_s=0.09, pause=0.16),
-    'other': dict(f0=1.03, range=1.10, rate=1.00, energy_db=1.0, tilt=0.00, breath=0.06,
-                  jitter=0.012, oq=0.58, inflect=-0.05, accent_s=0.08, pause=0.08),
-}
-# Per-utterance spread around the class means: (kind, s.d.); 'mul' = log-normal factor.
-# Wide enough that classes overlap and no single cue separates them.
-_PROSODY_SPREAD = dict(f0=('mul', 0.09), range=('mul', 0.30), rate=('mul', 0.10),
-                       energy_db=('add', 3.5), tilt=('add', 0.08), breath=('mul', 0.35),
-                       jitter=('mul', 0.30), oq=('add', 0.05), inflect=('add', 0.06),
-                       accent_s=('mul', 0.2), pause=('mul', 0.3))
-
-
-def make_voice(gender, rng):
-    """Draw a speaker: dict of base F0 (Hz), formant scale, rate factor, F0 range factor,
-    source tilt (one-pole low-pass pole, 0..1), breathiness, open-quotient offset, gain (dB),
-    expressiveness (scales how far its emotions move from neutral)."""
-    female = str(gender).lower().startswith('f')
-    return dict(
-        f0=float(rng.uniform(190, 230) if female else rng.uniform(100, 130)),
-        fscale=float(np.clip(rng.normal(1.17 if female else 1.0, 0.04), 0.9, 1.25)),
-        rate=float(np.exp(rng.normal(0, 0.08))), f0_range=float(np.exp(rng.normal(0, 0.2))),
-        tilt=float(rng.uniform(0.25, 0.5)), breath=float(rng.uniform(0.0, 0.06)),
-        oq=float(rng.normal(0, 0.04)), gain_db=float(rng.normal(0, 2.0)),
-        expressive=float(np.exp(rng.normal(0, 0.3))))
-
-
-def _draw_prosody(emotion, voice, rng):
-    """Utterance prosody: class means (unknown labels: 'other', wider spread), moved away
-    from neutral by the speaker's expressiveness, plus per-utterance spread."""
-    means, base = EMOTION_PROSODY.get(emotion, EMOTION_PROSODY['other']), EMOTION_PROSODY['neutral']
-    widen = 1.5 if means is EMOTION_PROSODY['other'] else 1.0
-    ex = voice.get('expressive', 1.0)
-    out = {}
-    for key, (how, sd) in _PROSODY_SPREAD.items():
-        z = rng.normal(0, sd * widen)
-        if how == 'mul':
-            out[key] = base[key] * (means[key] / base[key]) ** ex * np.exp(z)
-        else:
-            out[key] = base[key] + (means[key] - base[key]) * ex + z
-    return out
-
-
-def _db(x):
-    """dB -> linear amplitude; None means silent."""
-    return 0.0 if x is None else 10.0 ** (x / 20.0)
-
-
-def _phone_segments(kind, shape, n):
-    """Split one phone of n samples into sub-segments (n_i, voicing dB, aspiration dB,
-    frication dB, noise shape), e.g. stop = closure + burst (+ aspiration)."""
-    fr = None if shape is None else _FRIC_DB + FRIC_SHAPES[shape][3]
-    a, b = int(0.55 * n), int(0.12 * n)
-    if kind in 'VD':
-        return [(n, 0.0, None, None, None)]
-    if kind in 'NL':
-        return [(n, -6.0 if kind == 'N' else -3.0, None, None, None)]
-    if kind == 'F':
-        return [(n, None, None, fr, shape)]
-    if kind == 'Z':
-        return [(n, -12.0, None, fr - 8.0, shape)]
-    if kind == 'H':
-        return [(n, None, _ASP_DB, None, None)]
-    if kind == 'P':   # closure, burst, 30-60 ms aspiration
-        return [(a, None, None, None, None), (b, None, None, fr + 4, shape),
-                (n - a - b, None, _ASP_DB, None, None)]
-    if kind == 'B':   # closure with a weak voice bar, then a weaker burst
-        a = int(0.8 * n)
-        return [(a, -26.0, None, None, None), (n - a, -12.0, None, fr - 2, shape)]
-    a = int(0.4 * n)  # affricates: closure then SH / ZH noise
-    if kind == 'C':
-        return [(a, None, None, None, None), (n - a, None, None, fr, shape)]
-    return [(a, -26.0, None, None, None), (n - a, -12.0, None, fr - 6, shape)]
-
-
-def _ramp_track(bounds, values, total, ramp):
-    """Piecewise-constant per-segment values with linear ramps (<= ramp samples) between
-    segments, evaluated at every sample: (total,) float."""
-    b0, b1 = bounds[:-1], bounds[1:]
-    r = np.minimum(ramp, 0.3 * (b1 - b0))
-    xp = np.stack([b0 + r, b1 - r], 1).ravel()
-    return np.interp(np.arange(total), xp, np.repeat(values, 2))
-
-
-def _ola_filter(xs, envs):
-    """Time-varying filtering by overlap-add, summed over sources: xs (S, T) samples,
-    envs (S, n_frames, NFFT//2+1) frequency responses for frames centred at m * HOP.
-    Returns (T,)."""
-    hop, nfft = SYNTH_HOP, SYNTH_NFFT
-    nf, n = envs.shape[1], xs.shape[1]
-    win = np.hanning(2 * hop + 1)[:-1].astype(np.float32)   # periodic Hann: sums to 1 at hop
-    xp = np.zeros((len(xs), (nf + 1) * hop), np.float32)
-    xp[:, hop:hop + n] = xs
-    frames = np.lib.stride_tricks.sliding_window_view(xp, 2 * hop, 1)[:, ::hop][:, :nf] * win
-    spec = (np.fft.rfft(frames, nfft) * envs).sum(0)
-    y = np.fft.irfft(spec, nfft).reshape(nf, nfft // hop, hop)
-    out = np.zeros((nf + nfft // hop, hop))
-    for j in range(nfft // hop):          # 6 shifted adds instead of a per-frame loop
-        out[j:j + nf] += y[:, j]
-    return out.ravel()[hop:hop + n]
-
-
-def synth_utterance(phones, voice, emotion, rng, return_alignment=False):
-    """Render ARPAbet phones (no stress digits, '|' between words) with a voice from
-    make_voice and an emotion label (unknown labels: 'other'). Returns float32 (T,) at
-    SYNTH_SR with 50-150 ms lead/trail and a noise floor 35-45 dB below the neutral vowel
-    level (fixed, so the SNR follows the emotion's energy); with return_alignment also a
-    list of (phone, start_sample, end_sample) into that array. Unknown tokens are skipped."""
-    from scipy.signal import lfilter  # imported here: `import satn` stays light
-    sr, hop = SYNTH_SR, SYNTH_HOP
-    p = _draw_prosody(emotion, voice, rng)
-    words, cur = [], []
-    for tok in list(phones) + ['|']:
-        if tok == '|':
-            words, cur = (words + [cur] if cur else words), []
-        elif tok in SYNTH_PHONES:
-            cur.append(tok)
-    rate = voice['rate'] * p['rate']
-    segs, align, fpts, accents = [], [], [], []
-    t = int(rng.uniform(0.05, 0.15) * sr)          # lead-in silence
-    segs.append((t, None, None, None, None))
-    for wi, word in enumerate(words):
-        if wi and rng.random() < min(p['pause'], 0.6):
-            n = int(rng.uniform(0.08, 0.3) / rate * sr)
-            segs.append((n, None, None, None, None))
-            t += n
-        accented = rng.random() < 0.5
-        acc_done = False
-        for ph in word:
-            kind, fm, ms, shape = SYNTH_PHONES[ph]
-            d = ms / rate * np.exp(rng.normal(0, 0.15)) * (1.25 if wi == len(words) - 1 else 1)
-            vowel = kind in 'VD'
-            if vowel and accented and not acc_done:
-                d *= 1.15
-            n = max(int(d * sr / 1000), 160)
-            for s in _phone_segments(kind, shape, n):
-                if vowel and accented and not acc_done:
-                    s = (s[0], s[1] + rng.uniform(1.5, 4.0) * min(p['range'], 2.0), *s[2:])
-                segs.append(s)
-            if vowel and accented and not acc_done:
-                accents.append((t + n / 2, rng.uniform(0.12, 0.25)))
-                acc_done = True
-            if fm is not None:   # formant targets (F1-F3 Hz + bandwidths) at fixed fractions
-                bw = _BW_NASAL if kind == 'N' else _BW_ORAL
-                pts = {'D': ((0.15, fm[0]), (0.85, fm[1])),
-                       'P': ((0.2, fm), (0.45, fm)), 'C': ((0.2, fm), (0.45, fm))}
-                for frac, f in pts.get(kind, ((0.25, fm), (0.75, fm))):
-                    fpts.append((t + frac * n, *f, *bw))
-            align.append((ph, t, t + n))
-            t += n
-    n = int(rng.uniform(0.05, 0.15) * sr)          # trailing silence
-    segs.append((n, None, None, None, None))
-    total = t + n
-    nf = total // hop + 2
-    ftime = np.arange(nf) * hop                     # frame centres (samples)
-
-    # sample-rate amplitude tracks (linear), with ~4 ms ramps between segments
-    lens = np.array([s[0] for s in segs])
-    bounds = np.concatenate([[0], np.cumsum(lens)]).astype(float)
-    av, asp, fric = (_ramp_track(bounds, np.array([_db(s[k]) for s in segs]), total, 64)
-                     for k in (1, 2, 3))
-    av *= np.linspace(1.0, 0.7, total)              # energy declination (-3 dB)
-
-    # F0 contour (log domain, per frame): declination, accents, final inflection, drift
-    tt = ftime / sr
-    dur = total / sr
-    lf = 0.10 - 0.20 * tt / dur + sum(h * np.exp(-0.5 * ((tt - c / sr) / p['accent_s']) ** 2)
-                                      for c, h in accents)
-    lf = lf + p['inflect'] / (1 + np.exp(-(tt - (dur - 0.35)) / 0.06))
-    lf = lf + 0.03 * np.sin(2 * np.pi * rng.uniform(1, 3) * tt + rng.uniform(0, 6.3))
-    f0 = voice['f0'] * p['f0'] * np.exp(voice['f0_range'] * min(p['range'], 3.0) * lf)
-    f0 = np.interp(np.arange(total), ftime, np.clip(f0, 60, 500))
-    # per-cycle jitter and shimmer: one random draw per glottal period
-    k = np.floor(np.cumsum(f0) / sr).astype(int)
-    jit = rng.normal(0, p['jitter'], k[-1] + 2)
-    phase = np.cumsum(f0 * (1 + jit[k])) / sr
-    k = np.floor(phase).astype(int)
-    shim = 1 + rng.normal(0, 2.5 * p['jitter'], k[-1] + 2)[k]
-    # Rosenberg pulse g and its phase derivative (lip radiation) from 1024-point tables,
-    # so the amplitude does not depend on F0
-    oq = float(np.clip(p['oq'] + voice['oq'], 0.35, 0.85))
-    tp, tn = 0.65 * oq, 0.35 * oq
-    grid = np.arange(1024) / 1024
-    g_tab = np.where(grid < tp, 0.5 * (1 - np.cos(np.pi * grid / tp)),
-                     np.where(grid < oq, np.cos(0.5 * np.pi * (grid - tp) / tn), 0.0))
-    dg_tab = np.diff(g_tab, append=0.0) * 1024
-    idx = ((phase - k) * 1024).astype(np.int32)
-    noise = rng.standard_normal((4, total), dtype=np.float32)   # breath, asp., fric., room
-    # breath noise pulses with the glottal opening; x6 brings it to the pulse's scale
-    breath = min(voice['breath'] + p['breath'], 0.5) * 6.0 * noise[0] * (0.3 + g_tab[idx])
-    src = (dg_tab[idx] + breath) * av * shim
-    a = float(np.clip(voice['tilt'] + p['tilt'], 0.0, 0.92))   # spectral tilt
-    src = lfilter([1, -0.6], [1, -a], src) + noise[1] * asp
-
-    # formant tracks per frame: targets interpolated, then ~30 ms smoothing (coarticulation)
-    fp = np.array(fpts) if fpts else np.array([[0, 500, 1500, 2500, *_BW_ORAL]])
-    tracks = np.stack([np.interp(ftime, fp[:, 0], fp[:, c]) for c in range(1, 7)], 1)
-    tracks = lfilter(np.ones(3) / 3, [1], np.pad(tracks, ((1, 1), (0, 0)),
-                                  mode='edge'), axis=0)[2:]
-    fs = voice['fscale']
-    F = np.concatenate([tracks[:, :3] * fs, np.full((nf, 1), SYNTH_F4 * fs)], 1)
-    B = np.concatenate([tracks[:, 3:] * (1 + 2 * p['breath']), np.full((nf, 1), 200.0)], 1)
-    # cascade of resonators as one all-pole polynomial per frame, evaluated by FFT
-    r2 = np.exp(-2 * np.pi * B / sr)
-    c = 2 * np.exp(-np.pi * B / sr) * np.cos(2 * np.pi * F / sr)
-    poly = np.zeros((nf, 9))
-    poly[:, 0] = 1.0
-    for j in range(4):                               # multiply in (1 - c z^-1 + r^2 z^-2)
-        prev = poly.copy()
-        poly[:, 1:] -= c[:, j:j + 1] * prev[:, :-1]
-        poly[:, 2:] += r2[:, j:j + 1] * prev[:, :-2]
-    h_tract = poly.sum(1, keepdims=True) / np.fft.rfft(poly, SYNTH_NFFT)   # unit DC gain
-    # frication spectra: one per noise shape, each noisy phone paints its frames (+-1)
-    names = list(FRIC_SHAPES)
-    shp = np.array([FRIC_SHAPES[k][:3] for k in names])
-    fhz = np.arange(SYNTH_NFFT // 2 + 1) * sr / SYNTH_NFFT
-    spec = (shp[:, 2:3] + (1 - shp[:, 2:3]) * np.exp(
-        -0.5 * ((fhz - shp[:, :1] * np.sqrt(fs)) / shp[:, 1:2]) ** 2)) * fhz / (fhz + 300)
-    idx = np.zeros(nf, int)
-    for s0, s1, seg in zip(bounds[:-1], bounds[1:], segs):
-        if seg[4] is not None:
-            idx[max(int(s0) // hop - 1, 0):int(s1) // hop + 2] = names.index(seg[4])
-    h_fric = spec[idx]
-    y = _ola_filter(np.stack([src, noise[2] * fric]),
-                     np.stack([h_tract, h_fric]).astype(np.complex64))
-
-    # level: vowel-region RMS set by the emotion's energy and the speaker's gain
-    vowels, active = av > 0.5, (av + asp + fric) > 0.05
-    if vowels.any():
-        ref = np.sqrt(np.mean(y[vowels] ** 2))
-    else:                                            # no vowel: consonants sit ~12 dB lower
-        ref = 4.0 * np.sqrt(np.mean(y[active] ** 2)) if active.any() else 1.0
-    y *= 0.025 * _db(p['energy_db'] + voice['gain_db']) / ref
-    bg = lfilter([1], [1, -0.7], noise[3])
-    y += bg * 0.025 * _db(-rng.uniform(35, 45)) / np.std(bg)
-    peak = np.abs(y).max()
-    if peak > 0.9:                                   # rare: keep well inside [-1, 1]
-        y *= 0.9 / peak
-    y = y.astype(np.float32)
-    return (y, align) if return_alignment else y
-
-
-# Common words, all in the CMU dictionary; sentences of 3-8 of them are synthesised.
-DEMO_WORDS = """a about after again all always and any are at away back bad be because been before
-big but by call can come could day did do don't down even every find first for from get give go going
-good great had has have he hear help her here him his home how i i'm if in is it it's just keep know
-last leave let like little long look made make man many me more much my need never new no not now of
-off okay old on one only or other our out over people please put really right said same say see she
-should so some something still stop sure take talk tell than thank that that's the their them then
-there these they thing think this time to told too two up us very wait want was way we well were what
-when where which who why will with work would yeah yes you you're your""".split()
-
-# Label mix of the improvised dialogs: the four classes, exc (merged into happy)
-# and labels the loader must drop.
-DEMO_LABELS = {"neu": 0.30, "hap": 0.14, "exc": 0.10, "sad": 0.20, "ang": 0.14, "fru": 0.07, "xxx": 0.05}
-DEMO_SYNTH_EMOTION = {"neu": "neutral", "hap": "happy", "exc": "happy", "sad": "sad", "ang": "angry",
-                      "fru": "frustrated", "xxx": "other"}
-DEMO_IMPRO_PER_DIALOG = 30   # utterances per improvised dialog (5 dialogs per session)
-DEMO_SCRIPT_PER_DIALOG = 8   # one scripted dialog per session
-
-
-def _demo_dialogs(session):
-    """Dialog names of one session; session 3 has letter-suffixed dialogs, as the real corpus."""
-    names = [f"Ses{session:02d}{'FM'[j % 2]}_impro0{j + 1}" for j in range(4)]
-    if session == 3:
-        names += [f"Ses03M_impro05a", f"Ses03M_impro05b"]
-    else:
-        names += [f"Ses{session:02d}{'FM'[session % 2]}_impro05"]
-    return names + [f"Ses{session:02d}F_script01_1"]
-
-
-def write_demo_corpus(out=DEMO_DIR, seed=0, sessions=5, scale=1.0, verbose=True):
-    """Write the synthetic corpus in the IEMOCAP_full_release layout under `out`.
-
-    5 sessions x 2 speakers, each with their own voice; improvised dialogs plus one
-    scripted dialog per session; labels including exc and distractors; header,
-    annotator and non-utterance lines; macOS `._*` files; a letter-suffixed dialog;
-    utterances whose speaker letter differs from the dialog's. `scale` shrinks it
-    (for tests). Deterministic for a seed."""
-    import soundfile as sf
-    out = Path(out).resolve()   # `--out .` has no name of its own
-    _check_demo_out(out)
-    lexicon = read_cmudict()
-    words = [w for w in DEMO_WORDS if w in lexicon]
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        if not (tmp / DEMO_PARTIAL_MARKER).is_file():
-            raise DataError(f"--out {out}: {tmp} exists and was not left by demo-data: move it away first")
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    (tmp / DEMO_PARTIAL_MARKER).write_text("unfinished demo corpus: deleted by the next `satn.py demo-data`\n")
-    t0, n_utts = time.time(), 0
-    for s in range(1, sessions + 1):
-        rng = np.random.default_rng([seed, s])
-        voices = {g: make_voice(g, rng) for g in "FM"}
-        sdir = tmp / f"Session{s}"
-        emo_dir, tr_dir = sdir / "dialog" / "EmoEvaluation", sdir / "dialog" / "transcriptions"
-        for sub in ("Categorical", "Attribute", "Self-evaluation"):
-            (emo_dir / sub).mkdir(parents=True, exist_ok=True)
-        tr_dir.mkdir(parents=True, exist_ok=True)
-        for dialog in _demo_dialogs(s):
-            scripted = "script" in dialog
-            n = max(2, round((DEMO_SCRIPT_PER_DIALOG if scripted else DEMO_IMPRO_PER_DIALOG) * scale))
-            (sdir / "sentences" / "wav" / dialog).mkdir(parents=True, exist_ok=True)
-            emo = ["% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]", ""]
-            trans, cats, clock, count = [], [], 1.0 + rng.random(), {"F": 0, "M": 0}
-            for _ in range(n):
-                g = "FM"[int(rng.integers(2))]
-                uid = f"{dialog}_{g}{count[g]:03d}"
-                count[g] += 1
-                code = rng.choice(list(DEMO_LABELS), p=np.array(list(DEMO_LABELS.values())) / sum(DEMO_LABELS.values()))
-                while True:  # 1-4 s utterances
-                    sentence = [words[i] for i in rng.integers(len(words), size=int(rng.integers(3, 9)))]
-                    phones = text_to_phones(" ".join(sentence), lexicon)
-                    wave = synth_utterance(phones, voices[g], DEMO_SYNTH_EMOTION[code], rng)
-                    if 1.0 <= len(wave) / SAMPLE_RATE <= 4.0:
-                        break
-                sf.write(sdir / "sentences" / "wav" / dialog / f"{uid}.wav", wave, SAMPLE_RATE, subtype="PCM_16")
-                start, end = clock, clock + len(wave) / SAMPLE_RATE
-                clock = end + 0.3 + rng.random()
-                vad = {"ang": (1.5, 4.0, 4.0), "sad": (2.0, 1.5, 2.0), "hap": (4.0, 3.5, 3.0), "exc": (4.0, 4.0, 3.0)}.get(code, (2.5, 2.5, 2.5))
-                emo += [f"[{start:.4f} - {end:.4f}]\t{uid}\t{code}\t[{vad[0]:.4f}, {vad[1]:.4f}, {vad[2]:.4f}]",
-                        f"C-E1:\t{DEMO_SYNTH_EMOTION[code].capitalize()};\t()",
-                        f"C-E2:\t{DEMO_SYNTH_EMOTION[code].capitalize()};\t(an annotator's note [with brackets])",
-                        f"A-E3:\tval {int(vad[0])}; act {int(vad[1])}; dom  {int(vad[2])};\t()", ""]
-                text = " ".join(sentence).capitalize() + rng.choice([".", "?", "!", "..."])
-                if rng.random() < 0.1:
-                    text = "[LAUGHTER] " + text
-                trans.append(f"{uid} [{start:08.4f}-{end:08.4f}]: {text}")
-                # The Categorical subfolder repeats utterance-shaped lines with another
-                # label: a loader that globbed recursively would double count.
-                cats.append(f"[{start:.4f} - {end:.4f}]\t{uid}\tfru\t[2.0000, 2.0000, 2.0000]")
-            trans += [f"M: [BREATHING] sorry.", f"{dialog}_MXX0 [{clock:08.4f}-{clock + 1:08.4f}]: Overlapping speech."]
-            (emo_dir / f"{dialog}.txt").write_text("\n".join(emo) + "\n")
-            (emo_dir / "Categorical" / f"{dialog}_e1_cat.txt").write_text("\n".join(cats) + "\n")
-            (emo_dir / "Attribute" / f"{dialog}_e3_atr.txt").write_text("\n".join(cats) + "\n")
-            (tr_dir / f"{dialog}.txt").write_text("\n".join(trans) + "\n")
-            for d in (emo_dir, tr_dir):  # macOS resource forks: binary junk with a .txt name
-                (d / f"._{dialog}.txt").write_bytes(b"\x00\x05\x16\x07Mac OS X        " + bytes(range(256)))
-            n_utts += n
-        if verbose:
-            print(f"\rdemo corpus: session {s}/{sessions} ({time.time() - t0:.1f} s)", end="", flush=True)
-    (tmp / DEMO_PARTIAL_MARKER).unlink()
-    if out.exists():   # empty, or a demo corpus written before: its parts are replaced
-        (out / DEMO_MARKER).unlink(missing_ok=True)      # first: a half-replaced corpus is never taken as done
-        for old in out.iterdir():
-            shutil.rmtree(old)
-        for new in tmp.iterdir():
-            new.rename(out / new.name)
-        tmp.rmdir()
-    else:
-        tmp.rename(out)
-    (out / DEMO_MARKER).write_text(
-        f"Synthetic speech in the IEMOCAP_full_release layout, written by `python satn.py demo-data "
-        f"--seed {seed}`. Not real speech: formant synthesis with emotional prosody.\n")
-    if verbose:
-        print(f"\rdemo corpus: {n_utts} utterances written to {out} in {time.time() - t0:.1f} s")
-        print_counts(load_iemocap(out, "impro", verbose=False), "improvised, 4 classes")
-    return out
-
-
-DEMO_MARKER = "DEMO-CORPUS.txt"            # written last into a finished demo corpus
-DEMO_PARTIAL_MARKER = "DEMO-CORPUS.partial"  # inside the folder a demo corpus is written to
-
-
-def _check_demo_out(out):
-    """demo-data may write only into a new or empty folder, or over a demo corpus it wrote
-    before (its marker file and SessionN folders, nothing else): it never deletes other files."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise DataError(f"--out {out}: a file, not a folder")
-    entries = sorted(p.name for p in out.iterdir())
-    if not entries:
-        return
-    if DEMO_MARKER not in entries:
-        raise DataError(f"--out {out}: the folder is not empty ({', '.join(entries[:3])}"
-                        + (", ..." if len(entries) > 3 else "") + f") and holds no demo corpus ({DEMO_MARKER}): "
-                        f"give a new or empty folder; nothing was changed")
-    foreign = [e for e in entries if e != DEMO_MARKER and not (re.fullmatch(r"Session\d+", e) and (out / e).is_dir())]
-    if foreign:
-        raise DataError(f"--out {out}: the demo corpus there also holds {', '.join(foreign[:3])}, which demo-data did "
-                        f"not write: move it away first; nothing was changed")
-
-
-def ensure_demo_corpus(out=DEMO_DIR, seed=0):
-    """Write the demo corpus on first use (a finished corpus has its DEMO-CORPUS.txt)."""
-    if not (Path(out) / DEMO_MARKER).is_file():
-        print(f"no --data given: writing the built-in demo corpus to {out} (once)")
-        write_demo_corpus(out, seed)
-
-
-# -----------------------------------------------------------------------------
 # folds
 
 def split_fold(utts, fold, dev_speaker=None, sessions=None):
@@ -1841,438 +1380,6 @@ class BLSTM(nn.Module):
         out, _ = self.lstm(packed)
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)  # (B, T, 2H)
         return out.transpose(1, 2)                                                         # (B, 2H, T)
-
-
-# -----------------------------------------------------------------------------
-# kernels glue
-
-# The fused extension in kernels/ is compiled on first use (never at import) by
-# torch.utils.cpp_extension with ninja into ~/.cache/satn/kernels/. SATN_KERNEL=ref
-# forces causal_conv1d_ref, SATN_KERNEL=ext makes an unavailable extension an error;
-# by default (auto) a CUDA input's signature (device, dtype, channels, kernel size,
-# dilation, length bucket, which gradients) is timed once on both paths and the faster
-# is kept (in memory and in KERNEL_CACHE_DIR/dispatch.json), so the extension is used
-# only where it helps; when it cannot be built, one warning says so and the PyTorch path
-# is used. CPU inputs use PyTorch's path: the extension's CPU build exists to test the
-# shared arithmetic and is slower than PyTorch's convolution.
-
-KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
-KERNEL_CACHE_DIR = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-                    / "satn" / "kernels")
-# Architectures compiled for when no GPU is visible to ask (A100, H100; the PTX
-# of 9.0 lets newer GPUs JIT-compile the kernels).
-KERNEL_DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
-
-KERNEL_TUNE_WARMUP = 2      # untimed calls of each path before a new signature is timed
-KERNEL_TUNE_REPEATS = 5     # timed calls of each path (CUDA events; the median is compared)
-KERNEL_TUNE_MARGIN = 0.95   # the extension is chosen only if its median <= this x the PyTorch path's
-KERNEL_VERBOSE = False      # print each dispatch choice once (python satn.py -v ...)
-
-_KERNEL_EXT = {}        # "cpu" / "cuda" -> loaded module, or the reason it failed (str)
-_KERNEL_WARNED = False  # the auto-mode fallback warning is given once per process
-_KERNEL_CHOICES = {}    # dispatch signature -> "ext" or "ref", for this process
-
-
-def _kernel_mode():
-    mode = (os.environ.get("SATN_KERNEL") or "auto").strip().lower()
-    if mode not in ("auto", "ref", "ext"):
-        raise ValueError(f"SATN_KERNEL must be 'auto', 'ref' or 'ext', got {mode!r}")
-    return mode
-
-
-def _kernel_build_name(cuda):
-    # Keyed to torch and Python so that an upgrade never picks up a stale binary.
-    tag = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__).strip("_")
-    py = f"{sys.version_info[0]}{sys.version_info[1]}"
-    return f"satn_causal_conv1d_{'cuda' if cuda else 'cpu'}_torch{tag}_py{py}"
-
-
-def _nvidia_include_dirs():
-    """Header folders of the pip CUDA wheels (nvidia/cu13/include, nvidia/cublas/include, ...)
-    that hold cusparse.h or cublas_v2.h, which ATen/cuda/CUDAContext.h includes."""
-    try:
-        spec = importlib.util.find_spec("nvidia")
-    except (ImportError, ValueError):
-        return []
-    found = []
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        for inc in sorted(Path(root).glob("*/include")):
-            if (inc / "cusparse.h").is_file() or (inc / "cublas_v2.h").is_file():
-                found.append(str(inc))
-    return found
-
-
-def _prepare_cuda_env(cuda):
-    """Set what torch.utils.cpp_extension cannot infer on a machine like ours. CUDA_HOME
-    must be set before that module is first imported: it reads it at import time."""
-    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
-        # Without this, torch derives /usr/local from /usr/local/bin/nvcc and the
-        # link fails with "cannot find -lcudart".
-        if os.path.isfile("/usr/local/cuda/bin/nvcc"):
-            os.environ["CUDA_HOME"] = "/usr/local/cuda"
-    if cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        # With a GPU visible torch compiles for it; without one it cannot choose.
-        os.environ["TORCH_CUDA_ARCH_LIST"] = KERNEL_DEFAULT_CUDA_ARCHS
-
-
-def _cuda_include_dirs(cuda_home):
-    """Where cusparse.h / cublas_v2.h live when the toolkit at cuda_home lacks them
-    (pip-installed CUDA keeps them in site-packages/nvidia/...)."""
-    toolkit_inc = Path(cuda_home) / "include"
-    if (toolkit_inc / "cusparse.h").is_file() and (toolkit_inc / "cublas_v2.h").is_file():
-        return []
-    # These folders also carry copies of the runtime headers, which come first on
-    # the include path: prefer the one of the CUDA major version torch was built with.
-    dirs = _nvidia_include_dirs()
-    major = (torch.version.cuda or "").split(".")[0]
-    same_major = [p for p in dirs if Path(p).parent.name == f"cu{major}"]
-    per_library = [p for p in dirs if not re.fullmatch(r"cu\d+", Path(p).parent.name)]
-    return same_major or per_library or dirs
-
-
-def _first_error_line(text):
-    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
-    patterns = (r"(^|[\s:])(fatal )?error\b\s*:", r":\s*error\b", r"cannot find -l", r"undefined reference",
-                r"undefined symbol", r"No such file or directory")
-    for pat in patterns:
-        for ln in lines:
-            if re.search(pat, ln, re.IGNORECASE) and not ln.startswith(("FAILED:", "ninja: build stopped")):
-                return ln[:300]
-    return lines[0][:300] if lines else "unknown error"
-
-
-def _build_kernel_ext(cuda, verbose=False):
-    """Compile (or load the cached build of) the extension; raises RuntimeError(reason)."""
-    _prepare_cuda_env(cuda)
-    if "torch.utils.cpp_extension" not in sys.modules:
-        # Imported here, after CUDA_HOME is set, because it reads it at import time.
-        # Its "No CUDA runtime is found" notice on GPU-less machines is noise here.
-        log = logging.getLogger("torch.utils.cpp_extension")
-        level = log.level
-        log.setLevel(logging.ERROR)
-        try:
-            importlib.import_module("torch.utils.cpp_extension")
-        finally:
-            log.setLevel(level)
-    from torch.utils import cpp_extension
-
-    if os.environ.get("CUDA_HOME") and cpp_extension.CUDA_HOME != os.environ["CUDA_HOME"]:
-        # The module was imported before CUDA_HOME was set and guessed another root.
-        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
-    if not cpp_extension.is_ninja_available():
-        raise RuntimeError("ninja not found (pip install ninja)")
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        raise RuntimeError(f"C++ compiler not found ({cxx})")
-    sources = [KERNEL_DIR / "causal_conv1d.cpp"] + ([KERNEL_DIR / "causal_conv1d.cu"] if cuda else [])
-    for src in sources:
-        if not src.is_file():
-            raise RuntimeError(f"kernel source not found: {src}")
-
-    # -O2, not -O3: the emulated tile code's unrolled loops compile 2.5x longer at -O3 for no
-    # use (the CPU build exists for tests; the CUDA kernels are optimised by ptxas either way).
-    cflags, cuda_cflags, includes = ["-O2"], ["-O2"], []
-    if cuda:
-        if not torch.version.cuda:
-            raise RuntimeError("this PyTorch build has no CUDA support")
-        cuda_home = cpp_extension.CUDA_HOME
-        if not cuda_home or not os.path.isfile(os.path.join(cuda_home, "bin", "nvcc")):
-            raise RuntimeError("nvcc not found (set CUDA_HOME to the CUDA toolkit)")
-        includes = _cuda_include_dirs(cuda_home)
-        cflags.append("-DSATN_WITH_CUDA")
-
-    name = _kernel_build_name(cuda)
-    build_dir = KERNEL_CACHE_DIR / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        return cpp_extension.load(
-            name=name, sources=[str(s) for s in sources], extra_cflags=cflags,
-            extra_cuda_cflags=cuda_cflags, extra_include_paths=includes,
-            build_directory=str(build_dir), with_cuda=cuda, verbose=verbose)
-    except Exception as exc:  # compiler/linker failures arrive as RuntimeError with the log
-        raise RuntimeError(_first_error_line(exc)) from None
-
-
-def _load_kernel_ext(cuda: bool | None = None, verbose=False):
-    """The extension module, built at most once per process (cuda=None: the CUDA build
-    when a GPU is visible, else the CPU build). Raises RuntimeError with the reason
-    when it cannot be built; a failure is remembered and not retried."""
-    if cuda is None:
-        cuda = torch.cuda.is_available() and torch.version.cuda is not None
-    key = "cuda" if cuda else "cpu"
-    if key not in _KERNEL_EXT:
-        try:
-            _KERNEL_EXT[key] = _build_kernel_ext(cuda, verbose=verbose)
-            if cuda and torch.cuda.is_available():
-                _kernel_self_check(_KERNEL_EXT[key])
-        except Exception as exc:  # e.g. an unwritable cache folder, besides build errors
-            _KERNEL_EXT[key] = str(exc) or type(exc).__name__
-    ext = _KERNEL_EXT[key]
-    if isinstance(ext, str):
-        raise RuntimeError(ext)
-    return ext
-
-
-# Self-check tolerances: largest |ext - ref| relative to max(1, max |ref|), per dtype as the
-# device computes it (float32 on TF32 tensor cores rounds operands to a 10-bit mantissa).
-KERNEL_CHECK_TOL = {"float64": 1e-9, "float32": 1e-4, "float32/tf32": 1e-2, "bfloat16": 5e-2}
-
-
-def _kernel_self_check(ext):
-    """Before the CUDA kernels serve a model, compare them once with causal_conv1d_ref on small
-    awkward shapes (forward and every gradient) in float64, float32 (exact and TF32) and
-    bfloat16, with the device's tolerances; a mismatch makes the extension unavailable."""
-    g = torch.Generator().manual_seed(0)
-    for (B, C, O, T, K, d) in ((2, 5, 3, 67, 3, 4), (2, 20, 35, 70, 4, 30)):
-        x64, w64, b64 = (torch.randn(*shape, generator=g, dtype=torch.float64)
-                         for shape in ((B, C, T), (O, C, K), (O,)))
-        gy64 = torch.randn(B, O, T, generator=g, dtype=torch.float64)
-        for name, tol in KERNEL_CHECK_TOL.items():
-            dtype = getattr(torch, name.split("/")[0])
-            x, w, b = (t.to("cuda", dtype).requires_grad_() for t in (x64, w64 / (C * K) ** 0.5, b64))
-            y = _CausalConv1dFn.apply(x, w, b, d, True, ext, name.endswith("tf32"))
-            grads = torch.autograd.grad(y, (x, w, b), gy64.to("cuda", dtype))
-            # float64 reference on the same (rounded) values; the ReLU mask taken from y, as an
-            # output within rounding of 0 may fall on either side
-            xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
-            z = causal_conv1d_ref(xr, wr, br, d)
-            grads_ref = torch.autograd.grad(z, (xr, wr, br), gy64.cuda() * (y.detach().double() > 0))
-            for got, want in zip((y, *grads), (z.clamp_min(0), *grads_ref)):
-                err = (got.double() - want).abs().max().item() / max(1.0, want.abs().max().item())
-                if not err <= tol:
-                    raise RuntimeError(f"the CUDA kernels disagree with causal_conv1d_ref in {name} "
-                                       f"(relative difference {err:.3g} > {tol:g})")
-
-
-def _auto_wants_ext(x, weight):
-    """Whether SATN_KERNEL=auto considers the extension for this call: CUDA inputs only (on
-    CPU PyTorch's own convolution is faster than the extension's CPU build)."""
-    return x.is_cuda
-
-
-def _conv_uses_tf32():
-    """Whether PyTorch runs float32 convolutions on TF32 tensor cores now; the extension does
-    the same, so that both paths round alike (torch.backends.cudnn.conv.fp32_precision, else
-    torch.backends.cudnn.allow_tf32)."""
-    prec = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
-    if prec in ("tf32", "ieee"):
-        return prec == "tf32"
-    return bool(torch.backends.cudnn.allow_tf32)
-
-
-def _t_bucket(T):
-    """Sequence lengths timed together: the next power of two >= T."""
-    return 1 << max(0, int(T) - 1).bit_length()
-
-
-def kernel_signature(x, weight, dilation, grads):
-    """What the dispatch times once: device, dtype (with TF32 for float32), C_in, C_out, K,
-    dilation, T bucket and which gradients the call needs ('none', 'w' or 'x+w')."""
-    dev = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
-    dtype = str(x.dtype).replace("torch.", "")
-    if x.dtype == torch.float32 and _conv_uses_tf32():
-        dtype += "/tf32"
-    return (dev, dtype, x.shape[1], weight.shape[0], weight.shape[2], int(dilation), _t_bucket(x.shape[2]), grads)
-
-
-def choose_kernel_path(ext_ms, ref_ms, margin=KERNEL_TUNE_MARGIN):
-    """The dispatch's decision from one timing of each path (median ms; ext_ms None when the
-    extension failed): the extension only when it is clearly faster, so auto never slows a
-    model down by more than timing noise."""
-    if ext_ms is None or not math.isfinite(ext_ms) or not math.isfinite(ref_ms):
-        return "ref"
-    return "ext" if ext_ms <= margin * ref_ms else "ref"
-
-
-def _cuda_median_ms(fn, warmup, repeats):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def _time_kernel_paths(x, weight, bias, dilation, relu, ext, grads):
-    """Median ms of (extension, PyTorch path) on these very inputs, forward plus the backward
-    the call needs; the extension's time is None if it raised (e.g. out of memory)."""
-    gen = torch.Generator(device=x.device).manual_seed(0)  # the user's random stream is left alone
-    gy = torch.randn(x.shape[0], weight.shape[0], x.shape[2], generator=gen, device=x.device, dtype=x.dtype)
-    act = "relu" if relu else None
-    tf32 = _conv_uses_tf32()
-
-    def run(path):
-        xi = x.detach().requires_grad_(grads == "x+w")
-        wi, bi = (t.detach().requires_grad_(grads != "none") if t is not None else None for t in (weight, bias))
-        with torch.set_grad_enabled(grads != "none"):
-            y = (_CausalConv1dFn.apply(xi, wi, bi, dilation, relu, ext, tf32) if path == "ext"
-                 else causal_conv1d_ref(xi, wi, bi, dilation, act))
-            if grads != "none":
-                y.backward(gy)
-
-    ref_ms = _cuda_median_ms(lambda: run("ref"), KERNEL_TUNE_WARMUP, KERNEL_TUNE_REPEATS)
-    try:
-        ext_ms = _cuda_median_ms(lambda: run("ext"), KERNEL_TUNE_WARMUP, KERNEL_TUNE_REPEATS)
-    except RuntimeError:
-        ext_ms = None
-    return ext_ms, ref_ms
-
-
-def _kernel_choice_store():
-    """Where remembered choices live: a JSON file in the kernel cache, one section per
-    device name and build (torch, Python and the kernel sources' hash)."""
-    h = hashlib.sha1()
-    for src in sorted(p for p in KERNEL_DIR.iterdir() if p.is_file()):
-        h.update(src.read_bytes())
-    return KERNEL_CACHE_DIR / "dispatch.json", f"{_kernel_build_name(True)}-{h.hexdigest()[:12]}"
-
-
-def _stored_kernel_choice(device, sig):
-    try:
-        path, build = _kernel_choice_store()
-        entry = json.loads(path.read_text()).get(f"{device} | {build}", {}).get(repr(sig[1:]))
-        return entry if entry and entry.get("path") in ("ext", "ref") else None
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _store_kernel_choice(device, sig, entry):
-    """Best effort: an unwritable cache only means timing again in the next process."""
-    try:
-        path, build = _kernel_choice_store()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            table = json.loads(path.read_text())
-        except (OSError, ValueError):
-            table = {}
-        table.setdefault(f"{device} | {build}", {})[repr(sig[1:])] = entry
-        write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(table, indent=1, sort_keys=True)))
-    except OSError:
-        pass
-
-
-def _announce_kernel_choice(sig, entry, how):
-    if KERNEL_VERBOSE:
-        dev, dtype, C, O, K, d, tb, grads = sig
-        times = ""
-        if entry.get("ref_ms") is not None:
-            ext = f"{entry['ext_ms']:.3f} ms" if entry.get("ext_ms") is not None else "failed"
-            times = f": ext {ext}, ref {entry['ref_ms']:.3f} ms"
-        print(f"satn kernels: {dev} {dtype} C_in {C} C_out {O} K {K} dilation {d} T<={tb} grads {grads}"
-              f"{times} -> {'extension' if entry['path'] == 'ext' else 'PyTorch path'} ({how})", flush=True)
-
-
-def _auto_path(x, weight, bias, dilation, relu, ext):
-    """'ext' or 'ref' for SATN_KERNEL=auto: the first call of a signature times both paths
-    (or finds the choice stored by an earlier run on this device and build); later calls
-    reuse it. With torch.use_deterministic_algorithms(True) nothing is timed (a timing
-    could pick differently from run to run) and the PyTorch path is taken."""
-    needs = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)
-                                         or x.requires_grad)
-    grads = "none" if not needs else ("x+w" if x.requires_grad else "w")
-    sig = kernel_signature(x, weight, dilation, grads)
-    if torch.are_deterministic_algorithms_enabled():
-        if ("deterministic",) + sig not in _KERNEL_CHOICES:
-            _KERNEL_CHOICES[("deterministic",) + sig] = "ref"
-            _announce_kernel_choice(sig, {"path": "ref"}, "deterministic algorithms requested: nothing timed")
-        return "ref"
-    if sig not in _KERNEL_CHOICES:
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return "ref"  # no timing inside a CUDA graph capture; decided on the next eager call
-        entry = _stored_kernel_choice(sig[0], sig)
-        how = "stored by an earlier run"
-        if entry is None:
-            ext_ms, ref_ms = _time_kernel_paths(x, weight, bias, dilation, relu, ext, grads)
-            entry = {"path": choose_kernel_path(ext_ms, ref_ms), "ext_ms": ext_ms, "ref_ms": ref_ms}
-            how = "timed now"
-            _store_kernel_choice(sig[0], sig, entry)
-        _KERNEL_CHOICES[sig] = entry["path"]
-        _announce_kernel_choice(sig, entry, how)
-    return _KERNEL_CHOICES[sig]
-
-
-def _kernel_ext_for(x, weight):
-    """The extension to run this call with, or None for the PyTorch path."""
-    global _KERNEL_WARNED
-    mode = _kernel_mode()
-    if mode == "ref" or (mode == "auto" and not _auto_wants_ext(x, weight)):
-        return None
-    if not x.is_cuda and not isinstance(_KERNEL_EXT.get("cuda", ""), str):
-        return _KERNEL_EXT["cuda"]  # the CUDA build has the CPU path too
-    try:
-        return _load_kernel_ext(cuda=x.is_cuda)
-    except RuntimeError as exc:
-        if mode == "ext":
-            raise RuntimeError(f"SATN_KERNEL=ext but the causal-conv1d extension is unavailable: {exc}") from None
-        if not _KERNEL_WARNED:
-            _KERNEL_WARNED = True
-            warnings.warn(f"satn: causal-conv1d extension unavailable ({exc}); using the PyTorch path",
-                          RuntimeWarning, stacklevel=3)
-        return None
-
-
-class _CausalConv1dFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, dilation, relu, ext, tf32=False):
-        y = ext.forward(x, weight, bias, dilation, relu, tf32)
-        ctx.save_for_backward(x, weight, y)
-        ctx.dilation, ctx.relu, ctx.has_bias, ctx.ext, ctx.tf32 = dilation, relu, bias is not None, ext, tf32
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
-        x, weight, y = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grad_x, grad_w, grad_b = ctx.ext.backward(grad_y, x, weight, y if ctx.relu else None, ctx.dilation,
-                                                  ctx.relu, ctx.has_bias, need[0], ctx.tf32)
-        return (grad_x if need[0] else None, grad_w if need[1] else None,
-                grad_b if need[2] else None, None, None, None, None)
-
-
-def causal_conv1d(x, weight, bias=None, dilation=1, activation=None):
-    """Dilated causal conv1d, y[.., t] depends on x[.., <= t]; x (B, C, T), weight (O, C, K),
-    activation None or "relu". Runs the fused extension or causal_conv1d_ref (see SATN_KERNEL)."""
-    if activation not in (None, "relu"):
-        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
-    dilation = int(dilation)
-    ext = _kernel_ext_for(x, weight)
-    if ext is None:
-        return causal_conv1d_ref(x, weight, bias, dilation=dilation, activation=activation)
-    if torch.is_autocast_enabled(x.device.type):
-        # The extension is not an autocast op; cast as autocast would for a conv.
-        dt = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
-    relu = activation == "relu"
-    if _kernel_mode() == "auto" and _auto_path(x, weight, bias, dilation, relu, ext) == "ref":
-        return causal_conv1d_ref(x, weight, bias, dilation=dilation, activation=activation)
-    return _CausalConv1dFn.apply(x, weight, bias, dilation, relu, ext, x.is_cuda and _conv_uses_tf32())
-
-
-def build_kernels(cuda: bool) -> int:
-    """Compile the extension now (CPU part, plus the CUDA part when cuda=True, even
-    without a GPU) and print what was built; returns a process exit code."""
-    what = "CPU + CUDA parts" if cuda else "CPU part"
-    t0 = time.perf_counter()
-    try:
-        ext = _load_kernel_ext(cuda=cuda)
-    except RuntimeError as exc:
-        print(f"satn kernels: could not build the {what}: {exc}")
-        return 1
-    secs = time.perf_counter() - t0
-    print(f"satn kernels: built the {what} in {secs:.1f} s -> {KERNEL_CACHE_DIR / _kernel_build_name(cuda)}")
-    if cuda:
-        print(f"satn kernels: has_cuda={ext.has_cuda()}, TORCH_CUDA_ARCH_LIST="
-              f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPU)')}, compiled for {ext.cuda_archs()}")
-        if not torch.cuda.is_available():
-            print("satn kernels: no GPU visible, the CUDA kernels are compiled but cannot run here")
-    return 0
 
 
 # -----------------------------------------------------------------------------
@@ -4956,6 +4063,900 @@ def report_figures(runs, results):
         plt.close(fig)
         lines += ["", "![attention maps](figures/attention_maps.png)"]
     return lines
+
+
+# -----------------------------------------------------------------------------
+# demo corpus: a synthetic stand-in for IEMOCAP, in its exact layout
+#
+# Synthetic emotional speech from a source-filter (formant) synthesiser: voicing
+# (Rosenberg glottal pulses) and aspiration go through a cascade of resonators at
+# interpolated formant targets; frication goes through a shaped noise spectrum.
+# Both are time-varying filters applied by overlap-add in the frequency domain (one
+# batched FFT per utterance), so there is no per-sample Python loop.
+
+SYNTH_SR = 16000      # Hz
+SYNTH_HOP = 160       # samples (10 ms): step at which spectral envelopes change
+SYNTH_NFFT = 960      # samples: window (320) + 40 ms for formant ringing before wrap-around
+SYNTH_F4 = 3500.0     # Hz, fixed fourth formant (scaled per speaker)
+
+# Consonant loci (F1, F2, F3) in Hz by place; the vowels' formants move towards them.
+_LAB, _DEN, _ALV, _PAL, _VEL = ((300, 900, 2300), (300, 1500, 2600), (300, 1750, 2650),
+                                (300, 1950, 2500), (300, 2100, 2450))
+# ARPAbet phone -> (kind, formants in Hz (adult male), neutral duration in ms, noise shape).
+# Kinds: V vowel, D diphthong ((start), (end)), N nasal, L liquid/glide, F voiceless
+# fricative, Z voiced fricative, H aspiration, P voiceless stop, B voiced stop,
+# C voiceless affricate, J voiced affricate. Vowels: Peterson & Barney (1952).
+SYNTH_PHONES = {
+    'IY': ('V', (270, 2290, 3010), 135, None), 'IH': ('V', (390, 1990, 2550), 85, None),
+    'EH': ('V', (530, 1840, 2480), 95, None), 'AE': ('V', (660, 1720, 2410), 145, None),
+    'AH': ('V', (520, 1190, 2390), 80, None), 'AA': ('V', (730, 1090, 2440), 145, None),
+    'AO': ('V', (570, 840, 2410), 145, None), 'UH': ('V', (440, 1020, 2240), 90, None),
+    'UW': ('V', (300, 870, 2240), 135, None), 'ER': ('V', (490, 1350, 1690), 135, None),
+    'EY': ('D', ((530, 1840, 2480), (290, 2250, 2950)), 165, None),
+    'AY': ('D', ((730, 1090, 2440), (300, 2200, 2900)), 185, None),
+    'OY': ('D', ((570, 840, 2410), (300, 2200, 2900)), 195, None),
+    'AW': ('D', ((730, 1090, 2440), (320, 900, 2250)), 185, None),
+    'OW': ('D', ((570, 840, 2410), (320, 900, 2250)), 165, None),
+    'M': ('N', (270, 1100, 2300), 70, None), 'N': ('N', (270, 1700, 2600), 65, None),
+    'NG': ('N', (270, 2300, 2700), 80, None),
+    'L': ('L', (360, 1300, 2700), 65, None), 'R': ('L', (310, 1060, 1380), 65, None),
+    'W': ('L', (300, 610, 2200), 60, None), 'Y': ('L', (260, 2070, 3020), 55, None),
+    'F': ('F', _LAB, 100, 'F'), 'TH': ('F', _DEN, 95, 'TH'), 'S': ('F', _ALV, 110, 'S'),
+    'SH': ('F', _PAL, 115, 'SH'), 'HH': ('H', None, 65, None),
+    'V': ('Z', _LAB, 65, 'F'), 'DH': ('Z', _DEN, 50, 'TH'), 'Z': ('Z', _ALV, 85, 'S'),
+    'ZH': ('Z', _PAL, 85, 'SH'),
+    'P': ('P', _LAB, 95, 'LAB'), 'T': ('P', _ALV, 90, 'ALV'), 'K': ('P', _VEL, 100, 'VEL'),
+    'B': ('B', _LAB, 70, 'LAB'), 'D': ('B', _ALV, 65, 'ALV'), 'G': ('B', _VEL, 75, 'VEL'),
+    'CH': ('C', _PAL, 140, 'SH'), 'JH': ('J', _PAL, 115, 'SH'),
+}
+# Noise spectra: (centre Hz, Gaussian width Hz, flat floor re peak, level dB re S).
+# S is high, SH 2-6 kHz, F weak and flat, TH weak with a broad peak near 5 kHz; bursts:
+# labial low and diffuse, alveolar high near 4 kHz, velar compact near 2 kHz.
+FRIC_SHAPES = {'S': (5800, 1300, 0.02, 0.0), 'SH': (3300, 1100, 0.04, 1.0),
+               'F': (7000, 3000, 0.40, -13.0), 'TH': (4800, 1300, 0.20, -11.0),
+               'LAB': (800, 900, 0.15, 0.0), 'ALV': (4200, 700, 0.06, 1.0),
+               'VEL': (2000, 280, 0.03, 4.0)}
+_FRIC_DB = -17.0      # dB: level of S noise re vowel voicing (noise gain calibration)
+_ASP_DB = -10.0       # dB: HH / stop aspiration re vowel voicing
+_BW_ORAL = (60.0, 90.0, 130.0)    # Hz, F1-F3 bandwidths of oral sounds
+_BW_NASAL = (90.0, 380.0, 480.0)  # Hz, wide upper bandwidths leave the low nasal murmur
+
+
+# Per-emotion prosody means. f0 / range: F0 mean and excursion factors; rate: speaking
+# rate factor (>1 faster); energy_db: level re neutral; tilt: change of the source
+# low-pass pole (+ darker); breath: aspiration noise re voicing; jitter: cycle-to-cycle
+# F0 s.d. (fraction); oq: glottal open quotient (low = tense); inflect: utterance-final
+# F0 movement (log units); accent_s: pitch-accent width in s (narrow = abrupt); pause:
+# probability of a pause between words. Means follow Murray & Arnott (1993).
+EMOTION_PROSODY = {
+    'neutral': dict(f0=1.00, range=1.00, rate=1.00, energy_db=0.0, tilt=0.00, breath=0.05,
+                    jitter=0.010, oq=0.60, inflect=-0.08, accent_s=0.08, pause=0.08),
+    'happy': dict(f0=1.15, range=1.40, rate=1.06, energy_db=2.5, tilt=-0.08, breath=0.05,
+                  jitter=0.010, oq=0.56, inflect=0.10, accent_s=0.10, pause=0.06),
+    'angry': dict(f0=1.12, range=1.45, rate=1.04, energy_db=5.0, tilt=-0.20, breath=0.07,
+                  jitter=0.016, oq=0.48, inflect=-0.12, accent_s=0.05, pause=0.06),
+    'sad': dict(f0=0.95, range=0.78, rate=0.87, energy_db=-3.0, tilt=0.15, breath=0.11,
+                jitter=0.014, oq=0.68, inflect=-0.14, accent_s=0.09, pause=0.16),
+    'other': dict(f0=1.03, range=1.10, rate=1.00, energy_db=1.0, tilt=0.00, breath=0.06,
+                  jitter=0.012, oq=0.58, inflect=-0.05, accent_s=0.08, pause=0.08),
+}
+# Per-utterance spread around the class means: (kind, s.d.); 'mul' = log-normal factor.
+# Wide enough that classes overlap and no single cue separates them.
+_PROSODY_SPREAD = dict(f0=('mul', 0.09), range=('mul', 0.30), rate=('mul', 0.10),
+                       energy_db=('add', 3.5), tilt=('add', 0.08), breath=('mul', 0.35),
+                       jitter=('mul', 0.30), oq=('add', 0.05), inflect=('add', 0.06),
+                       accent_s=('mul', 0.2), pause=('mul', 0.3))
+
+
+def make_voice(gender, rng):
+    """Draw a speaker: dict of base F0 (Hz), formant scale, rate factor, F0 range factor,
+    source tilt (one-pole low-pass pole, 0..1), breathiness, open-quotient offset, gain (dB),
+    expressiveness (scales how far its emotions move from neutral)."""
+    female = str(gender).lower().startswith('f')
+    return dict(
+        f0=float(rng.uniform(190, 230) if female else rng.uniform(100, 130)),
+        fscale=float(np.clip(rng.normal(1.17 if female else 1.0, 0.04), 0.9, 1.25)),
+        rate=float(np.exp(rng.normal(0, 0.08))), f0_range=float(np.exp(rng.normal(0, 0.2))),
+        tilt=float(rng.uniform(0.25, 0.5)), breath=float(rng.uniform(0.0, 0.06)),
+        oq=float(rng.normal(0, 0.04)), gain_db=float(rng.normal(0, 2.0)),
+        expressive=float(np.exp(rng.normal(0, 0.3))))
+
+
+def _draw_prosody(emotion, voice, rng):
+    """Utterance prosody: class means (unknown labels: 'other', wider spread), moved away
+    from neutral by the speaker's expressiveness, plus per-utterance spread."""
+    means, base = EMOTION_PROSODY.get(emotion, EMOTION_PROSODY['other']), EMOTION_PROSODY['neutral']
+    widen = 1.5 if means is EMOTION_PROSODY['other'] else 1.0
+    ex = voice.get('expressive', 1.0)
+    out = {}
+    for key, (how, sd) in _PROSODY_SPREAD.items():
+        z = rng.normal(0, sd * widen)
+        if how == 'mul':
+            out[key] = base[key] * (means[key] / base[key]) ** ex * np.exp(z)
+        else:
+            out[key] = base[key] + (means[key] - base[key]) * ex + z
+    return out
+
+
+def _db(x):
+    """dB -> linear amplitude; None means silent."""
+    return 0.0 if x is None else 10.0 ** (x / 20.0)
+
+
+def _phone_segments(kind, shape, n):
+    """Split one phone of n samples into sub-segments (n_i, voicing dB, aspiration dB,
+    frication dB, noise shape), e.g. stop = closure + burst (+ aspiration)."""
+    fr = None if shape is None else _FRIC_DB + FRIC_SHAPES[shape][3]
+    a, b = int(0.55 * n), int(0.12 * n)
+    if kind in 'VD':
+        return [(n, 0.0, None, None, None)]
+    if kind in 'NL':
+        return [(n, -6.0 if kind == 'N' else -3.0, None, None, None)]
+    if kind == 'F':
+        return [(n, None, None, fr, shape)]
+    if kind == 'Z':
+        return [(n, -12.0, None, fr - 8.0, shape)]
+    if kind == 'H':
+        return [(n, None, _ASP_DB, None, None)]
+    if kind == 'P':   # closure, burst, 30-60 ms aspiration
+        return [(a, None, None, None, None), (b, None, None, fr + 4, shape),
+                (n - a - b, None, _ASP_DB, None, None)]
+    if kind == 'B':   # closure with a weak voice bar, then a weaker burst
+        a = int(0.8 * n)
+        return [(a, -26.0, None, None, None), (n - a, -12.0, None, fr - 2, shape)]
+    a = int(0.4 * n)  # affricates: closure then SH / ZH noise
+    if kind == 'C':
+        return [(a, None, None, None, None), (n - a, None, None, fr, shape)]
+    return [(a, -26.0, None, None, None), (n - a, -12.0, None, fr - 6, shape)]
+
+
+def _ramp_track(bounds, values, total, ramp):
+    """Piecewise-constant per-segment values with linear ramps (<= ramp samples) between
+    segments, evaluated at every sample: (total,) float."""
+    b0, b1 = bounds[:-1], bounds[1:]
+    r = np.minimum(ramp, 0.3 * (b1 - b0))
+    xp = np.stack([b0 + r, b1 - r], 1).ravel()
+    return np.interp(np.arange(total), xp, np.repeat(values, 2))
+
+
+def _ola_filter(xs, envs):
+    """Time-varying filtering by overlap-add, summed over sources: xs (S, T) samples,
+    envs (S, n_frames, NFFT//2+1) frequency responses for frames centred at m * HOP.
+    Returns (T,)."""
+    hop, nfft = SYNTH_HOP, SYNTH_NFFT
+    nf, n = envs.shape[1], xs.shape[1]
+    win = np.hanning(2 * hop + 1)[:-1].astype(np.float32)   # periodic Hann: sums to 1 at hop
+    xp = np.zeros((len(xs), (nf + 1) * hop), np.float32)
+    xp[:, hop:hop + n] = xs
+    frames = np.lib.stride_tricks.sliding_window_view(xp, 2 * hop, 1)[:, ::hop][:, :nf] * win
+    spec = (np.fft.rfft(frames, nfft) * envs).sum(0)
+    y = np.fft.irfft(spec, nfft).reshape(nf, nfft // hop, hop)
+    out = np.zeros((nf + nfft // hop, hop))
+    for j in range(nfft // hop):          # 6 shifted adds instead of a per-frame loop
+        out[j:j + nf] += y[:, j]
+    return out.ravel()[hop:hop + n]
+
+
+def synth_utterance(phones, voice, emotion, rng, return_alignment=False):
+    """Render ARPAbet phones (no stress digits, '|' between words) with a voice from
+    make_voice and an emotion label (unknown labels: 'other'). Returns float32 (T,) at
+    SYNTH_SR with 50-150 ms lead/trail and a noise floor 35-45 dB below the neutral vowel
+    level (fixed, so the SNR follows the emotion's energy); with return_alignment also a
+    list of (phone, start_sample, end_sample) into that array. Unknown tokens are skipped."""
+    from scipy.signal import lfilter  # imported here: `import satn` stays light
+    sr, hop = SYNTH_SR, SYNTH_HOP
+    p = _draw_prosody(emotion, voice, rng)
+    words, cur = [], []
+    for tok in list(phones) + ['|']:
+        if tok == '|':
+            words, cur = (words + [cur] if cur else words), []
+        elif tok in SYNTH_PHONES:
+            cur.append(tok)
+    rate = voice['rate'] * p['rate']
+    segs, align, fpts, accents = [], [], [], []
+    t = int(rng.uniform(0.05, 0.15) * sr)          # lead-in silence
+    segs.append((t, None, None, None, None))
+    for wi, word in enumerate(words):
+        if wi and rng.random() < min(p['pause'], 0.6):
+            n = int(rng.uniform(0.08, 0.3) / rate * sr)
+            segs.append((n, None, None, None, None))
+            t += n
+        accented = rng.random() < 0.5
+        acc_done = False
+        for ph in word:
+            kind, fm, ms, shape = SYNTH_PHONES[ph]
+            d = ms / rate * np.exp(rng.normal(0, 0.15)) * (1.25 if wi == len(words) - 1 else 1)
+            vowel = kind in 'VD'
+            if vowel and accented and not acc_done:
+                d *= 1.15
+            n = max(int(d * sr / 1000), 160)
+            for s in _phone_segments(kind, shape, n):
+                if vowel and accented and not acc_done:
+                    s = (s[0], s[1] + rng.uniform(1.5, 4.0) * min(p['range'], 2.0), *s[2:])
+                segs.append(s)
+            if vowel and accented and not acc_done:
+                accents.append((t + n / 2, rng.uniform(0.12, 0.25)))
+                acc_done = True
+            if fm is not None:   # formant targets (F1-F3 Hz + bandwidths) at fixed fractions
+                bw = _BW_NASAL if kind == 'N' else _BW_ORAL
+                pts = {'D': ((0.15, fm[0]), (0.85, fm[1])),
+                       'P': ((0.2, fm), (0.45, fm)), 'C': ((0.2, fm), (0.45, fm))}
+                for frac, f in pts.get(kind, ((0.25, fm), (0.75, fm))):
+                    fpts.append((t + frac * n, *f, *bw))
+            align.append((ph, t, t + n))
+            t += n
+    n = int(rng.uniform(0.05, 0.15) * sr)          # trailing silence
+    segs.append((n, None, None, None, None))
+    total = t + n
+    nf = total // hop + 2
+    ftime = np.arange(nf) * hop                     # frame centres (samples)
+
+    # sample-rate amplitude tracks (linear), with ~4 ms ramps between segments
+    lens = np.array([s[0] for s in segs])
+    bounds = np.concatenate([[0], np.cumsum(lens)]).astype(float)
+    av, asp, fric = (_ramp_track(bounds, np.array([_db(s[k]) for s in segs]), total, 64)
+                     for k in (1, 2, 3))
+    av *= np.linspace(1.0, 0.7, total)              # energy declination (-3 dB)
+
+    # F0 contour (log domain, per frame): declination, accents, final inflection, drift
+    tt = ftime / sr
+    dur = total / sr
+    lf = 0.10 - 0.20 * tt / dur + sum(h * np.exp(-0.5 * ((tt - c / sr) / p['accent_s']) ** 2)
+                                      for c, h in accents)
+    lf = lf + p['inflect'] / (1 + np.exp(-(tt - (dur - 0.35)) / 0.06))
+    lf = lf + 0.03 * np.sin(2 * np.pi * rng.uniform(1, 3) * tt + rng.uniform(0, 6.3))
+    f0 = voice['f0'] * p['f0'] * np.exp(voice['f0_range'] * min(p['range'], 3.0) * lf)
+    f0 = np.interp(np.arange(total), ftime, np.clip(f0, 60, 500))
+    # per-cycle jitter and shimmer: one random draw per glottal period
+    k = np.floor(np.cumsum(f0) / sr).astype(int)
+    jit = rng.normal(0, p['jitter'], k[-1] + 2)
+    phase = np.cumsum(f0 * (1 + jit[k])) / sr
+    k = np.floor(phase).astype(int)
+    shim = 1 + rng.normal(0, 2.5 * p['jitter'], k[-1] + 2)[k]
+    # Rosenberg pulse g and its phase derivative (lip radiation) from 1024-point tables,
+    # so the amplitude does not depend on F0
+    oq = float(np.clip(p['oq'] + voice['oq'], 0.35, 0.85))
+    tp, tn = 0.65 * oq, 0.35 * oq
+    grid = np.arange(1024) / 1024
+    g_tab = np.where(grid < tp, 0.5 * (1 - np.cos(np.pi * grid / tp)),
+                     np.where(grid < oq, np.cos(0.5 * np.pi * (grid - tp) / tn), 0.0))
+    dg_tab = np.diff(g_tab, append=0.0) * 1024
+    idx = ((phase - k) * 1024).astype(np.int32)
+    noise = rng.standard_normal((4, total), dtype=np.float32)   # breath, asp., fric., room
+    # breath noise pulses with the glottal opening; x6 brings it to the pulse's scale
+    breath = min(voice['breath'] + p['breath'], 0.5) * 6.0 * noise[0] * (0.3 + g_tab[idx])
+    src = (dg_tab[idx] + breath) * av * shim
+    a = float(np.clip(voice['tilt'] + p['tilt'], 0.0, 0.92))   # spectral tilt
+    src = lfilter([1, -0.6], [1, -a], src) + noise[1] * asp
+
+    # formant tracks per frame: targets interpolated, then ~30 ms smoothing (coarticulation)
+    fp = np.array(fpts) if fpts else np.array([[0, 500, 1500, 2500, *_BW_ORAL]])
+    tracks = np.stack([np.interp(ftime, fp[:, 0], fp[:, c]) for c in range(1, 7)], 1)
+    tracks = lfilter(np.ones(3) / 3, [1], np.pad(tracks, ((1, 1), (0, 0)),
+                                  mode='edge'), axis=0)[2:]
+    fs = voice['fscale']
+    F = np.concatenate([tracks[:, :3] * fs, np.full((nf, 1), SYNTH_F4 * fs)], 1)
+    B = np.concatenate([tracks[:, 3:] * (1 + 2 * p['breath']), np.full((nf, 1), 200.0)], 1)
+    # cascade of resonators as one all-pole polynomial per frame, evaluated by FFT
+    r2 = np.exp(-2 * np.pi * B / sr)
+    c = 2 * np.exp(-np.pi * B / sr) * np.cos(2 * np.pi * F / sr)
+    poly = np.zeros((nf, 9))
+    poly[:, 0] = 1.0
+    for j in range(4):                               # multiply in (1 - c z^-1 + r^2 z^-2)
+        prev = poly.copy()
+        poly[:, 1:] -= c[:, j:j + 1] * prev[:, :-1]
+        poly[:, 2:] += r2[:, j:j + 1] * prev[:, :-2]
+    h_tract = poly.sum(1, keepdims=True) / np.fft.rfft(poly, SYNTH_NFFT)   # unit DC gain
+    # frication spectra: one per noise shape, each noisy phone paints its frames (+-1)
+    names = list(FRIC_SHAPES)
+    shp = np.array([FRIC_SHAPES[k][:3] for k in names])
+    fhz = np.arange(SYNTH_NFFT // 2 + 1) * sr / SYNTH_NFFT
+    spec = (shp[:, 2:3] + (1 - shp[:, 2:3]) * np.exp(
+        -0.5 * ((fhz - shp[:, :1] * np.sqrt(fs)) / shp[:, 1:2]) ** 2)) * fhz / (fhz + 300)
+    idx = np.zeros(nf, int)
+    for s0, s1, seg in zip(bounds[:-1], bounds[1:], segs):
+        if seg[4] is not None:
+            idx[max(int(s0) // hop - 1, 0):int(s1) // hop + 2] = names.index(seg[4])
+    h_fric = spec[idx]
+    y = _ola_filter(np.stack([src, noise[2] * fric]),
+                     np.stack([h_tract, h_fric]).astype(np.complex64))
+
+    # level: vowel-region RMS set by the emotion's energy and the speaker's gain
+    vowels, active = av > 0.5, (av + asp + fric) > 0.05
+    if vowels.any():
+        ref = np.sqrt(np.mean(y[vowels] ** 2))
+    else:                                            # no vowel: consonants sit ~12 dB lower
+        ref = 4.0 * np.sqrt(np.mean(y[active] ** 2)) if active.any() else 1.0
+    y *= 0.025 * _db(p['energy_db'] + voice['gain_db']) / ref
+    bg = lfilter([1], [1, -0.7], noise[3])
+    y += bg * 0.025 * _db(-rng.uniform(35, 45)) / np.std(bg)
+    peak = np.abs(y).max()
+    if peak > 0.9:                                   # rare: keep well inside [-1, 1]
+        y *= 0.9 / peak
+    y = y.astype(np.float32)
+    return (y, align) if return_alignment else y
+
+
+# Common words, all in the CMU dictionary; sentences of 3-8 of them are synthesised.
+DEMO_WORDS = """a about after again all always and any are at away back bad be because been before
+big but by call can come could day did do don't down even every find first for from get give go going
+good great had has have he hear help her here him his home how i i'm if in is it it's just keep know
+last leave let like little long look made make man many me more much my need never new no not now of
+off okay old on one only or other our out over people please put really right said same say see she
+should so some something still stop sure take talk tell than thank that that's the their them then
+there these they thing think this time to told too two up us very wait want was way we well were what
+when where which who why will with work would yeah yes you you're your""".split()
+
+# Label mix of the improvised dialogs: the four classes, exc (merged into happy)
+# and labels the loader must drop.
+DEMO_LABELS = {"neu": 0.30, "hap": 0.14, "exc": 0.10, "sad": 0.20, "ang": 0.14, "fru": 0.07, "xxx": 0.05}
+DEMO_SYNTH_EMOTION = {"neu": "neutral", "hap": "happy", "exc": "happy", "sad": "sad", "ang": "angry",
+                      "fru": "frustrated", "xxx": "other"}
+DEMO_IMPRO_PER_DIALOG = 30   # utterances per improvised dialog (5 dialogs per session)
+DEMO_SCRIPT_PER_DIALOG = 8   # one scripted dialog per session
+
+
+def _demo_dialogs(session):
+    """Dialog names of one session; session 3 has letter-suffixed dialogs, as the real corpus."""
+    names = [f"Ses{session:02d}{'FM'[j % 2]}_impro0{j + 1}" for j in range(4)]
+    if session == 3:
+        names += [f"Ses03M_impro05a", f"Ses03M_impro05b"]
+    else:
+        names += [f"Ses{session:02d}{'FM'[session % 2]}_impro05"]
+    return names + [f"Ses{session:02d}F_script01_1"]
+
+
+def write_demo_corpus(out=DEMO_DIR, seed=0, sessions=5, scale=1.0, verbose=True):
+    """Write the synthetic corpus in the IEMOCAP_full_release layout under `out`.
+
+    5 sessions x 2 speakers, each with their own voice; improvised dialogs plus one
+    scripted dialog per session; labels including exc and distractors; header,
+    annotator and non-utterance lines; macOS `._*` files; a letter-suffixed dialog;
+    utterances whose speaker letter differs from the dialog's. `scale` shrinks it
+    (for tests). Deterministic for a seed."""
+    import soundfile as sf
+    out = Path(out).resolve()   # `--out .` has no name of its own
+    _check_demo_out(out)
+    lexicon = read_cmudict()
+    words = [w for w in DEMO_WORDS if w in lexicon]
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        if not (tmp / DEMO_PARTIAL_MARKER).is_file():
+            raise DataError(f"--out {out}: {tmp} exists and was not left by demo-data: move it away first")
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / DEMO_PARTIAL_MARKER).write_text("unfinished demo corpus: deleted by the next `satn.py demo-data`\n")
+    t0, n_utts = time.time(), 0
+    for s in range(1, sessions + 1):
+        rng = np.random.default_rng([seed, s])
+        voices = {g: make_voice(g, rng) for g in "FM"}
+        sdir = tmp / f"Session{s}"
+        emo_dir, tr_dir = sdir / "dialog" / "EmoEvaluation", sdir / "dialog" / "transcriptions"
+        for sub in ("Categorical", "Attribute", "Self-evaluation"):
+            (emo_dir / sub).mkdir(parents=True, exist_ok=True)
+        tr_dir.mkdir(parents=True, exist_ok=True)
+        for dialog in _demo_dialogs(s):
+            scripted = "script" in dialog
+            n = max(2, round((DEMO_SCRIPT_PER_DIALOG if scripted else DEMO_IMPRO_PER_DIALOG) * scale))
+            (sdir / "sentences" / "wav" / dialog).mkdir(parents=True, exist_ok=True)
+            emo = ["% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]", ""]
+            trans, cats, clock, count = [], [], 1.0 + rng.random(), {"F": 0, "M": 0}
+            for _ in range(n):
+                g = "FM"[int(rng.integers(2))]
+                uid = f"{dialog}_{g}{count[g]:03d}"
+                count[g] += 1
+                code = rng.choice(list(DEMO_LABELS), p=np.array(list(DEMO_LABELS.values())) / sum(DEMO_LABELS.values()))
+                while True:  # 1-4 s utterances
+                    sentence = [words[i] for i in rng.integers(len(words), size=int(rng.integers(3, 9)))]
+                    phones = text_to_phones(" ".join(sentence), lexicon)
+                    wave = synth_utterance(phones, voices[g], DEMO_SYNTH_EMOTION[code], rng)
+                    if 1.0 <= len(wave) / SAMPLE_RATE <= 4.0:
+                        break
+                sf.write(sdir / "sentences" / "wav" / dialog / f"{uid}.wav", wave, SAMPLE_RATE, subtype="PCM_16")
+                start, end = clock, clock + len(wave) / SAMPLE_RATE
+                clock = end + 0.3 + rng.random()
+                vad = {"ang": (1.5, 4.0, 4.0), "sad": (2.0, 1.5, 2.0), "hap": (4.0, 3.5, 3.0), "exc": (4.0, 4.0, 3.0)}.get(code, (2.5, 2.5, 2.5))
+                emo += [f"[{start:.4f} - {end:.4f}]\t{uid}\t{code}\t[{vad[0]:.4f}, {vad[1]:.4f}, {vad[2]:.4f}]",
+                        f"C-E1:\t{DEMO_SYNTH_EMOTION[code].capitalize()};\t()",
+                        f"C-E2:\t{DEMO_SYNTH_EMOTION[code].capitalize()};\t(an annotator's note [with brackets])",
+                        f"A-E3:\tval {int(vad[0])}; act {int(vad[1])}; dom  {int(vad[2])};\t()", ""]
+                text = " ".join(sentence).capitalize() + rng.choice([".", "?", "!", "..."])
+                if rng.random() < 0.1:
+                    text = "[LAUGHTER] " + text
+                trans.append(f"{uid} [{start:08.4f}-{end:08.4f}]: {text}")
+                # The Categorical subfolder repeats utterance-shaped lines with another
+                # label: a loader that globbed recursively would double count.
+                cats.append(f"[{start:.4f} - {end:.4f}]\t{uid}\tfru\t[2.0000, 2.0000, 2.0000]")
+            trans += [f"M: [BREATHING] sorry.", f"{dialog}_MXX0 [{clock:08.4f}-{clock + 1:08.4f}]: Overlapping speech."]
+            (emo_dir / f"{dialog}.txt").write_text("\n".join(emo) + "\n")
+            (emo_dir / "Categorical" / f"{dialog}_e1_cat.txt").write_text("\n".join(cats) + "\n")
+            (emo_dir / "Attribute" / f"{dialog}_e3_atr.txt").write_text("\n".join(cats) + "\n")
+            (tr_dir / f"{dialog}.txt").write_text("\n".join(trans) + "\n")
+            for d in (emo_dir, tr_dir):  # macOS resource forks: binary junk with a .txt name
+                (d / f"._{dialog}.txt").write_bytes(b"\x00\x05\x16\x07Mac OS X        " + bytes(range(256)))
+            n_utts += n
+        if verbose:
+            print(f"\rdemo corpus: session {s}/{sessions} ({time.time() - t0:.1f} s)", end="", flush=True)
+    (tmp / DEMO_PARTIAL_MARKER).unlink()
+    if out.exists():   # empty, or a demo corpus written before: its parts are replaced
+        (out / DEMO_MARKER).unlink(missing_ok=True)      # first: a half-replaced corpus is never taken as done
+        for old in out.iterdir():
+            shutil.rmtree(old)
+        for new in tmp.iterdir():
+            new.rename(out / new.name)
+        tmp.rmdir()
+    else:
+        tmp.rename(out)
+    (out / DEMO_MARKER).write_text(
+        f"Synthetic speech in the IEMOCAP_full_release layout, written by `python satn.py demo-data "
+        f"--seed {seed}`. Not real speech: formant synthesis with emotional prosody.\n")
+    if verbose:
+        print(f"\rdemo corpus: {n_utts} utterances written to {out} in {time.time() - t0:.1f} s")
+        print_counts(load_iemocap(out, "impro", verbose=False), "improvised, 4 classes")
+    return out
+
+
+DEMO_MARKER = "DEMO-CORPUS.txt"            # written last into a finished demo corpus
+DEMO_PARTIAL_MARKER = "DEMO-CORPUS.partial"  # inside the folder a demo corpus is written to
+
+
+def _check_demo_out(out):
+    """demo-data may write only into a new or empty folder, or over a demo corpus it wrote
+    before (its marker file and SessionN folders, nothing else): it never deletes other files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"--out {out}: a file, not a folder")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if DEMO_MARKER not in entries:
+        raise DataError(f"--out {out}: the folder is not empty ({', '.join(entries[:3])}"
+                        + (", ..." if len(entries) > 3 else "") + f") and holds no demo corpus ({DEMO_MARKER}): "
+                        f"give a new or empty folder; nothing was changed")
+    foreign = [e for e in entries if e != DEMO_MARKER and not (re.fullmatch(r"Session\d+", e) and (out / e).is_dir())]
+    if foreign:
+        raise DataError(f"--out {out}: the demo corpus there also holds {', '.join(foreign[:3])}, which demo-data did "
+                        f"not write: move it away first; nothing was changed")
+
+
+def ensure_demo_corpus(out=DEMO_DIR, seed=0):
+    """Write the demo corpus on first use (a finished corpus has its DEMO-CORPUS.txt)."""
+    if not (Path(out) / DEMO_MARKER).is_file():
+        print(f"no --data given: writing the built-in demo corpus to {out} (once)")
+        write_demo_corpus(out, seed)
+
+
+# -----------------------------------------------------------------------------
+# kernels glue
+
+# The fused extension in kernels/ is compiled on first use (never at import) by
+# torch.utils.cpp_extension with ninja into ~/.cache/satn/kernels/. SATN_KERNEL=ref
+# forces causal_conv1d_ref, SATN_KERNEL=ext makes an unavailable extension an error;
+# by default (auto) a CUDA input's signature (device, dtype, channels, kernel size,
+# dilation, length bucket, which gradients) is timed once on both paths and the faster
+# is kept (in memory and in KERNEL_CACHE_DIR/dispatch.json), so the extension is used
+# only where it helps; when it cannot be built, one warning says so and the PyTorch path
+# is used. CPU inputs use PyTorch's path: the extension's CPU build exists to test the
+# shared arithmetic and is slower than PyTorch's convolution.
+
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+KERNEL_CACHE_DIR = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                    / "satn" / "kernels")
+# Architectures compiled for when no GPU is visible to ask (A100, H100; the PTX
+# of 9.0 lets newer GPUs JIT-compile the kernels).
+KERNEL_DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+KERNEL_TUNE_WARMUP = 2      # untimed calls of each path before a new signature is timed
+KERNEL_TUNE_REPEATS = 5     # timed calls of each path (CUDA events; the median is compared)
+KERNEL_TUNE_MARGIN = 0.95   # the extension is chosen only if its median <= this x the PyTorch path's
+KERNEL_VERBOSE = False      # print each dispatch choice once (python satn.py -v ...)
+
+_KERNEL_EXT = {}        # "cpu" / "cuda" -> loaded module, or the reason it failed (str)
+_KERNEL_WARNED = False  # the auto-mode fallback warning is given once per process
+_KERNEL_CHOICES = {}    # dispatch signature -> "ext" or "ref", for this process
+
+
+def _kernel_mode():
+    mode = (os.environ.get("SATN_KERNEL") or "auto").strip().lower()
+    if mode not in ("auto", "ref", "ext"):
+        raise ValueError(f"SATN_KERNEL must be 'auto', 'ref' or 'ext', got {mode!r}")
+    return mode
+
+
+def _kernel_build_name(cuda):
+    # Keyed to torch and Python so that an upgrade never picks up a stale binary.
+    tag = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__).strip("_")
+    py = f"{sys.version_info[0]}{sys.version_info[1]}"
+    return f"satn_causal_conv1d_{'cuda' if cuda else 'cpu'}_torch{tag}_py{py}"
+
+
+def _nvidia_include_dirs():
+    """Header folders of the pip CUDA wheels (nvidia/cu13/include, nvidia/cublas/include, ...)
+    that hold cusparse.h or cublas_v2.h, which ATen/cuda/CUDAContext.h includes."""
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        return []
+    found = []
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for inc in sorted(Path(root).glob("*/include")):
+            if (inc / "cusparse.h").is_file() or (inc / "cublas_v2.h").is_file():
+                found.append(str(inc))
+    return found
+
+
+def _prepare_cuda_env(cuda):
+    """Set what torch.utils.cpp_extension cannot infer on a machine like ours. CUDA_HOME
+    must be set before that module is first imported: it reads it at import time."""
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+        # Without this, torch derives /usr/local from /usr/local/bin/nvcc and the
+        # link fails with "cannot find -lcudart".
+        if os.path.isfile("/usr/local/cuda/bin/nvcc"):
+            os.environ["CUDA_HOME"] = "/usr/local/cuda"
+    if cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # With a GPU visible torch compiles for it; without one it cannot choose.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = KERNEL_DEFAULT_CUDA_ARCHS
+
+
+def _cuda_include_dirs(cuda_home):
+    """Where cusparse.h / cublas_v2.h live when the toolkit at cuda_home lacks them
+    (pip-installed CUDA keeps them in site-packages/nvidia/...)."""
+    toolkit_inc = Path(cuda_home) / "include"
+    if (toolkit_inc / "cusparse.h").is_file() and (toolkit_inc / "cublas_v2.h").is_file():
+        return []
+    # These folders also carry copies of the runtime headers, which come first on
+    # the include path: prefer the one of the CUDA major version torch was built with.
+    dirs = _nvidia_include_dirs()
+    major = (torch.version.cuda or "").split(".")[0]
+    same_major = [p for p in dirs if Path(p).parent.name == f"cu{major}"]
+    per_library = [p for p in dirs if not re.fullmatch(r"cu\d+", Path(p).parent.name)]
+    return same_major or per_library or dirs
+
+
+def _first_error_line(text):
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    patterns = (r"(^|[\s:])(fatal )?error\b\s*:", r":\s*error\b", r"cannot find -l", r"undefined reference",
+                r"undefined symbol", r"No such file or directory")
+    for pat in patterns:
+        for ln in lines:
+            if re.search(pat, ln, re.IGNORECASE) and not ln.startswith(("FAILED:", "ninja: build stopped")):
+                return ln[:300]
+    return lines[0][:300] if lines else "unknown error"
+
+
+def _build_kernel_ext(cuda, verbose=False):
+    """Compile (or load the cached build of) the extension; raises RuntimeError(reason)."""
+    _prepare_cuda_env(cuda)
+    if "torch.utils.cpp_extension" not in sys.modules:
+        # Imported here, after CUDA_HOME is set, because it reads it at import time.
+        # Its "No CUDA runtime is found" notice on GPU-less machines is noise here.
+        log = logging.getLogger("torch.utils.cpp_extension")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            importlib.import_module("torch.utils.cpp_extension")
+        finally:
+            log.setLevel(level)
+    from torch.utils import cpp_extension
+
+    if os.environ.get("CUDA_HOME") and cpp_extension.CUDA_HOME != os.environ["CUDA_HOME"]:
+        # The module was imported before CUDA_HOME was set and guessed another root.
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja not found (pip install ninja)")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"C++ compiler not found ({cxx})")
+    sources = [KERNEL_DIR / "causal_conv1d.cpp"] + ([KERNEL_DIR / "causal_conv1d.cu"] if cuda else [])
+    for src in sources:
+        if not src.is_file():
+            raise RuntimeError(f"kernel source not found: {src}")
+
+    # -O2, not -O3: the emulated tile code's unrolled loops compile 2.5x longer at -O3 for no
+    # use (the CPU build exists for tests; the CUDA kernels are optimised by ptxas either way).
+    cflags, cuda_cflags, includes = ["-O2"], ["-O2"], []
+    if cuda:
+        if not torch.version.cuda:
+            raise RuntimeError("this PyTorch build has no CUDA support")
+        cuda_home = cpp_extension.CUDA_HOME
+        if not cuda_home or not os.path.isfile(os.path.join(cuda_home, "bin", "nvcc")):
+            raise RuntimeError("nvcc not found (set CUDA_HOME to the CUDA toolkit)")
+        includes = _cuda_include_dirs(cuda_home)
+        cflags.append("-DSATN_WITH_CUDA")
+
+    name = _kernel_build_name(cuda)
+    build_dir = KERNEL_CACHE_DIR / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return cpp_extension.load(
+            name=name, sources=[str(s) for s in sources], extra_cflags=cflags,
+            extra_cuda_cflags=cuda_cflags, extra_include_paths=includes,
+            build_directory=str(build_dir), with_cuda=cuda, verbose=verbose)
+    except Exception as exc:  # compiler/linker failures arrive as RuntimeError with the log
+        raise RuntimeError(_first_error_line(exc)) from None
+
+
+def _load_kernel_ext(cuda: bool | None = None, verbose=False):
+    """The extension module, built at most once per process (cuda=None: the CUDA build
+    when a GPU is visible, else the CPU build). Raises RuntimeError with the reason
+    when it cannot be built; a failure is remembered and not retried."""
+    if cuda is None:
+        cuda = torch.cuda.is_available() and torch.version.cuda is not None
+    key = "cuda" if cuda else "cpu"
+    if key not in _KERNEL_EXT:
+        try:
+            _KERNEL_EXT[key] = _build_kernel_ext(cuda, verbose=verbose)
+            if cuda and torch.cuda.is_available():
+                _kernel_self_check(_KERNEL_EXT[key])
+        except Exception as exc:  # e.g. an unwritable cache folder, besides build errors
+            _KERNEL_EXT[key] = str(exc) or type(exc).__name__
+    ext = _KERNEL_EXT[key]
+    if isinstance(ext, str):
+        raise RuntimeError(ext)
+    return ext
+
+
+# Self-check tolerances: largest |ext - ref| relative to max(1, max |ref|), per dtype as the
+# device computes it (float32 on TF32 tensor cores rounds operands to a 10-bit mantissa).
+KERNEL_CHECK_TOL = {"float64": 1e-9, "float32": 1e-4, "float32/tf32": 1e-2, "bfloat16": 5e-2}
+
+
+def _kernel_self_check(ext):
+    """Before the CUDA kernels serve a model, compare them once with causal_conv1d_ref on small
+    awkward shapes (forward and every gradient) in float64, float32 (exact and TF32) and
+    bfloat16, with the device's tolerances; a mismatch makes the extension unavailable."""
+    g = torch.Generator().manual_seed(0)
+    for (B, C, O, T, K, d) in ((2, 5, 3, 67, 3, 4), (2, 20, 35, 70, 4, 30)):
+        x64, w64, b64 = (torch.randn(*shape, generator=g, dtype=torch.float64)
+                         for shape in ((B, C, T), (O, C, K), (O,)))
+        gy64 = torch.randn(B, O, T, generator=g, dtype=torch.float64)
+        for name, tol in KERNEL_CHECK_TOL.items():
+            dtype = getattr(torch, name.split("/")[0])
+            x, w, b = (t.to("cuda", dtype).requires_grad_() for t in (x64, w64 / (C * K) ** 0.5, b64))
+            y = _CausalConv1dFn.apply(x, w, b, d, True, ext, name.endswith("tf32"))
+            grads = torch.autograd.grad(y, (x, w, b), gy64.to("cuda", dtype))
+            # float64 reference on the same (rounded) values; the ReLU mask taken from y, as an
+            # output within rounding of 0 may fall on either side
+            xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+            z = causal_conv1d_ref(xr, wr, br, d)
+            grads_ref = torch.autograd.grad(z, (xr, wr, br), gy64.cuda() * (y.detach().double() > 0))
+            for got, want in zip((y, *grads), (z.clamp_min(0), *grads_ref)):
+                err = (got.double() - want).abs().max().item() / max(1.0, want.abs().max().item())
+                if not err <= tol:
+                    raise RuntimeError(f"the CUDA kernels disagree with causal_conv1d_ref in {name} "
+                                       f"(relative difference {err:.3g} > {tol:g})")
+
+
+def _auto_wants_ext(x, weight):
+    """Whether SATN_KERNEL=auto considers the extension for this call: CUDA inputs only (on
+    CPU PyTorch's own convolution is faster than the extension's CPU build)."""
+    return x.is_cuda
+
+
+def _conv_uses_tf32():
+    """Whether PyTorch runs float32 convolutions on TF32 tensor cores now; the extension does
+    the same, so that both paths round alike (torch.backends.cudnn.conv.fp32_precision, else
+    torch.backends.cudnn.allow_tf32)."""
+    prec = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    if prec in ("tf32", "ieee"):
+        return prec == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def _t_bucket(T):
+    """Sequence lengths timed together: the next power of two >= T."""
+    return 1 << max(0, int(T) - 1).bit_length()
+
+
+def kernel_signature(x, weight, dilation, grads):
+    """What the dispatch times once: device, dtype (with TF32 for float32), C_in, C_out, K,
+    dilation, T bucket and which gradients the call needs ('none', 'w' or 'x+w')."""
+    dev = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
+    dtype = str(x.dtype).replace("torch.", "")
+    if x.dtype == torch.float32 and _conv_uses_tf32():
+        dtype += "/tf32"
+    return (dev, dtype, x.shape[1], weight.shape[0], weight.shape[2], int(dilation), _t_bucket(x.shape[2]), grads)
+
+
+def choose_kernel_path(ext_ms, ref_ms, margin=KERNEL_TUNE_MARGIN):
+    """The dispatch's decision from one timing of each path (median ms; ext_ms None when the
+    extension failed): the extension only when it is clearly faster, so auto never slows a
+    model down by more than timing noise."""
+    if ext_ms is None or not math.isfinite(ext_ms) or not math.isfinite(ref_ms):
+        return "ref"
+    return "ext" if ext_ms <= margin * ref_ms else "ref"
+
+
+def _cuda_median_ms(fn, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _time_kernel_paths(x, weight, bias, dilation, relu, ext, grads):
+    """Median ms of (extension, PyTorch path) on these very inputs, forward plus the backward
+    the call needs; the extension's time is None if it raised (e.g. out of memory)."""
+    gen = torch.Generator(device=x.device).manual_seed(0)  # the user's random stream is left alone
+    gy = torch.randn(x.shape[0], weight.shape[0], x.shape[2], generator=gen, device=x.device, dtype=x.dtype)
+    act = "relu" if relu else None
+    tf32 = _conv_uses_tf32()
+
+    def run(path):
+        xi = x.detach().requires_grad_(grads == "x+w")
+        wi, bi = (t.detach().requires_grad_(grads != "none") if t is not None else None for t in (weight, bias))
+        with torch.set_grad_enabled(grads != "none"):
+            y = (_CausalConv1dFn.apply(xi, wi, bi, dilation, relu, ext, tf32) if path == "ext"
+                 else causal_conv1d_ref(xi, wi, bi, dilation, act))
+            if grads != "none":
+                y.backward(gy)
+
+    ref_ms = _cuda_median_ms(lambda: run("ref"), KERNEL_TUNE_WARMUP, KERNEL_TUNE_REPEATS)
+    try:
+        ext_ms = _cuda_median_ms(lambda: run("ext"), KERNEL_TUNE_WARMUP, KERNEL_TUNE_REPEATS)
+    except RuntimeError:
+        ext_ms = None
+    return ext_ms, ref_ms
+
+
+def _kernel_choice_store():
+    """Where remembered choices live: a JSON file in the kernel cache, one section per
+    device name and build (torch, Python and the kernel sources' hash)."""
+    h = hashlib.sha1()
+    for src in sorted(p for p in KERNEL_DIR.iterdir() if p.is_file()):
+        h.update(src.read_bytes())
+    return KERNEL_CACHE_DIR / "dispatch.json", f"{_kernel_build_name(True)}-{h.hexdigest()[:12]}"
+
+
+def _stored_kernel_choice(device, sig):
+    try:
+        path, build = _kernel_choice_store()
+        entry = json.loads(path.read_text()).get(f"{device} | {build}", {}).get(repr(sig[1:]))
+        return entry if entry and entry.get("path") in ("ext", "ref") else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _store_kernel_choice(device, sig, entry):
+    """Best effort: an unwritable cache only means timing again in the next process."""
+    try:
+        path, build = _kernel_choice_store()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            table = {}
+        table.setdefault(f"{device} | {build}", {})[repr(sig[1:])] = entry
+        write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(table, indent=1, sort_keys=True)))
+    except OSError:
+        pass
+
+
+def _announce_kernel_choice(sig, entry, how):
+    if KERNEL_VERBOSE:
+        dev, dtype, C, O, K, d, tb, grads = sig
+        times = ""
+        if entry.get("ref_ms") is not None:
+            ext = f"{entry['ext_ms']:.3f} ms" if entry.get("ext_ms") is not None else "failed"
+            times = f": ext {ext}, ref {entry['ref_ms']:.3f} ms"
+        print(f"satn kernels: {dev} {dtype} C_in {C} C_out {O} K {K} dilation {d} T<={tb} grads {grads}"
+              f"{times} -> {'extension' if entry['path'] == 'ext' else 'PyTorch path'} ({how})", flush=True)
+
+
+def _auto_path(x, weight, bias, dilation, relu, ext):
+    """'ext' or 'ref' for SATN_KERNEL=auto: the first call of a signature times both paths
+    (or finds the choice stored by an earlier run on this device and build); later calls
+    reuse it. With torch.use_deterministic_algorithms(True) nothing is timed (a timing
+    could pick differently from run to run) and the PyTorch path is taken."""
+    needs = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)
+                                         or x.requires_grad)
+    grads = "none" if not needs else ("x+w" if x.requires_grad else "w")
+    sig = kernel_signature(x, weight, dilation, grads)
+    if torch.are_deterministic_algorithms_enabled():
+        if ("deterministic",) + sig not in _KERNEL_CHOICES:
+            _KERNEL_CHOICES[("deterministic",) + sig] = "ref"
+            _announce_kernel_choice(sig, {"path": "ref"}, "deterministic algorithms requested: nothing timed")
+        return "ref"
+    if sig not in _KERNEL_CHOICES:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return "ref"  # no timing inside a CUDA graph capture; decided on the next eager call
+        entry = _stored_kernel_choice(sig[0], sig)
+        how = "stored by an earlier run"
+        if entry is None:
+            ext_ms, ref_ms = _time_kernel_paths(x, weight, bias, dilation, relu, ext, grads)
+            entry = {"path": choose_kernel_path(ext_ms, ref_ms), "ext_ms": ext_ms, "ref_ms": ref_ms}
+            how = "timed now"
+            _store_kernel_choice(sig[0], sig, entry)
+        _KERNEL_CHOICES[sig] = entry["path"]
+        _announce_kernel_choice(sig, entry, how)
+    return _KERNEL_CHOICES[sig]
+
+
+def _kernel_ext_for(x, weight):
+    """The extension to run this call with, or None for the PyTorch path."""
+    global _KERNEL_WARNED
+    mode = _kernel_mode()
+    if mode == "ref" or (mode == "auto" and not _auto_wants_ext(x, weight)):
+        return None
+    if not x.is_cuda and not isinstance(_KERNEL_EXT.get("cuda", ""), str):
+        return _KERNEL_EXT["cuda"]  # the CUDA build has the CPU path too
+    try:
+        return _load_kernel_ext(cuda=x.is_cuda)
+    except RuntimeError as exc:
+        if mode == "ext":
+            raise RuntimeError(f"SATN_KERNEL=ext but the causal-conv1d extension is unavailable: {exc}") from None
+        if not _KERNEL_WARNED:
+            _KERNEL_WARNED = True
+            warnings.warn(f"satn: causal-conv1d extension unavailable ({exc}); using the PyTorch path",
+                          RuntimeWarning, stacklevel=3)
+        return None
+
+
+class _CausalConv1dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, dilation, relu, ext, tf32=False):
+        y = ext.forward(x, weight, bias, dilation, relu, tf32)
+        ctx.save_for_backward(x, weight, y)
+        ctx.dilation, ctx.relu, ctx.has_bias, ctx.ext, ctx.tf32 = dilation, relu, bias is not None, ext, tf32
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, y = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_x, grad_w, grad_b = ctx.ext.backward(grad_y, x, weight, y if ctx.relu else None, ctx.dilation,
+                                                  ctx.relu, ctx.has_bias, need[0], ctx.tf32)
+        return (grad_x if need[0] else None, grad_w if need[1] else None,
+                grad_b if need[2] else None, None, None, None, None)
+
+
+def causal_conv1d(x, weight, bias=None, dilation=1, activation=None):
+    """Dilated causal conv1d, y[.., t] depends on x[.., <= t]; x (B, C, T), weight (O, C, K),
+    activation None or "relu". Runs the fused extension or causal_conv1d_ref (see SATN_KERNEL)."""
+    if activation not in (None, "relu"):
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    dilation = int(dilation)
+    ext = _kernel_ext_for(x, weight)
+    if ext is None:
+        return causal_conv1d_ref(x, weight, bias, dilation=dilation, activation=activation)
+    if torch.is_autocast_enabled(x.device.type):
+        # The extension is not an autocast op; cast as autocast would for a conv.
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    relu = activation == "relu"
+    if _kernel_mode() == "auto" and _auto_path(x, weight, bias, dilation, relu, ext) == "ref":
+        return causal_conv1d_ref(x, weight, bias, dilation=dilation, activation=activation)
+    return _CausalConv1dFn.apply(x, weight, bias, dilation, relu, ext, x.is_cuda and _conv_uses_tf32())
+
+
+def build_kernels(cuda: bool) -> int:
+    """Compile the extension now (CPU part, plus the CUDA part when cuda=True, even
+    without a GPU) and print what was built; returns a process exit code."""
+    what = "CPU + CUDA parts" if cuda else "CPU part"
+    t0 = time.perf_counter()
+    try:
+        ext = _load_kernel_ext(cuda=cuda)
+    except RuntimeError as exc:
+        print(f"satn kernels: could not build the {what}: {exc}")
+        return 1
+    secs = time.perf_counter() - t0
+    print(f"satn kernels: built the {what} in {secs:.1f} s -> {KERNEL_CACHE_DIR / _kernel_build_name(cuda)}")
+    if cuda:
+        print(f"satn kernels: has_cuda={ext.has_cuda()}, TORCH_CUDA_ARCH_LIST="
+              f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPU)')}, compiled for {ext.cuda_archs()}")
+        if not torch.cuda.is_available():
+            print("satn kernels: no GPU visible, the CUDA kernels are compiled but cannot run here")
+    return 0
 
 
 # -----------------------------------------------------------------------------
