@@ -3479,29 +3479,30 @@ def report(runs="runs", per_seed=False):
 
 def track_report(results):
     """Markdown lines: the emotion track of every causal configuration (final.json's "track")."""
-    rows = []
+    rows, settle = [], None
     for name, rs in results.items():
         ts = [r["track"] for r in rs if "track" in r]
         if not ts:
             continue
+        settle = ts[0]["settle"]
         mean = lambda f: np.mean([f(t) for t in ts])  # noqa: E731
         delays = [t["delay_mean"] for t in ts if t["delay_mean"] is not None]
-        rows.append(f"| {REPORT_ROWS.get(name, name)} | {len(ts)} | {mean(lambda t: t['seconds']) / 60:.1f} | "
+        rows.append(f"| {_row_label(name, rs)} | {_runs_cell([r for r in rs if 'track' in r])} | "
+                    f"{mean(lambda t: t['seconds']) / 60:.1f} | "
                     f"{mean(lambda t: t['all']['WA']):.1f} | {mean(lambda t: t['all']['UA']):.1f} | "
                     f"{mean(lambda t: t['settled']['WA']):.1f} | {mean(lambda t: t['settled']['UA']):.1f} | "
                     + (f"{np.mean(delays):.2f}" if delays else "-")
                     + f" | {sum(t['switched'] for t in ts)}/{sum(t['changes'] for t in ts)} |")
     if not rows:
         return []
-    settle = ts[0]["settle"]
     return ["", "## Emotion track of the causal students (streaming)", "",
             "Each fold's test utterances joined in a random order into conversations of about "
             f"{TRACK_CONVERSATION:.0f} s, run as recordings (running normalisation); every output (one per "
             f"{HOP_SECONDS * 1000:.0f} ms x subsample) is labelled by the utterance under it. Frame WA/UA over all "
             f"outputs, and without those in the first {settle:.1f} s after each boundary; the delay runs from a "
             "boundary where the class changes until the track first shows the new class (within that utterance; "
-            "it includes the 40 ms delta lookahead, not the chunk). Means over folds.", "",
-            "| method | folds | minutes per fold | frame WA | frame UA | settled WA | settled UA | mean delay (s) "
+            "it includes the 40 ms delta lookahead, not the chunk). Means over runs (folds, and seeds).", "",
+            "| method | runs | minutes per run | frame WA | frame UA | settled WA | settled UA | mean delay (s) "
             "| changes followed |", "|---|---|---|---|---|---|---|---|---|"] + rows
 
 

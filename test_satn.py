@@ -4341,6 +4341,20 @@ def test_robust_recipe_training_is_reproducible_and_evaluation_unaugmented(tmp_p
     assert all(r["lr"] <= cfg.lr for r in logs[0])
 
 
+def test_track_report_with_seeds_and_a_causal_row_not_last():
+    """The streaming table over folds x seeds, whatever the order of the configurations."""
+    def track(wa, delay):
+        return {"all": {"WA": wa, "UA": wa - 1}, "settled": {"WA": wa + 2, "UA": wa + 1}, "settle": 1.0,
+                "delay_mean": delay, "switched": 3, "changes": 4, "conversations": 2, "seconds": 120.0}
+    runs = [{"config": {"fold": f, "seed": s}, "track": track(50.0 + f + 10 * s, 0.5 * f)} for f in (1, 2) for s in (0, 1)]
+    lines = satn.track_report({"tcn-self-causal": runs, "tcn-self": [{"config": {"fold": 1, "seed": 0}}]})
+    row = [l for l in lines if l.startswith("| TCN + causal")]
+    print("\n".join(lines))
+    assert row == ["| TCN + causal self-attention (streaming) | 4 (2 folds × 2 seeds) | 2.0 | 56.5 | 55.5 | 58.5 "
+                   "| 57.5 | 0.75 | 12/16 |"]
+    assert satn.track_report({"tcn-self": [{"config": {"fold": 1, "seed": 0}}]}) == []
+
+
 def test_weight_average_by_hand():
     lin = nn.Linear(2, 1, bias=False)
     with torch.no_grad():
