@@ -788,12 +788,12 @@ def test_compute_features_cache_is_reused_and_invalidated(tmp_path, monkeypatch,
     assert len(files) == 3 and ".tmp" not in "".join(files)           # frames, moments, index
     assert {f.split(".", 1)[1] for f in files} == {"npy", "moments.npy", "json"}
 
-    real = satn.features
+    real = satn.feature_frames   # what the cache computes
     calls = []
 
     def forbidden(*a, **k):
         raise AssertionError("features recomputed although cached")
-    monkeypatch.setattr(satn, "features", forbidden)
+    monkeypatch.setattr(satn, "feature_frames", forbidden)
     kept2, feats2 = satn.compute_features(utts, cache_dir=cache, verbose=False)
     assert [u.id for u in kept2] == [u.id for u in kept1]
     for a, b in zip(feats1, feats2):
@@ -804,7 +804,7 @@ def test_compute_features_cache_is_reused_and_invalidated(tmp_path, monkeypatch,
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
-    monkeypatch.setattr(satn, "features", counting)
+    monkeypatch.setattr(satn, "feature_frames", counting)
     write_wav(kept1[0].path, seconds=0.2, freq=900)
     kept3, feats3 = satn.compute_features(utts, cache_dir=cache, verbose=False)
     print(len(calls), feats3[0].shape)
