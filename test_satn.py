@@ -4355,6 +4355,18 @@ def test_track_report_with_seeds_and_a_causal_row_not_last():
     assert satn.track_report({"tcn-self": [{"config": {"fold": 1, "seed": 0}}]}) == []
 
 
+def test_runs_that_predate_an_option_keep_matching():
+    """A run saved before --pool and --ema existed is the same configuration as one with their defaults."""
+    for recipe in ("paper", "robust"):
+        cfg = satn.StudentConfig(recipe=recipe)
+        saved = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("pool", "ema")}
+        assert satn._config_diff(saved, cfg) == []
+        assert satn._config_diff(saved, dataclasses.replace(cfg, ema=0.99)) == ["ema"]
+        assert satn._config_diff(saved, dataclasses.replace(cfg, pool="stats")) == ["pool"]
+    teacher = satn.TeacherConfig()
+    assert satn._config_diff({k: v for k, v in dataclasses.asdict(teacher).items() if k != "beam"}, teacher) == []
+
+
 def test_weight_average_by_hand():
     lin = nn.Linear(2, 1, bias=False)
     with torch.no_grad():
