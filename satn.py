@@ -275,7 +275,7 @@ def deltas(feat, n=DELTA_N):
     d_t = sum_k k (c_{t+k} - c_{t-k}) / (2 sum_k k^2), k = 1..n, edge frames replicated."""
     feat = np.asarray(feat, dtype=np.float32)
     T = feat.shape[0]
-    padded = np.pad(feat, ((n, n),) + ((0, 0),) * (feat.ndim - 1), mode="edge")
+    padded = feat[np.clip(np.arange(-n, T + n), 0, T - 1)]        # (T + 2n, D), edges replicated
     out = np.zeros_like(feat)
     for k in range(1, n + 1):
         out += k * (padded[n + k:n + k + T] - padded[n - k:n - k + T])
@@ -1495,6 +1495,8 @@ class TeacherConfig(RunConfig):
         _in_range(self, "loc_kernel", 0, MAX_SIZE["loc_kernel"])
         _require(self.loc_kernel == 0 or self.loc_kernel % 2 == 1, "--loc-kernel must be odd (centred filters) or 0")
     epochs: int = _f(60, "training epochs", demo=30)
+    batch_size: int = _f(32, "utterances per batch (bucketed by length); on the small demo corpus 8: four times "
+                             "the updates per epoch, which the attention decoder needs to learn to align", demo=8)
     lr: float = _f(1e-4, "Adam learning rate (the paper's)", demo=2e-3)
 
 
