@@ -5247,6 +5247,38 @@ def _bench_mapped_corpus(folder, n, student_n):
     return base, after_stats, _rss_mb(), time.perf_counter() - t0, index["frames"]
 
 
+def _bench_cache_stages(utts, secs):
+    """Where the feature cache's time goes: each stage of its per-file work, timed in CPU seconds
+    over every file in this process (one thread), as x real time per CPU second; and log_mel on
+    one file repeated (its data and intermediates warm in the CPU caches, as in `bench features`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cpu = dict.fromkeys(("reading", "log_mel", "deltas", "moments"), 0.0)
+    for u in utts:
+        t0 = time.process_time()
+        wave = load_audio(u.path)
+        t1 = time.process_time()
+        lm = log_mel(wave)                                                       # (T, 40)
+        t2 = time.process_time()
+        d1 = deltas(lm)
+        x = np.concatenate([lm, d1, deltas(d1)], axis=1)                         # (T, 120)
+        t3 = time.process_time()
+        mean = x.mean(0, dtype=np.float64)
+        ((x - mean) ** 2).sum(0)
+        t4 = time.process_time()
+        for k, a, b in zip(cpu, (t0, t1, t2, t3), (t1, t2, t3, t4)):
+            cpu[k] += b - a
+    median = utts[int(np.argsort(secs)[len(secs) // 2])]
+    wave = load_audio(median.path)
+    warm = _bench_time(lambda: log_mel(wave), torch.device("cpu"), 20) / 1e3
+    torch.set_num_threads(threads)
+    total = secs.sum()
+    print("feature cache stages, x real time per CPU second (one thread, every file): "
+          + ", ".join(f"{k} {total / max(v, 1e-9):,.0f}x" for k, v in cpu.items())
+          + f"; together {total / sum(cpu.values()):,.0f}x, the ceiling of one process; log_mel on the median "
+          f"file ({len(wave) / SAMPLE_RATE:.1f} s) repeated, warm: {len(wave) / SAMPLE_RATE / warm:,.0f}x", flush=True)
+
+
 def bench_train(device="auto", batches=2, threads=1, cache_files=1000, jobs=(1, 2, 4, 8), worst=True, steps=True):
     """Seconds per epoch and peak memory of the teacher and each student configuration at the
     paper's settings on an IEMOCAP-sized synthetic corpus, the feature cache's speed and the
@@ -5291,6 +5323,7 @@ def bench_train(device="auto", batches=2, threads=1, cache_files=1000, jobs=(1, 
                   f"~{IEMOCAP_HOURS * 3600 / (secs.sum() / dt):.0f} s); {cpu:.1f} CPU s = {secs.sum() / cpu:,.0f}x "
                   f"real time per CPU second (x {cores} cores = {cores * secs.sum() / cpu:,.0f}x on idle cores)",
                   flush=True)
+        _bench_cache_stages(utts, secs)
         shutil.rmtree(Path(tmp) / "wav")
         # 2. the student's data side on a mapped cache of IEMOCAP's size
         lengths = np.maximum(1, (iemocap_like_seconds(IEMOCAP_UTTERANCES, rng) / HOP_SECONDS).astype(int))

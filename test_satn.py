@@ -2616,6 +2616,20 @@ def test_bench_train_projection_replays_run_all_schedule():
     secs = satn.iemocap_like_seconds(satn.IEMOCAP_UTTERANCES, np.random.default_rng(0))
     print(secs.sum() / 3600, secs.max())
     assert abs(secs.sum() / 3600 - satn.IEMOCAP_HOURS) < 0.5 and secs.max() <= satn.IEMOCAP_MAX_SECONDS
+def test_bench_cache_stages_names_each_stage(tmp_path, capsys):
+    """The breakdown of the feature cache's time: every stage named with a positive speed, and
+    the stages together no faster than the slowest of them."""
+    utts = [satn.Utterance(f"u{i}", str(write_wav(tmp_path / f"u{i}.wav", seconds=0.5 + i)), "neutral", "S1F", "S1")
+            for i in range(3)]
+    satn._bench_cache_stages(utts, np.array([0.5, 1.5, 2.5]))
+    line = capsys.readouterr().out
+    print(line)
+    speeds = {k: float(v.replace(",", "")) for k, v in re.findall(r"(reading|log_mel|deltas|moments|together) ([\d,.]+)x", line)}
+    assert set(speeds) == {"reading", "log_mel", "deltas", "moments", "together"} and min(speeds.values()) > 0
+    assert speeds["together"] <= min(v for k, v in speeds.items() if k != "together")
+    assert "repeated, warm" in line
+
+
 def test_run_all_seeds_dry_run(tmp_path):
     import shlex
     r = _run_all(["--dry-run", "--seeds", "2", "--epochs", "1"], tmp_path)
