@@ -212,17 +212,8 @@ void conv_cpu(const ConvArgs<typename Fr::elem_t>& a) {
 template <typename Fr>
 void run_conv_cpu(const at::Tensor& in, const at::Tensor& ymask, const at::Tensor& w,
                   const at::Tensor& bias, at::Tensor& out, int64_t d, bool causal, bool relu) {
-  using E = typename Fr::elem_t;
-  ConvArgs<E> a;
-  a.in = in.data_ptr<E>();
-  a.ymask = ymask.defined() ? ymask.data_ptr<E>() : nullptr;
-  a.w = w.data_ptr<E>();
-  a.bias = bias.defined() ? bias.data_ptr<E>() : nullptr;
-  a.out = out.data_ptr<E>();
-  a.B = in.size(0), a.Q = in.size(1), a.T = in.size(2), a.P = out.size(1);
-  a.K = static_cast<int>(w.size(2)), a.d = static_cast<int>(d);
-  a.causal = causal, a.relu = relu;
-  a.step = tap_row_step(a.d, kConvBT), a.nbuf = 2;
+  ConvArgs<typename Fr::elem_t> a = conv_args<typename Fr::elem_t>(in, ymask, w, bias, out, d, causal, relu);
+  a.nbuf = 2;
   with_taps(a.K, [&](auto kt) { conv_cpu<Fr, decltype(kt)::value>(a); });
 }
 

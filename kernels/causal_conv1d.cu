@@ -256,17 +256,7 @@ int64_t prepare_smem(Kernel kernel, Bytes bytes_for, int& nbuf) {
 template <typename Fr>
 void run_conv(const at::Tensor& in, const at::Tensor& ymask, const at::Tensor& w,
               const at::Tensor& bias, at::Tensor& out, int64_t d, bool causal, bool relu) {
-  using E = typename Fr::elem_t;
-  ConvArgs<E> a;
-  a.in = in.data_ptr<E>();
-  a.ymask = ymask.defined() ? ymask.data_ptr<E>() : nullptr;
-  a.w = w.data_ptr<E>();
-  a.bias = bias.defined() ? bias.data_ptr<E>() : nullptr;
-  a.out = out.data_ptr<E>();
-  a.B = in.size(0), a.Q = in.size(1), a.T = in.size(2), a.P = out.size(1);
-  a.K = static_cast<int>(w.size(2)), a.d = static_cast<int>(d);
-  a.causal = causal, a.relu = relu;
-  a.step = tap_row_step(a.d, kConvBT);
+  ConvArgs<typename Fr::elem_t> a = conv_args<typename Fr::elem_t>(in, ymask, w, bias, out, d, causal, relu);
   const int64_t ttiles = div_up(a.T, kConvBT), ptiles = div_up(a.P, kConvBO);
   TORCH_CHECK(a.B * ttiles <= std::numeric_limits<int32_t>::max() && ptiles <= 65535,
               "causal_conv1d: input too large for one launch");

@@ -123,6 +123,24 @@ struct ConvArgs {
   int step, nbuf;  // tap_row_step(d, kConvBT); shared-memory stages (1 or 2)
 };
 
+// ConvArgs of one call, from the tensors (at::Tensor on both back ends; host code only, so this
+// header needs no ATen). ymask and bias may be undefined; nbuf is left to the back end.
+template <typename scalar_t, typename Tensor>
+ConvArgs<scalar_t> conv_args(const Tensor& in, const Tensor& ymask, const Tensor& w, const Tensor& bias,
+                             Tensor& out, int64_t d, bool causal, bool relu) {
+  ConvArgs<scalar_t> a;
+  a.in = in.template data_ptr<scalar_t>();
+  a.ymask = ymask.defined() ? ymask.template data_ptr<scalar_t>() : nullptr;
+  a.w = w.template data_ptr<scalar_t>();
+  a.bias = bias.defined() ? bias.template data_ptr<scalar_t>() : nullptr;
+  a.out = out.template data_ptr<scalar_t>();
+  a.B = in.size(0), a.Q = in.size(1), a.T = in.size(2), a.P = out.size(1);
+  a.K = static_cast<int>(w.size(2)), a.d = static_cast<int>(d);
+  a.causal = causal, a.relu = relu;
+  a.step = tap_row_step(a.d, kConvBT), a.nbuf = 1;
+  return a;
+}
+
 template <typename Fr>
 struct ConvShape {
   using elem_t = typename Fr::elem_t;
