@@ -745,6 +745,7 @@ def emotion_utterances(utts, data, verbose=True):
 
 FEATURE_CACHE_VERSION = 2       # bump when the cache layout changes
 UNREADABLE_SHARE_LIMIT = 0.1    # more files than this share unreadable (missing, no permission): stop, loudly
+PADDING_WARN_SECONDS = 0.1      # digital silence (exact zeros) at a file's ends beyond this is named: padding
 POOL_MIN_FILES = 64             # fewer files than this are computed in-process (a pool's start costs seconds)
 
 
@@ -767,8 +768,9 @@ def _feature_key(utts, speed=1.0):
 
 def _utterance_features(job):
     """One file's cache entry: ("ok", (T, 120) float32 frames, (2, 120) float64 mean and sum of
-    squared deviations), ("format", message) for a file that is not valid audio (cached), or
-    ("io", message) for one that is missing or unreadable now (not cached: retried next time).
+    squared deviations, seconds of exact zeros at the file's two ends), ("format", message) for
+    a file that is not valid audio (cached), or ("io", message) for one that is missing or
+    unreadable now (not cached: retried next time).
 
     Runs in the pool's worker processes, one thread each: an utterance is too small to share."""
     path, speed = job
@@ -779,14 +781,17 @@ def _utterance_features(job):
     except OSError as e:
         return "io", f"{path}: {e.strerror or _first_line(e)}"
     try:
-        x = feature_frames(speed_perturb(load_audio(path), speed))                   # (T, 120)
+        wave = load_audio(path)
+        x = feature_frames(speed_perturb(wave, speed))                               # (T, 120)
     except ValueError as e:
         if not os.access(path, os.R_OK):        # it went away while being read
             return "io", str(e)
         return "format", str(e)
     x = np.ascontiguousarray(x, dtype=np.float32)
     mean = x.mean(0, dtype=np.float64)                                               # (120,)
-    return "ok", x, np.stack([mean, ((x - mean) ** 2).sum(0)])                      # (2, 120)
+    sound = np.flatnonzero(wave)                # not empty: load_audio refuses silent files
+    zeros = (sound[0] + len(wave) - 1 - sound[-1]) / SAMPLE_RATE
+    return "ok", x, np.stack([mean, ((x - mean) ** 2).sum(0)]), zeros              # (2, 120)
 
 
 def _cache_paths(cache_dir, key):
@@ -796,11 +801,12 @@ def _cache_paths(cache_dir, key):
     return base.with_suffix(".npy"), base.with_suffix(".moments.npy"), base.with_suffix(".json")
 
 
-def _write_cache(cache_dir, key, entries, failed=(), speed=1.0):
+def _write_cache(cache_dir, key, entries, failed=(), speed=1.0, padded=()):
     """Stream (path, frames (T, 120), moments (2, 120)) entries into the frames .npy (one
     utterance at a time: memory does not grow with the corpus), then write the moments and
-    the index (with `failed`, [path, message] pairs, read after the entries). Each file is
-    written to a temporary name and renamed; the index last."""
+    the index (with `failed`, [path, message] pairs, and `padded`, [path, seconds of digital
+    silence at the ends] pairs, both read after the entries). Each file is written to a
+    temporary name and renamed; the index last."""
     frames_path, moments_path, index_path = _cache_paths(cache_dir, key)
     frames_path.parent.mkdir(parents=True, exist_ok=True)
     ids, lengths, moments = [], [], []
@@ -828,7 +834,8 @@ def _write_cache(cache_dir, key, entries, failed=(), speed=1.0):
     write_atomically(moments_path, write_moments)
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     write_json({"version": FEATURE_CACHE_VERSION, "speed": speed, "frames": int(offsets[-1]), "ids": ids,
-                "offsets": offsets[:-1].tolist(), "lengths": [int(n) for n in lengths], "failed": list(failed)},
+                "offsets": offsets[:-1].tolist(), "lengths": [int(n) for n in lengths], "failed": list(failed),
+                "padded": list(padded)},
                index_path)
 
 
@@ -892,11 +899,11 @@ def compute_features(utts, cache_dir="runs/cache", verbose=True, speed=1.0, work
         known = set(old) | {p for p, _ in index["failed"]}
         todo = [u.path for u in utts if u.path not in known]
     else:
-        index, todo = {"failed": []}, [u.path for u in utts]
+        index, todo = {"failed": [], "padded": []}, [u.path for u in utts]
     io_failed = []
     if todo:
         workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-        failed = list(index["failed"])
+        failed, padded = list(index["failed"]), list(index.get("padded", []))
         t0, done, seconds = time.time(), [0], [0.0]
 
         def entries():
@@ -907,6 +914,8 @@ def compute_features(utts, cache_dir="runs/cache", verbose=True, speed=1.0, work
                 done[0] += 1
                 if r[0] == "ok":
                     seconds[0] += len(r[1]) * HOP_SECONDS
+                    if r[3] > PADDING_WARN_SECONDS:
+                        padded.append((path, r[3]))
                     yield path, r[1], r[2]
                 else:
                     (failed if r[0] == "format" else io_failed).append((path, r[1]))
@@ -916,12 +925,18 @@ def compute_features(utts, cache_dir="runs/cache", verbose=True, speed=1.0, work
                           f"({dt:.1f} s, {seconds[0] / max(dt, 1e-9):.0f}x real time, {min(workers, len(todo))} "
                           f"process{'es' if workers > 1 and len(todo) >= POOL_MIN_FILES else ''})",
                           end="\n" if done[0] == len(todo) else "", flush=True)
-        _write_cache(cache_dir, key, entries(), failed, speed)
+        _write_cache(cache_dir, key, entries(), failed, speed, padded)
         cached = _read_cache(cache_dir, key)
         if cached is None:
             raise DataError(f"the feature cache just written to {cache_dir} cannot be read back (full disk?)")
         index, frames, moments = cached
-    failed = index["failed"]
+    paths = {u.path for u in utts}
+    failed, padded = index["failed"], [p for p in index.get("padded", []) if p[0] in paths]
+    if padded:
+        worst = max(padded, key=lambda p: p[1])
+        print(f"warning: {len(padded)} of {len(utts)} audio files have more than {PADDING_WARN_SECONDS} s of digital "
+              f"silence (exact zeros) at their ends, up to {worst[1]:.2f} s ({worst[0]}): padding? Its frames sit at "
+              f"the log floor and skew the features' statistics; trim it from the files")
     if failed:
         print(f"skipped {len(failed)} unreadable audio files: " + "; ".join(e for _, e in failed[:5])
               + (" ..." if len(failed) > 5 else ""))

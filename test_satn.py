@@ -812,6 +812,27 @@ def test_compute_features_cache_is_reused_and_invalidated(tmp_path, monkeypatch,
     assert feats3[0].shape[-1] == 1 + (int(0.2 * SR) - 400) // 160
 
 
+def test_feature_cache_names_files_padded_with_digital_silence(tmp_path, capsys):
+    """Exact zeros over 0.1 s at a file's ends (a corpus padded to a fixed length) are named once
+    per run, from the cache too; a sine that starts at a zero sample is not padding."""
+    utts = _feature_utts(tmp_path, bad=0)
+    x = (0.3 * np.sin(2 * np.pi * 300 * np.arange(SR // 2) / SR)).astype(np.float32)
+    for name, pad in (("lead", (int(0.25 * SR), 0)), ("tail", (0, int(0.15 * SR))), ("short", (0, int(0.05 * SR)))):
+        p = tmp_path / "wav" / f"{name}.wav"
+        sf.write(str(p), np.pad(x, pad), SR, subtype="PCM_16")
+        utts.append(utt(name, "calm", "s1", "S1", str(p)))
+    for _ in range(2):    # computed, then read from the cache
+        kept, _ = satn.compute_features(utts, cache_dir=tmp_path / "cache", verbose=False)
+        out = capsys.readouterr().out
+        with capsys.disabled():
+            print(out)
+        assert len(kept) == 6
+        assert "warning: 2 of 6 audio files have more than 0.1 s of digital silence" in out
+        assert "up to 0.25 s" in out and "lead.wav" in out and out.count("warning") == 1
+    satn.compute_features(utts[:3], cache_dir=tmp_path / "cache2", verbose=False)
+    assert "digital silence" not in capsys.readouterr().out
+
+
 def _memmapped(a):
     while a is not None and not isinstance(a, np.memmap):
         a = a.base
