@@ -586,13 +586,14 @@ def session_order(sessions):
 
 def print_counts(utts, title):
     """A table of utterance counts per session and class."""
-    classes = sorted({u.label for u in utts}, key=lambda c: (EMOTIONS + (c,)).index(c))
+    classes = sorted({u.label for u in utts}, key=lambda c: ((EMOTIONS + (c,)).index(c), c))  # IEMOCAP's, then a-z
     sessions = session_order({u.session for u in utts})
     print(f"{title}: {len(utts)} utterances, {len({u.speaker for u in utts})} speakers")
-    print(f"  {'session':<10}" + "".join(f"{c:>9}" for c in classes) + f"{'total':>9}")
+    w = max([8] + [len(c) for c in classes]) + 1              # a column per class, at least one space apart
+    print(f"  {'session':<10}" + "".join(f"{c:>{w}}" for c in classes) + f"{'total':>9}")
     for s in sessions + ["total"]:
         sel = [u for u in utts if s in ("total", u.session)]
-        print(f"  {s:<10}" + "".join(f"{sum(u.label == c for u in sel):>9}" for c in classes) + f"{len(sel):>9}")
+        print(f"  {s:<10}" + "".join(f"{sum(u.label == c for u in sel):>{w}}" for c in classes) + f"{len(sel):>9}")
 
 
 def load_iemocap(root, subset="impro", verbose=True, all_labels=False):

@@ -833,6 +833,18 @@ def test_feature_cache_names_files_padded_with_digital_silence(tmp_path, capsys)
     assert "digital silence" not in capsys.readouterr().out
 
 
+def test_print_counts_keeps_long_class_names_apart(capsys):
+    utts = [utt(f"u{i}", label, "s1", "Ses01") for i, label in enumerate(["sadness", "happiness", "happiness", "boredom"])]
+    utts.append(utt("u9", "angry", "s2", "Ses02"))                 # IEMOCAP's classes first
+    satn.print_counts(utts, "emotion data")
+    lines = capsys.readouterr().out.splitlines()
+    print("\n".join(lines))
+    header, row = lines[1].split(), lines[2].split()
+    assert header == ["session", "angry", "boredom", "happiness", "sadness", "total"]
+    assert row == ["Ses01", "0", "1", "2", "1", "4"]
+    assert len({len(line) for line in lines[1:]}) == 1          # every count under its class name
+
+
 def _memmapped(a):
     while a is not None and not isinstance(a, np.memmap):
         a = a.base
