@@ -584,9 +584,14 @@ def session_order(sessions):
     return sorted(sessions, key=lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)])
 
 
+def class_order(labels):
+    """Class names in a fixed order: IEMOCAP's four first (EMOTIONS), then the others a-z."""
+    return sorted(set(labels), key=lambda c: (EMOTIONS.index(c) if c in EMOTIONS else len(EMOTIONS), c))
+
+
 def print_counts(utts, title):
     """A table of utterance counts per session and class."""
-    classes = sorted({u.label for u in utts}, key=lambda c: ((EMOTIONS + (c,)).index(c), c))  # IEMOCAP's, then a-z
+    classes = class_order(u.label for u in utts)
     sessions = session_order({u.session for u in utts})
     print(f"{title}: {len(utts)} utterances, {len({u.speaker for u in utts})} speakers")
     w = max([8] + [len(c) for c in classes]) + 1              # a column per class, at least one space apart
@@ -789,10 +794,15 @@ def _utterance_features(job):
             return "io", str(e)
         return "format", str(e)
     x = np.ascontiguousarray(x, dtype=np.float32)
+    sound = wave != 0                           # not all False: load_audio refuses silent files
+    zeros = (sound.argmax() + sound[::-1].argmax()) / SAMPLE_RATE                   # leading + trailing zeros
+    return "ok", x, _frame_moments(x), zeros
+
+
+def _frame_moments(x):
+    """(T, 120) float32 frames -> (2, 120) float64: their mean and sum of squared deviations."""
     mean = x.mean(0, dtype=np.float64)                                               # (120,)
-    sound = np.flatnonzero(wave)                # not empty: load_audio refuses silent files
-    zeros = (sound[0] + len(wave) - 1 - sound[-1]) / SAMPLE_RATE
-    return "ok", x, np.stack([mean, ((x - mean) ** 2).sum(0)]), zeros              # (2, 120)
+    return np.stack([mean, ((x - mean) ** 2).sum(0)])
 
 
 def _cache_paths(cache_dir, key):
@@ -1158,7 +1168,7 @@ def check_split(train, dev, test, fold):
     for name, part in (("train", train), ("dev", dev), ("test", test)):
         if not part:
             raise DataError(f"fold {fold}: the {name} split is empty")
-    classes = sorted({u.label for u in train}, key=lambda c: (EMOTIONS.index(c) if c in EMOTIONS else len(EMOTIONS), c))
+    classes = class_order(u.label for u in train)
     for name, part in (("dev", dev), ("test", test)):
         unseen = sorted({u.label for u in part} - set(classes))
         if unseen:
@@ -5279,8 +5289,7 @@ def _bench_cache_stages(utts, secs):
         d1 = deltas(lm)
         x = np.concatenate([lm, d1, deltas(d1)], axis=1)                         # (T, 120)
         t3 = time.process_time()
-        mean = x.mean(0, dtype=np.float64)
-        ((x - mean) ** 2).sum(0)
+        _frame_moments(x)
         t4 = time.process_time()
         for k, a, b in zip(cpu, (t0, t1, t2, t3), (t1, t2, t3, t4)):
             cpu[k] += b - a

@@ -2649,6 +2649,8 @@ def test_bench_train_projection_replays_run_all_schedule():
     secs = satn.iemocap_like_seconds(satn.IEMOCAP_UTTERANCES, np.random.default_rng(0))
     print(secs.sum() / 3600, secs.max())
     assert abs(secs.sum() / 3600 - satn.IEMOCAP_HOURS) < 0.5 and secs.max() <= satn.IEMOCAP_MAX_SECONDS
+
+
 def test_bench_cache_stages_names_each_stage(tmp_path, capsys):
     """The breakdown of the feature cache's time: every stage named with a positive speed, and
     the stages together no faster than the slowest of them."""
