@@ -31,6 +31,7 @@ blocks, models, losses, training, decoding, evaluation), then the machinery
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import csv
 import dataclasses
@@ -140,41 +141,86 @@ def sweep_stale_temps(folder):
 # audio
 
 WAV_SIZE_UNKNOWN = 0xFFFFFFFF  # RIFF/data chunk size of a WAV written as a stream (length unknown)
+WAV_PCM, WAV_EXTENSIBLE = 1, 0xFFFE  # format tags of the RIFF "fmt " chunk: integer PCM, extensible
 
 
-def _wav_truncated(path):
-    """True when a RIFF/WAVE file's data chunk claims more bytes than the file holds.
+@dataclass
+class WavLayout:
+    """What a RIFF/WAVE header says: the sample format and where the samples are."""
+    pcm: bool          # integer PCM (format tag 1, or extensible with the PCM subformat)
+    channels: int
+    rate: int          # Hz
+    bits: int          # bits per sample
+    offset: int        # byte offset of the first sample
+    size: int          # bytes of samples the data chunk claims (WAV_SIZE_UNKNOWN: to the end of the file)
+    truncated: bool    # the file holds fewer bytes than that (or its header ends before a data chunk)
 
-    libsndfile silently shortens such files, so the check is done on the header."""
+
+def wav_layout(path):
+    """The header of a RIFF/WAVE file as a WavLayout, or None for any other kind of file."""
     with open(path, "rb") as f:
         head = f.read(12)
         if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            return False
-        size = os.fstat(f.fileno()).st_size
+            return None
+        file_size = os.fstat(f.fileno()).st_size
+        fmt = b""
         while True:
             chunk = f.read(8)
             if len(chunk) < 8:
-                return True  # the header ended before a data chunk
+                return WavLayout(False, 0, 0, 0, f.tell(), 0, True)
             cid, n = chunk[:4], int.from_bytes(chunk[4:], "little")
             if cid == b"data":
-                # a streaming writer, which cannot know the length, writes 0xFFFFFFFF: "to the end"
-                return n != WAV_SIZE_UNKNOWN and f.tell() + n > size
-            f.seek(n + (n & 1), 1)
+                offset = f.tell()
+                break
+            if cid == b"fmt ":
+                fmt = f.read(n)
+                f.seek(n & 1, 1)
+            else:
+                f.seek(n + (n & 1), 1)                      # chunks are padded to an even size
+    u16 = lambda a: int.from_bytes(fmt[a:a + 2], "little")
+    tag = u16(0) if len(fmt) >= 16 else 0
+    if tag == WAV_EXTENSIBLE and len(fmt) >= 26:
+        tag = u16(24)                                       # the subformat GUID's first two bytes
+    channels, rate, bits = (u16(2), int.from_bytes(fmt[4:8], "little"), u16(14)) if len(fmt) >= 16 else (0, 0, 0)
+    # a streaming writer, which cannot know the length, writes 0xFFFFFFFF: "to the end"
+    return WavLayout(tag == WAV_PCM, channels, rate, bits, offset, n,
+                     n != WAV_SIZE_UNKNOWN and offset + n > file_size)
+
+
+def _wav_truncated(path):
+    """True when a RIFF/WAVE file holds fewer samples than its header promises.
+    libsndfile silently shortens such files, so the check is made on the header."""
+    layout = wav_layout(path)
+    return layout is not None and layout.truncated
+
+
+def _read_pcm16(path, layout):
+    """16-bit PCM samples straight from the file, (N, channels) float32 in [-1, 1): the values
+    soundfile returns (int16 / 32768, exact in float32), at the speed of reading the file."""
+    n = layout.size // (2 * layout.channels) * layout.channels
+    x = np.fromfile(path, dtype="<i2", count=n, offset=layout.offset)     # (N * channels,) int16
+    return (x.astype(np.float32) * np.float32(1 / 32768)).reshape(-1, layout.channels)
 
 
 def load_audio(path, sr=SAMPLE_RATE):
     """Read an audio file as mono float32 in [-1, 1] at `sr` Hz. Returns (N,).
 
-    Channels are averaged; integer PCM is scaled by soundfile; other rates are
-    resampled with a polyphase filter. Empty, silent, unreadable, truncated files
+    16-bit PCM WAV (IEMOCAP's format) is read with numpy, anything else with
+    soundfile, with the same values (integer PCM scaled to [-1, 1)). Channels are
+    averaged; other rates are resampled with a polyphase filter. Empty, silent, unreadable, truncated files
     and files with NaN or infinite samples raise ValueError naming the file, so
     callers can skip and count them."""
     import soundfile as sf
     path = str(path)
     try:
-        if path.lower().endswith(".wav") and _wav_truncated(path):
+        layout = wav_layout(path) if path.lower().endswith(".wav") else None
+        if layout is not None and layout.truncated:
             raise ValueError("truncated (the header promises more samples than the file holds)")
-        wave, file_sr = sf.read(path, dtype="float32", always_2d=True)
+        if (layout is not None and layout.pcm and layout.bits == 16 and layout.channels > 0 and layout.rate > 0
+                and layout.size != WAV_SIZE_UNKNOWN):
+            wave, file_sr = _read_pcm16(path, layout), layout.rate        # IEMOCAP's format: no decoder needed
+        else:
+            wave, file_sr = sf.read(path, dtype="float32", always_2d=True)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     except Exception as e:  # soundfile raises its own error types, or OSError
@@ -752,7 +798,7 @@ def emotion_utterances(utts, data, verbose=True):
 FEATURE_CACHE_VERSION = 2       # bump when the cache layout changes
 UNREADABLE_SHARE_LIMIT = 0.1    # more files than this share unreadable (missing, no permission): stop, loudly
 PADDING_WARN_SECONDS = 0.1      # digital silence (exact zeros) at a file's ends beyond this is named: padding
-POOL_MIN_FILES = 64             # fewer files than this are computed in-process (a pool's start costs seconds)
+POOL_AHEAD = 4                  # files queued per worker thread ahead of the one being written
 
 
 def _feature_key(utts, speed=1.0):
@@ -778,7 +824,7 @@ def _utterance_features(job):
     a file that is not valid audio (cached), or ("io", message) for one that is missing or
     unreadable now (not cached: retried next time).
 
-    Runs in the pool's worker processes, one thread each: an utterance is too small to share."""
+    Runs on the pool's worker threads, one torch thread each: an utterance is too small to share."""
     path, speed = job
     torch.set_num_threads(1)
     try:
@@ -871,20 +917,28 @@ def _read_cache(cache_dir, key):
 
 
 def _pool_map(fn, jobs, workers):
-    """fn over jobs in order: in this process for few jobs, else in a pool of `workers` processes."""
-    if workers <= 1 or len(jobs) < POOL_MIN_FILES:
-        threads = torch.get_num_threads()
-        try:
+    """fn over jobs, results in order, on `workers` threads (torch's intra-op threads set to 1 by fn).
+
+    Threads, not processes: the array work (reading, FFT, matmul) releases the GIL, so
+    threads keep the cores busy, start at once and hand back their (T, 120) frames without
+    pickling them from one process to another, which cost more than a third of the CPU time
+    of a process pool. At most POOL_AHEAD files per thread wait to be written."""
+    threads = torch.get_num_threads()
+    try:
+        if workers <= 1:
             yield from map(fn, jobs)
-        finally:
-            torch.set_num_threads(threads)
-        return
-    import multiprocessing
-    # fork where there is one (no re-import of torch; the workers use one thread and no CUDA,
-    # as DataLoader's workers), spawn elsewhere
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers) as pool:
-        yield from pool.imap(fn, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers))))
+            return
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(workers) as pool:
+            pending = collections.deque()
+            for job in jobs:
+                pending.append(pool.submit(fn, job))
+                if len(pending) > POOL_AHEAD * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def compute_features(utts, cache_dir="runs/cache", verbose=True, speed=1.0, workers=0):
@@ -899,7 +953,7 @@ def compute_features(utts, cache_dir="runs/cache", verbose=True, speed=1.0, work
     skipped, named in one summary line and remembered in the cache. Files that are
     missing or unreadable now are skipped and retried next time; when more than
     UNREADABLE_SHARE_LIMIT of the corpus is in that state, it stops (after caching the
-    rest). `speed` keys a separate cache of speed-perturbed audio; workers: processes
+    rest). `speed` keys a separate cache of speed-perturbed audio; workers: threads
     (0: one per core)."""
     key = _feature_key(utts, speed)
     cached = _read_cache(cache_dir, key)
@@ -934,7 +988,7 @@ def compute_features(utts, cache_dir="runs/cache", verbose=True, speed=1.0, work
                     dt = time.time() - t0
                     print(f"\rfeatures{f' (speed {speed})' if speed != 1 else ''}: {done[0]}/{len(todo)} files, {seconds[0] / 3600:.2f} h of audio "
                           f"({dt:.1f} s, {seconds[0] / max(dt, 1e-9):.0f}x real time, {min(workers, len(todo))} "
-                          f"process{'es' if workers > 1 and len(todo) >= POOL_MIN_FILES else ''})",
+                          f"thread{'s' if min(workers, len(todo)) > 1 else ''})",
                           end="\n" if done[0] == len(todo) else "", flush=True)
         _write_cache(cache_dir, key, entries(), failed, speed, padded)
         cached = _read_cache(cache_dir, key)
@@ -5296,12 +5350,15 @@ def _bench_cache_stages(utts, secs):
     median = utts[int(np.argsort(secs)[len(secs) // 2])]
     wave = load_audio(median.path)
     warm = _bench_time(lambda: log_mel(wave), torch.device("cpu"), 20) / 1e3
+    frames = torch.randn(len(log_mel(wave)), N_FFT)                            # (T, 512) windowed frames
+    fft = _bench_time(lambda: torch.fft.rfft(frames), torch.device("cpu"), 20) / 1e3
     torch.set_num_threads(threads)
-    total = secs.sum()
+    total, sec = secs.sum(), len(wave) / SAMPLE_RATE
     print("feature cache stages, x real time per CPU second (one thread, every file): "
           + ", ".join(f"{k} {total / max(v, 1e-9):,.0f}x" for k, v in cpu.items())
-          + f"; together {total / sum(cpu.values()):,.0f}x, the ceiling of one process; log_mel on the median "
-          f"file ({len(wave) / SAMPLE_RATE:.1f} s) repeated, warm: {len(wave) / SAMPLE_RATE / warm:,.0f}x", flush=True)
+          + f"; together {total / sum(cpu.values()):,.0f}x, the ceiling of one thread; on the median file "
+          f"({sec:.1f} s) repeated, warm: log_mel {sec / warm:,.0f}x, of which its 512-point FFT alone "
+          f"{sec / fft:,.0f}x", flush=True)
 
 
 def bench_train(device="auto", batches=2, threads=1, cache_files=1000, jobs=(1, 2, 4, 8), worst=True, steps=True):
@@ -5336,15 +5393,14 @@ def bench_train(device="auto", batches=2, threads=1, cache_files=1000, jobs=(1, 
             utts.append(Utterance(f"u{i}", str(path), "neutral", "S1F", "S1"))
         import resource
 
-        def cpu_seconds():   # this process and its finished children (the pool's workers)
-            return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-                       for f in ("ru_utime", "ru_stime"))
+        def cpu_seconds():   # this process, all its threads
+            return sum(getattr(resource.getrusage(resource.RUSAGE_SELF), f) for f in ("ru_utime", "ru_stime"))
         for w in sorted({1, cores}):
             t0, c0 = time.perf_counter(), cpu_seconds()
             compute_features(utts, Path(tmp) / f"cache{w}", verbose=False, workers=w)
             dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
             print(f"feature cache: {cache_files} files, {secs.sum() / 3600:.2f} h of audio in {dt:.1f} s with "
-                  f"{w} process{'es' if w > 1 else ''} = {secs.sum() / dt:,.0f}x real time (all of IEMOCAP: "
+                  f"{w} thread{'s' if w > 1 else ''} = {secs.sum() / dt:,.0f}x real time (all of IEMOCAP: "
                   f"~{IEMOCAP_HOURS * 3600 / (secs.sum() / dt):.0f} s); {cpu:.1f} CPU s = {secs.sum() / cpu:,.0f}x "
                   f"real time per CPU second (x {cores} cores = {cores * secs.sum() / cpu:,.0f}x on idle cores)",
                   flush=True)
