@@ -876,7 +876,7 @@ def _write_cache(cache_dir, key, entries, failed=(), speed=1.0, padded=()):
             header(f, 0)                                  # rewritten below with the final count
             start = f.tell()
             for path, x, m in entries:
-                f.write(np.ascontiguousarray(x, dtype="<f4").tobytes())
+                f.write(np.ascontiguousarray(x, dtype="<f4").data)   # the array's buffer: no copy
                 ids.append(path)
                 lengths.append(len(x))
                 moments.append(m)
