@@ -133,17 +133,20 @@ run_one() {  # run_one <log name> <command...>: at most $JOBS at once
     local env=()
     [ "$NGPU" -gt 1 ] && env=(env CUDA_VISIBLE_DEVICES=$((STARTED % NGPU)))
     STARTED=$((STARTED + 1))
+    local log="$RUNS/logs/$name.log"
+    # appended to, under a header per call: calling run_all.sh again keeps the logs of what ran before
+    echo "== run_all.sh $(date '+%F %T'): $(printf '%q ' "$@")" >> "$log"
     if [ "$JOBS" = 1 ]; then
-        "${env[@]}" "$@" 2>&1 | tee "$RUNS/logs/$name.log"
-        [ "${PIPESTATUS[0]}" = 0 ] || { FAILED=$((FAILED + 1)); echo "run_all.sh: $name failed (log: $RUNS/logs/$name.log)"; }
+        "${env[@]}" "$@" 2>&1 | tee -a "$log"
+        [ "${PIPESTATUS[0]}" = 0 ] || { FAILED=$((FAILED + 1)); echo "run_all.sh: $name failed (log: $log)"; }
     else
-        echo "run_all.sh: started $name (log: $RUNS/logs/$name.log)"
+        echo "run_all.sh: started $name (log: $log)"
         rm -f "$RUNS/logs/$name.failed"
         ( t0=$(date +%s)
-          if "${env[@]}" "$@" > "$RUNS/logs/$name.log" 2>&1; then
-              echo "run_all.sh: finished $name in $(( $(date +%s) - t0 )) s: $(grep -E 'test( \([a-z]+ decoding\))?: (WA|PER)' "$RUNS/logs/$name.log" | head -1)"
+          if "${env[@]}" "$@" >> "$log" 2>&1; then   # the first test line since this call's header:
+              echo "run_all.sh: finished $name in $(( $(date +%s) - t0 )) s: $(awk '/^== run_all.sh /{s=""} s=="" && /test( \([a-z]+ decoding\))?: (WA|PER)/{s=$0} END{print s}' "$log")"
           else
-              echo "run_all.sh: $name failed (log: $RUNS/logs/$name.log)"; touch "$RUNS/logs/$name.failed"; exit 1
+              echo "run_all.sh: $name failed (log: $log)"; touch "$RUNS/logs/$name.failed"; exit 1
           fi ) &
     fi
 }

@@ -2733,6 +2733,7 @@ rc=0
 case "$2" in
     prepare) echo "folds: 5"; rc=$PREPARE_RC ;;
     teacher|student) [ "$2" = teacher ] && sleep 0.3
+                     echo "fold x test: WA ${ATTEMPT:-0}"
                      [ -n "${FAIL:-}" ] && [[ " $* " == *" $FAIL "* ]] && rc=1 ;;
 esac
 echo "end $*" >> "$FAKE_LOG"
@@ -2789,6 +2790,23 @@ def test_run_all_order_and_failed_trainings(tmp_path, jobs):
     assert max(teacher_ends) < min(transfer_starts)
     assert r.returncode != 0
     assert re.search(r"\b12 failed", r.stdout)         # the teacher and the 11 students of fold 3
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_run_all_again_keeps_the_logs_of_the_first_call(tmp_path, jobs):
+    """A second call appends to each training's log under a header of its own, and reports the
+    test line of this call, not of the first."""
+    env, _ = _fake_python(tmp_path, 0)
+    runs = tmp_path / "runs"
+    for attempt in ("1", "2"):
+        r = _run_all(["--runs", str(runs), "--jobs", jobs], tmp_path, {**env, "ATTEMPT": attempt})
+        assert r.returncode == 0
+    log = (runs / "logs" / "teacher-fold1.log").read_text()
+    print(log)
+    assert log.count("== run_all.sh ") == 2 and "teacher --fold 1" in log.splitlines()[0]
+    assert log.index("test: WA 1") < log.index("test: WA 2")
+    if jobs != "1":
+        assert re.search(r"finished teacher-fold1 in \d+ s: fold x test: WA 2\n", r.stdout)
 
 
 def test_run_all_stops_when_prepare_fails(tmp_path):
