@@ -3362,7 +3362,9 @@ def _runs_cell(rs):
 
 
 def _signed(x):
-    return f"{x:+.1f}".replace("-", "−")
+    """+1.2 / −0.3; a non-zero value that rounds to 0.0 keeps a second decimal (−0.04, not −0.0),
+    so a bound just below zero does not read as zero."""
+    return (f"{x:+.1f}" if x == 0 or abs(x) >= 0.05 else f"{x:+.2f}").replace("-", "−")
 
 
 def _table2(results, names):

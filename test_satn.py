@@ -4872,3 +4872,8 @@ def test_run_all_asr_data_trains_one_teacher_for_every_fold(demo_corpus, tmp_pat
     with_at = [c for c in students if float(c[c.index("--at-weight") + 1]) > 0]
     assert len(with_at) >= 40 and all(("--teacher", "runs/teacher/asr") in zip(c, c[1:]) for c in with_at)
     assert not any("--teacher" in c for c in students if c not in with_at)
+
+
+def test_signed_differences_keep_their_sign_near_zero():
+    assert [satn._signed(x) for x in (1.24, -0.3, 0.0, -0.04, 0.049, -0.05)] == \
+        ["+1.2", "−0.3", "+0.0", "−0.04", "+0.05", "−0.1"]
