@@ -46,62 +46,35 @@ struct DeviceHalf<at::Half> { using type = __half; };
 template <>
 struct DeviceHalf<at::BFloat16> { using type = __nv_bfloat16; };
 
-// bf16 / fp16 on tensor cores. at::Half / at::BFloat16 share the device types' layout.
-template <typename E>
-struct WmmaHalfFragments {
+// Tensor-core tiles of one element type E: wmma reads the operands from memory as Mem and
+// multiplies them as Op, in 16 x 16 x K steps, accumulating in float32. With kTf32, loaded
+// float32 operands are rounded to TF32 (what the tensor cores multiply); else used as loaded.
+template <typename E, typename Op, typename Mem, int K_, bool kTf32>
+struct WmmaFragments {
   using elem_t = E;
   using acc_t = float;
-  using dev_t = typename DeviceHalf<E>::type;
-  static constexpr int M = 16, N = 16, K = 16;
-  using A = wmma::fragment<wmma::matrix_a, M, N, K, dev_t, wmma::row_major>;
-  using BCol = wmma::fragment<wmma::matrix_b, M, N, K, dev_t, wmma::col_major>;
-  using BRow = wmma::fragment<wmma::matrix_b, M, N, K, dev_t, wmma::row_major>;
-  using C = wmma::fragment<wmma::accumulator, M, N, K, float>;
-
-  static __device__ __forceinline__ void zero(C& c) { wmma::fill_fragment(c, 0.0f); }
-  static __device__ __forceinline__ void load_a(A& a, const E* p, int ld) {
-    wmma::load_matrix_sync(a, reinterpret_cast<const dev_t*>(p), ld);
-  }
-  template <typename B>
-  static __device__ __forceinline__ void load_b(B& b, const E* p, int ld) {
-    wmma::load_matrix_sync(b, reinterpret_cast<const dev_t*>(p), ld);
-  }
-  template <typename B>
-  static __device__ __forceinline__ void mma(C& c, const A& a, const B& b) {
-    wmma::mma_sync(c, a, b, c);
-  }
-  static __device__ __forceinline__ void store_col(float* p, const C& c, int ld) {
-    wmma::store_matrix_sync(p, c, ld, wmma::mem_col_major);
-  }
-  static __device__ __forceinline__ void store_row(float* p, const C& c, int ld) {
-    wmma::store_matrix_sync(p, c, ld, wmma::mem_row_major);
-  }
-};
-
-// float32 operands rounded to TF32 on tensor cores, float32 accumulation.
-struct WmmaTf32Fragments {
-  using elem_t = float;
-  using acc_t = float;
-  static constexpr int M = 16, N = 16, K = 8;
-  using A = wmma::fragment<wmma::matrix_a, M, N, K, wmma::precision::tf32, wmma::row_major>;
-  using BCol = wmma::fragment<wmma::matrix_b, M, N, K, wmma::precision::tf32, wmma::col_major>;
-  using BRow = wmma::fragment<wmma::matrix_b, M, N, K, wmma::precision::tf32, wmma::row_major>;
+  static constexpr int M = 16, N = 16, K = K_;
+  using A = wmma::fragment<wmma::matrix_a, M, N, K, Op, wmma::row_major>;
+  using BCol = wmma::fragment<wmma::matrix_b, M, N, K, Op, wmma::col_major>;
+  using BRow = wmma::fragment<wmma::matrix_b, M, N, K, Op, wmma::row_major>;
   using C = wmma::fragment<wmma::accumulator, M, N, K, float>;
 
   template <typename F>
-  static __device__ __forceinline__ void to_tf32(F& f) {
+  static __device__ __forceinline__ void round(F& f) {
+    if constexpr (kTf32) {
 #pragma unroll
-    for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
+      for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
+    }
   }
   static __device__ __forceinline__ void zero(C& c) { wmma::fill_fragment(c, 0.0f); }
-  static __device__ __forceinline__ void load_a(A& a, const float* p, int ld) {
-    wmma::load_matrix_sync(a, p, ld);
-    to_tf32(a);
+  static __device__ __forceinline__ void load_a(A& a, const E* p, int ld) {
+    wmma::load_matrix_sync(a, reinterpret_cast<const Mem*>(p), ld);
+    round(a);
   }
   template <typename B>
-  static __device__ __forceinline__ void load_b(B& b, const float* p, int ld) {
-    wmma::load_matrix_sync(b, p, ld);
-    to_tf32(b);
+  static __device__ __forceinline__ void load_b(B& b, const E* p, int ld) {
+    wmma::load_matrix_sync(b, reinterpret_cast<const Mem*>(p), ld);
+    round(b);
   }
   template <typename B>
   static __device__ __forceinline__ void mma(C& c, const A& a, const B& b) {
@@ -114,6 +87,12 @@ struct WmmaTf32Fragments {
     wmma::store_matrix_sync(p, c, ld, wmma::mem_row_major);
   }
 };
+
+// bf16 / fp16 on tensor cores. at::Half / at::BFloat16 share the device types' layout.
+template <typename E>
+using WmmaHalfFragments = WmmaFragments<E, typename DeviceHalf<E>::type, typename DeviceHalf<E>::type, 16, false>;
+// float32 operands rounded to TF32 on tensor cores, float32 accumulation.
+using WmmaTf32Fragments = WmmaFragments<float, wmma::precision::tf32, float, 8, true>;
 
 // Exact float32 / float64 on CUDA cores, with the same warp-level semantics: lane l
 // holds C(l % 16, (l / 16) * 8 + j), j < 8; A and B are read from shared memory
