@@ -207,9 +207,9 @@ def load_audio(path, sr=SAMPLE_RATE):
 
     16-bit PCM WAV (IEMOCAP's format) is read with numpy, anything else with
     soundfile, with the same values (integer PCM scaled to [-1, 1)). Channels are
-    averaged; other rates are resampled with a polyphase filter. Empty, silent, unreadable, truncated files
-    and files with NaN or infinite samples raise ValueError naming the file, so
-    callers can skip and count them."""
+    averaged; other rates are resampled with a polyphase filter. Empty, silent,
+    unreadable, truncated files and files with NaN or infinite samples raise
+    ValueError naming the file, so callers can skip and count them."""
     import soundfile as sf
     path = str(path)
     try:
