@@ -132,18 +132,27 @@ def _bad_audio(tmp_path, kind):
         p = write_wav(tmp_path / "truncated.wav", seconds=0.5)
         data = p.read_bytes()
         p.write_bytes(data[:-1000])
+    elif kind in ("rate-huge", "rate-low"):           # a damaged header's sample rate, read by numpy or soundfile
+        p = write_wav(tmp_path / f"{kind}.wav", seconds=0.5, subtype="PCM_16" if kind == "rate-huge" else "FLOAT")
+        raw = bytearray(p.read_bytes())
+        raw[24:28] = (0xFFFFFFF0 if kind == "rate-huge" else 7).to_bytes(4, "little")
+        p.write_bytes(bytes(raw))
     else:
         p = tmp_path / "does-not-exist.wav"
     return p
 
 
-@pytest.mark.parametrize("kind", ["empty", "silent", "garbage", "truncated", "missing"])
+@pytest.mark.parametrize("kind", ["empty", "silent", "garbage", "truncated", "missing", "rate-huge", "rate-low"])
 def test_load_audio_bad_files_raise_value_error_naming_the_file(tmp_path, kind):
     p = _bad_audio(tmp_path, kind)
     with pytest.raises(ValueError) as e:
         satn.load_audio(p)
     print(kind, e.value)
     assert str(p) in str(e.value)
+    if kind.startswith("rate"):                     # refused before resampling, by the reader and block reader
+        assert "sample rate" in str(e.value)        # (soundfile itself refuses rates of 2**31 Hz and more)
+        with pytest.raises(ValueError, match=re.escape(str(p)) + ": " + ("sample rate" if kind == "rate-low" else "")):
+            list(satn.audio_blocks(p))
 
 
 # -----------------------------------------------------------------------------
