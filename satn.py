@@ -1270,30 +1270,34 @@ class CausalConv1d(nn.Module):
 
 
 class TemporalBlock(nn.Module):
-    """Residual block of two dilated causal convolutions with ReLU and dropout (Bai et al. 2018)."""
+    """Residual block of two dilated causal convolutions with ReLU and dropout (Bai et al. 2018);
+    with layer_norm, the output is normalised over the channels of each frame (still causal)."""
 
-    def __init__(self, c_in, c_out, kernel_size, dilation, dropout=0.1, weight_norm=True):
+    def __init__(self, c_in, c_out, kernel_size, dilation, dropout=0.1, weight_norm=True, layer_norm=False):
         super().__init__()
         wn = nn.utils.parametrizations.weight_norm if weight_norm else (lambda m: m)
         self.conv1 = wn(CausalConv1d(c_in, c_out, kernel_size, dilation, "relu"))
         self.conv2 = wn(CausalConv1d(c_out, c_out, kernel_size, dilation, "relu"))
         self.drop = nn.Dropout(dropout)
         self.residual = CausalConv1d(c_in, c_out, 1) if c_in != c_out else None  # 1x1 to match channels
+        self.norm = nn.LayerNorm(c_out) if layer_norm else None
 
     def forward(self, x):                          # x (B, C_in, T)
         h = self.drop(self.conv2(self.drop(self.conv1(x))))
         res = x if self.residual is None else self.residual(x)
-        return F.relu(h + res)                     # (B, C_out, T)
+        y = F.relu(h + res)                        # (B, C_out, T)
+        return y if self.norm is None else self.norm(y.transpose(1, 2)).transpose(1, 2)
 
 
 class TCN(nn.Module):
     """Stack of TemporalBlocks. Returns the output (B, C, T) and every block's activation."""
 
-    def __init__(self, in_ch, channels, kernel_size=3, dilations=(1, 2, 4, 8, 16), dropout=0.1, weight_norm=True):
+    def __init__(self, in_ch, channels, kernel_size=3, dilations=(1, 2, 4, 8, 16), dropout=0.1, weight_norm=True,
+                 layer_norm=False):
         super().__init__()
         channels = [channels] * len(dilations) if isinstance(channels, int) else list(channels)
         chans = [in_ch] + channels
-        self.blocks = nn.ModuleList(TemporalBlock(chans[i], chans[i + 1], kernel_size, d, dropout, weight_norm)
+        self.blocks = nn.ModuleList(TemporalBlock(chans[i], chans[i + 1], kernel_size, d, dropout, weight_norm, layer_norm)
                                     for i, d in enumerate(dilations))
         self.receptive_field = 1 + 2 * (kernel_size - 1) * sum(dilations)
 
@@ -1591,16 +1595,19 @@ class TeacherConfig(RunConfig):
 
 
 # Training recipes of the student. "paper": the paper's plain Adam at a fixed learning rate,
-# no augmentation. "robust": what is used on small real SER corpora, as chosen on Emo-DB (see
-# the README): speed perturbation stays off (--speed 0.9,1.0,1.1 lowered UA there: it moves the
-# pitch, an emotion cue); each part has its own option, and an option given explicitly wins.
+# no augmentation, the best-dev epoch kept. "robust": what is used on small real SER corpora, as
+# chosen on Emo-DB (see the README); each part has its own option, and an option given explicitly wins.
 RECIPES = {
     "paper": dict(time_masks=0, time_mask_frames=0, freq_masks=0, freq_mask_bands=0, speed="1",
-                  weight_decay=0.0, lr_patience=0, label_smoothing=0.0, patience=0, ema=0.0),
+                  weight_decay=0.0, lr_patience=0, label_smoothing=0.0, patience=0, ema=0.0,
+                  select="best", layer_norm=False),
     # off: SpecAugment (masks of these sizes with --time-masks 2 --freq-masks 2), which lowered dev
-    # and test UA on Emo-DB and the demo corpus, and speed perturbation, which lowered UA on Emo-DB
+    # and test UA on Emo-DB and the demo corpus; speed perturbation, which lowered UA on Emo-DB (it
+    # moves the pitch, an emotion cue); early stopping, which like the best-dev epoch follows the
+    # noise of a one-speaker dev set (the last epoch is kept instead)
     "robust": dict(time_masks=0, time_mask_frames=20, freq_masks=0, freq_mask_bands=6, speed="1",
-                   weight_decay=1e-2, lr_patience=10, label_smoothing=0.1, patience=20, ema=0.0),
+                   weight_decay=1e-2, lr_patience=10, label_smoothing=0.1, patience=0, ema=0.0,
+                   select="last", layer_norm=True),
 }
 
 
@@ -1634,6 +1641,10 @@ class StudentConfig(RunConfig):
     patience: int = _r("early stopping: stop after this many epochs without a better dev UA; 0: never")
     ema: float = _r("decay of an exponential moving average of the weights per step, which is evaluated, "
                     "selected and saved; 0: off")
+    select: str = _r("the checkpoint kept, tested and served: best (the epoch of the best dev UA, the paper's) or "
+                     "last (the last epoch; on a dev set of one speaker the best epoch is largely chance)",
+                     choices=("best", "last"))
+    layer_norm: bool = _r("TCN student: LayerNorm over the channels of each frame after every block")
     subsample: int = _f(1, "average-pool the 100 Hz frames by this factor before the encoder (speed)", demo=4)
     blocks: int = _f(3, "TCN blocks of the student (dilations 1, 2, 4, ...)")
     channels: int = _f(128, "TCN channels of the student", demo=48)
@@ -1674,6 +1685,7 @@ class StudentConfig(RunConfig):
                  and 0 <= self.ema < 1, "--weight-decay, --lr-patience and --patience must be >= 0, "
                                         "--label-smoothing and --ema in [0, 1)")
         self.speed_factors()
+        _require(self.select in ("best", "last"), f"--select must be best or last, got {self.select!r}")
         _require(not (self.encoder == "stats" and self.at_weight > 0),
                  "--encoder stats has no activations to imitate: it needs --at-weight 0")
         self._check_encoder()
@@ -1834,7 +1846,7 @@ class Student(nn.Module):
             self.encoder, self.attn, dim = None, None, 2 * FEAT_CHANNELS
         elif cfg.encoder == "tcn":
             self.encoder = TCN(FEAT_CHANNELS, cfg.channels, cfg.kernel_size, tuple(2 ** i for i in range(cfg.blocks)),
-                               cfg.dropout, cfg.weight_norm)
+                               cfg.dropout, cfg.weight_norm, cfg.layer_norm)
             dim = cfg.channels
         else:
             self.encoder = BLSTM(FEAT_CHANNELS, cfg.lstm_hidden)
@@ -2418,14 +2430,16 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
 
     loss_fn(model, batch_items) -> (loss, {name: float}); evaluate(model, items) ->
     metrics dict. After each epoch the dev set is evaluated; best.pt keeps the best
-    dev score, last.pt the last completed epoch (both written atomically), and
-    metrics.jsonl one line per epoch. Returns the best checkpoint."""
+    dev score (with a student's --select last, the last epoch), last.pt the last
+    completed epoch (both written atomically), and metrics.jsonl one line per epoch.
+    Returns the checkpoint of best.pt."""
     device = pick_device(cfg.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(run_dir)
     model.to(device)
     # The student's recipe options (RECIPES); the teacher's configuration has none of them.
     wd, lr_patience, patience, ema_decay = (getattr(cfg, k, 0) for k in ("weight_decay", "lr_patience", "patience", "ema"))
+    keep_last = getattr(cfg, "select", "best") == "last"   # best.pt: the last epoch, not the best dev score
     opt = (torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=wd) if wd
            else torch.optim.Adam(model.parameters(), lr=cfg.lr))
     # ReduceLROnPlateau waits `patience` bad epochs and decays on the next: hence lr_patience - 1.
@@ -2530,7 +2544,7 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
             state.update(model=evaluated, train_model=state["model"], ema_steps=ema.steps)
         if sched is not None:
             state["scheduler"] = sched.state_dict()
-        if improved:
+        if improved or keep_last:
             atomic_save(state, run_dir / "best.pt")
         atomic_save(state, run_dir / "last.pt")
         left = (cfg.epochs - epoch) * (time.time() - t_start) / (epoch - start + 1)
@@ -2866,7 +2880,8 @@ def train_student(cfg: StudentConfig):
     for part in ("dev", "test"):
         final[part] = classify(model, data[part], label, cfg.batch_size, device, cfg.max_frames)
         print(f"{cfg.run_name()} fold {cfg.fold} {part}: WA {final[part]['WA']:.1f}  UA {final[part]['UA']:.1f}")
-    print(format_confusion(final["test"]["confusion"], classes, f"test confusion (best dev UA, epoch {best['epoch']})"))
+    kept = "last epoch" if cfg.select == "last" else "best dev UA"
+    print(format_confusion(final["test"]["confusion"], classes, f"test confusion ({kept}, epoch {best['epoch']})"))
     if cfg.causal:   # the emotion track over the test speaker's utterances joined into conversations
         prior = STREAM_NORM_PRIOR if cfg.norm == "speaker" else None
         final["track"] = track_evaluation(model.cpu(), [u for u, _ in data["test"]], classes,
@@ -3474,11 +3489,15 @@ def report(runs="runs", per_seed=False):
     listed = [n for n, *_ in TABLE2] + list(REPORT_ROWS)
     known = [n for n in listed if n in results] + sorted(set(results) - set(listed))
     seeds = sorted({r["config"].get("seed", 0) for rs in results.values() for r in rs})
+    kept = {r["config"].get("select", "best") for rs in results.values() for r in rs}
+    kept = ("the checkpoint with the best dev UA" if kept == {"best"} else "the last epoch's checkpoint"
+            if kept == {"last"} else "each run's kept checkpoint: the best dev UA "
+            "(`--select best`) or the last epoch (`--select last`)")
     out = ["# Results", "", f"Collected from `{runs}/` by `python satn.py report`. Each row is the mean ± sample "
            "standard deviation (n − 1 denominator) over its runs: the folds (leave-one-session-out)"
            + (f" × the seeds ({', '.join(map(str, seeds))})" if len(seeds) > 1 else "")
            + "; the spread mixes speaker and training-seed variation. WA = accuracy over utterances, UA = mean "
-           "per-class recall over the classes present; the test columns use the checkpoint with the best dev UA.", ""]
+           f"per-class recall over the classes present; the test columns use {kept}.", ""]
     out += _norm_statement(results)
     lines, dev_ua = _table2(results, known)
     out += ["", *lines]
@@ -3620,7 +3639,8 @@ def load_student(path):
     ck = load_checkpoint(path)
     if not isinstance(ck, dict) or "classes" not in ck or "norm" not in ck:
         raise DataError(f"{path}: not a student checkpoint (a teacher's, or another file)")
-    cfg = StudentConfig(**{k: v for k, v in ck["config"].items() if k in STUDENT_FIELDS})
+    # a recipe option the checkpoint predates was off then (the paper recipe's value)
+    cfg = StudentConfig(**{**RECIPES["paper"], **{k: v for k, v in ck["config"].items() if k in STUDENT_FIELDS}})
     model = Student(cfg, len(ck["classes"]))
     try:
         model.load_state_dict(ck["model"])

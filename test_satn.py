@@ -1149,10 +1149,13 @@ def test_tcn_shapes_and_receptive_field_attribute():
     assert tcn5.receptive_field == 1 + 2 * 1 * 31 and len(tcn5.blocks) == 5
 
 
-@pytest.mark.parametrize("K, dilations, weight_norm", [(3, (1, 2, 4), True), (2, (1, 2), False), (3, (1,), True)])
-def test_tcn_causality_and_receptive_field(K, dilations, weight_norm):
+@pytest.mark.parametrize("K, dilations, weight_norm, layer_norm",
+                         [(3, (1, 2, 4), True, False), (2, (1, 2), False, False), (3, (1,), True, False),
+                          (3, (1, 2, 4), True, True)])
+def test_tcn_causality_and_receptive_field(K, dilations, weight_norm, layer_norm):
     torch.manual_seed(0)
-    tcn = satn.TCN(6, 16, kernel_size=K, dilations=dilations, dropout=0.5, weight_norm=weight_norm).eval()
+    tcn = satn.TCN(6, 16, kernel_size=K, dilations=dilations, dropout=0.5, weight_norm=weight_norm,
+                   layer_norm=layer_norm).eval()
     rf = 1 + 2 * (K - 1) * sum(dilations)
     assert tcn.receptive_field == rf
     T = rf + 12
@@ -1328,12 +1331,12 @@ def test_statistics_pooling_by_hand():
 
 @pytest.mark.parametrize("pool", ["mean", "stats"])
 @pytest.mark.parametrize("subsample", [1, 3])
-@pytest.mark.parametrize("encoder", ["tcn", "blstm"])
+@pytest.mark.parametrize("encoder,layer_norm", [("tcn", False), ("tcn", True), ("blstm", False)])
 @pytest.mark.parametrize("attention", ["self", "soft"])
-def test_student_logits_independent_of_batch_padding(encoder, attention, subsample, pool):
+def test_student_logits_independent_of_batch_padding(encoder, layer_norm, attention, subsample, pool):
     torch.manual_seed(0)
     cfg = satn.StudentConfig(encoder=encoder, attention=attention, blocks=2, channels=8, lstm_hidden=4,
-                             heads=2, dropout=0.3, subsample=subsample, pool=pool)
+                             heads=2, dropout=0.3, subsample=subsample, pool=pool, layer_norm=layer_norm)
     model = satn.Student(cfg, n_classes=3).eval()
     assert model.classifier.in_features == (16 if pool == "stats" else 8)
     short, long = torch.randn(1, 120, 10), torch.randn(1, 120, 17)
@@ -4356,11 +4359,13 @@ def test_recipe_robust_sets_its_flags_and_explicit_options_win(monkeypatch):
     for k, v in satn.RECIPES["robust"].items():
         assert getattr(robust, k) == v, k
     # robust turns on all but the augmentations (off by default: they lowered UA on Emo-DB and the demo
-    # corpus), whose sizes it sets for when masks are asked for
+    # corpus), whose sizes it sets for when masks are asked for, and early stopping (it keeps the last epoch)
     assert robust.time_masks == robust.freq_masks == 0 and robust.speed == "1"
     assert robust.time_mask_frames > 0 and robust.freq_mask_bands > 0
     assert robust.weight_decay > 0 and robust.lr_patience > 0
-    assert robust.label_smoothing > 0 and robust.patience > 0
+    assert robust.label_smoothing > 0 and robust.patience == 0
+    assert (paper.select, robust.select) == ("best", "last") and (paper.layer_norm, robust.layer_norm) == (False, True)
+    assert satn.Student(robust, 4).encoder.blocks[0].norm is not None and satn.Student(paper, 4).encoder.blocks[0].norm is None
     assert satn.StudentConfig(recipe="robust", speed="1", label_smoothing=0.0).speed_factors() == (1.0,)
     # the command line: robust sets what is not given, a given option wins
     seen = {}
@@ -4371,6 +4376,35 @@ def test_recipe_robust_sets_its_flags_and_explicit_options_win(monkeypatch):
     assert cfg.patience == 3 and cfg.speed_factors() == (1.0, 1.1) and cfg.time_masks == satn.RECIPES["robust"]["time_masks"]
     with pytest.raises(satn.DataError, match="--speed"):
         satn.StudentConfig(speed="fast")
+    with pytest.raises(satn.DataError, match="--select"):
+        satn.StudentConfig(select="first")
+
+
+@pytest.mark.parametrize("select", ["best", "last"])
+def test_select_keeps_the_best_dev_epoch_or_the_last(tmp_path, monkeypatch, select):
+    """best.pt, final.json and the test figures are those of the best-dev epoch, or of the last one."""
+    monkeypatch.chdir(tmp_path)
+    rows = [(f"{s}{g}{i}.wav", lab, f"{s}{g}", f"s{s}") for s in "12" for g in "FM" for i, lab in enumerate("xyxy")]
+    cfg = satn.StudentConfig(data=str(_tone_corpus(tmp_path / "c", rows)), fold=1, runs=str(tmp_path / "runs"),
+                             channels=8, heads=2, subsample=4, epochs=4, lr=3e-2, batch_size=4, select=select)
+    final = satn.train_student(cfg)
+    run = tmp_path / "runs" / "student" / "tcn-self" / "fold1"
+    dev = [r["dev_UA"] for r in satn.read_json_lines(run / "metrics.jsonl")]
+    want = 4 if select == "last" else 1 + dev.index(max(dev))      # the first epoch of the best dev UA
+    ck = satn.load_checkpoint(run / "best.pt")
+    print(select, dev, final["best_epoch"])
+    assert final["best_epoch"] == ck["epoch"] == want
+    assert final["dev"]["UA"] == pytest.approx(dev[want - 1])      # the kept weights are the ones that were scored
+
+
+def test_student_checkpoint_that_predates_a_recipe_option_loads_as_trained(tmp_path):
+    """A robust checkpoint saved before --layer-norm existed has no LayerNorm: it loads without one."""
+    cfg = satn.StudentConfig(recipe="robust", layer_norm=False, channels=8, heads=2)
+    model = satn.Student(cfg, 4)
+    conf = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("layer_norm", "select")}
+    torch.save({"model": model.state_dict(), "config": conf, "classes": list("abcd"), "norm": {}}, tmp_path / "old.pt")
+    loaded, classes, _ = satn.load_student(tmp_path / "old.pt")
+    assert classes == list("abcd") and loaded.encoder.blocks[0].norm is None
 
 
 def test_spec_augment_is_a_no_op_in_eval_and_reproducible_with_the_seed():
@@ -4536,6 +4570,8 @@ def test_report_puts_the_baseline_row_first(tmp_path, monkeypatch, capsys):
     assert table[1].startswith("| BLSTM + self-attention (robust recipe) | 1 |")
     assert table[2].startswith("| TCN + self-attention | 1 |")
     assert table[3].startswith("| TCN + self-attention [variant] | 1 |")     # --name: labelled by its configuration
+    # the robust BLSTM kept its last epoch, the others their best dev epoch: the header says both
+    assert "best dev UA (`--select best`) or the last epoch (`--select last`)" in (runs / "results.md").read_text()
 
 
 def test_run_all_recipe_goes_to_the_students_only(tmp_path):
