@@ -2536,6 +2536,8 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
         row = {"epoch": epoch, **means, "lr": lr,
                **{f"dev_{k}": v for k, v in metrics.items() if isinstance(v, float)},
                "skipped_batches": skipped, "seconds": round(secs, 2)}
+        if "pred" in metrics:   # a student's dev predictions, in the order of final.json's dev ids (selection_check)
+            row["dev_pred"] = metrics["pred"]
         with open(log, "a") as f:
             f.write(json.dumps(row) + "\n")
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
@@ -3460,6 +3462,51 @@ def _norm_statement(results):
     return out
 
 
+def _recall_mean(true, pred):
+    """UA of two label lists: the mean recall over the classes present in `true`."""
+    return 100.0 * float(np.mean([np.mean([p == c for t, p in zip(true, pred) if t == c]) for c in set(true)]))
+
+
+def selection_check(final, dev_preds):
+    """A test-free check of how a run's checkpoint was selected: its dev utterances are
+    halved (every other id); the epoch with the best UA on one half (the first such, as
+    training picks it) is scored on the other half, both ways, and so is the last epoch.
+    final: the run's final.json; dev_preds: its per-epoch dev predictions, in the order
+    of final["dev"]["ids"]. Returns (UA of the best epochs, UA of the last epoch), each the
+    mean over the two halves; when the best epoch scores below the last, picking it chose noise."""
+    ids, true = final["dev"]["ids"], final["dev"]["true"]
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    halves = (order[0::2], order[1::2])
+    ua = [[_recall_mean([true[i] for i in h], [pred[i] for i in h]) for h in halves] for pred in dev_preds]  # (epochs, 2)
+    first_best = [max(range(len(ua)), key=lambda e: ua[e][h]) for h in (0, 1)]
+    return (ua[first_best[0]][1] + ua[first_best[1]][0]) / 2, (ua[-1][1] + ua[-1][0]) / 2
+
+
+def _selection_lines(runs, results, names):
+    """The section of results.md that checks model selection on dev (selection_check), one row per configuration."""
+    rows = []
+    for name in names:
+        got = []
+        for r in results[name]:
+            log = runs / "student" / name / fold_folder(r["config"]["fold"], r["config"].get("seed", 0)) / "metrics.jsonl"
+            lines = read_json_lines(log) if log.is_file() else []
+            preds = [l.get("dev_pred") for l in lines]
+            if len(r["dev"].get("ids", [])) >= 4 and preds and all(p is not None and len(p) == len(r["dev"]["ids"]) for p in preds):
+                got.append(selection_check(r, preds))
+        if got:
+            best, last = np.mean(got, axis=0)
+            rows.append(f"| {_row_label(name, results[name])} | {len(got)} | {best:.1f} | {last:.1f} | {_signed(last - best)} |")
+    if not rows:
+        return []
+    return ["", "## Model selection, checked on dev", "",
+            "Each run's dev utterances are halved (every other id). The epoch of the best UA on one half is "
+            "scored on the other half, both ways; so is the last epoch. When the best epochs score below the "
+            "last, the best dev score picked noise, and `--select last` (the robust recipe) is the better rule "
+            "for this dev set. Mean over the runs; no test utterance is used.", "",
+            "| configuration | runs | best epoch on one half, scored on the other (UA) | last epoch (UA) | last − best |",
+            "|---|---|---|---|---|", *rows]
+
+
 def report(runs="runs", per_seed=False):
     """Collect finished runs into runs/results.md: Table 2 (mean ± sample SD over folds x
     seeds), Figure 3, paired significance tests next to the paper's z-test, teachers;
@@ -3508,6 +3555,7 @@ def report(runs="runs", per_seed=False):
               + f": no {', '.join(r['test']['absent'])}" for n in known for r in results[n] if r["test"].get("absent")]
     if absent:
         out += ["", "Test splits without some class (their UA is over the classes present): " + "; ".join(absent) + "."]
+    out += _selection_lines(runs, results, known)
     if results:
         best = max(dev_ua, key=dev_ua.get)
         rs = results[best]

@@ -4571,7 +4571,26 @@ def test_report_puts_the_baseline_row_first(tmp_path, monkeypatch, capsys):
     assert table[2].startswith("| TCN + self-attention | 1 |")
     assert table[3].startswith("| TCN + self-attention [variant] | 1 |")     # --name: labelled by its configuration
     # the robust BLSTM kept its last epoch, the others their best dev epoch: the header says both
-    assert "best dev UA (`--select best`) or the last epoch (`--select last`)" in (runs / "results.md").read_text()
+    text = (runs / "results.md").read_text()
+    assert "best dev UA (`--select best`) or the last epoch (`--select last`)" in text
+    # every run logged its dev predictions; with one epoch the best is the last
+    checks = text.split("## Model selection, checked on dev")[1].split("\n## ")[0]
+    rows = [l for l in checks.splitlines() if l.startswith("| ") and not l.startswith("| configuration")]
+    print(checks)
+    cells = [[c.strip() for c in l.strip("|").split("|")] for l in rows]       # name, runs, best, last, last − best
+    assert len(cells) == 4 and all(c[1] == "1" and c[2] == c[3] and c[4] == "+0.0" for c in cells)
+
+
+def test_selection_check_by_hand():
+    final = {"dev": {"ids": ["d", "a", "c", "b"], "true": ["y", "x", "x", "y"]}}
+    # halves by sorted id: {a, c} (both x) and {b, d} (both y); predictions in final's order d, a, c, b
+    preds = [["x", "x", "y", "y"],     # epoch 1: half a,c 50; half b,d 50
+             ["x", "x", "x", "x"],     # epoch 2: 100; 0
+             ["x", "x", "x", "y"]]     # epoch 3 (last): 100; 50
+    best, last = satn.selection_check(final, preds)
+    # best on a,c: epoch 2 (the first 100), scored on b,d: 0; best on b,d: epoch 1 (the first 50), scored on a,c: 50
+    assert (best, last) == (25.0, 75.0)
+    assert satn.selection_check(final, preds[:1]) == (50.0, 50.0)
 
 
 def test_run_all_recipe_goes_to_the_students_only(tmp_path):
