@@ -1600,14 +1600,14 @@ class TeacherConfig(RunConfig):
 RECIPES = {
     "paper": dict(time_masks=0, time_mask_frames=0, freq_masks=0, freq_mask_bands=0, speed="1",
                   weight_decay=0.0, lr_patience=0, label_smoothing=0.0, patience=0, ema=0.0,
-                  select="best", layer_norm=False),
+                  select="best", layer_norm=False, class_weights=False),
     # off: SpecAugment (masks of these sizes with --time-masks 2 --freq-masks 2), which lowered dev
     # and test UA on Emo-DB and the demo corpus; speed perturbation, which lowered UA on Emo-DB (it
     # moves the pitch, an emotion cue); early stopping, which like the best-dev epoch follows the
     # noise of a one-speaker dev set (the last epoch is kept instead)
     "robust": dict(time_masks=0, time_mask_frames=20, freq_masks=0, freq_mask_bands=6, speed="1",
                    weight_decay=1e-2, lr_patience=10, label_smoothing=0.1, patience=0, ema=0.0,
-                   select="last", layer_norm=True),
+                   select="last", layer_norm=True, class_weights=True),
 }
 
 
@@ -1638,6 +1638,8 @@ class StudentConfig(RunConfig):
     weight_decay: float = _r("decoupled weight decay (AdamW); 0: Adam")
     lr_patience: int = _r("halve the learning rate after this many epochs without a better dev UA; 0: fixed")
     label_smoothing: float = _r("label smoothing of the cross-entropy")
+    class_weights: bool = _r("weight each class's cross-entropy by N / (K · N_c) over the training split (K "
+                             "classes, N_c utterances of class c), so that every class counts equally, as in UA")
     patience: int = _r("early stopping: stop after this many epochs without a better dev UA; 0: never")
     ema: float = _r("decay of an exponential moving average of the weights per step, which is evaluated, "
                     "selected and saved; 0: off")
@@ -2068,14 +2070,25 @@ def at_loss(student_maps, teacher_maps, mask=None, dist="l1", norm="l1"):
     return loss
 
 
-def frame_loss(frame_logits, mask, y, warmup):
+def frame_loss(frame_logits, mask, y, warmup, weight=None):
     """Cross-entropy of a causal student's every frame against its utterance's label,
     averaged over the real frames after the first `warmup` ones (an utterance shorter
-    than that adds nothing). frame_logits (B, T, n), mask (B, T), y (B,)."""
-    keep = mask.clone()
-    keep[:, :warmup] = False
+    than that adds nothing). frame_logits (B, T, n), mask (B, T), y (B,); weight (n,),
+    optional: per-class weights, the average then weighted as F.cross_entropy's."""
+    keep = mask.clone().float()
+    keep[:, :warmup] = 0
+    if weight is not None:
+        keep = keep * weight[y][:, None]                                                     # (B, T)
     ce = F.cross_entropy(frame_logits.float().transpose(1, 2), y[:, None].expand_as(mask), reduction="none")  # (B, T)
-    return (ce * keep).sum() / keep.sum().clamp_min(1)
+    return (ce * keep).sum() / keep.sum().clamp_min(1e-12)
+
+
+def class_weights(labels, classes):
+    """Per-class weights N / (K · N_c) of a training split's labels (K classes, N_c utterances of
+    class c; an absent class counts as one): every class weighs as much as the others in the
+    loss, as every class's recall does in UA. -> (K,) float tensor."""
+    counts = torch.tensor([sum(l == c for l in labels) for c in classes], dtype=torch.float32).clamp_min(1)
+    return len(labels) / (len(classes) * counts)
 
 
 def parse_pairs(spec, n_student, n_teacher):
@@ -2852,15 +2865,18 @@ def train_student(cfg: StudentConfig):
               f"{cfg.at_dist} distance; student:teacher pairs "
               + ",".join(f"{i + 1}:{j + 1}" for i, j in pairs) + (" + self-attention weights" if cfg.at_selfattn else ""))
     label = {c: i for i, c in enumerate(classes)}
+    weight = class_weights([u.label for u, _ in data["train"]], classes).to(device) if cfg.class_weights else None
+    if weight is not None:
+        print("class weights: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(classes, weight.tolist())))
 
     def loss_fn(model, items):
         x, lengths = collate([x for _, x in items], device)
         y = torch.tensor([label[u.label] for u, _ in items], device=device)
         logits, out = model(x, lengths, need_weights=cfg.at_selfattn)   # weights only for their transfer
-        ser = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        ser = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=cfg.label_smoothing)
         if cfg.causal and cfg.frame_loss > 0:   # a causal student is also taught at every frame after a warm-up
             warmup = round(cfg.warmup / (HOP_SECONDS * cfg.subsample))
-            ser = ser + cfg.frame_loss * frame_loss(out["frame_logits"], out["mask"], y, warmup)
+            ser = ser + cfg.frame_loss * frame_loss(out["frame_logits"], out["mask"], y, warmup, weight)
         if teacher is None:
             return ser, {"ser": ser.item()}
         with torch.no_grad():

@@ -4365,6 +4365,7 @@ def test_recipe_robust_sets_its_flags_and_explicit_options_win(monkeypatch):
     assert robust.weight_decay > 0 and robust.lr_patience > 0
     assert robust.label_smoothing > 0 and robust.patience == 0
     assert (paper.select, robust.select) == ("best", "last") and (paper.layer_norm, robust.layer_norm) == (False, True)
+    assert (paper.class_weights, robust.class_weights) == (False, True)
     assert satn.Student(robust, 4).encoder.blocks[0].norm is not None and satn.Student(paper, 4).encoder.blocks[0].norm is None
     assert satn.StudentConfig(recipe="robust", speed="1", label_smoothing=0.0).speed_factors() == (1.0,)
     # the command line: robust sets what is not given, a given option wins
@@ -4780,6 +4781,21 @@ def test_frame_loss_by_hand():
     got = satn.frame_loss(fl, mask, y, warmup=1)
     want = (3 * -math.log(3 / 5) + 2 * -math.log(1 / 3)) / 5            # frames 1..3 and 1..2
     assert got.item() == pytest.approx(want, rel=1e-6)
+    weighted = satn.frame_loss(fl, mask, y, warmup=1, weight=torch.tensor([2.0, 0.5, 1.0]))
+    want = (2 * 3 * -math.log(3 / 5) + 0.5 * 2 * -math.log(1 / 3)) / (2 * 3 + 0.5 * 2)
+    assert weighted.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_class_weights_by_hand():
+    w = satn.class_weights(["a", "b", "a", "a", "c", "a"], ["a", "b", "c", "d"])
+    # N = 6, K = 4: a 6 / (4 * 4), b and c 6 / 4, d absent: counted as one
+    torch.testing.assert_close(w, torch.tensor([6 / 16, 6 / 4, 6 / 4, 6 / 4]))
+    logits, y = torch.randn(6, 4), torch.tensor([0, 1, 0, 0, 2, 0])
+    # each class present then carries the same total weight in the loss: 4 x 6/16 = 1 x 6/4
+    assert [w[y][y == k].sum().item() for k in range(3)] == pytest.approx([1.5, 1.5, 1.5])
+    ce = torch.nn.functional.cross_entropy(logits, y, weight=w)
+    by_hand = sum(w[t] * -torch.log_softmax(l, -1)[t] for l, t in zip(logits, y)) / w[y].sum()
+    assert ce.item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("seconds,chunks", [(0.3, (1, 100, 160, 399)), (4.0, (1600, 4001)), (12.0, (160000,))])
