@@ -1599,14 +1599,14 @@ class TeacherConfig(RunConfig):
 # chosen on Emo-DB (see the README); each part has its own option, and an option given explicitly wins.
 RECIPES = {
     "paper": dict(time_masks=0, time_mask_frames=0, freq_masks=0, freq_mask_bands=0, speed="1",
-                  weight_decay=0.0, lr_patience=0, label_smoothing=0.0, patience=0, ema=0.0,
+                  weight_decay=0.0, lr_patience=0, cosine=False, label_smoothing=0.0, patience=0, ema=0.0,
                   select="best", layer_norm=False, class_weights=False),
     # off: SpecAugment (masks of these sizes with --time-masks 2 --freq-masks 2), which lowered dev
     # and test UA on Emo-DB and the demo corpus; speed perturbation, which lowered UA on Emo-DB (it
     # moves the pitch, an emotion cue); early stopping, which like the best-dev epoch follows the
     # noise of a one-speaker dev set (the last epoch is kept instead)
     "robust": dict(time_masks=0, time_mask_frames=20, freq_masks=0, freq_mask_bands=6, speed="1",
-                   weight_decay=1e-2, lr_patience=10, label_smoothing=0.1, patience=0, ema=0.0,
+                   weight_decay=1e-2, lr_patience=0, cosine=True, label_smoothing=0.1, patience=0, ema=0.0,
                    select="last", layer_norm=True, class_weights=True),
 }
 
@@ -1637,6 +1637,8 @@ class StudentConfig(RunConfig):
                     "at one of them, drawn with the seed (features cached per factor); 1: off")
     weight_decay: float = _r("decoupled weight decay (AdamW); 0: Adam")
     lr_patience: int = _r("halve the learning rate after this many epochs without a better dev UA; 0: fixed")
+    cosine: bool = _r("anneal the learning rate from --lr towards 0 over --epochs (half a cosine, one step per "
+                      "epoch); not with --lr-patience")
     label_smoothing: float = _r("label smoothing of the cross-entropy")
     class_weights: bool = _r("weight each class's cross-entropy by N / (K · N_c) over the training split (K "
                              "classes, N_c utterances of class c), so that every class counts equally, as in UA")
@@ -1687,6 +1689,8 @@ class StudentConfig(RunConfig):
                  and 0 <= self.ema < 1, "--weight-decay, --lr-patience and --patience must be >= 0, "
                                         "--label-smoothing and --ema in [0, 1)")
         self.speed_factors()
+        _require(not (self.cosine and self.lr_patience), "--cosine and --lr-patience are two learning-rate "
+                                                         "schedules: give one (--no-cosine, or --lr-patience 0)")
         _require(self.select in ("best", "last"), f"--select must be best or last, got {self.select!r}")
         _require(not (self.encoder == "stats" and self.at_weight > 0),
                  "--encoder stats has no activations to imitate: it needs --at-weight 0")
@@ -2451,7 +2455,8 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
     sweep_stale_temps(run_dir)
     model.to(device)
     # The student's recipe options (RECIPES); the teacher's configuration has none of them.
-    wd, lr_patience, patience, ema_decay = (getattr(cfg, k, 0) for k in ("weight_decay", "lr_patience", "patience", "ema"))
+    wd, lr_patience, patience, ema_decay, cosine = (getattr(cfg, k, 0) for k in ("weight_decay", "lr_patience", "patience",
+                                                                                 "ema", "cosine"))
     keep_last = getattr(cfg, "select", "best") == "last"   # best.pt: the last epoch, not the best dev score
     opt = (torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=wd) if wd
            else torch.optim.Adam(model.parameters(), lr=cfg.lr))
@@ -2459,6 +2464,8 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
     sched = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max" if higher_is_better else "min",
                                                         factor=LR_DECAY, patience=lr_patience - 1)
              if lr_patience else None)
+    if cosine:   # epoch e (0-based) trains at lr (1 + cos(pi e / epochs)) / 2; --resume to more epochs re-stretches it
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1 + math.cos(math.pi * e / cfg.epochs)))
     ema = WeightAverage(model, ema_decay) if ema_decay else None
     conf = stored_config(cfg, run_dir)
     held_out = data.get("held_out")
@@ -2543,7 +2550,7 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
         stale = 0 if improved else stale + 1
         lr = opt.param_groups[0]["lr"]
         if sched is not None:
-            sched.step(score)
+            sched.step() if cosine else sched.step(score)
         secs = time.time() - t0
         means = {k: v / n_batches for k, v in sums.items()}
         row = {"epoch": epoch, **means, "lr": lr,

@@ -4362,7 +4362,7 @@ def test_recipe_robust_sets_its_flags_and_explicit_options_win(monkeypatch):
     # corpus), whose sizes it sets for when masks are asked for, and early stopping (it keeps the last epoch)
     assert robust.time_masks == robust.freq_masks == 0 and robust.speed == "1"
     assert robust.time_mask_frames > 0 and robust.freq_mask_bands > 0
-    assert robust.weight_decay > 0 and robust.lr_patience > 0
+    assert robust.weight_decay > 0 and robust.cosine and robust.lr_patience == 0
     assert robust.label_smoothing > 0 and robust.patience == 0
     assert (paper.select, robust.select) == ("best", "last") and (paper.layer_norm, robust.layer_norm) == (False, True)
     assert (paper.class_weights, robust.class_weights) == (False, True)
@@ -4379,18 +4379,26 @@ def test_recipe_robust_sets_its_flags_and_explicit_options_win(monkeypatch):
         satn.StudentConfig(speed="fast")
     with pytest.raises(satn.DataError, match="--select"):
         satn.StudentConfig(select="first")
+    with pytest.raises(satn.DataError, match="--cosine and --lr-patience"):
+        satn.StudentConfig(recipe="robust", lr_patience=5)
+    assert satn.StudentConfig(recipe="robust", lr_patience=5, cosine=False).lr_patience == 5
 
 
-@pytest.mark.parametrize("select", ["best", "last"])
-def test_select_keeps_the_best_dev_epoch_or_the_last(tmp_path, monkeypatch, select):
-    """best.pt, final.json and the test figures are those of the best-dev epoch, or of the last one."""
+@pytest.mark.parametrize("select,cosine", [("best", False), ("last", True)])
+def test_select_keeps_the_best_dev_epoch_or_the_last(tmp_path, monkeypatch, select, cosine):
+    """best.pt, final.json and the test figures are those of the best-dev epoch, or of the last one;
+    with --cosine the learning rate of epoch e is lr (1 + cos(pi (e - 1) / epochs)) / 2."""
     monkeypatch.chdir(tmp_path)
     rows = [(f"{s}{g}{i}.wav", lab, f"{s}{g}", f"s{s}") for s in "12" for g in "FM" for i, lab in enumerate("xyxy")]
     cfg = satn.StudentConfig(data=str(_tone_corpus(tmp_path / "c", rows)), fold=1, runs=str(tmp_path / "runs"),
-                             channels=8, heads=2, subsample=4, epochs=4, lr=3e-2, batch_size=4, select=select)
+                             channels=8, heads=2, subsample=4, epochs=4, lr=3e-2, batch_size=4, select=select,
+                             cosine=cosine)
     final = satn.train_student(cfg)
     run = tmp_path / "runs" / "student" / "tcn-self" / "fold1"
-    dev = [r["dev_UA"] for r in satn.read_json_lines(run / "metrics.jsonl")]
+    log = satn.read_json_lines(run / "metrics.jsonl")
+    dev = [r["dev_UA"] for r in log]
+    lrs = [3e-2 * (1 + math.cos(math.pi * e / 4)) / 2 if cosine else 3e-2 for e in range(4)]
+    assert [r["lr"] for r in log] == pytest.approx(lrs)
     want = 4 if select == "last" else 1 + dev.index(max(dev))      # the first epoch of the best dev UA
     ck = satn.load_checkpoint(run / "best.pt")
     print(select, dev, final["best_epoch"])
@@ -4465,7 +4473,7 @@ def test_robust_recipe_training_is_reproducible_and_evaluation_unaugmented(tmp_p
     rows = [(f"{s}{g}{i}.wav", lab, f"{s}{g}", f"s{s}") for s in "12" for g in "FM" for i, lab in enumerate("xyxy")]
     data = _tone_corpus(tmp_path / "c", rows)
     cfg = satn.StudentConfig(data=str(data), fold=1, runs=str(tmp_path / "runs"), recipe="robust", speed="0.9,1,1.1", channels=8,
-                             heads=2, subsample=4, epochs=3, lr=3e-2, batch_size=4, lr_patience=1, patience=2,
+                             heads=2, subsample=4, epochs=3, lr=3e-2, batch_size=4, lr_patience=1, cosine=False, patience=2,
                              time_masks=2, freq_masks=2)
     d = satn.prepare_data(cfg, "student")
     assert len(d["train_views"]) == len(d["train"]) == 8
