@@ -1958,7 +1958,8 @@ class StudentStream:
             # each tap k, side by side (n, K*C_in), times the weights as (K*C_in, C_out)
             flat = lambda w: npy(w.permute(2, 1, 0).reshape(-1, w.shape[0]))  # noqa: E731
             res = None if blk.residual is None else (flat(blk.residual.weight), npy(blk.residual.bias))
-            self.convs.append(((flat(c1.weight), npy(c1.bias)), (flat(c2.weight), npy(c2.bias)), res, K, d))
+            ln = None if blk.norm is None else (npy(blk.norm.weight), npy(blk.norm.bias), blk.norm.eps)
+            self.convs.append(((flat(c1.weight), npy(c1.bias)), (flat(c2.weight), npy(c2.bias)), res, ln, K, d))
             self.state.append([np.zeros(((K - 1) * d, c1.weight.shape[1]), np.float32),
                                np.zeros(((K - 1) * d, c2.weight.shape[1]), np.float32)])
         att = model.attn
@@ -1998,7 +1999,7 @@ class StudentStream:
         if n == 0:
             self.ready = np.zeros(0)
             return np.zeros(0), np.zeros((0, self.cls[0].shape[1]), np.float32)
-        for ((w1, b1), (w2, b2), res, K, d), st in zip(self.convs, self.state):   # the TCN, time-major
+        for ((w1, b1), (w2, b2), res, ln, K, d), st in zip(self.convs, self.state):   # the TCN, time-major
             inp = h
             taps = np.arange(n)[:, None] + d * np.arange(K)                   # (n, K): input rows of each output
             for i, (w, b) in enumerate(((w1, b1), (w2, b2))):
@@ -2006,6 +2007,9 @@ class StudentStream:
                 st[i] = z[n:].copy()
                 h = np.maximum(z[taps].reshape(n, -1) @ w + b, 0)             # (n, C_out), ReLU
             h = np.maximum(h + (inp if res is None else inp @ res[0] + res[1]), 0)
+            if ln is not None:                                                # --layer-norm: over each frame's channels
+                mu, var = h.mean(1, keepdims=True), h.var(1, keepdims=True)
+                h = (h - mu) / np.sqrt(var + ln[2]) * ln[0] + ln[1]
         C = h.shape[1]
         hs = C // self.heads
         q, k, v = (h @ self.qkv[0] + self.qkv[1]).reshape(n, 3, self.heads, hs).transpose(1, 2, 0, 3)  # 3 x (nh, n, hs)

@@ -4806,11 +4806,18 @@ def test_class_weights_by_hand():
     assert ce.item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("seconds,chunks", [(0.3, (1, 100, 160, 399)), (4.0, (1600, 4001)), (12.0, (160000,))])
-def test_stream_equals_whole_recording(seconds, chunks):
+@pytest.mark.parametrize("seconds,chunks,layer_norm", [(0.3, (1, 100, 160, 399), False), (4.0, (1600, 4001), False),
+                                                       (12.0, (160000,), False), (4.0, (1600, 4001), True)])
+def test_stream_equals_whole_recording(seconds, chunks, layer_norm):
     """Chunked inference gives the whole recording's per-frame outputs: chunks from 1 sample
-    (shorter than a hop) to 10 s (longer than the receptive field and both windows)."""
-    model, _ = _causal_student()
+    (shorter than a hop) to 10 s (longer than the receptive field and both windows); also
+    with LayerNorm in the TCN blocks (--layer-norm, part of the robust recipe)."""
+    model, _ = _causal_student(layer_norm=layer_norm)
+    if layer_norm:   # not the identity LayerNorm of a fresh model
+        with torch.no_grad():
+            for blk in model.encoder.blocks:
+                blk.norm.weight.uniform_(0.5, 1.5)
+                blk.norm.bias.uniform_(-0.5, 0.5)
     rng = np.random.default_rng(2)
     mean, std = rng.standard_normal(satn.FEAT_CHANNELS), rng.uniform(0.5, 2, satn.FEAT_CHANNELS)
     wave = _noise_speech(seconds, seed=3)
