@@ -1636,7 +1636,7 @@ class StudentConfig(RunConfig):
     speed: str = _r("speed perturbation: comma-separated factors; each epoch every training utterance is taken "
                     "at one of them, drawn with the seed (features cached per factor); 1: off")
     weight_decay: float = _r("decoupled weight decay (AdamW); 0: Adam")
-    lr_patience: int = _r("halve the learning rate after this many epochs without a better dev UA; 0: fixed")
+    lr_patience: int = _r("halve the learning rate after this many epochs without a better dev UA; 0: off")
     cosine: bool = _r("anneal the learning rate from --lr towards 0 over --epochs (half a cosine, one step per "
                       "epoch); not with --lr-patience")
     label_smoothing: float = _r("label smoothing of the cross-entropy")
