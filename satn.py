@@ -2095,7 +2095,7 @@ def class_weights(labels, classes):
     """Per-class weights N / (K · N_c) of a training split's labels (K classes, N_c utterances of
     class c; an absent class counts as one): every class weighs as much as the others in the
     loss, as every class's recall does in UA. -> (K,) float tensor."""
-    counts = torch.tensor([sum(l == c for l in labels) for c in classes], dtype=torch.float32).clamp_min(1)
+    counts = torch.tensor([labels.count(c) for c in classes], dtype=torch.float32).clamp_min(1)
     return len(labels) / (len(classes) * counts)
 
 
@@ -3489,9 +3489,9 @@ def _norm_statement(results):
     return out
 
 
-def _recall_mean(true, pred):
-    """UA of two label lists: the mean recall over the classes present in `true`."""
-    return 100.0 * float(np.mean([np.mean([p == c for t, p in zip(true, pred) if t == c]) for c in set(true)]))
+def _run_log(runs, name, r):
+    """metrics.jsonl of the student run whose final.json is r, in runs/student/<name>."""
+    return runs / "student" / name / fold_folder(r["config"]["fold"], r["config"].get("seed", 0)) / "metrics.jsonl"
 
 
 def selection_check(final, dev_preds):
@@ -3501,12 +3501,13 @@ def selection_check(final, dev_preds):
     final: the run's final.json; dev_preds: its per-epoch dev predictions, in the order
     of final["dev"]["ids"]. Returns (UA of the best epochs, UA of the last epoch), each the
     mean over the two halves; when the best epoch scores below the last, picking it chose noise."""
-    ids, true = final["dev"]["ids"], final["dev"]["true"]
-    order = sorted(range(len(ids)), key=ids.__getitem__)
-    halves = (order[0::2], order[1::2])
-    ua = [[_recall_mean([true[i] for i in h], [pred[i] for i in h]) for h in halves] for pred in dev_preds]  # (epochs, 2)
-    first_best = [max(range(len(ua)), key=lambda e: ua[e][h]) for h in (0, 1)]
-    return (ua[first_best[0]][1] + ua[first_best[1]][0]) / 2, (ua[-1][1] + ua[-1][0]) / 2
+    ids, true = final["dev"]["ids"], np.asarray(final["dev"]["true"])
+    classes, y = np.unique(true, return_inverse=True)                        # (n,) class indices
+    hit = np.asarray(dev_preds) == true                                      # (epochs, n)
+    order = np.argsort(ids, kind="stable")
+    ua = np.stack([wa_ua(y[h], hit[:, h], len(classes))[1] for h in (order[0::2], order[1::2])], 1)  # (epochs, 2)
+    first_best = (ua >= ua.max(0) - 1e-9).argmax(0)    # per half: the first best epoch (ties equal up to rounding)
+    return (ua[first_best[0], 1] + ua[first_best[1], 0]) / 2, (ua[-1, 1] + ua[-1, 0]) / 2
 
 
 def _selection_lines(runs, results, names):
@@ -3515,7 +3516,7 @@ def _selection_lines(runs, results, names):
     for name in names:
         got = []
         for r in results[name]:
-            log = runs / "student" / name / fold_folder(r["config"]["fold"], r["config"].get("seed", 0)) / "metrics.jsonl"
+            log = _run_log(runs, name, r)
             lines = read_json_lines(log) if log.is_file() else []
             preds = [l.get("dev_pred") for l in lines]
             if len(r["dev"].get("ids", [])) >= 4 and preds and all(p is not None and len(p) == len(r["dev"]["ids"]) for p in preds):
@@ -4214,8 +4215,7 @@ def report_figures(runs, results):
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in names:
-        logs = [runs / "student" / name / fold_folder(r["config"]["fold"], r["config"].get("seed", 0)) / "metrics.jsonl"
-                for r in results[name]]
+        logs = [_run_log(runs, name, r) for r in results[name]]
         curves = [[l["dev_UA"] for l in read_json_lines(log)] for log in logs if log.is_file()]
         n = min(map(len, curves), default=0)
         if n:

@@ -4602,6 +4602,28 @@ def test_selection_check_by_hand():
     assert satn.selection_check(final, preds[:1]) == (50.0, 50.0)
 
 
+def test_selection_check_ties_go_to_the_first_epoch_despite_rounding():
+    """Two epochs whose UA on a half is equal, but summed in another class order (1/7 + 1/7 + 4/7
+    against 4/7 + 1/7 + 1/7) differs in the last bit: the first is the best, as in training."""
+    ids = [f"{i:03d}" for i in range(42)]                          # half 0: even positions, half 1: odd
+    true = [("xyz"[i // 14] if i % 2 == 0 else "x") for i in range(42)]   # half 0: 7 of each class; half 1: x
+    def epoch(correct, half1):                                     # correct: utterances right per class, half 0
+        seen = {c: 0 for c in "xyz"}
+        out = []
+        for i, t in enumerate(true):
+            if i % 2:
+                out.append(half1)
+            else:
+                seen[t] += 1
+                out.append(t if seen[t] <= correct["xyz".index(t)] else "w")
+        return out
+    final = {"dev": {"ids": ids, "true": true}}
+    preds = [epoch((4, 1, 1), "x"), epoch((1, 1, 4), "w")]         # equal UA (6/21) on half 0; half 1: 100, 0
+    best, last = satn.selection_check(final, preds)
+    # best on half 0: epoch 1 (the first), scored on half 1: 100; best on half 1: epoch 1, scored on half 0: 6/21
+    assert best == pytest.approx((100 + 100 * 6 / 21) / 2) and last == pytest.approx((0 + 100 * 6 / 21) / 2)
+
+
 def test_run_all_recipe_goes_to_the_students_only(tmp_path):
     env, log = _fake_python(tmp_path, 0)
     r = _run_all(["--runs", str(tmp_path / "runs"), "--jobs", "2", "--recipe", "robust"], tmp_path, env)
