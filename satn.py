@@ -3519,8 +3519,9 @@ def _selection_lines(runs, results, names):
             log = _run_log(runs, name, r)
             lines = read_json_lines(log) if log.is_file() else []
             preds = [l.get("dev_pred") for l in lines]
-            if len(r["dev"].get("ids", [])) >= 4 and preds and all(isinstance(p, list) and len(p) == len(r["dev"]["ids"])
-                                                                    for p in preds):   # else: an older or damaged log
+            n = len(r["dev"].get("ids", []))
+            if n >= 4 and preds and all(isinstance(p, list) and len(p) == n and all(isinstance(c, str) for c in p)
+                                        for p in preds):   # else: an older or damaged log
                 got.append(selection_check(r, preds))
         if got:
             best, last = np.mean(got, axis=0)

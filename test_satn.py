@@ -4588,13 +4588,15 @@ def test_report_puts_the_baseline_row_first(tmp_path, monkeypatch, capsys):
     print(checks)
     cells = [[c.strip() for c in l.strip("|").split("|")] for l in rows]       # name, runs, best, last, last − best
     assert len(cells) == 4 and all(c[1] == "1" and c[2] == c[3] and c[4] == "+0.0" for c in cells)
-    # a damaged log (dev_pred not a list) leaves that run out of the check, not the report
+    # a damaged log (dev_pred not a list of labels) leaves that run out of the check, not the report
     log = runs / "student" / "stats" / "fold1" / "metrics.jsonl"
-    log.write_text(json.dumps({**json.loads(log.read_text().splitlines()[0]), "dev_pred": 5}) + "\n")
-    assert satn.main(["report", "--runs", str(runs)]) == 0
-    checks = (runs / "results.md").read_text().split("## Model selection, checked on dev")[1].split("\n## ")[0]
-    print(checks)
-    assert "| utterance statistics + linear |" not in checks and checks.count("\n| ") == 4    # header + 3 rows
+    row = json.loads(log.read_text().splitlines()[0])
+    for damaged in (5, [["x"]] * len(row["dev_pred"])):
+        log.write_text(json.dumps({**row, "dev_pred": damaged}) + "\n")
+        assert satn.main(["report", "--runs", str(runs)]) == 0
+        checks = (runs / "results.md").read_text().split("## Model selection, checked on dev")[1].split("\n## ")[0]
+        print(checks)
+        assert "| utterance statistics + linear |" not in checks and checks.count("\n| ") == 4    # header + 3 rows
 
 
 def test_selection_check_by_hand():
