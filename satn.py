@@ -2123,6 +2123,7 @@ def parse_pairs(spec, n_student, n_teacher):
 # training
 
 LR_DECAY = 0.5   # factor applied to the learning rate when dev UA stalls for --lr-patience epochs
+SCORE_TIE = 1e-9  # dev scores closer than this are equal (the same UA summed in another class order differs in the last bit)
 
 
 class TrainingError(Exception):
@@ -2549,7 +2550,7 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
             metrics = evaluate(model, data["dev"])
             evaluated = {k: v.clone() for k, v in model.state_dict().items()} if ema is not None else None
         score = metrics[score_key]
-        improved = best is None or (score > best if higher_is_better else score < best)
+        improved = best is None or (score > best + SCORE_TIE if higher_is_better else score < best - SCORE_TIE)
         best = score if improved else best
         stale = 0 if improved else stale + 1
         lr = opt.param_groups[0]["lr"]
@@ -3506,7 +3507,7 @@ def selection_check(final, dev_preds):
     hit = np.asarray(dev_preds) == true                                      # (epochs, n)
     order = np.argsort(ids, kind="stable")
     ua = np.stack([wa_ua(y[h], hit[:, h], len(classes))[1] for h in (order[0::2], order[1::2])], 1)  # (epochs, 2)
-    first_best = (ua >= ua.max(0) - 1e-9).argmax(0)    # per half: the first best epoch (ties equal up to rounding)
+    first_best = (ua >= ua.max(0) - SCORE_TIE).argmax(0)   # per half: the first best epoch, as fit picks it
     return (ua[first_best[0], 1] + ua[first_best[1], 0]) / 2, (ua[-1, 1] + ua[-1, 0]) / 2
 
 

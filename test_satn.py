@@ -5006,3 +5006,18 @@ def test_run_all_asr_data_trains_one_teacher_for_every_fold(demo_corpus, tmp_pat
 def test_signed_differences_keep_their_sign_near_zero():
     assert [satn._signed(x) for x in (1.24, -0.3, 0.0, -0.04, 0.049, -0.05)] == \
         ["+1.2", "−0.3", "+0.0", "−0.04", "+0.05", "−0.1"]
+
+
+def test_fit_keeps_the_first_of_two_epochs_equal_up_to_rounding(tmp_path):
+    """Training's best epoch follows the same tie rule as selection_check: a later dev UA that
+    equals the best in exact arithmetic but is one ulp above it (summed in another class order)
+    is no improvement, so best.pt keeps the earlier epoch."""
+    first, second = (4 / 7 + 1 / 7 + 1 / 7) * 100 / 3, (1 / 7 + 1 / 7 + 4 / 7) * 100 / 3
+    assert 0 < second - first < 1e-12                      # the same UA, one ulp apart
+    scores = iter([first, second])
+    cfg = satn.StudentConfig(epochs=2, lr=1e-3, device="cpu", runs=str(tmp_path))
+    model = nn.Linear(2, 1)
+    data = {"train": [(None, torch.ones(2, 3))], "dev": []}
+    best = satn.fit(cfg, model, tmp_path / "run", data, lambda m, items: (m(torch.ones(2)).sum(), {}),
+                    lambda m, items: {"UA": next(scores)}, "UA", True, {})
+    assert best["epoch"] == 1 and best["best"] == first
