@@ -3592,9 +3592,13 @@ def report(runs="runs", per_seed=False):
         rs = results[best]
         classes = rs[0]["classes"]
         norm = mean_test_confusion(rs)
+        mixed = len({r["config"].get("select", "best") for n in known for r in results[n]}) > 1
         out += ["", f"## Confusion matrix of the best configuration by dev UA: {best} (test, row-normalised %, "
-                f"each row averaged over the {len(rs)} runs whose test split has that class)", "",
-                "| true \\ predicted | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+                f"each row averaged over the {len(rs)} runs whose test split has that class)", ""]
+        if mixed:   # a best-dev checkpoint's dev UA is a maximum over epochs; a last epoch's is one draw
+            out += ["The runs here keep different checkpoints: a `--select best` row's dev UA is its maximum over "
+                    "the epochs and so favoured in this comparison over a `--select last` row's.", ""]
+        out += ["| true \\ predicted | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
         out += [f"| {c} | " + " | ".join("–" if np.isnan(v) else f"{100 * v:.1f}" for v in row) + " |"
                 for c, row in zip(classes, norm)]
         paired, ztab, verdicts, notes = _significance(results, known)

@@ -4582,6 +4582,8 @@ def test_report_puts_the_baseline_row_first(tmp_path, monkeypatch, capsys):
     # the robust BLSTM kept its last epoch, the others their best dev epoch: the header says both
     text = (runs / "results.md").read_text()
     assert "best dev UA (`--select best`) or the last epoch (`--select last`)" in text
+    confusion = text.split("## Confusion matrix of the best configuration by dev UA")[1].split("\n## ")[0]
+    assert "a `--select best` row's dev UA is its maximum over the epochs" in confusion   # mixed: said where it matters
     # every run logged its dev predictions; with one epoch the best is the last
     checks = text.split("## Model selection, checked on dev")[1].split("\n## ")[0]
     rows = [l for l in checks.splitlines() if l.startswith("| ") and not l.startswith("| configuration")]
@@ -4597,6 +4599,9 @@ def test_report_puts_the_baseline_row_first(tmp_path, monkeypatch, capsys):
         checks = (runs / "results.md").read_text().split("## Model selection, checked on dev")[1].split("\n## ")[0]
         print(checks)
         assert "| utterance statistics + linear |" not in checks and checks.count("\n| ") == 4    # header + 3 rows
+    shutil.rmtree(runs / "student" / "blstm-self")          # every run left kept its best dev epoch: no such note
+    assert satn.main(["report", "--runs", str(runs)]) == 0
+    assert "its maximum over the epochs" not in (runs / "results.md").read_text()
 
 
 def test_selection_check_by_hand():
