@@ -3513,7 +3513,7 @@ def selection_check(final, dev_preds):
 
 def _selection_lines(runs, results, names):
     """The section of results.md that checks model selection on dev (selection_check), one row per configuration."""
-    rows = []
+    rows, left_out = [], 0
     for name in names:
         got = []
         for r in results[name]:
@@ -3524,18 +3524,23 @@ def _selection_lines(runs, results, names):
             if n >= 4 and preds and all(isinstance(p, list) and len(p) == n and all(isinstance(c, str) for c in p)
                                         for p in preds):   # else: an older or damaged log
                 got.append(selection_check(r, preds))
+            else:
+                left_out += 1
         if got:
             best, last = np.mean(got, axis=0)
             rows.append(f"| {_row_label(name, results[name])} | {len(got)} | {best:.1f} | {last:.1f} | {_signed(last - best)} |")
-    if not rows:
+    if not rows and not left_out:
         return []
+    table = ["| configuration | runs | best epoch on one half, scored on the other (UA) | last epoch (UA) | last − best |",
+             "|---|---|---|---|---|", *rows] if rows else []
+    note = [f"Left out: {left_out} run{'s' * (left_out > 1)} without per-epoch dev predictions in metrics.jsonl "
+            "(trained before they were logged, or a damaged log) or with fewer than 4 dev utterances."] if left_out else []
     return ["", "## Model selection, checked on dev", "",
             "Each run's dev utterances are halved (every other id). The epoch of the best UA on one half is "
             "scored on the other half, both ways; so is the last epoch. When the best epochs score below the "
             "last, the best dev score picked noise, and `--select last` (the robust recipe) is the better rule "
-            "for this dev set. Mean over the runs; no test utterance is used.", "",
-            "| configuration | runs | best epoch on one half, scored on the other (UA) | last epoch (UA) | last − best |",
-            "|---|---|---|---|---|", *rows]
+            "for this dev set. Mean over the runs; no test utterance is used.", "", *table, *([""] * bool(table and note)),
+            *note]
 
 
 def report(runs="runs", per_seed=False):

@@ -4590,6 +4590,7 @@ def test_report_puts_the_baseline_row_first(tmp_path, monkeypatch, capsys):
     print(checks)
     cells = [[c.strip() for c in l.strip("|").split("|")] for l in rows]       # name, runs, best, last, last − best
     assert len(cells) == 4 and all(c[1] == "1" and c[2] == c[3] and c[4] == "+0.0" for c in cells)
+    assert "Left out" not in checks
     # a damaged log (dev_pred not a list of labels) leaves that run out of the check, not the report
     log = runs / "student" / "stats" / "fold1" / "metrics.jsonl"
     row = json.loads(log.read_text().splitlines()[0])
@@ -4599,6 +4600,7 @@ def test_report_puts_the_baseline_row_first(tmp_path, monkeypatch, capsys):
         checks = (runs / "results.md").read_text().split("## Model selection, checked on dev")[1].split("\n## ")[0]
         print(checks)
         assert "| utterance statistics + linear |" not in checks and checks.count("\n| ") == 4    # header + 3 rows
+        assert "Left out: 1 run without per-epoch dev predictions in metrics.jsonl" in checks
     shutil.rmtree(runs / "student" / "blstm-self")          # every run left kept its best dev epoch: no such note
     assert satn.main(["report", "--runs", str(runs)]) == 0
     assert "its maximum over the epochs" not in (runs / "results.md").read_text()
