@@ -5768,6 +5768,8 @@ def config_from_args(cls, args):
             v = f.metadata["demo"]
         if v is not None:
             kw[f.name] = v
+    if kw.get("layer_norm") and kw.get("encoder", "tcn") != "tcn":   # by hand; a recipe's applies to a TCN only
+        raise DataError(f"--layer-norm normalises the TCN's blocks: --encoder {kw['encoder']} has none")
     return cls(**kw)
 
 

@@ -4352,7 +4352,7 @@ def test_stats_baseline_ignores_padding_and_has_no_activations():
         satn.StudentConfig(encoder="stats", at_weight=1.0)
 
 
-def test_recipe_robust_sets_its_flags_and_explicit_options_win(monkeypatch):
+def test_recipe_robust_sets_its_flags_and_explicit_options_win(monkeypatch, capsys):
     paper, robust = satn.StudentConfig(), satn.StudentConfig(recipe="robust")
     for k, v in satn.RECIPES["paper"].items():
         assert getattr(paper, k) == v, k
@@ -4382,6 +4382,13 @@ def test_recipe_robust_sets_its_flags_and_explicit_options_win(monkeypatch):
     with pytest.raises(satn.DataError, match="--cosine and --lr-patience"):
         satn.StudentConfig(recipe="robust", lr_patience=5)
     assert satn.StudentConfig(recipe="robust", lr_patience=5, cosine=False).lr_patience == 5
+    # --layer-norm given for an encoder without TCN blocks is refused in one line; a saved configuration
+    # with the robust recipe's layer_norm (a BLSTM run's) still loads
+    for encoder in ("blstm", "stats"):
+        capsys.readouterr()
+        assert satn.main(["student", "--encoder", encoder, "--layer-norm"]) == 2
+        assert capsys.readouterr().err.strip() == f"error: --layer-norm normalises the TCN's blocks: --encoder {encoder} has none"
+        assert satn.StudentConfig(encoder=encoder, layer_norm=True).layer_norm is True
 
 
 @pytest.mark.parametrize("select,cosine", [("best", False), ("last", True)])
