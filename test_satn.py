@@ -4591,6 +4591,19 @@ def test_report_puts_the_baseline_row_first(tmp_path, monkeypatch, capsys):
     assert "best dev UA (`--select best`) or the last epoch (`--select last`)" in text
     confusion = text.split("## Confusion matrix of the best configuration by dev UA")[1].split("\n## ")[0]
     assert "a `--select best` row's dev UA is its maximum over the epochs" in confusion   # mixed: said where it matters
+    # how far each configuration is above the baseline: the difference of its paired run's test UA and WA
+    above = text.split("## How far above the baseline: utterance statistics + linear")[1].split("\n## ")[0]
+    print(above)
+    cells = [[c.strip() for c in l.strip("|").split("|")] for l in above.splitlines()
+             if l.startswith("| ") and not l.startswith("| configuration")]
+    finals = {n: json.loads((runs / "student" / n / "fold1" / "final.json").read_text())
+              for n in ("stats", "blstm-self", "tcn-self", "variant")}
+    assert [c[0] for c in cells] == [l.split(" | ")[0].lstrip("| ") for l in table[1:4]]   # Table 2's order, no baseline
+    for c, n in zip(cells, ("blstm-self", "tcn-self", "variant")):
+        du = finals[n]["test"]["UA"] - finals["stats"]["test"]["UA"]
+        dw = finals[n]["test"]["WA"] - finals["stats"]["test"]["WA"]
+        assert c[1] == "1" and c[2].startswith(satn._signed(du) + " (") and c[3].startswith(satn._signed(dw) + " (")
+        assert c[4] == f"{int(du > 0)} of 1"
     # every run logged its dev predictions; with one epoch the best is the last
     checks = text.split("## Model selection, checked on dev")[1].split("\n## ")[0]
     rows = [l for l in checks.splitlines() if l.startswith("| ") and not l.startswith("| configuration")]
@@ -4611,6 +4624,9 @@ def test_report_puts_the_baseline_row_first(tmp_path, monkeypatch, capsys):
     shutil.rmtree(runs / "student" / "blstm-self")          # every run left kept its best dev epoch: no such note
     assert satn.main(["report", "--runs", str(runs)]) == 0
     assert "its maximum over the epochs" not in (runs / "results.md").read_text()
+    shutil.rmtree(runs / "student" / "stats")               # no baseline: no comparison with it
+    assert satn.main(["report", "--runs", str(runs)]) == 0
+    assert "How far above the baseline" not in (runs / "results.md").read_text()
 
 
 def test_selection_check_by_hand():
