@@ -3494,8 +3494,9 @@ def _baseline_lines(results, names, n_boot=BOOTSTRAP_SAMPLES, seed=BOOTSTRAP_SEE
             "Each configuration against the baseline row, runs paired by fold and seed: both classified the same "
             "test utterances. The difference is the mean over the paired runs of the configuration's test UA (WA) "
             f"minus the baseline's, in points, with the paired bootstrap's {100 * CONFIDENCE:.0f}% interval "
-            "(resampling each fold's test utterances, as in the transfer tests below); the last column counts the "
-            "paired runs whose test UA is above the baseline's.", "",
+            f"({BOOTSTRAP_SAMPLES} resamples of each fold's test utterances, seed {BOOTSTRAP_SEED}: the noise of the "
+            "test sample, not the spread over speakers or seeds); the last column counts the paired runs whose test "
+            "UA is above the baseline's.", "",
             f"| configuration | paired runs | Test UA − baseline ({100 * CONFIDENCE:.0f}% CI) "
             f"| Test WA − baseline ({100 * CONFIDENCE:.0f}% CI) | runs above the baseline (UA) |",
             "|---|---|---|---|---|", *rows]
