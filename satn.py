@@ -3473,10 +3473,12 @@ def _significance(results, names, n_boot=BOOTSTRAP_SAMPLES, seed=BOOTSTRAP_SEED)
 
 def _baseline_lines(results, names, n_boot=BOOTSTRAP_SAMPLES, seed=BOOTSTRAP_SEED):
     """The section of results.md that says how far each configuration is above the baseline
-    (the run folder "stats"), runs paired by fold and seed on the same test utterances."""
-    base = TABLE2[0][0]
-    if base not in results:
+    (the run folder "stats", or else the first of --encoder stats), runs paired by fold and seed
+    on the same test utterances."""
+    bases = [n for n in names if results[n][0]["config"].get("encoder") == "stats"]
+    if not bases:
         return []
+    base = TABLE2[0][0] if TABLE2[0][0] in bases else bases[0]
     rows = []
     for name in names:
         c = paired_comparison(results[name], results[base], n_boot, seed) if name != base else None

@@ -4624,7 +4624,11 @@ def test_report_puts_the_baseline_row_first(tmp_path, monkeypatch, capsys):
     shutil.rmtree(runs / "student" / "blstm-self")          # every run left kept its best dev epoch: no such note
     assert satn.main(["report", "--runs", str(runs)]) == 0
     assert "its maximum over the epochs" not in (runs / "results.md").read_text()
-    shutil.rmtree(runs / "student" / "stats")               # no baseline: no comparison with it
+    shutil.rmtree(runs / "student" / "stats")               # a baseline trained under another name
+    assert _student_cli(data, tmp_path, "--fold", "1", "--encoder", "stats", "--name", "lr-1e-2") == 0
+    assert satn.main(["report", "--runs", str(runs)]) == 0
+    assert "## How far above the baseline: utterance statistics + linear [lr-1e-2]" in (runs / "results.md").read_text()
+    shutil.rmtree(runs / "student" / "lr-1e-2")             # no baseline: no comparison with it
     assert satn.main(["report", "--runs", str(runs)]) == 0
     assert "How far above the baseline" not in (runs / "results.md").read_text()
 
