@@ -3365,7 +3365,7 @@ def paired_comparison(runs_a, runs_b, n_boot=BOOTSTRAP_SAMPLES, seed=BOOTSTRAP_S
     cb, nb = sum(b[k]["test"]["correct"] for k in common), sum(b[k]["test"]["n"] for k in common)
     out = {"runs": len(common), "folds": len({f for f, _ in common}), "seeds": len({s for _, s in common}),
            "wa_pooled": (100 * ca / na, 100 * cb / nb), "z": z_test_one_tailed(ca, na, cb, nb), "unpaired": []}
-    strata, only_a, only_b = {}, 0, 0
+    strata, only_a, only_b, paired_keys = {}, 0, 0, []
     for k in common:
         ta, tb = a[k]["test"], b[k]["test"]
         classes = a[k]["classes"]
@@ -3386,9 +3386,10 @@ def paired_comparison(runs_a, runs_b, n_boot=BOOTSTRAP_SAMPLES, seed=BOOTSTRAP_S
         strata.setdefault(stratum, (ids, y, [], [], len(classes)))
         strata[stratum][2].append(ha)
         strata[stratum][3].append(hb)
+        paired_keys.append(k)
     if strata:
         n_classes = max(s[4] for s in strata.values())
-        out.update(paired=sum(len(s[2]) for s in strata.values()), only_a=only_a, only_b=only_b,
+        out.update(paired=len(paired_keys), paired_keys=paired_keys, only_a=only_a, only_b=only_b,
                    mcnemar=mcnemar_exact(only_a, only_b),
                    boot=paired_bootstrap([(y, ha, hb) for _, y, ha, hb, _ in strata.values()], n_classes, n_boot, seed))
     return out
@@ -3485,8 +3486,7 @@ def _baseline_lines(results, names, n_boot=BOOTSTRAP_SAMPLES, seed=BOOTSTRAP_SEE
         if c is None or "boot" not in c:
             continue
         a, b = ({_run_key(r): r["test"]["UA"] for r in results[n]} for n in (name, base))
-        keys = (set(a) & set(b)) - {k for k, _ in c["unpaired"]}
-        above = sum(a[k] > b[k] for k in keys)
+        above = sum(a[k] > b[k] for k in c["paired_keys"])
         (dw, lw, hw), (du, lu, hu) = c["boot"]["WA"], c["boot"]["UA"]
         rows.append(f"| {_row_label(name, results[name])} | {c['paired']} | {_signed(du)} ({_signed(lu)}, {_signed(hu)}) "
                     f"| {_signed(dw)} ({_signed(lw)}, {_signed(hw)}) | {above} of {c['paired']} |")
@@ -3605,9 +3605,9 @@ def report(runs="runs", per_seed=False):
     listed = [n for n, *_ in TABLE2] + list(REPORT_ROWS)
     known = [n for n in listed if n in results] + sorted(set(results) - set(listed))
     seeds = sorted({r["config"].get("seed", 0) for rs in results.values() for r in rs})
-    kept = {r["config"].get("select", "best") for rs in results.values() for r in rs}
-    kept = ("the checkpoint with the best dev UA" if kept == {"best"} else "the last epoch's checkpoint"
-            if kept == {"last"} else "each run's kept checkpoint: the best dev UA "
+    selects = {r["config"].get("select", "best") for rs in results.values() for r in rs}
+    kept = ("the checkpoint with the best dev UA" if selects == {"best"} else "the last epoch's checkpoint"
+            if selects == {"last"} else "each run's kept checkpoint: the best dev UA "
             "(`--select best`) or the last epoch (`--select last`)")
     out = ["# Results", "", f"Collected from `{runs}/` by `python satn.py report`. Each row is the mean ± sample "
            "standard deviation (n − 1 denominator) over its runs: the folds (leave-one-session-out)"
@@ -3631,10 +3631,9 @@ def report(runs="runs", per_seed=False):
         rs = results[best]
         classes = rs[0]["classes"]
         norm = mean_test_confusion(rs)
-        mixed = len({r["config"].get("select", "best") for n in known for r in results[n]}) > 1
         out += ["", f"## Confusion matrix of the best configuration by dev UA: {best} (test, row-normalised %, "
                 f"each row averaged over the {len(rs)} runs whose test split has that class)", ""]
-        if mixed:   # a best-dev checkpoint's dev UA is a maximum over epochs; a last epoch's is one draw
+        if len(selects) > 1:   # a best-dev checkpoint's dev UA is a maximum over epochs; a last epoch's is one draw
             out += ["The runs here keep different checkpoints: a `--select best` row's dev UA is its maximum over "
                     "the epochs and so favoured in this comparison over a `--select last` row's.", ""]
         out += ["| true \\ predicted | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
@@ -5802,8 +5801,9 @@ def config_from_args(cls, args):
             v = f.metadata["demo"]
         if v is not None:
             kw[f.name] = v
-    if kw.get("layer_norm") and kw.get("encoder", "tcn") != "tcn":   # by hand; a recipe's applies to a TCN only
-        raise DataError(f"--layer-norm normalises the TCN's blocks: --encoder {kw['encoder']} has none")
+    encoder = kw.get("encoder", getattr(cls, "encoder", None))
+    if kw.get("layer_norm") and encoder != "tcn":   # by hand; a recipe's applies to a TCN only
+        raise DataError(f"--layer-norm normalises the TCN's blocks: --encoder {encoder} has none")
     return cls(**kw)
 
 
