@@ -22,15 +22,18 @@
 # a machine without a GPU one per core, up to 4, each with one thread), --at-weight W
 # (W_AT of the transfer rows, default 1.0), --recipe paper|robust (the students' training
 # recipe, default paper; see `python satn.py student --help`), --seeds N (every teacher and
-# student trained with seeds 0..N-1, a student of seed s imitating the teacher of seed s; seed 0's
+# student trained with seeds 0..N-1, a student of seed s imitating the teacher of seed s, or
+# the one --asr-data teacher; seed 0's
 # runs keep their folders, the others go to fold{k}-seed{s}; report then averages over folds x
 # seeds), --dry-run. --slurm: write RUNS/slurm/ (the commands of --dry-run, a SLURM job for
 # `prepare`, a job array for the teachers, one for the students that depends on it (afterok),
 # the report after them, logs per task in RUNS/slurm/logs) and, with --submit, submit it;
 # the arguments after --slurm, up to a `--`, go to every sbatch call. Any other argument is
 # passed to every training (so it must be an option of both `teacher` and `student`, e.g.
-# --epochs, --seed, --device, --batch-size, --norm). Finished runs are skipped and
-# unfinished ones resumed, so calling it again after an interruption continues.
+# --epochs, --seed, --device, --batch-size, --norm), except those run_all.sh sets itself, which
+# are refused: --fold, --name, --encoder, --attention, --causal, --teacher, --resume. Finished
+# runs are skipped and unfinished ones resumed, so calling it again after an interruption
+# continues.
 set -uo pipefail
 PY=${PYTHON:-python}
 SATN="$(dirname "$0")/satn.py"   # paths given by the user stay relative to where they called from

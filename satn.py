@@ -1488,7 +1488,7 @@ def _f(default, help, demo=None, choices=None):
 class RunConfig:
     data: str = _f(None, "IEMOCAP_full_release folder or CSV manifest (path,label,speaker,session[,text]); "
                          "default: the built-in demo corpus")
-    fold: int = _f(0, "held-out session 1..5; 0 trains every fold in turn")
+    fold: int = _f(0, "held-out session 1..N (IEMOCAP: 1..5); 0 trains every fold in turn")
     dev_speaker: str = _f(None, "speaker of the held-out session used for model selection: F, M or an id; "
                                 "default M (then F is test)")
     norm: str = _f("speaker", "feature normalisation: per-speaker statistics, or global from the training split",
@@ -5349,6 +5349,8 @@ IEMOCAP_HOURS = 12.4                # hours of audio
 IEMOCAP_MAX_SECONDS = 34.1          # the longest utterance
 IEMOCAP_LENGTH_SIGMA = 0.6          # spread of log durations (lengths drawn log-normal with IEMOCAP's mean)
 RUN_ALL_TEACHERS = 5                # teachers of run_all.sh on IEMOCAP (one per fold); each student row has 5 too
+# run_all.sh's student configurations (its CONFIG_NAMES, in its order), each without and with transfer
+RUN_ALL_STUDENTS = ("blstm-soft", "blstm-self", "tcn-soft", "tcn-self", "tcn-self-causal")
 
 
 def iemocap_like_seconds(n, rng):
@@ -5392,14 +5394,16 @@ def _bench_train_one(kind, at, device_name, threads, batches, n_eval):
     n_train = IEMOCAP_UTTERANCES * 4 // 5 if kind == "teacher" else IEMOCAP_STUDENT_UTTERANCES * 4 // 5
     lengths = np.maximum(1, (iemocap_like_seconds(n_train, rng) / HOP_SECONDS).astype(int))
     cfg = (TeacherConfig() if kind == "teacher" else StudentConfig(encoder="stats") if kind == "stats" else
-           StudentConfig(encoder=kind.split("-")[0], attention=kind.split("-")[1], at_weight=float(at)))
+           StudentConfig(encoder=kind.split("-")[0], attention=kind.split("-")[1], causal=kind.endswith("-causal"),
+                         at_weight=float(at)))
     epoch = make_batches(lengths, cfg.batch_size, np.random.default_rng(1), cfg.max_frames)
     padded = [len(b) * int(lengths[b].max()) for b in epoch]
     order = np.argsort(padded)
     picks = [epoch[order[int(q * (len(order) - 1))]] for q in np.linspace(0.3, 0.9, batches)]   # typical to long
     model = (Teacher(cfg) if kind == "teacher" else Student(cfg, len(EMOTIONS))).to(device)
     teacher = Teacher(TeacherConfig()).to(device).eval() if at else None
-    pairs = parse_pairs("auto", (cfg.blocks if kind.startswith("tcn") else 1) + kind.endswith("self"), 6) if at else None
+    pairs = (parse_pairs("auto", (cfg.blocks if cfg.encoder == "tcn" else 1) + (cfg.attention == "self"),
+                         len(teacher.tcn.blocks) + 1) if at else None)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
     def batch(idx):
@@ -5417,7 +5421,11 @@ def _bench_train_one(kind, at, device_name, threads, batches, n_eval):
             loss = loss + F.ctc_loss(logp, tokens, enc["lengths"], torch.full((len(idx),), L), zero_infinity=True)
         else:
             logits, out = model(x, lens)
-            loss = F.cross_entropy(logits, torch.randint(0, len(EMOTIONS), (len(idx),), device=device))
+            y = torch.randint(0, len(EMOTIONS), (len(idx),), device=device)
+            loss = F.cross_entropy(logits, y)
+            if cfg.causal:   # and at every frame after the warm-up, as training does
+                loss = loss + cfg.frame_loss * frame_loss(out["frame_logits"], out["mask"], y,
+                                                          round(cfg.warmup / (HOP_SECONDS * cfg.subsample)))
             if teacher is not None:
                 with torch.no_grad():
                     enc = teacher.encode(x, lens)
@@ -5581,8 +5589,7 @@ def bench_train(device="auto", batches=2, threads=1, cache_files=1000, jobs=(1, 
     if not steps:
         return
     # 3. training steps of each configuration
-    configs = [("teacher", False), ("stats", False)] + [(f"{e}-{a}", at) for at in (False, True)
-                                                        for e in ("blstm", "tcn") for a in ("soft", "self")]
+    configs = [("teacher", False), ("stats", False)] + [(kind, at) for at in (False, True) for kind in RUN_ALL_STUDENTS]
     rows, t_epoch = [], {}
     print(f"\n| configuration | batches/epoch | s/epoch | peak memory (MB) | measured batches (B x T) |\n|---|---|---|---|---|")
     for kind, at in configs:
@@ -5892,8 +5899,8 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=2, help="train: timed batches per configuration (default: 2)")
     p.add_argument("--threads", type=int, default=1, help="train: torch threads per training (default: 1, as "
                                                           "run_all.sh on a CPU)")
-    p.add_argument("--cache-files", type=int, default=1000, help="train: audio files for the feature cache's "
-                                                                 "speed (default: 1000)")
+    p.add_argument("--cache-files", type=int, default=1000, help="train, cache: audio files for the feature "
+                                                                 "cache's speed (default: 1000)")
     p.add_argument("--checkpoint", default=None, help="stream: a causal student's best.pt "
                    "(default: the demo-sized causal student, untrained)")
     p = sub.add_parser("build-kernels", help="compile the fused causal-conv extension and say what was built")

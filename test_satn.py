@@ -2691,6 +2691,9 @@ def test_bench_train_projection_replays_run_all_schedule():
     secs = satn.iemocap_like_seconds(satn.IEMOCAP_UTTERANCES, np.random.default_rng(0))
     print(secs.sum() / 3600, secs.max())
     assert abs(secs.sum() / 3600 - satn.IEMOCAP_HOURS) < 0.5 and secs.max() <= satn.IEMOCAP_MAX_SECONDS
+    # the projection times the student configurations run_all.sh trains, all of them
+    names = re.search(r"^CONFIG_NAMES=\((.*)\)$", (REPO / "run_all.sh").read_text(), re.M).group(1).split()
+    assert tuple(names) == satn.RUN_ALL_STUDENTS
 
 
 def test_bench_cache_stages_names_each_stage(tmp_path, capsys):
