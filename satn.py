@@ -2048,8 +2048,12 @@ def attention_map(a, p=2, mask=None, norm="l1"):
     """Activation-based attention map F(A)_t = sum_c |A_{c,t}|^p, normalised per utterance.
 
     a (B, C, T), mask (B, T) or None -> (B, T); padded frames are zero; norm "l1"
-    makes each map sum to 1 (the paper), "l2" gives it unit Euclidean norm."""
-    m = a.float().abs().pow(p).sum(1)                   # (B, T)
+    makes each map sum to 1 (the paper), "l2" gives it unit Euclidean norm. The gradient
+    at a zero activation (every ReLU output has them) is 0 for every p, also p < 1, where
+    the derivative of |x|^p is infinite there and plain pow would give NaN."""
+    z = a.float().abs()
+    nz = z > 0
+    m = torch.where(nz, torch.where(nz, z, 1.0).pow(p), 0.0).sum(1)    # (B, T)
     if mask is not None:
         m = m * mask
     scale = m.sum(1, keepdim=True) if norm == "l1" else m.norm(dim=1, keepdim=True)

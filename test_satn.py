@@ -1379,6 +1379,19 @@ def test_attention_map_hand_computed():
     torch.testing.assert_close(mm.sum(1), torch.ones(1))
 
 
+def test_attention_map_gradient_finite_at_zero_for_every_p():
+    """ReLU outputs hold exact zeros: the map's gradient there is 0 (not NaN) for p < 1 too,
+    and the map's values are those of |a|^p."""
+    a = torch.tensor([[[0.0, 2.0, 0.0], [1.0, 0.0, 0.0]]], requires_grad=True)   # (1, 2, 3)
+    for p in (0.5, 1.0, 2.0):
+        a.grad = None
+        m = satn.attention_map(a, p, norm="l2")
+        torch.testing.assert_close(m.detach(), torch.tensor([[1.0, 2.0 ** p, 0.0]]) / math.hypot(1.0, 2.0 ** p))
+        (m * torch.tensor([[1.0, 2.0, 3.0]])).sum().backward()
+        assert torch.isfinite(a.grad).all(), p
+        assert (a.grad[a.detach() == 0] == 0).all(), p
+
+
 def test_attention_map_batch_and_zero_activation():
     a = torch.randn(3, 4, 6)
     a[2] = 0.0
