@@ -4947,33 +4947,40 @@ def _load_kernel_ext(cuda: bool | None = None, verbose=False):
 
 # Self-check tolerances: largest |ext - ref| relative to max(1, max |ref|), per dtype as the
 # device computes it (float32 on TF32 tensor cores rounds operands to a 10-bit mantissa).
-KERNEL_CHECK_TOL = {"float64": 1e-9, "float32": 1e-4, "float32/tf32": 1e-2, "bfloat16": 5e-2}
+KERNEL_CHECK_TOL = {"float64": 1e-9, "float32": 1e-4, "float32/tf32": 1e-2, "bfloat16": 5e-2, "float16": 1e-2}
 
 
-def _kernel_self_check(ext):
+def _kernel_self_check(ext, device="cuda"):
     """Before the CUDA kernels serve a model, compare them once with causal_conv1d_ref on small
-    awkward shapes (forward and every gradient) in float64, float32 (exact and TF32) and
-    bfloat16, with the device's tolerances; a mismatch makes the extension unavailable."""
+    awkward shapes (forward and every gradient) in float64, float32 (exact and TF32), bfloat16
+    and float16 (autocast's type), with the device's tolerances; a mismatch makes the extension
+    unavailable. The shapes reach several tap groups, output tiles and 16-bit stages, and a
+    dilation beyond a time tile. Runs the same under the caller's no_grad, inference_mode or
+    autocast. device "cpu" checks the CPU build (no float16 there), for the tests."""
     g = torch.Generator().manual_seed(0)
-    for (B, C, O, T, K, d) in ((2, 5, 3, 67, 3, 4), (2, 20, 35, 70, 4, 30)):
-        x64, w64, b64 = (torch.randn(*shape, generator=g, dtype=torch.float64)
-                         for shape in ((B, C, T), (O, C, K), (O,)))
-        gy64 = torch.randn(B, O, T, generator=g, dtype=torch.float64)
-        for name, tol in KERNEL_CHECK_TOL.items():
-            dtype = getattr(torch, name.split("/")[0])
-            x, w, b = (t.to("cuda", dtype).requires_grad_() for t in (x64, w64 / (C * K) ** 0.5, b64))
-            y = _CausalConv1dFn.apply(x, w, b, d, True, ext, name.endswith("tf32"))
-            grads = torch.autograd.grad(y, (x, w, b), gy64.to("cuda", dtype))
-            # float64 reference on the same (rounded) values; the ReLU mask taken from y, as an
-            # output within rounding of 0 may fall on either side
-            xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
-            z = causal_conv1d_ref(xr, wr, br, d)
-            grads_ref = torch.autograd.grad(z, (xr, wr, br), gy64.cuda() * (y.detach().double() > 0))
-            for got, want in zip((y, *grads), (z.clamp_min(0), *grads_ref)):
-                err = (got.double() - want).abs().max().item() / max(1.0, want.abs().max().item())
-                if not err <= tol:
-                    raise RuntimeError(f"the CUDA kernels disagree with causal_conv1d_ref in {name} "
-                                       f"(relative difference {err:.3g} > {tol:g})")
+    with torch.enable_grad(), torch.inference_mode(False), torch.autocast(device, enabled=False):
+        for (B, C, O, T, K, d) in ((2, 5, 3, 67, 3, 4), (2, 20, 35, 70, 4, 30), (2, 70, 130, 200, 6, 100)):
+            x64, w64, b64 = (torch.randn(*shape, generator=g, dtype=torch.float64)
+                             for shape in ((B, C, T), (O, C, K), (O,)))
+            gy64 = torch.randn(B, O, T, generator=g, dtype=torch.float64)
+            for name, tol in KERNEL_CHECK_TOL.items():
+                dtype = getattr(torch, name.split("/")[0])
+                if device == "cpu" and dtype == torch.float16:
+                    continue
+                x, w, b = (t.to(device, dtype).requires_grad_() for t in (x64, w64 / (C * K) ** 0.5, b64))
+                y = _CausalConv1dFn.apply(x, w, b, d, True, ext, name.endswith("tf32"))
+                grads = torch.autograd.grad(y, (x, w, b), gy64.to(device, dtype))
+                # float64 reference on the same (rounded) values; the ReLU mask taken from y, as
+                # an output within rounding of 0 may fall on either side
+                xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+                z = causal_conv1d_ref(xr, wr, br, d)
+                grads_ref = torch.autograd.grad(z, (xr, wr, br), gy64.to(device) * (y.detach().double() > 0))
+                for got, want in zip((y, *grads), (z.clamp_min(0), *grads_ref)):
+                    err = (got.double() - want).abs().max().item() / max(1.0, want.abs().max().item())
+                    if not err <= tol:
+                        raise RuntimeError(f"the {'CUDA kernels' if device == 'cuda' else 'CPU build'} "
+                                           f"disagree{'s' if device == 'cpu' else ''} with causal_conv1d_ref "
+                                           f"in {name} (relative difference {err:.3g} > {tol:g})")
 
 
 def _auto_wants_ext(x, weight):

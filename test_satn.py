@@ -3445,6 +3445,33 @@ def test_kernel_cpu_bfloat16_matches_ref(case, monkeypatch):
     _check_against_ref(case, "cpu", torch.bfloat16, monkeypatch)
 
 
+def test_kernel_self_check_runs_under_no_grad_and_catches_a_wrong_kernel():
+    """The check before the kernels serve a model (here on the CPU build): it passes whatever the
+    caller's grad mode (a first call may come from evaluation under no_grad or inference_mode),
+    and a kernel that is off by a little fails it, naming the type."""
+    import contextlib
+    ext = satn._load_kernel_ext(cuda=False)
+    for mode in (contextlib.nullcontext, torch.no_grad, torch.inference_mode):
+        with mode():
+            satn._kernel_self_check(ext, "cpu")
+
+    class Off:   # the CPU build with its forward output 1% too large
+        forward = staticmethod(lambda *a: ext.forward(*a) * 1.01)
+        backward = staticmethod(ext.backward)
+    with pytest.raises(RuntimeError, match=r"disagrees with causal_conv1d_ref in float64"):
+        satn._kernel_self_check(Off, "cpu")
+
+
+def test_kernel_cpu_refuses_a_dilation_beyond_32_bit_indexing():
+    """Kernel size 1 does not widen the receptive field, but the kernels still index with the
+    dilation in 32 bits: too large a one is refused with its value (it divided by zero)."""
+    ext = satn._load_kernel_ext(cuda=False)
+    x, w = torch.randn(1, 2, 10), torch.randn(3, 2, 1)
+    with pytest.raises(RuntimeError, match="dilation must be <= 536870911, got 4294967296"):
+        ext.forward(x, w, None, 2 ** 32, False, False)
+    torch.testing.assert_close(ext.forward(x, w, None, 2 ** 29 - 1, False, False), torch.einsum("oc,bct->bot", w[..., 0], x))
+
+
 def test_kernel_cpu_tf32_rounds_operands_as_the_device_does():
     """tf32=True rounds every operand to TF32 (10-bit mantissa, to nearest, ties away) before
     the product: the same as the exact path on pre-rounded inputs, bit for bit, and within TF32

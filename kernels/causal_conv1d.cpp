@@ -87,7 +87,11 @@ void check_common(const at::Tensor& x, const at::Tensor& w, int64_t dilation) {
               " input channels but x has ", x.size(1));
   TORCH_CHECK(w.size(2) >= 1, "causal_conv1d: kernel size must be >= 1, got ", w.size(2));
   TORCH_CHECK(dilation >= 1, "causal_conv1d: dilation must be >= 1, got ", dilation);
-  // Kernels index windows with 32-bit ints; keep the receptive field in range.
+  // Kernels index windows with 32-bit ints; keep the dilation (also for kernel size 1, where
+  // it does not widen the receptive field) and the receptive field in range.
+  TORCH_CHECK(dilation <= std::numeric_limits<int32_t>::max() / 4,
+              "causal_conv1d: dilation must be <= ", std::numeric_limits<int32_t>::max() / 4,
+              ", got ", dilation);
   TORCH_CHECK((w.size(2) - 1) <= (std::numeric_limits<int32_t>::max() / 4) / dilation,
               "causal_conv1d: receptive field (kernel-1)*dilation+1 = ",
               (w.size(2) - 1) * dilation + 1, " is too large");
