@@ -727,8 +727,17 @@ def load_manifest(csv_path, verbose=True, asr=False):
         line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{csv_path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}): "
                         f"save the manifest as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet)") from None
+    if "\0" in text:
+        raise DataError(f"{csv_path}:{text[:text.index(chr(0))].count(chr(10)) + 1}: a NUL byte: not a text manifest")
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = [h.strip() for h in (reader.fieldnames or [])]
+    try:
+        header = [h.strip() for h in (reader.fieldnames or [])]
+    except csv.Error as e:
+        raise DataError(f"{csv_path}:1: {e}") from None
+    doubled = sorted({c for c in header if header.count(c) > 1})
+    if "" in header or doubled:
+        raise DataError(f"{csv_path}:1: the header " + ("has an empty column name (a trailing comma?)" if "" in header
+                                                        else f"names {','.join(doubled)} more than once"))
     missing = [c for c in required if c not in header]
     unknown = [c for c in header if c not in MANIFEST_COLUMNS + ("text",)]
     if missing or unknown:
@@ -736,13 +745,20 @@ def load_manifest(csv_path, verbose=True, asr=False):
                                                           "path,label,speaker,session[,text]")
                         + (f"; missing {','.join(missing)}" if missing else "")
                         + (f"; unknown {','.join(unknown)}" if unknown else ""))
-    rows = []
-    for r in reader:
-        if r.get(None):   # csv.DictReader keeps the fields beyond the header under None
-            raise DataError(f"{csv_path}:{reader.line_num}: {len(header) + len(r[None])} fields for the "
-                            f"{len(header)} columns of the header: put a field that holds a comma in double "
-                            f'quotes ("like, this")')
-        rows.append(({k.strip(): (v or "").strip() for k, v in r.items() if k is not None}, reader.line_num))
+    rows, start = [], reader.line_num + 1
+    try:
+        for r in reader:
+            if r.get(None):   # csv.DictReader keeps the fields beyond the header under None
+                raise DataError(f"{csv_path}:{reader.line_num}: {len(header) + len(r[None])} fields for the "
+                                f"{len(header)} columns of the header: put a field that holds a comma in double "
+                                f'quotes ("like, this")')
+            if any("\n" in (v or "") or "\r" in (v or "") for k, v in r.items() if k is not None):
+                raise DataError(f"{csv_path}:{start}: a field runs on to line {reader.line_num}: is a double quote "
+                                f"unmatched?")
+            rows.append(({k.strip(): (v or "").strip() for k, v in r.items() if k is not None}, reader.line_num))
+            start = reader.line_num + 1
+    except csv.Error as e:   # e.g. a field beyond csv's size limit, after an unmatched quote
+        raise DataError(f"{csv_path}:{start}: {e}: is a double quote unmatched?") from None
     utts, seen, absent = [], {}, []
     for r, line in rows:
         empty = [c for c in required if c != "text" and not r.get(c)]
@@ -1209,6 +1225,9 @@ def split_fold(utts, fold, dev_speaker=None, sessions=None):
         raise DataError(f"fold {fold} does not exist: the corpus has {len(sessions)} sessions ({', '.join(sessions)})")
     held = sessions[fold - 1]
     speakers = sorted({u.speaker for u in utts if u.session == held})
+    if not speakers:
+        raise DataError(f"session {held} (fold {fold}) has no utterances to hold out here (a teacher keeps only "
+                        f"the transcribed ones)")
     if len(speakers) < 2:
         raise DataError(f"session {held} has one speaker ({speakers[0]}): it cannot be split into dev and test")
     if dev_speaker is not None:

@@ -1079,6 +1079,10 @@ def test_split_fold_errors():
     lonely = [u for u in utts if u.speaker != "Ses01M"]
     with pytest.raises(satn.DataError):
         satn.split_fold(lonely, 1)
+    # the teacher's subset (the transcribed utterances) may lack a session of the corpus's folds
+    sessions = {u.session for u in utts}
+    with pytest.raises(satn.DataError, match=r"session Ses03 \(fold 3\) has no utterances to hold out"):
+        satn.split_fold([u for u in utts if u.session != "Ses03"], 3, sessions=sessions)
 
 
 def test_check_split():
@@ -4152,6 +4156,24 @@ def test_manifest_row_with_more_fields_than_the_header(tmp_path):
     lines[3] = lines[3].replace("hello, there", '"hello, there"')
     csv_path.write_text("\n".join(lines) + "\n")
     assert satn.load_manifest(csv_path, verbose=False)[2].text == "hello, there"
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda L: [L[0] + ",label"] + [l + ",angry" for l in L[1:]], r"manifest.csv:1: the header names label more than once"),
+    (lambda L: [l + "," for l in L], r"manifest.csv:1: the header has an empty column name \(a trailing comma\?\)"),
+    (lambda L: L[:2] + ['"' + L[2]] + L[3:], r"manifest.csv:3: a field runs on to line \d+: is a double quote unmatched\?"),
+    (lambda L: L[:2] + ['"' + L[2]] + L[3:] * 3000, r"manifest.csv:3: field larger than field limit.*unmatched\?"),
+    (lambda L: L[:3] + [L[3].replace(".wav", "\0.wav")] + L[4:], r"manifest.csv:4: a NUL byte"),
+])
+def test_manifest_malformed_csv_is_one_line_naming_the_line(tmp_path, edit, pattern):
+    """A doubled or empty header name (which would silently take the last column's labels), an
+    unmatched double quote (which swallows the lines after it, or overflows csv's field limit) and
+    a NUL byte are refused with the line, not a traceback or a changed label."""
+    csv_path = _small_corpus(tmp_path, text="hello")
+    csv_path.write_text("\n".join(edit(csv_path.read_text().splitlines())) + "\n")
+    with pytest.raises(satn.DataError, match=pattern) as e:
+        satn.load_manifest(csv_path, verbose=False)
+    print(e.value)
 
 
 def test_manifest_not_utf8_names_the_line_and_the_encoding(tmp_path):
