@@ -2329,17 +2329,16 @@ _RESUME_IGNORES = {"resume", "device", "threads", "amp", "runs", "epochs"}
 
 
 def _config_diff(saved, cfg, ignore=_RESUME_IGNORES, run_dir=None):
-    """Names of the configuration fields in which a saved run differs from cfg. --data is
-    compared as the file it names: saved relative to `run_dir`, given relative to the
-    current folder. A field the saved run lacks (an option added since) is compared as
-    its default, so finished runs stay finished across upgrades."""
+    """Names of the configuration fields in which a saved run differs from cfg. --data and
+    --asr-data are compared as the files they name: saved relative to `run_dir`, given
+    relative to the current folder. A field the saved run lacks (an option added since) is
+    compared as its default, so finished runs stay finished across upgrades."""
     now = dataclasses.asdict(cfg)
     # an option the run predates counts as what it was then: off (the paper recipe's value), or its default
     absent = {f.name: RECIPES["paper"].get(f.name, f.default) for f in dataclasses.fields(cfg)}
-    diff = [k for k, v in now.items() if k not in ignore | {"data"} and saved.get(k, absent[k]) != v]
-    if "data" in now and "data" not in ignore and not _same_data(saved.get("data"), run_dir, cfg.data):
-        diff.insert(0, "data")
-    return diff
+    paths = [k for k in ("data", "asr_data") if k in now and k not in ignore]
+    diff = [k for k, v in now.items() if k not in ignore | set(paths) and saved.get(k, absent[k]) != v]
+    return [k for k in paths if not _same_data(saved.get(k), run_dir, now[k])] + diff
 
 
 def _relative_to(path, base):

@@ -4581,6 +4581,24 @@ def test_track_report_with_seeds_and_a_causal_row_not_last():
     assert satn.track_report({"tcn-self": [{"config": {"fold": 1, "seed": 0}}]}) == []
 
 
+def test_saved_corpus_paths_match_the_same_files_given_another_way(tmp_path, monkeypatch):
+    """--data and --asr-data are saved relative to the run folder: the same command again, or one
+    naming the same files by another path, is the same configuration (so a finished --asr-data
+    teacher is skipped and an unfinished one resumes); another file is not."""
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "runs" / "teacher" / "asr"
+    cfg = satn.TeacherConfig(data="corpus.csv", asr_data="asr.csv", runs="runs")
+    saved = satn.stored_config(cfg, run_dir)
+    assert saved["asr_data"] == "../../../asr.csv"
+    assert satn._config_diff(saved, cfg, run_dir=run_dir) == []
+    monkeypatch.chdir(tmp_path / "sub")
+    assert satn._config_diff(saved, dataclasses.replace(cfg, data="../corpus.csv", asr_data=str(tmp_path / "asr.csv")),
+                             run_dir=run_dir) == []
+    assert satn._config_diff(saved, dataclasses.replace(cfg, data="../corpus.csv", asr_data="../other.csv"),
+                             run_dir=run_dir) == ["asr_data"]
+
+
 def test_runs_that_predate_an_option_keep_matching():
     """A run saved before --pool and --ema existed is the same configuration as one with their defaults."""
     for recipe in ("paper", "robust"):
