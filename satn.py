@@ -1098,7 +1098,8 @@ def _combine_moments(counts, moments):
     (2, 120) moments (Chan et al.'s pairwise combination, in float64): two (120,) float32 arrays."""
     if sum(counts) == 0:
         raise DataError("no frames to compute normalisation statistics from")
-    n = np.asarray(counts, dtype=np.float64)[:, None]                  # (U, 1)
+    moments = [m for c, m in zip(counts, moments) if c > 0]           # an empty block's moments are NaN
+    n = np.asarray([c for c in counts if c > 0], dtype=np.float64)[:, None]   # (U, 1)
     means, m2 = np.stack([m[0] for m in moments]), np.stack([m[1] for m in moments])  # (U, 120) each
     mean = (n * means).sum(0) / n.sum()
     var = (m2.sum(0) + (n * (means - mean) ** 2).sum(0)) / n.sum()
@@ -1119,7 +1120,7 @@ def feature_stats(feats, moments=None):
     utterance's worth)."""
     feats = list(feats)
     if moments is None:
-        moments = [_moments(f) for f in feats]
+        moments = [_moments(f) if f.shape[-1] else None for f in feats]     # None: no frames, no moments
     return _combine_moments([f.shape[-1] for f in feats], moments)
 
 
