@@ -4029,10 +4029,12 @@ def predict_stream(checkpoint, path, chunk=STREAM_CHUNK, every=STREAM_EVERY, as_
           f"{1000 * (model.subsample - 1) * HOP_SECONDS:.0f} ms subsample group + up to one chunk; normalisation: "
           + ("running statistics from the training statistics" if prior else "training statistics"), file=sys.stderr)
     n_chunk = max(1, round(chunk * SAMPLE_RATE))
-    line, latest, track, env, envelope = 1, None, [], [], []
+    line, latest, track, env, envelope, heard = 1, None, [], [], [], False
 
     def emit(ready, probs, upto):
         nonlocal line, latest
+        if not np.isfinite(probs).all():   # never print NaN (nor invalid JSON)
+            raise DataError(f"{path}: the model's probabilities are not finite (NaN or inf) at {upto:.2f} s")
         j = 0
         while line * every <= upto + 1e-9:
             t = line * every
@@ -4047,6 +4049,10 @@ def predict_stream(checkpoint, path, chunk=STREAM_CHUNK, every=STREAM_EVERY, as_
     with f:
         for block in f.blocks(blocksize=n_chunk, dtype="float32", always_2d=True):
             x = block.mean(1)
+            if not np.isfinite(x).all():   # load_audio's checks, as the samples arrive
+                raise DataError(f"{path}: {int((~np.isfinite(x)).sum())} samples are not finite (NaN or inf), from "
+                                f"{stream.front.samples / SAMPLE_RATE:.2f} s")
+            heard = heard or bool(np.any(block))
             ends, probs = stream.push(x)
             emit(stream.ready, probs, stream.front.samples / SAMPLE_RATE)
             if plot:
@@ -4061,6 +4067,8 @@ def predict_stream(checkpoint, path, chunk=STREAM_CHUNK, every=STREAM_EVERY, as_
         ends, probs = stream.finish()
     except ValueError:
         raise DataError(f"{path}: empty audio file") from None
+    if not heard:
+        raise DataError(f"{path}: silent audio file (all samples are zero): the track above means nothing")
     duration = stream.front.samples / SAMPLE_RATE
     emit(stream.ready, probs, duration)
     if latest is not None and (line - 1) * every < duration - 1e-9:   # the end of the recording

@@ -5084,6 +5084,29 @@ def test_predict_stream_errors(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and words in err[0]
 
 
+def test_predict_stream_checks_the_samples_as_they_arrive(tmp_path, capsys):
+    """--stream makes predict's audio checks too: a NaN sample stops it with an error naming
+    the time (no NaN probabilities, no invalid JSON line), and a silent recording fails at its
+    end; both exit 2."""
+    model, cfg = _causal_student()
+    ckpt = _causal_checkpoint(tmp_path, model, cfg)
+    wave = _noise_speech(2.0, seed=1)
+    wave[int(1.2 * SR)] = np.nan
+    sf.write(str(tmp_path / "nan.wav"), wave, SR, subtype="FLOAT")
+    sf.write(str(tmp_path / "silent.wav"), np.zeros(SR, np.float32), SR, subtype="FLOAT")
+    capsys.readouterr()
+    for name, words in (("nan.wav", "1 samples are not finite (NaN or inf), from 1.2"),
+                        ("silent.wav", "silent audio file (all samples are zero)")):
+        rc = satn.main(["predict", "--stream", "--json", "--chunk", "0.1", "--checkpoint", str(ckpt),
+                        str(tmp_path / name)])
+        out = capsys.readouterr()
+        lines = [json.loads(line) for line in out.out.splitlines()]      # every line valid JSON
+        assert rc == 2 and out.err.strip().splitlines()[-1].startswith("error: ") and words in out.err
+        assert all(np.isfinite(list(d["probabilities"].values())).all() for d in lines)
+    assert [d["time"] for d in lines] == [0.5, 1.0]      # silent: the lines came, the error follows
+    print(out.err)
+
+
 def test_track_evaluation_by_hand(tmp_path, monkeypatch):
     """Two utterances of 1 s (sad, then happy) as one conversation; the track is scripted:
     sad throughout, happy only from output 30 (1.2 s) on."""
