@@ -2628,7 +2628,12 @@ def finished(run_dir, cfg):
         if cfg.epochs < done["epochs"]:
             raise DataError(f"{run_dir}: finished with {done['epochs']} epochs, more than --epochs {cfg.epochs}: "
                             f"give --epochs {done['epochs']} or more, or use --name for a shorter run")
-        print(f"{run_dir}: finished with {done['epochs']} epochs; continuing to {cfg.epochs} (--resume)")
+        # Until the longer run finishes, the folder holds no finished run: its checkpoints move on, and a
+        # final.json left beside them would describe another model (and have an interruption skip the run).
+        kept = final.with_name(f"final-{done['epochs']}epochs.json")
+        os.replace(final, kept)
+        print(f"{run_dir}: finished with {done['epochs']} epochs; continuing to {cfg.epochs} (--resume); its "
+              f"results move to {kept.name}")
         return False
     if diff == ["epochs"]:
         raise DataError(f"{run_dir} holds a run finished with {done['epochs']} epochs, not {cfg.epochs}: add --resume "

@@ -4268,6 +4268,32 @@ def test_resume_with_fewer_epochs_than_trained_is_refused(tmp_path, monkeypatch)
     assert rc == 2 and "--resume" in err and "3 epochs" in err
 
 
+def test_an_interrupted_extension_leaves_no_stale_final_json(tmp_path, monkeypatch):
+    """--resume with more epochs moves the finished run's final.json aside (final-2epochs.json)
+    before training on: interrupted, the folder is an unfinished run (the shorter command is not
+    told it finished while best.pt has moved on), and the earlier results are kept."""
+    monkeypatch.chdir(tmp_path)
+    csv_path = _small_corpus(tmp_path / "c")
+    runs = tmp_path / "runs"
+    assert _tiny_student(csv_path, runs, "--fold", "1", "--epochs", "2")[0] == 0
+    d = runs / "student" / "tcn-self" / "fold1"
+    record = (d / "final.json").read_bytes()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(satn, "fit", interrupted)
+    assert _tiny_student(csv_path, runs, "--fold", "1", "--epochs", "3", "--resume")[0] == 130
+    assert not (d / "final.json").exists() and (d / "final-2epochs.json").read_bytes() == record
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = _tiny_student(csv_path, runs, "--fold", "1", "--epochs", "2")
+    print(out, err)
+    assert rc == 2 and "already finished" not in out and "--resume" in err
+    rc, out, err = _tiny_student(csv_path, runs, "--fold", "1", "--epochs", "3", "--resume")
+    assert rc == 0, err
+    assert json.loads((d / "final.json").read_text())["config"]["epochs"] == 3
+
+
 def test_streaming_wav_with_unknown_sizes_is_read_to_the_end(tmp_path):
     path = write_wav(tmp_path / "stream.wav", seconds=0.5)
     raw = bytearray(path.read_bytes())
