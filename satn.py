@@ -2518,6 +2518,8 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
         if sched is not None:
             sched.load_state_dict(ck["scheduler"])
         torch.set_rng_state(ck["rng"])
+        if device.type == "cuda" and "cuda_rng" in ck:   # dropout on the GPU draws from the device's generator
+            torch.cuda.set_rng_state(ck["cuda_rng"], device)
         start, best, stale = ck["epoch"] + 1, ck["best"], ck.get("stale", 0)
         if log.is_file():  # drop lines of an epoch whose checkpoint was not written (or half written)
             keep = [r for r in read_json_lines(log) if r["epoch"] <= ck["epoch"]]
@@ -2590,6 +2592,8 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
             f.write(json.dumps(row) + "\n")
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
                  "stale": stale, "config": conf, "rng": torch.get_rng_state(), **extra}
+        if device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
         if ema is not None:   # the averaged weights are the model; the trained ones resume training
             state.update(model=evaluated, train_model=state["model"], ema_steps=ema.steps)
         if sched is not None:
