@@ -17,23 +17,24 @@
 #
 # Options: --data PATH, --asr-data PATH (train one teacher on that ASR corpus, whose speakers
 # must not occur in --data, and let every fold's student imitate it, instead of one teacher per
-# fold), --runs DIR, --jobs N (trainings at once; GPUs are assigned
-# round-robin through CUDA_VISIBLE_DEVICES when several are visible; default 1, or on
-# a machine without a GPU one per core, up to 4, each with one thread), --at-weight W
+# fold), --runs DIR, --jobs N (trainings at once; with several GPUs, those of an inherited
+# CUDA_VISIBLE_DEVICES or else all, each training starts on the GPU running fewest of them;
+# default 1, or on a machine without a GPU one per core, up to 4, each with one thread), --at-weight W
 # (W_AT of the transfer rows, default 1.0), --recipe paper|robust (the students' training
 # recipe, default paper; see `python satn.py student --help`), --seeds N (every teacher and
 # student trained with seeds 0..N-1, a student of seed s imitating the teacher of seed s, or
 # the one --asr-data teacher; seed 0's
 # runs keep their folders, the others go to fold{k}-seed{s}; report then averages over folds x
 # seeds), --dry-run. --slurm: write RUNS/slurm/ (the commands of --dry-run, a SLURM job for
-# `prepare`, a job array for the teachers, one for the students that depends on it (afterok),
-# the report after them, logs per task in RUNS/slurm/logs) and, with --submit, submit it;
+# `prepare`, job arrays for the teachers and the students without transfer after it, one for
+# the students with transfer after every teacher (afterok), the report after all students,
+# logs per task in RUNS/slurm/logs) and, with --submit, submit it;
 # the arguments after --slurm, up to a `--`, go to every sbatch call. Any other argument is
 # passed to every training (so it must be an option of both `teacher` and `student`, e.g.
 # --epochs, --seed, --device, --batch-size, --norm), except those run_all.sh sets itself, which
 # are refused: --fold, --name, --encoder, --attention, --causal, --teacher, --resume. Finished
 # runs are skipped and unfinished ones resumed, so calling it again after an interruption
-# continues.
+# continues. INT or TERM (Ctrl-C, kill, a scheduler's limit) stops the running trainings too.
 set -uo pipefail
 PY=${PYTHON:-python}
 SATN="$(dirname "$0")/satn.py"   # paths given by the user stay relative to where they called from
@@ -71,7 +72,10 @@ while [ $# -gt 0 ]; do
     shift
 done
 NGPU=0
-[ "$DRY" = 0 ] && NGPU=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+[ "$DRY" = 0 ] && NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+# The GPUs to spread the trainings over: those this script was given (CUDA_VISIBLE_DEVICES, e.g. a
+# scheduler's allocation), else all of them.
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then IFS=, read -ra GPUS <<< "$CUDA_VISIBLE_DEVICES"; else GPUS=($(seq 0 $((NGPU - 1)))); fi
 THREADS=()
 if [ -z "$JOBS" ]; then
     JOBS=1
@@ -90,6 +94,10 @@ if [ -n "$SEEDS" ]; then
 fi
 COMMON=("${DATA[@]}" --runs "$RUNS" --resume "${THREADS[@]}" "${EXTRA[@]}")
 TRANSFER=1 FOLDS=5
+SEED=0   # the --seed passed on to every training, if any (its teachers' folders are fold{k}-seed{S}, asr-seed{S})
+for i in "${!EXTRA[@]}"; do
+    case "${EXTRA[$i]}" in --seed=*) SEED=${EXTRA[$i]#*=} ;; --seed) SEED=${EXTRA[$((i + 1))]:-0} ;; esac
+done
 if [ "$DRY" = 0 ]; then
     mkdir -p "$RUNS/logs" || exit 1
     # One run_all.sh per runs folder: a second one would train into the same run folders.
@@ -104,7 +112,8 @@ if [ "$DRY" = 0 ]; then
     "$PY" "$SATN" prepare "${DATA[@]}" --runs "$RUNS" | tee "$RUNS/logs/prepare.log"
     case ${PIPESTATUS[0]} in
         0) ;;
-        3) TRANSFER=0; echo "run_all.sh: no transcripts: no teachers, and the rows with attention transfer are skipped" ;;
+        3) if [ ${#ASR[@]} -gt 0 ]; then echo "run_all.sh: no transcripts in --data: the teacher learns from --asr-data"
+           else TRANSFER=0; echo "run_all.sh: no transcripts: no teachers, and the rows with attention transfer are skipped"; fi ;;
         *) exit 1 ;;
     esac
     FOLDS=$(sed -n 's/^folds: //p' "$RUNS/logs/prepare.log")
@@ -113,10 +122,19 @@ elif [ ${#DATA[@]} -gt 0 ]; then
     FOLDS=$(echo "$OUT" | sed -n 's/^folds: //p')
 fi
 [ -n "$FOLDS" ] || { echo "run_all.sh: could not count the sessions of the corpus" >&2; exit 1; }
-trap 'echo "run_all.sh: interrupted; call it again to resume" >&2; exit 130' INT
-START=$(date +%s) FAILED=0 STARTED=0
+stop() {  # INT or TERM to run_all.sh (Ctrl-C, kill, a scheduler's time limit): stop the trainings too
+    trap '' INT TERM
+    echo "run_all.sh: interrupted; stopping the running trainings (each keeps its last completed epoch); call it again to resume" >&2
+    local p
+    for p in $(jobs -p); do pkill -INT -P "$p" 2>/dev/null; done   # a job is a subshell; its children train
+    wait
+    exit 130
+}
+trap stop INT TERM
+START=$(date +%s) FAILED=0
+declare -A GPU_OF=()   # running job (pid) -> index into GPUS
 
-TEACHERS=() STUDENTS=()
+TEACHERS=() STUDENTS=() STUDENTS_AT=()
 run() {  # run <log name> <command...>: once per seed of --seeds (else once, as given)
     local name=$1; shift
     if [ -z "$SEEDS" ]; then run_one "$name" "$@"; return; fi
@@ -128,34 +146,52 @@ run() {  # run <log name> <command...>: once per seed of --seeds (else once, as 
 run_one() {  # run_one <log name> <command...>: at most $JOBS at once
     local name=$1; shift
     if [ "$SLURM" = 1 ]; then   # collected for the job arrays
-        case "$name" in teacher-*) TEACHERS+=("$(printf '%q ' "$@")") ;; *) STUDENTS+=("$(printf '%q ' "$@")") ;; esac
+        case "$name" in
+            teacher-*) TEACHERS+=("$(printf '%q ' "$@")") ;;
+            student-*-at-fold*) STUDENTS_AT+=("$(printf '%q ' "$@")") ;;   # these wait for the teachers
+            *) STUDENTS+=("$(printf '%q ' "$@")") ;;
+        esac
         return
     fi
     if [ "$DRY" = 1 ]; then printf '%q ' "$@"; echo; return; fi
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
-    local env=()
-    [ "$NGPU" -gt 1 ] && env=(env CUDA_VISIBLE_DEVICES=$((STARTED % NGPU)))
-    STARTED=$((STARTED + 1))
+    local env=() g=""
+    if [ "$NGPU" -gt 1 ]; then g=$(pick_gpu); env=(env CUDA_VISIBLE_DEVICES="${GPUS[$g]}"); fi
     local log="$RUNS/logs/$name.log"
     # appended to, under a header per call: calling run_all.sh again keeps the logs of what ran before
     echo "== run_all.sh $(date '+%F %T'): $(printf '%q ' "$@")" >> "$log"
     if [ "$JOBS" = 1 ]; then
-        "${env[@]}" "$@" 2>&1 | tee -a "$log"
-        [ "${PIPESTATUS[0]}" = 0 ] || { FAILED=$((FAILED + 1)); echo "run_all.sh: $name failed (log: $log)"; }
+        # in the background and waited for, so that a signal to run_all.sh is handled at once;
+        # tee -i outlives an INT, to log the training's last words
+        ( "${env[@]}" "$@" 9>&- 2>&1 | tee -i -a "$log"; exit "${PIPESTATUS[0]}" ) &
+        wait $! || { FAILED=$((FAILED + 1)); echo "run_all.sh: $name failed (log: $log)"; }
     else
         echo "run_all.sh: started $name (log: $log)"
         rm -f "$RUNS/logs/$name.failed"
         ( t0=$(date +%s)
-          if "${env[@]}" "$@" >> "$log" 2>&1; then   # the first test line since this call's header:
+          if "${env[@]}" "$@" 9>&- >> "$log" 2>&1; then   # the first test line since this call's header:
               echo "run_all.sh: finished $name in $(( $(date +%s) - t0 )) s: $(awk '/^== run_all.sh /{s=""} s=="" && /test( \([a-z]+ decoding\))?: (WA|PER)/{s=$0} END{print s}' "$log")"
+          elif [ $? = 130 ]; then
+              echo "run_all.sh: $name interrupted (log: $log)"; exit 1
           else
               echo "run_all.sh: $name failed (log: $log)"; touch "$RUNS/logs/$name.failed"; exit 1
           fi ) &
+        [ -n "$g" ] && GPU_OF[$!]=$g
     fi
+}
+pick_gpu() {  # the index of the GPU running the fewest of the trainings still running
+    local p g best=0
+    local -a n=()
+    for g in "${!GPUS[@]}"; do n[g]=0; done
+    for p in "${!GPU_OF[@]}"; do
+        if kill -0 "$p" 2>/dev/null; then g=${GPU_OF[$p]}; n[g]=$((n[g] + 1)); fi
+    done
+    for g in "${!GPUS[@]}"; do [ "${n[g]}" -lt "${n[best]}" ] && best=$g; done
+    echo "$best"
 }
 drain() {  # wait for every background training; each failure left a .failed marker
     wait
-    [ "$JOBS" = 1 ] || FAILED=$(find "$RUNS/logs" -name '*.failed' | wc -l)
+    [ "$JOBS" = 1 ] || [ "$DRY" = 1 ] || FAILED=$(find "$RUNS/logs" -name '*.failed' | wc -l)
 }
 
 write_slurm() {  # RUNS/slurm/: task lists, one array script, submit.sh; then submit it with --submit
@@ -163,6 +199,7 @@ write_slurm() {  # RUNS/slurm/: task lists, one array script, submit.sh; then su
     mkdir -p "$dir/logs" || return 1
     printf '%s\n' "${TEACHERS[@]}" | sed '/^$/d' > "$dir/teachers.txt"
     printf '%s\n' "${STUDENTS[@]}" | sed '/^$/d' > "$dir/students.txt"
+    printf '%s\n' "${STUDENTS_AT[@]}" | sed '/^$/d' > "$dir/students-at.txt"
     cat > "$dir/task.sh" <<'TASK'
 #!/usr/bin/env bash
 # One task of a job array: line $SLURM_ARRAY_TASK_ID of the command list given as $1.
@@ -177,30 +214,35 @@ TASK
     [ ${#SBATCH[@]} -gt 0 ] && sb+=$(quote "${SBATCH[@]}")
     {
         echo '#!/usr/bin/env bash'
-        echo "# Written by run_all.sh --slurm: prepare, then the teachers (one array task each), then the"
-        echo "# students (afterok: every teacher succeeded), then the report (afterany). Logs: $dir/logs/"
+        echo "# Written by run_all.sh --slurm: prepare; then the teachers and the students without transfer"
+        echo "# (one array task each); the students with transfer when every teacher succeeded (afterok);"
+        echo "# the report after all students, whatever their outcome (afterany). A job whose dependency"
+        echo "# failed is cancelled (--kill-on-invalid-dep), so the report still runs. Logs: $dir/logs/"
         echo 'set -euo pipefail'
         echo "cd $(quote "$PWD")"
         echo "jobid() { echo \"\${1%%;*}\"; }   # sbatch --parsable prints jobid[;cluster]"
-        echo "P=\$(jobid \"\$($sb--job-name=satn-prepare --output=$(quote "$dir/logs/prepare-%j.out")--wrap=$(quote "$(quote "$PY" "$SATN" prepare "${DATA[@]}" --runs "$RUNS")"))\")"
-        local after="afterok:\$P"
-        if [ ${#TEACHERS[@]} -gt 0 ]; then
-            echo "T=\$(jobid \"\$($sb--dependency=$after --array=1-${#TEACHERS[@]} --job-name=satn-teacher --output=$(quote "$dir/logs/teacher-%a.out")$(quote "$dir/task.sh" "$dir/teachers.txt"))\")"
-            after="afterok:\$T"
+        # prepare exits 3 for a corpus without transcripts: not a failure (the rows without transfer run)
+        echo "P=\$(jobid \"\$($sb--job-name=satn-prepare --output=$(quote "$dir/logs/prepare-%j.out")--wrap=$(quote "$(quote "$PY" "$SATN" prepare "${DATA[@]}" --runs "$RUNS")|| [ \$? = 3 ]"))\")"
+        local dep="--kill-on-invalid-dep=yes --dependency=afterok:" done="\$S"
+        [ ${#TEACHERS[@]} -gt 0 ] &&
+            echo "T=\$(jobid \"\$($sb${dep}\$P --array=1-${#TEACHERS[@]} --job-name=satn-teacher --output=$(quote "$dir/logs/teacher-%a.out")$(quote "$dir/task.sh" "$dir/teachers.txt"))\")"
+        echo "S=\$(jobid \"\$($sb${dep}\$P --array=1-${#STUDENTS[@]} --job-name=satn-student --output=$(quote "$dir/logs/student-%a.out")$(quote "$dir/task.sh" "$dir/students.txt"))\")"
+        if [ ${#STUDENTS_AT[@]} -gt 0 ]; then
+            echo "A=\$(jobid \"\$($sb${dep}\$T --array=1-${#STUDENTS_AT[@]} --job-name=satn-student-at --output=$(quote "$dir/logs/student-at-%a.out")$(quote "$dir/task.sh" "$dir/students-at.txt"))\")"
+            done+=":\$A"
         fi
-        echo "S=\$(jobid \"\$($sb--dependency=$after --array=1-${#STUDENTS[@]} --job-name=satn-student --output=$(quote "$dir/logs/student-%a.out")$(quote "$dir/task.sh" "$dir/students.txt"))\")"
-        echo "R=\$(jobid \"\$($sb--dependency=afterany:\$S --job-name=satn-report --output=$(quote "$dir/logs/report-%j.out")--wrap=$(quote "$(quote "$PY" "$SATN" report --runs "$RUNS")"))\")"
-        echo 'echo "submitted: prepare $P, teachers ${T:-none}, students $S, report $R"'
+        echo "R=\$(jobid \"\$($sb--dependency=afterany:$done --job-name=satn-report --output=$(quote "$dir/logs/report-%j.out")--wrap=$(quote "$(quote "$PY" "$SATN" report --runs "$RUNS")"))\")"
+        echo 'echo "submitted: prepare $P, teachers ${T:-none}, students $S, students with transfer ${A:-none}, report $R"'
     } > "$dir/submit.sh"
     chmod +x "$dir/submit.sh" "$dir/task.sh"
-    echo "run_all.sh: wrote $dir/submit.sh: ${#TEACHERS[@]} teacher task(s), ${#STUDENTS[@]} student task(s), then the report"
+    echo "run_all.sh: wrote $dir/submit.sh: ${#TEACHERS[@]} teacher task(s), ${#STUDENTS[@]} student task(s) without and ${#STUDENTS_AT[@]} with transfer, then the report"
     if [ "$SUBMIT" = 1 ]; then bash "$dir/submit.sh"; else echo "submit with: bash $dir/submit.sh (or run_all.sh ... --slurm ... --submit)"; fi
 }
 
 TEACHER=()
 if [ ${#ASR[@]} -gt 0 ]; then
     # One teacher of the ASR corpus serves every fold (it refuses a corpus sharing speakers with --data).
-    TRANSFER=1 TEACHER=(--teacher "$RUNS/teacher/asr")
+    TRANSFER=1 TEACHER=(--teacher "$RUNS/teacher/asr$([ "$SEED" = 0 ] || echo "-seed$SEED")")
     run_one "teacher-asr" "$PY" "$SATN" teacher "${ASR[@]}" "${COMMON[@]}"   # once, also with --seeds
 elif [ "$TRANSFER" = 1 ]; then
     for k in $(seq "$FOLDS"); do run "teacher-fold$k" "$PY" "$SATN" teacher --fold "$k" "${COMMON[@]}"; done

@@ -2666,20 +2666,25 @@ def test_run_all_dry_run_lists_every_training_in_order(demo_corpus, tmp_path):
 
 
 def test_run_all_slurm_writes_arrays_of_the_dry_run_lines(tmp_path):
-    """--slurm writes the --dry-run lines as a teachers' and a students' job array, the students
-    after the teachers (afterok), the report after them; submit.sh and task.sh are run here with
-    a stand-in sbatch and python that only record their arguments."""
+    """--slurm writes the --dry-run lines as job arrays: the teachers and the students without
+    transfer after prepare, the students with transfer after every teacher (afterok), the report
+    after all students (afterany); a job whose dependency failed is cancelled, so the report still
+    comes, and prepare's 'no transcripts' (exit 3) is no failure. submit.sh and task.sh are run
+    here with a stand-in sbatch and python that only record their arguments."""
     import shlex
     opts = ["--partition=gpu", "--gres=gpu:1", "--time", "1-00:00:00"]
     dry = _run_all(["--dry-run", "--epochs", "2"], tmp_path).stdout.splitlines()
     r = _run_all(["--epochs", "2", "--slurm", *opts, "--", "--seed", "3"], tmp_path)
     n_teachers = sum(" teacher " in l for l in dry)
-    n_students = len(dry) - 1 - n_teachers
-    assert n_teachers == 5 and n_students >= 40
-    assert r.returncode == 0 and f"5 teacher task(s), {n_students} student task(s)" in r.stdout
+    n_at = sum(" student " in l and "--at-weight 0 " not in l for l in dry)
+    n_students = len(dry) - 1 - n_teachers - n_at
+    assert n_teachers == 5 and n_at == 25 and n_students == 30
+    assert r.returncode == 0 and f"5 teacher task(s), {n_students} student task(s) without and {n_at} with" in r.stdout
     d = tmp_path / "runs" / "slurm"
-    teachers, students = (d / "teachers.txt").read_text().splitlines(), (d / "students.txt").read_text().splitlines()
-    assert [shlex.split(l) for l in teachers + students] == [shlex.split(l) + ["--seed", "3"] for l in dry[:-1]]
+    teachers, students, students_at = ((d / f).read_text().splitlines()
+                                       for f in ("teachers.txt", "students.txt", "students-at.txt"))
+    assert [shlex.split(l) for l in teachers + students + students_at] == [shlex.split(l) + ["--seed", "3"]
+                                                                          for l in dry[:-1]]
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "sbatch").write_text('#!/usr/bin/env bash\nn=$(( $(wc -l < "$LOG" 2>/dev/null || echo 0) + 1 ))\n'
@@ -2693,21 +2698,24 @@ def test_run_all_slurm_writes_arrays_of_the_dry_run_lines(tmp_path):
     print(out.stdout, out.stderr)
     calls = (tmp_path / "sbatch.log").read_text().splitlines()
     print("\n".join(calls))
-    assert out.returncode == 0 and "prepare 101, teachers 102, students 103, report 104" in out.stdout
-    assert len(calls) == 4 and all(" ".join(opts) in c for c in calls)
-    assert "prepare" in calls[0] and "--dependency" not in calls[0]
+    assert out.returncode == 0
+    assert "prepare 101, teachers 102, students 103, students with transfer 104, report 105" in out.stdout
+    assert len(calls) == 5 and all(" ".join(opts) in c for c in calls)
+    assert "prepare" in calls[0] and "--dependency" not in calls[0] and "|| [ $? = 3 ]" in calls[0]
     assert "--dependency=afterok:101 --array=1-5" in calls[1] and calls[1].endswith("teachers.txt")
-    assert f"--dependency=afterok:102 --array=1-{n_students}" in calls[2] and calls[2].endswith("students.txt")
-    assert "--dependency=afterany:103" in calls[3] and "report" in calls[3]
+    assert f"--dependency=afterok:101 --array=1-{n_students}" in calls[2] and calls[2].endswith("students.txt")
+    assert f"--dependency=afterok:102 --array=1-{n_at}" in calls[3] and calls[3].endswith("students-at.txt")
+    assert all("--kill-on-invalid-dep=yes" in c for c in calls[1:4])
+    assert "--dependency=afterany:103:104" in calls[4] and "report" in calls[4]
     assert "logs/teacher-%a.out" in calls[1] and "logs/student-%a.out" in calls[2]
     # an array task runs its own line of the list, from the folder run_all.sh was called in
-    for i, lst in ((3, "teachers.txt"), (n_students, "students.txt")):
+    for i, lst in ((3, "teachers.txt"), (n_students, "students.txt"), (2, "students-at.txt")):
         task = subprocess.run(["bash", str(d / "task.sh"), str(d / lst)], cwd="/", capture_output=True, text=True,
                               env={**env, "SLURM_ARRAY_TASK_ID": str(i)}, timeout=30)
         assert task.returncode == 0, task.stderr
     ran = (tmp_path / "python.log").read_text().splitlines()
     print(ran)
-    assert ran == [" ".join(shlex.split(teachers[2])[1:]), " ".join(shlex.split(students[-1])[1:])]
+    assert ran == [" ".join(shlex.split(l)[1:]) for l in (teachers[2], students[-1], students_at[1])]
 
 
 def test_bench_train_projection_replays_run_all_schedule():
@@ -2772,16 +2780,22 @@ def test_run_all_rejects_jobs_zero(tmp_path):
 FAKE_PYTHON = """#!/usr/bin/env bash
 # stands in for python: logs the start and end of each call; teachers take a moment;
 # prepare exits $PREPARE_RC; trainings whose arguments contain $FAIL fail
-[ "$1" = "-c" ] && { echo 0; exit 0; }
+[ "$1" = "-c" ] && { echo "${FAKE_NGPU:-0}"; exit 0; }    # the GPU count
 echo "start $*" >> "$FAKE_LOG"
+[ -n "${GPU_LOG:-}" ] && echo "$$ start ${CUDA_VISIBLE_DEVICES:-}" >> "$GPU_LOG"
 rc=0
 case "$2" in
     prepare) echo "folds: 5"; rc=$PREPARE_RC ;;
     teacher|student) [ "$2" = teacher ] && sleep 0.3
+                     if [ -n "${FAKE_SLEEP:-}" ]; then   # a long training that stops on INT, as satn.py does
+                         trap 'kill $s; echo "interrupted $$" >> "$FAKE_LOG"; exit 130' INT
+                         echo "pid $$" >> "$FAKE_LOG"; sleep "$FAKE_SLEEP" & s=$!; wait $s
+                     fi
                      echo "fold x test: WA ${ATTEMPT:-0}"
                      [ -n "${FAIL:-}" ] && [[ " $* " == *" $FAIL "* ]] && rc=1 ;;
 esac
 echo "end $*" >> "$FAKE_LOG"
+[ -n "${GPU_LOG:-}" ] && echo "$$ end" >> "$GPU_LOG"
 exit $rc
 """
 
@@ -2852,6 +2866,59 @@ def test_run_all_again_keeps_the_logs_of_the_first_call(tmp_path, jobs):
     assert log.index("test: WA 1") < log.index("test: WA 2")
     if jobs != "1":
         assert re.search(r"finished teacher-fold1 in \d+ s: fold x test: WA 2\n", r.stdout)
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_run_all_interrupted_stops_its_trainings(tmp_path, jobs):
+    """INT or TERM to run_all.sh alone (not its process group: `kill`, a scheduler) stops the
+    running trainings at once with INT, as Ctrl-C would, leaves none running, exits 130, and
+    frees the runs folder for the next call."""
+    env, log = _fake_python(tmp_path, 0)
+    env.update(FAKE_SLEEP="60")
+    runs = tmp_path / "runs"
+    p = subprocess.Popen(["bash", str(REPO / "run_all.sh"), "--runs", str(runs), "--jobs", jobs], cwd=tmp_path,
+                         env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    deadline = time.time() + 30
+    while log.read_text().count("pid ") < int(jobs) and time.time() < deadline:
+        time.sleep(0.1)
+    pids = [int(l.split()[1]) for l in log.read_text().splitlines() if l.startswith("pid ")]
+    assert len(pids) == int(jobs)
+    p.send_signal(signal.SIGINT if jobs == "1" else signal.SIGTERM)
+    out, err = p.communicate(timeout=20)
+    print(out, err)
+    assert p.returncode == 130 and "interrupted" in err
+    assert sorted(int(l.split()[1]) for l in log.read_text().splitlines() if l.startswith("interrupted ")) == sorted(pids)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    env.pop("FAKE_SLEEP")
+    r = _run_all(["--runs", str(runs), "--jobs", jobs], tmp_path, env)
+    assert r.returncode == 0 and "in use" not in r.stderr
+
+
+def test_run_all_spreads_trainings_over_the_gpus_it_was_given(tmp_path):
+    """With CUDA_VISIBLE_DEVICES=5,7 (a scheduler's allocation) the trainings run on 5 and 7, each
+    started on the GPU running fewer of them; python's path may hold a space."""
+    env, log = _fake_python(tmp_path, 0)
+    (tmp_path / "py dir").mkdir()
+    fake = tmp_path / "py dir" / "fakepy"
+    os.replace(env["PYTHON"], fake)
+    gpu_log = tmp_path / "gpus.txt"
+    env.update(PYTHON=str(fake), FAKE_NGPU="2", CUDA_VISIBLE_DEVICES="5,7", GPU_LOG=str(gpu_log))
+    r = _run_all(["--runs", str(tmp_path / "runs"), "--jobs", "2"], tmp_path, env)
+    assert r.returncode == 0
+    running, used = {}, []
+    for line in gpu_log.read_text().splitlines():
+        pid, event, *gpu = line.split()
+        if event == "end":
+            running.pop(pid, None)
+        elif gpu and gpu[0] != "5,7":   # a training (prepare and report see all the GPUs given)
+            assert gpu[0] not in running.values(), line
+            running[pid] = gpu[0]
+            used.append(gpu[0])
+    print(used)
+    assert len(used) == 60 and set(used) == {"5", "7"}
 
 
 def test_run_all_stops_when_prepare_fails(tmp_path):
@@ -5180,6 +5247,12 @@ def test_run_all_asr_data_trains_one_teacher_for_every_fold(demo_corpus, tmp_pat
     with_at = [c for c in students if float(c[c.index("--at-weight") + 1]) > 0]
     assert len(with_at) >= 40 and all(("--teacher", "runs/teacher/asr") in zip(c, c[1:]) for c in with_at)
     assert not any("--teacher" in c for c in students if c not in with_at)
+    # one seed given: its teacher's folder, asr-seed1
+    for seed in (["--seed", "1"], ["--seed=1"]):
+        r = _run_all(["--dry-run", "--asr-data", "my asr.csv", *seed], tmp_path)
+        cmds = [shlex.split(line) for line in r.stdout.splitlines() if line.strip()]
+        with_at = [c for c in cmds if c[2] == "student" and float(c[c.index("--at-weight") + 1]) > 0]
+        assert len(with_at) == 25 and all(("--teacher", "runs/teacher/asr-seed1") in zip(c, c[1:]) for c in with_at)
 
 
 def test_signed_differences_keep_their_sign_near_zero():
