@@ -3377,6 +3377,18 @@ def paired_bootstrap(strata, n_classes, n_boot=BOOTSTRAP_SAMPLES, seed=BOOTSTRAP
     return {k: (observed[k] / runs, *np.percentile(boot[k] / runs, q)) for k in boot}
 
 
+def _read_run(path, student=True):
+    """A run's final.json, checked to be one (DataError naming the file otherwise)."""
+    r = read_json(path)
+    ok = isinstance(r, dict) and isinstance(r.get("config"), dict) and all(isinstance(r.get(p), dict) for p in ("dev", "test"))
+    if ok and student:
+        ok = (isinstance(r["config"].get("fold"), int) and isinstance(r.get("classes"), list)
+              and all(k in r[p] for p in ("dev", "test") for k in ("WA", "UA")) and "confusion" in r["test"])
+    if not ok:
+        raise DataError(f"{path}: not the final.json of a {'student' if student else 'teacher'} run (damaged?)")
+    return r
+
+
 def _run_key(r):
     """(fold, seed) of a finished run."""
     return r["config"]["fold"], r["config"].get("seed", 0)
@@ -3393,19 +3405,21 @@ def paired_comparison(runs_a, runs_b, n_boot=BOOTSTRAP_SAMPLES, seed=BOOTSTRAP_S
     common = sorted(set(a) & set(b))
     if not common:
         return None
-    ca, na = sum(a[k]["test"]["correct"] for k in common), sum(a[k]["test"]["n"] for k in common)
-    cb, nb = sum(b[k]["test"]["correct"] for k in common), sum(b[k]["test"]["n"] for k in common)
-    out = {"runs": len(common), "folds": len({f for f, _ in common}), "seeds": len({s for _, s in common}),
-           "wa_pooled": (100 * ca / na, 100 * cb / nb), "z": z_test_one_tailed(ca, na, cb, nb), "unpaired": []}
+    unlike = [k for k in common if a[k]["classes"] != b[k]["classes"] or (
+        "ids" in a[k]["test"] and "ids" in b[k]["test"] and sorted(a[k]["test"]["ids"]) != sorted(b[k]["test"]["ids"]))]
+    like = [k for k in common if k not in unlike]   # the z-test pools these only
+    ca, na = sum(a[k]["test"]["correct"] for k in like), sum(a[k]["test"]["n"] for k in like)
+    cb, nb = sum(b[k]["test"]["correct"] for k in like), sum(b[k]["test"]["n"] for k in like)
+    out = {"runs": len(like), "folds": len({f for f, _ in like}), "seeds": len({s for _, s in like}),
+           "wa_pooled": (100 * ca / na, 100 * cb / nb) if like else None,
+           "z": z_test_one_tailed(ca, na, cb, nb) if like else None,
+           "unpaired": [(k, "the two runs were tested on different utterances or classes") for k in unlike]}
     strata, only_a, only_b, paired_keys = {}, 0, 0, []
-    for k in common:
+    for k in like:
         ta, tb = a[k]["test"], b[k]["test"]
         classes = a[k]["classes"]
         if "ids" not in ta or "ids" not in tb:
             out["unpaired"].append((k, "no per-utterance predictions (a run of an older satn.py)"))
-            continue
-        if sorted(ta["ids"]) != sorted(tb["ids"]) or classes != b[k]["classes"]:
-            out["unpaired"].append((k, "the two runs were tested on different utterances or classes"))
             continue
         ids = sorted(ta["ids"])
         true = dict(zip(ta["ids"], ta["true"]))
@@ -3485,9 +3499,11 @@ def _significance(results, names, n_boot=BOOTSTRAP_SAMPLES, seed=BOOTSTRAP_SEED)
         if c is None:
             notes.append(f"{name} vs {twin}: no fold and seed trained in both")
             continue
-        z, p = c["z"]
-        ztab.append(f"| {name} vs {twin} | {c['runs']} | {c['wa_pooled'][0]:.1f} | {c['wa_pooled'][1]:.1f} | {z:.2f} | {p:.3f} |")
-        for (fold, s), why in c["unpaired"]:
+        if c["z"] is not None:
+            z, p = c["z"]
+            ztab.append(f"| {name} vs {twin} | {c['runs']} | {c['wa_pooled'][0]:.1f} | {c['wa_pooled'][1]:.1f} | {z:.2f} "
+                        f"| {p:.3f} |")
+        for (fold, s), why in sorted(c["unpaired"]):
             notes.append(f"{name} vs {twin}, fold {fold} seed {s}: left out of the paired tests: {why}")
         if "boot" not in c:
             continue
@@ -3613,21 +3629,31 @@ def report(runs="runs", per_seed=False):
     seeds), Figure 3, paired significance tests next to the paper's z-test, teachers;
     with per_seed, Table 2 and the tests of each seed as well."""
     runs = Path(runs)
-    results, damaged = {}, []
+    results, damaged, odd = {}, [], []
     for final in sorted(runs.glob("student/*/fold*/final.json")):
         try:
-            results.setdefault(final.parent.parent.name, []).append(read_json(final))
+            results.setdefault(final.parent.parent.name, []).append(_read_run(final, student=True))
         except DataError as e:
             damaged.append(final)
             print(f"warning: {e}; left out of the report")
     teachers = []
-    for rs in results.values():
+    for name, rs in results.items():
         rs.sort(key=_run_key)
+        sets = [tuple(r["classes"]) for r in rs]
+        usual = max(sets, key=sets.count)                  # one row averages one class set: its runs' most common
+        for r in [r for r in rs if tuple(r["classes"]) != usual]:
+            rs.remove(r)
+            odd.append(f"`student/{name}/{fold_folder(*_run_key(r))}` (classes {', '.join(r['classes'])}, not "
+                       f"{', '.join(usual)})")
+            print(f"warning: {name} {fold_folder(*_run_key(r))}: another class set than the rest of its row; left out "
+                  f"of the report")
+    unfinished = sorted(str(d.relative_to(runs)) for d in runs.glob("student/*/fold*")
+                        if d.is_dir() and not (d / "final.json").exists())
     teacher_files = sorted(runs.glob("teacher/fold*/final.json"),
                            key=lambda p: (len(p.parent.name), p.parent.name))       # fold2 before fold10
     for final in teacher_files + sorted(runs.glob("teacher/asr*/final.json")):   # + one teacher of an ASR corpus
         try:
-            read_json(final)
+            _read_run(final, student=False)
             teachers.append(final)
         except DataError as e:
             damaged.append(final)
@@ -3648,7 +3674,16 @@ def report(runs="runs", per_seed=False):
            f"per-class recall over the classes present; the test columns use {kept}.", ""]
     out += _norm_statement(results)
     lines, dev_ua = _table2(results, known)
-    out += ["", *lines]
+    out += ["", *lines] if results else ["", "(No student run has finished.)"]
+    keys = {n: {_run_key(r) for r in results[n]} for n in known}
+    full = set().union(*keys.values()) if keys else set()
+    short = [f"{n} ({len(keys[n])} of {len(full)})" for n in known if keys[n] != full]
+    if short:
+        out += ["", "Rows over fewer runs (fold, seed) than the folder holds, so not over the same test speakers as "
+                "the others: " + ", ".join(short) + "."]
+    if unfinished:
+        out += ["", "Run folders without `final.json` (unfinished or failed), not in any row: "
+                + ", ".join(f"`{u}`" for u in unfinished) + "."]
     skipped_at = [n for n, *_, t in TABLE2 if t and n not in results]
     if skipped_at and not teachers:
         out += ["", "Rows with attention transfer are missing: no teacher was trained (a corpus without transcripts)."]
@@ -3659,12 +3694,19 @@ def report(runs="runs", per_seed=False):
     out += _baseline_lines(results, known)
     out += _selection_lines(runs, results, known)
     if results:
-        best = max(dev_ua, key=dev_ua.get)
+        complete = [n for n in known if keys[n] == full]   # chosen among the rows over every run, if any
+        best = max(complete or known, key=dev_ua.get)
         rs = results[best]
         classes = rs[0]["classes"]
         norm = mean_test_confusion(rs)
+        has = [sum(sum(r["test"]["confusion"][i]) > 0 for r in rs) for i in range(len(classes))]   # runs per row
+        per_row = (f"the {len(rs)} runs" if min(has) == len(rs) else
+                   f"the runs whose test split has that class: {len(rs)}, but " + ", ".join(
+                       f"{n} for {c}" for c, n in zip(classes, has) if n < len(rs)))
         out += ["", f"## Confusion matrix of the best configuration by dev UA: {best} (test, row-normalised %, "
-                f"each row averaged over the {len(rs)} runs whose test split has that class)", ""]
+                f"each row averaged over {per_row})", ""]
+        if complete and len(complete) < len(known):
+            out += [f"(Chosen among the rows over all {len(full)} runs.)", ""]
         if len(selects) > 1:   # a best-dev checkpoint's dev UA is a maximum over epochs; a last epoch's is one draw
             out += ["The runs here keep different checkpoints: a `--select best` row's dev UA is its maximum over "
                     "the epochs and so favoured in this comparison over a `--select last` row's.", ""]
@@ -3682,8 +3724,8 @@ def report(runs="runs", per_seed=False):
                     "seeds an utterance gives one pair per seed and those pairs are not independent, so the p-value "
                     f"is then somewhat optimistic. **Paired bootstrap**: {BOOTSTRAP_SAMPLES} resamples (seed "
                     f"{BOOTSTRAP_SEED}) of each fold's test utterances, drawn with all their seeds' and both models' "
-                    f"outcomes together; the difference is Table 2's (mean over runs of with − without, in points) "
-                    f"and the interval is the {100 * CONFIDENCE:.0f}% percentile interval.", ""]
+                    f"outcomes together; the difference is the mean over the paired runs of with − without, in points "
+                    f"(Table 2's difference when both rows hold the same runs), and the interval is the {100 * CONFIDENCE:.0f}% percentile interval.", ""]
             out += paired or ["(No pair of runs has per-utterance predictions; rerun the trainings for the paired tests.)"]
             out += ["", "### Which test supports which claim", "",
                     f"- *Transfer changes test accuracy (WA)*: McNemar's exact test; p < {ALPHA} supports it, in the "
@@ -3710,14 +3752,15 @@ def report(runs="runs", per_seed=False):
                 sub = {n: rs for n, rs in sub.items() if rs}
                 names = [n for n in known if n in sub]
                 lines, _ = _table2(sub, names)
-                paired, ztab, verdicts, _ = _significance(sub, names)
+                paired, ztab, verdicts, seed_notes = _significance(sub, names)
                 out += ["", f"### Seed {s}", "", *lines]
                 out += ["", *paired, "", *verdicts] if paired else []
                 out += ["", "The paper's z-test:", "", *ztab] if ztab else []
+                out += ["", *seed_notes] if seed_notes else []
         elif per_seed:
             out += ["", f"(--per-seed: every run has seed {seeds[0]}; the tables above are that seed's.)"]
     out += _crosscorpus(runs)
-    out += track_report(results)
+    out += track_report({n: results[n] for n in known})
     if results:
         try:
             out += report_figures(runs, results)
@@ -3743,6 +3786,8 @@ def report(runs="runs", per_seed=False):
                     f"{r[p][m + sfx]['rate']:.1f}" for p in ("dev", "test") for m in ("PER", "WER")) + " |")
     if damaged:
         out += ["", "Left out, unreadable (truncated or damaged): " + ", ".join(f"`{p.relative_to(runs)}`" for p in damaged)]
+    if odd:
+        out += ["", "Left out, another class set than the rest of their row: " + "; ".join(odd)]
     (runs / "results.md").write_text("\n".join(out) + "\n")
     print("\n".join(out))
     print(f"\nwritten to {runs / 'results.md'}")

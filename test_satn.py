@@ -1774,6 +1774,46 @@ def test_report_over_folds_and_seeds(tmp_path, monkeypatch, capsys):
         assert want in lines[i:i + 6]
 
 
+def test_report_on_a_folder_of_odd_runs(tmp_path, monkeypatch, capsys):
+    """A run of another class set is left out of its row (and named), a final.json that is JSON
+    but no run counts as damaged, a fold folder without final.json is named, rows over fewer runs
+    are named, the confusion matrix's configuration is chosen among the rows over every run, and
+    the paper's z-test pools only runs tested on the same utterances: no traceback anywhere."""
+    runs = tmp_path / "runs"
+    classes7 = ("neutral", "happy", "sad", "angry", "fear", "disgust", "boredom")
+
+    def put(name, fold, run=None, raw=None):
+        d = runs / "student" / name / satn.fold_folder(fold)
+        d.mkdir(parents=True)
+        if run is not None or raw is not None:
+            (d / "final.json").write_text(raw if raw is not None else json.dumps(run))
+    true = ["neutral", "happy", "sad", "angry"] * 3
+    for fold in (1, 2, 3, 4):
+        put("stats", fold, _fake_run(fold, 0, true, true[1:] + true[:1], dev=(30.0, 30.0)))
+    for fold in (1, 2, 3):
+        put("tcn-self", fold, _fake_run(fold, 0, true, true, dev=(60.0, 60.0)))
+        ids = [f"x{i}" for i in range(12)] if fold == 3 else None       # fold 3: other test utterances
+        put("tcn-self-at", fold, _fake_run(fold, 0, true, true[::-1], ids=ids, dev=(70.0, 70.0)))
+    put("tcn-self", 4, _fake_run(4, 0, ["fear", "boredom"], ["fear", "fear"], classes=classes7, dev=(90.0, 90.0)))
+    put("tcn-self-at", 4)                                                # unfinished
+    put("tcn-self-at", 5, raw="null")                                    # JSON, but no run
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert satn.main(["report", "--runs", str(runs)]) == 0
+    out = capsys.readouterr()
+    text = (runs / "results.md").read_text()
+    print(text, out.err)
+    assert "Traceback" not in out.out + out.err
+    assert "Left out, another class set than the rest of their row: `student/tcn-self/fold4`" in text
+    assert "Left out, unreadable (truncated or damaged): `student/tcn-self-at/fold5/final.json`" in text
+    assert "Run folders without `final.json` (unfinished or failed), not in any row: `student/tcn-self-at/fold4`" in text
+    assert "tcn-self (3 of 4), tcn-self-at (3 of 4)" in text
+    assert "## Confusion matrix of the best configuration by dev UA: stats" in text
+    assert "(Chosen among the rows over all 4 runs.)" in text
+    assert "| tcn-self-at vs tcn-self | 2 | " in text                      # the z-test: folds 1 and 2 only
+    assert "tcn-self-at vs tcn-self, fold 3 seed 0: left out of the paired tests: the two runs were tested on " \
+           "different utterances or classes" in text
+
+
 # -----------------------------------------------------------------------------
 # CLI
 
