@@ -126,7 +126,9 @@ stop() {  # INT or TERM to run_all.sh (Ctrl-C, kill, a scheduler's time limit): 
     trap '' INT TERM
     echo "run_all.sh: interrupted; stopping the running trainings (each keeps its last completed epoch); call it again to resume" >&2
     local p
-    for p in $(jobs -p); do pkill -INT -P "$p" 2>/dev/null; done   # a job is a subshell; its children train
+    # A job is a subshell; its children train. TERM, not INT: a shell started in the background
+    # (nohup, cron, a CI runner) may have handed them an ignored INT, which no one can undo.
+    for p in $(jobs -p); do pkill -TERM -P "$p" 2>/dev/null; done
     wait
     exit 130
 }

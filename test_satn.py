@@ -2827,8 +2827,8 @@ rc=0
 case "$2" in
     prepare) echo "folds: 5"; rc=$PREPARE_RC ;;
     teacher|student) [ "$2" = teacher ] && sleep 0.3
-                     if [ -n "${FAKE_SLEEP:-}" ]; then   # a long training that stops on INT, as satn.py does
-                         trap 'kill $s; echo "interrupted $$" >> "$FAKE_LOG"; exit 130' INT
+                     if [ -n "${FAKE_SLEEP:-}" ]; then   # a long training; run_all.sh stops it with TERM
+                         trap 'kill $s; echo "interrupted $$" >> "$FAKE_LOG"; exit 143' TERM
                          echo "pid $$" >> "$FAKE_LOG"; sleep "$FAKE_SLEEP" & s=$!; wait $s
                      fi
                      echo "fold x test: WA ${ATTEMPT:-0}"
@@ -2911,14 +2911,15 @@ def test_run_all_again_keeps_the_logs_of_the_first_call(tmp_path, jobs):
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_run_all_interrupted_stops_its_trainings(tmp_path, jobs):
     """INT or TERM to run_all.sh alone (not its process group: `kill`, a scheduler) stops the
-    running trainings at once with INT, as Ctrl-C would, leaves none running, exits 130, and
-    frees the runs folder for the next call."""
+    running trainings at once (with TERM), leaves none running, exits 130, and frees the runs
+    folder for the next call. (INT is set to its default for run_all.sh: pytest itself may run
+    with INT ignored, as anything started in the background by a shell does.)"""
     env, log = _fake_python(tmp_path, 0)
     env.update(FAKE_SLEEP="60")
     runs = tmp_path / "runs"
     p = subprocess.Popen(["bash", str(REPO / "run_all.sh"), "--runs", str(runs), "--jobs", jobs], cwd=tmp_path,
                          env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+                         start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 30
     while log.read_text().count("pid ") < int(jobs) and time.time() < deadline:
         time.sleep(0.1)
