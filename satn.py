@@ -1743,6 +1743,15 @@ class StudentConfig(RunConfig):
         _require(all(0.5 <= f <= 2 for f in factors), f"--speed {self.speed!r}: factors must be in [0.5, 2]")
         return tuple(factors)
 
+    def n_activations(self):
+        """How many activations attention transfer can take from the student: each TCN block (or
+        the BLSTM output), then the self-attention output."""
+        return (self.blocks if self.encoder == "tcn" else 1) + (self.attention == "self")
+
+    def warmup_frames(self):
+        """Frames (after subsampling) from an utterance's start before a causal student's frame loss counts."""
+        return round(self.warmup / (HOP_SECONDS * self.subsample))
+
     def run_name(self):
         if self.encoder == "stats":
             return self.name or "stats"
@@ -2903,8 +2912,7 @@ def train_student(cfg: StudentConfig):
     model = Student(cfg, len(classes))
     pairs = None
     if teacher is not None:
-        n_s = (cfg.blocks if cfg.encoder == "tcn" else 1) + (cfg.attention == "self")
-        pairs = parse_pairs(cfg.at_pairs, n_s, len(teacher.tcn.blocks) + 1)
+        pairs = parse_pairs(cfg.at_pairs, cfg.n_activations(), len(teacher.tcn.blocks) + 1)
         print(f"attention transfer: W_AT {cfg.at_weight}, p {cfg.at_p}, {cfg.at_norm}-normalised maps, "
               f"{cfg.at_dist} distance; student:teacher pairs "
               + ",".join(f"{i + 1}:{j + 1}" for i, j in pairs) + (" + self-attention weights" if cfg.at_selfattn else ""))
@@ -2919,8 +2927,7 @@ def train_student(cfg: StudentConfig):
         logits, out = model(x, lengths, need_weights=cfg.at_selfattn)   # weights only for their transfer
         ser = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=cfg.label_smoothing)
         if cfg.causal and cfg.frame_loss > 0:   # a causal student is also taught at every frame after a warm-up
-            warmup = round(cfg.warmup / (HOP_SECONDS * cfg.subsample))
-            ser = ser + cfg.frame_loss * frame_loss(out["frame_logits"], out["mask"], y, warmup, weight)
+            ser = ser + cfg.frame_loss * frame_loss(out["frame_logits"], out["mask"], y, cfg.warmup_frames(), weight)
         if teacher is None:
             return ser, {"ser": ser.item()}
         with torch.no_grad():
@@ -3901,7 +3908,8 @@ def audio_blocks(path, seconds=None):
                 raise ValueError(f"{name}: unreadable audio ({_first_line(e)})") from None
             x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
             if not np.isfinite(x).all():
-                raise ValueError(f"{name}: {int((~np.isfinite(x)).sum())} samples are not finite (NaN or inf)")
+                raise ValueError(f"{name}: {int((~np.isfinite(x)).sum())} samples are not finite (NaN or inf), "
+                                 f"from {start / f.samplerate:.2f} s")
             sound = sound or bool(np.any(x))
             if ctx:
                 pre = min(ctx, start)                                    # context read before the block
@@ -4066,12 +4074,11 @@ def predict_stream(checkpoint, path, chunk=STREAM_CHUNK, every=STREAM_EVERY, as_
     if str(path).lower().endswith(".wav") and _wav_truncated(path):
         raise DataError(f"{path}: truncated (the header promises more samples than the file holds)")
     try:
-        f = sf.SoundFile(str(path))
+        rate = sf.info(str(path)).samplerate
     except Exception as e:
         raise DataError(f"{path}: unreadable audio ({_first_line(e)})") from None
-    if f.samplerate != SAMPLE_RATE:
-        f.close()
-        raise DataError(f"{path}: --stream reads {SAMPLE_RATE} Hz audio and this file is {f.samplerate} Hz: "
+    if rate != SAMPLE_RATE:
+        raise DataError(f"{path}: --stream reads {SAMPLE_RATE} Hz audio and this file is {rate} Hz: "
                         f"resample it first (predict without --stream resamples)")
     # A per-speaker-normalised model gets running statistics of the recording (started from
     # the training statistics); --norm checkpoint, or a globally normalised model, the fixed ones.
@@ -4082,8 +4089,13 @@ def predict_stream(checkpoint, path, chunk=STREAM_CHUNK, every=STREAM_EVERY, as_
           f"{1000 * FEATURE_LOOKAHEAD * HOP_SECONDS:.0f} ms delta lookahead + up to "
           f"{1000 * (model.subsample - 1) * HOP_SECONDS:.0f} ms subsample group + up to one chunk; normalisation: "
           + ("running statistics from the training statistics" if prior else "training statistics"), file=sys.stderr)
-    n_chunk = max(1, round(chunk * SAMPLE_RATE))
-    line, latest, track, env, envelope, heard = 1, None, [], [], [], False
+    line, latest, track, env, envelope = 1, None, [], [], []
+
+    def blocks():   # audio_blocks's checks (unreadable, NaN, empty, silent at the end), as the samples arrive
+        try:
+            yield from audio_blocks(path, chunk)
+        except ValueError as e:
+            raise DataError(str(e)) from None
 
     def emit(ready, probs, upto):
         nonlocal line, latest
@@ -4100,29 +4112,18 @@ def predict_stream(checkpoint, path, chunk=STREAM_CHUNK, every=STREAM_EVERY, as_
         if len(probs):
             latest = probs[-1]
 
-    with f:
-        for block in f.blocks(blocksize=n_chunk, dtype="float32", always_2d=True):
-            x = block.mean(1)
-            if not np.isfinite(x).all():   # load_audio's checks, as the samples arrive
-                raise DataError(f"{path}: {int((~np.isfinite(x)).sum())} samples are not finite (NaN or inf), from "
-                                f"{stream.front.samples / SAMPLE_RATE:.2f} s")
-            heard = heard or bool(np.any(block))
-            ends, probs = stream.push(x)
-            emit(stream.ready, probs, stream.front.samples / SAMPLE_RATE)
-            if plot:
-                track.append((ends, probs))
-                env.append(x)
-                if sum(len(e) for e in env) >= SAMPLE_RATE:   # the waveform kept as min/max per 10 ms
-                    w = np.concatenate(env)
-                    k = len(w) - len(w) % (SAMPLE_RATE // 100)
-                    envelope.append(_envelope(w[:k]))
-                    env = [w[k:]]
-    try:
-        ends, probs = stream.finish()
-    except ValueError:
-        raise DataError(f"{path}: empty audio file") from None
-    if not heard:
-        raise DataError(f"{path}: silent audio file (all samples are zero): the track above means nothing")
+    for x in blocks():
+        ends, probs = stream.push(x)
+        emit(stream.ready, probs, stream.front.samples / SAMPLE_RATE)
+        if plot:
+            track.append((ends, probs))
+            env.append(x)
+            if sum(len(e) for e in env) >= SAMPLE_RATE:   # the waveform kept as min/max per 10 ms
+                w = np.concatenate(env)
+                k = len(w) - len(w) % (SAMPLE_RATE // 100)
+                envelope.append(_envelope(w[:k]))
+                env = [w[k:]]
+    ends, probs = stream.finish()
     duration = stream.front.samples / SAMPLE_RATE
     emit(stream.ready, probs, duration)
     if latest is not None and (line - 1) * every < duration - 1e-9:   # the end of the recording
@@ -5494,8 +5495,7 @@ def _bench_train_one(kind, at, device_name, threads, batches, n_eval):
     picks = [epoch[order[int(q * (len(order) - 1))]] for q in np.linspace(0.3, 0.9, batches)]   # typical to long
     model = (Teacher(cfg) if kind == "teacher" else Student(cfg, len(EMOTIONS))).to(device)
     teacher = Teacher(TeacherConfig()).to(device).eval() if at else None
-    pairs = (parse_pairs("auto", (cfg.blocks if cfg.encoder == "tcn" else 1) + (cfg.attention == "self"),
-                         len(teacher.tcn.blocks) + 1) if at else None)
+    pairs = parse_pairs(cfg.at_pairs, cfg.n_activations(), len(teacher.tcn.blocks) + 1) if at else None
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
     def batch(idx):
@@ -5516,8 +5516,7 @@ def _bench_train_one(kind, at, device_name, threads, batches, n_eval):
             y = torch.randint(0, len(EMOTIONS), (len(idx),), device=device)
             loss = F.cross_entropy(logits, y)
             if cfg.causal:   # and at every frame after the warm-up, as training does
-                loss = loss + cfg.frame_loss * frame_loss(out["frame_logits"], out["mask"], y,
-                                                          round(cfg.warmup / (HOP_SECONDS * cfg.subsample)))
+                loss = loss + cfg.frame_loss * frame_loss(out["frame_logits"], out["mask"], y, cfg.warmup_frames())
             if teacher is not None:
                 with torch.no_grad():
                     enc = teacher.encode(x, lens)
