@@ -173,9 +173,8 @@ run_one() {  # run_one <log name> <command...>: at most $JOBS at once
         ( t0=$(date +%s)
           if "${env[@]}" "$@" 9>&- >> "$log" 2>&1; then   # the first test line since this call's header:
               echo "run_all.sh: finished $name in $(( $(date +%s) - t0 )) s: $(awk '/^== run_all.sh /{s=""} s=="" && /test( \([a-z]+ decoding\))?: (WA|PER)/{s=$0} END{print s}' "$log")"
-          elif [ $? = 130 ]; then
-              echo "run_all.sh: $name interrupted (log: $log)"; exit 1
           else
+              case $? in 130|143) echo "run_all.sh: $name interrupted (log: $log)"; exit 1 ;; esac   # INT, TERM
               echo "run_all.sh: $name failed (log: $log)"; touch "$RUNS/logs/$name.failed"; exit 1
           fi ) &
         [ -n "$g" ] && GPU_OF[$!]=$g

@@ -2929,6 +2929,7 @@ def test_run_all_interrupted_stops_its_trainings(tmp_path, jobs):
     out, err = p.communicate(timeout=20)
     print(out, err)
     assert p.returncode == 130 and "interrupted" in err
+    assert "failed" not in out and not list((runs / "logs").glob("*.failed"))   # stopped, not failed
     assert sorted(int(l.split()[1]) for l in log.read_text().splitlines() if l.startswith("interrupted ")) == sorted(pids)
     for pid in pids:
         with pytest.raises(ProcessLookupError):
