@@ -1397,6 +1397,19 @@ class SpecAugment(nn.Module):
         return x.masked_fill(drop.to(x.device), 0.0)
 
 
+def mixup(x, lengths, alpha):
+    """Mixup (Zhang et al. 2018) of a padded training batch x (B, 120, T): every utterance
+    blended with another of the batch, lam * x + (1 - lam) * x[perm], lam ~ Beta(alpha, alpha)
+    once per batch. Past the shorter one's end the blend holds the longer one scaled (its pad
+    is 0, the normalised mean), and the blend is as long as the longer. Drawn from torch's
+    global generator, so torch.manual_seed reproduces it. Returns (x, lengths, lam, perm); the
+    loss is lam * L(y) + (1 - lam) * L(y[perm])."""
+    lam = float(torch.distributions.Beta(float(alpha), float(alpha)).sample())
+    perm = torch.randperm(len(x))
+    other = perm.to(x.device)
+    return lam * x + (1 - lam) * x[other], torch.maximum(lengths, lengths[other]), lam, other
+
+
 def causal_band(T, window, device=None):
     """(T, T) bool attention mask: query t may attend to keys t-window+1 .. t only."""
     i = torch.arange(T, device=device)
@@ -1618,14 +1631,14 @@ class TeacherConfig(RunConfig):
 # no augmentation, the best-dev epoch kept. "robust": what is used on small real SER corpora, as
 # chosen on Emo-DB (see the README); each part has its own option, and an option given explicitly wins.
 RECIPES = {
-    "paper": dict(time_masks=0, time_mask_frames=0, freq_masks=0, freq_mask_bands=0, speed="1",
+    "paper": dict(time_masks=0, time_mask_frames=0, freq_masks=0, freq_mask_bands=0, mixup=0.0, speed="1",
                   weight_decay=0.0, lr_patience=0, cosine=False, label_smoothing=0.0, patience=0, ema=0.0,
                   select="best", layer_norm=False, class_weights=False),
     # off: SpecAugment (masks of these sizes with --time-masks 2 --freq-masks 2), which lowered dev
     # and test UA on Emo-DB and the demo corpus; speed perturbation, which lowered UA on Emo-DB (it
     # moves the pitch, an emotion cue); early stopping, which like the best-dev epoch follows the
     # noise of a one-speaker dev set (the last epoch is kept instead)
-    "robust": dict(time_masks=0, time_mask_frames=20, freq_masks=0, freq_mask_bands=6, speed="1",
+    "robust": dict(time_masks=0, time_mask_frames=20, freq_masks=0, freq_mask_bands=6, mixup=0.0, speed="1",
                    weight_decay=1e-2, lr_patience=0, cosine=True, label_smoothing=0.1, patience=0, ema=0.0,
                    select="last", layer_norm=True, class_weights=True),
 }
@@ -1653,6 +1666,8 @@ class StudentConfig(RunConfig):
     time_mask_frames: int = _r("SpecAugment: longest time mask, in 10 ms frames")
     freq_masks: int = _r("SpecAugment: frequency masks per training utterance (the same mel bands of all three streams)")
     freq_mask_bands: int = _r("SpecAugment: widest frequency mask, in mel bands")
+    mixup: float = _r("mixup: each training batch blended with a permutation of itself, lam ~ Beta(a, a) "
+                      "per batch, the loss blended alike; a, or 0: off")
     speed: str = _r("speed perturbation: comma-separated factors; each epoch every training utterance is taken "
                     "at one of them, drawn with the seed (features cached per factor); 1: off")
     weight_decay: float = _r("decoupled weight decay (AdamW); 0: Adam")
@@ -1706,8 +1721,9 @@ class StudentConfig(RunConfig):
         _require(min(self.time_masks, self.time_mask_frames, self.freq_masks, self.freq_mask_bands) >= 0
                  and self.freq_mask_bands <= N_MELS, f"the SpecAugment options must be >= 0 (bands at most {N_MELS})")
         _require(self.weight_decay >= 0 and self.lr_patience >= 0 and self.patience >= 0 and 0 <= self.label_smoothing < 1
-                 and 0 <= self.ema < 1, "--weight-decay, --lr-patience and --patience must be >= 0, "
-                                        "--label-smoothing and --ema in [0, 1)")
+                 and 0 <= self.ema < 1 and 0 <= self.mixup < math.inf,
+                 "--weight-decay, --lr-patience, --patience and --mixup must be >= 0 (and finite), "
+                 "--label-smoothing and --ema in [0, 1)")
         self.speed_factors()
         _require(not (self.cosine and self.lr_patience), "--cosine and --lr-patience are two learning-rate "
                                                          "schedules: give one (--no-cosine, or --lr-patience 0)")
@@ -2924,10 +2940,16 @@ def train_student(cfg: StudentConfig):
     def loss_fn(model, items):
         x, lengths = collate([x for _, x in items], device)
         y = torch.tensor([label[u.label] for u, _ in items], device=device)
+        if cfg.mixup > 0:   # loss_fn is called in training only
+            x, lengths, lam, other = mixup(x, lengths, cfg.mixup)
         logits, out = model(x, lengths, need_weights=cfg.at_selfattn)   # weights only for their transfer
-        ser = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=cfg.label_smoothing)
-        if cfg.causal and cfg.frame_loss > 0:   # a causal student is also taught at every frame after a warm-up
-            ser = ser + cfg.frame_loss * frame_loss(out["frame_logits"], out["mask"], y, cfg.warmup_frames(), weight)
+
+        def ser_loss(y):
+            ser = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=cfg.label_smoothing)
+            if cfg.causal and cfg.frame_loss > 0:   # a causal student is also taught at every frame after a warm-up
+                ser = ser + cfg.frame_loss * frame_loss(out["frame_logits"], out["mask"], y, cfg.warmup_frames(), weight)
+            return ser
+        ser = ser_loss(y) if cfg.mixup == 0 else lam * ser_loss(y) + (1 - lam) * ser_loss(y[other])
         if teacher is None:
             return ser, {"ser": ser.item()}
         with torch.no_grad():

@@ -4662,6 +4662,21 @@ def test_spec_augment_is_a_no_op_in_eval_and_reproducible_with_the_seed():
     assert satn.SpecAugment().train()(x, lengths) is x                          # nothing to mask: off
 
 
+def test_mixup_blends_pairs_of_the_batch_and_is_reproducible_with_the_seed():
+    x, lengths = torch.randn(5, 120, 30), torch.tensor([30, 25, 12, 30, 8])
+    torch.manual_seed(3)
+    a, la, lam, other = satn.mixup(x, lengths, 0.4)
+    torch.manual_seed(3)
+    b, lb, lam_b, other_b = satn.mixup(x, lengths, 0.4)
+    torch.manual_seed(4)
+    c, *_ = satn.mixup(x, lengths, 0.4)
+    assert torch.equal(a, b) and torch.equal(la, lb) and lam == lam_b and torch.equal(other, other_b)
+    assert not torch.equal(a, c)
+    assert 0 < lam < 1 and sorted(other.tolist()) == list(range(5))             # a permutation of the batch
+    torch.testing.assert_close(a, lam * x + (1 - lam) * x[other])
+    assert la.tolist() == [max(lengths[i], lengths[j]).item() for i, j in enumerate(other.tolist())]
+
+
 @pytest.mark.parametrize("factor,samples", [(1.1, 14546), (0.9, 17778), (1.0, 16000)])
 def test_speed_perturbation_changes_the_frame_count(factor, samples):
     t = np.arange(16000) / SR
@@ -4694,7 +4709,7 @@ def test_robust_recipe_training_is_reproducible_and_evaluation_unaugmented(tmp_p
     data = _tone_corpus(tmp_path / "c", rows)
     cfg = satn.StudentConfig(data=str(data), fold=1, runs=str(tmp_path / "runs"), recipe="robust", speed="0.9,1,1.1", channels=8,
                              heads=2, subsample=4, epochs=3, lr=3e-2, batch_size=4, lr_patience=1, cosine=False, patience=2,
-                             time_masks=2, freq_masks=2)
+                             time_masks=2, freq_masks=2, mixup=0.4)
     d = satn.prepare_data(cfg, "student")
     assert len(d["train_views"]) == len(d["train"]) == 8
     assert all(len(v) == 3 for v in d["train_views"])
@@ -4705,7 +4720,9 @@ def test_robust_recipe_training_is_reproducible_and_evaluation_unaugmented(tmp_p
     for part in ("dev", "test"):                                   # evaluation sees the plain features
         for (u, x), (v, y) in zip(d[part], paper[part]):
             assert u.id == v.id and np.array_equal(x, y)
-    logs = []
+    logs, mixed = [], []
+    mixup = satn.mixup
+    monkeypatch.setattr(satn, "mixup", lambda *a: mixed.append(1) or mixup(*a))
     for seed, name in ((0, "a"), (0, "b"), (1, "c")):
         satn.train_student(dataclasses.replace(cfg, seed=seed, name=name))
         logs.append([{k: v for k, v in json.loads(l).items() if k != "seconds"}
@@ -4713,6 +4730,9 @@ def test_robust_recipe_training_is_reproducible_and_evaluation_unaugmented(tmp_p
     print(logs)
     assert logs[0] == logs[1] and logs[0] != logs[2]
     assert all(r["lr"] <= cfg.lr for r in logs[0])
+    # mixup blends the training batches only (8 utterances in batches of 4, 3 epochs, 3 runs): none of
+    # the dev and test evaluations after each epoch and at the end
+    assert len(mixed) == 3 * 3 * 2
 
 
 def test_track_report_with_seeds_and_a_causal_row_not_last():
