@@ -4016,7 +4016,10 @@ def _frames_of(path):
     """Frames of a file, read block by block with load_audio's checks (ValueError naming it)."""
     n = sum(len(b) for b in audio_blocks(path))
     win, hop, _ = frame_params(SAMPLE_RATE)
-    return 1 + (max(n, win) - win) // hop
+    if n < win:   # no frame of speech to classify (features() would pad one)
+        raise ValueError(f"{path}: {1000 * n / SAMPLE_RATE:.1f} ms of audio, shorter than one "
+                         f"{1000 * WIN_SECONDS:.0f} ms analysis window")
+    return 1 + (n - win) // hop
 
 
 def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDOW, hop=PREDICT_HOP):

@@ -4168,6 +4168,9 @@ def test_predict_never_prints_nan_and_skips_a_non_finite_file(trained, tmp_path,
     x = satn.load_audio(good[0])
     x[1000:1100] = np.nan
     sf.write(str(folder / "nan.wav"), x, SR, subtype="FLOAT")
+    win = round(satn.WIN_SECONDS * SR)                 # one analysis window: the shortest file classified
+    sf.write(str(folder / "short.wav"), satn.load_audio(good[0])[:win - 1], SR, subtype="FLOAT")
+    sf.write(str(folder / "one-window.wav"), satn.load_audio(good[0])[:win], SR, subtype="FLOAT")
     rc = satn.main(["predict", "--json", "--norm", "inputs", "--checkpoint", str(trained["at_dir"] / "best.pt"),
                     str(folder)])
     out = capsys.readouterr().out
@@ -4177,9 +4180,11 @@ def test_predict_never_prints_nan_and_skips_a_non_finite_file(trained, tmp_path,
         raise AssertionError(f"{c} in JSON output")
 
     rows = [json.loads(line, parse_constant=no_constants) for line in out.strip().splitlines()]
-    assert rc == 1 and len(rows) == 3
+    assert rc == 1 and len(rows) == 5
     by = {Path(r["file"]).name: r for r in rows}
     assert "not finite" in by["nan.wav"]["error"]
+    assert by["short.wav"]["error"].endswith("short.wav: 24.9 ms of audio, shorter than one 25 ms analysis window")
+    assert by["one-window.wav"]["seconds"] == 0.01 and "probabilities" in by["one-window.wav"]
     for g in good:                                   # the other files' statistics are not poisoned
         assert all(math.isfinite(p) for p in by[g.name]["probabilities"].values())
 
