@@ -3302,12 +3302,13 @@ def mean_test_confusion(results):
     """Row-normalised test confusion matrices averaged over runs (the paper's Figure 3).
 
     Each class's row is averaged only over the runs whose test split has that class
-    (a run without it says nothing about its recall); a class no run has stays NaN."""
+    (a run without it says nothing about its recall); a class no run has stays NaN.
+    Returns the (C, C) matrix and, per class, how many runs its row averages."""
     confs = np.array([r["test"]["confusion"] for r in results], dtype=np.float64)  # (runs, C, C)
     present = confs.sum(2, keepdims=True) > 0                                      # (runs, C, 1)
     rows = np.where(present, confs / np.maximum(confs.sum(2, keepdims=True), 1), 0.0).sum(0)
     with np.errstate(invalid="ignore"):
-        return rows / present.sum(0)                                                # (C, C)
+        return rows / present.sum(0), present.sum(0)[:, 0].tolist()                 # (C, C), (C,)
 
 
 def format_confusion(conf, classes, title):
@@ -3727,8 +3728,7 @@ def report(runs="runs", per_seed=False):
         best = max(complete or known, key=dev_ua.get)
         rs = results[best]
         classes = rs[0]["classes"]
-        norm = mean_test_confusion(rs)
-        has = [sum(sum(r["test"]["confusion"][i]) > 0 for r in rs) for i in range(len(classes))]   # runs per row
+        norm, has = mean_test_confusion(rs)
         per_row = (f"the {len(rs)} runs" if min(has) == len(rs) else
                    f"the runs whose test split has that class: {len(rs)}, but " + ", ".join(
                        f"{n} for {c}" for c, n in zip(classes, has) if n < len(rs)))
@@ -4354,7 +4354,7 @@ def report_figures(runs, results):
     names = list(results)
     fig, axes = plt.subplots(2, math.ceil(len(names) / 2), figsize=(3.2 * math.ceil(len(names) / 2), 6.4), squeeze=False)
     for ax, name in zip(axes.flat, names):
-        conf = mean_test_confusion(results[name])
+        conf, _ = mean_test_confusion(results[name])
         classes = results[name][0]["classes"]
         ax.imshow(conf, vmin=0, vmax=1, cmap="Blues")
         for (i, j), v in np.ndenumerate(conf):

@@ -1716,8 +1716,9 @@ def test_mean_test_confusion_averages_a_class_only_over_the_runs_that_have_it():
     # run 1 has no sad test utterance; run 2 has two; angry occurs in no run
     r1 = {"test": {"confusion": [[2, 2, 0, 0], [0, 4, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]}}
     r2 = {"test": {"confusion": [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0]]}}
-    m = satn.mean_test_confusion([r1, r2])
-    print(m)
+    m, runs = satn.mean_test_confusion([r1, r2])
+    print(m, runs)
+    assert runs == [2, 2, 1, 0]                                  # the runs each row averages
     np.testing.assert_allclose(m[0], [0.75, 0.25, 0, 0])        # (1/2 + 1) / 2, (1/2 + 0) / 2
     np.testing.assert_allclose(m[1], [0.25, 0.75, 0, 0])
     np.testing.assert_allclose(m[2], [0, 0.5, 0.5, 0])          # run 2 only: not halved by run 1's empty row
