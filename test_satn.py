@@ -4601,6 +4601,9 @@ def test_recipe_robust_sets_its_flags_and_explicit_options_win(monkeypatch, caps
         satn.StudentConfig(speed="fast")
     with pytest.raises(satn.DataError, match="--select"):
         satn.StudentConfig(select="first")
+    for bad in (-0.1, math.inf, math.nan):
+        with pytest.raises(satn.DataError, match="--mixup"):
+            satn.StudentConfig(mixup=bad)
     with pytest.raises(satn.DataError, match="--cosine and --lr-patience"):
         satn.StudentConfig(recipe="robust", lr_patience=5)
     assert satn.StudentConfig(recipe="robust", lr_patience=5, cosine=False).lr_patience == 5
