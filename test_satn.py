@@ -2181,7 +2181,7 @@ def test_teacher_overfits_a_few_utterances(teacher_batch, seed):
     model = satn.Teacher(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(100):
+    for _ in range(150):   # 100 steps left seed 1's CTC head 9.9% off on one CPU, its joint decoding 5.7%
         model.train()
         logits, enc = model(x, lengths, inp)
         att = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), out.reshape(-1), ignore_index=-100)
@@ -2206,9 +2206,7 @@ def test_teacher_overfits_a_few_utterances(teacher_batch, seed):
     assert losses[-1] < 0.5 * losses[0]
     assert per < 30.0
     assert per_att <= 10.0
-    # joint decoding weighs the CTC head in (0.3): where CTC's best path is still 9.9% off (seed 1 on
-    # one CPU; 0% on another), joint decoding was 5.7%; a broken search is far above this bound
-    assert per_joint <= 10.0
+    assert per_joint <= 5.0
     # the decoders: plain int lists without <sos>/<eos>, at most one token per encoder frame
     for hyps in (att_hyps, joint_hyps):
         assert len(hyps) == len(targets)
