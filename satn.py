@@ -1399,14 +1399,13 @@ class SpecAugment(nn.Module):
 
 def mixup(x, lengths, alpha):
     """Mixup (Zhang et al. 2018) of a padded training batch x (B, 120, T): every utterance
-    blended with another of the batch, lam * x + (1 - lam) * x[perm], lam ~ Beta(alpha, alpha)
+    blended with another of the batch, lam * x + (1 - lam) * x[other], lam ~ Beta(alpha, alpha)
     once per batch. Past the shorter one's end the blend holds the longer one scaled (its pad
     is 0, the normalised mean), and the blend is as long as the longer. Drawn from torch's
-    global generator, so torch.manual_seed reproduces it. Returns (x, lengths, lam, perm); the
-    loss is lam * L(y) + (1 - lam) * L(y[perm])."""
+    global generator, so torch.manual_seed reproduces it. Returns (x, lengths, lam, other),
+    `other` the permutation (on x's device); the loss is lam * L(y) + (1 - lam) * L(y[other])."""
     lam = float(torch.distributions.Beta(float(alpha), float(alpha)).sample())
-    perm = torch.randperm(len(x))
-    other = perm.to(x.device)
+    other = torch.randperm(len(x)).to(x.device)
     return lam * x + (1 - lam) * x[other], torch.maximum(lengths, lengths[other]), lam, other
 
 
@@ -1644,6 +1643,9 @@ RECIPES = {
 }
 
 
+MIXUP_ALPHA = (0.01, 1e4)   # the --mixup values whose Beta(a, a) draws torch samples faithfully
+
+
 def _r(help, choices=None):
     """A config field whose default comes from --recipe (RECIPES)."""
     return field(default=None, metadata={"help": help, "recipe": True, "choices": choices})
@@ -1721,9 +1723,11 @@ class StudentConfig(RunConfig):
         _require(min(self.time_masks, self.time_mask_frames, self.freq_masks, self.freq_mask_bands) >= 0
                  and self.freq_mask_bands <= N_MELS, f"the SpecAugment options must be >= 0 (bands at most {N_MELS})")
         _require(self.weight_decay >= 0 and self.lr_patience >= 0 and self.patience >= 0 and 0 <= self.label_smoothing < 1
-                 and 0 <= self.ema < 1 and 0 <= self.mixup < math.inf,
-                 "--weight-decay, --lr-patience, --patience and --mixup must be >= 0 (and finite), "
-                 "--label-smoothing and --ema in [0, 1)")
+                 and 0 <= self.ema < 1, "--weight-decay, --lr-patience and --patience must be >= 0, "
+                                        "--label-smoothing and --ema in [0, 1)")
+        _require(self.mixup == 0 or MIXUP_ALPHA[0] <= self.mixup <= MIXUP_ALPHA[1],
+                 f"--mixup must be 0 (off) or in [{MIXUP_ALPHA[0]:g}, {MIXUP_ALPHA[1]:g}], got {self.mixup:g} "
+                 f"(below {MIXUP_ALPHA[0]:g} torch's Beta sampler underflows and returns 0.5, the strongest blend)")
         self.speed_factors()
         _require(not (self.cosine and self.lr_patience), "--cosine and --lr-patience are two learning-rate "
                                                          "schedules: give one (--no-cosine, or --lr-patience 0)")

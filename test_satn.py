@@ -2326,7 +2326,7 @@ def test_student_overfits_a_few_utterances(demo_corpus):
     model = satn.Student(cfg, 4)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     accs = []
-    for _ in range(150):
+    for _ in range(150):   # 100 steps left seed 1's CTC head 9.9% off on one CPU, its joint decoding 5.7%
         model.train()
         logits, _ = model(x, lengths)
         loss = F.cross_entropy(logits, y)
@@ -4599,9 +4599,10 @@ def test_recipe_robust_sets_its_flags_and_explicit_options_win(monkeypatch, caps
         satn.StudentConfig(speed="fast")
     with pytest.raises(satn.DataError, match="--select"):
         satn.StudentConfig(select="first")
-    for bad in (-0.1, math.inf, math.nan):
-        with pytest.raises(satn.DataError, match="--mixup"):
+    for bad in (-0.1, 1e-3, 1e5, math.inf, math.nan):
+        with pytest.raises(satn.DataError, match="--mixup must be 0 "):
             satn.StudentConfig(mixup=bad)
+    assert satn.StudentConfig(mixup=0.01).mixup == 0.01 and satn.StudentConfig(mixup=1e4).mixup == 1e4
     with pytest.raises(satn.DataError, match="--cosine and --lr-patience"):
         satn.StudentConfig(recipe="robust", lr_patience=5)
     assert satn.StudentConfig(recipe="robust", lr_patience=5, cosine=False).lr_patience == 5
