@@ -2326,7 +2326,7 @@ def test_student_overfits_a_few_utterances(demo_corpus):
     model = satn.Student(cfg, 4)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     accs = []
-    for _ in range(150):   # 100 steps left seed 1's CTC head 9.9% off on one CPU, its joint decoding 5.7%
+    for _ in range(150):
         model.train()
         logits, _ = model(x, lengths)
         loss = F.cross_entropy(logits, y)
