@@ -821,7 +821,7 @@ def emotion_utterances(utts, data, verbose=True):
     return utts
 
 
-FEATURE_CACHE_VERSION = 2       # bump when the cache layout changes
+FEATURE_CACHE_VERSION = 3       # bump when the cache layout or what it keeps changes (3: files under one window refused)
 UNREADABLE_SHARE_LIMIT = 0.1    # more files than this share unreadable (missing, no permission): stop, loudly
 PADDING_WARN_SECONDS = 0.1      # digital silence (exact zeros) at a file's ends beyond this is named: padding
 POOL_AHEAD = 4                  # files queued per worker thread ahead of the one being written
@@ -860,6 +860,7 @@ def _utterance_features(job):
         return "io", f"{path}: {e.strerror or _first_line(e)}"
     try:
         wave = load_audio(path)
+        _check_one_window(path, len(wave))
         x = feature_frames(speed_perturb(wave, speed))                               # (T, 120)
     except ValueError as e:
         if not os.access(path, os.R_OK):        # it went away while being read
@@ -869,6 +870,14 @@ def _utterance_features(job):
     sound = wave != 0                           # not all False: load_audio refuses silent files
     zeros = (sound.argmax() + sound[::-1].argmax()) / SAMPLE_RATE                   # leading + trailing zeros
     return "ok", x, _frame_moments(x), zeros
+
+
+def _check_one_window(path, n):
+    """A file of n samples (16 kHz) must hold one 25 ms analysis window: log_mel would pad a
+    shorter one to a frame of mostly zeros, which is not speech to train on or classify."""
+    if n < frame_params(SAMPLE_RATE)[0]:
+        raise ValueError(f"{path}: {1000 * n / SAMPLE_RATE:.1f} ms of audio, shorter than one "
+                         f"{1000 * WIN_SECONDS:.0f} ms analysis window")
 
 
 def _frame_moments(x):
@@ -1269,7 +1278,11 @@ def causal_conv1d_ref(x, weight, bias=None, dilation=1, activation=None):
     x (B, C_in, T), weight (C_out, C_in, K) -> (B, C_out, T); output[t] depends on
     x[<= t] only (left zero padding of (K-1)*dilation). activation: None or "relu"."""
     K = weight.shape[-1]
-    y = F.conv1d(F.pad(x, ((K - 1) * dilation, 0)), weight, bias, dilation=dilation)
+    if 0 in (x.shape[1], x.shape[2], weight.shape[0]):   # no inputs, frames or outputs: conv1d refuses these
+        y = torch.einsum("bct,oc->bot", x, weight.sum(-1))   # (B, O, T): all zeros, or empty
+        y = y + bias[:, None] if bias is not None else y
+    else:
+        y = F.conv1d(F.pad(x, ((K - 1) * dilation, 0)), weight, bias, dilation=dilation)
     return F.relu(y) if activation == "relu" else y
 
 
@@ -4019,10 +4032,8 @@ def stream_windows(path, T, mean, std, window=PREDICT_WINDOW, hop=PREDICT_HOP, s
 def _frames_of(path):
     """Frames of a file, read block by block with load_audio's checks (ValueError naming it)."""
     n = sum(len(b) for b in audio_blocks(path))
+    _check_one_window(path, n)
     win, hop, _ = frame_params(SAMPLE_RATE)
-    if n < win:   # no frame of speech to classify (features() would pad one)
-        raise ValueError(f"{path}: {1000 * n / SAMPLE_RATE:.1f} ms of audio, shorter than one "
-                         f"{1000 * WIN_SECONDS:.0f} ms analysis window")
     return 1 + (n - win) // hop
 
 

@@ -819,6 +819,24 @@ def test_compute_features_values_and_bad_files(tmp_path, capsys):
         np.testing.assert_allclose(f, ref, atol=1e-6)
 
 
+def test_compute_features_skips_a_file_shorter_than_one_window(tmp_path, capsys):
+    # 399 samples hold no 25 ms window (log_mel would pad one frame of mostly zeros): skipped and
+    # named, like a file that is not audio; 400 samples make exactly one frame and are kept.
+    utts = _feature_utts(tmp_path, bad=0)
+    for n in (399, 400):
+        p = tmp_path / "wav" / f"n{n}.wav"
+        sf.write(str(p), (0.3 * np.sin(np.arange(n) / 5)).astype(np.float32), SR, subtype="PCM_16")
+        utts.append(utt(f"n{n}", "calm", "s1", "S1", str(p)))
+    kept, feats = satn.compute_features(utts, cache_dir=tmp_path / "cache", verbose=False)
+    out = capsys.readouterr().out
+    assert [u.id for u in kept] == ["u0", "u1", "u2", "n400"] and feats[-1].shape == (3, satn.N_MELS, 1)
+    assert "skipped 1 unreadable audio files: " in out
+    assert "n399.wav: 24.9 ms of audio, shorter than one 25 ms analysis window" in out
+    # The refusal is cached with the other failures: a second call reads it back and says it again.
+    kept2, _ = satn.compute_features(utts, cache_dir=tmp_path / "cache", verbose=False)
+    assert [u.id for u in kept2] == [u.id for u in kept] and "n399.wav: 24.9 ms" in capsys.readouterr().out
+
+
 def test_compute_features_cache_is_reused_and_invalidated(tmp_path, monkeypatch, capsys):
     utts = _feature_utts(tmp_path)
     cache = tmp_path / "cache"
@@ -1151,6 +1169,22 @@ def test_causal_conv1d_ref_formula_and_causality(K, d):
         torch.testing.assert_close(y2[..., :t + 1], y[..., :t + 1])
         if t + 1 < 11:
             assert not torch.allclose(y2[..., t + 1:], y[..., t + 1:])
+
+
+@pytest.mark.parametrize("B, C, O, T", [(2, 3, 4, 0), (2, 3, 0, 5), (2, 0, 4, 5), (0, 3, 4, 5)])
+def test_causal_conv1d_ref_empty_shapes(B, C, O, T):
+    # conv1d refuses no frames and no output channels; with no input channels the output is the bias.
+    g = torch.Generator().manual_seed(B + 10 * C + 100 * O + 1000 * T)
+    x = torch.randn(B, C, T, generator=g, requires_grad=True)
+    w = torch.randn(O, C, 3, generator=g, requires_grad=True)
+    b = torch.randn(O, generator=g, requires_grad=True)
+    y = satn.causal_conv1d_ref(x, w, b, dilation=2)
+    assert y.shape == (B, O, T)
+    torch.testing.assert_close(y.double(), _naive_causal_conv(x, w, b, 2))
+    torch.testing.assert_close(satn.causal_conv1d_ref(x, w, b, 2, activation="relu"), torch.relu(y))
+    y.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
+    torch.testing.assert_close(b.grad, torch.full((O,), float(B * T)))
 
 
 def test_tcn_shapes_and_receptive_field_attribute():
@@ -3496,6 +3530,10 @@ _TILE_CASES = [
 ]
 
 CASES = _EDGE_CASES + _TILE_CASES + _sampled_cases()
+_EMPTY_CASES = [   # no frames, no output channels, no input channels (the output is the bias), no batch
+    (2, 3, 4, 0, 3, 2, True, True), (2, 3, 0, 5, 3, 2, True, False), (2, 0, 4, 5, 3, 2, True, True),
+    (2, 0, 4, 5, 3, 2, True, False), (0, 3, 4, 5, 3, 2, False, True),
+]
 # Largest |ext - ref| allowed, relative to max(1, max |ref|).
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
@@ -3554,6 +3592,9 @@ def _check_against_ref(case, device, dtype, monkeypatch, noncontiguous=False):
         tol = satn.KERNEL_CHECK_TOL["float32/tf32"]  # TF32 tensor cores, as PyTorch's own conv
     for name, got, want in pairs:
         assert got.shape == want.shape and got.dtype == dtype and got.device.type == device
+        if want.numel() == 0:
+            print(f"{_case_id(case)} {dtype} {name}: empty, as the reference")
+            continue
         scale = max(1.0, want.abs().max().item())
         err = (got.double().cpu() - want).abs().max().item() / scale
         print(f"{_case_id(case)} {dtype} {name}: max rel diff {err:.3g} (tol {tol:g})")
@@ -3561,7 +3602,7 @@ def _check_against_ref(case, device, dtype, monkeypatch, noncontiguous=False):
 
 
 # ------------------------------------------------------------------ CPU build
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES + _EMPTY_CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_kernel_cpu_matches_ref(case, dtype, monkeypatch):
     _check_against_ref(case, "cpu", dtype, monkeypatch)
