@@ -5121,19 +5121,21 @@ def _conv_uses_tf32():
     return bool(torch.backends.cudnn.allow_tf32)
 
 
-def _t_bucket(T):
-    """Sequence lengths timed together: the next power of two >= T."""
-    return 1 << max(0, int(T) - 1).bit_length()
+def _pow2_bucket(n):
+    """Batch sizes or sequence lengths timed together: the next power of two >= n."""
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def kernel_signature(x, weight, dilation, grads):
     """What the dispatch times once: device, dtype (with TF32 for float32), C_in, C_out, K,
-    dilation, T bucket and which gradients the call needs ('none', 'w' or 'x+w')."""
+    dilation, T and batch buckets (a streaming batch of one and a training batch of 32 may
+    want different paths) and which gradients the call needs ('none', 'w' or 'x+w')."""
     dev = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
     dtype = str(x.dtype).replace("torch.", "")
     if x.dtype == torch.float32 and _conv_uses_tf32():
         dtype += "/tf32"
-    return (dev, dtype, x.shape[1], weight.shape[0], weight.shape[2], int(dilation), _t_bucket(x.shape[2]), grads)
+    return (dev, dtype, x.shape[1], weight.shape[0], weight.shape[2], int(dilation), _pow2_bucket(x.shape[2]),
+            _pow2_bucket(x.shape[0]), grads)
 
 
 def choose_kernel_path(ext_ms, ref_ms, margin=KERNEL_TUNE_MARGIN):
@@ -5219,12 +5221,12 @@ def _store_kernel_choice(device, sig, entry):
 
 def _announce_kernel_choice(sig, entry, how):
     if KERNEL_VERBOSE:
-        dev, dtype, C, O, K, d, tb, grads = sig
+        dev, dtype, C, O, K, d, tb, bb, grads = sig
         times = ""
         if entry.get("ref_ms") is not None:
             ext = f"{entry['ext_ms']:.3f} ms" if entry.get("ext_ms") is not None else "failed"
             times = f": ext {ext}, ref {entry['ref_ms']:.3f} ms"
-        print(f"satn kernels: {dev} {dtype} C_in {C} C_out {O} K {K} dilation {d} T<={tb} grads {grads}"
+        print(f"satn kernels: {dev} {dtype} C_in {C} C_out {O} K {K} dilation {d} T<={tb} B<={bb} grads {grads}"
               f"{times} -> {'extension' if entry['path'] == 'ext' else 'PyTorch path'} ({how})", flush=True)
 
 

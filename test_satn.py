@@ -3854,7 +3854,7 @@ def auto_dispatch(tmp_path, monkeypatch):
     state = {"timings": {}, "timed": []}
 
     def fake_time(x, w, b, d, relu, ext_, grads):
-        state["timed"].append((x.shape[1], w.shape[0], d, x.shape[2], grads))
+        state["timed"].append((x.shape[1], w.shape[0], d, x.shape[0], x.shape[2], grads))
         return state["timings"].get(d, (1.0, 2.0))
 
     monkeypatch.setattr(satn, "_time_kernel_paths", fake_time)
@@ -3875,8 +3875,11 @@ def test_auto_dispatch_times_each_signature_once_and_follows_the_timing(auto_dis
     satn.causal_conv1d(torch.randn(2, 3, 300), w, None, 1, "relu")   # new T bucket: timed again
     wg = w.clone().requires_grad_()
     satn.causal_conv1d(torch.randn(2, 3, 100), wg, None, 1, "relu")  # needs grad_w: a new signature
+    satn.causal_conv1d(torch.randn(32, 3, 100), w, None, 1, "relu")  # new batch bucket (> 2): timed again
+    satn.causal_conv1d(torch.randn(17, 3, 100), w, None, 1, "relu")  # the same batch bucket (<= 32)
     print(auto_dispatch["timed"])
-    assert [t[-2:] for t in auto_dispatch["timed"]] == [(100, "none"), (100, "none"), (300, "none"), (100, "w")]
+    assert [t[-3:] for t in auto_dispatch["timed"]] == [(2, 100, "none"), (2, 100, "none"), (2, 300, "none"),
+                                                        (2, 100, "w"), (32, 100, "none")]
 
 
 def test_auto_dispatch_choice_is_stored_and_reused_by_a_new_process(auto_dispatch, monkeypatch):
@@ -3900,7 +3903,7 @@ def test_auto_dispatch_prints_each_choice_once_when_verbose(auto_dispatch, monke
     out = capsys.readouterr().out
     print(out)
     assert out.count("satn kernels:") == 1
-    assert "dilation 4" in out and "ext 1.000 ms, ref 2.000 ms -> extension (timed now)" in out
+    assert "dilation 4 T<=64 B<=2 grads none: ext 1.000 ms, ref 2.000 ms -> extension (timed now)" in out
 
 
 def test_auto_dispatch_deterministic_mode_takes_the_pytorch_path_untimed(auto_dispatch):
