@@ -4876,6 +4876,37 @@ def test_ema_runs_save_the_average_and_resume_exactly(tmp_path, monkeypatch):
     model.load_state_dict(a["model"])                       # the average loads as a plain model
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_resume_continues_the_dropout_stream(tmp_path, monkeypatch, device):
+    """2 epochs then --resume to 3 equal 3 epochs in one go: last.pt keeps the random state
+    that dropout draws from (on a GPU, the device's own generator). Resumed from a state that
+    was not restored, the third epoch's dropout masks differ, and so do the weights. On a GPU
+    the comparison allows float noise (reductions may run in another order)."""
+    monkeypatch.chdir(tmp_path)
+    rows = [(f"{s}{g}{i}.wav", lab, f"{s}{g}", f"s{s}") for s in "12" for g in "FM" for i, lab in enumerate("xyxy")]
+    data = _tone_corpus(tmp_path / "c", rows)
+    cfg = satn.StudentConfig(data=str(data), fold=1, runs=str(tmp_path / "runs"), channels=8, heads=2, subsample=4,
+                             epochs=3, lr=3e-2, batch_size=4, dropout=0.5, device=device)
+    run = tmp_path / "runs" / "student"
+    satn.train_student(dataclasses.replace(cfg, name="straight"))
+    for name in ("resumed", "not-restored"):
+        satn.train_student(dataclasses.replace(cfg, name=name, epochs=2))
+        (run / name / "fold1" / "final.json").unlink()            # not finished: train on
+    satn.train_student(dataclasses.replace(cfg, name="resumed", resume=True))
+    set_state = torch.cuda.set_rng_state if device == "cuda" else torch.set_rng_state
+    monkeypatch.setattr(torch.cuda if device == "cuda" else torch, "set_rng_state", lambda *a, **k: None)
+    satn.train_student(dataclasses.replace(cfg, name="not-restored", resume=True))
+    monkeypatch.setattr(torch.cuda if device == "cuda" else torch, "set_rng_state", set_state)
+    a, b, c = (torch.load(run / n / "fold1" / "last.pt", map_location="cpu", weights_only=True)["model"]
+               for n in ("straight", "resumed", "not-restored"))
+    tol = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=1e-4, atol=1e-5)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], **tol, msg=k)
+    differ = max((c[k].double() - a[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+    print(f"{device}: largest weight difference when the random state is not restored: {differ:.3g}")
+    assert differ > 1e-3
+
+
 def test_report_puts_the_baseline_row_first(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     rows = [(f"{s}{g}{i}.wav", lab, f"{s}{g}", f"s{s}") for s in "12" for g in "FM" for i, lab in enumerate("xyxy")]
