@@ -2312,6 +2312,26 @@ def collate(xs, device):
     return batch.transpose(1, 2).contiguous().to(device), lengths.to(device)                  # (B, 120, T)
 
 
+def corpus_fingerprint(utts, role):
+    """What a run was trained on, to tell later whether the corpus has changed since: the number of
+    utterances and a hash of every one's id, label, speaker and session (and, for a teacher, its
+    transcript). The path is left out, so a corpus moved to another folder is still the same."""
+    h = hashlib.sha1()
+    for u in sorted(utts, key=lambda u: u.id):
+        h.update(json.dumps([u.id, u.label, u.speaker, u.session] + ([u.text] if role == "teacher" else [])).encode())
+    return {"utterances": len(utts), "sha1": h.hexdigest()[:16]}
+
+
+def check_same_corpus(saved, now, run_dir, what="holds a run"):
+    """Refuse a finished or interrupted run trained on another version of the corpus (a label
+    fixed, rows added or dropped): skipped, it would report the old labels' results; resumed, it
+    would train on a mixture. Runs from before fingerprints were stored (None) pass."""
+    if saved is not None and saved != now:
+        raise DataError(f"{run_dir} {what} trained on another version of the corpus ({saved['utterances']} "
+                        f"utterances then, {now['utterances']} now; ids, labels, speakers, sessions or transcripts "
+                        f"differ): use --runs or --name for this version, or delete the folder")
+
+
 def prepare_data(cfg, role):
     """Load the corpus, compute (or read cached) features, normalise, split.
 
@@ -2323,8 +2343,8 @@ def prepare_data(cfg, role):
     # per-speaker statistics come from all of a speaker's utterances, so that teacher
     # and student see identically normalised inputs.
     sweep_stale_temps(Path(cfg.runs) / "cache")
-    kept, feats = compute_features(load_corpus(cfg.data, subset="all", verbose=False, all_labels=True),
-                                   Path(cfg.runs) / "cache")
+    utts = load_corpus(cfg.data, subset="all", verbose=False, all_labels=True)
+    kept, feats = compute_features(utts, Path(cfg.runs) / "cache")
     check_duplicate_audio(kept, feats)
     sessions = {u.session for u in kept}
     if role == "student":
@@ -2347,6 +2367,7 @@ def prepare_data(cfg, role):
     mean, std = feature_stats([feats[i] for i in idx], [feats.moments[i] for i in idx])
     out = {"train": [(u, by_id[u.id]) for u in train], "dev": [(u, by_id[u.id]) for u in dev],
            "test": [(u, by_id[u.id]) for u in test], "classes": classes, "held_out": min(held),
+           "corpus": corpus_fingerprint(utts, role),
            "stats": {"mode": cfg.norm, "mean": torch.from_numpy(mean), "std": torch.from_numpy(std),
                      "source": "every utterance of the training sessions"}}
     factors = cfg.speed_factors() if role == "student" else (1.0,)
@@ -2539,7 +2560,7 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
     ema = WeightAverage(model, ema_decay) if ema_decay else None
     conf = stored_config(cfg, run_dir)
     held_out = data.get("held_out")
-    extra = {**extra, "held_out": held_out}
+    extra = {**extra, "held_out": held_out, "corpus": data.get("corpus")}
     start, best, stale, log = 1, None, 0, run_dir / "metrics.jsonl"
     if cfg.resume and (run_dir / "last.pt").is_file():
         ck = load_checkpoint(run_dir / "last.pt")
@@ -2550,6 +2571,10 @@ def fit(cfg, model, run_dir, data, loss_fn, evaluate, score_key, higher_is_bette
         if ck.get("held_out") not in (None, held_out):
             raise DataError(f"{run_dir}/last.pt held out session {ck['held_out']}, but fold {cfg.fold} of this corpus "
                             f"is session {held_out} (sessions added or removed?): use --runs or delete the folder")
+        check_same_corpus(ck.get("corpus"), data.get("corpus"), run_dir / "last.pt", "is from a run")
+        if ck.get("classes") not in (None, extra.get("classes")):
+            raise DataError(f"{run_dir}/last.pt was trained on the classes {', '.join(ck['classes'])}, this corpus has "
+                            f"{', '.join(extra['classes'])}: use --runs or --name, or delete the folder")
         if ck["epoch"] > cfg.epochs:
             raise DataError(f"{run_dir}: {ck['epoch']} epochs are trained already, more than --epochs {cfg.epochs}: "
                             f"give --epochs {ck['epoch']} or more to continue, or use --name for a shorter run")
@@ -2669,6 +2694,11 @@ def finished(run_dir, cfg):
             raise DataError(f"{run_dir} holds a run that held out session {record['held_out']}, but fold {cfg.fold} "
                             f"of this corpus is {f'session {now}' if now else 'no session'} (sessions added or "
                             f"removed?): use --runs or delete the folder")
+    if record.get("corpus") is not None:     # before anything below moves final.json
+        teacher = isinstance(cfg, TeacherConfig)
+        asr = teacher and bool(cfg.asr_data)
+        utts = load_corpus(cfg.asr_data if asr else cfg.data, "all", False, True, asr=asr)
+        check_same_corpus(record["corpus"], corpus_fingerprint(utts, "teacher" if teacher else "student"), run_dir)
     diff = _config_diff(done, cfg, _RESUME_IGNORES - {"epochs"}, run_dir)
     if diff == ["epochs"] and cfg.resume:
         if cfg.epochs < done["epochs"]:
@@ -2791,7 +2821,8 @@ def train_teacher(cfg: TeacherConfig):
     best = fit(cfg, model, run_dir, data, loss_fn, evaluate, "PER", False, {"vocab": list(PHONE_VOCAB)})
     model.load_state_dict(best["model"])
     model.eval()
-    final = {"config": stored_config(cfg, run_dir), "held_out": data.get("held_out"), "best_epoch": best["epoch"],
+    final = {"config": stored_config(cfg, run_dir), "held_out": data.get("held_out"), "corpus": data["corpus"],
+             "best_epoch": best["epoch"],
              "lexicon_words": len(tree), "oov": {"words": n_words, "oov": n_oov, "distinct": len(missing)}, "speed": {}}
     decodings = ["joint", "attention"] + (["ctc"] if cfg.ctc_weight > 0 else [])
     if cfg.ctc_weight == 0 and cfg.decode_ctc_weight > 0:
@@ -2825,8 +2856,8 @@ def prepare_asr_data(cfg: TeacherConfig):
     The corpus must share no speaker with the emotion corpus (--data), whose every fold's
     student then imitates this one teacher without any test speaker having been seen.
     The last ASR_HELD_OUT of the sorted speakers are test, as many before them dev."""
-    utts = [u for u in load_corpus(cfg.asr_data, subset="all", verbose=False, all_labels=True, asr=True)
-            if u.text.strip()]
+    every = load_corpus(cfg.asr_data, subset="all", verbose=False, all_labels=True, asr=True)
+    utts = [u for u in every if u.text.strip()]
     if not utts:
         raise DataError(f"--asr-data {cfg.asr_data}: no transcripts (a text column is needed)")
     emotion = {u.speaker for u in load_corpus(cfg.data, subset="all", verbose=False, all_labels=True)}
@@ -2851,8 +2882,8 @@ def prepare_asr_data(cfg: TeacherConfig):
         parts["test" if u.speaker in test_spk else "dev" if u.speaker in dev_spk else "train"].append((u, x))
     print(f"ASR corpus {cfg.asr_data}: {len(speakers)} speakers ({len(speakers) - 2 * n} train, dev "
           f"{sorted(dev_spk)}, test {sorted(test_spk)}), none in the emotion corpus")
-    return {**parts, "classes": None, "stats": {"mode": cfg.norm, "mean": torch.from_numpy(mean),
-                                                "std": torch.from_numpy(std)}}
+    return {**parts, "classes": None, "corpus": corpus_fingerprint(every, "teacher"),
+            "stats": {"mode": cfg.norm, "mean": torch.from_numpy(mean), "std": torch.from_numpy(std)}}
 
 
 def phones_only(seqs):
@@ -2983,8 +3014,8 @@ def train_student(cfg: StudentConfig):
                {"classes": classes, "norm": data["stats"]})
     model.load_state_dict(best["model"])
     model.eval()
-    final = {"config": stored_config(cfg, run_dir), "held_out": data["held_out"], "classes": classes,
-             "best_epoch": best["epoch"]}
+    final = {"config": stored_config(cfg, run_dir), "held_out": data["held_out"], "corpus": data["corpus"],
+             "classes": classes, "best_epoch": best["epoch"]}
     for part in ("dev", "test"):
         final[part] = classify(model, data[part], label, cfg.batch_size, device, cfg.max_frames)
         print(f"{cfg.run_name()} fold {cfg.fold} {part}: WA {final[part]['WA']:.1f}  UA {final[part]['UA']:.1f}")

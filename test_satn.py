@@ -4907,6 +4907,50 @@ def test_resume_continues_the_dropout_stream(tmp_path, monkeypatch, device):
     assert differ > 1e-3
 
 
+def test_a_run_of_an_edited_corpus_is_neither_skipped_nor_resumed(tmp_path, monkeypatch, capsys):
+    """A label fixed in the manifest after a run: skipping the finished run would report the old
+    labels' results, resuming it would train on a mixture, and a new class made resuming fail
+    deep inside after final.json had been moved away. Each is one error line, before anything moves."""
+    monkeypatch.chdir(tmp_path)
+    rows = [(f"{s}{g}{i}.wav", lab, f"{s}{g}", f"s{s}") for s in "123" for g in "FM" for i, lab in enumerate("xyxy")]
+    data = _tone_corpus(tmp_path / "c", rows)
+    run = tmp_path / "runs" / "student" / "tcn-self" / "fold1"
+    assert _student_cli(data, tmp_path, "--fold", "1") == 0
+    assert _student_cli(data, tmp_path, "--fold", "1") == 0               # the same corpus: skipped
+    assert "already finished (final.json); skipped" in capsys.readouterr().out
+    moved = tmp_path / "moved"                                            # the same rows elsewhere: still the same
+    shutil.copytree(tmp_path / "c", moved)
+    assert satn.corpus_fingerprint(satn.load_corpus(str(moved / "manifest.csv"), "all", False, True), "student") \
+        == json.loads((run / "final.json").read_text())["corpus"]
+    original = data.read_text()
+    for edit in (original.replace("2F0.wav,x", "2F0.wav,y"),            # one label fixed
+                 original.replace("3M1.wav,y", "3M1.wav,z"),            # a new class
+                 "\n".join(original.splitlines()[:-1]) + "\n"):            # a row dropped
+        data.write_text(edit)
+        for extra in ([], ["--epochs", "2", "--resume"]):
+            capsys.readouterr()
+            assert _student_cli(data, tmp_path, "--fold", "1", *extra) == 2
+            line = _one_line_error(capsys)
+            assert f"{run} holds a run trained on another version of the corpus" in line
+            assert (run / "final.json").is_file() and not list(run.glob("final-*"))
+    # An interrupted run (last.pt, no final.json) of the old corpus is not resumed either.
+    data.write_text(original)
+    (run / "final.json").unlink()
+    data.write_text(original.replace("2F0.wav,x", "2F0.wav,y"))
+    capsys.readouterr()
+    assert _student_cli(data, tmp_path, "--fold", "1", "--resume") == 2
+    assert f"{run / 'last.pt'} is from a run trained on another version of the corpus (24 utterances then, 24 now" \
+        in _one_line_error(capsys)
+    # A checkpoint from before fingerprints were stored: a new class is still one line, not a
+    # size mismatch from load_state_dict.
+    ck = torch.load(run / "last.pt", weights_only=True)
+    del ck["corpus"]
+    torch.save(ck, run / "last.pt")
+    data.write_text(original.replace("3M1.wav,y", "3M1.wav,z"))
+    assert _student_cli(data, tmp_path, "--fold", "1", "--resume") == 2
+    assert f"{run}/last.pt was trained on the classes x, y, this corpus has x, y, z" in _one_line_error(capsys)
+
+
 def test_report_puts_the_baseline_row_first(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     rows = [(f"{s}{g}{i}.wav", lab, f"{s}{g}", f"s{s}") for s in "12" for g in "FM" for i, lab in enumerate("xyxy")]
