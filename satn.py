@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import statistics
 import sys
@@ -70,6 +71,7 @@ N_MELS = 40                # mel bands
 LOG_FLOOR = 1e-10          # floor on mel power before the natural log
 DELTA_N = 2                # half-width of the delta regression window (5 frames)
 FEAT_CHANNELS = 3 * N_MELS # log-mel + deltas + delta-deltas, flattened for the models
+MAX_WINDOW_SECONDS = 3600.0 # longest causal window, warm-up, stream chunk or line interval accepted (s)
 
 # IEMOCAP label -> class. 'exc' is merged into happy, as in the paper's Table 1.
 IEMOCAP_CLASSES = {"neu": "neutral", "hap": "happy", "exc": "happy", "sad": "sad", "ang": "angry"}
@@ -773,11 +775,16 @@ def load_manifest(csv_path, verbose=True, asr=False):
                             + f"on line {first_line})")
         seen[path] = (line, uid)
         if not path.is_file():
-            absent.append(f"line {line}: {r['path']}")
+            absent.append((line, r["path"], path))
         utts.append(Utterance(uid, str(path), r.get("label", ""), r["speaker"], r.get("session", ""), r.get("text", "")))
-    if absent:
-        raise DataError(f"{csv_path}: {len(absent)} audio files do not exist ({'; '.join(absent[:3])}"
-                        + (", ..." if len(absent) > 3 else "") + ")")
+    if absent:   # paths are read relative to the manifest's folder, which a user may not expect
+        line, written, tried = absent[0]
+        here = sum(Path(w).is_file() for _, w, _ in absent)
+        raise DataError(f"{csv_path}: {len(absent)} audio files do not exist ("
+                        + "; ".join(f"line {n}: {w}" + (" is a folder" if p.is_dir() else "") for n, w, p in absent[:3])
+                        + (", ..." if len(absent) > 3 else "") + f"; line {line} was looked for at {tried})"
+                        + (f": {here} of them exist{'s' if here == 1 else ''} relative to the current folder, but a manifest's paths are read "
+                           f"relative to the manifest's own folder; write them so, or absolute" if here else ""))
     if not utts:
         raise DataError(f"{csv_path}: no rows")
     spellings = {}
@@ -1262,6 +1269,8 @@ def check_split(train, dev, test, fold):
         if not part:
             raise DataError(f"fold {fold}: the {name} split is empty")
     classes = class_order(u.label for u in train)
+    if len(classes) < 2:
+        raise DataError(f"fold {fold}: the training split has one class ({classes[0]}): there is nothing to classify")
     for name, part in (("dev", dev), ("test", test)):
         unseen = sorted({u.label for u in part} - set(classes))
         if unseen:
@@ -1764,8 +1773,10 @@ class StudentConfig(RunConfig):
         _require(not self.causal or (self.encoder == "tcn" and self.attention == "self"),
                  "--causal needs --encoder tcn --attention self (the BLSTM and soft attention look ahead)")
         _require(not (self.causal and self.pool != "mean"), "--causal classifies a running mean: it needs --pool mean")
-        _require(min(self.attn_window, self.summary_window) > 0 and self.frame_loss >= 0 and self.warmup >= 0,
-                 "--attn-window and --summary-window must be positive, --frame-loss and --warmup >= 0")
+        _require(0 < self.attn_window <= MAX_WINDOW_SECONDS and 0 < self.summary_window <= MAX_WINDOW_SECONDS
+                 and 0 <= self.warmup <= MAX_WINDOW_SECONDS and 0 <= self.frame_loss < math.inf,
+                 f"--attn-window and --summary-window must be in (0, {MAX_WINDOW_SECONDS}] s, --warmup in "
+                 f"[0, {MAX_WINDOW_SECONDS}] s, --frame-loss finite and >= 0")
 
     def speed_factors(self):
         """--speed as a tuple of floats, 1.0 first when present (the unperturbed features)."""
@@ -2907,15 +2918,20 @@ def decode_items(model, items, targets, batch_size, device, how="attention", bea
     return refs, hyps
 
 
-def load_teacher(cfg: StudentConfig, device):
-    """The frozen teacher the student imitates, in eval mode: --teacher (a run folder or its best.pt),
-    else the teacher of cfg.fold; stops at once when it was not trained or does not fit.
-    Its `held_out` attribute names the session it held out (None for older runs, and for a
-    teacher of a separate ASR corpus).
+def _teacher_command(cfg: StudentConfig):
+    """The command line that trains the teacher a student of cfg imitates (add --resume to finish it)."""
+    opts = [f"--fold {cfg.fold}"] + ([f"--seed {cfg.seed}"] if cfg.seed else []) \
+        + ([f"--data {shlex.quote(str(cfg.data))}"] if cfg.data else []) \
+        + ([f"--runs {shlex.quote(str(cfg.runs))}"] if str(cfg.runs) != "runs" else []) \
+        + ([f"--norm {cfg.norm}"] if cfg.norm != "speaker" else []) \
+        + ([f"--dev-speaker {shlex.quote(cfg.dev_speaker)}"] if cfg.dev_speaker else [])
+    return "python satn.py teacher " + " ".join(opts)
 
-    A student of seed s imitates the teacher of the same fold trained with seed s."""
+
+def teacher_checkpoint(cfg: StudentConfig):
+    """The best.pt of the teacher a student of cfg imitates: --teacher, else the teacher of cfg.fold
+    and cfg.seed. Stops (DataError) when it is missing or unfinished, saying how to train it."""
     path = teacher_run_dir(cfg) / "best.pt"
-    seed = f" --seed {cfg.seed}" if cfg.seed else ""
     if cfg.teacher:
         path = Path(cfg.teacher)
         path = path / "best.pt" if path.is_dir() else path
@@ -2925,12 +2941,23 @@ def load_teacher(cfg: StudentConfig, device):
         if cfg.data is not None and not any(u.text.strip() for u in load_corpus(cfg.data, "all", False, True)):
             raise DataError(f"--at-weight {cfg.at_weight}: attention transfer needs a teacher, and {cfg.data} has no "
                             f"transcripts to train one: use --at-weight 0")
-        data = f" --data {cfg.data}" if cfg.data else ""
         raise DataError(f"attention transfer needs the teacher of fold {cfg.fold}{' and seed ' + str(cfg.seed) if cfg.seed else ''} "
-                        f"({path} is missing): train it with `python satn.py teacher --fold {cfg.fold}{seed}{data}`")
+                        f"({path} is missing): train it with `{_teacher_command(cfg)}`")
     if not (path.parent / "final.json").is_file():
         raise DataError(f"the teacher in {path.parent} has not finished (no final.json): finish it with "
-                        f"`python satn.py teacher --fold {cfg.fold}{seed} --resume`")
+                        + (f"`{_teacher_command(cfg)} --resume`" if not cfg.teacher else "`python satn.py teacher` "
+                           "and the options it was started with, plus --resume"))
+    return path
+
+
+def load_teacher(cfg: StudentConfig, device):
+    """The frozen teacher the student imitates, in eval mode: --teacher (a run folder or its best.pt),
+    else the teacher of cfg.fold; stops at once when it was not trained or does not fit.
+    Its `held_out` attribute names the session it held out (None for older runs, and for a
+    teacher of a separate ASR corpus).
+
+    A student of seed s imitates the teacher of the same fold trained with seed s."""
+    path = teacher_checkpoint(cfg)
     ck = load_checkpoint(path)
     if not isinstance(ck, dict) or "vocab" not in ck or "classes" in ck or "config" not in ck:
         raise DataError(f"{path}: not a teacher checkpoint (a student's, or another file)")
@@ -4132,7 +4159,8 @@ def predict_stream(checkpoint, path, chunk=STREAM_CHUNK, every=STREAM_EVERY, as_
     is constant in the recording's length; --plot keeps the track (25 outputs/s) and
     a 100 Hz envelope of the waveform to draw them."""
     import soundfile as sf
-    _require(chunk > 0 and every > 0, "predict --stream needs --chunk > 0 and --every > 0")
+    _require(0 < chunk <= MAX_WINDOW_SECONDS and 0 < every <= MAX_WINDOW_SECONDS,
+             f"predict --stream needs --chunk and --every in (0, {MAX_WINDOW_SECONDS}] s")
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -6000,6 +6028,26 @@ def _folds(cfg):
     return range(1, len({u.session for u in load_corpus(cfg.data, "all", False, True)}) + 1)
 
 
+def check_folds(cfg, role):
+    """Before the first of several folds trains: every fold's split (a held-out session of one
+    speaker, a class missing from a fold's training split, a single class) and, for attention
+    transfer, every fold's teacher, so that a mistake in the last fold does not surface after
+    hours of training the others. From the manifest alone: files that turn out unreadable are
+    checked again when their fold starts."""
+    utts = load_corpus(cfg.data, "all", False, True)
+    sessions = {u.session for u in utts}
+    chosen = (emotion_utterances(utts, cfg.data, verbose=False) if role == "student"
+              else [u for u in utts if u.text.strip()])
+    if not chosen:   # no transcripts: prepare_data says so
+        return
+    for k in _folds(cfg):
+        train, dev, test = split_fold(chosen, k, cfg.dev_speaker, sessions)
+        if role == "student":
+            check_split(train, dev, test, k)
+            if cfg.at_weight > 0:
+                teacher_checkpoint(dataclasses.replace(cfg, fold=k))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="satn.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -6078,17 +6126,22 @@ def main(argv=None):
         except ValueError as e:
             raise DataError(str(e)) from None
         if args.command == "demo-data":
+            _require(0 <= args.seed < 2 ** 32, f"demo-data --seed must be in 0..2^32-1, got {args.seed}")
             write_demo_corpus(Path(args.out), args.seed)
         elif args.command == "prepare":
             return prepare(args.data, args.runs, args.folds_only)
         elif args.command == "teacher":
             cfg = config_from_args(TeacherConfig, args)
             pick_device(cfg.device)
+            if not cfg.asr_data and not cfg.fold:
+                check_folds(cfg, "teacher")
             for k in ([0] if cfg.asr_data else _folds(cfg)):   # an ASR corpus' teacher serves every fold
                 train_teacher(dataclasses.replace(cfg, fold=k))
         elif args.command == "student":
             cfg = config_from_args(StudentConfig, args)
             pick_device(cfg.device)
+            if not cfg.fold:
+                check_folds(cfg, "student")
             for k in _folds(cfg):
                 train_student(dataclasses.replace(cfg, fold=k))
         elif args.command == "predict" and args.stream:

@@ -1180,7 +1180,7 @@ def test_causal_conv1d_ref_empty_shapes(B, C, O, T):
     b = torch.randn(O, generator=g, requires_grad=True)
     y = satn.causal_conv1d_ref(x, w, b, dilation=2)
     assert y.shape == (B, O, T)
-    torch.testing.assert_close(y.double(), _naive_causal_conv(x, w, b, 2))
+    torch.testing.assert_close(y.double(), _naive_causal_conv(x.detach(), w.detach(), b.detach(), 2))
     torch.testing.assert_close(satn.causal_conv1d_ref(x, w, b, 2, activation="relu"), torch.relu(y))
     y.sum().backward()
     assert x.grad.shape == x.shape and w.grad.shape == w.shape
@@ -1921,7 +1921,7 @@ def test_cli_student_at_weight_without_teacher(tmp_path, monkeypatch, capsys):
     rc = satn.main(["student", "--data", str(csv_path), "--fold", "1", "--at-weight", "1", "--runs", str(runs)])
     assert rc == 2
     line = _one_line_error(capsys)
-    assert "python satn.py teacher --fold 1" in line
+    assert f"train it with `python satn.py teacher --fold 1 --data {csv_path} --runs {runs}`" in line   # as this student reads them
     assert not list(tmp_path.rglob("*.pt"))
 
 
@@ -3224,7 +3224,19 @@ def test_cli_manifest_paths_that_do_not_exist(tmp_path, monkeypatch, capsys):
     assert _student_cli(csv_path, tmp_path, "--fold", "1") == 2
     line = _one_line_error(capsys)
     assert "2 audio files do not exist" in line and "gone.wav" in line and "sub/lost.wav" in line
-    assert "here.wav" not in line
+    assert "here.wav" not in line and f"line 3 was looked for at {tmp_path / 'gone.wav'})" in line
+    assert "current folder" not in line
+    # Paths written relative to where the user stands, not to the manifest's folder: said so.
+    (tmp_path / "m").mkdir()
+    (tmp_path / "folder.wav").mkdir()
+    csv_path = write_manifest(tmp_path / "m", ["here.wav,calm,s1F,s1", "folder.wav,calm,s1M,s1"],
+                              header="path,label,speaker,session")
+    (tmp_path / "m" / "folder.wav").mkdir()
+    assert _student_cli(csv_path, tmp_path, "--fold", "1") == 2
+    line = _one_line_error(capsys)
+    assert (f"2 audio files do not exist (line 2: here.wav; line 3: folder.wav is a folder; line 2 was looked for "
+            f"at {tmp_path / 'm' / 'here.wav'}): 1 of them exists relative to the current folder, but a manifest's "
+            f"paths are read relative to the manifest's own folder") in line
 
 
 @pytest.mark.parametrize("command", ["teacher", "prepare"])
@@ -4471,12 +4483,20 @@ def test_streaming_wav_with_unknown_sizes_is_read_to_the_end(tmp_path):
     (["--lstm-hidden", "10000000"], "--lstm-hidden"), (["--seed", "-1"], "--seed"),
     (["--seed", str(2 ** 40)], "--seed"), (["--lr", "inf"], "--lr"), (["--at-weight", "inf"], "--at-weight"),
     (["--name", "../elsewhere"], "--name"), (["--name", "/tmp/abs"], "--name"),
-    (["--device", "meta"], "--device meta"), (["--device", "mps"], "--device mps")])
+    (["--device", "meta"], "--device meta"), (["--device", "mps"], "--device mps"),
+    (["--causal", "--summary-window", "nan"], "--summary-window"), (["--causal", "--attn-window", "inf"], "--attn-window"),
+    (["--causal", "--warmup", "inf"], "--warmup"), (["--causal", "--frame-loss", "inf"], "--frame-loss")])
 def test_cli_options_out_of_range_are_one_line_errors(tmp_path, monkeypatch, capsys, args, option):
     monkeypatch.chdir(tmp_path)
     rc = satn.main(["student", "--data", str(tmp_path / "absent.csv"), "--epochs", "1", *args])
     assert rc == 2
     assert option in _one_line_error(capsys)     # the option is named, before any data is read
+
+
+def test_demo_data_seed_out_of_range_writes_nothing(tmp_path, capsys):
+    assert satn.main(["demo-data", "--out", str(tmp_path / "d"), "--seed", "-1"]) == 2
+    assert "demo-data --seed must be in 0..2^32-1, got -1" in _one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []                     # no d.partial left behind
 
 
 @pytest.mark.parametrize("window, hop", [("0.001", "0.001"), ("inf", "4"), ("8", "0"), ("nan", "4")])
@@ -4951,6 +4971,42 @@ def test_a_run_of_an_edited_corpus_is_neither_skipped_nor_resumed(tmp_path, monk
     assert f"{run}/last.pt was trained on the classes x, y, this corpus has x, y, z" in _one_line_error(capsys)
 
 
+def test_every_fold_is_checked_before_the_first_trains(tmp_path, monkeypatch, capsys):
+    """--fold 0: a mistake in a later fold stops the command before fold 1 trains (it used to
+    surface after the earlier folds had trained, hours later on a real corpus)."""
+    monkeypatch.chdir(tmp_path)
+    rows = [(f"{s}{g}{i}.wav", lab, f"{s}{g}", f"s{s}") for s in "123" for g in "FM" for i, lab in enumerate("xyxy")]
+    one_speaker = [(p, lab, "3F" if sess == "s3" else spk, sess) for p, lab, spk, sess in rows]
+    z_only_in_s3 = [(p, "z" if p == "3M0.wav" else lab, spk, sess) for p, lab, spk, sess in rows]
+    one_class = [(p, "x", spk, sess) for p, _, spk, sess in rows]
+    for name, corpus, words in (("spk", one_speaker, "session s3 has one speaker (3F)"),
+                                ("cls", z_only_in_s3, "fold 3: label(s) z appear in dev but never in train"),
+                                ("one", one_class, "fold 1: the training split has one class (x): there is nothing to classify")):
+        data = _tone_corpus(tmp_path / name, corpus)
+        capsys.readouterr()
+        assert _student_cli(data, tmp_path, "--runs", str(tmp_path / f"runs-{name}")) == 2
+        assert words in _one_line_error(capsys)
+        assert not (tmp_path / f"runs-{name}" / "student").exists()       # no fold trained
+    # A transfer student whose fold-2 teacher is missing: refused before fold 1 trains.
+    _tone_corpus(tmp_path / "ok", rows)
+    data = write_manifest(tmp_path / "ok", [",".join(r) + ",hello there" for r in rows])   # with transcripts
+    runs = tmp_path / "runs-at"
+    (runs / "teacher" / "fold1").mkdir(parents=True)
+    for f in ("best.pt", "final.json"):
+        (runs / "teacher" / "fold1" / f).write_text("")
+    capsys.readouterr()
+    assert _student_cli(data, tmp_path, "--runs", str(runs), "--at-weight", "1") == 2
+    line = _one_line_error(capsys)
+    assert f"the teacher of fold 2 ({runs}/teacher/fold2/best.pt is missing)" in line
+    assert not (runs / "student").exists()
+    # The teachers' folds alike.
+    data = write_manifest(tmp_path / "spk", [",".join(r) + ",hello there" for r in one_speaker])
+    capsys.readouterr()
+    assert satn.main(["teacher", "--data", str(data), "--runs", str(tmp_path / "runs-t"), "--epochs", "1"]) == 2
+    assert "session s3 has one speaker (3F)" in _one_line_error(capsys)
+    assert not (tmp_path / "runs-t" / "teacher").exists()
+
+
 def test_report_puts_the_baseline_row_first(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     rows = [(f"{s}{g}{i}.wav", lab, f"{s}{g}", f"s{s}") for s in "12" for g in "FM" for i, lab in enumerate("xyxy")]
@@ -5367,7 +5423,10 @@ def test_predict_stream_errors(tmp_path, capsys):
                         (["--checkpoint", str(ckpt), str(wav44)], "44100 Hz"),
                         (["--checkpoint", str(ckpt), str(wav), str(wav)], "one recording"),
                         (["--checkpoint", str(ckpt), str(tmp_path / "missing.wav")], "no such file"),
-                        (["--checkpoint", str(ckpt), str(wav), "--chunk", "0"], "--chunk")):
+                        (["--checkpoint", str(ckpt), str(wav), "--chunk", "0"], "--chunk"),
+                        (["--checkpoint", str(ckpt), str(wav), "--chunk", "inf"], "--chunk"),
+                        (["--checkpoint", str(ckpt), str(wav), "--every", "inf"], "--every"),
+                        (["--checkpoint", str(ckpt), str(wav), "--every", "nan"], "--every")):
         assert satn.main(["predict", "--stream", *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         print(err)
