@@ -2279,6 +2279,19 @@ def write_json(obj, path):
 def load_checkpoint(path):
     """torch.load with weights_only=True: tensors and plain values only, never pickled code."""
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except (FileNotFoundError, NotADirectoryError):
+        raise DataError(f"{path}: no such checkpoint") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: a folder; give the checkpoint in it, e.g. {Path(path) / 'best.pt'}") from None
+    except OSError as e:
+        raise DataError(f"{path}: {e.strerror or _first_line(e)}") from None
+    # torch.save writes a zip archive (PK), older versions a pickle (protocol byte 0x80)
+    if head and not head.startswith(b"PK") and head[:1] != b"\x80":
+        raise DataError(f"{path}: not a checkpoint (it is no file torch.save wrote; a run's checkpoints are its "
+                        f"best.pt and last.pt)")
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise DataError(f"{path}: no such checkpoint") from None
@@ -4307,6 +4320,9 @@ def evaluate_corpus(checkpoints, data, label_map=None, norm="auto", tag=None, ou
     collects. Returns the list of results."""
     if out is not None and len(checkpoints) > 1:
         raise DataError("--out names one file: give one --checkpoint with it")
+    if out is not None:   # checked before the evaluation, not after it
+        _require(not Path(out).is_dir(), f"--out {out}: a folder; --out names the result file, e.g. {Path(out) / 'result.json'}")
+        _require(Path(out).parent.is_dir(), f"--out {out}: the folder {Path(out).parent} does not exist")
     students = [(Path(c), *load_student(c)) for c in checkpoints]
     classes = students[0][2]
     for path, _, other, _ in students[1:]:

@@ -3326,6 +3326,10 @@ def test_predict_corrupted_and_truncated_checkpoints(trained, predict_inputs, tm
         line = _predict_error(tmp_path / name, [good], capsys)
         assert name in line
     assert "no such checkpoint" in _predict_error(tmp_path / "absent.pt", [good], capsys)
+    # a run's other files, or audio, given as the checkpoint: said so
+    for other in (trained["at_dir"] / "final.json", good):
+        assert (f"{other}: not a checkpoint (it is no file torch.save wrote; a run's checkpoints are its best.pt "
+                f"and last.pt)") in _predict_error(other, [good], capsys)
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
@@ -3464,6 +3468,17 @@ def test_evaluate_labels_it_cannot_map(global_student, demo_corpus, tmp_path, mo
     line = _one_line_error(capsys)
     for w in words:
         assert w in line, w
+
+
+@pytest.mark.parametrize("out,words", [("a-folder", "--out a-folder: a folder; --out names the result file"),
+                                       ("missing/r.json", "--out missing/r.json: the folder missing does not exist")])
+def test_evaluate_out_is_checked_before_evaluating(global_student, tmp_path, monkeypatch, capsys, out, words):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-folder").mkdir()
+    argv = ["evaluate", "--checkpoint", str(global_student["dir"] / "best.pt"), "--data", str(tmp_path / "absent.csv"),
+            "--out", out]
+    assert satn.main(argv) == 2          # refused before the corpus is read (it does not exist here either)
+    assert words in _one_line_error(capsys)
 
 
 def test_cli_teacher_help_lists_every_option_and_default(monkeypatch, capsys):
