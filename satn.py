@@ -757,7 +757,9 @@ def load_manifest(csv_path, verbose=True, asr=False):
             if any("\n" in (v or "") or "\r" in (v or "") for k, v in r.items() if k is not None):
                 raise DataError(f"{csv_path}:{start}: a field runs on to line {reader.line_num}: is a double quote "
                                 f"unmatched?")
-            rows.append(({k.strip(): (v or "").strip() for k, v in r.items() if k is not None}, reader.line_num))
+            row = {k.strip(): (v or "").strip() for k, v in r.items() if k is not None}
+            if any(row.values()):   # a line of only spaces (or commas) is a blank line
+                rows.append((row, reader.line_num))
             start = reader.line_num + 1
     except csv.Error as e:   # e.g. a field beyond csv's size limit, after an unmatched quote
         raise DataError(f"{csv_path}:{start}: {e}: is a double quote unmatched?") from None
@@ -1559,7 +1561,7 @@ class RunConfig:
     amp: bool = _f(False, "bf16 autocast on CUDA")
     resume: bool = _f(False, "continue an interrupted run from its last.pt")
     runs: str = _f("runs", "output root: runs/teacher/fold{k}, runs/student/<name>/fold{k}")
-    threads: int = _f(0, "CPU threads for torch (0: torch's default)")
+    threads: int = _f(0, "CPU threads for torch and for computing the feature cache (0: torch's default, and every core for the cache)")
 
     def __post_init__(self):
         _require(0 <= self.fold <= MAX_FOLD, f"--fold must be a session number 1..N (N <= {MAX_FOLD}), "
@@ -2368,7 +2370,7 @@ def prepare_data(cfg, role):
     # and student see identically normalised inputs.
     sweep_stale_temps(Path(cfg.runs) / "cache")
     utts = load_corpus(cfg.data, subset="all", verbose=False, all_labels=True)
-    kept, feats = compute_features(utts, Path(cfg.runs) / "cache")
+    kept, feats = compute_features(utts, Path(cfg.runs) / "cache", workers=cfg.threads)   # --threads 0: every core
     check_duplicate_audio(kept, feats)
     sessions = {u.session for u in kept}
     if role == "student":
@@ -2405,7 +2407,7 @@ def prepare_data(cfg, role):
             if f == 1:
                 views[f] = by_id
                 continue
-            got, sped = compute_features(task, Path(cfg.runs) / "cache", speed=f)
+            got, sped = compute_features(task, Path(cfg.runs) / "cache", speed=f, workers=cfg.threads)
             views[f] = dict(zip([u.id for u in got if u.id in train_ids],
                                 normalise(got, sped, cfg.norm, keep=train_ids, stats=stats, lazy=True)))
         # train_views[i]: the arrays of training utterance i, one per factor it could be read at
@@ -2890,7 +2892,7 @@ def prepare_asr_data(cfg: TeacherConfig):
         raise DataError(f"--asr-data {cfg.asr_data} shares {len(shared)} speaker(s) with the emotion corpus "
                         f"({', '.join(shared[:5])}{' ...' if len(shared) > 5 else ''}): its teacher would have "
                         f"heard test speakers; remove them from the ASR corpus")
-    kept, feats = compute_features(utts, Path(cfg.runs) / "cache")
+    kept, feats = compute_features(utts, Path(cfg.runs) / "cache", workers=cfg.threads)
     speakers = sorted({u.speaker for u in kept})
     if len(speakers) < 3:
         raise DataError(f"--asr-data {cfg.asr_data}: {len(speakers)} speaker(s); at least 3 are needed "

@@ -750,6 +750,16 @@ def test_load_manifest_empty_field_line_number_counts_blank_lines(manifest_dir):
     assert f"{p}:4:" in str(e.value) and "speaker" in str(e.value)
 
 
+def test_load_manifest_lines_of_only_spaces_or_commas_are_blank(manifest_dir):
+    # an editor's stray spaces, or a spreadsheet's empty row (",,,,"), are blank lines, not rows of empty fields
+    p = write_manifest(manifest_dir, ["audio/a.wav,calm,spk1,s1,", "   ", ",,,,", "  ,  , ,,", "audio/b.wav,,spk2,s1,"])
+    with pytest.raises(satn.DataError) as e:
+        satn.load_manifest(p, verbose=False)
+    assert f"{p}:6: empty label" in str(e.value)
+    p = write_manifest(manifest_dir, ["audio/a.wav,calm,spk1,s1,", "   ", ",,,,"])
+    assert [u.id for u in satn.load_manifest(p, verbose=False)] == ["audio/a.wav"]
+
+
 def test_load_manifest_duplicate_path(manifest_dir):
     p = write_manifest(manifest_dir, ["audio/a.wav,calm,spk1,s1,", "audio/b.wav,calm,spk1,s1,",
                                       "audio/a.wav,excited,spk2,s1,"])
@@ -5020,6 +5030,18 @@ def test_every_fold_is_checked_before_the_first_trains(tmp_path, monkeypatch, ca
     assert satn.main(["teacher", "--data", str(data), "--runs", str(tmp_path / "runs-t"), "--epochs", "1"]) == 2
     assert "session s3 has one speaker (3F)" in _one_line_error(capsys)
     assert not (tmp_path / "runs-t" / "teacher").exists()
+
+
+def test_threads_option_also_sizes_the_feature_cache_pool(tmp_path, monkeypatch):
+    # --threads 1 on a shared machine: the feature cache takes one thread too, not every core
+    monkeypatch.chdir(tmp_path)
+    rows = [(f"{s}{g}{i}.wav", lab, f"{s}{g}", f"s{s}") for s in "12" for g in "FM" for i, lab in enumerate("xyxy")]
+    data = _tone_corpus(tmp_path / "c", rows)
+    seen, real = [], satn._pool_map
+    monkeypatch.setattr(satn, "_pool_map", lambda fn, jobs, workers: (seen.append(workers), real(fn, jobs, workers))[1])
+    assert _student_cli(data, tmp_path, "--fold", "1", "--threads", "1", "--runs", str(tmp_path / "r1")) == 0
+    assert _student_cli(data, tmp_path, "--fold", "1", "--threads", "0", "--runs", str(tmp_path / "r0")) == 0
+    assert seen == [1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()]
 
 
 def test_report_puts_the_baseline_row_first(tmp_path, monkeypatch, capsys):
