@@ -3712,6 +3712,18 @@ def selection_check(final, dev_preds):
     return (ua[first_best[0], 1] + ua[first_best[1], 0]) / 2, (ua[-1, 1] + ua[-1, 0]) / 2
 
 
+def _report_log(log):
+    """A run's metrics.jsonl lines for report, or [] when it is missing, or damaged (then named in
+    a warning: the run stays in the tables, only the per-epoch parts leave it out)."""
+    if not log.is_file():
+        return []
+    try:
+        return read_json_lines(log)
+    except DataError as e:
+        warn_once(f"{e}; the run is left out of the report's per-epoch parts")
+        return []
+
+
 def _selection_lines(runs, results, names):
     """The section of results.md that checks model selection on dev (selection_check), one row per configuration."""
     rows, left_out = [], 0
@@ -3719,8 +3731,7 @@ def _selection_lines(runs, results, names):
         got = []
         for r in results[name]:
             log = _run_log(runs, name, r)
-            lines = read_json_lines(log) if log.is_file() else []
-            preds = [l.get("dev_pred") for l in lines]
+            preds = [l.get("dev_pred") for l in _report_log(log)]
             n = len(r["dev"].get("ids", []))
             if n >= 4 and preds and all(isinstance(p, list) and len(p) == n and all(isinstance(c, str) for c in p)
                                         for p in preds):   # else: an older or damaged log
@@ -4464,7 +4475,7 @@ def report_figures(runs, results):
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in names:
         logs = [_run_log(runs, name, r) for r in results[name]]
-        curves = [[l["dev_UA"] for l in read_json_lines(log)] for log in logs if log.is_file()]
+        curves = [c for c in ([l["dev_UA"] for l in _report_log(log)] for log in logs) if c]
         n = min(map(len, curves), default=0)
         if n:
             ax.plot(range(1, n + 1), np.mean([c[:n] for c in curves], 0), label=name, ls="--" if name.endswith("-at") else "-")

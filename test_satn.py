@@ -1843,12 +1843,16 @@ def test_report_on_a_folder_of_odd_runs(tmp_path, monkeypatch, capsys):
     put("tcn-self", 4, _fake_run(4, 0, ["fear", "boredom"], ["fear", "fear"], classes=classes7, dev=(90.0, 90.0)))
     put("tcn-self-at", 4)                                                # unfinished
     put("tcn-self-at", 5, raw="null")                                    # JSON, but no run
+    damaged = runs / "student" / "tcn-self" / "fold1" / "metrics.jsonl"   # a damaged middle line of a log
+    damaged.write_text('{"epoch": 1, "dev_UA": 50.0}\n{"epoch": 2, "dev_\n{"epoch": 3, "dev_UA": 60.0}\n')
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert satn.main(["report", "--runs", str(runs)]) == 0
     out = capsys.readouterr()
     text = (runs / "results.md").read_text()
     print(text, out.err)
     assert "Traceback" not in out.out + out.err
+    assert out.err.count(f"warning: {damaged}:2: not a JSON line (the file is damaged); the run is left out of the "
+                         f"report's per-epoch parts") == 1
     assert "Left out, another class set than the rest of their row: `student/tcn-self/fold4`" in text
     assert "Left out, unreadable (truncated or damaged): `student/tcn-self-at/fold5/final.json`" in text
     assert "Run folders without `final.json` (unfinished or failed), not in any row: `student/tcn-self-at/fold4`" in text
