@@ -6038,6 +6038,10 @@ def config_from_args(cls, args):
 def prepare(data=None, runs="runs", folds_only=False):
     """Load the corpus, print its counts, fill the feature cache. Returns 3 when nothing has a transcript."""
     utts = load_corpus(data, subset="all", verbose=False, all_labels=True)
+    # Every fold's split, so that run_all.sh (one command per fold) stops before the first training
+    # rather than at the fold that cannot be split; a teacher's only where transcripts exist.
+    for role in ("student", "teacher") if any(u.text.strip() for u in utts) else ("student",):
+        check_folds(StudentConfig(data=data, runs=runs) if role == "student" else TeacherConfig(data=data, runs=runs), role)
     if folds_only:
         print(f"folds: {len({u.session for u in utts})}")
         return 0 if any(u.text.strip() for u in utts) else 3

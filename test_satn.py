@@ -3025,10 +3025,11 @@ def test_run_all_stops_when_prepare_fails(tmp_path):
 def test_prepare_without_transcripts_exits_3(demo_corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     utts = satn.load_iemocap(demo_corpus, "impro", verbose=False)
+    # 6 utterances per speaker: every fold's training split holds every class (prepare checks the folds)
     rows = [f"{u.path},{u.label},{u.speaker},{u.session}" for s in sorted({u.speaker for u in utts})
-            for u in [v for v in utts if v.speaker == s][:2]]
+            for u in [v for v in utts if v.speaker == s][:6]]
     with_text = [f"{u.path},{u.label},{u.speaker},{u.session},{u.text.replace(',', ' ')}" for s in
-                 sorted({u.speaker for u in utts}) for u in [v for v in utts if v.speaker == s][:2]]
+                 sorted({u.speaker for u in utts}) for u in [v for v in utts if v.speaker == s][:6]]
     bare = write_manifest(tmp_path, rows, header="path,label,speaker,session", name="bare.csv")
     texts = write_manifest(tmp_path, with_text, name="texts.csv")
     rc = satn.main(["prepare", "--data", str(bare), "--runs", str(tmp_path / "runs")])
@@ -5028,6 +5029,15 @@ def test_every_fold_is_checked_before_the_first_trains(tmp_path, monkeypatch, ca
     line = _one_line_error(capsys)
     assert f"the teacher of fold 2 ({runs}/teacher/fold2/best.pt is missing)" in line
     assert not (runs / "student").exists()
+    # prepare checks them too, before the feature cache: run_all.sh (one command per fold) stops there.
+    spk = tmp_path / "spk" / "manifest.csv"
+    capsys.readouterr()
+    assert satn.main(["prepare", "--data", str(spk), "--runs", str(tmp_path / "runs-p")]) == 2
+    assert "session s3 has one speaker (3F)" in _one_line_error(capsys)
+    assert not (tmp_path / "runs-p" / "cache").exists()
+    r = _run_all(["--data", str(spk), "--runs", str(tmp_path / "runs-all"), "--epochs", "1"], tmp_path)
+    assert r.returncode != 0 and "session s3 has one speaker (3F)" in r.stderr
+    assert not (tmp_path / "runs-all" / "student").exists() and not (tmp_path / "runs-all" / "teacher").exists()
     # The teachers' folds alike.
     data = write_manifest(tmp_path / "spk", [",".join(r) + ",hello there" for r in one_speaker])
     capsys.readouterr()
