@@ -870,7 +870,10 @@ def _utterance_features(job):
     try:
         wave = load_audio(path)
         _check_one_window(path, len(wave))
-        x = feature_frames(speed_perturb(wave, speed))                               # (T, 120)
+        sped = speed_perturb(wave, speed)
+        if len(sped) < len(wave):   # sped up: shorter
+            _check_one_window(f"{path} at speed {speed}", len(sped))
+        x = feature_frames(sped)                                                     # (T, 120)
     except ValueError as e:
         if not os.access(path, os.R_OK):        # it went away while being read
             return "io", str(e)
@@ -2340,11 +2343,12 @@ def collate(xs, device):
 
 def corpus_fingerprint(utts, role):
     """What a run was trained on, to tell later whether the corpus has changed since: the number of
-    utterances and a hash of every one's id, label, speaker and session (and, for a teacher, its
-    transcript). The path is left out, so a corpus moved to another folder is still the same."""
+    utterances and a hash of every one's id, speaker, session and what the run learns from, the
+    label (a student) or the transcript (a teacher). The id is the path as the manifest writes it
+    (IEMOCAP: the utterance's name), so a corpus moved with its manifest of relative paths is the same."""
     h = hashlib.sha1()
     for u in sorted(utts, key=lambda u: u.id):
-        h.update(json.dumps([u.id, u.label, u.speaker, u.session] + ([u.text] if role == "teacher" else [])).encode())
+        h.update(json.dumps([u.id, u.speaker, u.session, u.text if role == "teacher" else u.label]).encode())
     return {"utterances": len(utts), "sha1": h.hexdigest()[:16]}
 
 
@@ -2355,7 +2359,7 @@ def check_same_corpus(saved, now, run_dir, what="holds a run"):
     if saved is not None and saved != now:
         raise DataError(f"{run_dir} {what} trained on another version of the corpus ({saved['utterances']} "
                         f"utterances then, {now['utterances']} now; ids, labels, speakers, sessions or transcripts "
-                        f"differ): use --runs or --name for this version, or delete the folder")
+                        f"differ, or files are missing now): use --runs or --name for this version, or delete the folder")
 
 
 def prepare_data(cfg, role):
@@ -2463,15 +2467,20 @@ def _same_data(saved, run_dir, given):
 
 
 def read_json_lines(path):
-    """The records of a .jsonl file; a partial last line (a write cut short) is left out with a warning."""
-    rows, lines = [], Path(path).read_text().splitlines()
+    """The records (dicts) of a .jsonl file; a partial last line (a write cut short) is left out with
+    a warning; any other line that is not a JSON object is a DataError naming it."""
+    rows, lines = [], Path(path).read_bytes().splitlines()
     for i, line in enumerate(lines):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line.decode("utf-8"))   # UnicodeDecodeError is a ValueError
         except ValueError:
             if i < len(lines) - 1:
                 raise DataError(f"{path}:{i + 1}: not a JSON line (the file is damaged)") from None
             print(f"warning: {path}: the last line is incomplete (a write was interrupted) and is ignored")
+            continue
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{i + 1}: not a JSON object (the file is damaged)")
+        rows.append(row)
     return rows
 
 
@@ -2965,13 +2974,9 @@ def teacher_checkpoint(cfg: StudentConfig):
     return path
 
 
-def load_teacher(cfg: StudentConfig, device):
-    """The frozen teacher the student imitates, in eval mode: --teacher (a run folder or its best.pt),
-    else the teacher of cfg.fold; stops at once when it was not trained or does not fit.
-    Its `held_out` attribute names the session it held out (None for older runs, and for a
-    teacher of a separate ASR corpus).
-
-    A student of seed s imitates the teacher of the same fold trained with seed s."""
+def check_teacher(cfg: StudentConfig):
+    """(best.pt path, checkpoint) of the teacher a student of cfg imitates, checked: a teacher's
+    checkpoint, trained on this corpus (as it is now), normalisation, dev speaker, fold and seed."""
     path = teacher_checkpoint(cfg)
     ck = load_checkpoint(path)
     if not isinstance(ck, dict) or "vocab" not in ck or "classes" in ck or "config" not in ck:
@@ -2984,6 +2989,26 @@ def load_teacher(cfg: StudentConfig, device):
     if differ:
         raise DataError(f"the teacher in {path.parent} was trained with another {', '.join(differ)} "
                         f"({', '.join(k + '=' + str(ck['config'].get(k)) for k in differ)}); retrain it or use --runs")
+    if not ck["config"].get("asr_data"):   # a teacher of this corpus: of this fold's session, as the corpus is now
+        utts = load_corpus(cfg.data, "all", False, True)
+        sessions = session_order({u.session for u in utts})
+        held = sessions[cfg.fold - 1] if 1 <= cfg.fold <= len(sessions) else None
+        if ck.get("held_out") not in (None, held):
+            raise DataError(f"the teacher of fold {cfg.fold} held out session {ck['held_out']}, but fold {cfg.fold} is "
+                            f"session {held} now (sessions added or removed?): retrain the teacher")
+        if ck.get("corpus") is not None:
+            check_same_corpus(ck["corpus"], corpus_fingerprint(utts, "teacher"), path, "is a teacher")
+    return path, ck
+
+
+def load_teacher(cfg: StudentConfig, device):
+    """The frozen teacher the student imitates, in eval mode: --teacher (a run folder or its best.pt),
+    else the teacher of cfg.fold; stops at once when it was not trained or does not fit.
+    Its `held_out` attribute names the session it held out (None for older runs, and for a
+    teacher of a separate ASR corpus).
+
+    A student of seed s imitates the teacher of the same fold trained with seed s."""
+    path, ck = check_teacher(cfg)
     fields = {f.name for f in dataclasses.fields(TeacherConfig)}
     try:
         teacher = Teacher(TeacherConfig(**{k: v for k, v in ck["config"].items() if k in fields}))
@@ -6038,16 +6063,16 @@ def config_from_args(cls, args):
 def prepare(data=None, runs="runs", folds_only=False):
     """Load the corpus, print its counts, fill the feature cache. Returns 3 when nothing has a transcript."""
     utts = load_corpus(data, subset="all", verbose=False, all_labels=True)
-    # Every fold's split, so that run_all.sh (one command per fold) stops before the first training
-    # rather than at the fold that cannot be split; a teacher's only where transcripts exist.
-    for role in ("student", "teacher") if any(u.text.strip() for u in utts) else ("student",):
-        check_folds(StudentConfig(data=data, runs=runs) if role == "student" else TeacherConfig(data=data, runs=runs), role)
     if folds_only:
         print(f"folds: {len({u.session for u in utts})}")
         return 0 if any(u.text.strip() for u in utts) else 3
     emotion_utterances(utts, data)
     sweep_stale_temps(Path(runs) / "cache")
     kept, _ = compute_features(utts, Path(runs) / "cache")
+    # Every fold's emotion split, so that run_all.sh (one command per fold) stops before its first
+    # training rather than at the fold that cannot be split. (A teacher's split is not checked here:
+    # a fold without transcripts only loses its transfer rows.)
+    check_folds(StudentConfig(data=data, runs=runs), "student", kept)
     n_text = sum(bool(u.text.strip()) for u in kept)
     print(f"{len(kept)} utterances with features (cache: {Path(runs) / 'cache'}); {n_text} with a transcript for the teacher")
     print(f"folds: {len({u.session for u in kept})}")
@@ -6061,13 +6086,16 @@ def _folds(cfg):
     return range(1, len({u.session for u in load_corpus(cfg.data, "all", False, True)}) + 1)
 
 
-def check_folds(cfg, role):
+def check_folds(cfg, role, kept=None):
     """Before the first of several folds trains: every fold's split (a held-out session of one
     speaker, a class missing from a fold's training split, a single class) and, for attention
     transfer, every fold's teacher, so that a mistake in the last fold does not surface after
-    hours of training the others. From the manifest alone: files that turn out unreadable are
-    checked again when their fold starts."""
-    utts = load_corpus(cfg.data, "all", False, True)
+    hours of training the others. On the utterances the feature cache keeps (`kept`, else
+    computed here as the first fold would): a file the cache skips is in no split, as in training."""
+    if kept is None:
+        kept, _ = compute_features(load_corpus(cfg.data, "all", False, True), Path(cfg.runs) / "cache",
+                                   workers=cfg.threads)
+    utts = kept
     sessions = {u.session for u in utts}
     chosen = (emotion_utterances(utts, cfg.data, verbose=False) if role == "student"
               else [u for u in utts if u.text.strip()])
@@ -6078,7 +6106,7 @@ def check_folds(cfg, role):
         if role == "student":
             check_split(train, dev, test, k)
             if cfg.at_weight > 0:
-                teacher_checkpoint(dataclasses.replace(cfg, fold=k))
+                check_teacher(dataclasses.replace(cfg, fold=k))
 
 
 def main(argv=None):

@@ -4596,6 +4596,7 @@ def test_student_checkpoint_or_mismatched_weights_as_teacher(trained, tmp_path):
     teacher = torch.load(trained["teacher_dir"] / "best.pt", map_location="cpu", weights_only=True)
     teacher["config"]["data"] = None
     teacher["config"]["channels"] = 32                          # weights of 16 channels
+    del teacher["corpus"]                                       # (trained on a smaller copy of the demo corpus)
     torch.save(teacher, t_dir / "best.pt")
     with pytest.raises(satn.DataError, match="do not match"):
         satn.load_teacher(cfg, torch.device("cpu"))
@@ -4805,6 +4806,30 @@ def test_speed_perturbed_features_are_cached_apart(tmp_path, capsys):
         n = int(round(0.3 * SR))
         assert p.shape[-1] == 1 + (n - 400) // 160
         assert f.shape[-1] == 1 + (math.ceil(n / 1.1) - 400) // 160
+
+
+def test_speed_perturbation_skips_a_file_sped_below_one_window(tmp_path, capsys):
+    # 420 samples hold one window; at speed 1.1 they become 382, which hold none: skipped in that cache only
+    p = tmp_path / "s420.wav"
+    sf.write(str(p), (0.3 * np.sin(np.arange(420) / 5)).astype(np.float32), SR, subtype="PCM_16")
+    utts = [utt("s420", "x", "1F", "s1", str(p))]
+    kept, feats = satn.compute_features(utts, tmp_path / "cache", verbose=False)
+    assert [u.id for u in kept] == ["s420"] and feats[0].shape[-1] == 1
+    with pytest.raises(satn.DataError, match="no audio file of the corpus could be read"):
+        satn.compute_features(utts, tmp_path / "cache", verbose=False, speed=1.1)
+    assert f"{p} at speed 1.1: 23.9 ms of audio, shorter than one 25 ms analysis window" in capsys.readouterr().out
+
+
+def test_read_json_lines_names_any_damaged_line(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    for body, words in ((b'{"epoch": 1}\n\xff\xfe\n{"epoch": 3}\n', ":2: not a JSON line"),
+                        (b'{"epoch": 1}\n[1]\n{"epoch": 3}\n', ":2: not a JSON object"),
+                        (b'{"epoch": 1}\n"text"\n', ":2: not a JSON object")):
+        log.write_bytes(body)
+        with pytest.raises(satn.DataError, match=re.escape(f"{log}{words}")):
+            satn.read_json_lines(log)
+    log.write_bytes(b'{"epoch": 1}\n{"epoch": 2, "de')              # a write cut short: left out
+    assert satn.read_json_lines(log) == [{"epoch": 1}]
 
 
 def test_robust_recipe_training_is_reproducible_and_evaluation_unaugmented(tmp_path, monkeypatch):
@@ -5018,23 +5043,38 @@ def test_every_fold_is_checked_before_the_first_trains(tmp_path, monkeypatch, ca
         assert words in _one_line_error(capsys)
         assert not (tmp_path / f"runs-{name}" / "student").exists()       # no fold trained
     # A transfer student whose fold-2 teacher is missing: refused before fold 1 trains.
+    _small_lexicon(monkeypatch)
     _tone_corpus(tmp_path / "ok", rows)
     data = write_manifest(tmp_path / "ok", [",".join(r) + ",hello there" for r in rows])   # with transcripts
     runs = tmp_path / "runs-at"
-    (runs / "teacher" / "fold1").mkdir(parents=True)
-    for f in ("best.pt", "final.json"):
-        (runs / "teacher" / "fold1" / f).write_text("")
+    assert satn.main(["teacher", "--data", str(data), "--runs", str(runs), "--fold", "1", "--epochs", "1",
+                      *TEACHER_TINY, "--threads", "1"]) == 0
     capsys.readouterr()
     assert _student_cli(data, tmp_path, "--runs", str(runs), "--at-weight", "1") == 2
     line = _one_line_error(capsys)
     assert f"the teacher of fold 2 ({runs}/teacher/fold2/best.pt is missing)" in line
     assert not (runs / "student").exists()
+    # --teacher naming fold 1's teacher for every fold: fold 2 is refused before fold 1 trains
+    assert _student_cli(data, tmp_path, "--runs", str(runs), "--at-weight", "1",
+                        "--teacher", str(runs / "teacher" / "fold1")) == 2
+    assert f"the teacher in {runs}/teacher/fold1 was trained with another fold (fold=1)" in _one_line_error(capsys)
+    assert not (runs / "student").exists()
+    # a transcript edited after the teacher was trained: that teacher is stale
+    data.write_text(data.read_text().replace("1F0.wav,x,1F,s1,hello there", "1F0.wav,x,1F,s1,hello"))
+    assert _student_cli(data, tmp_path, "--runs", str(runs), "--at-weight", "1", "--fold", "1") == 2
+    assert f"{runs}/teacher/fold1/best.pt is a teacher trained on another version of the corpus" in _one_line_error(capsys)
+    # A file the feature cache skips is in no split, as in training: its label alone does not fail a fold.
+    short = tmp_path / "short"
+    _tone_corpus(short, rows)
+    sf.write(str(short / "z.wav"), np.zeros(160, np.float32) + 0.1, SR, subtype="PCM_16")   # 10 ms: skipped
+    data = write_manifest(short, [",".join(r) for r in rows] + ["z.wav,z,3F,s3"], header="path,label,speaker,session")
+    satn.check_folds(satn.StudentConfig(data=str(data), runs=str(tmp_path / "runs-z")), "student")
+    assert satn.main(["prepare", "--data", str(data), "--runs", str(tmp_path / "runs-z")]) == 3   # no transcripts
     # prepare checks them too, before the feature cache: run_all.sh (one command per fold) stops there.
     spk = tmp_path / "spk" / "manifest.csv"
     capsys.readouterr()
     assert satn.main(["prepare", "--data", str(spk), "--runs", str(tmp_path / "runs-p")]) == 2
     assert "session s3 has one speaker (3F)" in _one_line_error(capsys)
-    assert not (tmp_path / "runs-p" / "cache").exists()
     r = _run_all(["--data", str(spk), "--runs", str(tmp_path / "runs-all"), "--epochs", "1"], tmp_path)
     assert r.returncode != 0 and "session s3 has one speaker (3F)" in r.stderr
     assert not (tmp_path / "runs-all" / "student").exists() and not (tmp_path / "runs-all" / "teacher").exists()
