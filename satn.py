@@ -752,8 +752,9 @@ def load_manifest(csv_path, verbose=True, asr=False):
         for r in reader:
             if r.get(None):   # csv.DictReader keeps the fields beyond the header under None
                 raise DataError(f"{csv_path}:{reader.line_num}: {len(header) + len(r[None])} fields for the "
-                                f"{len(header)} columns of the header: put a field that holds a comma in double "
-                                f'quotes ("like, this")')
+                                f"{len(header)} columns of the header: "
+                                + ("a trailing comma? Remove it" if not any(f.strip() for f in r[None]) else
+                                   'put a field that holds a comma in double quotes ("like, this")'))
             if any("\n" in (v or "") or "\r" in (v or "") for k, v in r.items() if k is not None):
                 raise DataError(f"{csv_path}:{start}: a field runs on to line {reader.line_num}: is a double quote "
                                 f"unmatched?")

@@ -4371,6 +4371,11 @@ def test_manifest_row_with_more_fields_than_the_header(tmp_path):
     lines[3] = lines[3].replace("hello, there", '"hello, there"')
     csv_path.write_text("\n".join(lines) + "\n")
     assert satn.load_manifest(csv_path, verbose=False)[2].text == "hello, there"
+    lines[3] = lines[3] + ","                                      # a trailing comma on one data row
+    csv_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(satn.DataError, match=r"manifest.csv:4: 6 fields for the 5 columns of the header: a trailing "
+                                             r"comma\? Remove it$"):
+        satn.load_manifest(csv_path, verbose=False)
 
 
 @pytest.mark.parametrize("edit, pattern", [
