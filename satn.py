@@ -736,6 +736,9 @@ def load_manifest(csv_path, verbose=True, asr=False):
         header = [h.strip() for h in (reader.fieldnames or [])]
     except csv.Error as e:
         raise DataError(f"{csv_path}:1: {e}") from None
+    if header and header[0].lower().startswith("sep="):   # a spreadsheet's separator hint before the header
+        raise DataError(f"{csv_path}:1: {header[0]!r} is a spreadsheet's separator hint, not the header: delete "
+                        f"that line (the header path,label,speaker,session[,text] must be the first line)")
     doubled = sorted({c for c in header if header.count(c) > 1})
     if "" in header or doubled:
         raise DataError(f"{csv_path}:1: the header " + ("has an empty column name (a trailing comma?)" if "" in header

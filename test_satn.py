@@ -4371,6 +4371,10 @@ def test_manifest_row_with_more_fields_than_the_header(tmp_path):
     lines[3] = lines[3].replace("hello, there", '"hello, there"')
     csv_path.write_text("\n".join(lines) + "\n")
     assert satn.load_manifest(csv_path, verbose=False)[2].text == "hello, there"
+    csv_path.write_text("sep=,\n" + "\n".join(lines[:3]) + "\n")      # Excel's separator hint before the header
+    with pytest.raises(satn.DataError, match=r"manifest.csv:1: 'sep=' is a spreadsheet's separator hint, not the "
+                                             r"header: delete that line"):
+        satn.load_manifest(csv_path, verbose=False)
     lines[3] = lines[3] + ","                                      # a trailing comma on one data row
     csv_path.write_text("\n".join(lines) + "\n")
     with pytest.raises(satn.DataError, match=r"manifest.csv:4: 6 fields for the 5 columns of the header: a trailing "
