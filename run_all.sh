@@ -98,6 +98,11 @@ SEED=0   # the --seed passed on to every training, if any (its teachers' folders
 for i in "${!EXTRA[@]}"; do
     case "${EXTRA[$i]}" in --seed=*) SEED=${EXTRA[$i]#*=} ;; --seed) SEED=${EXTRA[$((i + 1))]:-0} ;; esac
 done
+# Every option passed on must be one of both `teacher` and `student`, with a valid value: checked
+# once here, not by each training after hours of others.
+"$PY" -c 'import sys; sys.path.insert(0, sys.argv[1]); import satn; sys.exit(satn.check_shared_options(sys.argv[2:]))' \
+    "$(dirname "$0")" --teacher-options "${ASR[@]}" "${COMMON[@]}" \
+    --student-options "${COMMON[@]}" "${RECIPE[@]}" --at-weight "$AT_WEIGHT" || exit 2
 if [ "$DRY" = 0 ]; then
     mkdir -p "$RUNS/logs" || exit 1
     # One run_all.sh per runs folder: a second one would train into the same run folders.

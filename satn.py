@@ -6113,7 +6113,8 @@ def check_folds(cfg, role, kept=None):
                 check_teacher(dataclasses.replace(cfg, fold=k))
 
 
-def main(argv=None):
+def build_parser():
+    """The command line of satn.py: one subcommand per task."""
     parser = argparse.ArgumentParser(prog="satn.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -6182,6 +6183,35 @@ def main(argv=None):
                    "(default: the demo-sized causal student, untrained)")
     p = sub.add_parser("build-kernels", help="compile the fused causal-conv extension and say what was built")
     p.add_argument("--cuda", action="store_true", help="also compile the CUDA part, even without a GPU")
+    return parser
+
+
+def check_shared_options(argv):
+    """run_all.sh passes the options it does not set itself to every training: each must be an
+    option of `teacher` (argv[0] == "--teacher-options" ... "--student-options" split them) and of
+    `student`, with a valid value. Checked before the first training, one line naming the
+    option; returns an exit status."""
+    i = argv.index("--student-options")
+    parser = build_parser()
+    for command, cls, opts in (("teacher", TeacherConfig, argv[1:i]), ("student", StudentConfig, argv[i + 1:])):
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                args = parser.parse_args([command, *opts])
+            config_from_args(cls, args)
+        except SystemExit:   # argparse's error: its last line names the option
+            why = err.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+            print(f"run_all.sh: satn.py {command}: {why} (run_all.sh passes every option it does not set itself "
+                  f"to each teacher and student)", file=sys.stderr)
+            return 2
+        except DataError as e:
+            print(f"run_all.sh: satn.py {command}: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     global KERNEL_VERBOSE
     KERNEL_VERBOSE = KERNEL_VERBOSE or args.verbose
@@ -6250,8 +6280,9 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command with --resume to continue after the last completed epoch "
-              "(saved in the run folder's last.pt)", file=sys.stderr)
+        print("\ninterrupted" + (": rerun the same command with --resume to continue after the last completed epoch "
+                                 "(saved in the run folder's last.pt)" if args.command in ("teacher", "student") else ""),
+              file=sys.stderr)
         return 130
     return 0
 

@@ -2627,6 +2627,14 @@ def test_resume_after_sigkill(demo_corpus, demo_cache, tmp_path):
     assert torch.load(d / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 6
 
 
+def test_interrupting_a_command_that_cannot_resume_does_not_suggest_resume(tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(satn, "report", interrupted)
+    assert satn.main(["report", "--runs", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"       # report has no --resume
+
+
 def test_sigint_exits_130_and_suggests_resume(demo_corpus, demo_cache, tmp_path):
     runs = fresh_runs(tmp_path, demo_cache)
     d = runs / "student" / "interrupted" / "fold5"
@@ -2714,6 +2722,20 @@ def _run_all(args, tmp_path, env_extra=None, timeout=120):
                        text=True, timeout=timeout)
     print(r.stdout[-3000:], r.stderr[-2000:])
     return r
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--lstm-hidden", "8"], "satn.py teacher: unrecognized arguments: --lstm-hidden 8"),   # a student-only option
+    (["--beam", "3"], "satn.py student: unrecognized arguments: --beam 3"),                 # a teacher-only option
+    (["--at-weight", "abc"], "satn.py student: argument --at-weight: invalid float value: 'abc'"),
+    (["--epochs", "0"], "satn.py teacher: --epochs must be in 1..100000, got 0"),
+    (["--", "--epochs", "1"], "satn.py teacher: unrecognized arguments: -- --epochs 1")])   # `--` without --slurm
+def test_run_all_checks_the_options_it_passes_on_before_training(tmp_path, extra, words):
+    for dry in ([], ["--dry-run"]):
+        r = _run_all([*dry, "--runs", str(tmp_path / "runs"), *extra], tmp_path)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[-1]]
+        assert f"run_all.sh: {words}" in r.stderr and "Traceback" not in r.stderr
+        assert not (tmp_path / "runs").exists()                    # nothing written, nothing trained
 
 
 def _student_key(argv):
