@@ -19,8 +19,8 @@
 # must not occur in --data, and let every fold's student imitate it, instead of one teacher per
 # fold), --runs DIR, --jobs N (trainings at once; with several GPUs, those of an inherited
 # CUDA_VISIBLE_DEVICES or else all, each training starts on the GPU running fewest of them;
-# default 1, or on a machine without a GPU one per core, up to 4, each with one thread), --at-weight W
-# (W_AT of the transfer rows, default 1.0), --recipe paper|robust (the students' training
+# default 1, or on a machine without a GPU one per core, up to 4; without a GPU each training has
+# one thread, unless --threads is given), --at-weight W (W_AT of the transfer rows, > 0, default 1.0), --recipe paper|robust (the students' training
 # recipe, default paper; see `python satn.py student --help`), --seeds N (every teacher and
 # student trained with seeds 0..N-1, a student of seed s imitating the teacher of seed s, or
 # the one --asr-data teacher; seed 0's
@@ -31,11 +31,15 @@
 # logs per task in RUNS/slurm/logs) and, with --submit, submit it;
 # the arguments after --slurm, up to a `--`, go to every sbatch call. Any other argument is
 # passed to every training (so it must be an option of both `teacher` and `student`, e.g.
-# --epochs, --seed, --device, --batch-size, --norm), except those run_all.sh sets itself, which
-# are refused: --fold, --name, --encoder, --attention, --causal, --teacher, --resume. Finished
+# --epochs, --seed, --device, --batch-size, --norm; checked before anything runs), except those
+# run_all.sh sets itself, which are refused: --fold, --name, --encoder, --attention, --causal,
+# --teacher, --resume. Needs bash 4 and flock (util-linux). Finished
 # runs are skipped and unfinished ones resumed, so calling it again after an interruption
 # continues. INT or TERM (Ctrl-C, kill, a scheduler's limit) stops the running trainings too.
 set -uo pipefail
+if [ "${BASH_VERSINFO[0]}" -lt 4 ]; then   # e.g. macOS's /bin/bash 3.2: no associative arrays, no `wait -n`
+    echo "run_all.sh: needs bash 4 or newer, this is $BASH_VERSION (on macOS: brew install bash)" >&2; exit 2
+fi
 PY=${PYTHON:-python}
 SATN="$(dirname "$0")/satn.py"   # paths given by the user stay relative to where they called from
 DATA=() ASR=() RUNS=runs JOBS= DRY=0 AT_WEIGHT=1.0 RECIPE=() SEEDS= EXTRA=() SLURM=0 SUBMIT=0 IN_SBATCH=0 SBATCH=()
@@ -86,8 +90,17 @@ if [ -z "$JOBS" ]; then
     fi
 fi
 case "$JOBS" in ''|*[!0-9]*|0) echo "run_all.sh: --jobs needs a positive integer, got '$JOBS'" >&2; exit 2 ;; esac
+JOBS=$((10#$JOBS))
+if [ "$NGPU" = 0 ] && [ "$DRY" = 0 ] && [ ${#THREADS[@]} = 0 ] && [ "$JOBS" -gt 1 ]; then
+    # --jobs N on a CPU: one thread per training too, unless --threads says otherwise
+    case " ${EXTRA[*]} " in *" --threads "*|*" --threads="*) ;; *) THREADS=(--threads 1) ;; esac
+fi
+[ -n "$RUNS" ] || { echo "run_all.sh: --runs needs a folder name, got ''" >&2; exit 2; }
+case "$AT_WEIGHT" in 0|0.|0.0|0.00|.0) echo "run_all.sh: --at-weight $AT_WEIGHT leaves no rows with transfer (the rows without it are trained anyway): give W_AT > 0" >&2; exit 2 ;; esac
 if [ -n "$SEEDS" ]; then
-    case "$SEEDS" in *[!0-9]*|0) echo "run_all.sh: --seeds needs a positive integer, got '$SEEDS'" >&2; exit 2 ;; esac
+    case "$SEEDS" in *[!0-9]*|'') echo "run_all.sh: --seeds needs a positive integer, got '$SEEDS'" >&2; exit 2 ;; esac
+    [ "$((10#$SEEDS))" -gt 0 ] || { echo "run_all.sh: --seeds needs a positive integer, got '$SEEDS'" >&2; exit 2; }
+    SEEDS=$((10#$SEEDS))
     for a in "${EXTRA[@]}"; do
         case "$a" in --seed|--seed=*) echo "run_all.sh: give either --seeds N (seeds 0..N-1) or --seed S, not both" >&2; exit 2 ;; esac
     done
@@ -107,6 +120,7 @@ if [ "$DRY" = 0 ]; then
     mkdir -p "$RUNS/logs" || exit 1
     # One run_all.sh per runs folder: a second one would train into the same run folders.
     exec 9>>"$RUNS/.run_all.lock"
+    command -v flock > /dev/null || { echo "run_all.sh: needs flock (util-linux; on macOS: brew install flock)" >&2; exit 2; }
     if ! flock -n 9; then
         echo "run_all.sh: $RUNS is in use by another run_all.sh (pid $(cat "$RUNS/.run_all.lock")): wait for it to end, or give another --runs" >&2
         exit 1

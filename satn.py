@@ -4217,6 +4217,8 @@ def predict_stream(checkpoint, path, chunk=STREAM_CHUNK, every=STREAM_EVERY, as_
     _require(0 < chunk <= MAX_WINDOW_SECONDS and 0 < every <= MAX_WINDOW_SECONDS,
              f"predict --stream needs --chunk and --every in (0, {MAX_WINDOW_SECONDS}] s")
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: a folder; predict --stream reads one recording (predict without --stream takes folders)")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if plot and importlib.util.find_spec("matplotlib") is None:
@@ -4228,12 +4230,16 @@ def predict_stream(checkpoint, path, chunk=STREAM_CHUNK, every=STREAM_EVERY, as_
     if str(path).lower().endswith(".wav") and _wav_truncated(path):
         raise DataError(f"{path}: truncated (the header promises more samples than the file holds)")
     try:
-        rate = sf.info(str(path)).samplerate
+        info = sf.info(str(path))
     except Exception as e:
         raise DataError(f"{path}: unreadable audio ({_first_line(e)})") from None
-    if rate != SAMPLE_RATE:
-        raise DataError(f"{path}: --stream reads {SAMPLE_RATE} Hz audio and this file is {rate} Hz: "
+    if info.samplerate != SAMPLE_RATE:
+        raise DataError(f"{path}: --stream reads {SAMPLE_RATE} Hz audio and this file is {info.samplerate} Hz: "
                         f"resample it first (predict without --stream resamples)")
+    try:   # as predict: no 25 ms window, no frame of speech to classify (checked again at the end)
+        _check_one_window(path, info.frames)
+    except ValueError as e:
+        raise DataError(str(e)) from None
     # A per-speaker-normalised model gets running statistics of the recording (started from
     # the training statistics); --norm checkpoint, or a globally normalised model, the fixed ones.
     prior = STREAM_NORM_PRIOR if ck["norm"]["mode"] == "speaker" and norm != "checkpoint" else None
@@ -4277,6 +4283,10 @@ def predict_stream(checkpoint, path, chunk=STREAM_CHUNK, every=STREAM_EVERY, as_
                 k = len(w) - len(w) % (SAMPLE_RATE // 100)
                 envelope.append(_envelope(w[:k]))
                 env = [w[k:]]
+    try:   # as predict: no 25 ms window, no frame of speech to classify
+        _check_one_window(path, stream.front.samples)
+    except ValueError as e:
+        raise DataError(str(e)) from None
     ends, probs = stream.finish()
     duration = stream.front.samples / SAMPLE_RATE
     emit(stream.ready, probs, duration)

@@ -2738,6 +2738,15 @@ def test_run_all_checks_the_options_it_passes_on_before_training(tmp_path, extra
         assert not (tmp_path / "runs").exists()                    # nothing written, nothing trained
 
 
+@pytest.mark.parametrize("args, words", [(["--seeds", "00"], "--seeds needs a positive integer, got '00'"),
+                                         (["--runs="], "--runs needs a folder name, got ''"),
+                                         (["--at-weight", "0"], "--at-weight 0 leaves no rows with transfer")])
+def test_run_all_refuses_values_that_would_train_nothing_or_write_to_root(tmp_path, args, words):
+    r = _run_all(["--dry-run", *args], tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == r.stderr.strip().splitlines()[0] and words in r.stderr
+    assert r.stdout == ""
+
+
 def _student_key(argv):
     opt = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
     return (opt["--encoder"], opt.get("--attention", "-") + ("-causal" if "--causal" in argv else ""),
@@ -5548,7 +5557,10 @@ def test_predict_stream_errors(tmp_path, capsys):
                         (["--checkpoint", str(ckpt), str(wav), "--chunk", "0"], "--chunk"),
                         (["--checkpoint", str(ckpt), str(wav), "--chunk", "inf"], "--chunk"),
                         (["--checkpoint", str(ckpt), str(wav), "--every", "inf"], "--every"),
-                        (["--checkpoint", str(ckpt), str(wav), "--every", "nan"], "--every")):
+                        (["--checkpoint", str(ckpt), str(wav), "--every", "nan"], "--every"),
+                        (["--checkpoint", str(ckpt), str(tmp_path)], "a folder; predict --stream reads one recording"),
+                        (["--checkpoint", str(ckpt), str(write_wav(tmp_path / "6ms.wav", seconds=0.006))],
+                         "6ms.wav: 6.0 ms of audio, shorter than one 25 ms analysis window")):
         assert satn.main(["predict", "--stream", *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         print(err)
