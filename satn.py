@@ -4408,6 +4408,9 @@ def evaluate_corpus(checkpoints, data, label_map=None, norm="auto", tag=None, ou
     dev = pick_device(device)
     per_speaker, results = None, []
     for path, model, _, ck in students:
+        if data is not None and _same_data(ck["config"].get("data"), path.parent, data):
+            warn_once(f"{data} is the corpus {path} was trained on: its training speakers are part of this "
+                      f"test, which is then no cross-corpus test (each fold's own test is in its final.json)")
         how = norm if norm != "auto" else ("speaker" if ck["norm"]["mode"] == "speaker" else "checkpoint")
         if how == "speaker":   # each speaker's statistics from all of that speaker's audio in the corpus
             if per_speaker is None:

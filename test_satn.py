@@ -3461,6 +3461,21 @@ def _renamed_manifest(demo_corpus, folder):
     return write_manifest(folder, rows, header="path,label,speaker,session"), utts
 
 
+def test_evaluate_on_the_training_corpus_warns(global_student, demo_corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    best = global_student["dir"] / "best.pt"
+    out_file = tmp_path / "own.json"
+    assert satn.main(["evaluate", "--checkpoint", str(best), "--data", str(demo_corpus), "--out", str(out_file),
+                      "--runs", str(tmp_path / "runs")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {demo_corpus} is the corpus {best} was trained on: its training speakers are part of this " \
+           f"test, which is then no cross-corpus test" in err
+    manifest, _ = _renamed_manifest(demo_corpus, tmp_path / "other")      # another corpus (a manifest): no warning
+    assert satn.main(["evaluate", "--checkpoint", str(best), "--data", str(manifest), "--out", str(tmp_path / "o.json"),
+                      "--runs", str(tmp_path / "runs"), "--label-map", "calm=neutral,joy=happy,sadness=sad,anger=angry,bored="]) == 0
+    assert "no cross-corpus test" not in capsys.readouterr().err
+
+
 def test_evaluate_through_a_label_map_and_report(global_student, demo_corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     manifest, utts = _renamed_manifest(demo_corpus, tmp_path / "other")
