@@ -4007,14 +4007,31 @@ def load_student(path):
     return model.eval(), list(ck["classes"]), ck
 
 
-def audio_files(inputs):
-    """Expand files and folders (searched recursively) into a sorted list of audio paths."""
+def audio_files(inputs, notes):
+    """Expand files and folders (searched recursively) into a sorted list of audio paths. What a
+    folder holds besides (files of other types, linked folders, which are not followed) is
+    counted in one line per folder, appended to `notes`, so that nothing is left out unsaid."""
     out = []
     for p in map(Path, inputs):
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXTENSIONS and not f.name.startswith("._"))
-        else:
+        if not p.is_dir():
             out.append(p)
+            continue
+        found, other, linked = [], [], []
+        for root, dirs, files in os.walk(p):
+            linked += [Path(root) / d for d in dirs if (Path(root) / d).is_symlink()]
+            for name in files:
+                f = Path(root) / name
+                if name.startswith("._"):   # macOS metadata beside each file
+                    continue
+                (found if f.suffix.lower() in AUDIO_EXTENSIONS else other).append(f)
+        out += sorted(found)
+        shown = [f for f in other if not f.name.startswith(".")]   # hidden files are not counted
+        if shown or linked:
+            notes.append(f"{p}: left out " + ", ".join(
+                ([f"{len(shown)} file(s) of other types (e.g. {shown[0].name}; audio is "
+                  f"{' '.join(AUDIO_EXTENSIONS)})"] if shown else [])
+                + ([f"{len(linked)} linked folder(s) (e.g. {linked[0]}), not followed: give them as inputs"]
+                   if linked else [])))
     return out
 
 
@@ -4160,9 +4177,12 @@ def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDO
              f"predict needs --window in [{PREDICT_MIN_WINDOW}, {PREDICT_MAX_WINDOW}] s and --hop in "
              f"[{HOP_SECONDS}, --window] s, got --window {window} --hop {hop}")
     model, classes, ck = load_student(checkpoint)
-    files = audio_files(inputs)
+    notes = []
+    files = audio_files(inputs, notes)
     if not files:
-        raise DataError(f"no audio files in {' '.join(map(str, inputs))}")
+        raise DataError(f"no audio files in {' '.join(map(str, inputs))}" + "".join(f"; {n}" for n in notes))
+    for n in notes:
+        print(n, file=sys.stderr)
     frames, failed = {}, 0
     for f in files:
         try:

@@ -3397,7 +3397,24 @@ def test_predict_refuses_checkpoints_carrying_code(trained, predict_inputs, tmp_
 def test_predict_folder_without_audio(trained, tmp_path, capsys):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "sub" / "readme.txt").write_text("nothing\n")
-    assert "no audio files" in _predict_error(trained["at_dir"] / "best.pt", [tmp_path / "empty"], capsys)
+    line = _predict_error(trained["at_dir"] / "best.pt", [tmp_path / "empty"], capsys)
+    assert f"no audio files in {tmp_path / 'empty'}; {tmp_path / 'empty'}: left out 1 file(s) of other types " \
+           f"(e.g. readme.txt; audio is .wav" in line
+
+
+def test_predict_says_what_a_folder_holds_besides_audio(trained, tmp_path, capsys):
+    # other file types and linked folders were left out without a word
+    top = tmp_path / "top"
+    write_wav(top / "a.wav", seconds=0.5)
+    (top / "b.m4a").write_bytes(b"not read")
+    (top / ".DS_Store").write_bytes(b"hidden: not counted")
+    write_wav(tmp_path / "elsewhere" / "c.wav", seconds=0.5)
+    (top / "day2").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert satn.main(["predict", "--checkpoint", str(trained["at_dir"] / "best.pt"), str(top)]) == 0
+    out, err = capsys.readouterr()
+    assert "a.wav" in out and "c.wav" not in out
+    assert (f"{top}: left out 1 file(s) of other types (e.g. b.m4a; audio is .wav .flac .ogg .oga .aiff .aif .au "
+            f".mp3), 1 linked folder(s) (e.g. {top / 'day2'}), not followed: give them as inputs") in err
 
 
 def _help_text(monkeypatch, capsys, command):
