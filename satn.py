@@ -231,7 +231,7 @@ def load_audio(path, sr=SAMPLE_RATE):
                 and layout.size != WAV_SIZE_UNKNOWN):
             wave, file_sr = _read_pcm16(path, layout), layout.rate        # IEMOCAP's format: no decoder needed
         else:
-            wave, file_sr = sf.read(path, dtype="float32", always_2d=True)
+            wave, file_sr = sf.read(os.fsencode(path), dtype="float32", always_2d=True)   # bytes: any file name
         file_sr = _check_rate(file_sr)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
@@ -4048,7 +4048,7 @@ def audio_blocks(path, seconds=None):
     try:
         if name.lower().endswith(".wav") and _wav_truncated(name):
             raise ValueError("truncated (the header promises more samples than the file holds)")
-        f = sf.SoundFile(name)
+        f = sf.SoundFile(os.fsencode(name))   # bytes: any file name
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
     except Exception as e:  # soundfile raises its own error types, or OSError
@@ -4250,7 +4250,7 @@ def predict_stream(checkpoint, path, chunk=STREAM_CHUNK, every=STREAM_EVERY, as_
     if str(path).lower().endswith(".wav") and _wav_truncated(path):
         raise DataError(f"{path}: truncated (the header promises more samples than the file holds)")
     try:
-        info = sf.info(str(path))
+        info = sf.info(os.fsencode(path))
     except Exception as e:
         raise DataError(f"{path}: unreadable audio ({_first_line(e)})") from None
     if info.samplerate != SAMPLE_RATE:

@@ -3402,6 +3402,19 @@ def test_predict_folder_without_audio(trained, tmp_path, capsys):
            f"(e.g. readme.txt; audio is .wav" in line
 
 
+def test_predict_reads_files_whose_names_are_not_utf8(trained, tmp_path, capsys):
+    # a Latin-1 name (b"caf\xe9") decodes to a lone surrogate, which soundfile could not encode
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    for ext, subtype in ((".wav", "PCM_16"), (".flac", "PCM_16"), (".wav", "FLOAT")):   # FLOAT: through soundfile
+        name = os.fsdecode(b"caf\xe9-" + subtype.encode() + ext.encode())
+        x = (0.3 * np.sin(2 * np.pi * 440 * np.arange(SR // 2) / SR)).astype(np.float32)
+        sf.write(os.fsencode(folder / name), x, SR, subtype=subtype)
+    assert satn.main(["predict", "--checkpoint", str(trained["at_dir"] / "best.pt"), "--json", str(folder)]) == 0
+    rows = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 3 and all("error" not in r for r in rows)
+
+
 def test_predict_says_what_a_folder_holds_besides_audio(trained, tmp_path, capsys):
     # other file types and linked folders were left out without a word
     top = tmp_path / "top"
