@@ -3836,11 +3836,16 @@ def report(runs="runs", per_seed=False):
     lines, dev_ua = _table2(results, known)
     out += ["", *lines] if results else ["", "(No student run has finished.)"]
     keys = {n: {_run_key(r) for r in results[n]} for n in known}
-    full = set().union(*keys.values()) if keys else set()
+    found = set().union(*keys.values()) if keys else set()
+    # every fold with every seed found: a (fold, seed) that no row finished is missing too
+    full = {(f, s) for f in {k[0] for k in found} for s in {k[1] for k in found}}
     short = [f"{n} ({len(keys[n])} of {len(full)})" for n in known if keys[n] != full]
     if short:
         out += ["", "Rows over fewer runs (fold, seed) than the folder holds, so not over the same test speakers as "
                 "the others: " + ", ".join(short) + "."]
+    if full - found:
+        out += ["", "Runs (fold, seed) that no row has finished: " + ", ".join(
+            f"fold {f} seed {s}" for f, s in sorted(full - found)) + "."]
     if unfinished:
         out += ["", "Run folders without `final.json` (unfinished or failed), not in any row: "
                 + ", ".join(f"`{u}`" for u in unfinished) + "."]

@@ -1820,6 +1820,26 @@ def test_report_over_folds_and_seeds(tmp_path, monkeypatch, capsys):
         assert want in lines[i:i + 6]
 
 
+def test_report_names_a_fold_and_seed_that_no_row_finished(tmp_path, monkeypatch, capsys):
+    # seed 1 of fold 3 failed for every configuration: the rows were over 5 of 6 runs, unflagged
+    runs = tmp_path / "runs"
+    true = ["neutral", "happy", "sad", "angry"] * 3
+    for name, done in (("stats", [(1, 0), (2, 0), (3, 0), (1, 1), (2, 1)]),
+                       ("tcn-self", [(1, 0), (2, 0), (3, 0), (1, 1), (2, 1)]),
+                       ("tcn-self-at", [(1, 0), (2, 0), (3, 0), (1, 1)])):
+        for fold, seed in done:
+            d = runs / "student" / name / satn.fold_folder(fold, seed)
+            d.mkdir(parents=True)
+            (d / "final.json").write_text(json.dumps(_fake_run(fold, seed, true, true)))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert satn.main(["report", "--runs", str(runs)]) == 0
+    text = (runs / "results.md").read_text()
+    print(text)
+    assert "Rows over fewer runs (fold, seed) than the folder holds, so not over the same test speakers as the " \
+           "others: stats (5 of 6), tcn-self (5 of 6), tcn-self-at (4 of 6)." in text
+    assert "Runs (fold, seed) that no row has finished: fold 3 seed 1." in text
+
+
 def test_report_on_a_folder_of_odd_runs(tmp_path, monkeypatch, capsys):
     """A run of another class set is left out of its row (and named), a final.json that is JSON
     but no run counts as damaged, a fold folder without final.json is named, rows over fewer runs
