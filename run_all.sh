@@ -176,6 +176,14 @@ run_one() {  # run_one <log name> <command...>: at most $JOBS at once
     fi
     if [ "$DRY" = 1 ]; then printf '%q ' "$@"; echo; return; fi
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+    case "$name" in student-*-at-fold*)   # a student with transfer whose teacher failed: skipped, saying why
+        local teacher="teacher-fold${name##*-at-fold}"
+        [ ${#ASR[@]} -gt 0 ] && teacher="teacher-asr"
+        if [ -e "$RUNS/logs/$teacher.failed" ]; then
+            echo "run_all.sh: skipped $name: its teacher failed (log: $RUNS/logs/$teacher.log)"
+            touch "$RUNS/logs/$name.failed"; FAILED=$((FAILED + 1)); return
+        fi ;;
+    esac
     local env=() g=""
     if [ "$NGPU" -gt 1 ]; then g=$(pick_gpu); env=(env CUDA_VISIBLE_DEVICES="${GPUS[$g]}"); fi
     local log="$RUNS/logs/$name.log"
@@ -185,7 +193,7 @@ run_one() {  # run_one <log name> <command...>: at most $JOBS at once
         # in the background and waited for, so that a signal to run_all.sh is handled at once;
         # tee -i outlives an INT, to log the training's last words
         ( "${env[@]}" "$@" 9>&- 2>&1 | tee -i -a "$log"; exit "${PIPESTATUS[0]}" ) &
-        wait $! || { FAILED=$((FAILED + 1)); echo "run_all.sh: $name failed (log: $log)"; }
+        wait $! || { FAILED=$((FAILED + 1)); echo "run_all.sh: $name failed (log: $log)"; touch "$RUNS/logs/$name.failed"; }
     else
         echo "run_all.sh: started $name (log: $log)"
         rm -f "$RUNS/logs/$name.failed"

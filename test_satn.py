@@ -2767,6 +2767,27 @@ def test_run_all_refuses_values_that_would_train_nothing_or_write_to_root(tmp_pa
     assert r.stdout == ""
 
 
+def test_run_all_skips_the_transfer_students_of_a_failed_teacher(tmp_path):
+    # transcripts without a word of the CMU dictionary: every teacher fails; the rows without
+    # transfer train, and those with transfer are skipped naming the teacher's log (they failed one
+    # by one with "the teacher is missing: train it with ...", which it was not)
+    rows = [(f"{s}{g}{i}.wav", lab, f"{s}{g}", f"s{s}") for s in "12" for g in "FM" for i, lab in enumerate("xyxy")]
+    _tone_corpus(tmp_path / "c", rows)
+    data = write_manifest(tmp_path / "c", [",".join(r) + ",zzqx vvkw" for r in rows])
+    runs = tmp_path / "runs"
+    r = _run_all(["--data", str(data), "--runs", str(runs), "--jobs", "2", "--epochs", "1", "--channels", "8",
+                  "--threads", "1"], tmp_path, timeout=600)
+    assert r.returncode == 1
+    for k in (1, 2):
+        assert f"run_all.sh: teacher-fold{k} failed (log: {runs}/logs/teacher-fold{k}.log)" in r.stdout
+        for n in ("blstm-soft", "blstm-self", "tcn-soft", "tcn-self", "tcn-self-causal"):
+            assert (f"run_all.sh: skipped student-{n}-at-fold{k}: its teacher failed (log: "
+                    f"{runs}/logs/teacher-fold{k}.log)") in r.stdout
+            assert (runs / "student" / n / f"fold{k}" / "final.json").is_file()          # without transfer: trained
+    assert not list(runs.glob("student/*-at/fold*/final.json"))
+    assert "12 failed run(s)" in r.stdout                                             # 2 teachers + 10 skipped
+
+
 def _student_key(argv):
     opt = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
     return (opt["--encoder"], opt.get("--attention", "-") + ("-causal" if "--causal" in argv else ""),
