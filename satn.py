@@ -712,16 +712,17 @@ def load_iemocap(root, subset="impro", verbose=True, all_labels=False):
 MANIFEST_COLUMNS = ("path", "label", "speaker", "session")
 
 
-def load_manifest(csv_path, verbose=True, asr=False):
+def load_manifest(csv_path, verbose=True, asr=False, sessions=True):
     """Read a CSV manifest with header path,label,speaker,session[,text] (UTF-8).
 
     Paths are resolved against the CSV's folder; the class set is whatever the
     labels are. Every problem is reported with its row before anything trains: a
     row with more fields than the header (an unquoted comma), and one audio file
     named twice, also under two spellings (./a.wav and a.wav). asr=True reads an ASR
-    corpus: path,speaker,text are required, label and session not."""
+    corpus: path,speaker,text are required, label and session not; sessions=False (a corpus only
+    tested on, by evaluate) needs no session column."""
     csv_path = Path(csv_path)
-    required = ("path", "speaker", "text") if asr else MANIFEST_COLUMNS
+    required = ("path", "speaker", "text") if asr else MANIFEST_COLUMNS if sessions else ("path", "label", "speaker")
     raw = csv_path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")  # -sig: spreadsheets write a BOM
@@ -747,7 +748,8 @@ def load_manifest(csv_path, verbose=True, asr=False):
     unknown = [c for c in header if c not in MANIFEST_COLUMNS + ("text",)]
     if missing or unknown:
         raise DataError(f"{csv_path}: header must be " + ("path,speaker,text[,label,session]" if asr else
-                                                          "path,label,speaker,session[,text]")
+                                                          "path,label,speaker,session[,text]" if sessions else
+                                                          "path,label,speaker[,session,text]")
                         + (f"; missing {','.join(missing)}" if missing else "")
                         + (f"; unknown {','.join(unknown)}" if unknown else ""))
     rows, start = [], reader.line_num + 1
@@ -808,9 +810,9 @@ def load_manifest(csv_path, verbose=True, asr=False):
 DEMO_DIR = Path("data/demo")
 
 
-def load_corpus(data=None, subset="impro", verbose=True, all_labels=False, asr=False):
+def load_corpus(data=None, subset="impro", verbose=True, all_labels=False, asr=False, sessions=True):
     """--data: an IEMOCAP folder, a .csv manifest, or None for the built-in demo corpus
-    (asr=True: a manifest needs no label or session column)."""
+    (asr=True: a manifest needs no label or session column; sessions=False: no session column)."""
     if data is None:
         ensure_demo_corpus(DEMO_DIR)
         data = DEMO_DIR
@@ -820,7 +822,7 @@ def load_corpus(data=None, subset="impro", verbose=True, all_labels=False, asr=F
     if data.is_dir():
         return load_iemocap(data, subset, verbose, all_labels)
     if data.suffix.lower() == ".csv":
-        return load_manifest(data, verbose, asr)
+        return load_manifest(data, verbose, asr, sessions)
     raise DataError(f"--data {data}: neither an IEMOCAP folder nor a .csv manifest")
 
 
@@ -4409,7 +4411,7 @@ def evaluate_corpus(checkpoints, data, label_map=None, norm="auto", tag=None, ou
     mapping = parse_label_map(label_map, classes)
     tag = tag or corpus_tag(data)
     _require(re.fullmatch(r"[A-Za-z0-9._-]+", tag) is not None, f"--name {tag!r}: use letters, digits, '.', '_' and '-'")
-    utts = load_corpus(data, subset="all", verbose=False, all_labels=True)
+    utts = load_corpus(data, subset="all", verbose=False, all_labels=True, sessions=False)   # tested on only
     kept, feats = compute_features(utts, Path(runs) / "cache")
     task = emotion_utterances(kept, data, verbose=False)
     counts = {}
