@@ -96,7 +96,6 @@ if [ "$NGPU" = 0 ] && [ "$DRY" = 0 ] && [ ${#THREADS[@]} = 0 ] && [ "$JOBS" -gt 
     case " ${EXTRA[*]} " in *" --threads "*|*" --threads="*) ;; *) THREADS=(--threads 1) ;; esac
 fi
 [ -n "$RUNS" ] || { echo "run_all.sh: --runs needs a folder name, got ''" >&2; exit 2; }
-case "$AT_WEIGHT" in 0|0.|0.0|0.00|.0) echo "run_all.sh: --at-weight $AT_WEIGHT leaves no rows with transfer (the rows without it are trained anyway): give W_AT > 0" >&2; exit 2 ;; esac
 if [ -n "$SEEDS" ]; then
     case "$SEEDS" in *[!0-9]*|'') echo "run_all.sh: --seeds needs a positive integer, got '$SEEDS'" >&2; exit 2 ;; esac
     [ "$((10#$SEEDS))" -gt 0 ] || { echo "run_all.sh: --seeds needs a positive integer, got '$SEEDS'" >&2; exit 2; }
@@ -116,6 +115,10 @@ done
 "$PY" -c 'import sys; sys.path.insert(0, sys.argv[1]); import satn; sys.exit(satn.check_shared_options(sys.argv[2:]))' \
     "$(dirname "$0")" --teacher-options "${ASR[@]}" "${COMMON[@]}" \
     --student-options "${COMMON[@]}" "${RECIPE[@]}" --at-weight "$AT_WEIGHT" || exit 2
+# (a valid number by now) 0 would leave no rows with transfer and train the teachers for nothing
+if awk -v w="$AT_WEIGHT" 'BEGIN { exit !(w + 0 == 0) }'; then
+    echo "run_all.sh: --at-weight $AT_WEIGHT leaves no rows with transfer (the rows without it are trained anyway): give W_AT > 0" >&2; exit 2
+fi
 if [ "$DRY" = 0 ]; then
     mkdir -p "$RUNS/logs" || exit 1
     # One run_all.sh per runs folder: a second one would train into the same run folders.

@@ -642,6 +642,12 @@ def session_order(sessions):
     return sorted(sessions, key=lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)])
 
 
+def fold_session(utts, fold):
+    """The session fold k (1-based) holds out: the k-th in session_order, or None if there are fewer."""
+    sessions = session_order({u.session for u in utts})
+    return sessions[fold - 1] if 1 <= fold <= len(sessions) else None
+
+
 def class_order(labels):
     """Class names in a fixed order: IEMOCAP's four first (EMOTIONS), then the others a-z."""
     return sorted(set(labels), key=lambda c: (EMOTIONS.index(c) if c in EMOTIONS else len(EMOTIONS), c))
@@ -2304,8 +2310,6 @@ def load_checkpoint(path):
                         f"best.pt and last.pt)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such checkpoint") from None
     except Exception as e:
         if "weights only" in str(e).lower() or "weights_only" in str(e):
             raise DataError(f"{path}: refused: the file holds pickled objects other than tensors and plain "
@@ -2728,17 +2732,20 @@ def finished(run_dir, cfg):
         print(f"warning: {e}; the run is taken as unfinished (--resume evaluates it again from its checkpoints)")
         return False
     done = record.get("config", {})
+    utts = None
     if record.get("held_out") is not None:   # fold k is the k-th session: another session if sessions changed
-        sessions = session_order({u.session for u in load_corpus(cfg.data, "all", False, True)})
-        now = sessions[cfg.fold - 1] if cfg.fold <= len(sessions) else None
+        utts = load_corpus(cfg.data, "all", False, True)
+        now = fold_session(utts, cfg.fold)
         if now != record["held_out"]:
             raise DataError(f"{run_dir} holds a run that held out session {record['held_out']}, but fold {cfg.fold} "
                             f"of this corpus is {f'session {now}' if now else 'no session'} (sessions added or "
                             f"removed?): use --runs or delete the folder")
     if record.get("corpus") is not None:     # before anything below moves final.json
         teacher = isinstance(cfg, TeacherConfig)
-        asr = teacher and bool(cfg.asr_data)
-        utts = load_corpus(cfg.asr_data if asr else cfg.data, "all", False, True, asr=asr)
+        if teacher and cfg.asr_data:         # a teacher of a separate ASR corpus
+            utts = load_corpus(cfg.asr_data, "all", False, True, asr=True)
+        elif utts is None:
+            utts = load_corpus(cfg.data, "all", False, True)
         check_same_corpus(record["corpus"], corpus_fingerprint(utts, "teacher" if teacher else "student"), run_dir)
     diff = _config_diff(done, cfg, _RESUME_IGNORES - {"epochs"}, run_dir)
     if diff == ["epochs"] and cfg.resume:
@@ -2980,9 +2987,10 @@ def teacher_checkpoint(cfg: StudentConfig):
     return path
 
 
-def check_teacher(cfg: StudentConfig):
+def check_teacher(cfg: StudentConfig, utts=None):
     """(best.pt path, checkpoint) of the teacher a student of cfg imitates, checked: a teacher's
-    checkpoint, trained on this corpus (as it is now), normalisation, dev speaker, fold and seed."""
+    checkpoint, trained on this corpus (as it is now; `utts`: its utterances, loaded if not
+    given), normalisation, dev speaker, fold and seed."""
     path = teacher_checkpoint(cfg)
     ck = load_checkpoint(path)
     if not isinstance(ck, dict) or "vocab" not in ck or "classes" in ck or "config" not in ck:
@@ -2996,9 +3004,8 @@ def check_teacher(cfg: StudentConfig):
         raise DataError(f"the teacher in {path.parent} was trained with another {', '.join(differ)} "
                         f"({', '.join(k + '=' + str(ck['config'].get(k)) for k in differ)}); retrain it or use --runs")
     if not ck["config"].get("asr_data"):   # a teacher of this corpus: of this fold's session, as the corpus is now
-        utts = load_corpus(cfg.data, "all", False, True)
-        sessions = session_order({u.session for u in utts})
-        held = sessions[cfg.fold - 1] if 1 <= cfg.fold <= len(sessions) else None
+        utts = load_corpus(cfg.data, "all", False, True) if utts is None else utts
+        held = fold_session(utts, cfg.fold)
         if ck.get("held_out") not in (None, held):
             raise DataError(f"the teacher of fold {cfg.fold} held out session {ck['held_out']}, but fold {cfg.fold} is "
                             f"session {held} now (sessions added or removed?): retrain the teacher")
@@ -4263,10 +4270,14 @@ def predict_stream(checkpoint, path, chunk=STREAM_CHUNK, every=STREAM_EVERY, as_
     if info.samplerate != SAMPLE_RATE:
         raise DataError(f"{path}: --stream reads {SAMPLE_RATE} Hz audio and this file is {info.samplerate} Hz: "
                         f"resample it first (predict without --stream resamples)")
-    try:   # as predict: no 25 ms window, no frame of speech to classify (checked again at the end)
-        _check_one_window(path, info.frames)
-    except ValueError as e:
-        raise DataError(str(e)) from None
+
+    def one_window(n):   # as predict: no 25 ms window, no frame of speech to classify
+        try:
+            _check_one_window(path, n)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+
+    one_window(info.frames)   # from the header; checked again on the samples read, at the end
     # A per-speaker-normalised model gets running statistics of the recording (started from
     # the training statistics); --norm checkpoint, or a globally normalised model, the fixed ones.
     prior = STREAM_NORM_PRIOR if ck["norm"]["mode"] == "speaker" and norm != "checkpoint" else None
@@ -4310,10 +4321,7 @@ def predict_stream(checkpoint, path, chunk=STREAM_CHUNK, every=STREAM_EVERY, as_
                 k = len(w) - len(w) % (SAMPLE_RATE // 100)
                 envelope.append(_envelope(w[:k]))
                 env = [w[k:]]
-    try:   # as predict: no 25 ms window, no frame of speech to classify
-        _check_one_window(path, stream.front.samples)
-    except ValueError as e:
-        raise DataError(str(e)) from None
+    one_window(stream.front.samples)
     ends, probs = stream.finish()
     duration = stream.front.samples / SAMPLE_RATE
     emit(stream.ready, probs, duration)
@@ -6136,13 +6144,13 @@ def check_folds(cfg, role, kept=None):
     transfer, every fold's teacher, so that a mistake in the last fold does not surface after
     hours of training the others. On the utterances the feature cache keeps (`kept`, else
     computed here as the first fold would): a file the cache skips is in no split, as in training."""
+    every = None
     if kept is None:
-        kept, _ = compute_features(load_corpus(cfg.data, "all", False, True), Path(cfg.runs) / "cache",
-                                   workers=cfg.threads)
-    utts = kept
-    sessions = {u.session for u in utts}
-    chosen = (emotion_utterances(utts, cfg.data, verbose=False) if role == "student"
-              else [u for u in utts if u.text.strip()])
+        every = load_corpus(cfg.data, "all", False, True)
+        kept, _ = compute_features(every, Path(cfg.runs) / "cache", workers=cfg.threads)
+    sessions = {u.session for u in kept}
+    chosen = (emotion_utterances(kept, cfg.data, verbose=False) if role == "student"
+              else [u for u in kept if u.text.strip()])
     if not chosen:   # no transcripts: prepare_data says so
         return
     for k in _folds(cfg):
@@ -6150,7 +6158,7 @@ def check_folds(cfg, role, kept=None):
         if role == "student":
             check_split(train, dev, test, k)
             if cfg.at_weight > 0:
-                check_teacher(dataclasses.replace(cfg, fold=k))
+                check_teacher(dataclasses.replace(cfg, fold=k), every)
 
 
 def build_parser():
