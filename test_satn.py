@@ -2760,7 +2760,8 @@ def test_run_all_checks_the_options_it_passes_on_before_training(tmp_path, extra
 
 @pytest.mark.parametrize("args, words", [(["--seeds", "00"], "--seeds needs a positive integer, got '00'"),
                                          (["--runs="], "--runs needs a folder name, got ''"),
-                                         (["--at-weight", "0"], "--at-weight 0 leaves no rows with transfer")])
+                                         (["--at-weight", "0"], "--at-weight 0 leaves no rows with transfer"),
+                                         (["--at-weight", "0e0"], "--at-weight 0e0 leaves no rows with transfer")])
 def test_run_all_refuses_values_that_would_train_nothing_or_write_to_root(tmp_path, args, words):
     r = _run_all(["--dry-run", *args], tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == r.stderr.strip().splitlines()[0] and words in r.stderr
