@@ -3793,6 +3793,26 @@ def _selection_lines(runs, results, names):
             *note]
 
 
+def _coverage(results, names, expected=None):
+    """Which (fold, seed) runs each row holds: ({row: keys}, every (fold, seed) expected,
+    report lines naming the rows over fewer runs and the runs no row finished). Expected
+    (unless given): every fold found with every seed found, so a (fold, seed) that no row
+    finished is missing too."""
+    keys = {n: {_run_key(r) for r in results.get(n, ())} for n in names}
+    found = set().union(*keys.values()) if keys else set()
+    full = expected or {(f, s) for f in {k[0] for k in found} for s in {k[1] for k in found}}
+    short = [f"{n} ({len(keys[n])} of {len(full)})" for n in names if keys[n] != full]
+    lines = []
+    if short:
+        lines += ["", "Rows over fewer runs (fold, seed) than the folder holds, so not over the same test speakers as "
+                  "the others" + (" (and in their mean a fold with fewer seeds weighs less)"
+                                  if len({s for _, s in full}) > 1 else "") + ": " + ", ".join(short) + "."]
+    if full - found:
+        lines += ["", "Runs (fold, seed) that no row has finished: " + ", ".join(
+            f"fold {f} seed {s}" for f, s in sorted(full - found)) + "."]
+    return keys, full, lines
+
+
 def report(runs="runs", per_seed=False):
     """Collect finished runs into runs/results.md: Table 2 (mean ± sample SD over folds x
     seeds), Figure 3, paired significance tests next to the paper's z-test, teachers;
@@ -3844,17 +3864,8 @@ def report(runs="runs", per_seed=False):
     out += _norm_statement(results)
     lines, dev_ua = _table2(results, known)
     out += ["", *lines] if results else ["", "(No student run has finished.)"]
-    keys = {n: {_run_key(r) for r in results[n]} for n in known}
-    found = set().union(*keys.values()) if keys else set()
-    # every fold with every seed found: a (fold, seed) that no row finished is missing too
-    full = {(f, s) for f in {k[0] for k in found} for s in {k[1] for k in found}}
-    short = [f"{n} ({len(keys[n])} of {len(full)})" for n in known if keys[n] != full]
-    if short:
-        out += ["", "Rows over fewer runs (fold, seed) than the folder holds, so not over the same test speakers as "
-                "the others: " + ", ".join(short) + "."]
-    if full - found:
-        out += ["", "Runs (fold, seed) that no row has finished: " + ", ".join(
-            f"fold {f} seed {s}" for f, s in sorted(full - found)) + "."]
+    keys, full, coverage = _coverage(results, known)
+    out += coverage
     if unfinished:
         out += ["", "Run folders without `final.json` (unfinished or failed), not in any row: "
                 + ", ".join(f"`{u}`" for u in unfinished) + "."]
@@ -3926,7 +3937,8 @@ def report(runs="runs", per_seed=False):
                 names = [n for n in known if n in sub]
                 lines, _ = _table2(sub, names)
                 paired, ztab, verdicts, seed_notes = _significance(sub, names)
-                out += ["", f"### Seed {s}", "", *lines]
+                out += ["", f"### Seed {s}", "", *lines,
+                        *_coverage(sub, known, {k for k in full if k[1] == s})[2]]
                 out += ["", *paired, "", *verdicts] if paired else []
                 out += ["", "The paper's z-test:", "", *ztab] if ztab else []
                 out += ["", *seed_notes] if seed_notes else []

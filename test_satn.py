@@ -1832,12 +1832,18 @@ def test_report_names_a_fold_and_seed_that_no_row_finished(tmp_path, monkeypatch
             d.mkdir(parents=True)
             (d / "final.json").write_text(json.dumps(_fake_run(fold, seed, true, true)))
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert satn.main(["report", "--runs", str(runs)]) == 0
+    assert satn.main(["report", "--runs", str(runs), "--per-seed"]) == 0
     text = (runs / "results.md").read_text()
     print(text)
+    whole, seed0, seed1 = text.split("## Per seed")[0], *text.split("### Seed ")[1:3]
     assert "Rows over fewer runs (fold, seed) than the folder holds, so not over the same test speakers as the " \
-           "others: stats (5 of 6), tcn-self (5 of 6), tcn-self-at (4 of 6)." in text
-    assert "Runs (fold, seed) that no row has finished: fold 3 seed 1." in text
+           "others (and in their mean a fold with fewer seeds weighs less): stats (5 of 6), tcn-self (5 of 6), " \
+           "tcn-self-at (4 of 6)." in whole
+    assert "Runs (fold, seed) that no row has finished: fold 3 seed 1." in whole
+    # each seed's table says the same of its own runs (seed 0 is complete)
+    assert "Rows over fewer runs" not in seed0.split("## ")[0] and "no row has finished" not in seed0.split("## ")[0]
+    assert "the others: stats (2 of 3), tcn-self (2 of 3), tcn-self-at (1 of 3)." in seed1
+    assert "Runs (fold, seed) that no row has finished: fold 3 seed 1." in seed1
 
 
 def test_report_on_a_folder_of_odd_runs(tmp_path, monkeypatch, capsys):
