@@ -51,6 +51,7 @@ import shutil
 import statistics
 import sys
 import time
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -4033,6 +4034,17 @@ def load_student(path):
     return model.eval(), list(ck["classes"]), ck
 
 
+def shown(path):
+    """A file name for one line of plain text: control characters (a tab, a newline) and
+    bytes that are not UTF-8 (decoded by Python to lone surrogates) written as escapes,
+    \\t, \\n, \\xe9, so that every name stays on its line; `--json` gives names exactly."""
+    def esc(c):
+        if unicodedata.category(c) not in ("Cc", "Cs"):
+            return c
+        return f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else c.encode("unicode_escape").decode()
+    return "".join(map(esc, str(path)))
+
+
 def audio_files(inputs, notes):
     """Expand files and folders (searched recursively) into a sorted list of audio paths. What a
     folder holds besides (files of other types, linked folders, which are not followed) is
@@ -4051,11 +4063,11 @@ def audio_files(inputs, notes):
                     continue
                 (found if f.suffix.lower() in AUDIO_EXTENSIONS else other).append(f)
         out += sorted(found)
-        shown = [f for f in other if not f.name.startswith(".")]   # hidden files are not counted
-        if shown or linked:
+        counted = [f for f in other if not f.name.startswith(".")]   # hidden files are not counted
+        if counted or linked:
             notes.append(f"{p}: left out " + ", ".join(
-                ([f"{len(shown)} file(s) of other types (e.g. {shown[0].name}; audio is "
-                  f"{' '.join(AUDIO_EXTENSIONS)})"] if shown else [])
+                ([f"{len(counted)} file(s) of other types (e.g. {counted[0].name}; audio is "
+                  f"{' '.join(AUDIO_EXTENSIONS)})"] if counted else [])
                 + ([f"{len(linked)} linked folder(s) (e.g. {linked[0]}), not followed: give them as inputs"]
                    if linked else [])))
     return out
@@ -4078,6 +4090,8 @@ def audio_blocks(path, seconds=None):
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
     except Exception as e:  # soundfile raises its own error types, or OSError
+        if not os.path.exists(os.fsencode(name)):
+            raise ValueError(f"{name}: no such file") from None
         raise ValueError(f"{name}: unreadable audio ({_first_line(e)})") from None
     with f:
         try:
@@ -4232,20 +4246,20 @@ def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDO
     for f, T in frames.items():
         if isinstance(T, Exception):
             failed += 1
-            print(json.dumps({"file": str(f), "error": str(T)}) if as_json else f"{f}\terror: {T}", flush=True)
+            print(json.dumps({"file": str(f), "error": str(T)}) if as_json else f"{shown(f)}\terror: {shown(T)}", flush=True)
             continue
         probs = _average_windows(model, stream_windows(f, T, mean, std, window, hop))
         if not np.isfinite(probs).all():   # never print NaN (nor invalid JSON): the file fails
             failed += 1
             msg = f"{f}: the model's probabilities are not finite (NaN or inf)"
-            print(json.dumps({"file": str(f), "error": msg}) if as_json else f"{f}\terror: {msg}", flush=True)
+            print(json.dumps({"file": str(f), "error": msg}) if as_json else f"{shown(f)}\terror: {shown(msg)}", flush=True)
             continue
         best = classes[int(np.argmax(probs))]
         if as_json:
             print(json.dumps({"file": str(f), "prediction": best, "seconds": round(T * HOP_SECONDS, 2),
                               "probabilities": {c: round(float(p), 4) for c, p in zip(classes, probs)}}), flush=True)
         else:
-            print(f"{f}\t{best}\t" + " ".join(f"{c} {p:.3f}" for c, p in zip(classes, probs)), flush=True)
+            print(f"{shown(f)}\t{best}\t" + " ".join(f"{c} {p:.3f}" for c, p in zip(classes, probs)), flush=True)
     return 1 if failed else 0
 
 
@@ -6271,6 +6285,9 @@ def check_shared_options(argv):
 
 
 def main(argv=None):
+    for stream in (sys.stdout, sys.stderr):   # a file name that is not UTF-8 is escaped, never a crash mid-output
+        with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     global KERNEL_VERBOSE

@@ -3463,6 +3463,25 @@ def test_predict_reads_files_whose_names_are_not_utf8(trained, tmp_path, capsys)
     assert satn.main(["predict", "--checkpoint", str(trained["at_dir"] / "best.pt"), "--json", str(folder)]) == 0
     rows = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
     assert len(rows) == 3 and all("error" not in r for r in rows)
+    assert sorted(os.fsencode(r["file"]) for r in rows) == sorted(os.fsencode(folder / n) for n in os.listdir(folder))
+
+
+def test_predict_plain_lines_escape_odd_file_names(trained, tmp_path, capsys):
+    # a name that is not UTF-8 crashed the plain output under a strict UTF-8 locale (capsys is
+    # strict), and a tab or newline in a name split its line
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    x = (0.3 * np.sin(2 * np.pi * 440 * np.arange(SR // 2) / SR)).astype(np.float32)
+    for name in (b"caf\xe9.wav", b"tab\there.wav", b"new\nline.wav"):
+        sf.write(os.fsencode(folder) + b"/" + name, x, SR, subtype="PCM_16")
+    missing = tmp_path / "gone\t.wav"
+    assert satn.main(["predict", "--checkpoint", str(trained["at_dir"] / "best.pt"), str(folder), str(missing)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [l.split("\t")[0] for l in lines] == [f"{folder}/caf\\xe9.wav", f"{folder}/new\\nline.wav",
+                                                 f"{folder}/tab\\there.wav", f"{tmp_path}/gone\\t.wav"]
+    assert [len(l.split("\t")) for l in lines] == [3, 3, 3, 2]   # name, emotion, probabilities; name, error
+    assert lines[-1].endswith("\terror: " + f"{tmp_path}/gone\\t.wav: no such file")
+    assert satn.shown("plain é ü.wav") == "plain é ü.wav"
 
 
 def test_predict_says_what_a_folder_holds_besides_audio(trained, tmp_path, capsys):
