@@ -4235,10 +4235,11 @@ def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDO
         # A per-speaker-normalised model expects a speaker's own statistics: take the
         # inputs as one speaker when they are long enough to estimate them.
         norm = "inputs" if ck["norm"]["mode"] == "speaker" and seconds >= PREDICT_MIN_SPEAKER_SECONDS else "checkpoint"
-        print(f"normalisation: {'statistics of all inputs together (taken as one speaker)' if norm == 'inputs' else 'training statistics from the checkpoint'}"
-              + (f"; the model was trained with per-speaker statistics and the inputs hold only {seconds:.0f} s "
-                 f"(< {PREDICT_MIN_SPEAKER_SECONDS:.0f} s), so expect lower accuracy" if norm == "checkpoint" and ck["norm"]["mode"] == "speaker" else ""),
-              file=sys.stderr)
+        if good:   # when no file is readable there is nothing to normalise
+            print(f"normalisation: {'statistics of all inputs together (taken as one speaker)' if norm == 'inputs' else 'training statistics from the checkpoint'}"
+                  + (f"; the model was trained with per-speaker statistics and the inputs hold only {seconds:.0f} s "
+                     f"(< {PREDICT_MIN_SPEAKER_SECONDS:.0f} s), so expect lower accuracy" if norm == "checkpoint" and ck["norm"]["mode"] == "speaker" else ""),
+                  file=sys.stderr)
     if norm == "inputs" and good:   # the inputs are taken to be one speaker: per-speaker normalisation
         mean, std = feature_stats(x.T for f in good for x in stream_features(f))
     else:                           # the training sessions' statistics, stored in the checkpoint

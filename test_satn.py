@@ -3482,6 +3482,10 @@ def test_predict_plain_lines_escape_odd_file_names(trained, tmp_path, capsys):
     assert [len(l.split("\t")) for l in lines] == [3, 3, 3, 2]   # name, emotion, probabilities; name, error
     assert lines[-1].endswith("\terror: " + f"{tmp_path}/gone\\t.wav: no such file")
     assert satn.shown("plain é ü.wav") == "plain é ü.wav"
+    # no readable input: no line about how inputs are normalised
+    assert satn.main(["predict", "--checkpoint", str(trained["at_dir"] / "best.pt"), str(missing)]) == 1
+    out, err = capsys.readouterr()
+    assert out.endswith("no such file\n") and "normalisation" not in err
 
 
 def test_predict_says_what_a_folder_holds_besides_audio(trained, tmp_path, capsys):
