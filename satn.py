@@ -1398,19 +1398,41 @@ def masked_mean_std(x, lengths):
     return torch.cat([mean, torch.sqrt(var + 1e-5)], dim=1)
 
 
+def warp_bands(x, alpha, n_mels=N_MELS, sr=SAMPLE_RATE):
+    """Vocal-tract-length perturbation of mel features: x (B, 3·n_mels, T) -> the same shape,
+    each utterance's bands as if its frequencies had been scaled by alpha (B,) (> 1: formants
+    higher, so the content moves up). Band j takes the value found at the frequency f_j / alpha
+    (f_j its centre), interpolated linearly between the neighbouring bands' centres in mel and
+    held at the first and last band; the delta streams are warped alike (warping the bands
+    commutes with differences over time). alpha = 1 returns x exactly."""
+    B, C, T = x.shape
+    step = hz_to_mel(sr / 2) / (n_mels + 1)                                       # mel between band centres
+    centres = torch.as_tensor(mel_to_hz(step * np.arange(1, n_mels + 1)), dtype=torch.float64)   # (n_mels,) Hz
+    src = centres[None] / alpha.to(torch.float64)[:, None]                        # (B, n_mels) Hz read
+    pos = (2595.0 * torch.log10(1 + src / 700.0) / step - 1).clamp(0, n_mels - 1)  # fractional band index
+    lo = pos.floor().long().clamp(max=n_mels - 2)
+    frac = (pos - lo).to(x.dtype).to(x.device)[:, None, :, None]                  # (B, 1, n_mels, 1)
+    lo = lo.to(x.device)[:, None, :, None].expand(B, C // n_mels, n_mels, T)
+    xs = x.reshape(B, C // n_mels, n_mels, T)                                     # (B, streams, bands, T)
+    out = torch.gather(xs, 2, lo) * (1 - frac) + torch.gather(xs, 2, lo + 1) * frac
+    return out.reshape(B, C, T)
+
+
 class SpecAugment(nn.Module):
-    """SpecAugment-style masking of (B, 120, T) normalised features, in training mode only.
+    """SpecAugment-style masking of (B, 120, T) normalised features, and vocal-tract-length
+    perturbation, in training mode only.
 
     Each utterance gets `time_masks` spans of 0..`time_width` frames inside its own
     length, and `freq_masks` spans of 0..`freq_width` mel bands (the same bands of the
-    log-mel, delta and delta-delta channels), set to 0, the normalised mean. Masks
-    are drawn from torch's global generator, so torch.manual_seed reproduces them;
-    in eval mode the input is returned unchanged."""
+    log-mel, delta and delta-delta channels), set to 0, the normalised mean. With `warp`
+    w > 0 its bands are first warped (warp_bands) by a factor drawn uniformly from
+    [1 - w, 1 + w]. Draws come from torch's global generator, so torch.manual_seed
+    reproduces them; in eval mode the input is returned unchanged."""
 
-    def __init__(self, time_masks=0, time_width=0, freq_masks=0, freq_width=0, n_mels=N_MELS):
+    def __init__(self, time_masks=0, time_width=0, freq_masks=0, freq_width=0, n_mels=N_MELS, warp=0.0):
         super().__init__()
         self.time_masks, self.time_width, self.n_mels = time_masks, time_width, n_mels
-        self.freq_masks, self.freq_width = freq_masks, freq_width
+        self.freq_masks, self.freq_width, self.warp = freq_masks, freq_width, warp
 
     @staticmethod
     def _spans(count, width, size, total):
@@ -1425,6 +1447,8 @@ class SpecAugment(nn.Module):
         return keep
 
     def forward(self, x, lengths):                                                # x (B, 120, T)
+        if self.training and self.warp > 0:
+            x = warp_bands(x, 1 - self.warp + 2 * self.warp * torch.rand(len(x)), self.n_mels)
         if not self.training or (self.time_masks * self.time_width == 0 and self.freq_masks * self.freq_width == 0):
             return x
         B, C, T = x.shape
@@ -1670,19 +1694,20 @@ class TeacherConfig(RunConfig):
 # no augmentation, the best-dev epoch kept. "robust": what is used on small real SER corpora, as
 # chosen on Emo-DB (see the README); each part has its own option, and an option given explicitly wins.
 RECIPES = {
-    "paper": dict(time_masks=0, time_mask_frames=0, freq_masks=0, freq_mask_bands=0, mixup=0.0, speed="1",
+    "paper": dict(time_masks=0, time_mask_frames=0, freq_masks=0, freq_mask_bands=0, freq_warp=0.0, mixup=0.0, speed="1",
                   weight_decay=0.0, lr_patience=0, cosine=False, label_smoothing=0.0, patience=0, ema=0.0,
                   select="best", layer_norm=False, class_weights=False),
     # off: SpecAugment (masks of these sizes with --time-masks 2 --freq-masks 2), which lowered dev
     # and test UA on Emo-DB; speed perturbation, which lowered dev UA on Emo-DB's 7 classes (it
     # moves the pitch, an emotion cue); mixup, which lowered dev UA on Emo-DB; early stopping, which
     # like the best-dev epoch follows the noise of a one-speaker dev set (the last epoch is kept instead)
-    "robust": dict(time_masks=0, time_mask_frames=20, freq_masks=0, freq_mask_bands=6, mixup=0.0, speed="1",
+    "robust": dict(time_masks=0, time_mask_frames=20, freq_masks=0, freq_mask_bands=6, freq_warp=0.0, mixup=0.0, speed="1",
                    weight_decay=1e-2, lr_patience=0, cosine=True, label_smoothing=0.1, patience=0, ema=0.0,
                    select="last", layer_norm=True, class_weights=True),
 }
 
 
+MAX_FREQ_WARP = 0.5         # --freq-warp: frequencies scaled by at most 1.5 and at least 0.5
 MIXUP_ALPHA = (0.01, 1e4)   # the --mixup values whose Beta(a, a) draws torch samples faithfully
 
 
@@ -1708,6 +1733,8 @@ class StudentConfig(RunConfig):
     time_mask_frames: int = _r("SpecAugment: longest time mask, in 10 ms frames")
     freq_masks: int = _r("SpecAugment: frequency masks per training utterance (the same mel bands of all three streams)")
     freq_mask_bands: int = _r("SpecAugment: widest frequency mask, in mel bands")
+    freq_warp: float = _r("vocal-tract-length perturbation: each training utterance's mel bands warped as if its "
+                          "frequencies were scaled by a factor drawn from [1 - w, 1 + w]; w, or 0: off")
     mixup: float = _r("mixup: each training batch blended with a permutation of itself, lam ~ Beta(a, a) "
                       "per batch, the loss blended alike; a, or 0: off")
     speed: str = _r("speed perturbation: comma-separated factors; each epoch every training utterance is taken "
@@ -1762,6 +1789,7 @@ class StudentConfig(RunConfig):
                 setattr(self, k, v)
         _require(min(self.time_masks, self.time_mask_frames, self.freq_masks, self.freq_mask_bands) >= 0
                  and self.freq_mask_bands <= N_MELS, f"the SpecAugment options must be >= 0 (bands at most {N_MELS})")
+        _require(0 <= self.freq_warp <= MAX_FREQ_WARP, f"--freq-warp must be in [0, {MAX_FREQ_WARP}], got {self.freq_warp}")
         _require(self.weight_decay >= 0 and self.lr_patience >= 0 and self.patience >= 0 and 0 <= self.label_smoothing < 1
                  and 0 <= self.ema < 1, "--weight-decay, --lr-patience and --patience must be >= 0, "
                                         "--label-smoothing and --ema in [0, 1)")
@@ -1938,7 +1966,8 @@ class Student(nn.Module):
     def __init__(self, cfg: StudentConfig, n_classes):
         super().__init__()
         self.encoder_kind, self.attention_kind, self.subsample = cfg.encoder, cfg.attention, cfg.subsample
-        self.augment = SpecAugment(cfg.time_masks, cfg.time_mask_frames, cfg.freq_masks, cfg.freq_mask_bands)
+        self.augment = SpecAugment(cfg.time_masks, cfg.time_mask_frames, cfg.freq_masks, cfg.freq_mask_bands,
+                                   warp=cfg.freq_warp)
         if cfg.encoder == "stats":  # the baseline: utterance statistics + the same dropout and classifier
             self.encoder, self.attn, dim = None, None, 2 * FEAT_CHANNELS
         elif cfg.encoder == "tcn":
@@ -1959,7 +1988,7 @@ class Student(nn.Module):
         self.summary_window = max(1, round(cfg.summary_window / frame_seconds))  # frames
 
     def forward(self, x, lengths, need_weights=False):  # x (B, 120, T)
-        x = self.augment(x, lengths)                    # SpecAugment masks; identity in eval mode
+        x = self.augment(x, lengths)                    # SpecAugment masks, band warp; identity in eval mode
         if self.encoder_kind == "stats":
             pooled = masked_mean_std(x, lengths)        # (B, 240)
             return self.classifier(self.drop(pooled)), {"acts": [], "weights": None,

@@ -4836,7 +4836,7 @@ def test_recipe_robust_sets_its_flags_and_explicit_options_win(monkeypatch, caps
         assert getattr(robust, k) == v, k
     # robust turns on all but the augmentations (off by default: they lowered dev UA on Emo-DB), whose
     # sizes it sets for when masks are asked for, and early stopping (it keeps the last epoch)
-    assert robust.time_masks == robust.freq_masks == 0 and robust.speed == "1" and robust.mixup == 0
+    assert robust.time_masks == robust.freq_masks == 0 and robust.speed == "1" and robust.mixup == 0 == robust.freq_warp
     assert robust.time_mask_frames > 0 and robust.freq_mask_bands > 0
     assert robust.weight_decay > 0 and robust.cosine and robust.lr_patience == 0
     assert robust.label_smoothing > 0 and robust.patience == 0
@@ -4929,6 +4929,40 @@ def test_spec_augment_is_a_no_op_in_eval_and_reproducible_with_the_seed():
     assert satn.SpecAugment().train()(x, lengths) is x                          # nothing to mask: off
 
 
+def test_band_warp_moves_formants_and_is_a_no_op_in_eval_and_reproducible_with_the_seed():
+    M = satn.N_MELS
+    step = satn.hz_to_mel(SR / 2) / (M + 1)
+    centres = satn.mel_to_hz(step * np.arange(1, M + 1))                           # band centres, Hz
+    x = torch.zeros(3, 3 * M, 7)
+    for k in range(3):                                                            # every stream: a peak at band 20
+        x[:, k * M + 20, :5] = 1.0                                                # frames 5, 6: padding (zeros)
+    alpha = torch.tensor([1.0, 1.15, 0.85])
+    y = satn.warp_bands(x, alpha)
+    assert torch.equal(y[0], x[0])                                                # factor 1: exactly the input
+    for i in (1, 2):
+        for k in range(3):                                                        # the delta streams warped alike
+            torch.testing.assert_close(y[i, k * M:(k + 1) * M], y[i, :M])
+        peak = int(y[i, :M, 0].argmax())
+        # band 20's content (1.84 kHz) now sits where the frequency is alpha times that: two bands up or down
+        assert peak == int(np.abs(centres - alpha[i].item() * centres[20]).argmin()) == (22 if i == 1 else 18)
+        assert (y[i, :, 5:] == 0).all()                                           # padding stays the mean
+    aug = satn.SpecAugment(warp=0.1)
+    feats, lengths = torch.randn(4, 3 * M, 9), torch.tensor([9, 9, 5, 2])
+    assert aug.eval()(feats, lengths) is feats
+    aug.train()
+    torch.manual_seed(1)
+    a = aug(feats, lengths)
+    torch.manual_seed(1)
+    b = aug(feats, lengths)
+    torch.manual_seed(2)
+    c = aug(feats, lengths)
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, feats)
+    assert satn.Student(satn.StudentConfig(freq_warp=0.2, channels=8, heads=2), 4).augment.warp == 0.2
+    for bad in ("0.6", "nan", "-0.1"):
+        with pytest.raises(satn.DataError, match=f"--freq-warp must be in \\[0, 0.5\\], got {bad}"):
+            satn.StudentConfig(freq_warp=float(bad))
+
+
 def test_mixup_blends_pairs_of_the_batch_and_is_reproducible_with_the_seed():
     x, lengths = torch.randn(5, 120, 30), torch.tensor([30, 25, 12, 30, 8])
     torch.manual_seed(3)
@@ -5000,7 +5034,7 @@ def test_robust_recipe_training_is_reproducible_and_evaluation_unaugmented(tmp_p
     data = _tone_corpus(tmp_path / "c", rows)
     cfg = satn.StudentConfig(data=str(data), fold=1, runs=str(tmp_path / "runs"), recipe="robust", speed="0.9,1,1.1", channels=8,
                              heads=2, subsample=4, epochs=3, lr=3e-2, batch_size=4, lr_patience=1, cosine=False, patience=2,
-                             time_masks=2, freq_masks=2, mixup=0.4)
+                             time_masks=2, freq_masks=2, freq_warp=0.1, mixup=0.4)
     d = satn.prepare_data(cfg, "student")
     assert len(d["train_views"]) == len(d["train"]) == 8
     assert all(len(v) == 3 for v in d["train_views"])
