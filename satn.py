@@ -1402,16 +1402,19 @@ def warp_bands(x, alpha, n_mels=N_MELS, sr=SAMPLE_RATE):
     """Vocal-tract-length perturbation of mel features: x (B, 3·n_mels, T) -> the same shape,
     each utterance's bands as if its frequencies had been scaled by alpha (B,) (> 1: formants
     higher, so the content moves up). Band j takes the value found at the frequency f_j / alpha
-    (f_j its centre), interpolated linearly between the neighbouring bands' centres in mel and
-    held at the first and last band; the delta streams are warped alike (warping the bands
-    commutes with differences over time). alpha = 1 returns x exactly."""
+    (f_j its centre), interpolated linearly between the neighbouring bands' centres in mel;
+    where that frequency lies outside the bands, the first or last band's value is held. The
+    delta streams are warped alike. On normalised features (as in training) this moves each
+    band's deviation from its speaker's mean, an approximation of warping the spectrum itself.
+    alpha = 1 returns x exactly."""
     B, C, T = x.shape
     step = hz_to_mel(sr / 2) / (n_mels + 1)                                       # mel between band centres
-    centres = torch.as_tensor(mel_to_hz(step * np.arange(1, n_mels + 1)), dtype=torch.float64)   # (n_mels,) Hz
-    src = centres[None] / alpha.to(torch.float64)[:, None]                        # (B, n_mels) Hz read
-    pos = (2595.0 * torch.log10(1 + src / 700.0) / step - 1).clamp(0, n_mels - 1)  # fractional band index
+    centres = mel_to_hz(step * np.arange(1, n_mels + 1))                          # (n_mels,) Hz, as mel_filterbank's
+    src = centres[None] / alpha.detach().to("cpu", torch.float64).numpy()[:, None]   # (B, n_mels) Hz read
+    pos = np.arange(n_mels) + (hz_to_mel(src) - hz_to_mel(centres)) / step        # fractional band index; j at alpha 1
+    pos = torch.from_numpy(pos).clamp(0, n_mels - 1)
     lo = pos.floor().long().clamp(max=n_mels - 2)
-    frac = (pos - lo).to(x.dtype).to(x.device)[:, None, :, None]                  # (B, 1, n_mels, 1)
+    frac = (pos - lo).to(x.device, x.dtype)[:, None, :, None]                     # (B, 1, n_mels, 1)
     lo = lo.to(x.device)[:, None, :, None].expand(B, C // n_mels, n_mels, T)
     xs = x.reshape(B, C // n_mels, n_mels, T)                                     # (B, streams, bands, T)
     out = torch.gather(xs, 2, lo) * (1 - frac) + torch.gather(xs, 2, lo + 1) * frac
@@ -1707,7 +1710,7 @@ RECIPES = {
 }
 
 
-MAX_FREQ_WARP = 0.5         # --freq-warp: frequencies scaled by at most 1.5 and at least 0.5
+MAX_FREQ_WARP = 0.3         # --freq-warp: frequencies scaled by 0.7 to 1.3 at most (VTLP uses about 0.9-1.1)
 MIXUP_ALPHA = (0.01, 1e4)   # the --mixup values whose Beta(a, a) draws torch samples faithfully
 
 
@@ -1733,8 +1736,8 @@ class StudentConfig(RunConfig):
     time_mask_frames: int = _r("SpecAugment: longest time mask, in 10 ms frames")
     freq_masks: int = _r("SpecAugment: frequency masks per training utterance (the same mel bands of all three streams)")
     freq_mask_bands: int = _r("SpecAugment: widest frequency mask, in mel bands")
-    freq_warp: float = _r("vocal-tract-length perturbation: each training utterance's mel bands warped as if its "
-                          "frequencies were scaled by a factor drawn from [1 - w, 1 + w]; w, or 0: off")
+    freq_warp: float = _r("vocal-tract-length perturbation: each training utterance's (normalised) mel bands warped "
+                          "as if its frequencies were scaled by a factor drawn from [1 - w, 1 + w]; w, or 0: off")
     mixup: float = _r("mixup: each training batch blended with a permutation of itself, lam ~ Beta(a, a) "
                       "per batch, the loss blended alike; a, or 0: off")
     speed: str = _r("speed perturbation: comma-separated factors; each epoch every training utterance is taken "
@@ -3831,12 +3834,14 @@ def _coverage(results, names, expected=None):
     keys = {n: {_run_key(r) for r in results.get(n, ())} for n in names}
     found = set().union(*keys.values()) if keys else set()
     full = expected or {(f, s) for f in {k[0] for k in found} for s in {k[1] for k in found}}
-    short = [f"{n} ({len(keys[n])} of {len(full)})" for n in names if keys[n] != full]
+    short = [n for n in names if keys[n] != full]
+    # a row whose folds hold different numbers of seeds weighs them unequally in its mean
+    uneven = [n for n in short if len({sum(k[0] == f for k in keys[n]) for f, _ in keys[n]}) > 1]
     lines = []
     if short:
         lines += ["", "Rows over fewer runs (fold, seed) than the folder holds, so not over the same test speakers as "
-                  "the others" + (" (and in their mean a fold with fewer seeds weighs less)"
-                                  if len({s for _, s in full}) > 1 else "") + ": " + ", ".join(short) + "."]
+                  "the others: " + ", ".join(f"{n} ({len(keys[n])} of {len(full)})" for n in short) + "."
+                  + (f" In the mean of {', '.join(uneven)} a fold with fewer seeds weighs less." if uneven else "")]
     if full - found:
         lines += ["", "Runs (fold, seed) that no row has finished: " + ", ".join(
             f"fold {f} seed {s}" for f, s in sorted(full - found)) + "."]
@@ -3968,7 +3973,7 @@ def report(runs="runs", per_seed=False):
                 lines, _ = _table2(sub, names)
                 paired, ztab, verdicts, seed_notes = _significance(sub, names)
                 out += ["", f"### Seed {s}", "", *lines,
-                        *_coverage(sub, known, {k for k in full if k[1] == s})[2]]
+                        *_coverage(sub, names, {k for k in full if k[1] == s})[2]]
                 out += ["", *paired, "", *verdicts] if paired else []
                 out += ["", "The paper's z-test:", "", *ztab] if ztab else []
                 out += ["", *seed_notes] if seed_notes else []
@@ -4064,11 +4069,14 @@ def load_student(path):
 
 
 def shown(path):
-    """A file name for one line of plain text: control characters (a tab, a newline) and
-    bytes that are not UTF-8 (decoded by Python to lone surrogates) written as escapes,
-    \\t, \\n, \\xe9, so that every name stays on its line; `--json` gives names exactly."""
+    """A file name for one line of plain text: control characters (a tab, a newline), line
+    and paragraph separators and bytes that are not UTF-8 (decoded by Python to lone
+    surrogates) written as escapes, \\t, \\n, \\u2028, \\xe9, and on POSIX a backslash
+    as \\\\, so that every name stays on its line and reads back; `--json` gives names exactly."""
     def esc(c):
-        if unicodedata.category(c) not in ("Cc", "Cs"):
+        if c == "\\" and os.sep == "/":
+            return "\\\\"
+        if unicodedata.category(c) not in ("Cc", "Cs", "Zl", "Zp"):
             return c
         return f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else c.encode("unicode_escape").decode()
     return "".join(map(esc, str(path)))
@@ -4119,8 +4127,11 @@ def audio_blocks(path, seconds=None):
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
     except Exception as e:  # soundfile raises its own error types, or OSError
-        if not os.path.exists(os.fsencode(name)):
-            raise ValueError(f"{name}: no such file") from None
+        with contextlib.suppress(OSError):   # only a missing file is called missing (not one behind a locked folder)
+            try:
+                os.stat(os.fsencode(name))
+            except FileNotFoundError:
+                raise ValueError(f"{name}: no such file") from None
         raise ValueError(f"{name}: unreadable audio ({_first_line(e)})") from None
     with f:
         try:
@@ -6316,8 +6327,9 @@ def check_shared_options(argv):
 
 def main(argv=None):
     for stream in (sys.stdout, sys.stderr):   # a file name that is not UTF-8 is escaped, never a crash mid-output
-        with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
-            stream.reconfigure(errors="backslashreplace")
+        if getattr(stream, "errors", None) == "strict":
+            with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+                stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     global KERNEL_VERBOSE

@@ -1837,12 +1837,12 @@ def test_report_names_a_fold_and_seed_that_no_row_finished(tmp_path, monkeypatch
     print(text)
     whole, seed0, seed1 = text.split("## Per seed")[0], *text.split("### Seed ")[1:3]
     assert "Rows over fewer runs (fold, seed) than the folder holds, so not over the same test speakers as the " \
-           "others (and in their mean a fold with fewer seeds weighs less): stats (5 of 6), tcn-self (5 of 6), " \
-           "tcn-self-at (4 of 6)." in whole
+           "others: stats (5 of 6), tcn-self (5 of 6), tcn-self-at (4 of 6). In the mean of stats, tcn-self, " \
+           "tcn-self-at a fold with fewer seeds weighs less." in whole
     assert "Runs (fold, seed) that no row has finished: fold 3 seed 1." in whole
     # each seed's table says the same of its own runs (seed 0 is complete)
     assert "Rows over fewer runs" not in seed0.split("## ")[0] and "no row has finished" not in seed0.split("## ")[0]
-    assert "the others: stats (2 of 3), tcn-self (2 of 3), tcn-self-at (1 of 3)." in seed1
+    assert "the others: stats (2 of 3), tcn-self (2 of 3), tcn-self-at (1 of 3).\n" in seed1   # one seed: even
     assert "Runs (fold, seed) that no row has finished: fold 3 seed 1." in seed1
 
 
@@ -3482,6 +3482,11 @@ def test_predict_plain_lines_escape_odd_file_names(trained, tmp_path, capsys):
     assert [len(l.split("\t")) for l in lines] == [3, 3, 3, 2]   # name, emotion, probabilities; name, error
     assert lines[-1].endswith("\terror: " + f"{tmp_path}/gone\\t.wav: no such file")
     assert satn.shown("plain é ü.wav") == "plain é ü.wav"
+    assert satn.shown("a\u2028b\\t.wav") == "a\\u2028b\\\\t.wav"          # a line separator; a backslash reads back
+    # an error naming a file that is not UTF-8 is printed (stderr is strict under capsys), not a crash
+    odd_ck = os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.pt")
+    assert satn.main(["predict", "--checkpoint", odd_ck, str(missing)]) == 2
+    assert "caf\\udce9.pt" in capsys.readouterr().err
     # no readable input: no line about how inputs are normalised
     assert satn.main(["predict", "--checkpoint", str(trained["at_dir"] / "best.pt"), str(missing)]) == 1
     out, err = capsys.readouterr()
@@ -4939,6 +4944,9 @@ def test_band_warp_moves_formants_and_is_a_no_op_in_eval_and_reproducible_with_t
     alpha = torch.tensor([1.0, 1.15, 0.85])
     y = satn.warp_bands(x, alpha)
     assert torch.equal(y[0], x[0])                                                # factor 1: exactly the input
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):                  # every band, any dtype
+        r = torch.randn(2, 3 * M, 4).to(dtype)
+        assert torch.equal(satn.warp_bands(r, torch.ones(2)), r)
     for i in (1, 2):
         for k in range(3):                                                        # the delta streams warped alike
             torch.testing.assert_close(y[i, k * M:(k + 1) * M], y[i, :M])
@@ -4958,8 +4966,8 @@ def test_band_warp_moves_formants_and_is_a_no_op_in_eval_and_reproducible_with_t
     c = aug(feats, lengths)
     assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, feats)
     assert satn.Student(satn.StudentConfig(freq_warp=0.2, channels=8, heads=2), 4).augment.warp == 0.2
-    for bad in ("0.6", "nan", "-0.1"):
-        with pytest.raises(satn.DataError, match=f"--freq-warp must be in \\[0, 0.5\\], got {bad}"):
+    for bad in ("0.31", "nan", "-0.1"):
+        with pytest.raises(satn.DataError, match=f"--freq-warp must be in \\[0, 0.3\\], got {bad}"):
             satn.StudentConfig(freq_warp=float(bad))
 
 
