@@ -4102,10 +4102,10 @@ def audio_files(inputs, notes):
         out += sorted(found)
         counted = [f for f in other if not f.name.startswith(".")]   # hidden files are not counted
         if counted or linked:
-            notes.append(f"{p}: left out " + ", ".join(
-                ([f"{len(counted)} file(s) of other types (e.g. {counted[0].name}; audio is "
+            notes.append(f"{shown(p)}: left out " + ", ".join(
+                ([f"{len(counted)} file(s) of other types (e.g. {shown(counted[0].name)}; audio is "
                   f"{' '.join(AUDIO_EXTENSIONS)})"] if counted else [])
-                + ([f"{len(linked)} linked folder(s) (e.g. {linked[0]}), not followed: give them as inputs"]
+                + ([f"{len(linked)} linked folder(s) (e.g. {shown(linked[0])}), not followed: give them as inputs"]
                    if linked else [])))
     return out
 
@@ -4260,7 +4260,7 @@ def predict(checkpoint, inputs, as_json=False, norm="auto", window=PREDICT_WINDO
     notes = []
     files = audio_files(inputs, notes)
     if not files:
-        raise DataError(f"no audio files in {' '.join(map(str, inputs))}" + "".join(f"; {n}" for n in notes))
+        raise DataError(f"no audio files in {' '.join(map(shown, inputs))}" + "".join(f"; {n}" for n in notes))
     for n in notes:
         print(n, file=sys.stderr)
     frames, failed = {}, 0
@@ -4350,7 +4350,7 @@ def predict_stream(checkpoint, path, chunk=STREAM_CHUNK, every=STREAM_EVERY, as_
     prior = STREAM_NORM_PRIOR if ck["norm"]["mode"] == "speaker" and norm != "checkpoint" else None
     stream = StudentStream(model, ck["norm"]["mean"].numpy(), ck["norm"]["std"].numpy(), prior)
     torch.set_num_threads(1)   # a chunk is a few frames: more threads only wait for each other
-    print(f"streaming {path}: {chunk:g} s chunks; algorithmic delay {1000 * WIN_SECONDS:.0f} ms window + "
+    print(f"streaming {shown(path)}: {chunk:g} s chunks; algorithmic delay {1000 * WIN_SECONDS:.0f} ms window + "
           f"{1000 * FEATURE_LOOKAHEAD * HOP_SECONDS:.0f} ms delta lookahead + up to "
           f"{1000 * (model.subsample - 1) * HOP_SECONDS:.0f} ms subsample group + up to one chunk; normalisation: "
           + ("running statistics from the training statistics" if prior else "training statistics"), file=sys.stderr)

@@ -3487,6 +3487,13 @@ def test_predict_plain_lines_escape_odd_file_names(trained, tmp_path, capsys):
     odd_ck = os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.pt")
     assert satn.main(["predict", "--checkpoint", odd_ck, str(missing)]) == 2
     assert "caf\\udce9.pt" in capsys.readouterr().err
+    # a folder's note and the no-audio error keep odd names on their line too
+    (folder / "notes\n.txt").write_text("not audio")
+    for f in folder.glob("*.wav"):
+        f.unlink()
+    assert satn.main(["predict", "--checkpoint", str(trained["at_dir"] / "best.pt"), str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "(e.g. notes\\n.txt; audio is" in err
     # no readable input: no line about how inputs are normalised
     assert satn.main(["predict", "--checkpoint", str(trained["at_dir"] / "best.pt"), str(missing)]) == 1
     out, err = capsys.readouterr()
