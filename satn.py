@@ -1700,11 +1700,12 @@ RECIPES = {
     "paper": dict(time_masks=0, time_mask_frames=0, freq_masks=0, freq_mask_bands=0, freq_warp=0.0, mixup=0.0, speed="1",
                   weight_decay=0.0, lr_patience=0, cosine=False, label_smoothing=0.0, patience=0, ema=0.0,
                   select="best", layer_norm=False, class_weights=False),
+    # on: vocal-tract-length perturbation (--freq-warp 0.1), which raised dev UA on Emo-DB over ten seeds.
     # off: SpecAugment (masks of these sizes with --time-masks 2 --freq-masks 2), which lowered dev
     # and test UA on Emo-DB; speed perturbation, which lowered dev UA on Emo-DB's 7 classes (it
     # moves the pitch, an emotion cue); mixup, which lowered dev UA on Emo-DB; early stopping, which
     # like the best-dev epoch follows the noise of a one-speaker dev set (the last epoch is kept instead)
-    "robust": dict(time_masks=0, time_mask_frames=20, freq_masks=0, freq_mask_bands=6, freq_warp=0.0, mixup=0.0, speed="1",
+    "robust": dict(time_masks=0, time_mask_frames=20, freq_masks=0, freq_mask_bands=6, freq_warp=0.1, mixup=0.0, speed="1",
                    weight_decay=1e-2, lr_patience=0, cosine=True, label_smoothing=0.1, patience=0, ema=0.0,
                    select="last", layer_norm=True, class_weights=True),
 }

@@ -4848,7 +4848,8 @@ def test_recipe_robust_sets_its_flags_and_explicit_options_win(monkeypatch, caps
         assert getattr(robust, k) == v, k
     # robust turns on all but the augmentations (off by default: they lowered dev UA on Emo-DB), whose
     # sizes it sets for when masks are asked for, and early stopping (it keeps the last epoch)
-    assert robust.time_masks == robust.freq_masks == 0 and robust.speed == "1" and robust.mixup == 0 == robust.freq_warp
+    assert robust.time_masks == robust.freq_masks == 0 and robust.speed == "1" and robust.mixup == 0
+    assert robust.freq_warp == 0.1 and satn.StudentConfig().freq_warp == 0
     assert robust.time_mask_frames > 0 and robust.freq_mask_bands > 0
     assert robust.weight_decay > 0 and robust.cosine and robust.lr_patience == 0
     assert robust.label_smoothing > 0 and robust.patience == 0
