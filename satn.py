@@ -278,14 +278,20 @@ def mel_to_hz(m):
     return 700.0 * (10.0 ** (np.asarray(m, dtype=np.float64) / 2595.0) - 1.0)
 
 
+def mel_points(sr=SAMPLE_RATE, n_mels=N_MELS, fmin=0.0, fmax=None):
+    """(n_mels + 2,) Hz: the mel-spaced points of the filterbank, fmin, the n_mels band
+    centres, fmax (default sr / 2)."""
+    fmax = sr / 2.0 if fmax is None else fmax
+    return mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
+
+
 def mel_filterbank(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=0.0, fmax=None):
     """Triangular mel filters, (n_mels, n_fft//2 + 1) float32.
 
     HTK mel scale; each triangle rises from the previous mel-spaced point to its
     centre and falls to the next one, in Hz, evaluated at the exact FFT bin
     frequencies; peak 1, no area normalisation (librosa's htk=True, norm=None)."""
-    fmax = sr / 2.0 if fmax is None else fmax
-    edges = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))  # (n_mels+2,) Hz
+    edges = mel_points(sr, n_mels, fmin, fmax)                                      # (n_mels+2,) Hz
     bins = np.fft.rfftfreq(n_fft, 1.0 / sr)                                         # (n_fft//2+1,) Hz
     rising = (bins[None, :] - edges[:-2, None]) / (edges[1:-1] - edges[:-2])[:, None]
     falling = (edges[2:, None] - bins[None, :]) / (edges[2:] - edges[1:-1])[:, None]
@@ -1409,7 +1415,7 @@ def warp_bands(x, alpha, n_mels=N_MELS, sr=SAMPLE_RATE):
     alpha = 1 returns x exactly."""
     B, C, T = x.shape
     step = hz_to_mel(sr / 2) / (n_mels + 1)                                       # mel between band centres
-    centres = mel_to_hz(step * np.arange(1, n_mels + 1))                          # (n_mels,) Hz, as mel_filterbank's
+    centres = mel_points(sr, n_mels)[1:-1]                                        # (n_mels,) Hz
     src = centres[None] / alpha.detach().to("cpu", torch.float64).numpy()[:, None]   # (B, n_mels) Hz read
     pos = np.arange(n_mels) + (hz_to_mel(src) - hz_to_mel(centres)) / step        # fractional band index; j at alpha 1
     pos = torch.from_numpy(pos).clamp(0, n_mels - 1)
@@ -3837,7 +3843,7 @@ def _coverage(results, names, expected=None):
     full = expected or {(f, s) for f in {k[0] for k in found} for s in {k[1] for k in found}}
     short = [n for n in names if keys[n] != full]
     # a row whose folds hold different numbers of seeds weighs them unequally in its mean
-    uneven = [n for n in short if len({sum(k[0] == f for k in keys[n]) for f, _ in keys[n]}) > 1]
+    uneven = [n for n in short if len(set(collections.Counter(f for f, _ in keys[n]).values())) > 1]
     lines = []
     if short:
         lines += ["", "Rows over fewer runs (fold, seed) than the folder holds, so not over the same test speakers as "
