@@ -89,17 +89,18 @@ if [ -z "$JOBS" ]; then
         THREADS=(--threads 1)
     fi
 fi
-case "$JOBS" in ''|*[!0-9]*|0) echo "run_all.sh: --jobs needs a positive integer, got '$JOBS'" >&2; exit 2 ;; esac
-JOBS=$((10#$JOBS))
+positive_int() {  # positive_int OPTION VALUE: prints VALUE as a decimal integer > 0 (00 is 0), or fails naming OPTION
+    case "$2" in ''|*[!0-9]*) ;; *) [ "$((10#$2))" -gt 0 ] && { echo "$((10#$2))"; return 0; } ;; esac
+    echo "run_all.sh: $1 needs a positive integer, got '$2'" >&2; return 2
+}
+JOBS=$(positive_int --jobs "$JOBS") || exit 2
 if [ "$NGPU" = 0 ] && [ "$DRY" = 0 ] && [ ${#THREADS[@]} = 0 ] && [ "$JOBS" -gt 1 ]; then
     # --jobs N on a CPU: one thread per training too, unless --threads says otherwise
     case " ${EXTRA[*]} " in *" --threads "*|*" --threads="*) ;; *) THREADS=(--threads 1) ;; esac
 fi
 [ -n "$RUNS" ] || { echo "run_all.sh: --runs needs a folder name, got ''" >&2; exit 2; }
 if [ -n "$SEEDS" ]; then
-    case "$SEEDS" in *[!0-9]*|'') echo "run_all.sh: --seeds needs a positive integer, got '$SEEDS'" >&2; exit 2 ;; esac
-    [ "$((10#$SEEDS))" -gt 0 ] || { echo "run_all.sh: --seeds needs a positive integer, got '$SEEDS'" >&2; exit 2; }
-    SEEDS=$((10#$SEEDS))
+    SEEDS=$(positive_int --seeds "$SEEDS") || exit 2
     for a in "${EXTRA[@]}"; do
         case "$a" in --seed|--seed=*) echo "run_all.sh: give either --seeds N (seeds 0..N-1) or --seed S, not both" >&2; exit 2 ;; esac
     done

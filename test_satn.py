@@ -2938,11 +2938,12 @@ def test_run_all_seeds_dry_run(tmp_path):
         assert r.returncode == 2 and "--seed" in r.stderr
 
 
-def test_run_all_rejects_jobs_zero(tmp_path):
+@pytest.mark.parametrize("jobs", ["0", "00"])   # 00 passed as 0 jobs: the wait for a free slot never ended
+def test_run_all_rejects_jobs_zero(tmp_path, jobs):
     runs = tmp_path / "runs"
-    r = _run_all(["--jobs", "0", "--runs", str(runs)], tmp_path)
+    r = _run_all(["--jobs", jobs, "--runs", str(runs)], tmp_path)
     assert r.returncode != 0
-    assert "--jobs" in r.stderr
+    assert f"--jobs needs a positive integer, got '{jobs}'" in r.stderr
     assert not runs.exists()
 
 
@@ -4916,17 +4917,21 @@ def test_student_checkpoint_that_predates_a_recipe_option_loads_as_trained(tmp_p
     assert classes == list("abcd") and loaded.encoder.blocks[0].norm is None
 
 
+def _seeded_draws(augment, x, lengths):
+    """An augmentation in training mode applied with seeds 1, 1 and 2."""
+    augment.train()
+    out = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        out.append(augment(x, lengths))
+    return out
+
+
 def test_spec_augment_is_a_no_op_in_eval_and_reproducible_with_the_seed():
     aug = satn.SpecAugment(time_masks=2, time_width=5, freq_masks=2, freq_width=4)
     x, lengths = torch.randn(6, 120, 30) + 5.0, torch.tensor([30, 25, 12, 30, 8, 3])
     assert aug.eval()(x, lengths) is x
-    aug.train()
-    torch.manual_seed(1)
-    a = aug(x, lengths)
-    torch.manual_seed(1)
-    b = aug(x, lengths)
-    torch.manual_seed(2)
-    c = aug(x, lengths)
+    a, b, c = _seeded_draws(aug, x, lengths)
     torch.testing.assert_close(a, b)
     assert not torch.equal(a, c)
     dropped = a == 0                                                              # (B, 120, T)
@@ -4965,13 +4970,7 @@ def test_band_warp_moves_formants_and_is_a_no_op_in_eval_and_reproducible_with_t
     aug = satn.SpecAugment(warp=0.1)
     feats, lengths = torch.randn(4, 3 * M, 9), torch.tensor([9, 9, 5, 2])
     assert aug.eval()(feats, lengths) is feats
-    aug.train()
-    torch.manual_seed(1)
-    a = aug(feats, lengths)
-    torch.manual_seed(1)
-    b = aug(feats, lengths)
-    torch.manual_seed(2)
-    c = aug(feats, lengths)
+    a, b, c = _seeded_draws(aug, feats, lengths)
     assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, feats)
     assert satn.Student(satn.StudentConfig(freq_warp=0.2, channels=8, heads=2), 4).augment.warp == 0.2
     for bad in ("0.31", "nan", "-0.1"):
