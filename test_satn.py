@@ -2,7 +2,9 @@
 
 Expectations are worked out by hand or from first principles (slow loops,
 closed forms), never copied from the code's own output. Everything written
-goes under pytest's tmp_path; nothing is written into the repository.
+goes under pytest's tmp_path, except the compiled kernel extension, which is
+built once into the kernel cache (satn.KERNEL_CACHE_DIR, under $XDG_CACHE_HOME);
+nothing is written into the repository.
 """
 
 import csv
@@ -99,7 +101,6 @@ def test_load_audio_reads_wav_as_soundfile_does(tmp_path, subtype, fmt, channels
     if extra:
         _with_chunk_before_data(p)
     layout = satn.wav_layout(p)
-    print(layout)
     assert (layout.pcm, layout.channels, layout.rate, layout.truncated) == (subtype != "FLOAT", channels, SR, False)
     assert layout.size == 1601 * channels * {"PCM_16": 2, "PCM_24": 3, "PCM_U8": 1, "FLOAT": 4}[subtype]
     ref = sf.read(str(p), dtype="float32", always_2d=True)[0].mean(axis=1)
@@ -225,7 +226,7 @@ def test_mel_filterbank_partitions_the_band():
     freqs = np.arange(257) * SR / satn.N_FFT
     inside = (freqs >= centres[0]) & (freqs <= centres[-1])
     total = fb.sum(axis=0)
-    print(inside.sum(), total[inside].min(), total[inside].max())
+    print(total[inside].min(), total[inside].max())
     np.testing.assert_allclose(total[inside], 1.0, atol=1e-5)
     # at every bin at most two consecutive triangles are non-zero
     for k in np.nonzero(inside)[0]:
@@ -964,7 +965,8 @@ def test_feature_cache_retries_missing_files_and_stops_when_many_are_missing(tmp
     out = capsys.readouterr().out
     print(out)
     assert len(kept) == 11 and "retried next time" in out and "u3.wav" in out
-    assert all(not json.loads(p.read_text())["failed"] for p in cache.glob("*.json"))
+    indexes = [json.loads(p.read_text()) for p in cache.glob("*.json")]
+    assert len(indexes) == 1 and indexes[0]["failed"] == []           # not cached as a failure
     os.replace(away, utts[3].path)                      # back again: read this time
     kept, feats = satn.compute_features(utts, cache_dir=cache, verbose=False)
     assert len(kept) == 12
@@ -1070,6 +1072,7 @@ def test_split_fold_iemocap_speakers(fold):
     held = f"Ses0{fold}"
     train, dev, test = satn.split_fold(utts, fold)
     print(fold, len(train), len(dev), len(test))
+    assert (len(train), len(dev), len(test)) == (32, 4, 4)
     assert {u.session for u in train} == {f"Ses0{s}" for s in range(1, 6)} - {held}
     assert {u.speaker for u in dev} == {held + "M"}
     assert {u.speaker for u in test} == {held + "F"}
@@ -1545,7 +1548,7 @@ def test_make_batches_frame_budget(jitter):
         batches = satn.make_batches(lengths, 32, np.random.default_rng(1) if jitter else None, budget)
         sizes = [len(b) for b in batches]
         over = [(len(b), lengths[b].max()) for b in batches if len(b) * lengths[b].max() > budget]
-        print(budget, len(batches), min(sizes), max(sizes), over)
+        print(budget, len(batches), max(sizes), over)
         assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
         assert max(sizes) <= 32 and over == [(1, 60000)]
         seen.append(len(batches))
@@ -1697,7 +1700,7 @@ def test_mcnemar_exact_hand_worked():
 def test_paired_comparison_on_hand_worked_tables(table, b, c, p):
     run_a, run_b = _runs_from_table(*table)
     r = satn.paired_comparison([run_a], [run_b], n_boot=200)
-    print(r)
+    print({k: r[k] for k in ("only_a", "only_b", "paired", "mcnemar", "wa_pooled", "z")})
     assert (r["only_a"], r["only_b"], r["paired"]) == (b, c, 1)
     assert r["mcnemar"] == pytest.approx(p)
     n = sum(table)
@@ -1795,10 +1798,11 @@ def test_report_over_folds_and_seeds(tmp_path, monkeypatch, capsys):
                 (d / "final.json").write_text(json.dumps(run))
                 made.setdefault(name, []).append(run)
     assert sorted(p.name for p in (runs / "student" / "tcn-self").iterdir()) == ["fold1", "fold1-seed1", "fold2", "fold2-seed1"]
-    monkeypatch.setitem(sys.modules, "matplotlib", None)          # text only: figures are tested elsewhere
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # as if not installed: text only
     assert satn.main(["report", "--runs", str(runs), "--per-seed"]) == 0
     text = (runs / "results.md").read_text()
     print(text)
+    assert "matplotlib is not installed, so this report is text only" in text and not list(runs.rglob("*.png"))
     lines = text.splitlines()
     for name, label in (("tcn-self", "TCN + self-attention"), ("tcn-self-at", "TCN + self-attention w/ AT")):
         rs = made[name]
@@ -2113,7 +2117,7 @@ def test_demo_corpus_every_fold_has_both_speakers_and_all_classes(demo_corpus):
     for fold in range(1, 6):
         train, dev, test = satn.split_fold(utts, fold)
         classes = satn.check_split(train, dev, test, fold)
-        print(fold, len(train), len(dev), len(test), classes)
+        print(fold, classes)
         assert classes == list(satn.EMOTIONS)
         assert {u.speaker[-1] for u in dev} == {"M"} and {u.speaker[-1] for u in test} == {"F"}
     for s in range(1, 6):
@@ -2123,7 +2127,7 @@ def test_demo_corpus_every_fold_has_both_speakers_and_all_classes(demo_corpus):
 def test_demo_corpus_traps_and_the_loader(demo_corpus):
     labels = emo_labels(demo_corpus)
     codes = set(labels.values())
-    print(len(labels), "labelled utterances; codes", sorted(codes))
+    print("codes", sorted(codes))
     assert {"exc", "fru", "xxx"} <= codes                             # exc merged, fru/xxx dropped
     assert (demo_corpus / "Session3" / "sentences" / "wav" / "Ses03M_impro05a").is_dir()
     utts = satn.load_iemocap(demo_corpus, "all", verbose=False)
@@ -2135,11 +2139,10 @@ def test_demo_corpus_traps_and_the_loader(demo_corpus):
     assert any(c == "exc" for c in labels.values())
     assert not any(labels[u] in ("fru", "xxx") for u in by_id)
     suffixed = [u for u in by_id if u.startswith("Ses03M_impro05a_")]
-    print(len(suffixed), "utterances of Ses03M_impro05a")
     assert suffixed and all(by_id[u].session == "Ses03" for u in suffixed)
     # the speaker comes from the last token, not the dialog's letter
     crossed = [u for u in by_id if u[5] != u.rsplit("_", 1)[1][0]]
-    print(len(crossed), "utterances whose speaker letter differs from the dialog's, e.g.", crossed[:2])
+    print("speaker letter differs from the dialog's, e.g.", crossed[:2])
     assert crossed
     assert all(by_id[u].speaker == u[:5] + u.rsplit("_", 1)[1][0] for u in by_id)
     # transcripts are read for every utterance (none of the demo's lines is missing)
@@ -2241,7 +2244,6 @@ def test_teacher_overfits_a_few_utterances(teacher_batch, seed):
     # greedy PER on these 8 utterances was 75% (seed 0), 0% (seed 1) and 125% (seed 2).
     torch.manual_seed(seed)
     (x, lengths), targets = teacher_batch
-    print("frames", lengths.tolist(), "phones", [len(t) for t in targets])
     sos, eos = satn.PHONE_VOCAB.index(satn.SOS), satn.PHONE_VOCAB.index(satn.EOS)
     L = max(map(len, targets)) + 1
     inp = torch.zeros(len(targets), L, dtype=torch.long)
@@ -2435,7 +2437,7 @@ def test_e2e_teacher_run_folder(trained, demo_corpus):
     # PER counts phones (and <unk>), not the word boundaries
     n_phones = sum(sum(p != satn.WORD_BOUNDARY for p in satn.text_to_phones(u.text, lexicon)) for u in test)
     n_words = sum(len(satn.transcript_words(u.text)) for u in test)
-    print({p: {m: final[p][m]["rate"] for m in ("PER", "WER")} for p in ("dev", "test")}, n_phones, n_words)
+    print(final["test"]["PER"]["N"], n_phones, final["test"]["WER"]["N"], n_words)   # 2 epochs: no rate is asserted, only how it is counted
     assert final["test"]["PER"]["N"] == n_phones and final["test"]["WER"]["N"] == n_words
     for part in ("dev", "test"):
         for m in ("PER", "WER"):
@@ -2463,7 +2465,7 @@ def test_e2e_student_with_transfer(trained, demo_corpus):
         assert r["loss"] == pytest.approx(r["ser"] + r["at"], rel=1e-5)
     final = json.loads((d / "final.json").read_text())
     _, dev, test, _ = _split_ids(demo_corpus)
-    print({p: (final[p]["WA"], final[p]["UA"], final[p]["n"]) for p in ("dev", "test")}, len(dev), len(test))
+    print({p: final[p]["n"] for p in ("dev", "test")}, len(dev), len(test))   # 2 epochs: WA and UA checked for consistency only
     assert final["classes"] == list(satn.EMOTIONS)
     for part, ids in (("dev", dev), ("test", test)):
         conf = np.array(final[part]["confusion"])
@@ -2516,14 +2518,12 @@ def test_finished_run_asked_for_more_epochs_is_not_silently_reused(demo_corpus, 
     runs = fresh_runs(tmp_path, demo_cache)
     argv = ["student", "--data", demo_corpus, "--runs", runs, "--fold", "5", "--name", "grow", *STUDENT_TINY]
     assert run_main(argv + ["--epochs", "1"])[0] == 0
-    rc, out, err = run_main(argv + ["--epochs", "2"])
     d = runs / "student" / "grow" / "fold5"
-    epochs = [r["epoch"] for r in metrics_lines(d)]
-    final = json.loads((d / "final.json").read_text())
-    print(out[-800:], err, "rc", rc, "epochs logged", epochs, "final.json epochs", final["config"]["epochs"])
-    trained_on = rc == 0 and epochs[-1] == 2 and final["config"]["epochs"] == 2
-    refused = rc == 2 and "epochs" in err and "Traceback" not in err
-    assert trained_on or refused
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    rc, out, err = run_main(argv + ["--epochs", "2"])
+    print(err)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "--resume" in err and "2 epochs" in err
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before     # the one-epoch run as it was
 
 
 def test_e2e_report(trained, tmp_path, monkeypatch):
@@ -2580,7 +2580,6 @@ def test_student_checkpoint_holds_only_plain_data(trained, demo_corpus):
     train = [u for u in emo_labels(demo_corpus) if not u.startswith("Ses05")]
     paths = {u.id: u.path for u in satn.load_iemocap(demo_corpus, "all", verbose=False, all_labels=True)}
     flat = np.concatenate([satn.features(satn.load_audio(paths[u])).reshape(satn.FEAT_CHANNELS, -1) for u in train], 1)
-    print(len(train), "training utterances,", flat.shape[1], "frames")
     assert ck["norm"]["mean"].shape == ck["norm"]["std"].shape == (satn.FEAT_CHANNELS,)
     np.testing.assert_allclose(ck["norm"]["mean"].numpy(), flat.mean(1), rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(ck["norm"]["std"].numpy(), flat.std(1), rtol=1e-3, atol=1e-3)
@@ -2904,8 +2903,8 @@ def test_bench_train_projection_replays_run_all_schedule():
 
 
 def test_bench_cache_stages_names_each_stage(tmp_path, capsys):
-    """The breakdown of the feature cache's time: every stage named with a positive speed, and
-    the stages together no faster than the slowest of them."""
+    """The breakdown of the feature cache's time: every stage named with a positive speed, and the
+    warm repeat's two figures (log_mel, its FFT alone). How fast they are is bench's business."""
     utts = [satn.Utterance(f"u{i}", str(write_wav(tmp_path / f"u{i}.wav", seconds=0.5 + i)), "neutral", "S1F", "S1")
             for i in range(3)]
     satn._bench_cache_stages(utts, np.array([0.5, 1.5, 2.5]))
@@ -2914,9 +2913,8 @@ def test_bench_cache_stages_names_each_stage(tmp_path, capsys):
     stages, warm = line.split("repeated, warm")
     speeds = {k: float(v.replace(",", "")) for k, v in re.findall(r"(reading|log_mel|deltas|moments|together) ([\d,.]+)x", stages)}
     assert set(speeds) == {"reading", "log_mel", "deltas", "moments", "together"} and min(speeds.values()) > 0
-    assert speeds["together"] <= min(v for k, v in speeds.items() if k != "together")
-    log_mel, fft = (float(v.replace(",", "")) for v in re.findall(r"([\d,.]+)x", warm))
-    assert 0 < log_mel < fft                     # the FFT is a part of log_mel: it alone is faster
+    m = re.fullmatch(r": log_mel ([\d,.]+)x, of which its 512-point FFT alone ([\d,.]+)x", warm.strip())
+    assert m and min(float(v.replace(",", "")) for v in m.groups()) > 0, warm
 
 
 def test_run_all_seeds_dry_run(tmp_path):
@@ -3038,6 +3036,8 @@ def test_run_all_again_keeps_the_logs_of_the_first_call(tmp_path, jobs):
     assert log.index("test: WA 1") < log.index("test: WA 2")
     if jobs != "1":
         assert re.search(r"finished teacher-fold1 in \d+ s: fold x test: WA 2\n", r.stdout)
+    else:                                                # one job: the training's own output, teed
+        assert "test: WA 2" in r.stdout and "test: WA 1" not in r.stdout
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
@@ -3251,10 +3251,12 @@ def test_predict_file_averages_windows(trained):
     np.testing.assert_allclose(short, direct(feats[:, :300]), atol=1e-5)
     seen.clear()
     probs = satn.predict_file(model, feats, window=8.0, hop=4.0)
+    calls = list(seen)                                   # predict_file's forward passes only
     # 1500 frames, windows of 800 every 400, plus one ending at the last frame: 0, 400, 700
     want = np.mean([direct(feats[:, s:s + 800]) for s in (0, 400, 700)], axis=0)
-    print(seen, probs, want)
-    assert all(shape[-1] <= 800 for shape in seen)
+    print(calls, probs, want)
+    assert calls and all(shape[1:] == (satn.FEAT_CHANNELS, 800) for shape in calls)
+    assert sum(shape[0] for shape in calls) == 3         # three windows, none longer than 8 s
     np.testing.assert_allclose(probs, want, atol=1e-5)
     assert probs.sum() == pytest.approx(1.0, abs=1e-5)
 
@@ -3579,6 +3581,7 @@ def _renamed_manifest(demo_corpus, folder):
 
 def test_evaluate_on_the_training_corpus_warns(global_student, demo_corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(satn, "_WARNED", set())          # the warning is once per process: this test's own
     best = global_student["dir"] / "best.pt"
     out_file = tmp_path / "own.json"
     assert satn.main(["evaluate", "--checkpoint", str(best), "--data", str(demo_corpus), "--out", str(out_file),
@@ -5756,7 +5759,8 @@ def test_predict_stream_checks_the_samples_as_they_arrive(tmp_path, capsys):
         lines = [json.loads(line) for line in out.out.splitlines()]      # every line valid JSON
         assert rc == 2 and out.err.strip().splitlines()[-1].startswith("error: ") and words in out.err
         assert all(np.isfinite(list(d["probabilities"].values())).all() for d in lines)
-    assert [d["time"] for d in lines] == [0.5, 1.0]      # silent: the lines came, the error follows
+        # nan.wav: the lines before the NaN at 1.2 s; silent.wav: the lines came, the error follows
+        assert [d["time"] for d in lines] == [0.5, 1.0]
     print(out.err)
 
 
@@ -5777,7 +5781,6 @@ def test_track_evaluation_by_hand(tmp_path, monkeypatch):
     monkeypatch.setattr(satn, "causal_track", track)
     model = type("M", (), {"subsample": 4})()
     order = np.random.default_rng(0).permutation(2)
-    assert order.tolist() == [0, 1] or True
     r = satn.track_evaluation(model, [utts[i] for i in np.argsort(order)], classes, 0, 1, seed=0, settle=0.5)
     print(r)
     mid = (np.arange(50) * 0.04 + (np.arange(50) * 4 + 3) * 0.01 + 0.025) / 2
