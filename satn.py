@@ -3914,8 +3914,15 @@ def report(runs="runs", per_seed=False):
     skipped_at = [n for n, *_, t in TABLE2 if t and n not in results]
     if skipped_at and not teachers:
         out += ["", "Rows with attention transfer are missing: no teacher was trained (a corpus without transcripts)."]
-    absent = [f"{n} fold {r['config']['fold']}" + (f" seed {r['config']['seed']}" if r["config"].get("seed") else "")
-              + f": no {', '.join(r['test']['absent'])}" for n in known for r in results[n] if r["test"].get("absent")]
+    missing, per_fold = {}, collections.Counter(r["config"]["fold"] for n in known for r in results[n])
+    for n in known:                # a fold's test speaker lacks a class: said once, not once per row and seed
+        for r in results[n]:
+            if r["test"].get("absent"):
+                seed = r["config"].get("seed", 0)
+                missing.setdefault((r["config"]["fold"], tuple(r["test"]["absent"])), []).append(
+                    n + (f" seed {seed}" if seed else ""))
+    absent = [f"fold {f}: no {', '.join(a)} (" + ("every run" if len(who) == per_fold[f] else ", ".join(who)) + ")"
+              for (f, a), who in sorted(missing.items())]
     if absent:
         out += ["", "Test splits without some class (their UA is over the classes present): " + "; ".join(absent) + "."]
     out += _baseline_lines(results, known)

@@ -1666,7 +1666,8 @@ def _fake_run(fold, seed, true, pred, ids=None, classes=("neutral", "happy", "sa
     conf = np.zeros((len(classes), len(classes)), dtype=int)
     for t, p in zip(true, pred):
         conf[classes.index(t), classes.index(p)] += 1
-    m = satn.classification_metrics([classes.index(t) for t in true], [classes.index(p) for p in pred], len(classes))
+    m = satn.classification_metrics([classes.index(t) for t in true], [classes.index(p) for p in pred], len(classes),
+                                    list(classes))
     return {"config": {"fold": fold, "seed": seed, "norm": "speaker"}, "classes": list(classes),
             "dev": {"WA": dev[0], "UA": dev[1]}, "test": {**m, "ids": ids, "true": list(true), "pred": list(pred)}}
 
@@ -1822,6 +1823,29 @@ def test_report_over_folds_and_seeds(tmp_path, monkeypatch, capsys):
         want = "| TCN + self-attention | 2 | " + " | ".join(satn.mean_sd([r[p][m] for r in rs])
                                                           for p in ("dev", "test") for m in ("WA", "UA")) + " |"
         assert want in lines[i:i + 6]
+
+
+def test_report_names_a_test_split_without_a_class_once(tmp_path, monkeypatch, capsys):
+    """A fold whose test speaker has no utterance of a class is named once for all its runs, not
+    once per row and seed; a class missing from only some runs names those runs."""
+    monkeypatch.setattr(satn, "_WARNED", set())
+    runs, classes = tmp_path / "runs", list(satn.EMOTIONS)
+    for name in ("stats", "tcn-self"):
+        for fold in (1, 2):
+            for seed in (0, 1):
+                true = [c for c in classes if not (fold == 1 and c == "sad")]      # fold 1: no sad
+                if (fold, seed, name) == (2, 1, "tcn-self"):
+                    true = ["neutral", "happy", "sad"]                              # this run alone: no angry
+                d = runs / "student" / name / satn.fold_folder(fold, seed)
+                d.mkdir(parents=True)
+                run = _fake_run(fold, seed, true, true)
+                run["config"].update(encoder="tcn", attention="self")
+                (d / "final.json").write_text(json.dumps(run))
+    assert satn.main(["report", "--runs", str(runs)]) == 0
+    line = [l for l in (runs / "results.md").read_text().splitlines() if l.startswith("Test splits without")]
+    print(line)
+    assert line == ["Test splits without some class (their UA is over the classes present): "
+                    "fold 1: no sad (every run); fold 2: no angry (tcn-self seed 1)."]
 
 
 def test_report_names_a_fold_and_seed_that_no_row_finished(tmp_path, monkeypatch, capsys):
