@@ -1025,7 +1025,7 @@ def test_normalise_per_speaker():
 
 def test_feature_stats_ignore_empty_blocks():
     """A block of zero frames (a file under one window, or a few samples past a block boundary in
-    `predict`) adds nothing to the statistics; its NaN moments used to make them all NaN."""
+    `predict`) adds nothing to the statistics; NaN moments would make them all NaN."""
     _, feats = _norm_data()
     mean, std = satn.feature_stats(feats)
     with warnings.catch_warnings():
