@@ -4874,8 +4874,9 @@ def test_recipe_robust_sets_its_flags_and_explicit_options_win(monkeypatch, caps
         assert getattr(paper, k) == v, k
     for k, v in satn.RECIPES["robust"].items():
         assert getattr(robust, k) == v, k
-    # robust turns on all but the augmentations (off by default: they lowered dev UA on Emo-DB), whose
-    # sizes it sets for when masks are asked for, and early stopping (it keeps the last epoch)
+    # robust turns on all but the masks, speed perturbation and mixup (off: on Emo-DB they lowered dev
+    # UA or were not told from noise), whose mask sizes it sets for when masks are asked for, and early
+    # stopping (it keeps the last epoch); the band warp is on
     assert robust.time_masks == robust.freq_masks == 0 and robust.speed == "1" and robust.mixup == 0
     assert robust.freq_warp == 0.1 and satn.StudentConfig().freq_warp == 0
     assert robust.time_mask_frames > 0 and robust.freq_mask_bands > 0
