@@ -90,8 +90,9 @@ if [ -z "$JOBS" ]; then
     fi
 fi
 positive_int() {  # positive_int OPTION VALUE: prints VALUE as a decimal integer > 0 (00 is 0), or fails naming OPTION
-    case "$2" in ''|*[!0-9]*) ;; *) [ "$((10#$2))" -gt 0 ] && { echo "$((10#$2))"; return 0; } ;; esac
-    echo "run_all.sh: $1 needs a positive integer, got '$2'" >&2; return 2
+    local digits=${2#"${2%%[!0]*}"}   # without leading zeros; more than 9 digits would overflow bash's arithmetic
+    case "$2" in ''|*[!0-9]*) ;; *) [ ${#digits} -le 9 ] && [ "$((10#$2))" -gt 0 ] && { echo "$((10#$2))"; return 0; } ;; esac
+    echo "run_all.sh: $1 needs a positive integer below 10^9, got '$2'" >&2; return 2
 }
 JOBS=$(positive_int --jobs "$JOBS") || exit 2
 if [ "$NGPU" = 0 ] && [ "$DRY" = 0 ] && [ ${#THREADS[@]} = 0 ] && [ "$JOBS" -gt 1 ]; then

@@ -2787,7 +2787,7 @@ def test_run_all_checks_the_options_it_passes_on_before_training(tmp_path, extra
         assert not (tmp_path / "runs").exists()                    # nothing written, nothing trained
 
 
-@pytest.mark.parametrize("args, words", [(["--seeds", "00"], "--seeds needs a positive integer, got '00'"),
+@pytest.mark.parametrize("args, words", [(["--seeds", "00"], "--seeds needs a positive integer below 10^9, got '00'"),
                                          (["--runs="], "--runs needs a folder name, got ''"),
                                          (["--at-weight", "0"], "--at-weight 0 leaves no rows with transfer"),
                                          (["--at-weight", "0e0"], "--at-weight 0e0 leaves no rows with transfer")])
@@ -2960,12 +2960,13 @@ def test_run_all_seeds_dry_run(tmp_path):
         assert r.returncode == 2 and "--seed" in r.stderr
 
 
-@pytest.mark.parametrize("jobs", ["0", "00"])   # 00 passed as 0 jobs: the wait for a free slot never ended
+# 00 passed as 0 jobs (the wait for a free slot never ended); 20 digits wrapped around in bash's arithmetic
+@pytest.mark.parametrize("jobs", ["0", "00", "99999999999999999999", "1000000000"])
 def test_run_all_rejects_jobs_zero(tmp_path, jobs):
     runs = tmp_path / "runs"
     r = _run_all(["--jobs", jobs, "--runs", str(runs)], tmp_path)
     assert r.returncode != 0
-    assert f"--jobs needs a positive integer, got '{jobs}'" in r.stderr
+    assert f"--jobs needs a positive integer below 10^9, got '{jobs}'" in r.stderr
     assert not runs.exists()
 
 
